@@ -1,0 +1,40 @@
+"""Shared fixtures: a real tiny SD pipeline built locally, and small image sets. No downloads."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A StableDiffusionPipeline folder with random weights (tiny SD1.x architecture)."""
+    from sdlora.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+def make_images(folder: Path, n: int = 4, size: int = 32, captions: bool = True, fmt: str = "png"):
+    """n coloured-square images with kohya-style .txt captions."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(255, 0, 0), (0, 0, 255), (0, 160, 0), (255, 255, 0), (128, 0, 128), (0, 200, 200)]
+    names = ["red", "blue", "green", "yellow", "purple", "cyan"]
+    for i in range(n):
+        img = Image.new("RGB", (size, size), colours[(i + 1) % 6])
+        img.paste(colours[i % 6], (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+        img.save(folder / f"img{i}.{fmt}")
+        if captions:
+            (folder / f"img{i}.txt").write_text(f"a {names[i % 6]} square on a {names[(i + 1) % 6]} background")
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_images(tmp_path / "data")
