@@ -1,0 +1,294 @@
+"""Train the tiny Stable Diffusion model shipped in `sdlora/assets/tiny-sd` from scratch.
+
+    python examples/train_tiny_base.py                      # rebuilds sdlora/assets/tiny-sd
+    python examples/train_tiny_base.py --out /tmp/tiny-sd --vae-steps 50 --unet-steps 50  # smoke
+
+Everything is generated and seeded here — images (examples/shapes.py), the tokenizer's vocabulary,
+the VAE, the text encoder and the UNet — so anyone can rebuild the weights on a CPU, offline.
+Stages:
+
+1. tokenizer: a CLIPTokenizer whose vocabulary is the byte-level alphabet (so any text
+   tokenizes) plus one token per caption word (built with BPE merges);
+2. VAE (AutoencoderKL, 32 px -> 4x8x8 latents) trained as a general image codec on the
+   caption set's images plus generic clutter images; its scaling_factor is measured (1 / std);
+3. latents of the captioned training images are encoded once and cached;
+4. UNet2DConditionModel (cross-attention) + CLIPTextModel trained jointly: epsilon prediction,
+   SD1.x's scaled_linear noise schedule, min-SNR-5 weighting, caption dropout (for classifier-
+   free guidance), AdamW with warm-up and linear decay, EMA weights saved;
+5. saved with `StableDiffusionPipeline.save_pretrained` (safetensors, fp32) with a DDIM
+   scheduler on SD's schedule and clip_sample=False.
+
+(shape colour, background colour) pairs in shapes.HELD_OUT_PAIRS are never shown; the
+evaluation (examples/eval_prompt_following.py) measures them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "sdlora" / "assets" / "tiny-sd"
+MAX_LENGTH = 32          # tokenizer model_max_length (captions use <= 12 tokens)
+CROSS_DIM = 64           # text encoder hidden size = UNet cross_attention_dim
+
+
+# ------------------------------------------------------------------------------- tokenizer
+def _byte_chars() -> list[str]:
+    """CLIP's byte-to-unicode alphabet (the 256 characters byte-level BPE starts from)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def build_tokenizer(path: Path, words=shapes.VOCAB_WORDS, max_length: int = MAX_LENGTH):
+    """CLIPTokenizer: byte alphabet + one token per word in `words` (left-to-right merges)."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab: dict[str, int] = {}
+    for tok in chars + [c + "</w>" for c in chars]:
+        vocab[tok] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(words), key=lambda w: (-len(w), w)):  # longest first: no clashes
+        if len(word) < 2:
+            continue
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        left = parts[0]
+        for right in parts[1:]:
+            pair = (left, right)
+            left = left + right
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(left, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=max_length)
+    for word in words:  # every caption word must be a single token
+        ids = tok(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (word, tok.convert_ids_to_tokens(ids))
+    return tok
+
+
+# ---------------------------------------------------------------------------------- models
+def build_models(vocab_size: int, seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
+        layers_per_block=1, norm_num_groups=8, sample_size=shapes.RES,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=shapes.RES // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=CROSS_DIM,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=CROSS_DIM, intermediate_size=2 * CROSS_DIM,
+        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=MAX_LENGTH,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    ))
+    return vae, unet, text_encoder
+
+
+def to_tensor(images) -> torch.Tensor:
+    a = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def log(msg: str, t0: float):
+    print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------- stage 2
+def train_vae(vae, args, t0):
+    rng = random.Random(args.seed + 1)
+    n = args.vae_images
+    imgs = [shapes.render(shapes.random_spec(rng)) for _ in range(n // 2)]
+    imgs += [shapes.random_clutter(rng) for _ in range(n - n // 2)]
+    data = to_tensor(imgs)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    vae.train()
+    for step in range(args.vae_steps):
+        lr = args.vae_lr * min(1.0, (step + 1) / 50) * (1 - step / args.vae_steps) ** 0.5
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = data[torch.randint(0, n, (args.batch,), generator=g)]
+        flip = torch.rand(args.batch, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).mean()
+        loss = mse + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == args.vae_steps - 1:
+            log(f"vae step {step} mse {mse.item():.4f} kl {kl.item():.2f}", t0)
+    vae.eval()
+    return vae
+
+
+# --------------------------------------------------------------------------------- stage 3/4
+def caption_variants(spec) -> list[str]:
+    s, c, b = spec["shape"], spec["colour"], spec["bg"]
+    return [shapes.caption(s, c, b), shapes.caption(s, c, None), shapes.caption(s, None, b),
+            shapes.caption(s, None, None), ""]
+
+
+CAPTION_P = torch.tensor([0.70, 0.08, 0.08, 0.04, 0.10])  # full, no bg, no colour, shape, empty
+
+
+def train_unet(vae, unet, text_encoder, tokenizer, args, t0):
+    from diffusers import DDPMScheduler
+
+    rng = random.Random(args.seed + 3)
+    specs = [shapes.random_spec(rng) for _ in range(args.images)]
+    with torch.no_grad():
+        lat = []
+        for i in range(0, len(specs), 500):
+            x = to_tensor([shapes.render(s) for s in specs[i:i + 500]])
+            lat.append(vae.encode(x).latent_dist.mean)
+        lat = torch.cat(lat)
+    scale = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scale)
+    lat = lat * scale
+    log(f"cached {len(lat)} latents {tuple(lat.shape[1:])}, scaling_factor {scale:.4f}", t0)
+
+    texts = [v for s in specs for v in caption_variants(s)]
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.view(len(specs), 5, -1)
+
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          num_train_timesteps=1000, clip_sample=False)
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=5.0) / snr            # min-SNR-5 for epsilon prediction
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(args.seed + 4)
+    unet.train()
+    text_encoder.train()
+    n, warm = len(lat), min(200, args.unet_steps // 10 + 1)
+    running = 0.0
+    for step in range(args.unet_steps):
+        lr = args.lr * min(1.0, (step + 1) / warm) * min(1.0, 1.2 * (1 - step / args.unet_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, n, (args.batch,), generator=g)
+        var = torch.multinomial(CAPTION_P, args.batch, replacement=True, generator=g)
+        x0 = lat[idx]
+        t = torch.randint(0, 1000, (args.batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        xt = sched.add_noise(x0, noise, t)
+        emb = text_encoder(ids[idx, var])[0]
+        pred = unet(xt, t, encoder_hidden_states=emb).sample
+        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3)).mul(weight[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if step % 200 == 0 or step == args.unet_steps - 1:
+            log(f"unet step {step} loss {running:.4f} lr {lr:.2e}", t0)
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+
+
+def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, info: dict):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return pipe
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: share the machine)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-images", type=int, default=8000)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-4)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--images", type=int, default=20000, help="captioned training images")
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--ema", type=float, default=0.998)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer = build_tokenizer(Path(d) / "tokenizer")
+        vae, unet, text_encoder = build_models(len(tokenizer), args.seed)
+        log(f"params: vae {sum(p.numel() for p in vae.parameters())/1e6:.2f}M, unet "
+            f"{sum(p.numel() for p in unet.parameters())/1e6:.2f}M, text encoder "
+            f"{sum(p.numel() for p in text_encoder.parameters())/1e6:.2f}M", t0)
+        train_vae(vae, args, t0)
+        train_unet(vae, unet, text_encoder, tokenizer, args, t0)
+        info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        info |= {"train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+                 "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
+                 "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
+        save_pipeline(args.out, unet, vae, text_encoder, tokenizer, info)
+    log(f"saved {args.out}", t0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Share a finished run on the Hugging Face Hub: weights, model card and sample images only."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from huggingface_hub import HfApi
+
+log = logging.getLogger(__name__)
+
+UPLOAD = ["pytorch_lora_weights.safetensors", "README.md", "samples/*.png"]
+NEVER = ["checkpoint-*", "checkpoint-*/**", "logs/**", "validation/**", ".*", "**/.*", "*.tmp"]
+
+
+def resolve_token(flag_token: str | None) -> str | None:
+    return flag_token or os.environ.get("HF_TOKEN") or None
+
+
+def push(output_dir: Path, repo_id: str, token: str | None, api: HfApi | None = None) -> str:
+    """Create (or reuse) the model repo and upload what a user of the LoRA needs. Returns the repo URL."""
+    api = api or HfApi()
+    url = api.create_repo(repo_id=repo_id, token=token, exist_ok=True, repo_type="model")
+    repo = getattr(url, "repo_id", None) or repo_id
+    api.upload_folder(repo_id=repo, folder_path=str(output_dir), token=token, repo_type="model",
+                      allow_patterns=UPLOAD, ignore_patterns=NEVER, commit_message="Upload LoRA trained with sdlora")
+    log.info("pushed %s to https://huggingface.co/%s", output_dir, repo)  # never the token
+    return str(url)
+
+
+class RedactToken(logging.Filter):
+    """Replace the token in any log record (ours or a library's) that happens to contain it."""
+
+    def __init__(self, token: str):
+        super().__init__()
+        self.token = token
+
+    def filter(self, record):
+        if self.token and self.token in record.getMessage():
+            record.msg, record.args = record.getMessage().replace(self.token, "***"), ()
+        return True

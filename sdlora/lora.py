@@ -1,0 +1,55 @@
+"""LoRA injection (through peft) and the diffusers-format state dict that gets saved.
+
+The saved file is what diffusers' own training scripts write, so an unmodified
+`pipe.load_lora_weights(dir)` loads it: keys `unet.<module>.lora.down/up.weight` (and
+`text_encoder.…`), plus diffusers' `lora_adapter_metadata` so a lora_alpha other than the
+rank survives loading.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float = 0.0):
+    from peft import LoraConfig
+
+    # "gaussian" init: A random, B zero — the adapter starts as an exact no-op.
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                      init_lora_weights="gaussian", target_modules=targets)
+
+
+def add_lora(model: torch.nn.Module, config) -> list[torch.nn.Parameter]:
+    """Freeze `model`, add a LoRA adapter, and return the trainable (LoRA) parameters."""
+    model.requires_grad_(False)
+    model.add_adapter(config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"no module matched target_modules={config.target_modules}")
+    return params
+
+
+def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's LoRA weights in diffusers' key layout, prefixed `unet.` / `text_encoder.`."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    return {f"{prefix}.{k}": (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def adapter_metadata(configs: dict[str, object]) -> str:
+    """diffusers' `lora_adapter_metadata`: each LoraConfig flattened with its component prefix."""
+    packed = {}
+    for prefix, cfg in configs.items():
+        for k, v in cfg.to_dict().items():
+            packed[f"{prefix}.{k}"] = sorted(v) if isinstance(v, set) else v
+    return json.dumps(packed, indent=2, sort_keys=True, default=str)
+
+
+def count_params(state_dict: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() for v in state_dict.values())

@@ -1,0 +1,112 @@
+"""Find and load the base Stable Diffusion model's components.
+
+`resolve_base` runs before anything heavy: a wrong path or Hub id is a one-line error, not a
+traceback after minutes of loading.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+ASSETS = Path(__file__).parent / "assets"
+# Short names for models shipped inside the package.
+BUNDLED = {"sdlora-tiny": ASSETS / "tiny-sd"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_base(name: str, revision: str | None = None, cache_dir: str | None = None,
+                 token: str | None = None, flag: str = "--pretrained_model_name_or_path") -> str:
+    """Return a loadable path or Hub id, or raise UserError saying what is wrong."""
+    if name in BUNDLED:
+        path = BUNDLED[name]
+        if not (path / "model_index.json").exists():
+            raise UserError(f"{flag} {name}: the bundled model is missing from {path}; reinstall sdlora")
+        return str(path)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir() or not ((p / "model_index.json").exists() or (p / "unet" / "config.json").exists()):
+            raise UserError(f"{flag} {name}: not a diffusers pipeline folder (no model_index.json or unet/config.json)")
+        return str(p)
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise UserError(f"{flag} {name}: no such folder, and not a valid Hub model id")
+    # A Hub id: fetch its tiny model_index.json now so an unknown id or no network fails fast.
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        hf_hub_download(name, "model_index.json", revision=revision, cache_dir=cache_dir, token=token)
+    except RepositoryNotFoundError:
+        raise UserError(f"{flag} {name}: no such model on the Hub (or it is private: log in or pass --hub_token)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{flag} {name}: revision {revision!r} not found") from None
+    except EntryNotFoundError:
+        raise UserError(f"{flag} {name}: not a diffusers pipeline repo (no model_index.json)") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"{flag} {name}: not a local folder and the Hub is unreachable (offline?); "
+                        f"download it first or give a local path") from None
+    except Exception as e:  # network errors of every kind
+        raise UserError(f"{flag} {name}: could not reach the Hub ({type(e).__name__}); give a local path") from None
+    return name
+
+
+def _load(cls, base, subfolder, allow_pickle, **kw):
+    try:
+        return cls.from_pretrained(base, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kw)
+    except (OSError, EnvironmentError, ValueError) as e:
+        msg = str(e).splitlines()[0][:300]
+        hint = "; pass --allow_pickle to load .bin weights you trust" if "safetensors" in msg.lower() else ""
+        raise UserError(f"{base}/{subfolder}: could not load ({msg}){hint}") from None
+
+
+def load_tokenizer(base, revision=None, cache_dir=None):
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision, cache_dir=cache_dir)
+    except OSError as e:
+        raise UserError(f"{base}/tokenizer: could not load ({str(e).splitlines()[0][:200]})") from None
+
+
+def load_text_encoder(base, revision=None, variant=None, cache_dir=None, dtype=torch.float32, allow_pickle=False):
+    from transformers import CLIPTextModel
+
+    return _load(CLIPTextModel, base, "text_encoder", allow_pickle, revision=revision, variant=variant,
+                 cache_dir=cache_dir, dtype=dtype)
+
+
+def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=torch.float32, allow_pickle=False):
+    from diffusers import AutoencoderKL
+
+    return _load(AutoencoderKL, base, "vae", allow_pickle, revision=revision, variant=variant,
+                 cache_dir=cache_dir, torch_dtype=dtype)
+
+
+def load_unet(base, revision=None, variant=None, cache_dir=None, dtype=torch.float32, allow_pickle=False):
+    from diffusers import UNet2DConditionModel
+
+    return _load(UNet2DConditionModel, base, "unet", allow_pickle, revision=revision, variant=variant,
+                 cache_dir=cache_dir, torch_dtype=dtype)
+
+
+def load_noise_scheduler(base, revision=None, cache_dir=None):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision, cache_dir=cache_dir)
+
+
+def tokenize(tokenizer, captions: list[str], max_length: int | None = None):
+    return tokenizer(captions, padding="max_length", truncation=True,
+                     max_length=max_length or tokenizer.model_max_length, return_tensors="pt")
+
+
+def encode_prompts(text_encoder, tokenizer, captions: list[str], max_length: int | None = None,
+                   use_attention_mask: bool = False) -> torch.Tensor:
+    """CLIP last hidden states for `captions`, as SD1.x conditions its UNet."""
+    tok = tokenize(tokenizer, captions, max_length)
+    device = next(text_encoder.parameters()).device
+    mask = tok.attention_mask.to(device) if use_attention_mask else None
+    return text_encoder(tok.input_ids.to(device), attention_mask=mask, return_dict=False)[0]

@@ -1,0 +1,445 @@
+"""The one training loop, shared by the text-to-image and DreamBooth recipes.
+
+A recipe hands over a `TrainSet` (rows grouped into examples, each row tagged with a loss
+group) and per-group loss weights; everything else — caching, LoRA injection, mixed
+precision, accumulation, clipping, checkpoints, validation, saving — happens here, once.
+
+Reproducibility contract: every random number of step s (data order, augmentation, VAE
+sample, noise, timesteps) is a pure function of (seed, s, process), so a resumed run
+replays exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, lora, modelcard, models, validation
+from .data import StreamSampler, TrainSet, collate, has_random_transform
+from .errors import UserError
+from .io import save_safetensors
+
+log = logging.getLogger("sdlora")
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class Recipe:
+    """What differs between the scripts: data, loss weights per group, and model-card facts."""
+    kind: str  # "text-to-image" or "dreambooth"
+    data: TrainSet
+    group_weights: dict[int, float] = field(default_factory=lambda: {0: 1.0})
+    group_names: dict[int, str] = field(default_factory=lambda: {0: "loss"})
+    dataset_desc: str = ""
+    card_front: dict = field(default_factory=dict)
+    card_settings: dict = field(default_factory=dict)
+    max_length: int | None = None  # tokenizer length override (DreamBooth's --tokenizer_max_length)
+    use_attention_mask: bool = False
+
+
+def group_loss(per_sample: torch.Tensor, groups: torch.Tensor, weights: dict[int, float]):
+    """Σ_g w_g · mean(loss of rows in group g); also returns each group's mean for logging."""
+    total, parts = per_sample.new_zeros(()), {}
+    for g, w in weights.items():
+        mask = groups == g
+        if mask.any():
+            parts[g] = per_sample[mask].mean()
+            total = total + w * parts[g]
+    return total, parts
+
+
+def snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), as diffusers' scripts compute them."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    w = torch.clamp(snr, max=gamma) / snr
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        w = torch.clamp(snr, max=gamma) / (snr + 1)
+    return w
+
+
+def _step_generator(seed: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + micro * 7919 + rank * 104_729) % (2**63))
+
+
+class Caches:
+    """VAE latent distributions per row and text embeddings per caption, computed once per run."""
+
+    def __init__(self):
+        self.latents: torch.Tensor | None = None  # [rows, 2C, h, w]: mean | logvar
+        self.embeds: torch.Tensor | None = None
+        self.caption_ids: dict[str, int] = {}
+
+    @torch.no_grad()
+    def build_latents(self, data: TrainSet, vae, device, dtype, batch: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        out = []
+        ids = list(range(len(data.rows)))
+        for s in tqdm(range(0, len(ids), batch), desc="caching latents", disable=not progress):
+            px = torch.stack([data.load_row(r, epoch=0) for r in ids[s:s + batch]]).to(device, dtype)
+            out.append(vae.encode(px).latent_dist.parameters.float().cpu())
+        self.latents = torch.cat(out)
+
+    @torch.no_grad()
+    def build_embeds(self, captions: list[str], text_encoder, tokenizer, max_length, use_mask, batch: int = 32):
+        unique = sorted(set(captions))
+        self.caption_ids = {c: i for i, c in enumerate(unique)}
+        self.embeds = torch.cat([
+            models.encode_prompts(text_encoder, tokenizer, unique[s:s + batch], max_length, use_mask).cpu()
+            for s in range(0, len(unique), batch)
+        ])
+
+
+def all_captions(data: TrainSet) -> list[str]:
+    caps = []
+    for r in data.rows:
+        caps += r.caption if isinstance(r.caption, list) else [r.caption]
+    return caps
+
+
+def train(args, recipe: Recipe) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    data = recipe.data
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    main = accelerator.is_main_process
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    # Frozen weights in the compute precision; trainable LoRA weights always stay fp32 (see below).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    resume_from = checkpoint.find(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if args.resume_from_checkpoint == "latest" and resume_from is None and main:
+        log.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", output_dir)
+    # The seed drives every random choice; a resumed run takes the one it started with.
+    seed = checkpoint.read_state(resume_from)["seed"] if resume_from else (
+        args.seed if args.seed is not None else random.SystemRandom().randrange(2**31))
+    torch.manual_seed(seed)
+
+    base = args.pretrained_model_name_or_path
+    load_kw = dict(revision=args.revision, cache_dir=args.cache_dir)
+    tokenizer = models.load_tokenizer(base, **load_kw)
+    noise_scheduler = models.load_noise_scheduler(base, **load_kw)
+    if args.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    model_kw = dict(load_kw, variant=args.variant, allow_pickle=args.allow_pickle)
+    text_encoder = models.load_text_encoder(base, dtype=weight_dtype, **model_kw).to(device)
+    text_encoder.requires_grad_(False)
+    vae = models.load_vae(base, dtype=weight_dtype, **model_kw).to(device)
+    vae.requires_grad_(False)
+    vae_scale = vae.config.scaling_factor
+
+    # ---- caches: encode once, then the VAE / text encoder leave the training device
+    caches = Caches()
+    cache_latents = not args.no_cache and not has_random_transform(data.rows, args.random_flip, args.center_crop)
+    cache_text = not args.no_cache and not args.train_text_encoder
+    if cache_latents:
+        caches.build_latents(data, vae, device, weight_dtype, args.train_batch_size, main)
+        data.cached_latents = True
+    if cache_text:
+        caches.build_embeds(all_captions(data), text_encoder, tokenizer, recipe.max_length, recipe.use_attention_mask)
+    if main:
+        what = [f"VAE latents of {len(data.rows)} images"] * cache_latents + \
+               [f"text embeddings of {len(caches.caption_ids)} captions"] * cache_text
+        log.info("cached %s", " and ".join(what) if what else "nothing (%s)" % (
+            "--no_cache" if args.no_cache else "random flip/crop changes pixels each epoch; text encoder trains"))
+    released = []
+    if cache_latents:
+        vae = _release(vae, device)
+        released.append("vae")
+    if cache_text:
+        text_encoder = _release(text_encoder, device)
+        released.append("text_encoder")
+
+    # ---- the model being trained
+    unet = models.load_unet(base, dtype=weight_dtype, **model_kw).to(device)
+    unet_cfg = lora.lora_config(args.rank, args.lora_alpha, args.target_modules, args.lora_dropout)
+    params = {"unet": lora.add_lora(unet, unet_cfg)}
+    trained = {"unet": unet}
+    te_cfg = None
+    if args.train_text_encoder:
+        te_cfg = lora.lora_config(args.rank, args.lora_alpha, lora.TEXT_ENCODER_TARGETS, args.lora_dropout)
+        params["text_encoder"] = lora.add_lora(text_encoder, te_cfg)
+        trained["text_encoder"] = text_encoder
+    # fp32 master weights for the LoRA parameters whatever the mixed precision: fp16 trainable
+    # weights are what makes GradScaler fail with "Attempting to unscale FP16 gradients".
+    cast_training_params(list(trained.values()), dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+
+    # ---- schedule
+    sampler = StreamSampler(len(data), args.train_batch_size, seed, rank, world)
+    ga = args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch / ga)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    lr = args.learning_rate * (ga * args.train_batch_size * world if args.scale_lr else 1)
+    te_lr = getattr(args, "text_encoder_lr", None) or lr
+    groups = [{"params": params["unet"], "lr": lr}]
+    if "text_encoder" in params:
+        groups.append({"params": params["text_encoder"], "lr": te_lr})
+    optimizer = _optimizer(args, groups)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_steps, num_cycles=getattr(args, "lr_num_cycles", 1),
+                                 power=getattr(args, "lr_power", 1.0))
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    wrapped = dict(zip(trained, prepared[:-1]))
+    optimizer = prepared[-1]
+    scaler = getattr(accelerator, "scaler", None)
+
+    fingerprint = {"rank": args.rank, "target_modules": args.target_modules, "train_batch_size": args.train_batch_size,
+                   "gradient_accumulation_steps": ga, "num_processes": world,
+                   "train_text_encoder": bool(args.train_text_encoder)}
+    global_step = 0
+    if resume_from:
+        state = checkpoint.load(resume_from, {k: accelerator.unwrap_model(m) for k, m in wrapped.items()},
+                                optimizer, lr_scheduler, scaler)
+        changed = {k: (state.get(k), v) for k, v in fingerprint.items() if state.get(k) != v}
+        if changed:
+            raise UserError(f"--resume_from_checkpoint {resume_from}: settings differ from the checkpoint's: "
+                            + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        global_step = state["global_step"]
+        if main:
+            log.info("resumed from %s at step %d", resume_from, global_step)
+    sampler.start = global_step * ga
+
+    if main:
+        accelerator.init_trackers("sdlora", config={k: v for k, v in vars(args).items()
+                                                    if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
+        n_params = sum(p.numel() for ps in params.values() for p in ps)
+        log.info("training %s LoRA: %d rows, %d trainable params, %d steps (%d epochs), batch %d x %d accum x %d procs",
+                 recipe.kind, len(data.rows), n_params, max_steps, num_epochs, args.train_batch_size, ga, world)
+
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=0 if cache_latents else args.dataloader_num_workers)
+    batches = iter(loader)
+    unet_ = wrapped["unet"]
+    te_ = wrapped.get("text_encoder", text_encoder)
+    for m in wrapped.values():
+        m.train()
+
+    def micro_step(batch, micro: int):
+        gen = _step_generator(seed, micro, rank)
+        ids = batch["row_ids"]
+        if cache_latents:
+            mean, logvar = caches.latents[ids].chunk(2, dim=1)
+            lat = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn(mean.shape, generator=gen)
+        else:
+            with torch.no_grad():
+                dist = vae.encode(batch["pixel_values"].to(device, weight_dtype)).latent_dist
+            mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+            lat = mean + std * torch.randn(mean.shape, generator=gen)
+        lat = (lat * vae_scale).to(device)
+        noise = torch.randn(lat.shape, generator=gen)
+        if args.noise_offset:
+            noise += args.noise_offset * torch.randn((lat.shape[0], lat.shape[1], 1, 1), generator=gen)
+        noise = noise.to(device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (lat.shape[0],), generator=gen).to(device)
+        noisy = noise_scheduler.add_noise(lat, noise, t)
+        if cache_text:
+            emb = caches.embeds[[caches.caption_ids[c] for c in batch["captions"]]].to(device)
+        else:
+            emb = models.encode_prompts(te_, tokenizer, batch["captions"], recipe.max_length, recipe.use_attention_mask)
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(lat, noise, t)
+        with accelerator.autocast():
+            pred = unet_(noisy.to(weight_dtype), t, emb.to(weight_dtype), return_dict=False)[0]
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if args.snr_gamma:
+            per_sample = per_sample * snr_weights(noise_scheduler, t, args.snr_gamma).to(per_sample)
+        return group_loss(per_sample, batch["groups"].to(device), recipe.group_weights)
+
+    bar = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not main, dynamic_ncols=True)
+    samples: list[dict] = []
+    t_last, last_logs = time.perf_counter(), {}
+    while global_step < max_steps:
+        epoch_before = (global_step * ga) // sampler.batches_per_epoch
+        logs_acc: dict[str, float] = {}
+        for k in range(ga):
+            micro = global_step * ga + k
+            batch = next(batches)
+            sync = k == ga - 1
+            ctx = accelerator.no_sync(unet_) if not sync and world > 1 else _null()
+            with ctx:
+                loss, parts = micro_step(batch, micro)
+                accelerator.backward(loss / ga)
+            logs_acc["loss"] = logs_acc.get("loss", 0.0) + loss.item() / ga
+            for g, v in parts.items():
+                name = recipe.group_names.get(g, f"loss_{g}")
+                if name != "loss":
+                    logs_acc[name] = logs_acc.get(name, 0.0) + v.item() / ga
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_([p for ps in params.values() for p in ps], args.max_grad_norm)
+            logs_acc["grad_norm"] = float(grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+
+        now = time.perf_counter()
+        last_logs = {**logs_acc, "lr": lr_scheduler.get_last_lr()[0], "s_per_step": now - t_last}
+        t_last = now
+        accelerator.log(last_logs, step=global_step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_logs['loss']:.4f}", lr=f"{last_logs['lr']:.2e}")
+
+        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+            accelerator.wait_for_everyone()
+            if main:
+                path = checkpoint.save(output_dir, global_step, {k: accelerator.unwrap_model(m) for k, m in wrapped.items()},
+                                       optimizer, lr_scheduler, scaler, {**fingerprint, "seed": seed},
+                                       args.checkpoints_total_limit)
+                log.info("saved %s", path)
+        epoch_after = (global_step * ga) // sampler.batches_per_epoch
+        if args.validation_prompt and epoch_after > epoch_before and (
+                epoch_after % args.validation_epochs == 0 or global_step == max_steps):
+            if main:
+                vae, text_encoder, imgs = _validate(args, accelerator, unet_, vae, text_encoder, te_, tokenizer,
+                                                    noise_scheduler, weight_dtype, seed, released, epoch_after)
+                samples = [{"prompt": p, "path": str(path.relative_to(output_dir))} for p, path in imgs]
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    out = None
+    if main:
+        out = _save_final(args, recipe, accelerator, wrapped, unet_cfg, te_cfg, global_step, num_epochs, seed, samples)
+    accelerator.end_training()
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _release(module, device):
+    """Free a frozen module's memory on the training device once its outputs are cached.
+
+    On GPU it moves to CPU RAM (cheap to bring back for validation); on CPU the training
+    device *is* RAM, so it is dropped and reloaded from disk if validation needs it.
+    """
+    if torch.device(device).type == "cpu":
+        return None
+    return module.to("cpu")
+
+
+def _optimizer(args, groups):
+    kw = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def _validate(args, accelerator, unet_, vae, text_encoder, te_, tokenizer, noise_scheduler, weight_dtype, seed,
+              released, epoch):
+    device = accelerator.device
+    base = args.pretrained_model_name_or_path
+    kw = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, allow_pickle=args.allow_pickle)
+    if vae is None:
+        vae = models.load_vae(base, dtype=weight_dtype, **kw)
+    if text_encoder is None:
+        text_encoder = models.load_text_encoder(base, dtype=weight_dtype, **kw)
+    vae_dev, te_dev = vae.to(device), (accelerator.unwrap_model(te_) if "text_encoder" not in released else text_encoder.to(device))
+    unet = accelerator.unwrap_model(unet_)
+    unet.eval()
+    log.info("validation at epoch %d: %d image(s) of %r", epoch, args.num_validation_images, args.validation_prompt)
+    with accelerator.autocast():
+        imgs = validation.sample(unet, vae_dev, te_dev, tokenizer, noise_scheduler.config, [args.validation_prompt],
+                                 args.num_validation_images, seed, args.resolution, device=device)
+    unet.train()
+    out_dir = Path(args.output_dir) / "samples"
+    paths = validation.save(imgs, out_dir, f"epoch{epoch:04d}")
+    # Keep only the newest samples under their stable names for the model card.
+    latest = validation.save(imgs, out_dir, "latest")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.log_images({"validation": np.stack([np.asarray(i) for _, i in imgs])}, step=epoch, dataformats="NHWC")
+    del paths
+    # Send the helpers back where caching put them (off the training device, or dropped on CPU).
+    if "vae" in released:
+        vae = _release(vae, device)
+    if "text_encoder" in released:
+        text_encoder = _release(text_encoder, device)
+    return vae, text_encoder, list(zip([p for p, _ in imgs], latest))
+
+
+def _save_final(args, recipe, accelerator, wrapped, unet_cfg, te_cfg, steps, epochs, seed, samples) -> Path:
+    output_dir = Path(args.output_dir)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_precision]
+    sd = lora.lora_state_dict(accelerator.unwrap_model(wrapped["unet"]), "unet", dtype)
+    configs = {"unet": unet_cfg}
+    if "text_encoder" in wrapped:
+        sd.update(lora.lora_state_dict(accelerator.unwrap_model(wrapped["text_encoder"]), "text_encoder", dtype))
+        configs["text_encoder"] = te_cfg
+    info = {
+        "base_model": args.pretrained_model_name_or_path, "kind": recipe.kind, "rank": args.rank,
+        "alpha": args.lora_alpha if args.lora_alpha is not None else args.rank, "target_modules": args.target_modules,
+        "train_text_encoder": bool(args.train_text_encoder), "steps": steps, "epochs": epochs,
+        "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "learning_rate": args.learning_rate, "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
+        "mixed_precision": accelerator.mixed_precision, "save_precision": args.save_precision, "seed": seed,
+        "dataset": recipe.dataset_desc, "num_images": len(recipe.data.rows), "samples": samples,
+        "repo_id": args.hub_model_id if args.push_to_hub else None, "example_prompt": args.validation_prompt,
+    }
+    meta = {"format": "pt", "lora_adapter_metadata": lora.adapter_metadata(configs), **modelcard.safetensors_metadata(info)}
+    path = output_dir / WEIGHTS_NAME
+    save_safetensors(sd, path, meta)
+    modelcard.write(output_dir, info, recipe.card_front, recipe.card_settings)
+    log.info("saved %s (%d tensors, %d parameters, %.2f MB) and README.md", path, len(sd), lora.count_params(sd),
+             path.stat().st_size / 1e6)
+    return path
+
+
+def run(args, make_recipe) -> int:
+    """What both scripts do after parsing: check, resolve, read data, train, share.
+
+    All user-fixable problems surface before any model is loaded, as one line on stderr.
+    """
+    import sys
+
+    from . import hub
+    from .args import check, setup_logging
+
+    token = hub.resolve_token(args.hub_token)
+    setup_logging(token)
+    try:
+        check(args)
+        args.pretrained_model_name_or_path = models.resolve_base(
+            args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
+        recipe = make_recipe(args)
+        path = train(args, recipe)
+        if path is not None and args.push_to_hub:
+            hub.push(Path(args.output_dir), args.hub_model_id, token)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Train a Stable Diffusion LoRA on image–caption pairs.
+
+Same flags as diffusers' examples/text_to_image/train_text_to_image_lora.py, plus
+--train_text_encoder, --lora_alpha, --target_modules, --save_precision and --no_cache.
+
+    python train_text_to_image_lora.py --pretrained_model_name_or_path sdlora-tiny \
+        --train_data_dir examples/data/pokemon_style --resolution 32 --output_dir out
+
+Reads top to bottom: flags -> data -> the shared training loop (sdlora/trainer.py).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from sdlora import args as common
+from sdlora.data import TrainSet, rows_from_datasets, rows_from_folder
+from sdlora.errors import UserError
+from sdlora.trainer import Recipe, run
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="a `datasets` id or a local dataset folder")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None,
+                   help="folder of images with metadata.jsonl/metadata.csv, or with same-name .txt captions")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--allow_empty_captions", action="store_true", help="train on images that have no caption")
+    common.add_training_args(p, default_output="sd-model-finetuned-lora")
+    args = p.parse_args(argv)
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        p.error("give exactly one of --dataset_name or --train_data_dir")
+    return args
+
+
+def make_recipe(args) -> Recipe:
+    """Text-to-image: every row is one example in the single loss group."""
+    if args.train_data_dir:
+        rows = rows_from_folder(Path(args.train_data_dir), args.caption_column, args.allow_empty_captions)
+        desc = args.train_data_dir
+    else:
+        rows = rows_from_datasets(args.dataset_name, args.dataset_config_name, args.image_column,
+                                  args.caption_column, args.cache_dir, args.allow_empty_captions)
+        desc = args.dataset_name
+    if args.max_train_samples is not None:
+        if args.max_train_samples < 1:
+            raise UserError("--max_train_samples must be >= 1")
+        rows = rows[: args.max_train_samples]
+    data = TrainSet(rows, [[i] for i in range(len(rows))], [0] * len(rows), args.resolution,
+                    args.center_crop, args.random_flip, args.seed or 0)
+    return Recipe(kind="text-to-image", data=data, dataset_desc=desc)
+
+
+if __name__ == "__main__":
+    sys.exit(run(parse_args(), make_recipe))
