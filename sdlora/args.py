@@ -114,6 +114,8 @@ def check(args) -> None:
         raise UserError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
     if args.lora_alpha is not None and args.lora_alpha <= 0:
         raise UserError(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
+    if args.lora_alpha is not None and float(args.lora_alpha).is_integer():
+        args.lora_alpha = int(args.lora_alpha)  # "8", not "8.0", in metadata viewers
     if args.report_to == "all":
         args.report_to = "tensorboard" if importlib.util.find_spec("wandb") is None else "all"
     if args.report_to in ("wandb",) and importlib.util.find_spec("wandb") is None:

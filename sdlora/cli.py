@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registrars():
-    return []
+    from .pipeline import register_cli as pipeline_cli
+    from .tools import register_cli as tools_cli
+
+    return [pipeline_cli, tools_cli]
 
 
 def main(argv=None):

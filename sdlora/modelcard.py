@@ -26,7 +26,8 @@ def safetensors_metadata(info: dict) -> dict[str, str]:
         "ss_train_batch_size": info.get("train_batch_size"),
         "ss_mixed_precision": info.get("mixed_precision"),
         "ss_seed": info.get("seed"),
-        "ss_dataset_dirs": info.get("dataset"),
+        # kohya's layout: {folder: {n_repeats, img_count}}
+        "ss_dataset_dirs": {info.get("dataset") or "": {"n_repeats": info.get("repeats", 1), "img_count": info.get("num_images")}},
         "ss_num_train_images": info.get("num_images"),
         "ss_training_comment": info.get("kind"),
         "sdlora_version": __version__,

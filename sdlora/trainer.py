@@ -133,6 +133,7 @@ def train(args, recipe: Recipe) -> Path:
     seed = checkpoint.read_state(resume_from)["seed"] if resume_from else (
         args.seed if args.seed is not None else random.SystemRandom().randrange(2**31))
     torch.manual_seed(seed)
+    data.seed = seed
 
     base = args.pretrained_model_name_or_path
     load_kw = dict(revision=args.revision, cache_dir=args.cache_dir)
@@ -304,7 +305,7 @@ def train(args, recipe: Recipe) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{last_logs['loss']:.4f}", lr=f"{last_logs['lr']:.2e}")
 
-        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             accelerator.wait_for_everyone()
             if main:
                 path = checkpoint.save(output_dir, global_step, {k: accelerator.unwrap_model(m) for k, m in wrapped.items()},
@@ -312,8 +313,8 @@ def train(args, recipe: Recipe) -> Path:
                                        args.checkpoints_total_limit)
                 log.info("saved %s", path)
         epoch_after = (global_step * ga) // sampler.batches_per_epoch
-        if args.validation_prompt and epoch_after > epoch_before and (
-                epoch_after % args.validation_epochs == 0 or global_step == max_steps):
+        at_epoch = epoch_after > epoch_before and epoch_after % args.validation_epochs == 0
+        if args.validation_prompt and (at_epoch or global_step == max_steps):
             if main:
                 vae, text_encoder, imgs = _validate(args, accelerator, unet_, vae, text_encoder, te_, tokenizer,
                                                     noise_scheduler, weight_dtype, seed, released, epoch_after)

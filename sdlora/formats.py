@@ -1,0 +1,439 @@
+"""LoRA file formats: read diffusers / peft / kohya (A1111, ComfyUI) files into one form, write any of them.
+
+In memory a LoRA is ``{"<component>.<path>": Module(down, up, alpha)}`` where component is
+``unet``, ``text_encoder`` or ``text_encoder_2`` and path is the diffusers module path. Text-encoder
+paths use the classic ``text_model.…`` spelling that every file in the wild uses; `live_path`
+maps them onto the installed transformers' module tree. A module's weight change is
+``up @ down * alpha / rank`` (conv: ``down`` holds the kernel, ``up`` is 1×1, as in kohya LoCon).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import re
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+
+if TYPE_CHECKING:  # torch is imported lazily so `sdlora --help` stays fast
+    import torch
+
+FORMATS = ("diffusers", "kohya", "peft")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_KOHYA_PREFIX = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+# Module-name words that contain "_": kohya flattens every "." to "_", so these are glued back.
+_COMPOUNDS = sorted("""down_blocks up_blocks mid_block transformer_blocks to_q to_k to_v to_out proj_in proj_out
+    time_emb_proj conv_shortcut conv_in conv_out conv_norm_out time_embedding linear_1 linear_2 add_embedding
+    text_model self_attn q_proj k_proj v_proj out_proj text_projection input_blocks output_blocks middle_block
+    in_layers out_layers emb_layers skip_connection time_embed label_emb""".split(), key=len, reverse=True)
+
+
+@dataclass
+class Module:
+    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
+    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> "torch.Tensor":
+        """The weight change this module adds at weight 1, in fp32, shaped like the layer's weight."""
+        d = self.up.float().flatten(1) @ self.down.float().flatten(1)
+        return d.reshape(self.up.shape[0], *self.down.shape[1:]) * (self.alpha / self.rank)
+
+
+@dataclass
+class Lora:
+    modules: dict[str, Module]
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: str = "diffusers"
+    source: str = "<memory>"
+    base_model: str | None = None
+
+    def components(self) -> list[str]:
+        return sorted({k.split(".", 1)[0] for k in self.modules})
+
+
+# ---------------------------------------------------------------- reading
+
+def load_lora(source, allow_pickle: bool = False) -> Lora:
+    """Read a LoRA from a folder, a weights file or a Hub id; the format is detected from its keys."""
+    path = resolve_file(source)
+    tensors, metadata = _read_tensors(path, allow_pickle)
+    config = _read_json(path.parent / "adapter_config.json")
+    lora = parse(tensors, metadata, source=str(path), peft_config=config)
+    if (path.parent / "text_encoder" / "adapter_model.safetensors").is_file():  # peft folder, TE part
+        te = load_lora(path.parent / "text_encoder", allow_pickle)
+        lora.modules.update({"text_encoder." + k.split(".", 1)[1]: m for k, m in te.modules.items()})
+    lora.base_model = _card_base_model(path.parent / "README.md") or _metadata_base_model(metadata)
+    return lora
+
+
+def resolve_file(source) -> Path:
+    p = Path(source)
+    if p.is_dir():
+        for name in WEIGHT_NAMES:
+            if (p / name).is_file():
+                return p / name
+        files = sorted(p.glob("*.safetensors")) or sorted(f for s in PICKLE_SUFFIXES for f in p.glob("*" + s))
+        if len(files) == 1:
+            return files[0]
+        raise UserError(f"{p}: expected one LoRA weights file (pytorch_lora_weights.safetensors, "
+                        f"adapter_model.safetensors or a single *.safetensors), found {len(files)}")
+    if p.is_file():
+        return p
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).endswith(".safetensors"):
+        return _from_hub(str(source))
+    raise UserError(f"{source}: no such LoRA file or folder (expected a .safetensors file, a folder or a Hub id)")
+
+
+def _from_hub(repo: str) -> Path:
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    try:
+        files = list_repo_files(repo)
+        name = next((n for n in WEIGHT_NAMES if n in files), None)
+        name = name or next(f for f in files if f.endswith(".safetensors") and "/" not in f)
+        path = Path(hf_hub_download(repo, name))
+        if "README.md" in files:
+            hf_hub_download(repo, "README.md")  # lands beside the weights: base_model comes from it
+        return path
+    except StopIteration:
+        raise UserError(f"{repo}: the Hub repo has no .safetensors LoRA file") from None
+    except Exception as e:  # network, auth, missing repo: one line, never the token
+        raise UserError(f"{repo}: could not fetch the LoRA from the Hub ({type(e).__name__})") from None
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{name}'; expected one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def _read_tensors(path: Path, allow_pickle: bool):
+    import torch
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UserError(f"{path}: refusing to load a pickle file ({path.suffix} can run arbitrary code); "
+                            "expected .safetensors — convert it, or pass --allow-pickle / allow_pickle=True if you trust it")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path}: not a readable torch file ({type(e).__name__}); expected a LoRA state dict") from None
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise UserError(f"{path}: expected a flat dict of tensors (a LoRA state dict)")
+        return dict(sd), {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a valid safetensors file ({reason}); expected a LoRA .safetensors file") from None
+    return tensors, metadata
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _card_base_model(card: Path) -> str | None:
+    if not card.is_file():
+        return None
+    m = re.match(r"---\s*\n(.*?)\n---", card.read_text(encoding="utf-8", errors="replace"), re.S)
+    if not m:
+        return None
+    hit = re.search(r"^base_model:[ \t]*(\S.*)?$\n?((?:[ \t]*-[ \t]*\S.*\n?)*)", m.group(1), re.M)
+    if not hit:
+        return None
+    value = hit.group(1) or (hit.group(2).split("\n")[0].strip().lstrip("-").strip() if hit.group(2) else "")
+    return value.strip().strip("'\"") or None
+
+
+def _metadata_base_model(metadata: dict) -> str | None:
+    for key in ("base_model", "sdlora_base_model", "ss_sd_model_name"):
+        if metadata.get(key):
+            return metadata[key]
+    return None
+
+
+def detect_format(keys) -> str:
+    keys = list(keys)
+    if keys and all(re.match(r"lora_(unet|te[12]?)_", k) for k in keys):
+        return "kohya"
+    if keys and all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
+        return "diffusers"
+    if keys and all(re.search(r"\.lora_[AB](\.\w+)?\.weight$", k) for k in keys):
+        return "peft"
+    return "unknown"
+
+
+def parse(tensors: dict, metadata: dict | None = None, source: str = "<memory>", peft_config: dict | None = None) -> Lora:
+    metadata = metadata or {}
+    fmt = detect_format(tensors)
+    if fmt == "unknown":
+        example = next(iter(tensors), "<no tensors>")
+        if not any("lora" in k.lower() for k in tensors):
+            raise UserError(f"{source}: not a LoRA file (no LoRA keys, e.g. '{example}'); expected "
+                            "diffusers (unet.….lora_A/lora.down), peft (….lora_A.weight) or kohya (lora_unet_….lora_down) keys")
+        raise UserError(f"{source}: unknown LoRA key layout (e.g. '{example}'); expected diffusers, peft or kohya keys")
+    pairs = {"kohya": _kohya_pairs, "diffusers": _diffusers_pairs, "peft": _peft_pairs}[fmt](tensors, source)
+    alphas = _alphas(fmt, tensors, metadata, peft_config)
+    modules = {}
+    for name, (down, up) in pairs.items():
+        if down is None or up is None or down.shape[0] != up.shape[1] or down.dim() != up.dim() or down.dim() not in (2, 4):
+            shapes = [tuple(t.shape) if t is not None else None for t in (down, up)]
+            raise UserError(f"{source}: layer {name} has mismatched down/up weights {shapes}; expected [r, in] and [out, r]")
+        modules[name] = Module(down, up, float(alphas(name, down.shape[0])))
+    return Lora(modules, dict(metadata), fmt, source)
+
+
+def _add(pairs, name, which, t):
+    pairs.setdefault(name, [None, None])[which] = t
+
+
+def _kohya_pairs(tensors, source):
+    pairs = {}
+    for k, t in tensors.items():
+        m = re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", k)
+        if not m:
+            raise UserError(f"{source}: unsupported kohya key '{k}' (LoHa/LoKr/DoRA are not supported); "
+                            "expected .lora_down.weight, .lora_up.weight and .alpha")
+        if m.group(3) != "alpha":
+            _add(pairs, f"{_KOHYA_PREFIX[m.group(1)]}.{unmangle(m.group(2))}", m.group(3) == "lora_up.weight", t)
+    return pairs
+
+
+def unmangle(name: str) -> str:
+    """kohya 'down_blocks_0_attentions_0_proj_in' -> diffusers 'down_blocks.0.attentions.0.proj_in'."""
+    s = name.replace("_", ".")
+    for word in _COMPOUNDS:
+        s = s.replace(word.replace("_", "."), word)
+    return s
+
+
+_OLD_DIFFUSERS = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+
+
+def _diffusers_pairs(tensors, source):
+    pairs = {}
+    for k, t in tensors.items():
+        if k.endswith(".alpha"):
+            continue
+        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+?)\.(?:lora_linear_layer\.|lora\.)?"
+                         r"(down|up|lora_A|lora_B)(?:\.\w+)?\.weight", k)
+        if not m:
+            raise UserError(f"{source}: unsupported diffusers LoRA key '{k}' (DoRA/bias are not supported); "
+                            "expected ….lora.down/up.weight or ….lora_A/lora_B.weight")
+        path = re.sub(r"processor\.(to_\w_lora|to_out_lora)$", lambda g: _OLD_DIFFUSERS[g.group(1)], m.group(2))
+        _add(pairs, _canonical(m.group(1), path), m.group(3) in ("up", "lora_B"), t)
+    return pairs
+
+
+def _peft_pairs(tensors, source):
+    pairs = {}
+    for k, t in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", k)
+        comp = "text_encoder" if m.group(1).startswith(("text_model.", "encoder.layers.")) else "unet"
+        _add(pairs, _canonical(comp, m.group(1)), m.group(2) == "B", t)
+    return pairs
+
+
+def _canonical(comp: str, path: str) -> str:
+    if comp.startswith("text_encoder") and not path.startswith("text_model."):
+        path = "text_model." + path  # transformers>=5 dropped the text_model wrapper
+    return f"{comp}.{path}"
+
+
+def _alphas(fmt, tensors, metadata, peft_config):
+    """Return alpha(name, rank): each format's own rule, and alpha = rank (scale 1) when it has none."""
+    if fmt == "kohya":
+        table = {}
+        for k, t in tensors.items():
+            m = re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)\.alpha", k)
+            if m:
+                table[f"{_KOHYA_PREFIX[m.group(1)]}.{unmangle(m.group(2))}"] = float(t.float().item())
+        return lambda name, r: table.get(name, r)
+    configs = {}
+    if fmt == "diffusers" and metadata.get("lora_adapter_metadata"):
+        packed = json.loads(metadata["lora_adapter_metadata"])
+        for key, value in packed.items():
+            comp, _, field_ = key.partition(".")
+            configs.setdefault(comp, {})[field_] = value
+    elif fmt == "peft":
+        cfg = peft_config or (json.loads(metadata["adapter_config"]) if metadata.get("adapter_config") else None)
+        if cfg:
+            configs = {"unet": cfg, "text_encoder": cfg}
+
+    def alpha(name, r):
+        comp, path = name.split(".", 1)
+        cfg = configs.get(comp)
+        if not cfg or "lora_alpha" not in cfg:
+            return r
+        return _pattern(cfg.get("alpha_pattern"), path) or cfg["lora_alpha"]
+    return alpha
+
+
+def _pattern(patterns, path):
+    """peft's rank/alpha_pattern lookup: a key matches a module path it ends with."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path) or re.match(rf"(.*\.)?({key})$", path.removeprefix("text_model.")):
+            return value
+    return None
+
+
+# ---------------------------------------------------------------- writing
+
+def save_lora(lora: Lora, out, fmt: str, dtype: str | None = None) -> Path:
+    """Write `lora` in `fmt` to OUT (a .safetensors file, or a folder); atomic; returns the weights file."""
+    from .io import save_safetensors, write_text
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}'; expected one of {', '.join(FORMATS)}")
+    out = Path(out)
+    cast = torch_dtype(dtype) if dtype else None
+    meta = {k: v for k, v in lora.metadata.items() if k not in ("lora_adapter_metadata", "adapter_config")}
+    meta["format"] = "pt"
+    if lora.base_model and not _metadata_base_model(meta):
+        meta["sdlora_base_model"] = lora.base_model
+    if fmt == "peft":
+        return _save_peft(lora, out, meta, cast)
+    file = out if out.suffix == ".safetensors" else out / ("lora.safetensors" if fmt == "kohya" else WEIGHT_NAMES[0])
+    tensors, extra = (_to_kohya if fmt == "kohya" else _to_diffusers)(lora)
+    save_safetensors(_cast(tensors, cast), file, {**meta, **extra})
+    if lora.base_model and out.suffix != ".safetensors" and not (out / "README.md").exists():
+        write_text(out / "README.md", f"---\nbase_model: {lora.base_model}\ntags:\n- lora\n- sdlora\n---\n")
+    return file
+
+
+def _cast(tensors, dtype):
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and v.dim() else v) for k, v in tensors.items()}
+
+
+def _to_kohya(lora):
+    import torch
+
+    # One alpha for the whole file (the most common): diffusers' kohya loader ignores per-layer alphas of
+    # attention layers, so other layers' scale is folded into `up` instead. The product is unchanged.
+    common = collections.Counter(m.alpha for m in lora.modules.values()).most_common(1)[0][0]
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if _has_te2(lora) else "lora_te_", "text_encoder_2": "lora_te2_"}
+    out = {}
+    for name, m in lora.modules.items():
+        comp, path = name.split(".", 1)
+        key = prefix[comp] + path.replace(".", "_")
+        out[key + ".lora_down.weight"] = m.down
+        out[key + ".lora_up.weight"] = m.up if m.alpha == common else (m.up.float() * (m.alpha / common)).to(m.up.dtype)
+        out[key + ".alpha"] = torch.tensor(float(common))
+    ranks = collections.Counter(m.rank for m in lora.modules.values())
+    return out, {"ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_alpha": str(common)}
+
+
+def _has_te2(lora):
+    return any(k.startswith("text_encoder_2.") for k in lora.modules)
+
+
+def _to_diffusers(lora):
+    tensors, packed = {}, {}
+    for comp in lora.components():
+        mods = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(comp + ".")}
+        live = {p: live_path(comp, p) for p in mods}
+        for p, m in mods.items():
+            tensors[f"{comp}.{live[p]}.lora_A.weight"] = m.down
+            tensors[f"{comp}.{live[p]}.lora_B.weight"] = m.up
+        cfg = lora_config({live[p]: m for p, m in mods.items()})
+        packed.update({f"{comp}.{k}": v for k, v in cfg.items()})
+    return tensors, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)}
+
+
+def lora_config(mods: dict[str, Module]) -> dict:
+    """peft LoraConfig kwargs that reproduce each module's rank and alpha exactly."""
+    r = collections.Counter(m.rank for m in mods.values()).most_common(1)[0][0]
+    alpha = collections.Counter(m.alpha for m in mods.values()).most_common(1)[0][0]
+    return {
+        "r": r, "lora_alpha": alpha, "target_modules": sorted(mods), "init_lora_weights": True,
+        "rank_pattern": {p: m.rank for p, m in mods.items() if m.rank != r},
+        "alpha_pattern": {p: m.alpha for p, m in mods.items() if m.alpha != alpha},
+        "peft_type": "LORA", "bias": "none", "lora_dropout": 0.0, "use_dora": False,
+    }
+
+
+def _save_peft(lora, out: Path, meta, cast) -> Path:
+    from .io import save_safetensors, write_text
+
+    comps = sorted(lora.components(), key=lambda c: c != "unet")  # the UNet at the root, others in subfolders
+    if out.suffix == ".safetensors" and len(comps) > 1:
+        raise UserError(f"{out}: peft holds one model per file; this LoRA has {', '.join(comps)} — give a folder instead")
+    first = None
+    for comp in comps:
+        mods = {live_path(comp, n.split(".", 1)[1]): m for n, m in lora.modules.items() if n.startswith(comp + ".")}
+        cfg = lora_config(mods)
+        tensors = {}
+        for p, m in mods.items():
+            tensors[f"base_model.model.{p}.lora_A.weight"] = m.down
+            tensors[f"base_model.model.{p}.lora_B.weight"] = m.up
+        folder = out if comp == comps[0] else out / comp
+        file = out if out.suffix == ".safetensors" else folder / WEIGHT_NAMES[1]
+        save_safetensors(_cast(tensors, cast), file, {**meta, "adapter_config": json.dumps(cfg)})
+        if out.suffix != ".safetensors":
+            write_text(folder / "adapter_config.json", json.dumps(cfg, indent=2))
+        first = first or file
+    return first
+
+
+@lru_cache(maxsize=1)
+def _clip_has_text_model() -> bool:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tiny = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1, vocab_size=8)
+    return hasattr(CLIPTextModel(tiny), "text_model")
+
+
+def live_path(comp: str, path: str) -> str:
+    """The module path in the installed library (transformers>=5 CLIP has no `text_model` level)."""
+    if comp.startswith("text_encoder") and path.startswith("text_model.") and not _clip_has_text_model():
+        return path[len("text_model."):]
+    return path
+
+
+# ---------------------------------------------------------------- description
+
+def family(lora: Lora) -> str:
+    """Architecture family a LoRA was made for, from its keys and shapes."""
+    names = list(lora.modules)
+    if any(n.startswith("text_encoder_2.") or re.search(r"\.(input_blocks|output_blocks|middle_block|add_embedding)", n)
+           for n in names):
+        return "SDXL"
+    for n, m in lora.modules.items():
+        if n.startswith("unet.") and re.search(r"attn2\.to_[kv]$", n):
+            return unet_family(m.down.shape[1])
+    for n, m in lora.modules.items():
+        if n.startswith("text_encoder.") and n.endswith(("q_proj", "k_proj", "v_proj", "fc1")):
+            return {768: "SD1.x", 1024: "SD2.x"}.get(m.down.shape[1], f"SD-like (text hidden size {m.down.shape[1]})")
+    return lora.metadata.get("ss_base_model_version") or "unknown"
+
+
+def unet_family(cross_attention_dim: int, addition_embed_type=None) -> str:
+    if addition_embed_type == "text_time":
+        return "SDXL"
+    known = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+    return known.get(cross_attention_dim, f"SD-like (cross-attention dim {cross_attention_dim})")
+
+
+def with_modules(lora: Lora, modules: dict[str, Module], **changes) -> Lora:
+    return replace(lora, modules=modules, **changes)

@@ -1,0 +1,339 @@
+"""Inference: an unmodified StableDiffusionPipeline with DPM++ and LoRAs stacked through diffusers/peft.
+
+sdlora reads and checks each LoRA itself (any format, shapes against the base) and hands diffusers'
+`load_lora_weights` a plain peft-keyed dict with alpha/rank folded into B, so every format lands
+with exactly the scale it was saved with; `set_adapters` applies the user's weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+from . import formats
+from .errors import UserError
+
+SCHEDULERS = {"dpm++": {}, "dpm++-karras": {"use_karras_sigmas": True}, "keep": None}
+COMPONENTS = ("unet", "text_encoder")
+
+
+def parse_spec(spec) -> tuple[str, float]:
+    """'path[:weight]' (or (path, weight)) -> (path, weight); a Windows drive colon is not a weight."""
+    if isinstance(spec, (tuple, list)):
+        return str(spec[0]), float(spec[1])
+    spec = str(spec)
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not re.fullmatch(r"[A-Za-z]", head):
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def load_pipeline(loras=(), base=None, scheduler: str = "dpm++", device=None, dtype=None,
+                  allow_pickle: bool = False):
+    """A StableDiffusionPipeline from `base` (or the first LoRA's card/metadata) with `loras` stacked.
+
+    loras: paths/Hub ids, 'path:weight' strings or (path, weight) pairs; each becomes a named adapter.
+    """
+    if isinstance(loras, (str, Path)):
+        loras = [loras]
+    import torch
+
+    specs = [parse_spec(s) for s in loras]
+    read = [(formats.load_lora(p, allow_pickle=allow_pickle), w) for p, w in specs]
+    base = base or _base_from(read)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _dtype(dtype, device)
+    pipe = load_base(base, dtype)
+    set_scheduler(pipe, scheduler)
+    add_loras(pipe, read)
+    pipe.sdlora_base = str(base)
+    return pipe.to(device)
+
+
+def _base_from(read) -> str:
+    if not read:
+        raise UserError("no base model: pass base=/--base or at least one LoRA whose model card names it")
+    lora = read[0][0]
+    if not lora.base_model:
+        raise UserError(f"{lora.source}: the LoRA names no base model (no `base_model:` in its README.md, "
+                        "no ss_sd_model_name metadata); pass base=/--base")
+    return lora.base_model
+
+
+def _dtype(dtype, device):
+    if dtype is None:
+        dtype = "fp16" if str(device).startswith("cuda") else "fp32"
+    return formats.torch_dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+def load_base(base, dtype=None):
+    from diffusers import StableDiffusionPipeline
+
+    with quiet():
+        try:
+            return StableDiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype)
+        except Exception as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"{base}: could not load the base model ({reason}); "
+                            "expected a diffusers Stable Diffusion folder or Hub id") from None
+
+
+def set_scheduler(pipe, name: str):
+    from diffusers import DPMSolverMultistepScheduler
+
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler '{name}'; expected one of {', '.join(SCHEDULERS)}")
+    if SCHEDULERS[name] is not None:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **SCHEDULERS[name])
+
+
+@contextlib.contextmanager
+def quiet():
+    """Hide transformers' per-load key reports and diffusers' info chatter; errors still raise."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    old = tlog.get_verbosity(), dlog.get_verbosity()
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(old[0])
+        dlog.set_verbosity(old[1])
+
+
+# ---------------------------------------------------------------- LoRAs on a pipeline
+
+def add_loras(pipe, loras):
+    """Stack [(Lora | path, weight)] onto `pipe` as named adapters; all are checked before any is applied."""
+    loras = [(formats.load_lora(lo) if not isinstance(lo, formats.Lora) else lo, float(w)) for lo, w in loras]
+    for lora, _ in loras:
+        check_fits(pipe, lora)
+    registry = pipe.__dict__.setdefault("sdlora_adapters", {})
+    added = []
+    try:
+        for lora, weight in loras:
+            name = _adapter_name(lora.source, registry)
+            with quiet():
+                pipe.load_lora_weights(_peft_dict(lora, pipe.unet.dtype), adapter_name=name)
+            added.append(name)
+            registry[name] = {"path": lora.source, "weight": weight, "format": lora.format}
+    except Exception as e:
+        if added:
+            pipe.delete_adapters(added)
+        for name in added:
+            registry.pop(name, None)
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{lora.source}: diffusers could not load the LoRA ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:160]})") from None
+    if registry:
+        pipe.set_adapters(list(registry), [v["weight"] for v in registry.values()])
+    return list(registry)
+
+
+def _adapter_name(source: str, taken) -> str:
+    p = Path(source)
+    stem = p.parent.name if p.name in formats.WEIGHT_NAMES else p.stem
+    base = re.sub(r"\W", "_", stem) or "lora"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _peft_dict(lora: formats.Lora, dtype) -> dict:
+    """Keys diffusers loads as-is; alpha/rank is folded into B so the adapter's own scale is 1."""
+    out = {}
+    for name, m in lora.modules.items():
+        comp, path = name.split(".", 1)
+        key = f"{comp}.{formats.live_path(comp, path)}"
+        out[key + ".lora_A.weight"] = m.down.to(dtype)
+        out[key + ".lora_B.weight"] = (m.up.float() * (m.alpha / m.rank)).to(dtype)
+    return out
+
+
+def base_family(pipe) -> str:
+    cfg = pipe.unet.config
+    return formats.unet_family(cfg.cross_attention_dim, cfg.get("addition_embed_type"))
+
+
+def check_fits(pipe, lora: formats.Lora):
+    """Raise a one-line UserError unless every LoRA layer exists in `pipe` with matching shape."""
+    import torch
+
+    def fail(detail):
+        raise UserError(f"{lora.source}: LoRA for {formats.family(lora)} does not fit the base model "
+                        f"({base_family(pipe)}): {detail}")
+
+    for name, m in lora.modules.items():
+        comp, path = name.split(".", 1)
+        model = getattr(pipe, comp, None)
+        if model is None:
+            fail(f"the base has no {comp}")
+        try:
+            layer = model.get_submodule(formats.live_path(comp, path))
+        except AttributeError:
+            fail(f"no layer '{name}' in the base")
+        layer = getattr(layer, "base_layer", layer)
+        w = getattr(layer, "weight", None)
+        if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) or w is None:
+            fail(f"'{name}' is a {type(layer).__name__}, expected Linear or Conv2d")
+        want = (m.up.shape[0], *m.down.shape[1:])
+        if tuple(w.shape) != tuple(want) or (m.up.dim() == 4 and tuple(m.up.shape[2:]) != (1, 1)):
+            fail(f"layer '{name}' has weight shape {list(w.shape)}, the LoRA expects {list(want)}")
+
+
+# ---------------------------------------------------------------- fusing
+
+def fuse_loras(pipe):
+    """Bake the active adapters (at their weights) into the base weights for base-model speed."""
+    originals = {}
+    for comp in _lora_components(pipe):
+        for name, m in getattr(pipe, comp).named_modules():
+            if hasattr(m, "base_layer") and hasattr(m, "lora_A"):
+                originals[(comp, name)] = m.base_layer.weight.detach().to("cpu", copy=True)
+    pipe.__dict__["sdlora_originals"] = originals  # peft's unmerge subtracts, which is not bit-exact
+    with quiet():
+        pipe.fuse_lora(components=_lora_components(pipe), adapter_names=pipe.get_active_adapters())
+
+
+def unfuse_loras(pipe):
+    """Undo `fuse_loras`, restoring the base weights bit for bit."""
+    pipe.unfuse_lora(components=_lora_components(pipe))
+    for (comp, name), w in pipe.__dict__.pop("sdlora_originals", {}).items():
+        getattr(pipe, comp).get_submodule(name).base_layer.weight.data.copy_(w)
+
+
+def _lora_components(pipe):
+    return [c for c in COMPONENTS if getattr(getattr(pipe, c, None), "peft_config", None)]
+
+
+# ---------------------------------------------------------------- generation
+
+def generate(pipe, prompt: str, negative_prompt: str | None = None, seed: int = 0, steps: int = 25,
+             guidance: float = 7.5, width=None, height=None, num_images: int = 1):
+    """Images for `prompt`; image i uses seed+i, so any one can be reproduced alone."""
+    import torch
+
+    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
+    out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+               width=width, height=height, num_images_per_prompt=num_images, generator=gens)
+    return out.images
+
+
+def grid(images, cols: int | None = None):
+    from PIL import Image
+
+    cols = cols or int(len(images) ** 0.5 + 0.999)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+# ---------------------------------------------------------------- CLI: generate, fuse
+
+def register_cli(sub):
+    s = sub.add_parser("generate", help="generate images with a base model and stacked LoRAs")
+    s.add_argument("prompt")
+    s.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="LoRA folder, .safetensors file or Hub id, with an optional weight (repeatable)")
+    s.add_argument("--base", help="base model (default: the first LoRA's base_model)")
+    s.add_argument("--negative-prompt")
+    s.add_argument("--seed", type=int, help="image i uses seed+i (default: random)")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--width", type=int)
+    s.add_argument("--height", type=int)
+    s.add_argument("--num-images", type=int, default=1)
+    s.add_argument("--fuse", action="store_true", help="bake the LoRAs into the weights (faster sampling)")
+    s.add_argument("--scheduler", default="dpm++", choices=[k for k in SCHEDULERS if k != "keep"])
+    s.add_argument("--device")
+    s.add_argument("--dtype", choices=list(formats.DTYPES))
+    s.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt/.ckpt LoRAs (they can run code)")
+    s.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
+    s.set_defaults(func=_generate_cli)
+
+    s = sub.add_parser("fuse", help="write a full diffusers pipeline with LoRAs merged into its weights")
+    s.add_argument("--base")
+    s.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]")
+    s.add_argument("--dtype", choices=list(formats.DTYPES))
+    s.add_argument("--allow-pickle", action="store_true")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_fuse_cli)
+
+
+def _generate_cli(args):
+    import json
+    import secrets
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from . import __version__
+    from .io import save_image
+
+    if args.num_images < 1 or args.steps < 1:
+        raise UserError("--num-images and --steps must be at least 1")
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    pipe = load_pipeline(args.lora, base=args.base, scheduler=args.scheduler, device=args.device,
+                         dtype=args.dtype, allow_pickle=args.allow_pickle)
+    if args.fuse and pipe.get_active_adapters():
+        fuse_loras(pipe)
+    pipe.set_progress_bar_config(desc=f"generating {args.num_images} image(s)")
+    images = generate(pipe, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
+                      args.width, args.height, args.num_images)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = _next_index(out)
+    loras = [{"name": n, **v} for n, v in pipe.__dict__.get("sdlora_adapters", {}).items()]
+    for i, im in enumerate(images):
+        params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed + i,
+                  "steps": args.steps, "guidance": args.guidance, "width": im.width, "height": im.height,
+                  "scheduler": args.scheduler, "base": pipe.sdlora_base, "loras": loras, "fused": args.fuse,
+                  "sdlora_version": __version__}
+        info = PngInfo()
+        info.add_text("sdlora", json.dumps(params))
+        info.add_text("parameters", _a1111_text(params))
+        path = out / f"{start + i:05d}-{seed + i}.png"
+        save_image(im, path, pnginfo=info)
+        print(path)
+    if len(images) > 1:
+        path = out / f"{start:05d}-grid.png"
+        save_image(grid(images), path)
+        print(path)
+
+
+def _next_index(out: Path) -> int:
+    nums = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
+    return max(nums, default=-1) + 1
+
+
+def _a1111_text(p) -> str:
+    """The 'parameters' text A1111/ComfyUI users know, so the PNG reads well in their tools."""
+    loras = "".join(f" <lora:{lo['name']}:{lo['weight']:g}>" for lo in p["loras"])
+    lines = [p["prompt"] + loras]
+    if p["negative_prompt"]:
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    lines.append(f"Steps: {p['steps']}, Sampler: DPM++ 2M, CFG scale: {p['guidance']:g}, Seed: {p['seed']}, "
+                 f"Size: {p['width']}x{p['height']}, Model: {p['base']}")
+    return "\n".join(lines)
+
+
+def _fuse_cli(args):
+    from .io import atomic_dir
+
+    pipe = load_pipeline(args.lora, base=args.base, scheduler="keep", device="cpu",
+                         dtype=args.dtype or "fp32", allow_pickle=args.allow_pickle)
+    fuse_loras(pipe)
+    with quiet():
+        pipe.unload_lora_weights()  # after fusing this keeps the merged weights and drops the LoRA layers
+    with atomic_dir(args.out) as tmp:
+        pipe.save_pretrained(str(tmp))
+    print(f"wrote a fused pipeline ({', '.join(pipe.sdlora_adapters)} into {pipe.sdlora_base}) to {args.out}")

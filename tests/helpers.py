@@ -1,0 +1,59 @@
+"""Run the training scripts the way a user does: as subprocesses, offline."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+T2I = ROOT / "train_text_to_image_lora.py"
+DREAMBOOTH = ROOT / "train_dreambooth_lora.py"
+
+
+def env(**extra):
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1",
+             OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    e.update(extra)
+    return e
+
+
+def fast_flags(model, out, **over):
+    """Flags for a few-second run on the tiny model."""
+    flags = {"pretrained_model_name_or_path": model, "output_dir": out, "resolution": 32,
+             "train_batch_size": 2, "max_train_steps": 4, "seed": 0, "report_to": "none",
+             "checkpointing_steps": 1000, "learning_rate": 1e-3}
+    flags.update(over)
+    argv = []
+    for k, v in flags.items():
+        if v is False or v is None:
+            continue
+        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return argv
+
+
+def run(script, argv, check=True, timeout=600, **env_extra):
+    r = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=env(**env_extra),
+                       timeout=timeout, cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script.name} exited {r.returncode}\nSTDERR:\n{r.stderr[-4000:]}")
+    return r
+
+
+def read_lora(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def front_matter(readme: Path) -> dict:
+    text = readme.read_text()
+    assert text.startswith("---\n"), "model card has no YAML front matter"
+    block = text.split("---\n")[1]
+    out = {}
+    for line in block.splitlines():
+        if ":" in line and not line.startswith((" ", "-")):
+            k, v = line.split(":", 1)
+            v = v.strip()
+            out[k] = json.loads(v) if v.startswith('"') else v
+    return out

@@ -1,0 +1,114 @@
+"""End-to-end: the text-to-image script on a real tiny pipeline, loaded back by plain diffusers."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_images
+from helpers import T2I, fast_flags, front_matter, read_lora, run
+
+
+def _generate(pipe, prompt="a red square on a blue background"):
+    g = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=4, generator=g, height=32, width=32, output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """One real training run shared by the output-format tests."""
+    tmp = tmp_path_factory.mktemp("t2i")
+    data = make_images(tmp / "data", n=6)
+    out = tmp / "out"
+    r = run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6, checkpointing_steps=2,
+                            checkpoints_total_limit=2, validation_prompt="a red square", num_validation_images=1,
+                            report_to="tensorboard", lora_alpha=8))
+    return out, r
+
+
+def test_outputs_load_in_unmodified_diffusers(trained, tiny_model, caplog):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    out, _ = trained
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    before = _generate(pipe)
+    w0 = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().clone()
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(out))
+    assert not [r for r in caplog.records if "unexpected key" in r.getMessage().lower()
+                or "missing key" in r.getMessage().lower()], caplog.text
+    # Every tensor in the file was applied: each saved up/down pair maps to a live peft layer.
+    sd, _ = read_lora(out / "pytorch_lora_weights.safetensors")
+    n_layers = sum(1 for k in sd if k.endswith("lora.down.weight"))
+    lora_layers = [m for m in pipe.unet.modules() if hasattr(m, "lora_A") and "default_0" in getattr(m, "lora_A", {})]
+    assert n_layers == len(lora_layers) > 0
+    after = _generate(pipe)
+    assert np.abs(after - before).max() > 1e-4, "LoRA did not change the images"
+    # alpha=8, rank=4: diffusers must apply scale alpha/r = 2 (read from the file's metadata).
+    attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert attn.scaling["default_0"] == pytest.approx(2.0)
+    pipe.unload_lora_weights()
+    assert torch.equal(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight, w0)
+    assert np.array_equal(_generate(pipe), before), "unload_lora_weights did not restore the base images"
+
+
+def test_file_format_and_metadata(trained, tiny_model):
+    out, _ = trained
+    sd, meta = read_lora(out / "pytorch_lora_weights.safetensors")
+    assert all(k.startswith("unet.") and (".lora.down.weight" in k or ".lora.up.weight" in k) for k in sd)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert meta["ss_sd_model_name"] == str(tiny_model)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
+    assert meta["ss_steps"] == "6" and meta["ss_resolution"] == "(32, 32)" and meta["ss_learning_rate"] == "0.001"
+    assert "data" in meta["ss_dataset_dirs"] and meta["sdlora_version"]
+    assert meta["sdlora_target_modules"] == "to_q,to_k,to_v,to_out.0"
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 8
+
+
+def test_model_card(trained, tiny_model):
+    out, _ = trained
+    fm = front_matter(out / "README.md")
+    assert fm["base_model"] == str(tiny_model) and fm["library_name"] == "diffusers"
+    text = (out / "README.md").read_text()
+    for tag in ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "lora"]:
+        assert f"- {tag}\n" in text
+    assert "load_lora_weights" in text and "samples/latest_0.png" in text
+    assert (out / "samples" / "latest_0.png").exists()
+
+
+def test_checkpoints_logs_and_progress(trained):
+    out, r = trained
+    # checkpoints at 2, 4, 6; --checkpoints_total_limit 2 keeps the newest two
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert list((out / "logs").rglob("events.out.tfevents*")), "no tensorboard event file"
+    assert "cached VAE latents of 6 images and text embeddings of 6 captions" in r.stderr
+    assert "loss=" in r.stderr and "lr=" in r.stderr and ("it/s" in r.stderr or "s/it" in r.stderr)
+    assert not list(out.rglob("*.tmp")), "temp files left behind"
+
+
+def test_checkpoints_total_limit_prunes(tiny_model, tmp_path):
+    data = make_images(tmp_path / "d", n=2)
+    out = tmp_path / "o"
+    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=7, checkpointing_steps=1,
+                        checkpoints_total_limit=3))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6", "checkpoint-7"]
+
+
+def test_resume_is_exact(tiny_model, tmp_path):
+    """2N steps in one run == N steps, then --resume_from_checkpoint latest for N more (fp32, CPU, fixed seed)."""
+    data = make_images(tmp_path / "d", n=5)  # 5 rows, batch 2: epochs wrap mid-run
+    common = dict(train_data_dir=data, noise_offset=0.05, snr_gamma=5.0, gradient_accumulation_steps=2)
+    run(T2I, fast_flags(tiny_model, tmp_path / "full", max_train_steps=6, **common))
+    part = tmp_path / "part"
+    run(T2I, fast_flags(tiny_model, part, max_train_steps=3, checkpointing_steps=3, **common))
+    assert (part / "checkpoint-3").exists()
+    run(T2I, fast_flags(tiny_model, part, max_train_steps=6, resume_from_checkpoint="latest", **common))
+    full, _ = read_lora(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    resumed, _ = read_lora(part / "pytorch_lora_weights.safetensors")
+    assert full.keys() == resumed.keys()
+    diff = max((full[k] - resumed[k]).abs().max().item() for k in full)
+    assert diff <= 1e-6, diff
+    assert max(v.abs().max().item() for k, v in full.items() if "up" in k) > 0  # it really trained
