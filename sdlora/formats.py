@@ -400,7 +400,8 @@ def _save_peft(lora, out: Path, meta, cast) -> Path:
 def _clip_has_text_model() -> bool:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tiny = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1, vocab_size=8)
+    tiny = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1, vocab_size=8,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return hasattr(CLIPTextModel(tiny), "text_model")
 
 

@@ -74,7 +74,7 @@ def load_base(base, dtype=None):
 
     with quiet():
         try:
-            return StableDiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype)
+            return StableDiffusionPipeline.from_pretrained(str(base), dtype=dtype)
         except Exception as e:
             reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
             raise UserError(f"{base}: could not load the base model ({reason}); "
@@ -92,18 +92,28 @@ def set_scheduler(pipe, name: str):
 
 @contextlib.contextmanager
 def quiet():
-    """Hide transformers' per-load key reports and diffusers' info chatter; errors still raise."""
+    """Hide load-time chatter (key reports, loading bars, 'multiple adapters' notes); errors still raise."""
+    import warnings
+
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
-    old = tlog.get_verbosity(), dlog.get_verbosity()
+    old = tlog.get_verbosity(), dlog.get_verbosity(), tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
     dlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(peft_config|torch_dtype|deprecated).*")
+            yield
     finally:
         tlog.set_verbosity(old[0])
         dlog.set_verbosity(old[1])
+        if old[2]:
+            tlog.enable_progress_bar()
+        if old[3]:
+            dlog.enable_progress_bar()
 
 
 # ---------------------------------------------------------------- LoRAs on a pipeline
