@@ -39,15 +39,15 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
 
     try:
         hf_hub_download(name, "model_index.json", revision=revision, cache_dir=cache_dir, token=token)
+    except LocalEntryNotFoundError:  # before EntryNotFoundError: it may be a subclass of it
+        raise UserError(f"{flag} {name}: not a local folder and the Hub is unreachable (offline?); "
+                        f"download it first or give a local path") from None
     except RepositoryNotFoundError:
         raise UserError(f"{flag} {name}: no such model on the Hub (or it is private: log in or pass --hub_token)") from None
     except RevisionNotFoundError:
         raise UserError(f"{flag} {name}: revision {revision!r} not found") from None
     except EntryNotFoundError:
         raise UserError(f"{flag} {name}: not a diffusers pipeline repo (no model_index.json)") from None
-    except LocalEntryNotFoundError:
-        raise UserError(f"{flag} {name}: not a local folder and the Hub is unreachable (offline?); "
-                        f"download it first or give a local path") from None
     except Exception as e:  # network errors of every kind
         raise UserError(f"{flag} {name}: could not reach the Hub ({type(e).__name__}); give a local path") from None
     return name

@@ -38,3 +38,6 @@ def make_images(folder: Path, n: int = 4, size: int = 32, captions: bool = True,
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_images(tmp_path / "data")
+
+
+sys.path.insert(0, str(ROOT))  # the top-level scripts are importable for in-process checks

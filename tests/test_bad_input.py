@@ -1,0 +1,120 @@
+"""Bad input: one clear line naming the file/flag, before any model is loaded."""
+import json
+
+import pytest
+from PIL import Image
+
+import sdlora.models
+import train_text_to_image_lora as t2i
+from conftest import make_images
+from helpers import T2I, fast_flags, run
+from sdlora.trainer import run as run_recipe
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if any model weights are loaded."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the input was validated")
+    for name in ("load_tokenizer", "load_text_encoder", "load_vae", "load_unet", "load_noise_scheduler"):
+        monkeypatch.setattr(sdlora.models, name, boom)
+
+
+def _err(capsys, argv):
+    rc = run_recipe(t2i.parse_args(argv), t2i.make_recipe)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    msg = [line for line in err if line.startswith("error:")]
+    assert len(msg) == 1, err
+    return msg[0]
+
+
+def test_mixed_folder_trains_on_good_images(tiny_model, tmp_path):
+    data = make_images(tmp_path / "d", n=3)
+    (data / "readme.md").write_text("notes")  # side file: ignored silently
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (data / "broken.txt").write_text("caption of a broken image")
+    (data / "zero.jpg").write_bytes(b"")
+    (data / "doc.pdf").write_bytes(b"%PDF-1.4")
+    r = run(T2I, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, max_train_steps=1))
+    for name in ("broken.png", "zero.jpg", "doc.pdf"):
+        assert r.stderr.count(name) == 1, r.stderr
+    assert "readme.md" not in r.stderr
+    assert "3 rows" in r.stderr and (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_no_usable_image(tiny_model, tmp_path, capsys, no_model_loads):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.png").write_bytes(b"nope")
+    msg = _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=tmp_path / "d"))
+    assert str(tmp_path / "d") in msg and "no readable image" in msg
+
+
+def test_no_usable_image_subprocess_exit_code(tiny_model, tmp_path):
+    (tmp_path / "d").mkdir()
+    r = run(T2I, fast_flags(tiny_model, tmp_path / "o", train_data_dir=tmp_path / "d"), check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --train_data_dir")
+    assert "Traceback" not in r.stderr
+
+
+def test_metadata_errors(tiny_model, tmp_path, capsys, no_model_loads):
+    d = tmp_path / "d"
+    d.mkdir()
+    Image.new("RGB", (8, 8)).save(d / "a.png")
+    (d / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\nnot json\n')
+    assert "metadata.jsonl, line 2" in _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=d))
+    (d / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "x"}) + "\n")
+    assert "found: file_name, prompt" in _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=d))
+    (d / "metadata.jsonl").unlink()
+    msg = _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=d))
+    assert "a.png: no caption" in msg and "--allow_empty_captions" in msg
+
+
+@pytest.mark.parametrize("model,expect", [
+    ("./no/such/model", "no such folder"),
+    ("some-org/some-model", "Hub is unreachable"),
+])
+def test_unknown_model(tmp_path, capsys, no_model_loads, model, expect, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = make_images(tmp_path / "d", n=1)
+    msg = _err(capsys, fast_flags(model, tmp_path / "o", train_data_dir=data))
+    assert model in msg and expect in msg
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path, capsys, no_model_loads):
+    data = make_images(tmp_path / "d", n=1)
+    assert "not a diffusers pipeline folder" in _err(capsys, fast_flags(tmp_path, tmp_path / "o", train_data_dir=data))
+
+
+def test_unwritable_output_dir(tiny_model, tmp_path, capsys, no_model_loads):
+    data = make_images(tmp_path / "d", n=1)
+    (tmp_path / "file").write_text("x")
+    msg = _err(capsys, fast_flags(tiny_model, tmp_path / "file" / "out", train_data_dir=data))
+    assert "--output_dir" in msg and "not writable" in msg
+
+
+@pytest.mark.parametrize("extra,expect", [
+    ({"mixed_precision": "fp16"}, "fp16 needs a CUDA GPU"),
+    ({"enable_xformers_memory_efficient_attention": True}, "xformers"),
+    ({"use_8bit_adam": True}, "bitsandbytes"),
+    ({"resolution": 30}, "multiple of 8"),
+    ({"rank": 0}, "--rank must be >= 1"),
+    ({"hub_token": "hf_secret_value", "report_to": "wandb"}, None),
+    ({"target_modules": " , "}, "--target_modules is empty"),
+])
+def test_contradictory_or_unavailable_flags(tiny_model, tmp_path, capsys, no_model_loads, extra, expect):
+    data = make_images(tmp_path / "d", n=1)
+    argv = fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, **extra)
+    try:
+        msg = _err(capsys, argv)
+    except SystemExit as e:  # argparse rejects it first (e.g. wandb not installed as a choice)
+        assert e.code == 2
+        return
+    if expect:
+        assert expect in msg, msg
+    assert "hf_secret_value" not in msg
+
+
+def test_both_data_sources_is_an_error(tmp_path):
+    r = run(T2I, ["--pretrained_model_name_or_path", "x", "--train_data_dir", "a", "--dataset_name", "b"], check=False)
+    assert r.returncode == 2 and "exactly one of --dataset_name or --train_data_dir" in r.stderr

@@ -1,0 +1,199 @@
+"""LoRA formats: detection, lossless round trips, interop with diffusers' and peft's own loaders, bad files."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdlora import formats
+from sdlora.errors import UserError
+from sdlora.formats import Lora, Module
+
+torch.set_num_threads(1)
+
+# (path, rank, alpha): linear, 1x1 conv (proj_in), 3x3 conv (LoCon), feed-forward, text encoder.
+LAYERS = [
+    ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4, 8.0),
+    ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 4, 4.0),
+    ("unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj", 2, 8.0),
+    ("unet.up_blocks.1.attentions.0.proj_in", 4, 8.0),
+    ("unet.down_blocks.0.resnets.0.conv1", 3, 1.5),
+    ("unet.mid_block.resnets.0.time_emb_proj", 4, 8.0),
+    ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", 4, 8.0),
+    ("text_encoder.text_model.encoder.layers.1.mlp.fc1", 2, 2.0),
+]
+
+
+def rich_lora(pipe, seed=0, layers=LAYERS, std=0.2) -> Lora:
+    """A LoRA over every kind of layer sdlora supports, shaped for `pipe`, with mixed ranks and alphas."""
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for name, r, alpha in layers:
+        comp, path = name.split(".", 1)
+        w = getattr(pipe, comp).get_submodule(formats.live_path(comp, path)).weight
+        kernel = list(w.shape[2:])
+        down = torch.randn(r, w.shape[1], *kernel, generator=g) * std
+        up = torch.randn(w.shape[0], r, *([1, 1] if kernel else []), generator=g) * std
+        mods[name] = Module(down, up, alpha)
+    return Lora(mods, {"ss_network_dim": "4"}, base_model="some/base")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    from sdlora.pipeline import load_base
+
+    return load_base(tiny_model)
+
+
+def assert_same_deltas(a: Lora, b: Lora, tol=1e-6):
+    assert sorted(a.modules) == sorted(b.modules)
+    for name, m in a.modules.items():
+        assert torch.allclose(m.delta(), b.modules[name].delta(), atol=tol), name
+
+
+def test_trainer_file_is_read_with_alpha_and_base_from_the_card(tiny_model, tmp_path):
+    from sdlora.tools import demo_lora
+
+    file = demo_lora(tmp_path / "lora", base=tiny_model, rank=4, alpha=8)
+    lora = formats.load_lora(tmp_path / "lora")
+    assert lora.format == "diffusers" and lora.base_model == str(tiny_model)
+    assert len(lora.modules) == 32 and {m.alpha for m in lora.modules.values()} == {8.0}
+    raw = load_file(file)
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    m = lora.modules[name]
+    assert torch.equal(m.down, raw[name + ".lora.down.weight"]) and m.rank == 4
+    # the card wins, but ss_sd_model_name alone is enough
+    (tmp_path / "lora" / "README.md").unlink()
+    assert formats.load_lora(file).base_model == str(tiny_model)
+
+
+@pytest.mark.parametrize("fmt", formats.FORMATS)
+def test_round_trip_is_lossless(pipe, tmp_path, fmt):
+    lora = rich_lora(pipe)
+    out = tmp_path / "out"
+    formats.save_lora(lora, out, fmt)
+    back = formats.load_lora(out)
+    assert back.format == fmt and back.base_model == "some/base"
+    assert_same_deltas(lora, back)
+
+
+def test_kohya_keys_are_the_a1111_spelling(pipe, tmp_path):
+    formats.save_lora(rich_lora(pipe), tmp_path / "k.safetensors", "kohya")
+    keys = load_file(tmp_path / "k.safetensors").keys()
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.alpha" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    assert formats.unmangle("up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0") == \
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0"
+
+
+def _image(pipe, lora_source=None):
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if lora_source is not None:
+        pipe.load_lora_weights(lora_source)
+    out = pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    return out.images
+
+
+def test_kohya_written_by_sdlora_loads_in_diffusers_with_identical_images(tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora.tools import demo_lora
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "proj_out", "conv1"]
+    demo_lora(tmp_path / "orig", base=tiny_model, rank=4, alpha=8, targets=targets, strength=1.0)
+    kohya = formats.save_lora(formats.load_lora(tmp_path / "orig"), tmp_path / "k.safetensors", "kohya")
+    assert formats.load_lora(kohya).format == "kohya"
+
+    load = lambda: StableDiffusionPipeline.from_pretrained(str(tiny_model))  # noqa: E731
+    plain = _image(load())
+    original = _image(load(), str(tmp_path / "orig"))
+    converted = _image(load(), str(kohya))
+    assert abs(original - plain).max() > 1e-2  # the LoRA visibly changes the image
+    assert abs(original - converted).max() <= 1e-5
+
+
+def test_diffusers_and_peft_files_load_in_their_own_libraries(pipe, tmp_path):
+    """Our diffusers file through diffusers' loader and our peft folder through peft give the exact deltas."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    lora = rich_lora(pipe)
+    formats.save_lora(lora, tmp_path / "d.safetensors", "diffusers")
+    pipe.load_lora_weights(str(tmp_path / "d.safetensors"), adapter_name="d")
+    try:
+        for name, m in lora.modules.items():
+            comp, path = name.split(".", 1)
+            layer = getattr(pipe, comp).get_submodule(formats.live_path(comp, path))
+            assert torch.allclose(layer.get_delta_weight("d"), m.delta(), atol=1e-6), name
+    finally:
+        pipe.delete_adapters("d")
+
+    formats.save_lora(lora, tmp_path / "p", "peft")
+    unet = copy.deepcopy(pipe.unet)
+    cfg = LoraConfig.from_pretrained(str(tmp_path / "p"))
+    inject_adapter_in_model(cfg, unet)
+    set_peft_model_state_dict(unet, load_file(tmp_path / "p" / "adapter_model.safetensors"))
+    for name, m in lora.modules.items():
+        if name.startswith("unet."):
+            layer = unet.get_submodule(name[5:])
+            assert torch.allclose(layer.get_delta_weight("default"), m.delta(), atol=1e-6), name
+    assert (tmp_path / "p" / "text_encoder" / "adapter_config.json").is_file()
+
+
+def _good_file(tmp_path):
+    path = tmp_path / "good.safetensors"
+    save_file({"unet.a.lora.down.weight": torch.ones(2, 3), "unet.a.lora.up.weight": torch.ones(3, 2)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("truncate", "not a valid safetensors file"),
+    ("header", "not a valid safetensors file"),
+    ("not_lora", "not a LoRA file"),
+    ("unknown", "unknown LoRA key layout"),
+    ("half_pair", "mismatched down/up"),
+])
+def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, damage, expected):
+    path = _good_file(tmp_path)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-7])
+    elif damage == "header":
+        path.write_bytes(b"\xff" * 8 + b"{not json" + path.read_bytes()[17:])
+    elif damage == "not_lora":
+        save_file({"conv_in.weight": torch.ones(2, 2)}, str(path))
+    elif damage == "unknown":
+        save_file({"mystery.lora_x.weight": torch.ones(2, 2)}, str(path))
+    elif damage == "half_pair":
+        save_file({"lora_unet_a.lora_down.weight": torch.ones(2, 2)}, str(path))
+    with pytest.raises(UserError) as e:
+        formats.load_lora(path)
+    msg = str(e.value)
+    assert str(path) in msg and expected in msg and "\n" not in msg
+
+
+def test_pickle_is_refused_unless_opted_in(tmp_path):
+    path = tmp_path / "lora.bin"
+    torch.save({"unet.a.lora.down.weight": torch.ones(2, 3), "unet.a.lora.up.weight": torch.ones(3, 2)}, path)
+    with pytest.raises(UserError, match="refusing to load a pickle"):
+        formats.load_lora(path)
+    with pytest.raises(UserError, match="refusing"):
+        formats.load_lora(tmp_path)  # a folder holding only the pickle
+    assert formats.load_lora(path, allow_pickle=True).modules["unet.a"].rank == 2
+
+
+def test_peft_config_alphas_and_patterns_are_honoured(tmp_path):
+    cfg = {"r": 4, "lora_alpha": 8, "rank_pattern": {}, "alpha_pattern": {"mid_block.attentions.0.proj_in": 2}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    t = {}
+    for p in ("down_blocks.0.attentions.0.proj_in", "mid_block.attentions.0.proj_in"):
+        t[f"base_model.model.{p}.lora_A.weight"] = torch.ones(4, 3)
+        t[f"base_model.model.{p}.lora_B.weight"] = torch.ones(3, 4)
+    save_file(t, str(tmp_path / "adapter_model.safetensors"))
+    lora = formats.load_lora(tmp_path)
+    assert lora.format == "peft"
+    assert lora.modules["unet.down_blocks.0.attentions.0.proj_in"].alpha == 8
+    assert lora.modules["unet.mid_block.attentions.0.proj_in"].alpha == 2

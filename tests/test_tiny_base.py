@@ -1,0 +1,125 @@
+"""The bundled tiny pretrained model, its detector, example data sets and scripts (all fast, CPU)."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+MODEL = ROOT / "sdlora" / "assets" / "tiny-sd"
+sys.path.insert(0, str(EXAMPLES))
+
+import shapes  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    import eval_prompt_following as ev
+
+    torch.set_num_threads(1)
+    return ev.load_pipeline("sdlora-tiny", "dpm")
+
+
+def test_bundled_model_is_an_sd_pipeline_under_30mb():
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20, size
+    assert list(MODEL.rglob("*.bin")) == [] and len(list(MODEL.rglob("*.safetensors"))) == 3
+    p = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)
+    assert isinstance(p.unet, UNet2DConditionModel) and p.unet.config.cross_attention_dim
+    assert isinstance(p.vae, AutoencoderKL) and isinstance(p.text_encoder, CLIPTextModel)
+    cfg = p.scheduler.config
+    assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, cfg.clip_sample) == \
+        ("scaled_linear", 0.00085, 0.012, 1000, False)
+
+
+def test_tokenizer_has_one_token_per_caption_word_and_takes_any_text(pipe):
+    tok = pipe.tokenizer
+    for word in shapes.VOCAB_WORDS:
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tok("a sks square, ünïcode 123!").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) > 5
+
+
+@pytest.mark.parametrize("look", ["plain", "creature"])
+def test_detector_reads_rendered_images(look):
+    import random
+
+    rng = random.Random(0)
+    specs = [shapes.random_spec(rng, pairs=shapes.all_pairs()) for _ in range(60)]
+    res = shapes.prompt_following([shapes.render(s, look) for s in specs], specs)
+    assert res["bg"] == 1.0 and res["shape"] == 1.0 and res["colour"] >= 0.95
+
+
+def test_style_and_subject_detectors_separate_the_looks():
+    import random
+
+    rng = random.Random(1)
+    specs = [shapes.random_spec(rng, pairs=shapes.all_pairs()) for _ in range(40)]
+    plain = [shapes.render(s) for s in specs]
+    creature = [shapes.render(s, "creature") for s in specs]
+    subject = [shapes.render(s, "subject") for s in specs]
+    assert np.mean([shapes.is_styled(im) for im in plain]) == 0
+    assert np.mean([shapes.is_styled(im) for im in creature]) == 1
+    assert np.mean([shapes.is_subject(im) for im in plain + creature]) == 0
+    assert np.mean([shapes.is_subject(im) for im in subject]) >= 0.95
+
+
+def test_bundled_model_draws_the_prompted_colours(pipe):
+    """Held-out (shape colour, background) pairs, fixed seeds; loose threshold."""
+    import eval_prompt_following as ev
+
+    specs = ev.prompt_specs("heldout", per_prompt=1)[::3][:8]   # 8 prompts, all 8 held-out pairs
+    images = ev.generate(pipe, specs, steps=20, guidance=6.0)
+    res = shapes.prompt_following(images, specs)
+    assert res["bg"] >= 0.75 and res["colour"] >= 0.75, res
+
+
+def test_eval_script_end_to_end(tmp_path):
+    import eval_prompt_following as ev
+
+    out = tmp_path / "res.json"
+    ev.main(["--limit", "3", "--steps", "3", "--split", "both", "--json", str(out),
+             "--grid", str(tmp_path / "grid.png")])
+    res = json.loads(out.read_text())
+    assert set(res) == {"heldout", "train"} and res["heldout"]["n"] == 3
+    assert (tmp_path / "grid.png").exists()
+
+
+def test_train_script_end_to_end_tiny_budget(tmp_path):
+    import train_tiny_base as tr
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "tiny"
+    tr.main(["--out", str(out), "--vae-steps", "2", "--unet-steps", "2", "--images", "32",
+             "--vae-images", "32", "--batch", "8", "--vae-batch", "8"])
+    p = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    img = p("a red circle on a blue background", num_inference_steps=2, output_type="np").images
+    assert img.shape == (1, 32, 32, 3)
+    assert json.loads((out / "training_info.json").read_text())["unet_steps"] == 2
+
+
+def test_example_datasets_are_committed_and_deterministic(tmp_path):
+    import make_datasets
+    from PIL import Image
+
+    make_datasets.make(tmp_path)
+    for sub in ["pokemon", "dreambooth/instance"]:
+        meta = (EXAMPLES / "data" / sub / "metadata.jsonl").read_text()
+        assert meta == (tmp_path / sub / "metadata.jsonl").read_text()
+        rows = [json.loads(line) for line in meta.splitlines()]
+        for row in rows:
+            a = np.asarray(Image.open(EXAMPLES / "data" / sub / row["file_name"]))
+            b = np.asarray(Image.open(tmp_path / sub / row["file_name"]))
+            assert a.shape == (32, 32, 3) and (a == b).all()
+    assert len(list((EXAMPLES / "data" / "pokemon").glob("*.png"))) == 100
+    prompts = json.loads((EXAMPLES / "data" / "dreambooth" / "prompts.json").read_text())
+    assert prompts["instance_prompt"] == "a sks square" and prompts["class_prompt"] == "a square"
+    # captions use only the base model's words
+    for line in (EXAMPLES / "data" / "pokemon" / "metadata.jsonl").read_text().splitlines():
+        assert set(json.loads(line)["text"].split()) <= set(shapes.VOCAB_WORDS)
