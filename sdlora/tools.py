@@ -195,7 +195,10 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
     for n, p in unet.named_parameters():
         if "lora_B" in n:  # visible but bounded effect regardless of layer width
             p.data = torch.randn_like(p) * strength / p.shape[1] ** 0.5
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="sdlora_demo"))
+    layers = get_peft_model_state_dict(unet, adapter_name="sdlora_demo")
+    if set(targets) <= set(ATTENTION):
+        # Only attention keys get renamed (lora.down/up); a mix of styles makes diffusers drop the renamed ones.
+        layers = convert_state_dict_to_diffusers(layers)
     kwargs = dict(unet_lora_layers=layers, unet_lora_adapter_metadata=cfg.to_dict())
     te_cfg = None
     if text_encoder is not None:

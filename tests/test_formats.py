@@ -97,22 +97,27 @@ def _image(pipe, lora_source=None):
     return out.images
 
 
-def test_kohya_written_by_sdlora_loads_in_diffusers_with_identical_images(tiny_model, tmp_path):
+@pytest.mark.parametrize("original", ["trainer", "locon"])
+def test_kohya_written_by_sdlora_loads_in_diffusers_with_identical_images(tiny_model, pipe, tmp_path, original):
+    """trainer: attention LoRA exactly as the trainer writes it; locon: ff/proj/3x3-conv layers, mixed ranks."""
     from diffusers import StableDiffusionPipeline
 
     from sdlora.tools import demo_lora
 
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "proj_out", "conv1"]
-    demo_lora(tmp_path / "orig", base=tiny_model, rank=4, alpha=8, targets=targets, strength=1.0)
+    if original == "trainer":
+        demo_lora(tmp_path / "orig", base=tiny_model, rank=4, alpha=8, strength=1.0)
+    else:
+        unet_layers = [(n, r, a) for n, r, a in LAYERS if n.startswith("unet.")]
+        formats.save_lora(rich_lora(pipe, layers=unet_layers, std=0.5), tmp_path / "orig", "diffusers")
     kohya = formats.save_lora(formats.load_lora(tmp_path / "orig"), tmp_path / "k.safetensors", "kohya")
     assert formats.load_lora(kohya).format == "kohya"
 
     load = lambda: StableDiffusionPipeline.from_pretrained(str(tiny_model))  # noqa: E731
     plain = _image(load())
-    original = _image(load(), str(tmp_path / "orig"))
+    reference = _image(load(), str(tmp_path / "orig"))
     converted = _image(load(), str(kohya))
-    assert abs(original - plain).max() > 1e-2  # the LoRA visibly changes the image
-    assert abs(original - converted).max() <= 1e-5
+    assert abs(reference - plain).max() > 1e-2  # the LoRA visibly changes the image
+    assert abs(reference - converted).max() <= 1e-5
 
 
 def test_diffusers_and_peft_files_load_in_their_own_libraries(pipe, tmp_path):
