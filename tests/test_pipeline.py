@@ -1,0 +1,168 @@
+"""load_pipeline / generate / fuse on a real tiny pipeline: exact stacking, fusing, errors, the CLI."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from test_formats import LAYERS, rich_lora
+
+from conftest import PY, ROOT
+from sdlora import formats
+from sdlora.cli import main
+from sdlora.errors import UserError
+from sdlora.pipeline import add_loras, fuse_loras, load_base, load_pipeline, parse_spec, unfuse_loras
+from sdlora.tools import demo_lora
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "style"
+    demo_lora(out, base=tiny_model, rank=4, alpha=8, strength=1.0)
+    return out
+
+
+def _images(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return pipe("a red square", num_inference_steps=3, generator=g, output_type="np").images
+
+
+def test_parse_spec():
+    assert parse_spec("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
+    assert parse_spec("user/repo") == ("user/repo", 1.0)
+    assert parse_spec("C:\\loras\\x.safetensors") == ("C:\\loras\\x.safetensors", 1.0)
+    assert parse_spec(("x", 2)) == ("x", 2.0)
+
+
+def test_load_pipeline_takes_base_from_card_and_uses_dpm(lora_dir, tiny_model):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = load_pipeline([f"{lora_dir}:0.6"], device="cpu")
+    assert type(pipe) is StableDiffusionPipeline and isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.sdlora_base == str(tiny_model)
+    assert pipe.get_active_adapters() == ["style"] and pipe.sdlora_adapters["style"]["weight"] == 0.6
+    plain = _images(load_pipeline([], base=tiny_model, device="cpu"))
+    assert abs(_images(pipe) - plain).max() > 1e-2
+
+
+def test_missing_base_is_an_error_naming_the_lora(pipe_lora_file):
+    with pytest.raises(UserError, match=f"{pipe_lora_file}: the LoRA names no base model"):
+        load_pipeline([pipe_lora_file])
+
+
+@pytest.fixture
+def pipe_lora_file(tiny_model, tmp_path):
+    """A LoRA file with no card and no base metadata."""
+    pipe = load_base(tiny_model)
+    path = tmp_path / "bare.safetensors"
+    lora = rich_lora(pipe)
+    lora.base_model = None
+    formats.save_lora(lora, path, "kohya")
+    return path
+
+
+def test_stacking_is_exact(tiny_model):
+    """With weights s1, s2 every layer computes W + s1·B1A1·α1/r1 + s2·B2A2·α2/r2."""
+    pipe = load_base(tiny_model)
+    l1, l2 = rich_lora(pipe, seed=1), rich_lora(pipe, seed=2, layers=[(n, r + 1, a * 3) for n, r, a in LAYERS[::2]])
+    base = {n: getattr(pipe, n.split(".")[0]).get_submodule(formats.live_path(*n.split(".", 1))) for n in l1.modules}
+    weights = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+               for n, m in base.items()}
+    add_loras(pipe, [(l1, 0.7), (l2, -1.3)])
+    assert len(pipe.get_active_adapters()) == 2
+    for name in base:
+        layer = getattr(pipe, name.split(".")[0]).get_submodule(formats.live_path(*name.split(".", 1)))
+        assert hasattr(layer, "lora_A")  # now peft's LoRA wrapper
+        w, b = weights[name]
+        w = w + 0.7 * l1.modules[name].delta() + (-1.3 * l2.modules[name].delta() if name in l2.modules else 0)
+        if w.dim() == 4:
+            x = torch.randn(2, w.shape[1], 6, 6)
+            expected = F.conv2d(x, w, b, stride=layer.base_layer.stride, padding=layer.base_layer.padding)
+        else:
+            x = torch.randn(3, w.shape[1])
+            expected = F.linear(x, w, b)
+        assert torch.allclose(layer(x), expected, atol=1e-5), name
+
+
+def test_fused_matches_unfused_and_unfusing_restores_base_exactly(lora_dir, tiny_model):
+    pipe = load_base(tiny_model)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    add_loras(pipe, [(rich_lora(pipe, seed=3), 0.8), (formats.load_lora(lora_dir), 0.5)])
+    unfused = _images(pipe)
+    fuse_loras(pipe)
+    assert abs(_images(pipe) - unfused).max() <= 1e-4
+    unfuse_loras(pipe)
+    pipe.unload_lora_weights()
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_other_architectures_are_refused_and_nothing_is_applied(tiny_model, lora_dir, tmp_path):
+    pipe = load_base(tiny_model)
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.ones(4, 640),
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.ones(640, 4),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(4, 1280),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(1280, 4)},
+              str(sdxl))
+    sd15 = tmp_path / "sd15.safetensors"  # right key names, SD1.5 widths (cross-attention 768)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{name}.lora_down.weight": torch.ones(4, 768), f"{name}.lora_up.weight": torch.ones(32, 4)}, str(sd15))
+    for bad, found in [(sdxl, "SDXL"), (sd15, "SD1.x")]:
+        with pytest.raises(UserError) as e:
+            add_loras(pipe, [(lora_dir, 1.0), (bad, 1.0)])  # the good one first: it must not stay applied
+        msg = str(e.value)
+        assert str(bad) in msg and f"LoRA for {found}" in msg and "cross-attention dim 32" in msg, msg
+    assert "768" in msg and "[32, 32]" in msg
+    assert not getattr(pipe.unet, "peft_config", None) and not pipe.__dict__.get("sdlora_adapters")
+
+
+def test_generate_cli_writes_pngs_with_parameters_and_a_grid(lora_dir, tiny_model, tmp_path):
+    out = tmp_path / "imgs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([PY, "-m", "sdlora.cli", "generate", "a red square", "--lora", f"{lora_dir}:0.7",
+                        "--steps", "3", "--num-images", "2", "--seed", "42", "--guidance", "5", "--out", str(out)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["00000-42.png", "00000-grid.png", "00001-43.png"]
+    params = json.loads(Image.open(out / "00001-43.png").text["sdlora"])
+    assert params["prompt"] == "a red square" and params["seed"] == 43 and params["steps"] == 3
+    assert params["guidance"] == 5 and params["base"] == str(tiny_model)
+    assert [(lo["name"], lo["weight"]) for lo in params["loras"]] == [("style", 0.7)]
+    assert "Seed: 43" in Image.open(out / "00001-43.png").text["parameters"]
+    assert Image.open(out / "00000-grid.png").size == (64, 32)
+    assert "%|" in r.stderr  # a progress bar
+
+    # image 1 alone (seed 43) is the same picture; --fuse gives the same picture too
+    assert main(["generate", "a red square", "--lora", f"{lora_dir}:0.7", "--steps", "3", "--seed", "43",
+                 "--guidance", "5", "--fuse", "--out", str(out)]) == 0
+    import numpy as np
+    a = np.asarray(Image.open(out / "00001-43.png"), dtype=float)
+    b = np.asarray(Image.open(out / "00002-43.png"), dtype=float)
+    assert abs(a - b).max() <= 1  # PNG rounding only
+    assert json.loads(Image.open(out / "00002-43.png").text["sdlora"])["fused"] is True
+
+
+def test_fuse_cli_writes_a_loadable_pipeline(lora_dir, tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    assert main(["fuse", "--lora", f"{lora_dir}:0.8", "--out", str(tmp_path / "fused")]) == 0
+    fused = StableDiffusionPipeline.from_pretrained(str(tmp_path / "fused"))
+    reference = load_pipeline([f"{lora_dir}:0.8"], scheduler="keep", device="cpu")
+    assert abs(_images(fused) - _images(reference)).max() <= 1e-4
+    assert not any("lora" in k for k in fused.unet.state_dict())
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path):
+    bad = tmp_path / "lora.ckpt"
+    torch.save({"x": torch.ones(1)}, bad)
+    r = subprocess.run([PY, "-m", "sdlora.cli", "generate", "p", "--lora", str(bad), "--base", "x"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(bad) in lines[0] and "--allow-pickle" in lines[0]
