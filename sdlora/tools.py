@@ -233,14 +233,14 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
 # ---------------------------------------------------------------- CLI
 
 def _guard(out, *inputs):
-    """Refuse to write over (or into the folder of) an input file."""
+    """Refuse to write over an input, into an input folder, or as a folder holding an input file."""
     out = Path(out).resolve()
     for src in inputs:
-        if src is None or not Path(str(src)).exists():
-            continue
         p = Path(str(src)).resolve()
-        weights = formats.resolve_file(p).resolve()
-        if out in (p, weights) or (out.suffix != ".safetensors" and weights.parent == out):
+        if not p.exists():
+            continue
+        folder = p if p.is_dir() else p.parent
+        if out == p or (out.suffix != ".safetensors" and out == folder) or (p.is_dir() and out.is_relative_to(p)):
             raise UserError(f"{out}: refusing to overwrite the input {src}; choose another output path")
 
 
