@@ -9,7 +9,8 @@ from huggingface_hub import HfApi
 
 log = logging.getLogger(__name__)
 
-UPLOAD = ["pytorch_lora_weights.safetensors", "README.md", "samples/*.png"]
+# The model card shows the latest samples; per-epoch samples stay local.
+UPLOAD = ["pytorch_lora_weights.safetensors", "README.md", "samples/latest_*.png"]
 NEVER = ["checkpoint-*", "checkpoint-*/**", "logs/**", "validation/**", ".*", "**/.*", "*.tmp"]
 
 

@@ -118,6 +118,8 @@ def train(args, recipe: Recipe) -> Path:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        # Without a GPU, `accelerate launch --num_processes N` must still mean N gloo processes.
+        cpu=not torch.cuda.is_available(),
     )
     main = accelerator.is_main_process
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -227,6 +229,9 @@ def train(args, recipe: Recipe) -> Path:
     sampler.start = global_step * ga
 
     if main:
+        log.info("LoRA parameters in %s, frozen weights in %s (mixed precision: %s)",
+                 str(next(iter(params["unet"])).dtype).replace("torch.", ""), str(weight_dtype).replace("torch.", ""),
+                 accelerator.mixed_precision)
         accelerator.init_trackers("sdlora", config={k: v for k, v in vars(args).items()
                                                     if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
         n_params = sum(p.numel() for ps in params.values() for p in ps)
@@ -298,6 +303,10 @@ def train(args, recipe: Recipe) -> Path:
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
 
+        if world > 1:  # log the mean over processes, not just the main one's share of the batch
+            keys = sorted(logs_acc)
+            vals = accelerator.reduce(torch.tensor([logs_acc[k] for k in keys], device=device), "mean")
+            logs_acc = dict(zip(keys, vals.tolist()))
         now = time.perf_counter()
         last_logs = {**logs_acc, "lr": lr_scheduler.get_last_lr()[0], "s_per_step": now - t_last}
         t_last = now

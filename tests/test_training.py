@@ -1,0 +1,138 @@
+"""Training behaviour: clipping, precision, DDP, text-encoder LoRA, hub upload, crash safety."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import sdlora.hub
+import train_text_to_image_lora as t2i
+from conftest import make_images
+from helpers import ROOT, T2I, env, fast_flags, read_lora, run
+from sdlora.trainer import run as run_recipe
+
+
+def _up_norm(path):
+    sd, _ = read_lora(path)
+    return torch.cat([v.flatten() for k, v in sd.items() if "lora.up" in k]).norm().item()
+
+
+def test_max_grad_norm_clips_lora_gradients(tiny_model, tmp_path):
+    # With eps >> sqrt(v), AdamW's first step is lr * g / eps: the update is the (clipped) gradient.
+    # B starts at zero and A gets no gradient on step 1, so the saved up-weights *are* the update.
+    data = make_images(tmp_path / "d", n=2)
+    common = dict(train_data_dir=data, max_train_steps=1, learning_rate=1000.0, adam_epsilon=1000.0,
+                  adam_weight_decay=0.0)
+    run(T2I, fast_flags(tiny_model, tmp_path / "clip", max_grad_norm=1e-4, **common))
+    run(T2I, fast_flags(tiny_model, tmp_path / "free", max_grad_norm=0, **common))
+    clipped, free = _up_norm(tmp_path / "clip/pytorch_lora_weights.safetensors"), _up_norm(tmp_path / "free/pytorch_lora_weights.safetensors")
+    assert free > 1e-3, free  # the raw gradient is far larger than the limit...
+    assert abs(clipped - 1e-4) < 1e-6, clipped  # ...and the clipped update has norm max_grad_norm
+
+
+def test_bf16_on_cpu_keeps_lora_params_fp32(tiny_model, tmp_path):
+    data = make_images(tmp_path / "d", n=2)
+    r = run(T2I, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, mixed_precision="bf16", max_train_steps=2))
+    assert "LoRA parameters in float32, frozen weights in bfloat16 (mixed precision: bf16)" in r.stderr
+    sd, meta = read_lora(tmp_path / "o/pytorch_lora_weights.safetensors")
+    assert meta["ss_mixed_precision"] == "bf16" and all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_accelerate_launch_precision_and_two_processes(tiny_model, tmp_path):
+    """`accelerate launch --mixed_precision bf16 --num_processes 2`: DDP over gloo, one set of outputs."""
+    data = make_images(tmp_path / "d", n=4)
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(T2I), *fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=1,
+                                 checkpoints_total_limit=1)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 procs" in r.stderr and "frozen weights in bfloat16" in r.stderr
+    assert r.stderr.count("saved " + str(out / "pytorch_lora_weights.safetensors")) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoint-2", "pytorch_lora_weights.safetensors"]
+
+
+def test_text_encoder_lora_without_cache(tiny_model, tmp_path):
+    """--train_text_encoder + --random_flip: nothing cached, both components saved and loadable."""
+    from diffusers import StableDiffusionPipeline
+
+    data = make_images(tmp_path / "d", n=2)
+    r = run(T2I, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, train_text_encoder=True, random_flip=True,
+                            save_precision="fp16"))
+    assert "cached nothing" in r.stderr
+    sd, _ = read_lora(tmp_path / "o/pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder.") for k in sd) and any(k.startswith("unet.") for k in sd)
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(str(tmp_path / "o"))
+    assert any("lora_A" in n for n, _ in pipe.text_encoder.named_parameters())
+
+
+class FakeHfApi:
+    """Stands in for the Hub API only: records calls, resolves which files would be uploaded."""
+    calls = []
+
+    def create_repo(self, repo_id, token=None, exist_ok=False, repo_type=None):
+        self.calls.append(("create_repo", repo_id, token))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, token=None, allow_patterns=None, ignore_patterns=None, **kw):
+        from pathlib import Path
+
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+        chosen = list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        self.calls.append(("upload_folder", repo_id, token, sorted(chosen)))
+
+
+def test_push_to_hub_uploads_only_results_and_never_writes_token(tiny_model, tmp_path, monkeypatch, capsys):
+    secret = "hf_TESTTOKEN_do_not_leak_123"
+    monkeypatch.setattr(sdlora.hub, "HfApi", FakeHfApi)
+    FakeHfApi.calls = []
+    data = make_images(tmp_path / "d", n=2)
+    out = tmp_path / "o"
+    argv = fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=1,
+                      push_to_hub=True, hub_token=secret, hub_model_id="me/my-lora", validation_prompt="a red square",
+                      num_validation_images=1, report_to="tensorboard")
+    assert run_recipe(t2i.parse_args(argv), t2i.make_recipe) == 0
+    logs = capsys.readouterr()
+    (create, repo, tok), (upload, repo2, tok2, files) = FakeHfApi.calls
+    assert create == "create_repo" and repo == repo2 == "me/my-lora" and tok == tok2 == secret
+    assert files == ["README.md", "pytorch_lora_weights.safetensors", "samples/latest_0.png"]
+    assert "repo_id" not in files and (out / "checkpoint-1").exists() and (out / "logs").exists()
+    assert secret not in logs.out + logs.err
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert secret.encode() not in p.read_bytes(), f"token written to {p}"
+    assert '"me/my-lora"' in (out / "README.md").read_text()
+
+
+def test_killed_run_never_damages_previous_output(tiny_model, tmp_path):
+    data = make_images(tmp_path / "d", n=4)
+    out = tmp_path / "o"
+    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    # Second run into the same folder, killed mid-training (SIGKILL: no cleanup code runs).
+    proc = subprocess.Popen([sys.executable, str(T2I), *fast_flags(tiny_model, out, train_data_dir=data,
+                                                                      max_train_steps=100000, checkpointing_steps=3)],
+                            stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")} == before
+    from safetensors import safe_open
+
+    for ck in out.glob("checkpoint-*"):
+        with safe_open(str(ck / "unet_lora.safetensors"), "pt") as f:  # every visible checkpoint is complete
+            assert len(list(f.keys())) > 0
+    # stray temp files may remain from the kill, but are hidden and never taken for results
+    assert all(p.name.startswith(".") for p in out.iterdir() if ".tmp" in p.name)
