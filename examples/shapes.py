@@ -60,13 +60,17 @@ INSTANCE_PROMPT = f"a {DREAMBOOTH_TOKEN} square"
 CLASS_PROMPT = "a square"
 
 # Every word a caption can use (the tokenizer gives each one token).
-VOCAB_WORDS = ["a", "on", "background"] + COLOURS + list(SHAPES)
+VOCAB_WORDS = ["a", "an", "on", "background"] + COLOURS + list(SHAPES)
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def caption(shape: str, colour: str | None, bg: str | None) -> str:
-    """'a red circle on a blue background'; colour or bg None leaves that part out."""
-    text = f"a {colour} {shape}" if colour else f"a {shape}"
-    return text + (f" on a {bg} background" if bg else "")
+    """'a red circle on an orange background'; colour or bg None leaves that part out."""
+    text = _a(f"{colour} {shape}" if colour else shape)
+    return text + (f" on {_a(bg)} background" if bg else "")
 
 
 def all_pairs() -> list[tuple[str, str]]:
