@@ -31,7 +31,9 @@ def parse_args(argv=None):
     g.add_argument("--caption_column", default="text")
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--allow_empty_captions", action="store_true", help="train on images that have no caption")
-    common.add_training_args(p, default_output="sd-model-finetuned-lora")
+    common.add_training_args(p)
+    # Batch 1 at 512 px fits 11 GB-class GPUs (raise it, or --gradient_accumulation_steps, with more memory).
+    p.set_defaults(output_dir="sd-model-finetuned-lora", train_batch_size=1, num_train_epochs=100)
     args = p.parse_args(argv)
     if (args.dataset_name is None) == (args.train_data_dir is None):
         p.error("give exactly one of --dataset_name or --train_data_dir")

@@ -29,15 +29,16 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
 
 
-def add_training_args(p: argparse.ArgumentParser, default_output: str):
+def add_training_args(p: argparse.ArgumentParser):
+    """Flags both scripts share; each script then sets its own defaults with `p.set_defaults`."""
     g = p.add_argument_group("training")
-    g.add_argument("--output_dir", default=default_output)
+    g.add_argument("--output_dir", default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--resolution", type=int, default=512)
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
-    g.add_argument("--train_batch_size", type=int, default=16 if "text_to_image" in default_output else 4)
-    g.add_argument("--num_train_epochs", type=int, default=100 if "text_to_image" in default_output else 1)
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--num_train_epochs", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=None)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")

@@ -53,7 +53,7 @@ def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, sca
     final = output_dir / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         for name, model in models.items():
-            sd = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+            sd = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
             save_file(sd, str(tmp / f"{name}_lora.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")

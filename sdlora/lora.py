@@ -38,7 +38,8 @@ def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    # save_embedding_layers=False: LoRA never touches embeddings (and peft stops probing the Hub for a config)
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
     return {f"{prefix}.{k}": (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
 
 

@@ -296,6 +296,8 @@ def _generate_cli(args):
                          dtype=args.dtype, allow_pickle=args.allow_pickle)
     if args.fuse and pipe.get_active_adapters():
         fuse_loras(pipe)
+        with quiet():
+            pipe.unload_lora_weights()  # keeps the merged weights, drops the LoRA layers: base-model speed
     pipe.set_progress_bar_config(desc=f"generating {args.num_images} image(s)")
     images = generate(pipe, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
                       args.width, args.height, args.num_images)

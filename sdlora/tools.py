@@ -189,6 +189,7 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
 
     if unet is None:
         unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+    had_adapters = bool(getattr(unet, "peft_config", None))
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=False, target_modules=list(targets))
     unet.add_adapter(cfg, adapter_name="sdlora_demo")
@@ -212,7 +213,10 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
         kwargs["text_encoder_lora_adapter_metadata"] = te_cfg.to_dict()
     out = Path(out)
     StableDiffusionPipeline.save_lora_weights(str(out), **kwargs)
-    unet.delete_adapters("sdlora_demo")
+    if had_adapters:
+        unet.delete_adapters("sdlora_demo")
+    else:
+        unet.unload_lora()  # leave the caller's UNet exactly as it was: no empty LoRA wrappers
     if text_encoder is not None:
         text_encoder.delete_adapter("sdlora_demo")
     file = out / formats.WEIGHT_NAMES[0]

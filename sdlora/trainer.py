@@ -41,6 +41,7 @@ class Recipe:
     card_settings: dict = field(default_factory=dict)
     max_length: int | None = None  # tokenizer length override (DreamBooth's --tokenizer_max_length)
     use_attention_mask: bool = False
+    extra_tags: list[str] = field(default_factory=list)
 
 
 def group_loss(per_sample: torch.Tensor, groups: torch.Tensor, weights: dict[int, float]):
@@ -153,7 +154,7 @@ def train(args, recipe: Recipe) -> Path:
     # ---- caches: encode once, then the VAE / text encoder leave the training device
     caches = Caches()
     cache_latents = not args.no_cache and not has_random_transform(data.rows, args.random_flip, args.center_crop)
-    cache_text = not args.no_cache and not args.train_text_encoder
+    cache_text = (not args.no_cache or getattr(args, "pre_compute_text_embeddings", False)) and not args.train_text_encoder
     if cache_latents:
         caches.build_latents(data, vae, device, weight_dtype, args.train_batch_size, main)
         data.cached_latents = True
@@ -418,7 +419,8 @@ def _save_final(args, recipe, accelerator, wrapped, unet_cfg, te_cfg, steps, epo
         "learning_rate": args.learning_rate, "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
         "mixed_precision": accelerator.mixed_precision, "save_precision": args.save_precision, "seed": seed,
         "dataset": recipe.dataset_desc, "num_images": len(recipe.data.rows), "samples": samples,
-        "repo_id": args.hub_model_id if args.push_to_hub else None, "example_prompt": args.validation_prompt,
+        "repo_id": args.hub_model_id if args.push_to_hub else None, "extra_tags": recipe.extra_tags,
+        "example_prompt": args.validation_prompt or getattr(args, "instance_prompt", None),
     }
     meta = {"format": "pt", "lora_adapter_metadata": lora.adapter_metadata(configs), **modelcard.safetensors_metadata(info)}
     path = output_dir / WEIGHTS_NAME

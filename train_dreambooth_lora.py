@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""DreamBooth LoRA: teach Stable Diffusion one subject from 5-10 photos, with prior preservation.
+
+Same flags as diffusers' examples/dreambooth/train_dreambooth_lora.py, plus --repeats,
+--text_encoder_lr, --snr_gamma and --noise_offset.
+
+    python train_dreambooth_lora.py --pretrained_model_name_or_path sdlora-tiny \
+        --instance_data_dir examples/data/dreambooth --instance_prompt "a sks blob" \
+        --with_prior_preservation --class_prompt "a blob" --resolution 32 --output_dir out
+
+Reads top to bottom: flags -> instance rows (+ class rows, generated if missing) -> the shared
+training loop (sdlora/trainer.py). Only the data and the loss weights differ from text-to-image.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from sdlora import args as common
+from sdlora import dreambooth
+from sdlora.data import TrainSet, rows_from_images
+from sdlora.errors import UserError
+from sdlora.trainer import Recipe, run
+
+log = logging.getLogger("sdlora")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(p)
+    g = p.add_argument_group("DreamBooth")
+    g.add_argument("--instance_data_dir", required=True, help="folder with the subject's photos")
+    g.add_argument("--instance_prompt", required=True, help="e.g. 'a photo of sks dog'")
+    g.add_argument("--class_data_dir", default=None, help="default: <output_dir>-class-images, beside the output")
+    g.add_argument("--class_prompt", default=None, help="e.g. 'a photo of a dog'")
+    g.add_argument("--with_prior_preservation", action="store_true")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--num_class_images", type=int, default=100)
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
+    g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"])
+    g.add_argument("--pre_compute_text_embeddings", action="store_true",
+                   help="encode the prompts once and release the text encoder (automatic when it is frozen)")
+    g.add_argument("--tokenizer_max_length", type=int, default=None)
+    g.add_argument("--text_encoder_use_attention_mask", action="store_true")
+    g.add_argument("--validation_images", nargs="+", default=None,
+                   help="image inputs for image-conditioned pipelines; not used by SD1.x text-to-image")
+    g.add_argument("--repeats", type=int, default=1, help="how often each instance image appears per epoch")
+    g.add_argument("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
+    common.add_training_args(p)
+    p.set_defaults(output_dir="lora-dreambooth-model", train_batch_size=4, num_train_epochs=1, learning_rate=5e-4,
+                   validation_epochs=50)
+    return p.parse_args(argv)
+
+
+def check_flags(args):
+    """DreamBooth's contradictions, before anything is loaded."""
+    if args.with_prior_preservation:
+        if not args.class_prompt:
+            raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
+        if args.num_class_images < 1:
+            raise UserError(f"--num_class_images must be >= 1 with prior preservation (got {args.num_class_images})")
+    if args.train_text_encoder and args.pre_compute_text_embeddings:
+        raise UserError("--pre_compute_text_embeddings freezes the text encoder; it can't be used with "
+                        "--train_text_encoder")
+    if args.validation_images:
+        raise UserError("--validation_images is for image-conditioned pipelines (e.g. DeepFloyd IF upscalers); "
+                        "SD1.x validation is text-to-image: use --validation_prompt")
+    if args.repeats < 1 or args.sample_batch_size < 1:
+        raise UserError("--repeats and --sample_batch_size must be >= 1")
+    warning = dreambooth.identifier_warning(args.instance_prompt, args.class_prompt)
+    if warning:
+        log.warning(warning)
+
+
+def class_rows(args):
+    """Class images for prior preservation, topped up from the base model by the main process."""
+    from accelerate import PartialState
+
+    out = Path(args.output_dir)
+    folder = Path(args.class_data_dir) if args.class_data_dir else out.parent / f"{out.name}-class-images"
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:
+        dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            args.prior_generation_precision or ("fp16" if torch.cuda.is_available() else "fp32"))
+        dreambooth.generate(args.pretrained_model_name_or_path, folder, args.class_prompt, args.num_class_images,
+                            args.resolution, args.sample_batch_size, args.seed or 0, dtype, state.device,
+                            revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    state.wait_for_everyone()
+    rows = rows_from_images(folder, args.class_prompt, "--class_data_dir")
+    return rows[: args.num_class_images], folder
+
+
+def make_recipe(args) -> Recipe:
+    check_flags(args)
+    instance = rows_from_images(Path(args.instance_data_dir), args.instance_prompt, "--instance_data_dir")
+    rows, groups = list(instance), [0] * len(instance)
+    n = len(instance) * args.repeats
+    examples = [[i % len(instance)] for i in range(n)]
+    card = {"instance prompt": args.instance_prompt, "class prompt": args.class_prompt,
+            "prior preservation": bool(args.with_prior_preservation), "repeats": args.repeats}
+    if args.with_prior_preservation:
+        cls, folder = class_rows(args)
+        rows += cls
+        groups += [1] * len(cls)
+        # Each example pairs an instance row with a class row, as diffusers' DreamBooth dataset does.
+        n = max(n, len(cls))
+        examples = [[i % len(instance), len(instance) + i % len(cls)] for i in range(n)]
+        card.update({"prior loss weight": args.prior_loss_weight, "class images": f"{len(cls)} in {folder}"})
+    data = TrainSet(rows, examples, groups, args.resolution, args.center_crop, args.random_flip, args.seed or 0)
+    return Recipe(kind="dreambooth", data=data, dataset_desc=args.instance_data_dir,
+                  group_weights={0: 1.0, 1: args.prior_loss_weight}, group_names={0: "loss_instance", 1: "loss_prior"},
+                  card_front={"instance_prompt": args.instance_prompt}, card_settings=card,
+                  max_length=args.tokenizer_max_length, use_attention_mask=args.text_encoder_use_attention_mask,
+                  extra_tags=["dreambooth"])
+
+
+if __name__ == "__main__":
+    sys.exit(run(parse_args(), make_recipe))
