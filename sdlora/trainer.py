@@ -106,7 +106,8 @@ def all_captions(data: TrainSet) -> list[str]:
     return caps
 
 
-def train(args, recipe: Recipe) -> Path:
+def train(args, recipe: Recipe, on_step=None) -> Path:
+    """Train and save; `on_step(step, logs)` is called after every optimizer step (benchmarks use it)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
@@ -312,6 +313,8 @@ def train(args, recipe: Recipe) -> Path:
         last_logs = {**logs_acc, "lr": lr_scheduler.get_last_lr()[0], "s_per_step": now - t_last}
         t_last = now
         accelerator.log(last_logs, step=global_step)
+        if on_step:
+            on_step(global_step, last_logs)
         bar.update(1)
         bar.set_postfix(loss=f"{last_logs['loss']:.4f}", lr=f"{last_logs['lr']:.2e}")
 

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Seconds per training step and peak memory of the real trainer, next to two references.
+
+  forward  one plain UNet forward (no grad) at the training shape
+  bare     one bare LoRA step: UNet forward + backward + AdamW on ready latents/embeddings
+  trainer  sdlora's training loop (data, caches, VAE/text encoder, logging included)
+
+Each runs in its own process so peak memory (RSS on CPU, torch.cuda.max_memory_allocated on
+GPU) is its own. Times are the median of --steps after --warmup. Prints JSON.
+
+    python benchmarks/train_step.py --arch sd15 --resolution 256 --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _dtype(precision):
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _unet_inputs(unet, a, device):
+    lat = a.resolution // 8
+    latents = torch.randn(a.batch, 4, lat, lat, device=device)
+    t = torch.randint(0, 1000, (a.batch,), device=device)
+    emb = torch.randn(a.batch, 77, unet.config.cross_attention_dim, device=device)
+    return latents, t, emb
+
+
+def measure_reference(a, kind: str) -> dict:
+    from sdlora import lora, models
+
+    device = torch.device(a.device)
+    dtype = _dtype(a.precision)
+    unet = models.load_unet(a.model, dtype=dtype).to(device)
+    if a.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    latents, t, emb = _unet_inputs(unet, a, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=a.precision != "no")
+    if kind == "forward":
+        unet.requires_grad_(False)
+
+        def step():
+            with torch.no_grad(), autocast:
+                unet(latents.to(dtype), t, emb.to(dtype)).sample
+    else:
+        params = lora.add_lora(unet, lora.lora_config(a.rank, None, lora.UNET_TARGETS))
+        for p in params:
+            p.data = p.data.float()
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        target = torch.randn_like(latents)
+
+        def step():
+            with autocast:
+                pred = unet(latents.to(dtype), t, emb.to(dtype)).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(a.warmup + a.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"s_per_step": statistics.median(times[a.warmup:]), "peak_mb": _peak_mb(device)}
+
+
+def measure_trainer(a) -> dict:
+    import train_text_to_image_lora as t2i
+    from PIL import Image
+
+    from sdlora.trainer import train
+
+    data = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        px = (torch.rand(a.resolution, a.resolution, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a photo of thing number {i}")
+    argv = ["--pretrained_model_name_or_path", a.model, "--train_data_dir", str(data), "--output_dir",
+            tempfile.mkdtemp(prefix="bench-out-"), "--resolution", str(a.resolution), "--train_batch_size",
+            str(a.batch), "--max_train_steps", str(a.warmup + a.steps), "--report_to", "none", "--seed", "0",
+            "--checkpointing_steps", "1000000", "--mixed_precision", a.precision, "--rank", str(a.rank)]
+    argv += ["--gradient_checkpointing"] * a.gradient_checkpointing + ["--no_cache"] * a.no_cache
+    args = t2i.parse_args(argv)
+    from sdlora.args import check
+
+    check(args)
+    times = []
+    train(args, t2i.make_recipe(args), on_step=lambda step, logs: times.append(logs["s_per_step"]))
+    return {"s_per_step": statistics.median(times[a.warmup:]), "peak_mb": _peak_mb(torch.device(a.device))}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="tiny", choices=["tiny", "sd15"])
+    p.add_argument("--model", default=None, help="an existing pipeline folder instead of building --arch")
+    p.add_argument("--resolution", type=int, default=None, help="default: 32 for tiny, 256 for sd15")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--no_cache", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--only", choices=["forward", "bare", "trainer"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.resolution = a.resolution or (32 if a.arch == "tiny" else 256)
+    a.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    if a.only:  # child process: one measurement
+        res = measure_trainer(a) if a.only == "trainer" else measure_reference(a, a.only)
+        print(json.dumps(res))
+        return
+
+    if a.model is None:
+        from sdlora.tiny import make_tiny
+
+        a.model = str(make_tiny(Path(tempfile.mkdtemp(prefix=f"bench-{a.arch}-")) / "model", arch=a.arch))
+    results = {}
+    for kind in ("forward", "bare", "trainer"):
+        cmd = [sys.executable, __file__, "--only", kind, "--model", a.model] + [
+            x for k, v in vars(a).items() if k not in ("only", "model", "device", "arch")
+            for x in ([f"--{k}"] if v is True else [] if v is False else [f"--{k}", str(v)])]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)))
+        if out.returncode:
+            sys.exit(f"{kind} failed:\n{out.stderr[-3000:]}")
+        results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    fwd, bare, tr = results["forward"], results["bare"], results["trainer"]
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+                   + (f", {torch.cuda.get_device_name()}" if a.device == "cuda" else ", CPU only"),
+        "torch": torch.__version__, "arch": a.arch, "resolution": a.resolution, "batch": a.batch,
+        "precision": a.precision, "rank": a.rank, "cache": not a.no_cache,
+        "gradient_checkpointing": a.gradient_checkpointing, "steps_measured": a.steps,
+        "unet_forward_s": round(fwd["s_per_step"], 4), "bare_lora_step_s": round(bare["s_per_step"], 4),
+        "trainer_step_s": round(tr["s_per_step"], 4),
+        "trainer_vs_bare": round(tr["s_per_step"] / bare["s_per_step"], 3),
+        "bare_vs_forward": round(bare["s_per_step"] / fwd["s_per_step"], 3),
+        "peak_mb": {k: round(v["peak_mb"]) for k, v in results.items()},
+        "trainer_peak_vs_bare": round(tr["peak_mb"] / bare["peak_mb"], 3),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
