@@ -164,8 +164,11 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
     if main:
         what = [f"VAE latents of {len(data.rows)} images"] * cache_latents + \
                [f"text embeddings of {len(caches.caption_ids)} captions"] * cache_text
-        log.info("cached %s", " and ".join(what) if what else "nothing (%s)" % (
-            "--no_cache" if args.no_cache else "random flip/crop changes pixels each epoch; text encoder trains"))
+        why_not = ["--no_cache"] * bool(args.no_cache) + \
+                  ["random flip/crop changes the pixels every epoch"] * (not args.no_cache and not cache_latents) + \
+                  ["the text encoder is being trained"] * bool(args.train_text_encoder)
+        log.info("cached %s%s", " and ".join(what) if what else "nothing",
+                 f" (not cached: {'; '.join(why_not)})" if why_not else "")
     released = []
     if cache_latents:
         vae = _release(vae, device)
