@@ -125,18 +125,20 @@ def add_loras(pipe, loras):
         check_fits(pipe, lora)
     registry = pipe.__dict__.setdefault("sdlora_adapters", {})
     added = []
+    taken = set(registry) | {a for names in pipe.get_list_adapters().values() for a in names}
     try:
         for lora, weight in loras:
-            name = _adapter_name(lora.source, registry)
+            name = _adapter_name(lora.source, taken)
+            added.append(name)
+            taken.add(name)
             with quiet():
                 pipe.load_lora_weights(_peft_dict(lora, pipe.unet.dtype), adapter_name=name)
-            added.append(name)
             registry[name] = {"path": lora.source, "weight": weight, "format": lora.format}
     except Exception as e:
-        if added:
-            pipe.delete_adapters(added)
-        for name in added:
+        for name in added:  # undo this call's adapters, including one that failed half-way
             registry.pop(name, None)
+            with contextlib.suppress(Exception):
+                pipe.delete_adapters(name)
         if isinstance(e, UserError):
             raise
         raise UserError(f"{lora.source}: diffusers could not load the LoRA ({type(e).__name__}: "
