@@ -6,7 +6,9 @@
 2. data: examples/data/pokemon — 32 px "creature-style" shapes with captions (imagefolder).
 3. train: train_text_to_image_lora.py, exactly as a user would run it.
 4. compare: the same prompts and seeds with and without the LoRA, loaded onto an unmodified
-   diffusers pipeline with DPMSolverMultistepScheduler -> before_after.png.
+   diffusers pipeline with DPMSolverMultistepScheduler -> before_after.png, and measure with
+   deterministic pixel detectors (examples/shapes.py): the share of images in the new style,
+   and prompt following (shape colour / background colour) on held-out colour pairs.
 
     python examples/quickstart.py [--out demo] [--steps 300]
 """
@@ -19,15 +21,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["a red circle on a blue background", "a yellow square on a green background",
-           "a blue triangle on a white background", "a green circle on a red background"]
+sys.path.insert(0, str(ROOT / "examples"))
+import shapes  # noqa: E402  (the example data's generator and detectors)
+
+# Colour pairs the base model never saw together, each shape: 24 prompts.
+SPECS = [{"shape": sh, "colour": c, "bg": b} for c, b in shapes.HELD_OUT_PAIRS for sh in shapes.SHAPES]
+PROMPTS = [shapes.caption(s["shape"], s["colour"], s["bg"]) for s in SPECS]
 
 
-def generate(pipe, prompts, seed=0, steps=20):
+def generate(pipe, prompts, seed=0, steps=20, guidance=5.0):
     import torch
 
-    return [pipe(p, num_inference_steps=steps, guidance_scale=5.0, height=32, width=32,
+    return [pipe(p, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
                  generator=torch.Generator().manual_seed(seed + i)).images[0] for i, p in enumerate(prompts)]
+
+
+def measure(images) -> dict:
+    follow = shapes.prompt_following(images, SPECS)
+    return {"style": sum(shapes.is_styled(im) for im in images) / len(images),
+            "colour": follow["colour"], "bg": follow["bg"]}
 
 
 def grid(rows, scale=4):
@@ -45,6 +57,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", default="1e-3")
+    p.add_argument("--rank", default="8")
     a = p.parse_args()
     out = Path(a.out)
     t0 = time.time()
@@ -61,8 +75,8 @@ def main():
     lora_dir = out / "lora"
     cmd = [sys.executable, str(ROOT / "train_text_to_image_lora.py"), "--pretrained_model_name_or_path", base,
            "--train_data_dir", str(ROOT / "examples/data/pokemon"), "--resolution", "32", "--center_crop",
-           "--train_batch_size", "16", "--max_train_steps", str(a.steps), "--learning_rate", "1e-3",
-           "--rank", "8", "--checkpointing_steps", "100", "--checkpoints_total_limit", "1", "--seed", "0",
+           "--train_batch_size", "16", "--max_train_steps", str(a.steps), "--learning_rate", a.lr,
+           "--rank", a.rank, "--checkpointing_steps", "100", "--checkpoints_total_limit", "1", "--seed", "0",
            "--validation_prompt", PROMPTS[0], "--num_validation_images", "2", "--validation_epochs", "1000",
            "--output_dir", str(lora_dir)]
     print("$", " ".join(cmd[1:]))
@@ -81,7 +95,12 @@ def main():
     pipe.load_lora_weights(str(lora_dir))
     after = generate(pipe, PROMPTS)
     path = out / "before_after.png"
-    grid([before, after]).save(path)
+    grid([before[::3], after[::3]]).save(path)
+    b, f = measure(before), measure(after)
+    print(f"\nmeasured on {len(PROMPTS)} prompts with held-out colour pairs (same seeds, base vs base + LoRA):")
+    print(f"  in the new style (detector):     {b['style']:6.0%} -> {f['style']:6.0%}")
+    print(f"  right shape colour:              {b['colour']:6.0%} -> {f['colour']:6.0%}")
+    print(f"  right background colour:         {b['bg']:6.0%} -> {f['bg']:6.0%}")
     print(f"\nLoRA:        {lora_dir / 'pytorch_lora_weights.safetensors'}")
     print(f"model card:  {lora_dir / 'README.md'}")
     print(f"before/after (top: base, bottom: base + LoRA; same prompts and seeds): {path}")
