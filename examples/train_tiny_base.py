@@ -44,7 +44,7 @@ import shapes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "sdlora" / "assets" / "tiny-sd"
-MAX_LENGTH = 32          # tokenizer model_max_length (captions use <= 12 tokens)
+MAX_LENGTH = 16          # tokenizer model_max_length (captions use <= 11 tokens)
 CROSS_DIM = 64           # text encoder hidden size = UNet cross_attention_dim
 
 
@@ -133,8 +133,9 @@ def log(msg: str, t0: float):
 def train_vae(vae, args, t0):
     rng = random.Random(args.seed + 1)
     n = args.vae_images
-    imgs = [shapes.render(shapes.random_spec(rng)) for _ in range(n // 2)]
-    imgs += [shapes.random_clutter(rng) for _ in range(n - n // 2)]
+    nb = int(n * args.vae_base_frac)
+    imgs = [shapes.render(shapes.random_spec(rng)) for _ in range(nb)]
+    imgs += [shapes.random_clutter(rng) for _ in range(n - nb)]
     data = to_tensor(imgs)
     g = torch.Generator().manual_seed(args.seed + 2)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
@@ -143,8 +144,8 @@ def train_vae(vae, args, t0):
         lr = args.vae_lr * min(1.0, (step + 1) / 50) * (1 - step / args.vae_steps) ** 0.5
         for group in opt.param_groups:
             group["lr"] = lr
-        x = data[torch.randint(0, n, (args.batch,), generator=g)]
-        flip = torch.rand(args.batch, generator=g) < 0.5
+        x = data[torch.randint(0, n, (args.vae_batch,), generator=g)]
+        flip = torch.rand(args.vae_batch, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
@@ -229,11 +230,40 @@ def train_unet(vae, unet, text_encoder, tokenizer, args, t0):
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % 200 == 0 or step == args.unet_steps - 1:
             log(f"unet step {step} loss {running:.4f} lr {lr:.2e}", t0)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            quick_eval(unet, vae, text_encoder, tokenizer, params, ema, step + 1, t0)
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
     unet.eval()
     text_encoder.eval()
+
+
+@torch.no_grad()
+def quick_eval(unet, vae, text_encoder, tokenizer, params, ema, step, t0):
+    """Held-out prompt following of the EMA weights (24 prompts, DPM-Solver 20 steps)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    import eval_prompt_following as ev
+
+    backup = [p.detach().clone() for p in params]
+    for e, p in zip(ema, params):
+        p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear", num_train_timesteps=1000)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for split in ("heldout", "train"):
+        res, _, _ = ev.evaluate(pipe, split, per_prompt=1)
+        log(f"eval step {step} {split}: bg {res['bg']:.0%} colour {res['colour']:.0%} "
+            f"shape {res['shape']:.0%} all {res['all']:.0%}", t0)
+    for b, p in zip(backup, params):
+        p.copy_(b)
+    unet.train()
+    text_encoder.train()
 
 
 def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, info: dict):
@@ -262,14 +292,20 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: share the machine)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-base-frac", type=float, default=0.6,
+                   help="share of caption-set images among the VAE's (the rest: generic clutter)")
     p.add_argument("--vae-images", type=int, default=8000)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=3000)
-    p.add_argument("--images", type=int, default=20000, help="captioned training images")
+    p.add_argument("--unet-steps", type=int, default=1800)
+    p.add_argument("--images", type=int, default=12000, help="captioned training images")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--eval-every", type=int, default=0, help="log held-out prompt following")
+    p.add_argument("--vae-from", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--save-vae", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -280,7 +316,14 @@ def main(argv=None):
         log(f"params: vae {sum(p.numel() for p in vae.parameters())/1e6:.2f}M, unet "
             f"{sum(p.numel() for p in unet.parameters())/1e6:.2f}M, text encoder "
             f"{sum(p.numel() for p in text_encoder.parameters())/1e6:.2f}M", t0)
-        train_vae(vae, args, t0)
+        if args.vae_from:  # development shortcut: reuse a trained VAE (saved with --save-vae)
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.from_pretrained(args.vae_from)
+            log(f"loaded VAE from {args.vae_from}", t0)
+        else:
+            train_vae(vae, args, t0)
+            if args.save_vae:
+                vae.save_pretrained(args.save_vae)
         train_unet(vae, unet, text_encoder, tokenizer, args, t0)
         info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         info |= {"train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
