@@ -7,3 +7,11 @@ from .errors import UserError  # noqa: E402,F401
 
 # diffusers >= 0.36 renamed torch_dtype to dtype; we pass the name every supported version knows.
 warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
+
+
+def __getattr__(name):  # lazy, so `import sdlora` doesn't pull in torch/diffusers
+    if name == "load_pipeline":
+        from .pipeline import load_pipeline
+
+        return load_pipeline
+    raise AttributeError(f"module 'sdlora' has no attribute {name!r}")

@@ -39,7 +39,12 @@ def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
     from peft.utils import get_peft_model_state_dict
 
     # save_embedding_layers=False: LoRA never touches embeddings (and peft stops probing the Hub for a config)
-    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+    peft_sd = get_peft_model_state_dict(model, save_embedding_layers=False)
+    sd = convert_state_dict_to_diffusers(peft_sd)
+    if not all(".lora.down." in k or ".lora.up." in k for k in sd):
+        # Targets beyond attention (ff, proj_in, conv) convert only partly, and diffusers then skips
+        # the mixed-style layers silently; peft's lora_A/lora_B keys load whole.
+        sd = peft_sd
     return {f"{prefix}.{k}": (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
 
 

@@ -112,3 +112,19 @@ def test_resume_is_exact(tiny_model, tmp_path):
     diff = max((full[k] - resumed[k]).abs().max().item() for k in full)
     assert diff <= 1e-6, diff
     assert max(v.abs().max().item() for k, v in full.items() if "up" in k) > 0  # it really trained
+
+
+def test_targets_beyond_attention_load_whole(tiny_model, tmp_path):
+    """ff / proj_in / proj_out targets: every saved layer is applied by plain diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    data = make_images(tmp_path / "d", n=2)
+    out = tmp_path / "o"
+    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2,
+                        target_modules="to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.2"))
+    sd, _ = read_lora(out / "pytorch_lora_weights.safetensors")
+    saved_layers = {k.rsplit(".lora", 1)[0] for k in sd}
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(str(out))
+    applied = {f"unet.{n}" for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert saved_layers == applied and any("proj_in" in k for k in applied) and any("ff.net.2" in k for k in applied)
