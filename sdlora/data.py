@@ -266,20 +266,21 @@ class TrainSet(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.examples)
 
-    def load_row(self, row_id: int, epoch: int) -> torch.Tensor:
-        rng = rng_for(self.seed, 1, epoch, row_id)
+    def load_row(self, row_id: int, epoch: int, where: tuple[int, ...] = ()) -> torch.Tensor:
+        """Pixels of a row; `where` (example, slot) gives each repeat of a row its own crop/flip."""
+        rng = rng_for(self.seed, 1, epoch, row_id, *where)
         return preprocess(read_image(self.rows[row_id].image), self.resolution, self.center_crop, self.random_flip, rng)
 
-    def caption(self, row_id: int, epoch: int) -> str:
-        return pick_caption(self.rows[row_id].caption, rng_for(self.seed, 2, epoch, row_id))
+    def caption(self, row_id: int, epoch: int, where: tuple[int, ...] = ()) -> str:
+        return pick_caption(self.rows[row_id].caption, rng_for(self.seed, 2, epoch, row_id, *where))
 
     def __getitem__(self, key):
         epoch, i = key
         ids = self.examples[i]
         out = {"row_ids": ids, "groups": [self.groups[r] for r in ids],
-               "captions": [self.caption(r, epoch) for r in ids]}
+               "captions": [self.caption(r, epoch, (i, k)) for k, r in enumerate(ids)]}
         if not self.cached_latents:
-            out["pixel_values"] = [self.load_row(r, epoch) for r in ids]
+            out["pixel_values"] = [self.load_row(r, epoch, (i, k)) for k, r in enumerate(ids)]
         return out
 
 

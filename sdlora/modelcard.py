@@ -38,8 +38,8 @@ def safetensors_metadata(info: dict) -> dict[str, str]:
 
 
 def _front_matter(info: dict, extra: dict) -> str:
-    lines = ["---", f"base_model: {json.dumps(info['base_model'])}", "library_name: diffusers",
-             f"license: {info.get('license', 'creativeml-openrail-m')}", "tags:"]
+    lines = ["---"] + [f"base_model: {json.dumps(info['base_model'])}"] * info.get("base_model_in_front_matter", True)
+    lines += ["library_name: diffusers", f"license: {info.get('license', 'creativeml-openrail-m')}", "tags:"]
     lines += [f"- {t}" for t in TAGS + info.get("extra_tags", [])]
     for k, v in extra.items():
         lines.append(f"{k}: {json.dumps(v)}")

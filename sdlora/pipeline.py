@@ -72,6 +72,9 @@ def _dtype(dtype, device):
 def load_base(base, dtype=None):
     from diffusers import StableDiffusionPipeline
 
+    from .models import resolve_base
+
+    base = resolve_base(str(base), flag="base model")  # short names such as sdlora-tiny, clear errors
     with quiet():
         try:
             return StableDiffusionPipeline.from_pretrained(str(base), dtype=dtype)

@@ -10,6 +10,7 @@ replays exactly what an uninterrupted one would have done.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -66,8 +67,12 @@ def snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
     return w
 
 
+def _step_seed(seed: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + micro * 7919 + rank * 104_729) % (2**62)
+
+
 def _step_generator(seed: int, micro: int, rank: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + micro * 7919 + rank * 104_729) % (2**63))
+    return torch.Generator("cpu").manual_seed(_step_seed(seed, micro, rank))
 
 
 class Caches:
@@ -136,6 +141,10 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
     # The seed drives every random choice; a resumed run takes the one it started with.
     seed = checkpoint.read_state(resume_from)["seed"] if resume_from else (
         args.seed if args.seed is not None else random.SystemRandom().randrange(2**31))
+    if world > 1:  # one seed for all processes, or each would shard a different shuffle
+        from accelerate.utils import broadcast_object_list
+
+        seed = broadcast_object_list([seed])[0]
     torch.manual_seed(seed)
     data.seed = seed
 
@@ -200,9 +209,10 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
     # ---- schedule
     sampler = StreamSampler(len(data), args.train_batch_size, seed, rank, world)
     ga = args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(sampler.batches_per_epoch / ga)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    # Epochs count micro-batches: the stream runs on across epoch boundaries, so N epochs are
+    # ceil(N * batches / accumulation) optimizer steps, not N * ceil(batches / accumulation).
+    max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * sampler.batches_per_epoch / ga)
+    num_epochs = math.ceil(max_steps * ga / sampler.batches_per_epoch)
     lr = args.learning_rate * (ga * args.train_batch_size * world if args.scale_lr else 1)
     te_lr = getattr(args, "text_encoder_lr", None) or lr
     groups = [{"params": params["unet"], "lr": lr}]
@@ -222,12 +232,13 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
                    "train_text_encoder": bool(args.train_text_encoder)}
     global_step = 0
     if resume_from:
-        state = checkpoint.load(resume_from, {k: accelerator.unwrap_model(m) for k, m in wrapped.items()},
-                                optimizer, lr_scheduler, scaler)
+        state = checkpoint.read_state(resume_from)
         changed = {k: (state.get(k), v) for k, v in fingerprint.items() if state.get(k) != v}
         if changed:
             raise UserError(f"--resume_from_checkpoint {resume_from}: settings differ from the checkpoint's: "
                             + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        checkpoint.load(resume_from, {k: accelerator.unwrap_model(m) for k, m in wrapped.items()},
+                        optimizer, lr_scheduler, scaler)
         global_step = state["global_step"]
         if main:
             log.info("resumed from %s at step %d", resume_from, global_step)
@@ -253,6 +264,7 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
 
     def micro_step(batch, micro: int):
         gen = _step_generator(seed, micro, rank)
+        torch.manual_seed(_step_seed(seed, micro, rank) + 1)  # the global RNG (LoRA dropout) replays on resume too
         ids = batch["row_ids"]
         if cache_latents:
             mean, logvar = caches.latents[ids].chunk(2, dim=1)
@@ -291,8 +303,10 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
             micro = global_step * ga + k
             batch = next(batches)
             sync = k == ga - 1
-            ctx = accelerator.no_sync(unet_) if not sync and world > 1 else _null()
-            with ctx:
+            with contextlib.ExitStack() as ctx:
+                if not sync and world > 1:  # skip the all-reduce until the last micro-batch
+                    for m in wrapped.values():
+                        ctx.enter_context(accelerator.no_sync(m))
                 loss, parts = micro_step(batch, micro)
                 accelerator.backward(loss / ga)
             logs_acc["loss"] = logs_acc.get("loss", 0.0) + loss.item() / ga
@@ -304,7 +318,8 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
             grad_norm = accelerator.clip_grad_norm_([p for ps in params.values() for p in ps], args.max_grad_norm)
             logs_acc["grad_norm"] = float(grad_norm)
         optimizer.step()
-        lr_scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: GradScaler skipped the step
+            lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
 
@@ -332,7 +347,7 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
         at_epoch = epoch_after > epoch_before and epoch_after % args.validation_epochs == 0
         if args.validation_prompt and (at_epoch or global_step == max_steps):
             if main:
-                vae, text_encoder, imgs = _validate(args, accelerator, unet_, vae, text_encoder, te_, tokenizer,
+                vae, text_encoder, imgs = _validate(args, recipe, accelerator, wrapped, vae, text_encoder, tokenizer,
                                                     noise_scheduler, weight_dtype, seed, released, epoch_after)
                 samples = [{"prompt": p, "path": str(path.relative_to(output_dir))} for p, path in imgs]
             accelerator.wait_for_everyone()
@@ -344,14 +359,6 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
         out = _save_final(args, recipe, accelerator, wrapped, unet_cfg, te_cfg, global_step, num_epochs, seed, samples)
     accelerator.end_training()
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _release(module, device):
@@ -374,8 +381,9 @@ def _optimizer(args, groups):
     return torch.optim.AdamW(groups, **kw)
 
 
-def _validate(args, accelerator, unet_, vae, text_encoder, te_, tokenizer, noise_scheduler, weight_dtype, seed,
-              released, epoch):
+def _validate(args, recipe, accelerator, wrapped, vae, text_encoder, tokenizer, noise_scheduler, weight_dtype,
+              seed, released, epoch):
+    """Sample with the current LoRA; returns (vae, text_encoder, [(prompt, saved path)])."""
     device = accelerator.device
     base = args.pretrained_model_name_or_path
     kw = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, allow_pickle=args.allow_pickle)
@@ -383,24 +391,29 @@ def _validate(args, accelerator, unet_, vae, text_encoder, te_, tokenizer, noise
         vae = models.load_vae(base, dtype=weight_dtype, **kw)
     if text_encoder is None:
         text_encoder = models.load_text_encoder(base, dtype=weight_dtype, **kw)
-    vae_dev, te_dev = vae.to(device), (accelerator.unwrap_model(te_) if "text_encoder" not in released else text_encoder.to(device))
-    unet = accelerator.unwrap_model(unet_)
-    unet.eval()
+    vae = vae.to(device)
+    te = accelerator.unwrap_model(wrapped["text_encoder"]) if "text_encoder" in wrapped else text_encoder.to(device)
+    unet = accelerator.unwrap_model(wrapped["unet"])
+    for m in wrapped.values():
+        m.eval()  # no LoRA dropout while sampling
     log.info("validation at epoch %d: %d image(s) of %r", epoch, args.num_validation_images, args.validation_prompt)
+    encode = None
+    if recipe.max_length or recipe.use_attention_mask:  # condition exactly as in training
+        def encode(texts):
+            return models.encode_prompts(te, tokenizer, texts, recipe.max_length, recipe.use_attention_mask)
     with accelerator.autocast():
-        imgs = validation.sample(unet, vae_dev, te_dev, tokenizer, noise_scheduler.config, [args.validation_prompt],
-                                 args.num_validation_images, seed, args.resolution, device=device)
-    unet.train()
+        imgs = validation.sample(unet, vae, te, tokenizer, noise_scheduler.config, [args.validation_prompt],
+                                 args.num_validation_images, seed, args.resolution, encode=encode)
+    for m in wrapped.values():
+        m.train()
     out_dir = Path(args.output_dir) / "samples"
-    paths = validation.save(imgs, out_dir, f"epoch{epoch:04d}")
-    # Keep only the newest samples under their stable names for the model card.
-    latest = validation.save(imgs, out_dir, "latest")
+    validation.save(imgs, out_dir, f"epoch{epoch:04d}")
+    latest = validation.save(imgs, out_dir, "latest")  # stable names the model card points at
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
 
             tracker.log_images({"validation": np.stack([np.asarray(i) for _, i in imgs])}, step=epoch, dataformats="NHWC")
-    del paths
     # Send the helpers back where caching put them (off the training device, or dropped on CPU).
     if "vae" in released:
         vae = _release(vae, device)
@@ -417,8 +430,14 @@ def _save_final(args, recipe, accelerator, wrapped, unet_cfg, te_cfg, steps, epo
     if "text_encoder" in wrapped:
         sd.update(lora.lora_state_dict(accelerator.unwrap_model(wrapped["text_encoder"]), "text_encoder", dtype))
         configs["text_encoder"] = te_cfg
+    base = getattr(args, "base_model_name", args.pretrained_model_name_or_path)
+    # The Hub validates base_model as a repo id: a pushed card must not carry a local path.
+    local_base = Path(base).expanduser().exists() and base not in models.BUNDLED
+    if args.push_to_hub and local_base:
+        log.warning("model card: base_model left out of the front matter (%s is a local path, not a Hub id)", base)
     info = {
-        "base_model": args.pretrained_model_name_or_path, "kind": recipe.kind, "rank": args.rank,
+        "base_model": base, "base_model_in_front_matter": not (args.push_to_hub and local_base),
+        "kind": recipe.kind, "rank": args.rank,
         "alpha": args.lora_alpha if args.lora_alpha is not None else args.rank, "target_modules": args.target_modules,
         "train_text_encoder": bool(args.train_text_encoder), "steps": steps, "epochs": epochs,
         "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -451,6 +470,7 @@ def run(args, make_recipe) -> int:
     setup_logging(token)
     try:
         check(args)
+        args.base_model_name = args.pretrained_model_name_or_path  # as given: a Hub id, a path or a short name
         args.pretrained_model_name_or_path = models.resolve_base(
             args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
         recipe = make_recipe(args)

@@ -9,8 +9,12 @@ from .io import save_image
 
 
 def sample(unet, vae, text_encoder, tokenizer, scheduler_config, prompts: list[str], num_images: int,
-           seed: int, resolution: int, steps: int = 25, guidance: float = 7.5, device=None):
-    """Generate `num_images` per prompt with fixed seeds; returns [(prompt, PIL image), ...]."""
+           seed: int, resolution: int, steps: int = 25, guidance: float = 7.5, encode=None):
+    """Generate `num_images` per prompt with fixed seeds; returns [(prompt, PIL image), ...].
+
+    `encode(texts)`, when given, makes the prompt embeddings (e.g. with the training run's
+    tokenizer length and attention mask) instead of the pipeline's default encoding.
+    """
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -24,7 +28,9 @@ def sample(unet, vae, text_encoder, tokenizer, scheduler_config, prompts: list[s
         for prompt in prompts:
             for i in range(num_images):
                 g = torch.Generator("cpu").manual_seed(seed + i)
-                img = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                text = dict(prompt=prompt) if encode is None else dict(
+                    prompt_embeds=encode([prompt]), negative_prompt_embeds=encode([""]))
+                img = pipe(**text, num_inference_steps=steps, guidance_scale=guidance, generator=g,
                            height=resolution, width=resolution).images[0]
                 out.append((prompt, img))
     return out

@@ -118,3 +118,11 @@ def test_contradictory_or_unavailable_flags(tiny_model, tmp_path, capsys, no_mod
 def test_both_data_sources_is_an_error(tmp_path):
     r = run(T2I, ["--pretrained_model_name_or_path", "x", "--train_data_dir", "a", "--dataset_name", "b"], check=False)
     assert r.returncode == 2 and "exactly one of --dataset_name or --train_data_dir" in r.stderr
+
+
+def test_epochs_count_micro_batches(tiny_model, tmp_path):
+    """5 images, batch 1, accumulation 2, 2 epochs = 10 micro-batches = 5 optimizer steps."""
+    data = make_images(tmp_path / "d", n=5)
+    r = run(T2I, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, max_train_steps=None, num_train_epochs=2,
+                            train_batch_size=1, gradient_accumulation_steps=2))
+    assert "5 steps (2 epochs)" in r.stderr, r.stderr[-2000:]

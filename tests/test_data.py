@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -136,3 +137,16 @@ def test_collate_puts_main_group_first(tmp_path):
     assert batch["groups"].tolist() == [0, 0, 1, 1] and batch["captions"] == ["inst", "inst", "cls", "cls"]
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+
+
+def test_repeats_of_a_row_get_their_own_augmentation(tmp_path):
+    from sdlora.data import Row
+
+    img = Image.new("RGB", (32, 32), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 8, 32))  # blue stripe on the left: flipping shows
+    img.save(tmp_path / "a.png")
+    data = TrainSet([Row(tmp_path / "a.png", "x", "a", (32, 32))], [[0]] * 16, [0], 32, True, True, seed=0)
+    flips = {bool(torch.equal(data[(0, i)]["pixel_values"][0], data[(0, 0)]["pixel_values"][0])) for i in range(16)}
+    assert flips == {True, False}  # some repeats flipped, some not, within one epoch
+    again = TrainSet(data.rows, data.examples, data.groups, 32, True, True, seed=0)
+    assert torch.equal(again[(3, 5)]["pixel_values"][0], data[(3, 5)]["pixel_values"][0])  # still seeded

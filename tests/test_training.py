@@ -110,7 +110,10 @@ def test_push_to_hub_uploads_only_results_and_never_writes_token(tiny_model, tmp
     for p in out.rglob("*"):
         if p.is_file():
             assert secret.encode() not in p.read_bytes(), f"token written to {p}"
-    assert '"me/my-lora"' in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert '"me/my-lora"' in card
+    # a local base path is not a Hub id: the pushed card leaves base_model out of its front matter
+    assert "base_model:" not in card.split("---")[1] and "base_model left out" in logs.err
 
 
 def test_killed_run_never_damages_previous_output(tiny_model, tmp_path):
