@@ -127,8 +127,11 @@ def main():
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--only", choices=["forward", "bare", "trainer"], help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     a.resolution = a.resolution or (32 if a.arch == "tiny" else 256)
     a.device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -144,7 +147,7 @@ def main():
     results = {}
     for kind in ("forward", "bare", "trainer"):
         cmd = [sys.executable, __file__, "--only", kind, "--model", a.model] + [
-            x for k, v in vars(a).items() if k not in ("only", "model", "device", "arch")
+            x for k, v in vars(a).items() if k not in ("only", "model", "device", "arch") and v is not None
             for x in ([f"--{k}"] if v is True else [] if v is False else [f"--{k}", str(v)])]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                              env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)))
@@ -155,7 +158,7 @@ def main():
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
                    + (f", {torch.cuda.get_device_name()}" if a.device == "cuda" else ", CPU only"),
-        "torch": torch.__version__, "arch": a.arch, "resolution": a.resolution, "batch": a.batch,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "arch": a.arch, "resolution": a.resolution, "batch": a.batch,
         "precision": a.precision, "rank": a.rank, "cache": not a.no_cache,
         "gradient_checkpointing": a.gradient_checkpointing, "steps_measured": a.steps,
         "unet_forward_s": round(fwd["s_per_step"], 4), "bare_lora_step_s": round(bare["s_per_step"], 4),
