@@ -146,13 +146,20 @@ def render(spec: dict, look: str = "plain") -> Image.Image:
     return img.resize((RES, RES), Image.BOX)
 
 
+_EXTREMES = [(0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0),
+             (0, 255, 255), (255, 0, 255)]
+
+
 def random_clutter(rng: random.Random) -> Image.Image:
     """A generic image (random shapes, lines and dots in arbitrary colours, some outlined).
 
     Used only to train the VAE as a general 32 px image codec, so it can also encode looks the
     diffusion model never saw (outlines, small dots); it carries no captions.
     """
-    def col():
+    def col():  # uniform RGB, or an extreme colour (black, white, primaries, ...) jittered
+        if rng.random() < 0.4:
+            base = rng.choice(_EXTREMES)
+            return tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in base)
         return tuple(rng.randint(0, 255) for _ in range(3))
 
     img = Image.new("RGB", (RES * SS, RES * SS), col())
@@ -168,7 +175,7 @@ def random_clutter(rng: random.Random) -> Image.Image:
             r = rng.uniform(0.7, 2.5)
             d.ellipse([(x - r) * SS, (y - r) * SS, (x + r) * SS, (y + r) * SS], fill=col())
         else:
-            outline = col() if rng.random() < 0.5 else None
+            outline = (col() if rng.random() < 0.5 else (0, 0, 0)) if rng.random() < 0.6 else None
             _draw_shape(d, kind, _outline(kind, x, y, size), col(), outline=outline,
                         width=rng.randint(1, 2) * SS if outline else 0)
     return img.resize((RES, RES), Image.BOX)

@@ -159,7 +159,23 @@ def train_vae(vae, args, t0):
         if step % 200 == 0 or step == args.vae_steps - 1:
             log(f"vae step {step} mse {mse.item():.4f} kl {kl.item():.2f}", t0)
     vae.eval()
+    check_vae(vae, t0)
     return vae
+
+
+@torch.no_grad()
+def check_vae(vae, t0):
+    """Log how well the VAE round-trips each look (base shapes, creature, DreamBooth subject)."""
+    rng = random.Random(12345)
+    specs = [shapes.random_spec(rng, pairs=shapes.all_pairs()) for _ in range(96)]
+    for look in ("plain", "creature", "subject"):
+        x = to_tensor([shapes.render(s, look) for s in specs])
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        ims = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        follow = shapes.prompt_following(list(ims), specs)
+        log(f"vae round trip {look:8s}: mse {F.mse_loss(y, x).item():.4f}  bg {follow['bg']:.0%} "
+            f"colour {follow['colour']:.0%}  styled {np.mean([shapes.is_styled(i) for i in ims]):.0%}  "
+            f"subject {np.mean([shapes.is_subject(i) for i in ims]):.0%}", t0)
 
 
 # --------------------------------------------------------------------------------- stage 3/4
@@ -293,8 +309,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: share the machine)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--vae-steps", type=int, default=1000)
-    p.add_argument("--vae-base-frac", type=float, default=0.6,
+    p.add_argument("--vae-steps", type=int, default=1600)
+    p.add_argument("--vae-base-frac", type=float, default=0.5,
                    help="share of caption-set images among the VAE's (the rest: generic clutter)")
     p.add_argument("--vae-images", type=int, default=8000)
     p.add_argument("--vae-lr", type=float, default=2e-3)
@@ -325,7 +341,8 @@ def main(argv=None):
             if args.save_vae:
                 vae.save_pretrained(args.save_vae)
         train_unet(vae, unet, text_encoder, tokenizer, args, t0)
-        info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("out", "vae_from", "save_vae", "eval_every")}
         info |= {"train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
                  "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
                  "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
