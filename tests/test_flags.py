@@ -1,0 +1,42 @@
+"""Both scripts accept diffusers' flags with the same names, so existing tutorials run unchanged."""
+import pytest
+
+import train_dreambooth_lora as db
+import train_text_to_image_lora as t2i
+
+DIFFUSERS_T2I = """pretrained_model_name_or_path revision variant dataset_name dataset_config_name train_data_dir
+image_column caption_column max_train_samples cache_dir output_dir seed resolution center_crop random_flip
+train_batch_size num_train_epochs max_train_steps gradient_accumulation_steps gradient_checkpointing learning_rate
+scale_lr lr_scheduler lr_warmup_steps snr_gamma use_8bit_adam allow_tf32 dataloader_num_workers adam_beta1 adam_beta2
+adam_weight_decay adam_epsilon max_grad_norm push_to_hub hub_token hub_model_id logging_dir mixed_precision report_to
+local_rank checkpointing_steps checkpoints_total_limit resume_from_checkpoint enable_xformers_memory_efficient_attention
+noise_offset rank prediction_type validation_prompt num_validation_images validation_epochs
+train_text_encoder lora_alpha target_modules save_precision""".split()
+
+DIFFUSERS_DREAMBOOTH = """instance_data_dir instance_prompt class_data_dir class_prompt with_prior_preservation
+prior_loss_weight num_class_images sample_batch_size prior_generation_precision train_text_encoder
+pre_compute_text_embeddings tokenizer_max_length text_encoder_use_attention_mask validation_images lora_dropout
+lr_num_cycles lr_power repeats text_encoder_lr snr_gamma noise_offset pretrained_model_name_or_path output_dir
+resolution train_batch_size learning_rate lr_scheduler mixed_precision checkpointing_steps resume_from_checkpoint
+validation_prompt push_to_hub enable_xformers_memory_efficient_attention use_8bit_adam rank""".split()
+
+
+def _dests(parse_args, argv):
+    return set(vars(parse_args(argv)))
+
+
+@pytest.mark.parametrize("parse_args,argv,flags", [
+    (t2i.parse_args, ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"], DIFFUSERS_T2I),
+    (db.parse_args, ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"],
+     DIFFUSERS_DREAMBOOTH),
+])
+def test_reference_flags_exist(parse_args, argv, flags):
+    missing = set(flags) - _dests(parse_args, argv)
+    assert not missing, missing
+
+
+def test_defaults_match_the_reference_where_users_rely_on_them():
+    a = t2i.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"])
+    assert (a.learning_rate, a.rank, a.lora_alpha, a.lr_scheduler, a.save_precision) == (1e-4, 4, None, "constant", "fp32")
+    b = db.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"])
+    assert (b.prior_loss_weight, b.num_class_images, b.output_dir) == (1.0, 100, "lora-dreambooth-model")
