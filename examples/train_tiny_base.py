@@ -49,24 +49,13 @@ CROSS_DIM = 64           # text encoder hidden size = UNet cross_attention_dim
 
 
 # ------------------------------------------------------------------------------- tokenizer
-def _byte_chars() -> list[str]:
-    """CLIP's byte-to-unicode alphabet (the 256 characters byte-level BPE starts from)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def build_tokenizer(path: Path, words=shapes.VOCAB_WORDS, max_length: int = MAX_LENGTH):
     """CLIPTokenizer: byte alphabet + one token per word in `words` (left-to-right merges)."""
     from transformers import CLIPTokenizer
 
-    chars = _byte_chars()
+    from sdlora.tiny import byte_chars
+
+    chars = byte_chars()
     vocab: dict[str, int] = {}
     for tok in chars + [c + "</w>" for c in chars]:
         vocab[tok] = len(vocab)

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-# Byte-level vocabulary with no merges: every word tokenizes to characters, which is all a
-# tiny model needs; built here so nothing is downloaded.
-def _byte_vocab() -> dict[str, int]:
+def byte_chars() -> list[str]:
+    """CLIP's byte-to-unicode alphabet (the 256 characters byte-level BPE starts from)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -22,7 +21,13 @@ def _byte_vocab() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    chars = [chr(c) for c in cs]
+    return [chr(c) for c in cs]
+
+
+# Byte-level vocabulary with no merges: every word tokenizes to characters, which is all a
+# tiny model needs; built here so nothing is downloaded.
+def _byte_vocab() -> dict[str, int]:
+    chars = byte_chars()
     vocab = {}
     for c in chars + [c + "</w>" for c in chars]:
         vocab[c] = len(vocab)
