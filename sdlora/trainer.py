@@ -230,6 +230,7 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
     fingerprint = {"rank": args.rank, "target_modules": args.target_modules, "train_batch_size": args.train_batch_size,
                    "gradient_accumulation_steps": ga, "num_processes": world,
                    "train_text_encoder": bool(args.train_text_encoder)}
+    unwrapped = {k: accelerator.unwrap_model(m) for k, m in wrapped.items()}
     global_step = 0
     if resume_from:
         state = checkpoint.read_state(resume_from)
@@ -237,8 +238,7 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
         if changed:
             raise UserError(f"--resume_from_checkpoint {resume_from}: settings differ from the checkpoint's: "
                             + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        checkpoint.load(resume_from, {k: accelerator.unwrap_model(m) for k, m in wrapped.items()},
-                        optimizer, lr_scheduler, scaler)
+        checkpoint.load(resume_from, unwrapped, optimizer, lr_scheduler, scaler)
         global_step = state["global_step"]
         if main:
             log.info("resumed from %s at step %d", resume_from, global_step)
@@ -265,15 +265,15 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
     def micro_step(batch, micro: int):
         gen = _step_generator(seed, micro, rank)
         torch.manual_seed(_step_seed(seed, micro, rank) + 1)  # the global RNG (LoRA dropout) replays on resume too
-        ids = batch["row_ids"]
         if cache_latents:
-            mean, logvar = caches.latents[ids].chunk(2, dim=1)
-            lat = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn(mean.shape, generator=gen)
+            posterior = caches.latents[batch["row_ids"]]
         else:
             with torch.no_grad():
-                dist = vae.encode(batch["pixel_values"].to(device, weight_dtype)).latent_dist
-            mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-            lat = mean + std * torch.randn(mean.shape, generator=gen)
+                posterior = vae.encode(batch["pixel_values"].to(device, weight_dtype)).latent_dist.parameters
+            posterior = posterior.float().cpu()
+        # One sample of the VAE posterior (mean | logvar), as latent_dist.sample() draws it, from our generator.
+        mean, logvar = posterior.chunk(2, dim=1)
+        lat = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn(mean.shape, generator=gen)
         lat = (lat * vae_scale).to(device)
         noise = torch.randn(lat.shape, generator=gen)
         if args.noise_offset:
@@ -339,9 +339,8 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             accelerator.wait_for_everyone()
             if main:
-                path = checkpoint.save(output_dir, global_step, {k: accelerator.unwrap_model(m) for k, m in wrapped.items()},
-                                       optimizer, lr_scheduler, scaler, {**fingerprint, "seed": seed},
-                                       args.checkpoints_total_limit)
+                path = checkpoint.save(output_dir, global_step, unwrapped, optimizer, lr_scheduler, scaler,
+                                       {**fingerprint, "seed": seed}, args.checkpoints_total_limit)
                 log.info("saved %s", path)
         epoch_after = (global_step * ga) // sampler.batches_per_epoch
         at_epoch = epoch_after > epoch_before and epoch_after % args.validation_epochs == 0
