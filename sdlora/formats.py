@@ -201,7 +201,11 @@ def parse(tensors: dict, metadata: dict | None = None, source: str = "<memory>",
             shapes = [tuple(t.shape) if t is not None else None for t in (down, up)]
             raise UserError(f"{source}: layer {name} has mismatched down/up weights {shapes}; expected [r, in] and [out, r]")
         modules[name] = Module(down, up, float(alphas(name, down.shape[0])))
-    return Lora(modules, dict(metadata), fmt, source)
+    for name in json.loads(metadata.get(_PADDING_KEY, "[]")):  # zero padding written by _pad_text_encoder
+        if name in modules and not modules[name].up.any() and not modules[name].down.any():
+            del modules[name]
+    metadata = {k: v for k, v in metadata.items() if k != _PADDING_KEY}
+    return Lora(modules, metadata, fmt, source)
 
 
 def _add(pairs, name, which, t):
@@ -340,8 +344,39 @@ def _to_kohya(lora):
         out[key + ".lora_down.weight"] = m.down
         out[key + ".lora_up.weight"] = m.up if m.alpha == common else (m.up.float() * (m.alpha / common)).to(m.up.dtype)
         out[key + ".alpha"] = torch.tensor(float(common))
+    padded = _pad_text_encoder(lora, out, prefix, common)
     ranks = collections.Counter(m.rank for m in lora.modules.values())
-    return out, {"ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_alpha": str(common)}
+    extra = {"ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_alpha": str(common)}
+    if padded:
+        extra[_PADDING_KEY] = json.dumps(padded)
+    return out, extra
+
+
+_PADDING_KEY = "sdlora_zero_modules"
+
+
+def _pad_text_encoder(lora, out, prefix, alpha) -> list[str]:
+    """diffusers (<= 0.42) recognises a kohya text-encoder LoRA only by an `out_proj` key and raises
+    "Could not automatically infer state dict type" otherwise (e.g. q/v-only or mlp-only files). Add one
+    all-zero rank-1 out_proj pair per such encoder: its weight change is exactly 0, every loader accepts it,
+    and the names go in the header so sdlora drops them again on reading."""
+    import torch
+
+    padded = []
+    for comp in ("text_encoder", "text_encoder_2"):
+        mods = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(comp + ".")}
+        if not mods or any(p.endswith("self_attn.out_proj") for p in mods):
+            continue
+        path, m = next(iter(mods.items()))
+        hidden = m.up.shape[0] if path.endswith("fc2") else m.down.shape[1]
+        layer = re.search(r"layers\.(\d+)\.", path)
+        name = f"text_model.encoder.layers.{layer.group(1) if layer else 0}.self_attn.out_proj"
+        key = prefix[comp] + name.replace(".", "_")
+        out[key + ".lora_down.weight"] = torch.zeros(1, hidden, dtype=m.down.dtype)
+        out[key + ".lora_up.weight"] = torch.zeros(hidden, 1, dtype=m.up.dtype)
+        out[key + ".alpha"] = torch.tensor(float(alpha))
+        padded.append(f"{comp}.{name}")
+    return padded
 
 
 def _has_te2(lora):

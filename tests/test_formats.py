@@ -97,20 +97,27 @@ def _image(pipe, lora_source=None):
     return out.images
 
 
-@pytest.mark.parametrize("original", ["trainer", "locon"])
+@pytest.mark.parametrize("original", ["trainer", "trainer_te", "te_qv", "locon"])
 def test_kohya_written_by_sdlora_loads_in_diffusers_with_identical_images(tiny_model, pipe, tmp_path, original):
-    """trainer: attention LoRA exactly as the trainer writes it; locon: ff/proj/3x3-conv layers, mixed ranks."""
+    """trainer: attention LoRA exactly as the trainer writes it; trainer_te: plus its text-encoder LoRA;
+    te_qv: a q/v-only text encoder (needs sdlora's zero out_proj padding); locon: ff/proj/3x3 conv, mixed ranks."""
     from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
 
     from sdlora.tools import demo_lora
 
-    if original == "trainer":
-        demo_lora(tmp_path / "orig", base=tiny_model, rank=4, alpha=8, strength=1.0)
-    else:
+    if original == "locon":
         unet_layers = [(n, r, a) for n, r, a in LAYERS if n.startswith("unet.")]
         formats.save_lora(rich_lora(pipe, layers=unet_layers, std=0.5), tmp_path / "orig", "diffusers")
-    kohya = formats.save_lora(formats.load_lora(tmp_path / "orig"), tmp_path / "k.safetensors", "kohya")
-    assert formats.load_lora(kohya).format == "kohya"
+    else:
+        te = None if original == "trainer" else CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder")
+        demo_lora(tmp_path / "orig", base=tiny_model, rank=4, alpha=8, strength=1.0, text_encoder=te,
+                  text_targets=["q_proj", "v_proj"] if original == "te_qv" else None)
+    lora = formats.load_lora(tmp_path / "orig")
+    kohya = formats.save_lora(lora, tmp_path / "k.safetensors", "kohya")
+    back = formats.load_lora(kohya)
+    assert back.format == "kohya"
+    assert_same_deltas(lora, back)  # any padding is dropped again on reading
 
     load = lambda: StableDiffusionPipeline.from_pretrained(str(tiny_model))  # noqa: E731
     plain = _image(load())
@@ -118,6 +125,30 @@ def test_kohya_written_by_sdlora_loads_in_diffusers_with_identical_images(tiny_m
     converted = _image(load(), str(kohya))
     assert abs(reference - plain).max() > 1e-2  # the LoRA visibly changes the image
     assert abs(reference - converted).max() <= 1e-5
+
+
+def test_mlp_only_text_encoder_lora_loads_in_diffusers_and_sdlora(tiny_model, pipe, tmp_path):
+    """diffusers cannot infer the type of a text-encoder LoRA without attention keys; both our kohya file
+    (zero out_proj padding) and sdlora's own loader get the exact weight change in anyway."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora.pipeline import add_loras
+
+    layers = [(n, r, a) for n, r, a in LAYERS if n.endswith("mlp.fc1")]
+    lora = rich_lora(pipe, layers=layers)
+    kohya = formats.save_lora(lora, tmp_path / "k.safetensors", "kohya")
+    assert any("out_proj" in k for k in load_file(kohya))  # the padding diffusers needs ...
+    assert sorted(formats.load_lora(kohya).modules) == sorted(lora.modules)  # ... is invisible to sdlora
+    name = layers[0][0]
+    for load in ("diffusers", "sdlora"):
+        fresh = StableDiffusionPipeline.from_pretrained(str(tiny_model))
+        if load == "diffusers":
+            fresh.load_lora_weights(str(kohya), adapter_name="k")
+        else:
+            add_loras(fresh, [(kohya, 1.0)])
+        layer = fresh.text_encoder.get_submodule(formats.live_path("text_encoder", name.split(".", 1)[1]))
+        adapter = next(iter(layer.lora_A))
+        assert torch.allclose(layer.get_delta_weight(adapter), lora.modules[name].delta(), atol=1e-6), load
 
 
 def test_diffusers_and_peft_files_load_in_their_own_libraries(pipe, tmp_path):
