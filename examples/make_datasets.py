@@ -3,7 +3,7 @@
     python examples/make_datasets.py                 # rewrites examples/data/{pokemon,dreambooth}
     python examples/make_datasets.py --out /tmp/data
 
-pokemon/     100 captioned 32 px images in HF imagefolder layout (PNG + metadata.jsonl with
+pokemon/     144 captioned 32 px images in HF imagefolder layout (PNG + metadata.jsonl with
              file_name/text): the base data's shapes drawn as creatures — thick black outline,
              two white eyes with pupils — a look the base model never saw.  Captions use only the
              base model's words ("a red circle on a blue background"); pairs come from the base
@@ -42,11 +42,16 @@ def _write_folder(folder: Path, items):
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def pokemon_items(n: int = 100, seed: int = 1):
+def pokemon_items(n: int = 144, seed: int = 1):
+    """Every (training colour pair, shape) in turn, random size and position: balanced colours, so
+    a LoRA learns the look rather than a bias toward the colours it happened to see most."""
     rng = random.Random(seed)
+    combos = [(pair, sh) for pair in shapes.train_pairs() for sh in shapes.SHAPES]
+    rng.shuffle(combos)
     items = []
-    for _ in range(n):
-        s = shapes.random_spec(rng)
+    for i in range(n):
+        pair, sh = combos[i % len(combos)]
+        s = shapes.random_spec(rng, pairs=[pair], shapes=(sh,))
         items.append((shapes.render(s, "creature"), shapes.caption(s["shape"], s["colour"], s["bg"])))
     return items
 
@@ -61,7 +66,7 @@ def dreambooth_items(n: int = 8, seed: int = 2):
     return items
 
 
-def make(out: Path = DATA, n_pokemon: int = 100, n_dreambooth: int = 8) -> Path:
+def make(out: Path = DATA, n_pokemon: int = 144, n_dreambooth: int = 8) -> Path:
     _write_folder(out / "pokemon", pokemon_items(n_pokemon))
     _write_folder(out / "dreambooth" / "instance", dreambooth_items(n_dreambooth))
     (out / "dreambooth" / "prompts.json").write_text(json.dumps({
@@ -74,7 +79,7 @@ def make(out: Path = DATA, n_pokemon: int = 100, n_dreambooth: int = 8) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=DATA)
-    p.add_argument("--pokemon", type=int, default=100)
+    p.add_argument("--pokemon", type=int, default=144)
     p.add_argument("--dreambooth", type=int, default=8)
     args = p.parse_args(argv)
     out = make(args.out, args.pokemon, args.dreambooth)

@@ -10,7 +10,7 @@
    deterministic pixel detectors (examples/shapes.py): the share of images in the new style,
    and prompt following (shape colour / background colour) on held-out colour pairs.
 
-    python examples/quickstart.py [--out demo] [--steps 300]
+    python examples/quickstart.py [--out demo] [--steps 1800]
 """
 from __future__ import annotations
 
@@ -29,15 +29,17 @@ SPECS = [{"shape": sh, "colour": c, "bg": b} for c, b in shapes.HELD_OUT_PAIRS f
 PROMPTS = [shapes.caption(s["shape"], s["colour"], s["bg"]) for s in SPECS]
 
 
-def generate(pipe, prompts, seed=0, steps=20, guidance=5.0):
+def generate(pipe, prompts, seed=0, steps=20, guidance=5.0, per_prompt=1):
+    """per_prompt images for each prompt, image j of prompt i from seed seed + 1000 * j + i."""
     import torch
 
     return [pipe(p, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
-                 generator=torch.Generator().manual_seed(seed + i)).images[0] for i, p in enumerate(prompts)]
+                 generator=torch.Generator().manual_seed(seed + 1000 * j + i)).images[0]
+            for j in range(per_prompt) for i, p in enumerate(prompts)]
 
 
 def measure(images) -> dict:
-    follow = shapes.prompt_following(images, SPECS)
+    follow = shapes.prompt_following(images, SPECS * (len(images) // len(SPECS)))
     return {"style": sum(shapes.is_styled(im) for im in images) / len(images),
             "colour": follow["colour"], "bg": follow["bg"]}
 
@@ -56,9 +58,12 @@ def grid(rows, scale=4):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", default="1e-3")
-    p.add_argument("--rank", default="8")
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--lr", default="3e-3")
+    p.add_argument("--rank", default="16")
+    # A style lives in textures and edges as much as in attention: LoRA on the ResNet convolutions too.
+    p.add_argument("--target_modules", default="to_q,to_k,to_v,to_out.0,conv1,conv2")
+    p.add_argument("--per_prompt", type=int, default=4, help="images per held-out prompt when measuring")
     a = p.parse_args()
     out = Path(a.out)
     t0 = time.time()
@@ -76,7 +81,8 @@ def main():
     cmd = [sys.executable, str(ROOT / "train_text_to_image_lora.py"), "--pretrained_model_name_or_path", base,
            "--train_data_dir", str(ROOT / "examples/data/pokemon"), "--resolution", "32", "--center_crop",
            "--train_batch_size", "16", "--max_train_steps", str(a.steps), "--learning_rate", a.lr,
-           "--rank", a.rank, "--checkpointing_steps", "100", "--checkpoints_total_limit", "1", "--seed", "0",
+           "--rank", a.rank, "--target_modules", a.target_modules, "--lr_scheduler", "cosine", "--snr_gamma", "5",
+           "--checkpointing_steps", "500", "--checkpoints_total_limit", "1", "--seed", "0",
            "--validation_prompt", PROMPTS[0], "--num_validation_images", "2", "--validation_epochs", "1000",
            "--output_dir", str(lora_dir)]
     print("$", " ".join(cmd[1:]))
@@ -91,13 +97,14 @@ def main():
     pipe = StableDiffusionPipeline.from_pretrained(resolve_base(base), safety_checker=None)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    before = generate(pipe, PROMPTS)
+    before = generate(pipe, PROMPTS, per_prompt=a.per_prompt)
     pipe.load_lora_weights(str(lora_dir))
-    after = generate(pipe, PROMPTS)
+    after = generate(pipe, PROMPTS, per_prompt=a.per_prompt)
     path = out / "before_after.png"
-    grid([before[::3], after[::3]]).save(path)
+    grid([before[:24:3], after[:24:3]]).save(path)
     b, f = measure(before), measure(after)
-    print(f"\nmeasured on {len(PROMPTS)} prompts with held-out colour pairs (same seeds, base vs base + LoRA):")
+    print(f"\nmeasured on {len(before)} images ({len(PROMPTS)} prompts with held-out colour pairs x {a.per_prompt} seeds; "
+          "same seeds, base vs base + LoRA):")
     print(f"  in the new style (detector):     {b['style']:6.0%} -> {f['style']:6.0%}")
     print(f"  right shape colour:              {b['colour']:6.0%} -> {f['colour']:6.0%}")
     print(f"  right background colour:         {b['bg']:6.0%} -> {f['bg']:6.0%}")

@@ -126,8 +126,8 @@ def render(spec: dict, look: str = "plain") -> Image.Image:
         _draw_shape(d, shape, box, PALETTE[spec["colour"]], outline=(0, 0, 0), width=2 * SS)
         # two eyes: white discs with black pupils, in the widest part of the shape
         ey = cy + (size * 0.12 if shape == "triangle" else -size * 0.12)
-        dx = size * (0.17 if shape == "triangle" else 0.2)
-        r_eye, r_pupil = 2.3, 1.1
+        dx = size * (0.21 * 0.85 if shape == "triangle" else 0.21)
+        r_eye, r_pupil = 2.8, 1.0  # big enough to survive the 4x-downsampling VAE and a LoRA's averaging
         for ex in (cx - dx, cx + dx):
             d.ellipse([(ex - r_eye) * SS, (ey - r_eye) * SS, (ex + r_eye) * SS, (ey + r_eye) * SS],
                       fill=(255, 255, 255))

@@ -15,7 +15,9 @@ Stages:
 4. UNet2DConditionModel (cross-attention) + CLIPTextModel trained jointly: epsilon prediction,
    SD1.x's scaled_linear noise schedule, min-SNR-5 weighting, caption dropout (for classifier-
    free guidance), AdamW with warm-up and linear decay, EMA weights saved;
-5. saved with `StableDiffusionPipeline.save_pretrained` (safetensors, fp32) with a DDIM
+5. the VAE decoder (encoder frozen) fine-tuned on the looks LoRAs will draw, so 2 px outlines and
+   small eyes survive decoding;
+6. saved with `StableDiffusionPipeline.save_pretrained` (safetensors, fp32) with a DDIM
    scheduler on SD's schedule and clip_sample=False.
 
 (shape colour, background colour) pairs in shapes.HELD_OUT_PAIRS are never shown; the
@@ -271,6 +273,53 @@ def quick_eval(unet, vae, text_encoder, tokenizer, params, ema, step, t0):
     text_encoder.train()
 
 
+# --------------------------------------------------------------------------------- stage 5
+def finetune_decoder(vae, args, t0):
+    """Sharpen the VAE's decoder on the looks a LoRA will be asked to draw.
+
+    The 8x8x4 latent bottleneck blurs 2 px outlines and 4 px eyes away when the decoder is trained as
+    a general codec (round trip of the creature look: 0 % styled), and a UNet LoRA can only produce
+    what the decoder can draw. The encoder stays frozen, so the UNet's latents and scaling_factor
+    are unchanged; SD's own VAE, likewise, was trained on web images that include such drawings.
+    The generating parts (UNet, text encoder) never see these looks: base samples stay unstyled.
+    """
+    rng = random.Random(args.seed + 5)
+    n = args.decoder_images
+    looks = ["plain", "creature", "subject"]
+    weights = [1 - args.decoder_creature_frac - args.decoder_subject_frac - args.decoder_clutter_frac,
+               args.decoder_creature_frac, args.decoder_subject_frac]
+    imgs = []
+    for _ in range(n):
+        if rng.random() < args.decoder_clutter_frac:
+            imgs.append(shapes.random_clutter(rng))
+        else:
+            look = rng.choices(looks, weights)[0]
+            imgs.append(shapes.render(shapes.random_spec(rng, pairs=shapes.all_pairs()), look))
+    x = to_tensor(imgs)
+    with torch.no_grad():  # frozen encoder: its posterior is computed once
+        post = [vae.encode(x[i:i + 500]).latent_dist for i in range(0, n, 500)]
+        mean, std = torch.cat([q.mean for q in post]), torch.cat([q.std for q in post])
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 6)
+    vae.train()
+    for step in range(args.decoder_steps):
+        lr = args.decoder_lr * min(1.0, (step + 1) / 50) * (1 - step / args.decoder_steps) ** 0.5
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, n, (args.vae_batch,), generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        mse = F.mse_loss(vae.decode(z).sample, x[idx])
+        opt.zero_grad(set_to_none=True)
+        mse.backward()
+        opt.step()
+        if step % 200 == 0 or step == args.decoder_steps - 1:
+            log(f"decoder step {step} mse {mse.item():.4f}", t0)
+    vae.eval()
+    check_vae(vae, t0)
+    return vae
+
+
 def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, info: dict):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -308,13 +357,23 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=12000, help="captioned training images")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--decoder-steps", type=int, default=1600, help="VAE decoder fine-tune steps (0: skip)")
+    p.add_argument("--decoder-images", type=int, default=4000)
+    p.add_argument("--decoder-lr", type=float, default=1.5e-3)
+    p.add_argument("--decoder-creature-frac", type=float, default=0.5)
+    p.add_argument("--decoder-subject-frac", type=float, default=0.0)
+    p.add_argument("--decoder-clutter-frac", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=0, help="log held-out prompt following")
+    p.add_argument("--decoder-only", type=Path, default=None,
+                   help="run only the decoder stage on a model saved by stages 1-4 (writes --out)")
     p.add_argument("--vae-from", default=None, help=argparse.SUPPRESS)
     p.add_argument("--save-vae", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.decoder_only:
+        return decoder_only(args, t0)
     with tempfile.TemporaryDirectory() as d:
         tokenizer = build_tokenizer(Path(d) / "tokenizer")
         vae, unet, text_encoder = build_models(len(tokenizer), args.seed)
@@ -330,12 +389,29 @@ def main(argv=None):
             if args.save_vae:
                 vae.save_pretrained(args.save_vae)
         train_unet(vae, unet, text_encoder, tokenizer, args, t0)
+        if args.decoder_steps:
+            finetune_decoder(vae, args, t0)
         info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("out", "vae_from", "save_vae", "eval_every")}
+                if k not in ("out", "vae_from", "save_vae", "eval_every", "decoder_only")}
         info |= {"train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
                  "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
                  "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
         save_pipeline(args.out, unet, vae, text_encoder, tokenizer, info)
+    log(f"saved {args.out}", t0)
+
+
+def decoder_only(args, t0):
+    """Stage 5 alone, on a folder written by stages 1-4 (same seed -> the same weights as a full run)."""
+    from diffusers import StableDiffusionPipeline
+
+    src = StableDiffusionPipeline.from_pretrained(str(args.decoder_only))
+    finetune_decoder(src.vae, args, t0)
+    info = json.loads((args.decoder_only / "training_info.json").read_text())
+    info |= {k.replace("-", "_"): v for k, v in vars(args).items() if k.startswith("decoder_") and k != "decoder_only"}
+    info["decoder_seconds"] = round(time.time() - t0, 1)
+    info["decoder_command"] = "python examples/train_tiny_base.py " + " ".join(sys.argv[1:])
+    info["train_seconds"] = round(info["train_seconds"] + info["decoder_seconds"], 1)
+    save_pipeline(args.out, src.unet, src.vae, src.text_encoder, src.tokenizer, info)
     log(f"saved {args.out}", t0)
 
 

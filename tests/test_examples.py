@@ -8,7 +8,8 @@ from helpers import ROOT, env
 
 
 def test_quickstart_trains_and_writes_before_after(tmp_path):
-    r = subprocess.run([sys.executable, "examples/quickstart.py", "--out", str(tmp_path), "--steps", "3"],
+    r = subprocess.run([sys.executable, "examples/quickstart.py", "--out", str(tmp_path), "--steps", "3",
+                        "--per_prompt", "1"],
                        capture_output=True, text=True, cwd=ROOT, env=env(), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
