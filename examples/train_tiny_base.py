@@ -120,6 +120,23 @@ def log(msg: str, t0: float):
     print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
 
+def set_vae_lr(opt, base: float, step: int, total: int):
+    """Both VAE stages' schedule: 50-step linear warm-up, then square-root decay to 0."""
+    for group in opt.param_groups:
+        group["lr"] = base * min(1.0, (step + 1) / 50) * (1 - step / total) ** 0.5
+
+
+@torch.no_grad()
+def round_trip(vae, x: torch.Tensor) -> torch.Tensor:
+    """Encode -> decode (posterior mean), clamped to [-1, 1]."""
+    return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+
+
+def to_images(y: torch.Tensor) -> list:
+    """[-1, 1] NCHW -> uint8 HWC arrays for the detectors (the inverse of to_tensor)."""
+    return list(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+
+
 # --------------------------------------------------------------------------------- stage 2
 def train_vae(vae, args, t0):
     rng = random.Random(args.seed + 1)
@@ -132,9 +149,7 @@ def train_vae(vae, args, t0):
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     vae.train()
     for step in range(args.vae_steps):
-        lr = args.vae_lr * min(1.0, (step + 1) / 50) * (1 - step / args.vae_steps) ** 0.5
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_vae_lr(opt, args.vae_lr, step, args.vae_steps)
         x = data[torch.randint(0, n, (args.vae_batch,), generator=g)]
         flip = torch.rand(args.vae_batch, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -161,9 +176,9 @@ def check_vae(vae, t0):
     specs = [shapes.random_spec(rng, pairs=shapes.all_pairs()) for _ in range(96)]
     for look in ("plain", "creature", "subject"):
         x = to_tensor([shapes.render(s, look) for s in specs])
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        ims = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        follow = shapes.prompt_following(list(ims), specs)
+        y = round_trip(vae, x)
+        ims = to_images(y)
+        follow = shapes.prompt_following(ims, specs)
         log(f"vae round trip {look:8s}: mse {F.mse_loss(y, x).item():.4f}  bg {follow['bg']:.0%} "
             f"colour {follow['colour']:.0%}  styled {np.mean([shapes.is_styled(i) for i in ims]):.0%}  "
             f"subject {np.mean([shapes.is_subject(i) for i in ims]):.0%}", t0)
@@ -304,11 +319,10 @@ def finetune_decoder(vae, args, t0):
     g = torch.Generator().manual_seed(args.seed + 6)
     vae.train()
     for step in range(args.decoder_steps):
-        lr = args.decoder_lr * min(1.0, (step + 1) / 50) * (1 - step / args.decoder_steps) ** 0.5
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_vae_lr(opt, args.decoder_lr, step, args.decoder_steps)
         idx = torch.randint(0, n, (args.vae_batch,), generator=g)
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        m = mean[idx]
+        z = m + std[idx] * torch.randn(m.shape, generator=g)
         mse = F.mse_loss(vae.decode(z).sample, x[idx])
         opt.zero_grad(set_to_none=True)
         mse.backward()
@@ -407,7 +421,7 @@ def decoder_only(args, t0):
     src = StableDiffusionPipeline.from_pretrained(str(args.decoder_only))
     finetune_decoder(src.vae, args, t0)
     info = json.loads((args.decoder_only / "training_info.json").read_text())
-    info |= {k.replace("-", "_"): v for k, v in vars(args).items() if k.startswith("decoder_") and k != "decoder_only"}
+    info |= {k: v for k, v in vars(args).items() if k.startswith("decoder_") and k != "decoder_only"}
     info["decoder_seconds"] = round(time.time() - t0, 1)
     info["decoder_command"] = "python examples/train_tiny_base.py " + " ".join(sys.argv[1:])
     info["train_seconds"] = round(info["train_seconds"] + info["decoder_seconds"], 1)
