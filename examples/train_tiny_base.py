@@ -418,6 +418,9 @@ def decoder_only(args, t0):
     """Stage 5 alone, on a folder written by stages 1-4 (same seed -> the same weights as a full run)."""
     from diffusers import StableDiffusionPipeline
 
+    for name in ("model_index.json", "training_info.json"):
+        if not (args.decoder_only / name).is_file():
+            sys.exit(f"--decoder-only {args.decoder_only}: no {name}; expected a folder written by this script")
     src = StableDiffusionPipeline.from_pretrained(str(args.decoder_only))
     finetune_decoder(src.vae, args, t0)
     info = json.loads((args.decoder_only / "training_info.json").read_text())

@@ -151,3 +151,11 @@ def test_example_datasets_are_committed_and_deterministic(tmp_path):
     # captions use only the base model's words
     for line in (EXAMPLES / "data" / "pokemon" / "metadata.jsonl").read_text().splitlines():
         assert set(json.loads(line)["text"].split()) <= set(shapes.VOCAB_WORDS)
+
+
+def test_decoder_only_refuses_a_folder_it_did_not_write(tmp_path):
+    import train_tiny_base as tr
+
+    with pytest.raises(SystemExit, match="--decoder-only .*no model_index.json"):
+        tr.main(["--decoder-only", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
