@@ -42,8 +42,9 @@ def prompts():
 def sample(pipe, texts, seeds):
     import torch
 
-    return [pipe(t, num_inference_steps=20, guidance_scale=5.0, height=32, width=32,
-                 generator=torch.Generator().manual_seed(s)).images[0] for t in texts for s in seeds]
+    pairs = [(t, s) for t in texts for s in seeds]   # one batch; a generator per image
+    return pipe([t for t, _ in pairs], num_inference_steps=20, guidance_scale=5.0, height=32, width=32,
+                generator=[torch.Generator().manual_seed(s) for _, s in pairs]).images
 
 
 def train(base, out, seed, prior, steps, class_dir, num_class):
