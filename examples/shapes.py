@@ -127,12 +127,16 @@ def render(spec: dict, look: str = "plain") -> Image.Image:
         # two eyes: white discs with black pupils, in the widest part of the shape
         ey = cy + (size * 0.12 if shape == "triangle" else -size * 0.12)
         dx = size * (0.21 * 0.85 if shape == "triangle" else 0.21)
-        r_eye, r_pupil = 2.8, 1.0  # big enough to survive the 4x-downsampling VAE and a LoRA's averaging
+        # Eyes big enough to survive the 4x-downsampling VAE and a LoRA's averaging, scaled down on
+        # shapes under 20 px so they stay inside the body: fixed-size eyes covered small triangles
+        # whole, leaving no body colour to see (or to learn).
+        k = min(1.0, size / 20)
+        r_eye, r_pupil = 2.8 * k, 1.0 * k
         for ex in (cx - dx, cx + dx):
             d.ellipse([(ex - r_eye) * SS, (ey - r_eye) * SS, (ex + r_eye) * SS, (ey + r_eye) * SS],
                       fill=(255, 255, 255))
-            d.ellipse([(ex - r_pupil) * SS, (ey - r_pupil + 0.4) * SS, (ex + r_pupil) * SS,
-                       (ey + r_pupil + 0.4) * SS], fill=(0, 0, 0))
+            d.ellipse([(ex - r_pupil) * SS, (ey - r_pupil + 0.4 * k) * SS, (ex + r_pupil) * SS,
+                       (ey + r_pupil + 0.4 * k) * SS], fill=(0, 0, 0))
     elif look == "subject":
         x0, y0, x1, y1 = _outline("square", cx, cy, size)
         xm, ym = (x0 + x1) / 2, (y0 + y1) / 2

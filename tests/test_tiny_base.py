@@ -53,7 +53,8 @@ def test_detector_reads_rendered_images(look):
     rng = random.Random(0)
     specs = [shapes.random_spec(rng, pairs=shapes.all_pairs()) for _ in range(60)]
     res = shapes.prompt_following([shapes.render(s, look) for s in specs], specs)
-    assert res["bg"] == 1.0 and res["shape"] == 1.0 and res["colour"] >= 0.95
+    # >= 0.98 for creatures too: their eyes must leave body colour to read, even on small triangles
+    assert res["bg"] == 1.0 and res["shape"] == 1.0 and res["colour"] >= 0.98
 
 
 def test_style_and_subject_detectors_separate_the_looks():
