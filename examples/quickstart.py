@@ -10,7 +10,7 @@
    deterministic pixel detectors (examples/shapes.py): the share of images in the new style,
    and prompt following (shape colour / background colour) on held-out colour pairs.
 
-    python examples/quickstart.py [--out demo] [--steps 1800]
+    python examples/quickstart.py [--out demo] [--steps 2400]
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def grid(rows, scale=4):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo")
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--lr", default="3e-3")
     p.add_argument("--rank", default="16")
     # A style lives in textures and edges as much as in attention: LoRA on the ResNet convolutions too.
