@@ -28,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import shapes  # noqa: E402
+from eval_prompt_following import load_pipeline, sample  # noqa: E402
 
 DATA = ROOT / "examples/data/dreambooth"
 
@@ -39,12 +40,10 @@ def prompts():
     return subject, cls
 
 
-def sample(pipe, texts, seeds):
-    import torch
-
-    pairs = [(t, s) for t in texts for s in seeds]   # one batch; a generator per image
-    return pipe([t for t, _ in pairs], num_inference_steps=20, guidance_scale=5.0, height=32, width=32,
-                generator=[torch.Generator().manual_seed(s) for _, s in pairs]).images
+def images(pipe, texts, seeds):
+    """Every text with every seed, in one batch."""
+    pairs = [(t, s) for t in texts for s in seeds]
+    return sample(pipe, [t for t, _ in pairs], [s for _, s in pairs], guidance=5.0, batch=len(pairs))
 
 
 def train(base, out, seed, prior, steps, class_dir, num_class):
@@ -71,20 +70,16 @@ def main():
     if a.quick:
         a.seeds, a.steps, a.num_class_images = 1, 2, 4
 
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
     from sdlora.models import resolve_base
 
     base = resolve_base(a.base)
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(base)
     subject_prompts, class_prompts = prompts()
     if a.quick:
         subject_prompts, class_prompts = subject_prompts[:2], class_prompts[:2]
     eval_seeds = [100, 101]
-    base_class = [np.asarray(im, np.float32) for im in sample(pipe, class_prompts, eval_seeds)]
-    base_subject = sample(pipe, subject_prompts, eval_seeds)
+    base_class = [np.asarray(im, np.float32) for im in images(pipe, class_prompts, eval_seeds)]
+    base_subject = images(pipe, subject_prompts, eval_seeds)
     results = {"base": {"fidelity": float(np.mean([shapes.is_subject(im) for im in base_subject]))}}
 
     work = Path(tempfile.mkdtemp(prefix="eval-db-"))
@@ -95,8 +90,8 @@ def main():
             out = work / f"prior{int(prior)}-seed{seed}"
             train(base, out, seed, prior, a.steps, class_dir, a.num_class_images)
             pipe.load_lora_weights(str(out), adapter_name=out.name)
-            subj = sample(pipe, subject_prompts, eval_seeds)
-            cls = sample(pipe, class_prompts, eval_seeds)
+            subj = images(pipe, subject_prompts, eval_seeds)
+            cls = images(pipe, class_prompts, eval_seeds)
             pipe.unload_lora_weights()
             rows.append({
                 "fidelity": float(np.mean([shapes.is_subject(im) for im in subj])),

@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import shapes  # noqa: E402  (the example data's generator and detectors)
+from eval_prompt_following import grid, load_pipeline, sample  # noqa: E402
 
 # Colour pairs the base model never saw together, each shape: 24 prompts.
 SPECS = [{"shape": sh, "colour": c, "bg": b} for c, b in shapes.HELD_OUT_PAIRS for sh in shapes.SHAPES]
@@ -30,35 +31,15 @@ PROMPTS = [shapes.caption(s["shape"], s["colour"], s["bg"]) for s in SPECS]
 
 
 def generate(pipe, prompts, seed=0, steps=20, guidance=5.0, per_prompt=1):
-    """per_prompt images for each prompt, image j of prompt i from seed seed + 1000 * j + i.
-
-    One batch per seed round (a generator per image, so each image is the one a single-prompt call
-    with that seed draws): 5x faster than one call per image on CPU."""
-    import torch
-
-    images = []
-    for j in range(per_prompt):
-        gens = [torch.Generator().manual_seed(seed + 1000 * j + i) for i in range(len(prompts))]
-        images += pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
-                       generator=gens).images
-    return images
+    """per_prompt images for each prompt, image j of prompt i from seed seed + 1000 * j + i."""
+    seeds = [seed + 1000 * j + i for j in range(per_prompt) for i in range(len(prompts))]
+    return sample(pipe, list(prompts) * per_prompt, seeds, steps, guidance, batch=len(prompts))
 
 
 def measure(images) -> dict:
     follow = shapes.prompt_following(images, SPECS * (len(images) // len(SPECS)))
     return {"style": sum(shapes.is_styled(im) for im in images) / len(images),
             "colour": follow["colour"], "bg": follow["bg"]}
-
-
-def grid(rows, scale=4):
-    from PIL import Image
-
-    w, h = rows[0][0].size
-    out = Image.new("RGB", (w * scale * len(rows[0]), h * scale * len(rows)), "white")
-    for r, imgs in enumerate(rows):
-        for c, img in enumerate(imgs):
-            out.paste(img.resize((w * scale, h * scale), Image.NEAREST), (c * w * scale, r * h * scale))
-    return out
 
 
 def main():
@@ -94,20 +75,12 @@ def main():
     print("$", " ".join(cmd[1:]))
     subprocess.run(cmd, check=True)
 
-    import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    from sdlora.models import resolve_base
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_base(base), safety_checker=None)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(base)
     before = generate(pipe, PROMPTS, per_prompt=a.per_prompt)
     pipe.load_lora_weights(str(lora_dir))
     after = generate(pipe, PROMPTS, per_prompt=a.per_prompt)
     path = out / "before_after.png"
-    grid([before[:24:3], after[:24:3]]).save(path)
+    grid(before[:24:3] + after[:24:3], cols=8, scale=4).save(path)
     b, f = measure(before), measure(after)
     print(f"\nmeasured on {len(before)} images ({len(PROMPTS)} prompts with held-out colour pairs x {a.per_prompt} seeds; "
           "same seeds, base vs base + LoRA):")

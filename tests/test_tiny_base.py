@@ -76,7 +76,7 @@ def test_bundled_model_draws_the_prompted_colours(pipe):
     import eval_prompt_following as ev
 
     specs = ev.prompt_specs("heldout", per_prompt=1)[::3][:8]   # 8 prompts, all 8 held-out pairs
-    images = ev.generate(pipe, specs, steps=20, guidance=6.0)
+    images = ev.sample(pipe, [s["prompt"] for s in specs], [s["seed"] for s in specs], steps=20, guidance=6.0)
     res = shapes.prompt_following(images, specs)
     assert res["bg"] >= 0.75 and res["colour"] >= 0.75, res
 
