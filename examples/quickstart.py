@@ -82,7 +82,7 @@ def main():
            "--output_dir", str(lora_dir)]
     print("$", " ".join(cmd[1:]))
     # One torch thread: this model's ops are too small to split, and on the 2-core CPU one thread
-    # trained faster than two (11 vs 7.5 steps/s at batch 8).  OMP_NUM_THREADS, if set, wins.
+    # trained faster than two (8.3 vs 7.5 steps/s at batch 8).  OMP_NUM_THREADS, if set, wins.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     subprocess.run(cmd, check=True, env=env)
 
