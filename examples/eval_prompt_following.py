@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes  # noqa: E402
 
 
-
 def load_pipeline(model: str = "sdlora-tiny", scheduler: str = "dpm"):
     """An unmodified diffusers pipeline for `model` ('sdlora-tiny' = the bundled model, or a
     folder / Hub id), sampling with DPMSolverMultistepScheduler (or DDIM), no progress bars."""
@@ -59,7 +58,6 @@ def prompt_specs(split: str = "heldout", per_prompt: int = 4, seed: int = 0) -> 
     return specs
 
 
-@torch.no_grad()
 @torch.no_grad()
 def sample(pipe, prompts, seeds, steps: int = 20, guidance: float = 6.0, batch: int = 48):
     """Image i for prompts[i] from its own generator seeded seeds[i] (so it is the image a

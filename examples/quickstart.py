@@ -84,7 +84,8 @@ def main():
     # One torch thread: this model's ops are too small to split, and on the 2-core CPU one thread
     # trained faster than two (8.3 vs 7.5 steps/s at batch 8).  OMP_NUM_THREADS, if set, wins.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(cmd, check=True, env=env)
+    if subprocess.run(cmd, env=env).returncode:
+        sys.exit(1)  # the trainer has printed what was wrong; a traceback here would only bury it
 
     pipe = load_pipeline(base)
     before = generate(pipe, PROMPTS, guidance=a.guidance, per_prompt=a.per_prompt)
