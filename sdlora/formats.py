@@ -246,7 +246,7 @@ def _diffusers_pairs(tensors, source):
             raise UserError(f"{source}: unsupported diffusers LoRA key '{k}' (DoRA/bias are not supported); "
                             "expected ….lora.down/up.weight or ….lora_A/lora_B.weight")
         path = re.sub(r"processor\.(to_\w_lora|to_out_lora)$", lambda g: _OLD_DIFFUSERS[g.group(1)], m.group(2))
-        _add(pairs, _canonical(m.group(1), path), m.group(3) in ("up", "lora_B"), t)
+        _add(pairs, canonical(m.group(1), path), m.group(3) in ("up", "lora_B"), t)
     return pairs
 
 
@@ -255,14 +255,22 @@ def _peft_pairs(tensors, source):
     for k, t in tensors.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", k)
         comp = "text_encoder" if m.group(1).startswith(("text_model.", "encoder.layers.")) else "unet"
-        _add(pairs, _canonical(comp, m.group(1)), m.group(2) == "B", t)
+        _add(pairs, canonical(comp, m.group(1)), m.group(2) == "B", t)
     return pairs
 
 
-def _canonical(comp: str, path: str) -> str:
+def canonical(comp: str, path: str) -> str:
+    """'<comp>.<path>' with the classic CLIP spelling `text_model.…`, which files are written in whatever
+    transformers is installed (transformers >= 5 dropped the `text_model` level from the live module tree)."""
     if comp.startswith("text_encoder") and not path.startswith("text_model."):
-        path = "text_model." + path  # transformers>=5 dropped the text_model wrapper
+        path = "text_model." + path
     return f"{comp}.{path}"
+
+
+def _config_path(comp: str, path: str) -> str:
+    """A module path for peft configs (target_modules, rank/alpha patterns): without `text_model.`, so
+    peft's suffix match finds the layer under either transformers spelling."""
+    return path.removeprefix("text_model.") if comp.startswith("text_encoder") else path
 
 
 def _alphas(fmt, tensors, metadata, peft_config):
@@ -387,11 +395,10 @@ def _to_diffusers(lora):
     tensors, packed = {}, {}
     for comp in lora.components():
         mods = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(comp + ".")}
-        live = {p: live_path(comp, p) for p in mods}
         for p, m in mods.items():
-            tensors[f"{comp}.{live[p]}.lora_A.weight"] = m.down
-            tensors[f"{comp}.{live[p]}.lora_B.weight"] = m.up
-        cfg = lora_config({live[p]: m for p, m in mods.items()})
+            tensors[f"{comp}.{p}.lora_A.weight"] = m.down
+            tensors[f"{comp}.{p}.lora_B.weight"] = m.up
+        cfg = lora_config({_config_path(comp, p): m for p, m in mods.items()})
         packed.update({f"{comp}.{k}": v for k, v in cfg.items()})
     return tensors, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)}
 
@@ -416,8 +423,8 @@ def _save_peft(lora, out: Path, meta, cast) -> Path:
         raise UserError(f"{out}: peft holds one model per file; this LoRA has {', '.join(comps)} — give a folder instead")
     first = None
     for comp in comps:
-        mods = {live_path(comp, n.split(".", 1)[1]): m for n, m in lora.modules.items() if n.startswith(comp + ".")}
-        cfg = lora_config(mods)
+        mods = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(comp + ".")}
+        cfg = lora_config({_config_path(comp, p): m for p, m in mods.items()})
         tensors = {}
         for p, m in mods.items():
             tensors[f"base_model.model.{p}.lora_A.weight"] = m.down

@@ -1,9 +1,15 @@
 """LoRA injection (through peft) and the diffusers-format state dict that gets saved.
 
+Both the UNet and the text encoder get their adapter from peft's own `inject_adapter_in_model`,
+not from diffusers' or transformers' `add_adapter` wrappers: those gate on their own idea of the
+peft version (transformers 5.24 refuses peft < 0.22, which was not even released), and
+training must not depend on that.
+
 The saved file is what diffusers' own training scripts write, so an unmodified
 `pipe.load_lora_weights(dir)` loads it: keys `unet.<module>.lora.down/up.weight` (and
-`text_encoder.…`), plus diffusers' `lora_adapter_metadata` so a lora_alpha other than the
-rank survives loading.
+`text_encoder.text_model.…` — the classic spelling, whatever the installed transformers calls
+the module), plus diffusers' `lora_adapter_metadata` so a lora_alpha other than the rank
+survives loading.
 """
 from __future__ import annotations
 
@@ -24,9 +30,11 @@ def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: flo
 
 
 def add_lora(model: torch.nn.Module, config) -> list[torch.nn.Parameter]:
-    """Freeze `model`, add a LoRA adapter, and return the trainable (LoRA) parameters."""
+    """Freeze `model`, inject a LoRA adapter with peft, and return the trainable (LoRA) parameters."""
+    from peft import inject_adapter_in_model
+
     model.requires_grad_(False)
-    model.add_adapter(config)
+    inject_adapter_in_model(config, model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"no module matched target_modules={config.target_modules}")
@@ -38,6 +46,8 @@ def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    from .formats import canonical
+
     # save_embedding_layers=False: LoRA never touches embeddings (and peft stops probing the Hub for a config)
     peft_sd = get_peft_model_state_dict(model, save_embedding_layers=False)
     sd = convert_state_dict_to_diffusers(peft_sd)
@@ -45,7 +55,7 @@ def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
         # Targets beyond attention (ff, proj_in, conv) convert only partly, and diffusers then skips
         # the mixed-style layers silently; peft's lora_A/lora_B keys load whole.
         sd = peft_sd
-    return {f"{prefix}.{k}": (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
+    return {canonical(prefix, k): (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
 
 
 def adapter_metadata(configs: dict[str, object]) -> str:

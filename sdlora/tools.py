@@ -147,7 +147,7 @@ def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float
                 continue
             u, s, vh = torch.linalg.svd(d.flatten(1), full_matrices=False)
             r = min(rank, s.shape[0])
-            name = formats._canonical(comp, path)
+            name = formats.canonical(comp, path)
             modules[name] = _factor(u, s, vh, r, 1.0, d.shape[1:], d.shape[0], torch.float32)
             kept[name] = float((s[:r].square().sum() / s.square().sum()).sqrt())
     if not modules:
@@ -180,7 +180,8 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
 
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
@@ -205,11 +206,13 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
     if text_encoder is not None:
         te_cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=False,
                             target_modules=list(text_targets or ["q_proj", "k_proj", "v_proj", "out_proj"]))
-        text_encoder.add_adapter(te_cfg, adapter_name="sdlora_demo")
+        inject_adapter_in_model(te_cfg, text_encoder, adapter_name="sdlora_demo")
         for n, p in text_encoder.named_parameters():
             if "lora_B" in n:
                 p.data = torch.randn_like(p) * strength / p.shape[1] ** 0.5
-        kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(text_encoder, adapter_name="sdlora_demo")
+        kwargs["text_encoder_lora_layers"] = {
+            formats.canonical("text_encoder", k).split(".", 1)[1]: v
+            for k, v in get_peft_model_state_dict(text_encoder, adapter_name="sdlora_demo").items()}
         kwargs["text_encoder_lora_adapter_metadata"] = te_cfg.to_dict()
     out = Path(out)
     StableDiffusionPipeline.save_lora_weights(str(out), **kwargs)
@@ -218,7 +221,8 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
     else:
         unet.unload_lora()  # leave the caller's UNet exactly as it was: no empty LoRA wrappers
     if text_encoder is not None:
-        text_encoder.delete_adapter("sdlora_demo")
+        recurse_remove_peft_layers(text_encoder)
+        del text_encoder.peft_config
     file = out / formats.WEIGHT_NAMES[0]
     with safe_open(str(file), "pt") as f:
         meta, tensors = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
