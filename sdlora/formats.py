@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -23,6 +24,9 @@ if TYPE_CHECKING:  # torch is imported lazily so `sdlora --help` stays fast
 
 FORMATS = ("diffusers", "kohya", "peft")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Base models load from safetensors only (as in training); this ends the error when only pickle weights exist.
+PICKLE_BASE_HINT = ("if it has only pickle (.bin) weights, which can run code, pass --allow-pickle / allow_pickle=True "
+                    "if you trust it")
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _KOHYA_PREFIX = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
@@ -64,16 +68,24 @@ class Lora:
 # ---------------------------------------------------------------- reading
 
 def load_lora(source, allow_pickle: bool = False) -> Lora:
-    """Read a LoRA from a folder, a weights file or a Hub id; the format is detected from its keys."""
+    """Read a LoRA from a folder, a weights file or a Hub id; the format is detected from its keys.
+    Every malformed file is a one-line UserError naming it (and the layer), raised before anything is used."""
     path = resolve_file(source)
-    tensors, metadata = _read_tensors(path, allow_pickle)
-    config = _read_json(path.parent / "adapter_config.json")
-    lora = parse(tensors, metadata, source=str(path), peft_config=config)
-    if (path.parent / "text_encoder" / "adapter_model.safetensors").is_file():  # peft folder, TE part
-        te = load_lora(path.parent / "text_encoder", allow_pickle)
-        lora.modules.update({"text_encoder." + k.split(".", 1)[1]: m for k, m in te.modules.items()})
-    lora.base_model = _card_base_model(path.parent / "README.md") or _metadata_base_model(metadata)
+    lora = _load_file(path, allow_pickle)
+    te = path.parent / "text_encoder" / "adapter_model.safetensors"
+    if te.is_file():  # peft folder, TE part (one level only: a symlink loop cannot recurse)
+        part = _load_file(te, allow_pickle)
+        lora.modules.update({canonical("text_encoder", k.split(".", 1)[1]): m for k, m in part.modules.items()})
+    lora.base_model = _card_base_model(path.parent / "README.md") or _metadata_base_model(lora.metadata)
     return lora
+
+
+def _load_file(path: Path, allow_pickle: bool) -> Lora:
+    tensors, metadata = _read_tensors(path, allow_pickle)
+    config = None
+    if detect_format(tensors) == "peft":  # adapter_config.json only matters (and is only checked) for peft keys
+        config = _read_config(path.parent / "adapter_config.json", path)
+    return parse(tensors, metadata, source=str(path), peft_config=config)
 
 
 def resolve_file(source) -> Path:
@@ -131,8 +143,9 @@ def _read_tensors(path: Path, allow_pickle: bool):
         except Exception as e:
             raise UserError(f"{path}: not a readable torch file ({type(e).__name__}); expected a LoRA state dict") from None
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise UserError(f"{path}: expected a flat dict of tensors (a LoRA state dict)")
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               and v.layout == torch.strided for k, v in sd.items()):
+            raise UserError(f"{path}: expected a flat dict of named dense tensors (a LoRA state dict)")
         return dict(sd), {}
     from safetensors import safe_open
 
@@ -146,17 +159,40 @@ def _read_tensors(path: Path, allow_pickle: bool):
     return tensors, metadata
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+def _read_config(path: Path, source) -> dict | None:
+    """peft's adapter_config.json beside `source`: None when absent, a one-line error when damaged."""
+    if not path.is_file():
         return None
+    try:
+        cfg = _json(path.read_text(encoding="utf-8"), path.name, source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{source}: cannot read its {path.name} ({type(e).__name__}); expected a readable JSON file") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{source}: its {path.name} is not a JSON object; the file is damaged (re-export it)")
+    return cfg
+
+
+def _json(text, what: str, source):
+    """Parse JSON from a header entry or config file; damage is a one-line error (deep nesting included)."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError) as e:
+        reason = getattr(e, "msg", type(e).__name__)
+        raise UserError(f"{source}: its {what} is not valid JSON ({reason}); the file is damaged (re-export it)") from None
+
+
+def _show(value, limit: int = 100) -> str:
+    """User data inside a one-line message: quoted, escaped (no raw newline), cut short."""
+    s = repr(value)
+    return s if len(s) <= limit else s[:limit] + "…"
 
 
 def _card_base_model(card: Path) -> str | None:
-    if not card.is_file():
+    try:
+        text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    except OSError:  # an unreadable card only costs the base-model hint
         return None
-    m = re.match(r"---\s*\n(.*?)\n---", card.read_text(encoding="utf-8", errors="replace"), re.S)
+    m = re.match(r"---\s*\n(.*?)\n---", text, re.S)
     if not m:
         return None
     hit = re.search(r"^base_model:[ \t]*(\S.*)?$\n?((?:[ \t]*-[ \t]*\S.*\n?)*)", m.group(1), re.M)
@@ -168,8 +204,9 @@ def _card_base_model(card: Path) -> str | None:
 
 def _metadata_base_model(metadata: dict) -> str | None:
     for key in ("base_model", "sdlora_base_model", "ss_sd_model_name"):
-        if metadata.get(key):
-            return metadata[key]
+        value = str(metadata.get(key) or "").strip()
+        if value:
+            return value.splitlines()[0]  # free text: keep later error messages on one line
     return None
 
 
@@ -185,31 +222,88 @@ def detect_format(keys) -> str:
 
 
 def parse(tensors: dict, metadata: dict | None = None, source: str = "<memory>", peft_config: dict | None = None) -> Lora:
+    """Tensors + header metadata -> Lora; anything malformed is a one-line UserError naming `source`."""
+    import torch
+
     metadata = metadata or {}
+    if not tensors:
+        raise UserError(f"{source}: the file holds no tensors; expected a LoRA .safetensors file")
+    for k, t in tensors.items():
+        if not isinstance(k, str) or not isinstance(t, torch.Tensor):
+            raise UserError(f"{source}: entry {_show(k)} is not a named tensor; expected a LoRA state dict")
     fmt = detect_format(tensors)
     if fmt == "unknown":
-        example = next(iter(tensors), "<no tensors>")
+        example = _show(next(iter(tensors)))
         if not any("lora" in k.lower() for k in tensors):
-            raise UserError(f"{source}: not a LoRA file (no LoRA keys, e.g. '{example}'); expected "
+            raise UserError(f"{source}: not a LoRA file (no LoRA keys, e.g. {example}); expected "
                             "diffusers (unet.….lora_A/lora.down), peft (….lora_A.weight) or kohya (lora_unet_….lora_down) keys")
-        raise UserError(f"{source}: unknown LoRA key layout (e.g. '{example}'); expected diffusers, peft or kohya keys")
+        raise UserError(f"{source}: unknown LoRA key layout (e.g. {example}); expected diffusers, peft or kohya keys")
     pairs = {"kohya": _kohya_pairs, "diffusers": _diffusers_pairs, "peft": _peft_pairs}[fmt](tensors, source)
-    alphas = _alphas(fmt, tensors, metadata, peft_config)
+    alphas = _alphas(fmt, tensors, metadata, peft_config, source)
+    padding = _json(metadata.get(_PADDING_KEY, "[]"), f"{_PADDING_KEY} header", source)
+    if not isinstance(padding, list) or not all(isinstance(n, str) for n in padding):
+        raise UserError(f"{source}: its {_PADDING_KEY} header is not a list of layer names; the file is damaged (re-export it)")
     modules = {}
     for name, (down, up) in pairs.items():
-        if down is None or up is None or down.shape[0] != up.shape[1] or down.dim() != up.dim() or down.dim() not in (2, 4):
-            shapes = [tuple(t.shape) if t is not None else None for t in (down, up)]
-            raise UserError(f"{source}: layer {name} has mismatched down/up weights {shapes}; expected [r, in] and [out, r]")
-        modules[name] = Module(down, up, float(alphas(name, down.shape[0])))
-    for name in json.loads(metadata.get(_PADDING_KEY, "[]")):  # zero padding written by _pad_text_encoder
+        _check_weights(source, name, down, up)
+        modules[name] = _check_scale(source, name, Module(down, up, alphas(name, down.shape[0])))
+    for name in padding:  # zero padding written by _pad_text_encoder
         if name in modules and not modules[name].up.any() and not modules[name].down.any():
             del modules[name]
+    if not modules:
+        raise UserError(f"{source}: no LoRA layer has both down and up weights; expected a LoRA file")
     metadata = {k: v for k, v in metadata.items() if k != _PADDING_KEY}
     return Lora(modules, metadata, fmt, source)
 
 
-def _add(pairs, name, which, t):
-    pairs.setdefault(name, [None, None])[which] = t
+def _check_weights(source, name, down, up):
+    """Refuse what would crash later or silently ruin images: a missing half, wrong dims or dtype, NaN/Inf."""
+    import torch
+
+    where = f"{source}: layer {_show(name)}"
+    if down is None or up is None:
+        have, miss = ("down", "up") if up is None else ("up", "down")
+        raise UserError(f"{where} has only its {have} weight (no {miss} weight); expected both")
+    for t in (down, up):
+        if not t.is_floating_point():
+            raise UserError(f"{where} has {str(t.dtype).replace('torch.', '')} weights; expected floating point (fp32/fp16/bf16)")
+    if (down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0] or 0 in down.shape
+            or 0 in up.shape or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1))):
+        shapes = [list(down.shape), list(up.shape)]
+        raise UserError(f"{where} has mismatched down/up weights {shapes}; expected [r, in] and [out, r] "
+                        "(conv: [r, in, kh, kw] and [out, r, 1, 1])")
+    for t in (down, up):  # isfinite has no 1-byte float kernels: widen those
+        if not torch.isfinite(t if t.element_size() > 1 else t.float()).all():
+            raise UserError(f"{where} has NaN/Inf weights; the file is damaged (retrain or re-export it)")
+
+
+def _check_scale(source, name, m: Module) -> Module:
+    """Finite but absurd weights (a flipped exponent bit) make up @ down overflow. Bound every entry of the
+    product by |row of up| * |column of down| (Cauchy-Schwarz), in float64 so the bound cannot overflow."""
+    bound = m.up.double().flatten(1).norm(dim=1).max() * m.down.double().flatten(1).norm(dim=0).max()
+    if bound * m.alpha / m.rank > 1e38:
+        raise UserError(f"{source}: layer {_show(name)} has weights so large that its weight change overflows "
+                        "float32; the file is damaged (retrain or re-export it)")
+    return m
+
+
+def _positive(value, what: str, source) -> float:
+    """A finite number > 0 (a JSON number, not a bool or string), else a one-line error."""
+    try:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < float(value) < math.inf
+    except OverflowError:  # a huge JSON integer
+        ok = False
+    if not ok:
+        raise UserError(f"{source}: {what} is {_show(value)}; expected a positive number")
+    return float(value)
+
+
+def _add(pairs, name, which, t, key, source):
+    slot = pairs.setdefault(name, [None, None])
+    if slot[which] is not None:  # two spellings of one weight: which one is meant is unknowable
+        raise UserError(f"{source}: layer {_show(name)} has two {('down', 'up')[which]} weights (one is {_show(key)}); "
+                        "expected one key per weight")
+    slot[which] = t
 
 
 def _kohya_pairs(tensors, source):
@@ -217,10 +311,10 @@ def _kohya_pairs(tensors, source):
     for k, t in tensors.items():
         m = re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", k)
         if not m:
-            raise UserError(f"{source}: unsupported kohya key '{k}' (LoHa/LoKr/DoRA are not supported); "
+            raise UserError(f"{source}: unsupported kohya key {_show(k)} (LoHa/LoKr/DoRA are not supported); "
                             "expected .lora_down.weight, .lora_up.weight and .alpha")
         if m.group(3) != "alpha":
-            _add(pairs, f"{_KOHYA_PREFIX[m.group(1)]}.{unmangle(m.group(2))}", m.group(3) == "lora_up.weight", t)
+            _add(pairs, f"{_KOHYA_PREFIX[m.group(1)]}.{unmangle(m.group(2))}", m.group(3) == "lora_up.weight", t, k, source)
     return pairs
 
 
@@ -243,10 +337,10 @@ def _diffusers_pairs(tensors, source):
         m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+?)\.(?:lora_linear_layer\.|lora\.)?"
                          r"(down|up|lora_A|lora_B)(?:\.\w+)?\.weight", k)
         if not m:
-            raise UserError(f"{source}: unsupported diffusers LoRA key '{k}' (DoRA/bias are not supported); "
+            raise UserError(f"{source}: unsupported diffusers LoRA key {_show(k)} (DoRA/bias are not supported); "
                             "expected ….lora.down/up.weight or ….lora_A/lora_B.weight")
-        path = re.sub(r"processor\.(to_\w_lora|to_out_lora)$", lambda g: _OLD_DIFFUSERS[g.group(1)], m.group(2))
-        _add(pairs, canonical(m.group(1), path), m.group(3) in ("up", "lora_B"), t)
+        path = re.sub(r"processor\.(to_[qkv]_lora|to_out_lora)$", lambda g: _OLD_DIFFUSERS[g.group(1)], m.group(2))
+        _add(pairs, canonical(m.group(1), path), m.group(3) in ("up", "lora_B"), t, k, source)
     return pairs
 
 
@@ -254,8 +348,10 @@ def _peft_pairs(tensors, source):
     pairs = {}
     for k, t in tensors.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", k)
+        if not m:  # detect_format's looser search matched (e.g. nothing before ".lora_A", a trailing newline)
+            raise UserError(f"{source}: unsupported peft LoRA key {_show(k)}; expected <module path>.lora_A/lora_B.weight")
         comp = "text_encoder" if m.group(1).startswith(("text_model.", "encoder.layers.")) else "unet"
-        _add(pairs, canonical(comp, m.group(1)), m.group(2) == "B", t)
+        _add(pairs, canonical(comp, m.group(1)), m.group(2) == "B", t, k, source)
     return pairs
 
 
@@ -273,33 +369,67 @@ def _config_path(comp: str, path: str) -> str:
     return path.removeprefix("text_model.") if comp.startswith("text_encoder") else path
 
 
-def _alphas(fmt, tensors, metadata, peft_config):
+def _alphas(fmt, tensors, metadata, peft_config, source="<memory>"):
     """Return alpha(name, rank): each format's own rule, and alpha = rank (scale 1) when it has none."""
+    import torch
+
     if fmt == "kohya":
         table = {}
         for k, t in tensors.items():
             m = re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)\.alpha", k)
             if m:
-                table[f"{_KOHYA_PREFIX[m.group(1)]}.{unmangle(m.group(2))}"] = float(t.float().item())
-        return lambda name, r: table.get(name, r)
-    configs = {}
+                if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
+                    raise UserError(f"{source}: alpha {_show(k)} has shape {list(t.shape)} and dtype "
+                                    f"{str(t.dtype).replace('torch.', '')}; expected one number")
+                table[f"{_KOHYA_PREFIX[m.group(1)]}.{unmangle(m.group(2))}"] = _positive(
+                    t.float().item(), f"alpha {_show(k)}", source)
+        return lambda name, r: table.get(name, float(r))
+    configs, what = {}, "lora_adapter_metadata header"
     if fmt == "diffusers" and metadata.get("lora_adapter_metadata"):
-        packed = json.loads(metadata["lora_adapter_metadata"])
+        packed = _json(metadata["lora_adapter_metadata"], what, source)
+        if not isinstance(packed, dict):
+            raise UserError(f"{source}: its {what} is not a JSON object; the file is damaged (re-export it)")
         for key, value in packed.items():
             comp, _, field_ = key.partition(".")
             configs.setdefault(comp, {})[field_] = value
     elif fmt == "peft":
-        cfg = peft_config or (json.loads(metadata["adapter_config"]) if metadata.get("adapter_config") else None)
-        if cfg:
+        what = "adapter_config.json" if peft_config is not None else "adapter_config header"
+        cfg = peft_config
+        if cfg is None and metadata.get("adapter_config"):
+            cfg = _json(metadata["adapter_config"], what, source)
+        if cfg is not None:
             configs = {"unet": cfg, "text_encoder": cfg}
+    for comp, cfg in configs.items():
+        _check_config(cfg, f"{what}" + (f" ({comp})" if fmt == "diffusers" else ""), source)
 
     def alpha(name, r):
         comp, path = name.split(".", 1)
         cfg = configs.get(comp)
         if not cfg or "lora_alpha" not in cfg:
-            return r
-        return _pattern(cfg.get("alpha_pattern"), path) or cfg["lora_alpha"]
+            return float(r)
+        value = _pattern(cfg.get("alpha_pattern"), path)
+        return float(cfg["lora_alpha"] if value is None else value)
     return alpha
+
+
+def _check_config(cfg, what, source):
+    """The peft config fields sdlora reads: numbers > 0 and pattern tables of valid regexes."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{source}: its {what} is not a JSON object; the file is damaged (re-export it)")
+    for key in ("lora_alpha", "r"):
+        if key in cfg:
+            _positive(cfg[key], f"{key} in its {what}", source)
+    for key in ("alpha_pattern", "rank_pattern"):
+        table = cfg.get(key) or {}
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: {key} in its {what} is not a JSON object; the file is damaged (re-export it)")
+        for pattern, value in table.items():
+            _positive(value, f"{key}[{_show(pattern)}] in its {what}", source)
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")  # as _pattern uses it
+            except (re.error, TypeError):
+                raise UserError(f"{source}: {key} in its {what} has an invalid pattern {_show(pattern)}; "
+                                "expected module names") from None
 
 
 def _pattern(patterns, path):

@@ -46,7 +46,7 @@ def load_pipeline(loras=(), base=None, scheduler: str = "dpm++", device=None, dt
     base = base or _base_from(read)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(dtype, device)
-    pipe = load_base(base, dtype)
+    pipe = load_base(base, dtype, allow_pickle=allow_pickle)
     set_scheduler(pipe, scheduler)
     add_loras(pipe, read)
     pipe.sdlora_base = str(base)
@@ -69,7 +69,8 @@ def _dtype(dtype, device):
     return formats.torch_dtype(dtype) if isinstance(dtype, str) else dtype
 
 
-def load_base(base, dtype=None):
+def load_base(base, dtype=None, allow_pickle: bool = False):
+    """The base pipeline from safetensors weights; pickle (.bin) weights only with allow_pickle, as in training."""
     from diffusers import StableDiffusionPipeline
 
     from .models import resolve_base
@@ -77,11 +78,14 @@ def load_base(base, dtype=None):
     base = resolve_base(str(base), flag="base model")  # short names such as sdlora-tiny, clear errors
     with quiet():
         try:
-            return StableDiffusionPipeline.from_pretrained(str(base), dtype=dtype)
+            return StableDiffusionPipeline.from_pretrained(str(base), dtype=dtype,
+                                                           use_safetensors=None if allow_pickle else True)
         except Exception as e:
             reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
             raise UserError(f"{base}: could not load the base model ({reason}); "
-                            "expected a diffusers Stable Diffusion folder or Hub id") from None
+                            + (formats.PICKLE_BASE_HINT if "safetensors" in reason and not allow_pickle else
+                               "expected a diffusers Stable Diffusion folder or Hub id")) from None
+
 
 
 def set_scheduler(pipe, name: str):
@@ -275,7 +279,8 @@ def register_cli(sub):
     s.add_argument("--scheduler", default="dpm++", choices=[k for k in SCHEDULERS if k != "keep"])
     s.add_argument("--device")
     s.add_argument("--dtype", choices=list(formats.DTYPES))
-    s.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt/.ckpt LoRAs (they can run code)")
+    s.add_argument("--allow-pickle", action="store_true",
+                   help="allow .bin/.pt/.ckpt LoRAs and .bin base weights (they can run code)")
     s.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
     s.set_defaults(func=_generate_cli)
 
@@ -283,7 +288,8 @@ def register_cli(sub):
     s.add_argument("--base")
     s.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]")
     s.add_argument("--dtype", choices=list(formats.DTYPES))
-    s.add_argument("--allow-pickle", action="store_true")
+    s.add_argument("--allow-pickle", action="store_true",
+                   help="allow .bin/.pt/.ckpt LoRAs and .bin base weights (they can run code)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_fuse_cli)
 

@@ -120,7 +120,7 @@ def merge(loras: list[tuple[Lora, float]], rank: int | None = None):
     return resize(merged, rank) if rank else (merged, {n: 1.0 for n in out})
 
 
-def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float = 1e-6):
+def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float = 1e-6, allow_pickle: bool = False):
     """A LoRA approximating tuned - base for every Linear/Conv2d that differs; returns (LoRA, kept shares)."""
     import torch
 
@@ -131,7 +131,7 @@ def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float
     modules, kept = {}, {}
     for comp in ("unet", "text_encoder") if text_encoder else ("unet",):
         with quiet():
-            a, b = _component(base, comp), _component(tuned, comp)
+            a, b = _component(base, comp, allow_pickle), _component(tuned, comp, allow_pickle)
         if a is None or b is None:
             continue
         tuned_layers = dict(b.named_modules())
@@ -156,18 +156,20 @@ def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float
     return Lora(modules, meta, "diffusers", str(tuned), base_model=str(base)), kept
 
 
-def _component(model, comp):
+def _component(model, comp, allow_pickle: bool = False):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     cls = UNet2DConditionModel if comp == "unet" else CLIPTextModel
-    try:
-        return cls.from_pretrained(str(model), subfolder=comp)
+    try:  # safetensors only unless the user opts in: pickle weights can run code
+        return cls.from_pretrained(str(model), subfolder=comp, use_safetensors=None if allow_pickle else True)
     except Exception as e:
         if comp != "unet" and not (Path(str(model)) / comp).exists() and Path(str(model)).exists():
             return None
-        raise UserError(f"{model}: could not load its {comp} ({type(e).__name__}); expected a diffusers "
-                        "Stable Diffusion folder or Hub id") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        hint = formats.PICKLE_BASE_HINT if "safetensors" in reason and not allow_pickle else \
+            "expected a diffusers Stable Diffusion folder or Hub id"
+        raise UserError(f"{model}: could not load its {comp} ({reason}); {hint}") from None
 
 
 # ---------------------------------------------------------------- demo LoRAs (tests, benchmarks, docs)
@@ -303,7 +305,8 @@ def _merge_cli(args):
 
 def _extract_cli(args):
     _guard(args.out, args.base, args.tuned)
-    lora, kept = extract(args.base, args.tuned, args.rank, text_encoder=not args.unet_only)
+    lora, kept = extract(args.base, args.tuned, args.rank, text_encoder=not args.unet_only,
+                         allow_pickle=args.allow_pickle)
     file = formats.save_lora(lora, args.out, args.to, args.dtype)
     print(f"share of each layer's Frobenius norm kept at rank {args.rank}:")
     _print_kept(kept)

@@ -191,7 +191,8 @@ def _good_file(tmp_path):
     ("header", "not a valid safetensors file"),
     ("not_lora", "not a LoRA file"),
     ("unknown", "unknown LoRA key layout"),
-    ("half_pair", "mismatched down/up"),
+    ("half_pair", "has only its down weight (no up weight)"),
+    ("3d", "mismatched down/up"),
 ])
 def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, damage, expected):
     path = _good_file(tmp_path)
@@ -205,6 +206,8 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, damage, expect
         save_file({"mystery.lora_x.weight": torch.ones(2, 2)}, str(path))
     elif damage == "half_pair":
         save_file({"lora_unet_a.lora_down.weight": torch.ones(2, 2)}, str(path))
+    elif damage == "3d":
+        save_file({"unet.a.lora.down.weight": torch.ones(2, 3, 1), "unet.a.lora.up.weight": torch.ones(3, 2, 1)}, str(path))
     with pytest.raises(UserError) as e:
         formats.load_lora(path)
     msg = str(e.value)
@@ -219,6 +222,9 @@ def test_pickle_is_refused_unless_opted_in(tmp_path):
     with pytest.raises(UserError, match="refusing"):
         formats.load_lora(tmp_path)  # a folder holding only the pickle
     assert formats.load_lora(path, allow_pickle=True).modules["unet.a"].rank == 2
+    torch.save({1: torch.ones(2, 3)}, path)  # a dict, but not keyed by names
+    with pytest.raises(UserError, match="expected a flat dict of named dense tensors"):
+        formats.load_lora(path, allow_pickle=True)
 
 
 def test_peft_config_alphas_and_patterns_are_honoured(tmp_path):
@@ -233,3 +239,131 @@ def test_peft_config_alphas_and_patterns_are_honoured(tmp_path):
     assert lora.format == "peft"
     assert lora.modules["unet.down_blocks.0.attentions.0.proj_in"].alpha == 8
     assert lora.modules["unet.mid_block.attentions.0.proj_in"].alpha == 2
+
+
+# ---------------------------------------------------------------- malformed files (issue #11)
+
+D, U = "unet.a.lora.down.weight", "unet.a.lora.up.weight"
+K = "lora_unet_a"
+P = "base_model.model.a.lora_"
+
+
+def _diffusers(down=(2, 3), up=(3, 2), dtype=torch.float32, fill=0.1):
+    return {D: torch.full(down, fill).to(dtype), U: torch.full(up, fill).to(dtype)}
+
+
+def _kohya(alpha):
+    return {f"{K}.lora_down.weight": torch.ones(2, 3), f"{K}.lora_up.weight": torch.ones(3, 2), f"{K}.alpha": alpha}
+
+
+_PEFT = {P + "A.weight": torch.ones(2, 3), P + "B.weight": torch.ones(3, 2)}
+
+# name: (tensors, header metadata, adapter_config.json text or None, expected words in the one-line error)
+MALFORMED = {
+    "no_tensors": ({}, {}, None, "holds no tensors"),
+    "0d_down": ({D: torch.tensor(1.0), U: torch.ones(3, 2)}, {}, None, "mismatched down/up"),
+    "1d_up": ({D: torch.ones(2, 3), U: torch.ones(3)}, {}, None, "mismatched down/up"),
+    "conv_up_not_1x1": (_diffusers((2, 3, 3, 3), (4, 2, 3, 3)), {}, None, "mismatched down/up"),
+    "rank_0": (_diffusers((0, 3), (3, 0)), {}, None, "mismatched down/up"),
+    "int_weights": (_diffusers(dtype=torch.int32), {}, None, "int32 weights"),
+    "bool_weights": (_diffusers(dtype=torch.bool), {}, None, "bool weights"),
+    "nan": (_diffusers(fill=float("nan")), {}, None, "NaN/Inf weights; the file is damaged"),
+    "inf": ({D: torch.ones(2, 3), U: torch.full((3, 2), -float("inf"))}, {}, None, "NaN/Inf weights"),
+    "overflowing": (_diffusers(fill=1e30), {}, None, "overflows float32"),
+    "two_spellings": ({**_diffusers(), "unet.a.lora_A.weight": torch.ones(2, 3)}, {}, None, "two down weights"),
+    "metadata_not_json": (_diffusers(), {"lora_adapter_metadata": "{"}, None, "lora_adapter_metadata header is not valid JSON"),
+    "metadata_not_object": (_diffusers(), {"lora_adapter_metadata": "[1]"}, None, "is not a JSON object"),
+    "alpha_string": (_diffusers(), {"lora_adapter_metadata": '{"unet.lora_alpha": "8"}'}, None, "expected a positive number"),
+    "alpha_nan": (_diffusers(), {"lora_adapter_metadata": '{"unet.lora_alpha": NaN}'}, None, "expected a positive number"),
+    "r_bool": (_diffusers(), {"lora_adapter_metadata": '{"unet.r": true}'}, None, "expected a positive number"),
+    "pattern_regex": (_diffusers(), {"lora_adapter_metadata": '{"unet.lora_alpha": 4, "unet.alpha_pattern": {"(": 2}}'},
+                      None, "invalid pattern"),
+    "pattern_value": (_diffusers(), {"lora_adapter_metadata": '{"unet.lora_alpha": 4, "unet.alpha_pattern": {"a": "x"}}'},
+                      None, "expected a positive number"),
+    "deep_json": (_diffusers(), {"lora_adapter_metadata": "[" * 100000}, None, "not valid JSON (RecursionError)"),
+    "zero_modules_not_json": (_diffusers(), {"sdlora_zero_modules": "{"}, None, "sdlora_zero_modules header is not valid JSON"),
+    "zero_modules_not_names": (_diffusers(), {"sdlora_zero_modules": '[["unet.a"]]'}, None, "not a list of layer names"),
+    "adapter_config_header": (_PEFT, {"adapter_config": "{"}, None, "adapter_config header is not valid JSON"),
+    "adapter_config_json": (_PEFT, {}, "{", "adapter_config.json is not valid JSON"),
+    "adapter_config_list": (_PEFT, {}, "[]", "adapter_config.json is not a JSON object"),
+    "adapter_config_alpha": (_PEFT, {}, '{"lora_alpha": [8]}', "lora_alpha in its adapter_config.json"),
+    "kohya_alpha_vector": (_kohya(torch.ones(2)), {}, None, "expected one number"),
+    "kohya_alpha_bool": (_kohya(torch.tensor(True)), {}, None, "expected one number"),
+    "kohya_alpha_zero": (_kohya(torch.tensor(0.0)), {}, None, "expected a positive number"),
+    "kohya_alpha_negative": (_kohya(torch.tensor(-4.0)), {}, None, "expected a positive number"),
+    "kohya_alpha_nan": (_kohya(torch.tensor(float("nan"))), {}, None, "expected a positive number"),
+    "kohya_alpha_only": ({f"{K}.alpha": torch.tensor(4.0)}, {}, None, "no LoRA layer has both down and up"),
+    "peft_key_without_path": ({".lora_A.weight": torch.ones(2, 3)}, {}, None, "unsupported peft LoRA key"),
+    "peft_key_newline": ({"a.lora_A.weight\n": torch.ones(2, 3)}, {}, None, "unsupported peft LoRA key"),
+    "kohya_key_newline": ({f"{K}\nx.lora_mid.weight": torch.ones(2, 3)}, {}, None, "unsupported kohya key"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_lora_is_one_line_error_naming_the_file(tmp_path, case, capsys):
+    """Each of these used to traceback (IndexError, AttributeError, KeyError, re.error, JSONDecodeError, ...)
+    or load silently with a wrong scale or NaN weights; now load_lora and the CLI refuse them in one line."""
+    from sdlora.cli import main
+
+    tensors, metadata, config, expected = MALFORMED[case]
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, str(path), metadata or None)  # safetensors 0.8 writes a broken header for ({}, {})
+    if config is not None:
+        (tmp_path / "adapter_config.json").write_text(config)
+    with pytest.raises(UserError) as e:
+        formats.load_lora(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg, msg
+    assert main(["inspect", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {msg}\n"
+
+
+def test_odd_but_harmless_headers_and_keys_load(tmp_path):
+    """An old-style processor key with an unknown projection (a KeyError before) is kept as a layer name for
+    the base check to judge; a multi-line base-model name is cut to its first line so later errors stay one line."""
+    path = tmp_path / "lora.safetensors"
+    key = "unet.a.processor.to_x_lora"
+    save_file({f"{key}.down.weight": torch.ones(2, 3), f"{key}.up.weight": torch.ones(3, 2)}, str(path),
+              {"ss_sd_model_name": "some/base\nsecond line"})
+    lora = formats.load_lora(path)
+    assert list(lora.modules) == [key] and lora.base_model == "some/base"
+
+
+def _pickled_base(tiny_model, tmp_path):
+    """A copy of the tiny pipeline whose UNet exists only as pickle (.bin), slightly changed (for extract)."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    base = tmp_path / "pickled"
+    shutil.copytree(tiny_model, base)
+    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+    unet.conv_in.weight.data += 0.01
+    for f in (base / "unet").glob("*.safetensors"):
+        f.unlink()
+    unet.save_pretrained(str(base / "unet"), safe_serialization=False)
+    assert [f.suffix for f in (base / "unet").glob("diffusion_pytorch_model*")] == [".bin"]
+    return base
+
+
+def test_pickle_base_weights_need_allow_pickle_everywhere(tiny_model, tmp_path, capsys):
+    """generate/fuse/extract used to load .bin base weights silently while training refused them."""
+    from sdlora.cli import main
+    from sdlora.pipeline import load_base, load_pipeline
+
+    base = _pickled_base(tiny_model, tmp_path)
+    for load in (lambda **kw: load_base(base, **kw), lambda **kw: load_pipeline([], base=base, device="cpu", **kw)):
+        with pytest.raises(UserError) as e:
+            load()
+        msg = str(e.value)
+        assert msg.startswith(str(base)) and "--allow-pickle" in msg and "\n" not in msg, msg
+        assert load(allow_pickle=True).unet.conv_in.weight.shape[0] == 32
+
+    out = tmp_path / "x.safetensors"
+    argv = ["extract", "--base", str(tiny_model), "--tuned", str(base), "--rank", "1", "--unet-only", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {base}: could not load its unet") and "--allow-pickle" in err and "\n" not in err
+    assert not out.exists()
+    assert main(argv + ["--allow-pickle"]) == 0
+    assert list(formats.load_lora(out).modules) == ["unet.conv_in"]
