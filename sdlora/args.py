@@ -162,6 +162,9 @@ def setup_logging(token: str | None = None):
     import logging
 
     from .hub import RedactToken
+    from .logs import silence_noise
+
+    silence_noise()
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

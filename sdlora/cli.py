@@ -38,7 +38,10 @@ def _registrars():
 
 
 def main(argv=None):
+    from .logs import silence_noise
+
     args = build_parser().parse_args(argv)
+    silence_noise()
     try:
         return args.func(args) or 0
     except UserError as e:
