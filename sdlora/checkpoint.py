@@ -1,32 +1,34 @@
 """Resumable checkpoints: output_dir/checkpoint-N, each written whole or not at all.
 
 A checkpoint holds only what changes during training — the LoRA weights (safetensors), the
-optimizer, LR-scheduler and grad-scaler states, and the step — never the frozen base model.
+optimizer, LR-scheduler and grad-scaler states, the step, and the settings of the run that
+wrote it — never the frozen base model. `read` checks all of it before any model is loaded,
+so a damaged or foreign checkpoint is one line, not a traceback minutes later.
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .io import atomic_dir
+from .io import remove_dir, safetensors_bytes, torch_bytes, write_folder
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a half-written one has no state.json and is ignored)."""
+    """Complete checkpoints, oldest first (a half-written or half-pruned one has no state.json and is skipped)."""
     found = []
     if output_dir.is_dir():
         for p in output_dir.iterdir():
             m = _NAME.match(p.name)
-            if m and (p / "state.json").exists():
+            if m and (p / "state.json").is_file():
                 found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -39,53 +41,136 @@ def find(output_dir: Path, resume: str) -> Path | None:
     p = Path(resume)
     if not p.is_absolute() and not p.exists():
         p = output_dir / resume
-    if not (p / "state.json").exists():
+    if not (p / "state.json").is_file():
         raise UserError(f"--resume_from_checkpoint {resume}: no complete checkpoint there "
                         f"(expected {p}/state.json); use 'latest' or a checkpoint-N folder")
     return p
 
 
-def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, scaler, state: dict,
+def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, scaler, seed: int, settings: dict,
          total_limit: int | None) -> Path:
+    """Write checkpoint-`step` (serialised in memory first, so a full disk fails before anything moves)."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
+    files = {}
+    for name, model in models.items():
+        sd = get_peft_model_state_dict(model, save_embedding_layers=False)
+        files[f"{name}_lora.safetensors"] = safetensors_bytes({k: v.detach().float() for k, v in sd.items()})
+    files["optimizer.pt"] = torch_bytes(optimizer.state_dict())
+    files["scheduler.pt"] = torch_bytes(lr_scheduler.state_dict())
+    if scaler is not None:
+        files["scaler.pt"] = torch_bytes(scaler.state_dict())
+    state = {"global_step": step, "seed": seed, "settings": settings}
+    files["state.json"] = json.dumps(state, indent=2, sort_keys=True).encode()
     final = output_dir / f"checkpoint-{step}"
-    with atomic_dir(final) as tmp:
-        for name, model in models.items():
-            sd = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
-            save_file(sd, str(tmp / f"{name}_lora.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "global_step": step}, indent=2))
+    write_folder(final, files)
     # Prune only after the new checkpoint is complete, so a crash never leaves fewer than the limit.
     if total_limit:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             log.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old.name, total_limit)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)
     return final
 
 
-def read_state(path: Path) -> dict:
-    return json.loads((path / "state.json").read_text())
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    seed: int
+    settings: dict  # the writing run's settings ({} for checkpoints older than the settings record)
+    lora: dict[str, dict[str, torch.Tensor]]  # component -> peft state dict
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
 
 
-def load(path: Path, models: dict, optimizer, lr_scheduler, scaler) -> dict:
-    from peft.utils import set_peft_model_state_dict
+# Settings that checkpoints written before the full settings record kept at the top level of state.json.
+_OLD_KEYS = ("rank", "target_modules", "train_batch_size", "gradient_accumulation_steps", "num_processes",
+             "train_text_encoder")
+
+
+def read(path: Path, components: list[str]) -> Checkpoint:
+    """Load and check everything in a checkpoint folder; every problem is a UserError naming the file."""
     from safetensors.torch import load_file
 
-    for name, model in models.items():
+    state_file = path / "state.json"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{state_file}: unreadable ({type(e).__name__}); the checkpoint is damaged — resume from "
+                        "another checkpoint-N or delete this one") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or state["global_step"] < 0 \
+            or not isinstance(state.get("seed"), int) or not isinstance(state.get("settings", {}), dict):
+        raise UserError(f"{state_file}: missing or malformed global_step/seed/settings; the checkpoint is damaged — "
+                        "resume from another checkpoint-N or delete this one")
+    settings = state.get("settings")
+    if settings is None:
+        settings = {k: state[k] for k in _OLD_KEYS if k in state}
+    rank = settings.get("rank")
+
+    lora = {}
+    for name in components:
         f = path / f"{name}_lora.safetensors"
-        if not f.exists():
+        if not f.is_file():
             raise UserError(f"{path}: has no {f.name}; it was saved with different --train_text_encoder settings")
-        res = set_peft_model_state_dict(model, load_file(str(f)))
-        if getattr(res, "unexpected_keys", None):
-            raise UserError(f"{f}: LoRA keys do not match this model (different --rank/--target_modules?)")
-    # Our own files, but still loaded without unpickling arbitrary objects.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    return read_state(path)
+        try:
+            sd = load_file(str(f))
+        except Exception as e:  # truncated, garbage header, …
+            raise UserError(f"{f}: unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+                            "the checkpoint is damaged — resume from another checkpoint-N or delete this one") from None
+        for k, v in sd.items():
+            if not v.is_floating_point() or v.dim() not in (2, 4) or not torch.isfinite(v).all():
+                raise UserError(f"{f}: tensor {k} is not a finite LoRA weight; the checkpoint is damaged")
+            if rank is not None and "lora_A" in k and v.shape[0] != rank:
+                raise UserError(f"{f}: LoRA rank {v.shape[0]} but {state_file.name} says rank {rank}; "
+                                "the checkpoint is damaged or mixed from two runs")
+        lora[name] = sd
+    blobs = {}
+    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
+        f = path / name
+        if name == "scaler.pt" and not f.exists():
+            blobs[name] = None
+            continue
+        try:  # our own files, but still loaded without unpickling arbitrary objects
+            blobs[name] = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{f}: unreadable ({type(e).__name__}); the checkpoint is damaged — resume from "
+                            "another checkpoint-N or delete this one") from None
+        if not isinstance(blobs[name], dict):
+            raise UserError(f"{f}: not a saved state; the checkpoint is damaged")
+    return Checkpoint(path, state["global_step"], state["seed"], settings, lora,
+                      blobs["optimizer.pt"], blobs["scheduler.pt"], blobs["scaler.pt"])
+
+
+def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(changed settings as 'name old -> new', settings the checkpoint did not record)."""
+    current = json.loads(json.dumps(current))  # compare in the form state.json stores (lists, string keys)
+    changed = [f"{k} {_show(k, saved[k])} -> {_show(k, v)}" for k, v in current.items() if k in saved and saved[k] != v]
+    changed += [f"{k} {_show(k, saved[k])} -> (not used now)" for k in saved if k not in current]
+    return changed, [k for k in current if k not in saved]
+
+
+def _show(key, value) -> str:
+    if key == "data" and isinstance(value, str):
+        return value[:12]
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def apply(ckpt: Checkpoint, models: dict, optimizer, lr_scheduler, scaler):
+    """Put a checked checkpoint's state into the freshly built models, optimizer and schedulers."""
+    from peft.utils import set_peft_model_state_dict
+
+    for name, model in models.items():
+        res = set_peft_model_state_dict(model, ckpt.lora[name])
+        missing = [k for k in getattr(res, "missing_keys", []) if "lora_" in k]
+        if getattr(res, "unexpected_keys", None) or missing:
+            raise UserError(f"{ckpt.path / f'{name}_lora.safetensors'}: LoRA keys do not match this model "
+                            "(different --rank/--target_modules or base model?)")
+    try:
+        optimizer.load_state_dict(ckpt.optimizer)
+        lr_scheduler.load_state_dict(ckpt.scheduler)
+        if scaler is not None and ckpt.scaler is not None:
+            scaler.load_state_dict(ckpt.scaler)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"{ckpt.path}: optimizer/scheduler state does not fit this run "
+                        f"({str(e).splitlines()[0][:120]}); resume with the settings it was saved with") from None

@@ -1,34 +1,27 @@
-"""Atomic file writes: a killed run never leaves a truncated file or clobbers a finished one."""
+"""Crash-safe, deterministic writes: a killed run never leaves a truncated file or clobbers a finished one.
+
+Everything is serialised in memory first and written by `write_bytes` into a hidden temp file
+beside its target, fsynced and renamed. So the file's mode follows the umask (safetensors'
+own `save_file` renames its 0600 temp file over ours), a full disk is one line that says how
+much space was needed, and safetensors headers come out in one key order (safetensors
+serialises metadata from a hash map: same tensors, different bytes on every run).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
+import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temp path beside `path`; on success fsync and rename it over `path`.
-
-    Same directory, so the rename is atomic on POSIX. On any error the temp file is removed
-    and `path` keeps its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+# Hidden names this module writes (".<name>.<random>.tmp"); `remove_leftovers` may delete them.
+TMP_SUFFIX = ".tmp"
 
 
 def _umask() -> int:
@@ -37,22 +30,99 @@ def _umask() -> int:
     return mask
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def disk_full(path: Path, need: int) -> UserError:
+    """The one-line error for ENOSPC/EDQUOT: what could not be written and how much space it needs."""
+    try:
+        free = _mb(shutil.disk_usage(Path(path).parent if not Path(path).is_dir() else path).free) + " free"
+    except OSError:
+        free = "free space unknown"
+    return UserError(f"{path}: could not write it, the disk is full (it needs {_mb(need)}, {free}); free some space "
+                     f"or choose another output folder — files written earlier are intact")
+
+
+def _is_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write(path: Path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temp path beside `path`; on success rename it over `path`.
+
+    Same directory, so the rename is atomic on POSIX. On any error the temp file is removed
+    and `path` keeps its previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path, data: bytes):
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            _write(tmp, data)
+    except OSError as e:
+        if _is_full(e):
+            raise disk_full(path, len(data)) from None
+        raise
+
+
 def write_text(path, text: str):
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+    write_bytes(path, text.encode("utf-8"))
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file in memory, with its JSON header written in sorted key order."""
+    from safetensors.torch import save
+
+    raw = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    # Offsets in the header are relative to the data section, so re-serialising it moves nothing.
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
 
 
 def save_safetensors(tensors: dict, path, metadata: dict[str, str] | None = None):
-    from safetensors.torch import save_file
+    write_bytes(path, safetensors_bytes(tensors, metadata))
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+
+def torch_bytes(obj) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def save_image(image, path, pnginfo=None):
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=pnginfo)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=pnginfo)
+    write_bytes(path, buf.getvalue())
+
+
+def _hidden_tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
 @contextlib.contextmanager
@@ -60,13 +130,12 @@ def atomic_dir(path: str | os.PathLike):
     """Yield a temp directory; on success it replaces `path` (an old `path` is removed only then)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = _hidden_tmp(path)  # a unique name: two writers never fight over one ".old"
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -75,3 +144,23 @@ def atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_folder(path, files: dict[str, bytes]):
+    """Write `files` ({name: bytes}) as the folder `path`, whole or not at all."""
+    path = Path(path)
+    try:
+        with atomic_dir(path) as tmp:
+            for name, data in files.items():
+                _write(tmp / name, data)
+    except OSError as e:
+        if _is_full(e):
+            raise disk_full(path, sum(len(d) for d in files.values())) from None
+        raise
+
+
+def remove_dir(path: Path):
+    """Delete a folder so that an interruption never leaves it half-deleted under its own name."""
+    gone = _hidden_tmp(path)
+    os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)

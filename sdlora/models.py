@@ -53,9 +53,40 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
     return name
 
 
-def _load(cls, base, subfolder, allow_pickle, **kw):
+# Layer names users target, to suggest when a --target_modules entry matches nothing.
+COMMON_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                  "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
+
+
+def check_targets(base: str, targets: list[str], revision=None, cache_dir=None):
+    """Each --target_modules entry must name Linear/Conv2d layers of the base UNet, as peft matches them
+    (the module name, or a dotted suffix of it). Checked on an empty meta-device UNet built from the
+    config, so a typo costs milliseconds instead of a traceback after the models load."""
+    from diffusers import UNet2DConditionModel
+
     try:
-        return cls.from_pretrained(base, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kw)
+        config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+    except Exception:  # an unusual UNet: loading it reports the real problem
+        return
+    layers = dict(unet.named_modules())
+    for t in targets:
+        hits = [m for n, m in layers.items() if n == t or n.endswith("." + t)]
+        bad = {type(m).__name__ for m in hits if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        if not hits or bad:
+            known = [c for c in COMMON_TARGETS if any(n.endswith("." + c) for n in layers)]
+            what = f"names {', '.join(sorted(bad))} layers, not Linear/Conv2d" if bad else "matches no layer"
+            raise UserError(f"--target_modules {t}: {what} of the UNet in {base}; use layer names such as "
+                            f"{', '.join(known)}")
+
+
+def _load(cls, base, subfolder, allow_pickle, **kw):
+    from .logs import no_progress_bars
+
+    try:
+        with no_progress_bars():
+            return cls.from_pretrained(base, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kw)
     except (OSError, EnvironmentError, ValueError) as e:
         msg = str(e).splitlines()[0][:300]
         hint = "; pass --allow_pickle to load .bin weights you trust" if "safetensors" in msg.lower() else ""

@@ -11,6 +11,8 @@ replays exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import random
@@ -111,6 +113,48 @@ def all_captions(data: TrainSet) -> list[str]:
     return caps
 
 
+def data_digest(data: TrainSet) -> str:
+    """A fingerprint of what is trained on: each image's file name and size, its caption, and how rows
+    form examples and loss groups. Moving the folder keeps it; changing an image or caption does not."""
+    rows = []
+    for r in data.rows:
+        size = r.image.stat().st_size if isinstance(r.image, Path) else None
+        rows.append([Path(r.name).name if size is not None else r.name, size, r.caption])
+    blob = json.dumps([rows, data.examples, data.groups], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# LR schedules whose value at step s depends on the total number of steps.
+_DECAYING = {"linear", "cosine", "cosine_with_restarts", "polynomial"}
+
+
+def run_settings(args, recipe: Recipe, world: int, max_steps: int, lr: float, te_lr: float) -> dict:
+    """Everything that must be the same for a resumed run to continue the one that wrote the checkpoint."""
+    base = getattr(args, "base_model_name", args.pretrained_model_name_or_path)
+    if Path(base).expanduser().exists():
+        base = str(Path(base).expanduser().resolve())
+    s = {
+        "base_model": base, "revision": args.revision, "variant": args.variant,
+        "rank": args.rank, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.rank,
+        "lora_dropout": args.lora_dropout, "target_modules": list(args.target_modules),
+        "train_text_encoder": bool(args.train_text_encoder),
+        "learning_rate": lr, "text_encoder_lr": te_lr, "lr_scheduler": args.lr_scheduler,
+        "lr_warmup_steps": args.lr_warmup_steps, "lr_num_cycles": getattr(args, "lr_num_cycles", 1),
+        "lr_power": getattr(args, "lr_power", 1.0), "use_8bit_adam": bool(args.use_8bit_adam),
+        "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2, "adam_weight_decay": args.adam_weight_decay,
+        "adam_epsilon": args.adam_epsilon, "max_grad_norm": args.max_grad_norm,
+        "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": world, "resolution": args.resolution, "center_crop": bool(args.center_crop),
+        "random_flip": bool(args.random_flip), "noise_offset": args.noise_offset, "snr_gamma": args.snr_gamma,
+        "prediction_type": args.prediction_type, "loss_weights": recipe.group_weights,
+        "tokenizer_max_length": recipe.max_length, "text_encoder_use_attention_mask": recipe.use_attention_mask,
+        "num_rows": len(recipe.data.rows), "data": data_digest(recipe.data),
+    }
+    if args.lr_scheduler in _DECAYING:
+        s["max_train_steps"] = max_steps
+    return s
+
+
 def train(args, recipe: Recipe, on_step=None) -> Path:
     """Train and save; `on_step(step, logs)` is called after every optimizer step (benchmarks use it)."""
     from accelerate import Accelerator
@@ -135,18 +179,44 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    resume_from = checkpoint.find(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-    if args.resume_from_checkpoint == "latest" and resume_from is None and main:
-        log.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", output_dir)
+    # ---- resume: the checkpoint is read and checked against this run's settings before any model loads
+    ckpt = None
+    if args.resume_from_checkpoint:
+        found = checkpoint.find(output_dir, args.resume_from_checkpoint)
+        if found is None and main:
+            log.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", output_dir)
+        if found is not None:
+            ckpt = checkpoint.read(found, ["unet"] + ["text_encoder"] * bool(args.train_text_encoder))
     # The seed drives every random choice; a resumed run takes the one it started with.
-    seed = checkpoint.read_state(resume_from)["seed"] if resume_from else (
-        args.seed if args.seed is not None else random.SystemRandom().randrange(2**31))
+    seed = ckpt.seed if ckpt else (args.seed if args.seed is not None else random.SystemRandom().randrange(2**31))
     if world > 1:  # one seed for all processes, or each would shard a different shuffle
         from accelerate.utils import broadcast_object_list
 
         seed = broadcast_object_list([seed])[0]
     torch.manual_seed(seed)
     data.seed = seed
+
+    # ---- schedule
+    global_step = ckpt.step if ckpt else 0
+    ga = args.gradient_accumulation_steps
+    sampler = StreamSampler(len(data), args.train_batch_size, seed, rank, world, start=global_step * ga)
+    # Epochs count micro-batches: the stream runs on across epoch boundaries, so N epochs are
+    # ceil(N * batches / accumulation) optimizer steps, not N * ceil(batches / accumulation).
+    max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * sampler.batches_per_epoch / ga)
+    num_epochs = math.ceil(max_steps * ga / sampler.batches_per_epoch)
+    lr = args.learning_rate * (ga * args.train_batch_size * world if args.scale_lr else 1)
+    te_lr = getattr(args, "text_encoder_lr", None) or lr
+    settings = run_settings(args, recipe, world, max_steps, lr, te_lr)
+    if ckpt:
+        changed, unknown = checkpoint.differences(ckpt.settings, settings)
+        if args.seed is not None and args.seed != ckpt.seed:
+            changed.append(f"seed {ckpt.seed} -> {args.seed}")
+        if changed:
+            raise UserError(f"--resume_from_checkpoint {ckpt.path}: this run's settings differ from the checkpoint's "
+                            f"({'; '.join(changed)}); resume with the same settings, or start a new run in another "
+                            f"--output_dir")
+        if unknown and main:
+            log.warning("%s predates the settings check: %s not verified", ckpt.path, ", ".join(unknown))
 
     base = args.pretrained_model_name_or_path
     load_kw = dict(revision=args.revision, cache_dir=args.cache_dir)
@@ -206,15 +276,7 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
-    # ---- schedule
-    sampler = StreamSampler(len(data), args.train_batch_size, seed, rank, world)
-    ga = args.gradient_accumulation_steps
-    # Epochs count micro-batches: the stream runs on across epoch boundaries, so N epochs are
-    # ceil(N * batches / accumulation) optimizer steps, not N * ceil(batches / accumulation).
-    max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * sampler.batches_per_epoch / ga)
-    num_epochs = math.ceil(max_steps * ga / sampler.batches_per_epoch)
-    lr = args.learning_rate * (ga * args.train_batch_size * world if args.scale_lr else 1)
-    te_lr = getattr(args, "text_encoder_lr", None) or lr
+    # ---- optimizer
     groups = [{"params": params["unet"], "lr": lr}]
     if "text_encoder" in params:
         groups.append({"params": params["text_encoder"], "lr": te_lr})
@@ -227,22 +289,12 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
     optimizer = prepared[-1]
     scaler = getattr(accelerator, "scaler", None)
 
-    fingerprint = {"rank": args.rank, "target_modules": args.target_modules, "train_batch_size": args.train_batch_size,
-                   "gradient_accumulation_steps": ga, "num_processes": world,
-                   "train_text_encoder": bool(args.train_text_encoder)}
     unwrapped = {k: accelerator.unwrap_model(m) for k, m in wrapped.items()}
-    global_step = 0
-    if resume_from:
-        state = checkpoint.read_state(resume_from)
-        changed = {k: (state.get(k), v) for k, v in fingerprint.items() if state.get(k) != v}
-        if changed:
-            raise UserError(f"--resume_from_checkpoint {resume_from}: settings differ from the checkpoint's: "
-                            + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        checkpoint.load(resume_from, unwrapped, optimizer, lr_scheduler, scaler)
-        global_step = state["global_step"]
+    if ckpt:
+        checkpoint.apply(ckpt, unwrapped, optimizer, lr_scheduler, scaler)
         if main:
-            log.info("resumed from %s at step %d", resume_from, global_step)
-    sampler.start = global_step * ga
+            log.info("resumed from %s at step %d", ckpt.path, global_step)
+        ckpt = None  # its tensors are in the models now
 
     if main:
         log.info("LoRA parameters in %s, frozen weights in %s (mixed precision: %s)",
@@ -293,64 +345,64 @@ def train(args, recipe: Recipe, on_step=None) -> Path:
             per_sample = per_sample * snr_weights(noise_scheduler, t, args.snr_gamma).to(per_sample)
         return group_loss(per_sample, batch["groups"].to(device), recipe.group_weights)
 
-    bar = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not main, dynamic_ncols=True)
-    samples: list[dict] = []
-    t_last, last_logs = time.perf_counter(), {}
-    while global_step < max_steps:
-        epoch_before = (global_step * ga) // sampler.batches_per_epoch
-        logs_acc: dict[str, float] = {}
-        for k in range(ga):
-            micro = global_step * ga + k
-            batch = next(batches)
-            sync = k == ga - 1
-            with contextlib.ExitStack() as ctx:
-                if not sync and world > 1:  # skip the all-reduce until the last micro-batch
-                    for m in wrapped.values():
-                        ctx.enter_context(accelerator.no_sync(m))
-                loss, parts = micro_step(batch, micro)
-                accelerator.backward(loss / ga)
-            logs_acc["loss"] = logs_acc.get("loss", 0.0) + loss.item() / ga
-            for g, v in parts.items():
-                name = recipe.group_names.get(g, f"loss_{g}")
-                if name != "loss":
-                    logs_acc[name] = logs_acc.get(name, 0.0) + v.item() / ga
-        if args.max_grad_norm and args.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_([p for ps in params.values() for p in ps], args.max_grad_norm)
-            logs_acc["grad_norm"] = float(grad_norm)
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: GradScaler skipped the step
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        global_step += 1
+    # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
+    with tqdm(total=max_steps, initial=global_step, desc="steps", disable=not main, dynamic_ncols=True) as bar:
+        samples: list[dict] = []
+        t_last, last_logs = time.perf_counter(), {}
+        while global_step < max_steps:
+            epoch_before = (global_step * ga) // sampler.batches_per_epoch
+            logs_acc: dict[str, float] = {}
+            for k in range(ga):
+                micro = global_step * ga + k
+                batch = next(batches)
+                sync = k == ga - 1
+                with contextlib.ExitStack() as ctx:
+                    if not sync and world > 1:  # skip the all-reduce until the last micro-batch
+                        for m in wrapped.values():
+                            ctx.enter_context(accelerator.no_sync(m))
+                    loss, parts = micro_step(batch, micro)
+                    accelerator.backward(loss / ga)
+                logs_acc["loss"] = logs_acc.get("loss", 0.0) + loss.item() / ga
+                for g, v in parts.items():
+                    name = recipe.group_names.get(g, f"loss_{g}")
+                    if name != "loss":
+                        logs_acc[name] = logs_acc.get(name, 0.0) + v.item() / ga
+            if args.max_grad_norm and args.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_([p for ps in params.values() for p in ps], args.max_grad_norm)
+                logs_acc["grad_norm"] = float(grad_norm)
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: GradScaler skipped the step
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
 
-        if world > 1:  # log the mean over processes, not just the main one's share of the batch
-            keys = sorted(logs_acc)
-            vals = accelerator.reduce(torch.tensor([logs_acc[k] for k in keys], device=device), "mean")
-            logs_acc = dict(zip(keys, vals.tolist()))
-        now = time.perf_counter()
-        last_logs = {**logs_acc, "lr": lr_scheduler.get_last_lr()[0], "s_per_step": now - t_last}
-        t_last = now
-        accelerator.log(last_logs, step=global_step)
-        if on_step:
-            on_step(global_step, last_logs)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_logs['loss']:.4f}", lr=f"{last_logs['lr']:.2e}")
+            if world > 1:  # log the mean over processes, not just the main one's share of the batch
+                keys = sorted(logs_acc)
+                vals = accelerator.reduce(torch.tensor([logs_acc[k] for k in keys], device=device), "mean")
+                logs_acc = dict(zip(keys, vals.tolist()))
+            now = time.perf_counter()
+            last_logs = {**logs_acc, "lr": lr_scheduler.get_last_lr()[0], "s_per_step": now - t_last}
+            t_last = now
+            accelerator.log(last_logs, step=global_step)
+            if on_step:
+                on_step(global_step, last_logs)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_logs['loss']:.4f}", lr=f"{last_logs['lr']:.2e}")
 
-        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            accelerator.wait_for_everyone()
-            if main:
-                path = checkpoint.save(output_dir, global_step, unwrapped, optimizer, lr_scheduler, scaler,
-                                       {**fingerprint, "seed": seed}, args.checkpoints_total_limit)
-                log.info("saved %s", path)
-        epoch_after = (global_step * ga) // sampler.batches_per_epoch
-        at_epoch = epoch_after > epoch_before and epoch_after % args.validation_epochs == 0
-        if args.validation_prompt and (at_epoch or global_step == max_steps):
-            if main:
-                vae, text_encoder, imgs = _validate(args, recipe, accelerator, wrapped, vae, text_encoder, tokenizer,
-                                                    noise_scheduler, weight_dtype, seed, released, epoch_after)
-                samples = [{"prompt": p, "path": str(path.relative_to(output_dir))} for p, path in imgs]
-            accelerator.wait_for_everyone()
-    bar.close()
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                accelerator.wait_for_everyone()
+                if main:
+                    path = checkpoint.save(output_dir, global_step, unwrapped, optimizer, lr_scheduler, scaler,
+                                           seed, settings, args.checkpoints_total_limit)
+                    log.info("saved %s", path)
+            epoch_after = (global_step * ga) // sampler.batches_per_epoch
+            at_epoch = epoch_after > epoch_before and epoch_after % args.validation_epochs == 0
+            if args.validation_prompt and (at_epoch or global_step == max_steps):
+                if main:
+                    vae, text_encoder, imgs = _validate(args, recipe, accelerator, wrapped, vae, text_encoder, tokenizer,
+                                                        noise_scheduler, weight_dtype, seed, released, epoch_after)
+                    samples = [{"prompt": p, "path": str(path.relative_to(output_dir))} for p, path in imgs]
+                accelerator.wait_for_everyone()
 
     accelerator.wait_for_everyone()
     out = None
@@ -460,23 +512,38 @@ def run(args, make_recipe) -> int:
 
     All user-fixable problems surface before any model is loaded, as one line on stderr.
     """
+    import os
     import sys
 
-    from . import hub
+    from . import hub, outdir
     from .args import check, setup_logging
 
     token = hub.resolve_token(args.hub_token)
     setup_logging(token)
+    lock = None
     try:
         check(args)
+        output_dir = Path(args.output_dir)
+        if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by the process that writes
+            lock = outdir.OutputLock(output_dir)
+            outdir.remove_leftovers(output_dir)
+        earlier = checkpoint.list_checkpoints(output_dir)
+        if earlier and not args.resume_from_checkpoint:
+            raise UserError(f"--output_dir {output_dir} holds checkpoints of an earlier run ({earlier[-1].name}"
+                            f"{f' and {len(earlier) - 1} more' if len(earlier) > 1 else ''}): continue it with "
+                            "--resume_from_checkpoint latest, or choose another --output_dir")
         args.base_model_name = args.pretrained_model_name_or_path  # as given: a Hub id, a path or a short name
         args.pretrained_model_name_or_path = models.resolve_base(
             args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
+        models.check_targets(args.pretrained_model_name_or_path, args.target_modules, args.revision, args.cache_dir)
         recipe = make_recipe(args)
         path = train(args, recipe)
         if path is not None and args.push_to_hub:
-            hub.push(Path(args.output_dir), args.hub_model_id, token)
+            hub.push(output_dir, args.hub_model_id, token)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {hub.redact(str(e), token)}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     return 0

@@ -1,0 +1,293 @@
+"""Faults a real user meets: a busy or reused output folder, killed runs, damaged checkpoints, a full disk,
+umask, byte-identical reruns, a failed upload, and a quiet log. Each on the tiny model, through the scripts."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sdlora.hub
+import sdlora.io
+import sdlora.models
+import train_text_to_image_lora as t2i
+from conftest import make_images
+from helpers import ROOT, T2I, env, fast_flags, read_lora, run
+from sdlora.trainer import run as run_recipe
+
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_images(tmp_path / "d", n=4)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if any model weights are loaded."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the problem was reported")
+    for name in ("load_tokenizer", "load_text_encoder", "load_vae", "load_unet", "load_noise_scheduler"):
+        monkeypatch.setattr(sdlora.models, name, boom)
+
+
+def _err(capsys, argv, token=None):
+    """Run the text-to-image recipe in-process; return its one `error:` line."""
+    rc = run_recipe(t2i.parse_args(argv), t2i.make_recipe)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert rc == 2 and len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _wait_for(predicate, what, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _start(argv, log_path):
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, str(T2I), *argv], stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env=env(), cwd=ROOT)
+
+
+# ---------------------------------------------------------------- one run per folder
+
+def test_second_run_into_a_busy_output_dir_is_refused_and_the_lock_dies_with_its_holder(tiny_model, tmp_path, data):
+    out = tmp_path / "o"
+    log = tmp_path / "a.log"
+    a = _start(fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=10**6, checkpointing_steps=10**6), log)
+    try:
+        _wait_for(lambda: "training text-to-image LoRA" in log.read_text(), "run A to start training")
+        b = run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1), check=False)
+        assert b.returncode == 2, b.stderr[-2000:]
+        lines = [x for x in b.stderr.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and f"pid {a.pid}" in lines[0] and "in use by another sdlora run" in lines[0]
+        assert "Traceback" not in b.stderr
+        assert a.poll() is None  # A was not disturbed
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+    # kill -9 leaves no stale lock: the next run just works
+    c = run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1))
+    assert c.returncode == 0 and (out / WEIGHTS).exists()
+    assert not (out / ".sdlora.lock").exists()  # a finished run leaves no lock file behind
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings_before_loading(tiny_model, tmp_path, data, capsys,
+                                                                        no_model_loads):
+    out = tmp_path / "o"
+    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=2))
+
+    def resume(**over):
+        return _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4,
+                                       checkpointing_steps=2, resume_from_checkpoint="latest", **over))
+    msg = resume(learning_rate=1e-4)
+    assert "checkpoint-2" in msg and "learning_rate 0.001 -> 0.0001" in msg
+    assert "lora_alpha 4 -> 8" in resume(lora_alpha=8)
+    assert "lr_scheduler constant -> cosine" in resume(lr_scheduler="cosine")
+    assert "seed 0 -> 1" in resume(seed=1)
+    (data / "img0.txt").write_text("a different caption")  # same images, one caption changed
+    assert "data " in resume()
+
+
+def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tiny_model, tmp_path, data, capsys, no_model_loads):
+    out = tmp_path / "o"
+    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=1))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2))
+    assert "holds checkpoints of an earlier run (checkpoint-2 and 1 more)" in msg
+    assert "--resume_from_checkpoint latest" in msg
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_leftovers_of_killed_runs_are_cleaned_and_latest_skips_incomplete_ones(tiny_model, tmp_path, data):
+    out = tmp_path / "o"
+    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4, checkpointing_steps=2))
+    # What kills at different moments leave behind (names as sdlora and safetensors write them) ...
+    (out / ".checkpoint-6.k2j3h4.tmp").mkdir()
+    (out / ".checkpoint-6.k2j3h4.tmp" / "optimizer.pt").write_bytes(b"half")
+    (out / ".README.md.x8y9.tmp").write_text("half a card")
+    (out / ".tmpAb3dE9").write_bytes(b"safetensors' own temp file")
+    (out / "samples").mkdir()
+    (out / "samples" / ".latest_0.png.abc.tmp").write_bytes(b"png")
+    (out / "checkpoint-8").mkdir()  # a prune or write that stopped half-way: no state.json
+    (out / "checkpoint-8" / "unet_lora.safetensors").write_bytes(b"partial")
+    # ... and what is the user's and must stay
+    (out / "checkpoint-9").mkdir()
+    (out / "checkpoint-9" / "my-notes.txt").write_text("mine")
+    (out / "notes.tmp").write_text("mine too")
+    r = run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6, checkpointing_steps=2,
+                            resume_from_checkpoint="latest"))
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in r.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["README.md", "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-9", "notes.tmp",
+                     WEIGHTS, "samples"], names
+    assert list((out / "samples").iterdir()) == [] and (out / "checkpoint-9" / "my-notes.txt").exists()
+
+
+def test_killed_run_resumed_equals_an_uninterrupted_one(tiny_model, tmp_path, data):
+    common = dict(train_data_dir=data, max_train_steps=8, checkpointing_steps=2, gradient_accumulation_steps=2)
+    run(T2I, fast_flags(tiny_model, tmp_path / "full", **common))
+    out = tmp_path / "part"
+    a = _start(fast_flags(tiny_model, out, **dict(common, max_train_steps=10**6, checkpointing_steps=2)),
+               tmp_path / "a.log")
+    _wait_for(lambda: (out / "checkpoint-4" / "state.json").exists(), "two checkpoints")
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    # The killed run had max_train_steps 10**6 and a constant LR: the same schedule as 8 steps.
+    r = run(T2I, fast_flags(tiny_model, out, resume_from_checkpoint="latest", **common))
+    assert "resumed from" in r.stderr
+    full, _ = read_lora(tmp_path / "full" / WEIGHTS)
+    resumed, _ = read_lora(out / WEIGHTS)
+    assert full.keys() == resumed.keys()
+    assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+def _damage(ckpt, how):
+    if how == "state_not_json":
+        (ckpt / "state.json").write_text("{not json")
+        return "state.json"
+    if how == "state_missing_seed":
+        (ckpt / "state.json").write_text(json.dumps({"global_step": 2}))
+        return "state.json"
+    if how == "truncated_weights":
+        f = ckpt / "unet_lora.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+        return "unet_lora.safetensors"
+    if how == "optimizer_garbage":
+        (ckpt / "optimizer.pt").write_bytes(b"this is not a torch file")
+        return "optimizer.pt"
+    if how == "rank_differs":
+        f = ckpt / "unet_lora.safetensors"
+        sd = load_file(str(f))
+        save_file({k: (v[:2] if "lora_A" in k else v[:, :2]).contiguous() for k, v in sd.items()}, str(f))
+        return "unet_lora.safetensors"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["state_not_json", "state_missing_seed", "truncated_weights", "optimizer_garbage",
+                                 "rank_differs"])
+def test_damaged_checkpoint_is_one_line_before_loading(tiny_model, tmp_path, data, capsys, how, no_model_loads):
+    out = tmp_path / "o"
+    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=2))
+    bad = _damage(out / "checkpoint-2", how)
+    msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4,
+                                  resume_from_checkpoint="latest"))
+    assert str(out / "checkpoint-2") in msg and bad in msg, msg
+
+
+def test_target_modules_that_match_nothing_fail_before_loading(tiny_model, tmp_path, data, capsys, no_model_loads):
+    msg = _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, target_modules="to_q,to_qq"))
+    assert "--target_modules to_qq: matches no layer" in msg and "to_out.0" in msg
+    msg = _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, target_modules="attn1"))
+    assert "--target_modules attn1" in msg and "Attention" in msg
+
+
+# ---------------------------------------------------------------- disk full, permissions, determinism
+
+def _fail_writes_under(monkeypatch, fragment):
+    real = sdlora.io._write
+
+    def write(path, data):
+        if fragment in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+    monkeypatch.setattr(sdlora.io, "_write", write)
+
+
+def test_disk_full_mid_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_model, tmp_path, data, capsys,
+                                                                        monkeypatch):
+    out = tmp_path / "o"
+    _fail_writes_under(monkeypatch, ".checkpoint-4.")
+    msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6, checkpointing_steps=2))
+    assert str(out / "checkpoint-4") in msg and "disk is full" in msg and "it needs" in msg, msg
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # no temp folder, no half checkpoint
+    assert json.loads((out / "checkpoint-2" / "state.json").read_text())["global_step"] == 2
+    assert load_file(str(out / "checkpoint-2" / "unet_lora.safetensors"))
+
+
+def test_disk_full_at_the_final_save_keeps_the_earlier_weights(tiny_model, tmp_path, data, capsys, monkeypatch):
+    out = tmp_path / "o"
+    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1))
+    before = (out / WEIGHTS).read_bytes()
+    _fail_writes_under(monkeypatch, f".{WEIGHTS}.")
+    msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, seed=5))
+    assert str(out / WEIGHTS) in msg and "disk is full" in msg
+    assert (out / WEIGHTS).read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tiny_model, tmp_path, data, umask, mode):
+    out = tmp_path / "o"
+    cmd = [sys.executable, str(T2I), *fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1,
+                                                    checkpointing_steps=1)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, preexec_fn=lambda: os.umask(umask))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in [out / WEIGHTS, out / "README.md", *(out / "checkpoint-1").iterdir()]:
+        assert f.stat().st_mode & 0o777 == mode, (f, oct(f.stat().st_mode))
+    assert (out / "checkpoint-1").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_identical_runs_write_identical_bytes(tiny_model, tmp_path, data):
+    for name in ("a", "b"):
+        run(T2I, fast_flags(tiny_model, tmp_path / name, train_data_dir=data, max_train_steps=2, checkpointing_steps=2,
+                            lora_alpha=8))
+    for f in (WEIGHTS, "checkpoint-2/unet_lora.safetensors"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+# ---------------------------------------------------------------- sharing, quiet logs
+
+class FailingHfApi:
+    def create_repo(self, repo_id, token=None, **kw):
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, token=None, **kw):
+        raise ConnectionError(f"upload refused for token {token}\nsecond line")
+
+
+def test_failed_push_is_one_line_and_the_local_output_is_complete(tiny_model, tmp_path, data, capsys, monkeypatch):
+    secret = "hf_SECRETtokenVALUE_0123456789"
+    monkeypatch.setattr(sdlora.hub, "HfApi", FailingHfApi)
+    out = tmp_path / "o"
+    msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1, push_to_hub=True,
+                                  hub_token=secret, hub_model_id="me/lora"))
+    assert "uploading to me/lora failed (ConnectionError" in msg and f"{out} is complete" in msg
+    assert secret not in msg and "hf upload me/lora" in msg
+    assert read_lora(out / WEIGHTS)[0] and (out / "README.md").exists()
+
+
+def test_a_newcomers_run_is_quiet_but_real_warnings_show(tiny_model, tmp_path, data):
+    (data / "broken.png").write_bytes(b"not an image")  # a real warning: this file is skipped
+    out = tmp_path / "o"
+    r = run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1, validation_prompt="a red square",
+                            num_validation_images=1))
+    assert "skipping" in r.stderr and "broken.png" in r.stderr
+    for noise in ("requires torchvision", "Loading weights", "No LoRA keys"):
+        assert noise not in r.stderr, noise
+    g = subprocess.run([sys.executable, "-m", "sdlora.cli", "generate", "a red square", "--lora", str(out),
+                        "--steps", "2", "--seed", "0", "--out", str(tmp_path / "png")],
+                       capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert g.returncode == 0, g.stderr[-2000:]
+    for noise in ("requires torchvision", "No LoRA keys"):
+        assert noise not in g.stderr, noise
+    # ... while plain diffusers does print it for the same UNet-only file (the filter is what hides it)
+    plain = subprocess.run([sys.executable, "-c", (
+        "from diffusers import StableDiffusionPipeline as P\n"
+        f"p = P.from_pretrained({str(tiny_model)!r})\np.load_lora_weights({str(out)!r})")],
+        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert plain.returncode == 0 and "No LoRA keys associated to CLIPTextModel" in plain.stderr, plain.stderr[-2000:]
