@@ -30,12 +30,16 @@ import shapes  # noqa: E402
 def load_pipeline(model: str = "sdlora-tiny", scheduler: str = "dpm"):
     """An unmodified diffusers pipeline for `model` ('sdlora-tiny' = the bundled model, or a
     folder / Hub id), sampling with DPMSolverMultistepScheduler (or DDIM), no progress bars."""
+    from sdlora.logs import no_progress_bars, silence_noise
+
+    silence_noise()  # before diffusers is imported: transformers' torchvision notice comes with the import
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from sdlora.models import resolve_base
 
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_base(model, flag="--model"), safety_checker=None,
-                                                   requires_safety_checker=False)
+    with no_progress_bars():
+        pipe = StableDiffusionPipeline.from_pretrained(resolve_base(model, flag="--model"), safety_checker=None,
+                                                       requires_safety_checker=False)
     cls = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}[scheduler]
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

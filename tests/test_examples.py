@@ -18,6 +18,8 @@ def test_quickstart_trains_and_writes_before_after(tmp_path):
     assert grid.size == (8 * 32 * 4, 2 * 32 * 4)
     for line in ("in the new style (detector):", "right shape colour:", "right background colour:"):
         assert line in r.stdout, r.stdout
+    for noise in ("requires torchvision", "No LoRA keys", "Loading weights"):  # a newcomer's run is quiet
+        assert noise not in r.stderr, r.stderr[-3000:]
 
 
 def test_eval_dreambooth_quick(tmp_path):
