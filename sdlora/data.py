@@ -10,8 +10,12 @@ what makes resume exact and lets deterministic rows be VAE-encoded once.
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,7 +45,11 @@ class Row:
 
 def read_image(source) -> Image.Image:
     """Open an image as RGB: EXIF orientation applied, any mode (L, LA, P, RGBA, CMYK, I;16, F) converted."""
-    img = source() if callable(source) else Image.open(source)
+    return to_rgb(source() if callable(source) else Image.open(source))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An opened image decoded and converted as read_image describes."""
     img.load()  # decode now, so truncated files fail here and not mid-training
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -60,6 +68,8 @@ def read_image(source) -> Image.Image:
 def check_image(path: Path) -> tuple[int, int] | str:
     """The (w, h) of `path` after EXIF rotation if it decodes as an image, else why it can't be used."""
     try:
+        if not path.is_file():
+            return "not a regular file"  # opening a FIFO or device would block or never end
         if path.stat().st_size == 0:
             return "empty file"
         with Image.open(path) as img:
@@ -67,25 +77,46 @@ def check_image(path: Path) -> tuple[int, int] | str:
             w, h = img.size
             if w < 1 or h < 1:
                 return "zero-size image"
+            if img.mode != "RGB":
+                to_rgb(img)  # the conversion training does, so a mode it can't handle fails here and not mid-run
             if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated 90°: width and height swap
                 w, h = h, w
             return w, h
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # non-images, truncation
-        msg = str(e).split("\n")[0]
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files (OSError, SyntaxError, ...)
+        msg = str(e).split("\n")[0] or type(e).__name__
         return "not an image" if "cannot identify" in msg else f"unreadable image ({msg})"
+
+
+def link_problem(p: Path, root: Path, what: str) -> str | None:
+    """Why the symlink `p` can't be used (broken, a loop, or leading out of `root`, a resolved folder), else None."""
+    if not p.is_symlink():
+        return None
+    try:
+        real = Path(os.path.realpath(p, strict=True))
+    except OSError as e:
+        return {errno.ELOOP: "symlink loop", errno.ENOENT: "broken symlink (its target does not exist)"}.get(
+            e.errno, f"symlink that can't be followed ({e.strerror})")
+    if not real.is_relative_to(root):
+        # Only what the folder holds is read: a downloaded data set's links could point anywhere.
+        return f"symlink to a {'folder' if real.is_dir() else 'file'} outside {what}; copy it in to use it"
+    return None
 
 
 def scan_folder(folder: Path, what: str = "--train_data_dir") -> tuple[dict[Path, tuple[int, int]], list[tuple[Path, str]]]:
     """Images under `folder` (recursive, sorted) that decode, with their sizes, and the files skipped with reasons."""
     if not folder.is_dir():
         raise UserError(f"{what} {folder}: not a folder; give a folder of images")
-    good, skipped = {}, []
+    root, good, skipped = folder.resolve(), {}, []
+    # rglob does not descend into symlinked folders (Python 3.10-3.13), so link loops can't make it walk forever.
     for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name.startswith(".") or any(part.startswith(".") for part in p.relative_to(folder).parts):
+        if p.name.startswith(".") or any(part.startswith(".") for part in p.relative_to(folder).parts):
             continue
         if p.suffix.lower() in SIDE_FILES:
-            continue
-        res = check_image(p)
+            continue  # captions and metadata are read (and checked) by rows_from_folder
+        res = link_problem(p, root, what)
+        if res is None and p.is_dir():
+            continue  # its files are listed on their own (a symlinked one's at the place it points to)
+        res = res or check_image(p)
         if isinstance(res, tuple):
             good[p] = res
         else:
@@ -99,48 +130,113 @@ def scan_folder(folder: Path, what: str = "--train_data_dir") -> tuple[dict[Path
 
 # ---------------------------------------------------------------- sources
 
-def _read_metadata(path: Path) -> list[dict]:
-    rows = []
+def _read_text(path: Path, root: Path, what: str) -> str:
+    """A caption or metadata file's text (a UTF-8 BOM is fine), or a one-line UserError saying why not."""
+    why = link_problem(path, root, what)
+    if why is None and not path.is_file():
+        why = "a folder, not a text file" if path.is_dir() else "not a regular file"
+    if why:
+        raise UserError(f"{path}: {why}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: can't read it ({e.strerror}); check its permissions") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        utf16 = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise UserError(f"{path}, line {line}: not UTF-8 text{utf16}; save it as UTF-8") from None
+
+
+def _show(v) -> str:
+    """A value, short and on one line, for a message."""
+    try:
+        s = json.dumps(v, ensure_ascii=False)
+    except (TypeError, ValueError):
+        s = repr(v)
+    return s if len(s) <= 40 else s[:39] + "…"
+
+
+def _is_caption(cap) -> bool:
+    """Text, a list of texts (diffusers: 'any of these'), or None (no caption)."""
+    return cap is None or isinstance(cap, str) or isinstance(cap, list) and all(isinstance(c, str) for c in cap)
+
+
+def _read_metadata(path: Path, root: Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, row) for each row of metadata.jsonl / metadata.csv."""
+    text, rows = _read_text(path, root, what), []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        # Lines end only at \n, \r\n or \r: str.splitlines would also cut captions at U+2028, U+0085...
+        for n, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {n}: malformed JSON ({e.msg}); fix or remove that line") from None
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number too long / nesting too deep
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "a number too long or nesting too deep"
+                raise UserError(f"{path}, line {n}: malformed JSON ({why}); fix or remove that line") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path}, line {n}: expected a JSON object like {{\"file_name\": ..., \"text\": ...}}")
-            rows.append(obj)
+            rows.append((n, obj))
     else:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            for r in reader:
+                if any(r.pop(None, ())):  # more fields than the header has: usually a caption with an unquoted comma
+                    raise UserError(f"{path}, line {reader.line_num}: more fields than the header's "
+                                    f"{len(reader.fieldnames)}; put text that contains commas in double quotes")
+                if any(r.values()):  # a row of empty fields (",,") is a blank line
+                    rows.append((reader.line_num, r))
+        except csv.Error as e:  # line_num counts the lines of the rows read before the bad one
+            raise UserError(f"{path}, line {reader.line_num + 1}: malformed CSV ({e}); fix that line") from None
     return rows
 
 
 def rows_from_folder(folder: Path, caption_column: str = "text", allow_empty_captions: bool = False,
                      what: str = "--train_data_dir") -> list[Row]:
     """Rows from an imagefolder (metadata.jsonl/.csv) or a kohya folder (same-name .txt captions)."""
-    good, _ = scan_folder(folder, what)
-    meta = next((folder / m for m in ("metadata.jsonl", "metadata.csv") if (folder / m).exists()), None)
-    captions: dict[Path, str] = {}
+    good, skipped = scan_folder(folder, what)
+    root = folder.resolve()
+    real = {p: Path(os.path.realpath(p)) for p in good}
+    meta = next((folder / m for m in ("metadata.jsonl", "metadata.csv")
+                 if (folder / m).exists() or (folder / m).is_symlink()), None)
+    captions: dict[Path, str | list[str]] = {}
     if meta is not None:
-        records = _read_metadata(meta)
-        columns = sorted({k for r in records for k in r})
+        records = _read_metadata(meta, root, what)
+        columns = sorted({k for _, r in records for k in r})
         if records and "file_name" not in columns:
             raise UserError(f"{meta}: no 'file_name' column (found: {', '.join(columns)})")
         if records and caption_column not in columns:
             raise UserError(f"{meta}: caption column '{caption_column}' not found (found: {', '.join(columns)}); "
                             f"pass --caption_column NAME")
-        for r in records:
-            cap = r.get(caption_column)
-            captions[(meta.parent / r["file_name"]).resolve()] = "" if cap is None else cap
+        known = set(real.values())
+        named = {Path(os.path.realpath(p)) for p, _ in skipped}  # scan_folder has said why already
+        for n, r in records:
+            fn, cap = r.get("file_name"), r.get(caption_column)
+            if not isinstance(fn, str) or not fn.strip() or "\0" in fn:
+                raise UserError(f"{meta}, line {n}: 'file_name' should be the image's path in quotes, like "
+                                f"\"img.png\" (got {'nothing' if fn is None else _show(fn)})")
+            if not _is_caption(cap):
+                raise UserError(f"{meta}, line {n}: caption '{caption_column}' should be text or a list of texts "
+                                f"(got {_show(cap)}); put it in quotes")
+            target = Path(os.path.realpath(meta.parent / fn))
+            if target in known:
+                captions[target] = "" if cap is None else cap
+            elif target not in named:  # nothing is read here: only images scan_folder found get captions
+                if not target.is_relative_to(root):
+                    why = f"{fn!r} is outside {what}"
+                elif not os.path.exists(target):
+                    why = f"no file {fn!r}" + (" (use / between folders)" if "\\" in fn else "")
+                else:
+                    why = f"{fn!r} is not an image (folders, hidden and .txt/.json side files are not read)"
+                log.warning("skipping %s, line %d: %s", meta, n, why)
     rows = []
     for p in good:
-        cap = captions.get(p.resolve())
+        cap = captions.get(real[p])
         if cap is None:
             txt = p.with_suffix(".txt")
-            cap = txt.read_text(encoding="utf-8").strip() if txt.exists() else None
+            cap = _read_text(txt, root, what).strip() if txt.exists() or txt.is_symlink() else None
         if cap is None or cap == "" or cap == []:
             if not allow_empty_captions:
                 where = f"{meta.name} has no row for it" if meta and cap is None else "its caption is empty" \
@@ -186,8 +282,9 @@ def rows_from_datasets(name: str, config: str | None, image_column: str | None, 
     for i, cap in enumerate(ds[caption_column]):
         if (cap is None or cap == "") and not allow_empty_captions:
             raise UserError(f"--dataset_name {name}: row {i} has no caption; pass --allow_empty_captions to allow")
-        if not isinstance(cap, (str, list)):
-            raise UserError(f"--caption_column '{caption_column}' should contain strings or lists of strings")
+        if not _is_caption(cap):
+            raise UserError(f"--dataset_name {name}: row {i}: --caption_column '{caption_column}' holds {_show(cap)}; "
+                            f"it should hold text or lists of texts")
         rows.append(Row(_DatasetImage(ds, image_column, i), cap or "", f"{name}[{i}]"))
     return rows
 

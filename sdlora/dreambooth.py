@@ -11,17 +11,19 @@ from pathlib import Path
 
 import torch
 
-from .data import IMAGE_EXTS, check_image
+from .data import IMAGE_EXTS, check_image, link_problem
 from .io import save_image
 
 log = logging.getLogger(__name__)
 
 
 def existing_images(folder: Path) -> list[Path]:
+    """Readable images in `folder`; symlinks that rows_from_images would skip (broken, loops, out of it) don't count."""
     if not folder.is_dir():
         return []
+    root = folder.resolve()
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
-                  and isinstance(check_image(p), tuple))
+                  and link_problem(p, root, "") is None and isinstance(check_image(p), tuple))
 
 
 def missing_names(folder: Path, wanted: int) -> list[str]:

@@ -150,3 +150,207 @@ def test_repeats_of_a_row_get_their_own_augmentation(tmp_path):
     assert flips == {True, False}  # some repeats flipped, some not, within one epoch
     again = TrainSet(data.rows, data.examples, data.groups, 32, True, True, seed=0)
     assert torch.equal(again[(3, 5)]["pixel_values"][0], data[(3, 5)]["pixel_values"][0])  # still seeded
+
+
+# ---------------------------------------------------------------- issue #11: bad data named, never a traceback
+
+def _img(path, size=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (200, 30, 30)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name,data,line", [
+    ("a.txt", "caf\xe9 au lait".encode("latin-1"), 1),
+    ("metadata.jsonl", b'{"file_name": "a.png", "text": "ok"}\n{"file_name": "a.png", "text": "caf\xe9"}\n', 2),
+    ("metadata.csv", b"file_name,text\na.png,ok\n\na.png,caf\xe9\n", 4),
+    ("metadata.csv", "file_name,text\na.png,ok\n".encode("utf-16"), 1),
+])
+def test_non_utf8_text_is_named_with_its_line(tmp_path, name, data, line):
+    _img(tmp_path / "a.png")
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UserError) as e:
+        rows_from_folder(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / name}, line {line}: not UTF-8") and "save it as UTF-8" in str(e.value)
+
+
+def test_utf8_bom_just_works(tmp_path):
+    _img(tmp_path / "a.png")
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.txt").write_bytes(bom + "caf\xe9".encode())
+    assert rows_from_folder(tmp_path)[0].caption == "caf\xe9"
+    (tmp_path / "metadata.jsonl").write_bytes(bom + b'{"file_name": "a.png", "text": "one"}\n')
+    assert rows_from_folder(tmp_path)[0].caption == "one"
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_bytes(bom + b"file_name,text\r\na.png,two\r\n")
+    assert rows_from_folder(tmp_path)[0].caption == "two"
+
+
+@pytest.mark.parametrize("row", [{"text": "x"}, {"file_name": 5, "text": "x"}, {"file_name": None, "text": "x"},
+                                 {"file_name": ["a.png"], "text": "x"}, {"file_name": {"p": "a.png"}, "text": "x"},
+                                 {"file_name": "", "text": "x"}])
+def test_row_without_a_file_name_string_is_named(tmp_path, row):
+    _img(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=r"metadata.jsonl, line 2: 'file_name' should be the image's path") as e:
+        rows_from_folder(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+@pytest.mark.parametrize("cap", [42, 1.5, True, {"en": "a dog"}, ["a dog", 3], [["nested"]]])
+def test_caption_that_is_not_text_is_named(tmp_path, cap):
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "b.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "ok"}) + "\n\n"
+                                             + json.dumps({"file_name": "b.png", "text": cap}) + "\n")
+    with pytest.raises(UserError, match=r"metadata.jsonl, line 3: caption 'text' should be text .*put it in quotes"):
+        rows_from_folder(tmp_path)
+
+
+def test_caption_lists_and_line_separators_in_captions_are_valid(tmp_path):
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "b.png")
+    rows = [{"file_name": "a.png", "text": ["a dog", "a puppy"]}, {"file_name": "b.png", "text": "one\u2028two\x85"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    assert [r.caption for r in rows_from_folder(tmp_path)] == [["a dog", "a puppy"], "one\u2028two\x85"]
+
+
+def test_datasets_caption_of_wrong_type_names_the_row(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    imgs = [Image.new("RGB", (8, 8)) for _ in range(2)]
+    datasets.Dataset.from_dict({"image": imgs, "text": [7, 8]}).save_to_disk(str(tmp_path / "ints"))
+    with pytest.raises(UserError, match=r"ints: row 0: --caption_column 'text' holds 7; it should hold text"):
+        rows_from_datasets(str(tmp_path / "ints"), None, "image", "text", None)
+    datasets.Dataset.from_dict({"image": imgs, "text": ["a", None]}).save_to_disk(str(tmp_path / "none"))
+    rows = rows_from_datasets(str(tmp_path / "none"), None, "image", "text", None, allow_empty_captions=True)
+    assert [r.caption for r in rows] == ["a", ""]  # allowed empty captions, as the flag says
+
+
+@pytest.mark.parametrize("text,line,expect", [
+    ("file_name,text\na.png,a red, shiny ball\n", 2, "more fields than the header's 2; put text that contains commas"),
+    ('file_name,text\na.png,"' + "x" * 200_000 + '"\n', 2, "malformed CSV (field larger than field limit"),
+])
+def test_malformed_csv_is_named(tmp_path, text, line, expect):
+    _img(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text(text)
+    with pytest.raises(UserError, match=rf"metadata.csv, line {line}: " + expect.replace("(", r"\(")):
+        rows_from_folder(tmp_path)
+
+
+@pytest.mark.parametrize("line", ["[" * 100_000, '{"file_name": "a.png", "text": ' + "1" * 5000 + "}"])
+def test_jsonl_too_deep_or_too_long_numbers(tmp_path, line):
+    _img(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n' + line)
+    with pytest.raises(UserError, match=r"metadata.jsonl, line 2: malformed JSON \(a number too long or nesting"):
+        rows_from_folder(tmp_path)
+
+
+def test_links_out_of_the_folder_loops_and_broken_links_are_named(tmp_path, caplog):
+    from sdlora import dreambooth
+    from sdlora.data import rows_from_images
+
+    outside = _img(tmp_path / "outside" / "secret.png")
+    (tmp_path / "outside" / "secret.txt").write_text("outside caption")
+    d = tmp_path / "d"
+    _img(d / "a.png")
+    (d / "a.txt").write_text("a")
+    (d / "alias.png").symlink_to("a.png")  # inside: still used
+    (d / "alias.txt").write_text("alias")
+    (d / "out.png").symlink_to(outside)
+    (d / "out.txt").write_text("out")
+    (d / "loop.png").symlink_to("loop.png")
+    (d / "gone.png").symlink_to("nothing-here.png")
+    (d / "ext").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (d / "sub").mkdir()
+    (d / "sub" / "up").symlink_to("..", target_is_directory=True)  # a loop rglob must not walk
+    with caplog.at_level("WARNING"):
+        rows = rows_from_folder(d)
+    assert [(r.name, r.caption) for r in rows] == [(str(d / "a.png"), "a"), (str(d / "alias.png"), "alias")]
+    for name, why in [("out.png", "symlink to a file outside --train_data_dir; copy it in"), ("loop.png", "symlink loop"),
+                      ("gone.png", "broken symlink"), ("ext", "symlink to a folder outside --train_data_dir")]:
+        assert caplog.text.count(str(d / name)) == 1 and why in caplog.text, name
+    assert "secret" not in caplog.text and str(d / "sub") not in caplog.text  # not walked into, not complained about
+    # DreamBooth's listing agrees: a link out of the folder is neither a row nor a class image already there
+    assert [r.name for r in rows_from_images(d, "p", "--instance_data_dir")] == [str(d / "a.png"), str(d / "alias.png")]
+    assert dreambooth.existing_images(d) == [d / "a.png", d / "alias.png"]
+
+
+def test_links_out_of_the_folder_for_captions_and_metadata(tmp_path):
+    (tmp_path / "elsewhere.txt").write_text("caption from elsewhere")
+    d = tmp_path / "d"
+    _img(d / "a.png")
+    (d / "a.txt").symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(UserError, match=r"a.txt: symlink to a file outside --train_data_dir"):
+        rows_from_folder(d)
+    (d / "a.txt").unlink()
+    (d / "metadata.jsonl").symlink_to(d / "missing.jsonl")
+    with pytest.raises(UserError, match=r"metadata.jsonl: broken symlink"):
+        rows_from_folder(d)
+
+
+def test_metadata_rows_for_missing_or_outside_files_are_named_and_never_read(tmp_path, caplog):
+    outside = _img(tmp_path / "outside.png")
+    d = tmp_path / "d"
+    _img(d / "a.png")
+    _img(d / "sub" / "b.png")
+    (d / "notes.txt").write_text("x")
+    lines = [{"file_name": "a.png", "text": "a"}, {"file_name": "gone.png", "text": "g"},
+             {"file_name": "../outside.png", "text": "o"}, {"file_name": str(outside), "text": "o"},
+             {"file_name": "sub\\b.png", "text": "w"}, {"file_name": "notes.txt", "text": "n"},
+             {"file_name": str(d / "sub" / "b.png"), "text": "b"}]  # absolute but inside: fine
+    (d / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    with caplog.at_level("WARNING"):
+        rows = rows_from_folder(d)
+    assert [(r.name, r.caption) for r in rows] == [(str(d / "a.png"), "a"), (str(d / "sub" / "b.png"), "b")]
+    meta = d / "metadata.jsonl"
+    for n, why in [(2, "no file 'gone.png'"), (3, "'../outside.png' is outside --train_data_dir"),
+                   (4, f"'{outside}' is outside --train_data_dir"), (5, "(use / between folders)"),
+                   (6, "'notes.txt' is not an image")]:
+        assert caplog.text.count(f"skipping {meta}, line {n}: ") == 1 and why in caplog.text, n
+    assert "line 1:" not in caplog.text and "line 7:" not in caplog.text
+
+
+def test_caption_or_image_that_is_not_a_regular_file(tmp_path, caplog):
+    import os
+    import threading
+
+    _img(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "fifo.png")  # opening it would block forever
+    (tmp_path / "a.txt").mkdir()
+    with pytest.raises(UserError, match=r"a.txt: a folder, not a text file"):
+        rows_from_folder(tmp_path)
+    (tmp_path / "a.txt").rmdir()
+    os.mkfifo(tmp_path / "a.txt")
+    caplog.clear()
+    out = []
+
+    def read():
+        try:
+            rows_from_folder(tmp_path)
+        except Exception as e:  # noqa: BLE001 - the test checks which
+            out.append(e)
+    with caplog.at_level("WARNING"):
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(10)
+    if t.is_alive():  # unblock the reader before failing
+        os.close(os.open(tmp_path / "a.txt", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading a FIFO caption blocked")
+    assert isinstance(out[0], UserError) and "a.txt: not a regular file" in str(out[0])
+    assert caplog.text.count("fifo.png: not a regular file") == 1
+
+
+def test_image_that_breaks_the_decoder_is_skipped(tmp_path, caplog):
+    import io
+
+    b = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(b, "PNG")
+    data = bytearray(b.getvalue())
+    i = data.index(b"IDAT") - 4
+    data[i:i + 4] = b"\0\0\0\0"  # IDAT claims 0 bytes: PIL raises SyntaxError, not OSError
+    (tmp_path / "broken.png").write_bytes(bytes(data))
+    _img(tmp_path / "a.png")
+    with caplog.at_level("WARNING"):
+        good, skipped = scan_folder(tmp_path)
+    assert list(good) == [tmp_path / "a.png"] and skipped[0][0] == tmp_path / "broken.png"
+    assert "unreadable image (broken PNG file" in caplog.text
