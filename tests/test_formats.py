@@ -367,3 +367,17 @@ def test_pickle_base_weights_need_allow_pickle_everywhere(tiny_model, tmp_path, 
     assert not out.exists()
     assert main(argv + ["--allow-pickle"]) == 0
     assert list(formats.load_lora(out).modules) == ["unet.conv_in"]
+
+
+def test_text_encoder_keys_use_the_classic_spelling_under_any_transformers(pipe, tmp_path):
+    """Files say `text_encoder.text_model.…` (what every loader and every file in the wild uses) even where the
+    installed transformers has no `text_model` level; peft config paths omit it so they match either tree."""
+    lora = rich_lora(pipe)
+    formats.save_lora(lora, tmp_path / "d.safetensors", "diffusers")
+    keys = [k for k in load_file(tmp_path / "d.safetensors") if k.startswith("text_encoder.")]
+    assert keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in keys)
+    formats.save_lora(lora, tmp_path / "p", "peft")
+    te = load_file(tmp_path / "p" / "text_encoder" / "adapter_model.safetensors")
+    assert all(k.startswith("base_model.model.text_model.encoder.layers.") for k in te)
+    cfg = json.loads((tmp_path / "p" / "text_encoder" / "adapter_config.json").read_text())
+    assert all(t.startswith("encoder.layers.") for t in cfg["target_modules"])
