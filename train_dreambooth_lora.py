@@ -9,20 +9,22 @@ Same flags as diffusers' examples/dreambooth/train_dreambooth_lora.py, plus --re
         --with_prior_preservation --class_prompt "a blob" --resolution 32 --output_dir out
 
 Reads top to bottom: flags -> instance rows (+ class rows, generated if missing) -> the shared
-training loop (sdlora/trainer.py). Only the data and the loss weights differ from text-to-image.
+training loop (sdlora/training/loop.py). Only the data and the loss weights differ from text-to-image.
+Also installed with the package: `sdlora train dreambooth …` runs this file's `main`.
 """
 import argparse
 import logging
 import sys
 from pathlib import Path
 
-import torch
-
-from sdlora import args as common
-from sdlora import dreambooth
-from sdlora.data import TrainSet, rows_from_images
+from sdlora.cli import train as common
+from sdlora.data import class_images
+from sdlora.data.sources import rows_from_images
+from sdlora.data.trainset import TrainSet
 from sdlora.errors import UserError
-from sdlora.trainer import Recipe, run
+from sdlora.models import torch_dtype
+from sdlora.training.config import TrainConfig
+from sdlora.training.loop import Recipe
 
 log = logging.getLogger("sdlora")
 
@@ -69,30 +71,31 @@ def check_flags(args):
                         "SD1.x validation is text-to-image: use --validation_prompt")
     if args.repeats < 1 or args.sample_batch_size < 1:
         raise UserError("--repeats and --sample_batch_size must be >= 1")
-    warning = dreambooth.identifier_warning(args.instance_prompt, args.class_prompt)
+    warning = class_images.identifier_warning(args.instance_prompt, args.class_prompt)
     if warning:
         log.warning(warning)
 
 
-def class_rows(args):
+def class_rows(args, config: TrainConfig):
     """Class images for prior preservation, topped up from the base model by the main process."""
+    import torch
     from accelerate import PartialState
 
-    out = Path(args.output_dir)
+    out = config.output_dir
     folder = Path(args.class_data_dir) if args.class_data_dir else out.parent / f"{out.name}-class-images"
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.is_main_process:
-        dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            args.prior_generation_precision or ("fp16" if torch.cuda.is_available() else "fp32"))
-        dreambooth.generate(args.pretrained_model_name_or_path, folder, args.class_prompt, args.num_class_images,
-                            args.resolution, args.sample_batch_size, args.seed or 0, dtype, state.device,
-                            revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+        precision = args.prior_generation_precision or ("fp16" if torch.cuda.is_available() else "fp32")
+        class_images.generate(config.base, folder, args.class_prompt, args.num_class_images, config.resolution,
+                              args.sample_batch_size, args.seed or 0, torch_dtype(precision), state.device,
+                              revision=config.revision, variant=config.variant, cache_dir=config.cache_dir,
+                              allow_pickle=config.allow_pickle)
     state.wait_for_everyone()
     rows = rows_from_images(folder, args.class_prompt, "--class_data_dir")
     return rows[: args.num_class_images], folder
 
 
-def make_recipe(args) -> Recipe:
+def make_recipe(args, config: TrainConfig) -> Recipe:
     check_flags(args)
     instance = rows_from_images(Path(args.instance_data_dir), args.instance_prompt, "--instance_data_dir")
     rows, groups = list(instance), [0] * len(instance)
@@ -101,20 +104,24 @@ def make_recipe(args) -> Recipe:
     card = {"instance prompt": args.instance_prompt, "class prompt": args.class_prompt,
             "prior preservation": bool(args.with_prior_preservation), "repeats": args.repeats}
     if args.with_prior_preservation:
-        cls, folder = class_rows(args)
+        cls, folder = class_rows(args, config)
         rows += cls
         groups += [1] * len(cls)
         # Each example pairs an instance row with a class row, as diffusers' DreamBooth dataset does.
         n = max(n, len(cls))
         examples = [[i % len(instance), len(instance) + i % len(cls)] for i in range(n)]
         card.update({"prior loss weight": args.prior_loss_weight, "class images": f"{len(cls)} in {folder}"})
-    data = TrainSet(rows, examples, groups, args.resolution, args.center_crop, args.random_flip, args.seed or 0)
+    data = TrainSet(rows, examples, groups, config.resolution, config.center_crop, config.random_flip)
     return Recipe(kind="dreambooth", data=data, dataset_desc=args.instance_data_dir,
                   group_weights={0: 1.0, 1: args.prior_loss_weight}, group_names={0: "loss_instance", 1: "loss_prior"},
                   card_front={"instance_prompt": args.instance_prompt}, card_settings=card,
                   max_length=args.tokenizer_max_length, use_attention_mask=args.text_encoder_use_attention_mask,
-                  extra_tags=["dreambooth"])
+                  extra_tags=["dreambooth"], example_prompt=args.instance_prompt)
+
+
+def main(argv=None) -> int:
+    return common.run(parse_args(argv), make_recipe)
 
 
 if __name__ == "__main__":
-    sys.exit(run(parse_args(), make_recipe))
+    sys.exit(main())

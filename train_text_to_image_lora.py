@@ -7,16 +7,19 @@ Same flags as diffusers' examples/text_to_image/train_text_to_image_lora.py, plu
     python train_text_to_image_lora.py --pretrained_model_name_or_path sdlora-tiny \
         --train_data_dir examples/data/pokemon_style --resolution 32 --output_dir out
 
-Reads top to bottom: flags -> data -> the shared training loop (sdlora/trainer.py).
+Reads top to bottom: flags -> data -> the shared training loop (sdlora/training/loop.py).
+Also installed with the package: `sdlora train text-to-image …` runs this file's `main`.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from sdlora import args as common
-from sdlora.data import TrainSet, rows_from_datasets, rows_from_folder
+from sdlora.cli import train as common
+from sdlora.data.sources import rows_from_datasets, rows_from_folder
+from sdlora.data.trainset import TrainSet
 from sdlora.errors import UserError
-from sdlora.trainer import Recipe, run
+from sdlora.training.config import TrainConfig
+from sdlora.training.loop import Recipe
 
 
 def parse_args(argv=None):
@@ -40,7 +43,7 @@ def parse_args(argv=None):
     return args
 
 
-def make_recipe(args) -> Recipe:
+def make_recipe(args, config: TrainConfig) -> Recipe:
     """Text-to-image: every row is one example in the single loss group."""
     if args.train_data_dir:
         rows = rows_from_folder(Path(args.train_data_dir), args.caption_column, args.allow_empty_captions)
@@ -53,10 +56,14 @@ def make_recipe(args) -> Recipe:
         if args.max_train_samples < 1:
             raise UserError("--max_train_samples must be >= 1")
         rows = rows[: args.max_train_samples]
-    data = TrainSet(rows, [[i] for i in range(len(rows))], [0] * len(rows), args.resolution,
-                    args.center_crop, args.random_flip, args.seed or 0)
+    data = TrainSet(rows, [[i] for i in range(len(rows))], [0] * len(rows), config.resolution,
+                    config.center_crop, config.random_flip)
     return Recipe(kind="text-to-image", data=data, dataset_desc=desc)
 
 
+def main(argv=None) -> int:
+    return common.run(parse_args(argv), make_recipe)
+
+
 if __name__ == "__main__":
-    sys.exit(run(parse_args(), make_recipe))
+    sys.exit(main())

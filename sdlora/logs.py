@@ -1,6 +1,8 @@
-"""Third-party notices that are noise in sdlora's own commands, filtered by their exact text.
+"""What sdlora lets through from diffusers, transformers and peft.
 
-Only these are dropped; every other warning from diffusers, transformers or peft still shows.
+Two third-party notices are noise in sdlora's own commands and are filtered by their exact text;
+every other warning still shows. Loading bars are hidden where sdlora loads many small files, and
+`quiet()` hides a LoRA load's key reports once sdlora has checked the file itself.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class _DropNoise(logging.Filter):
 
 
 def silence_noise():
-    """Install the filters (idempotent)."""
+    """Install the filters (idempotent). Call before diffusers is imported: the torchvision notice comes with it."""
     for name, texts in NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
@@ -51,3 +53,24 @@ def no_progress_bars():
             tlog.enable_progress_bar()
         if was[1]:
             dlog.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet():
+    """Also hide load-time key reports and 'multiple adapters' notes, for loads sdlora has checked itself;
+    errors still raise."""
+    import warnings
+
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    old = tlog.get_verbosity(), dlog.get_verbosity()
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
+    try:
+        with no_progress_bars(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(peft_config|torch_dtype|deprecated).*")
+            yield
+    finally:
+        tlog.set_verbosity(old[0])
+        dlog.set_verbosity(old[1])

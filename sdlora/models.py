@@ -1,16 +1,27 @@
-"""Find and load the base Stable Diffusion model's components.
+"""The base Stable Diffusion model: find it, check it, load its components, encode prompts.
 
-`resolve_base` runs before anything heavy: a wrong path or Hub id is a one-line error, not a
-traceback after minutes of loading.
+`resolve_base` and `check_targets` run before anything heavy: a wrong path, Hub id or layer name is
+a one-line error, not a traceback after minutes of loading. torch is imported lazily so the
+`sdlora` command starts fast.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
+
+# Precision names as the flags spell them -> torch dtypes: one table for training, saving, class
+# images and inference.
+PRECISIONS = {"no": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in PRECISIONS:
+        raise UserError(f"unknown precision '{name}'; expected one of {', '.join(PRECISIONS)}")
+    return getattr(torch, PRECISIONS[name])
 
 ASSETS = Path(__file__).parent / "assets"
 # Short names for models shipped inside the package.
@@ -62,6 +73,7 @@ def check_targets(base: str, targets: list[str], revision=None, cache_dir=None):
     """Each --target_modules entry must name Linear/Conv2d layers of the base UNet, as peft matches them
     (the module name, or a dotted suffix of it). Checked on an empty meta-device UNet built from the
     config, so a typo costs milliseconds instead of a traceback after the models load."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     try:
@@ -82,8 +94,11 @@ def check_targets(base: str, targets: list[str], revision=None, cache_dir=None):
 
 
 def _load(cls, base, subfolder, allow_pickle, **kw):
+    import torch
+
     from .logs import no_progress_bars
 
+    kw = {k: (torch.float32 if v is None and k in ("dtype", "torch_dtype") else v) for k, v in kw.items()}
     try:
         with no_progress_bars():
             return cls.from_pretrained(base, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kw)
@@ -102,21 +117,21 @@ def load_tokenizer(base, revision=None, cache_dir=None):
         raise UserError(f"{base}/tokenizer: could not load ({str(e).splitlines()[0][:200]})") from None
 
 
-def load_text_encoder(base, revision=None, variant=None, cache_dir=None, dtype=torch.float32, allow_pickle=False):
+def load_text_encoder(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False):
     from transformers import CLIPTextModel
 
     return _load(CLIPTextModel, base, "text_encoder", allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, dtype=dtype)
 
 
-def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=torch.float32, allow_pickle=False):
+def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False):
     from diffusers import AutoencoderKL
 
     return _load(AutoencoderKL, base, "vae", allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, torch_dtype=dtype)
 
 
-def load_unet(base, revision=None, variant=None, cache_dir=None, dtype=torch.float32, allow_pickle=False):
+def load_unet(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False):
     from diffusers import UNet2DConditionModel
 
     return _load(UNet2DConditionModel, base, "unet", allow_pickle, revision=revision, variant=variant,
@@ -135,9 +150,22 @@ def tokenize(tokenizer, captions: list[str], max_length: int | None = None):
 
 
 def encode_prompts(text_encoder, tokenizer, captions: list[str], max_length: int | None = None,
-                   use_attention_mask: bool = False) -> torch.Tensor:
+                   use_attention_mask: bool = False):
     """CLIP last hidden states for `captions`, as SD1.x conditions its UNet."""
     tok = tokenize(tokenizer, captions, max_length)
     device = next(text_encoder.parameters()).device
     mask = tok.attention_mask.to(device) if use_attention_mask else None
     return text_encoder(tok.input_ids.to(device), attention_mask=mask, return_dict=False)[0]
+
+
+def release(module, device):
+    """Free a frozen module's memory on the training device once its outputs are cached.
+
+    On GPU it moves to CPU RAM (cheap to bring back for validation); on CPU the training
+    device *is* RAM, so it is dropped (None) and reloaded from disk if validation needs it.
+    """
+    import torch
+
+    if torch.device(device).type == "cpu":
+        return None
+    return module.to("cpu")

@@ -11,17 +11,12 @@ from pathlib import Path
 
 import torch
 
+
 def byte_chars() -> list[str]:
-    """CLIP's byte-to-unicode alphabet (the 256 characters byte-level BPE starts from)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    """CLIP's byte-to-unicode alphabet (the 256 characters byte-level BPE starts from), from transformers."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
 
 
 # Byte-level vocabulary with no merges: every word tokenizes to characters, which is all a

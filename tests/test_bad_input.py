@@ -8,7 +8,7 @@ import sdlora.models
 import train_text_to_image_lora as t2i
 from conftest import make_images
 from helpers import T2I, fast_flags, run
-from sdlora.trainer import run as run_recipe
+from sdlora.cli.train import run as run_recipe
 
 
 @pytest.fixture

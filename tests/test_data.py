@@ -6,7 +6,9 @@ import torch
 import pytest
 from PIL import Image
 
-from sdlora.data import StreamSampler, TrainSet, collate, read_image, rows_from_datasets, rows_from_folder, scan_folder
+from sdlora.data.images import read_image
+from sdlora.data.sources import rows_from_datasets, rows_from_folder, scan_folder
+from sdlora.data.trainset import Examples, StreamSampler, TrainSet, collate
 from sdlora.errors import UserError
 
 
@@ -128,11 +130,11 @@ def test_stream_is_seeded_sharded_and_resumable():
 def test_collate_puts_main_group_first(tmp_path):
     from conftest import make_images
 
-    from sdlora.data import Row
+    from sdlora.data.sources import Row
 
     folder = make_images(tmp_path, n=2)
     rows = [Row(folder / "img0.png", "inst", "a", (32, 32)), Row(folder / "img1.png", "cls", "b", (32, 32))]
-    data = TrainSet(rows, [[0, 1], [0, 1]], [0, 1], 32, True, False, 0)
+    data = Examples(TrainSet(rows, [[0, 1], [0, 1]], [0, 1], 32, True, False), seed=0, pixels=True)
     batch = collate([data[(0, 0)], data[(0, 1)]])
     assert batch["groups"].tolist() == [0, 0, 1, 1] and batch["captions"] == ["inst", "inst", "cls", "cls"]
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
@@ -140,15 +142,16 @@ def test_collate_puts_main_group_first(tmp_path):
 
 
 def test_repeats_of_a_row_get_their_own_augmentation(tmp_path):
-    from sdlora.data import Row
+    from sdlora.data.sources import Row
 
     img = Image.new("RGB", (32, 32), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 8, 32))  # blue stripe on the left: flipping shows
     img.save(tmp_path / "a.png")
-    data = TrainSet([Row(tmp_path / "a.png", "x", "a", (32, 32))], [[0]] * 16, [0], 32, True, True, seed=0)
+    data = Examples(TrainSet([Row(tmp_path / "a.png", "x", "a", (32, 32))], [[0]] * 16, [0], 32, True, True),
+                    seed=0, pixels=True)
     flips = {bool(torch.equal(data[(0, i)]["pixel_values"][0], data[(0, 0)]["pixel_values"][0])) for i in range(16)}
     assert flips == {True, False}  # some repeats flipped, some not, within one epoch
-    again = TrainSet(data.rows, data.examples, data.groups, 32, True, True, seed=0)
+    again = Examples(TrainSet(data.data.rows, data.data.examples, data.data.groups, 32, True, True), seed=0, pixels=True)
     assert torch.equal(again[(3, 5)]["pixel_values"][0], data[(3, 5)]["pixel_values"][0])  # still seeded
 
 
@@ -246,8 +249,8 @@ def test_jsonl_too_deep_or_too_long_numbers(tmp_path, line):
 
 
 def test_links_out_of_the_folder_loops_and_broken_links_are_named(tmp_path, caplog):
-    from sdlora import dreambooth
-    from sdlora.data import rows_from_images
+    from sdlora.data import class_images as dreambooth
+    from sdlora.data.sources import rows_from_images
 
     outside = _img(tmp_path / "outside" / "secret.png")
     (tmp_path / "outside" / "secret.txt").write_text("outside caption")

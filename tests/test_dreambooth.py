@@ -6,9 +6,9 @@ import sdlora.models
 import train_dreambooth_lora as db
 from conftest import make_images
 from helpers import DREAMBOOTH, fast_flags, front_matter, read_lora, run
-from sdlora import dreambooth
-from sdlora.trainer import group_loss
-from sdlora.trainer import run as run_recipe
+from sdlora.data import class_images as dreambooth
+from sdlora.training.losses import group_loss
+from sdlora.cli.train import run as run_recipe
 
 
 def _flags(model, out, inst, **over):

@@ -9,16 +9,15 @@ import sys
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-import sdlora.hub
+import sdlora.output.hub
 import sdlora.io
 import sdlora.models
 import train_text_to_image_lora as t2i
 from conftest import make_images
 from helpers import ROOT, T2I, env, fast_flags, read_lora, run
-from sdlora.trainer import run as run_recipe
+from sdlora.cli.train import run as run_recipe
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -262,7 +261,7 @@ class FailingHfApi:
 
 def test_failed_push_is_one_line_and_the_local_output_is_complete(tiny_model, tmp_path, data, capsys, monkeypatch):
     secret = "hf_SECRETtokenVALUE_0123456789"
-    monkeypatch.setattr(sdlora.hub, "HfApi", FailingHfApi)
+    monkeypatch.setattr(sdlora.output.hub, "HfApi", FailingHfApi)
     out = tmp_path / "o"
     msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1, push_to_hub=True,
                                   hub_token=secret, hub_model_id="me/lora"))

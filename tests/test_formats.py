@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlora import formats
+from sdlora.lora import formats
 from sdlora.errors import UserError
-from sdlora.formats import Lora, Module
+from sdlora.lora.formats import Lora, Module
 
 torch.set_num_threads(1)
 
@@ -52,7 +52,7 @@ def assert_same_deltas(a: Lora, b: Lora, tol=1e-6):
 
 
 def test_trainer_file_is_read_with_alpha_and_base_from_the_card(tiny_model, tmp_path):
-    from sdlora.tools import demo_lora
+    from sdlora.testing import demo_lora
 
     file = demo_lora(tmp_path / "lora", base=tiny_model, rank=4, alpha=8)
     lora = formats.load_lora(tmp_path / "lora")
@@ -104,7 +104,7 @@ def test_kohya_written_by_sdlora_loads_in_diffusers_with_identical_images(tiny_m
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    from sdlora.tools import demo_lora
+    from sdlora.testing import demo_lora
 
     if original == "locon":
         unet_layers = [(n, r, a) for n, r, a in LAYERS if n.startswith("unet.")]

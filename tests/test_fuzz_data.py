@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from helpers import DREAMBOOTH, T2I, fast_flags, run
-from sdlora.data import Row, read_image, rows_from_folder, rows_from_images
+from sdlora.data.images import read_image
+from sdlora.data.sources import Row, rows_from_folder, rows_from_images
 from sdlora.errors import UserError
 
 ROOT_USER = os.geteuid() == 0  # chmod 000 doesn't stop root from reading

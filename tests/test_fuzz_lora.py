@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import PY, ROOT
-from sdlora import formats
+from sdlora.lora import formats
 from sdlora.errors import UserError
-from sdlora.formats import Lora, Module
+from sdlora.lora.formats import Lora, Module
 
 torch.set_num_threads(1)
 

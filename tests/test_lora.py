@@ -1,9 +1,9 @@
 """LoRA injection on SD1.5's real architecture: which layers, how many parameters, file size."""
 import torch
 
-from sdlora import lora
+from sdlora.lora import inject as lora
 from sdlora.io import save_safetensors
-from sdlora.modelcard import safetensors_metadata
+from sdlora.output.weights import header as safetensors_metadata
 from sdlora.tiny import ARCHS
 
 

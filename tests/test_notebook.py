@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sdlora.tools import demo_lora
+from sdlora.testing import demo_lora
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "load_lora.ipynb"
 

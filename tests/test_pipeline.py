@@ -11,11 +11,11 @@ from safetensors.torch import save_file
 from test_formats import LAYERS, rich_lora
 
 from conftest import PY, ROOT
-from sdlora import formats
+from sdlora.lora import formats
 from sdlora.cli import main
 from sdlora.errors import UserError
 from sdlora.pipeline import add_loras, fuse_loras, load_base, load_pipeline, parse_spec, unfuse_loras
-from sdlora.tools import demo_lora
+from sdlora.testing import demo_lora
 
 torch.set_num_threads(1)
 

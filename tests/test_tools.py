@@ -5,10 +5,11 @@ import pytest
 import torch
 from test_formats import LAYERS, assert_same_deltas, rich_lora
 
-from sdlora import formats
+from sdlora.lora import formats
 from sdlora.cli import main
 from sdlora.pipeline import load_base
-from sdlora.tools import demo_lora, extract, merge, resize
+from sdlora.lora.tools import extract, merge, resize
+from sdlora.testing import demo_lora
 
 torch.set_num_threads(1)
 

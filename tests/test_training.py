@@ -1,19 +1,16 @@
 """Training behaviour: clipping, precision, DDP, text-encoder LoRA, hub upload, crash safety."""
-import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
-import sdlora.hub
+import sdlora.output.hub
 import train_text_to_image_lora as t2i
 from conftest import make_images
 from helpers import ROOT, T2I, env, fast_flags, read_lora, run
-from sdlora.trainer import run as run_recipe
+from sdlora.cli.train import run as run_recipe
 
 
 def _up_norm(path):
@@ -95,7 +92,7 @@ class FakeHfApi:
 
 def test_push_to_hub_uploads_only_results_and_never_writes_token(tiny_model, tmp_path, monkeypatch, capsys):
     secret = "hf_TESTTOKEN_do_not_leak_123"
-    monkeypatch.setattr(sdlora.hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(sdlora.output.hub, "HfApi", FakeHfApi)
     FakeHfApi.calls = []
     data = make_images(tmp_path / "d", n=2)
     out = tmp_path / "o"

@@ -6,6 +6,7 @@ names the holder so the second run can say who has the folder.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,8 +16,8 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .io import TMP_SUFFIX
+from ..errors import UserError
+from ..io import TMP_SUFFIX
 
 try:
     import fcntl
@@ -107,3 +108,24 @@ def remove_leftovers(output_dir: Path) -> list[str]:
     if removed:
         log.info("removed what an interrupted run left in %s: %s", output_dir, ", ".join(sorted(removed)))
     return removed
+
+
+@contextlib.contextmanager
+def claim(output_dir: Path, resume: str | None, holder: bool = True):
+    """Hold `output_dir` for one run: lock it, clear what killed runs left, and refuse a folder that holds
+    another run's checkpoints unless this run resumes (`holder=False`: another process of this run holds it)."""
+    from .checkpoint import list_checkpoints
+
+    lock = OutputLock(output_dir) if holder else None
+    try:
+        if holder:
+            remove_leftovers(output_dir)
+        earlier = list_checkpoints(output_dir)
+        if earlier and not resume:
+            more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
+            raise UserError(f"--output_dir {output_dir} holds checkpoints of an earlier run ({earlier[-1].name}{more}): "
+                            "continue it with --resume_from_checkpoint latest, or choose another --output_dir")
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .data import IMAGE_EXTS, check_image, link_problem
-from .io import save_image
+from ..io import save_image
+from .images import IMAGE_EXTS, check_image
+from .sources import link_problem
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def missing_names(folder: Path, wanted: int) -> list[str]:
 
 def generate(base: str, folder: Path, prompt: str, wanted: int, resolution: int, batch_size: int, seed: int,
              dtype: torch.dtype, device, steps: int = 25, revision=None, variant=None, cache_dir=None,
-             progress: bool = True, on_image=None) -> int:
+             allow_pickle: bool = False, progress: bool = True, on_image=None) -> int:
     """Fill `folder` up to `wanted` images of `prompt`; returns how many were generated.
 
     Image `class-0000i.png` always comes from seed (seed, i), so an interrupted generation
@@ -52,14 +53,14 @@ def generate(base: str, folder: Path, prompt: str, wanted: int, resolution: int,
     if not names:
         log.info("class images: %s already holds %d, generating none", folder, wanted)
         return 0
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from tqdm.auto import tqdm
 
+    from .. import pipeline
+
     log.info("class images: generating %d of %r into %s", len(names), prompt, folder)
-    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, revision=revision, variant=variant,
-                                                   cache_dir=cache_dir, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe = pipeline.load_base(base, dtype, allow_pickle, revision, variant, cache_dir, safety_checker=None,
+                              requires_safety_checker=False)
+    pipeline.set_scheduler(pipe, "dpm++")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,10 +68,9 @@ def generate(base: str, folder: Path, prompt: str, wanted: int, resolution: int,
     with tqdm(total=len(names), desc="class images", disable=not progress) as bar:
         for s in range(0, len(names), batch_size):
             chunk = names[s:s + batch_size]
-            gens = [torch.Generator("cpu").manual_seed(seed * 100_003 + int(n[6:11])) for n in chunk]
-            with torch.no_grad():
-                images = pipe([prompt] * len(chunk), num_inference_steps=steps, generator=gens,
-                              height=resolution, width=resolution).images
+            seeds = [seed * 100_003 + int(n[6:11]) for n in chunk]
+            images = pipeline.sample(pipe, [prompt] * len(chunk), seeds, steps, batch=len(chunk),
+                                     width=resolution, height=resolution)
             for name, img in zip(chunk, images):
                 save_image(img, folder / name)
                 done += 1

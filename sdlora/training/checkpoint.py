@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .io import remove_dir, safetensors_bytes, torch_bytes, write_folder
+from ..errors import UserError
+from ..io import remove_dir, safetensors_bytes, torch_bytes, write_folder
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")

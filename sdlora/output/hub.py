@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .errors import UserError
+from ..errors import UserError
+from ..lora.formats import WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
 # The model card shows the latest samples; per-epoch samples stay local.
-UPLOAD = ["pytorch_lora_weights.safetensors", "README.md", "samples/latest_*.png"]
+UPLOAD = [WEIGHTS_NAME, "README.md", "samples/latest_*.png"]
 NEVER = ["checkpoint-*", "checkpoint-*/**", "logs/**", "validation/**", ".*", "**/.*", "*.tmp"]
 
 
 def resolve_token(flag_token: str | None) -> str | None:
-    return flag_token or os.environ.get("HF_TOKEN") or None
+    """--hub_token, else huggingface_hub's own lookup ($HF_TOKEN, then a saved `hf auth login`)."""
+    from huggingface_hub import get_token
+
+    return flag_token or get_token() or None
 
 
 def push(output_dir: Path, repo_id: str, token: str | None, api: HfApi | None = None) -> str:
@@ -42,16 +45,3 @@ def push(output_dir: Path, repo_id: str, token: str | None, api: HfApi | None = 
 
 def redact(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
-
-
-class RedactToken(logging.Filter):
-    """Replace the token in any log record (ours or a library's) that happens to contain it."""
-
-    def __init__(self, token: str):
-        super().__init__()
-        self.token = token
-
-    def filter(self, record):
-        if self.token and self.token in record.getMessage():
-            record.msg, record.args = record.getMessage().replace(self.token, "***"), ()
-        return True

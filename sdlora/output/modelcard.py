@@ -1,57 +1,32 @@
-"""The model card (output_dir/README.md), written on every run, and the weights' header metadata."""
+"""The model card (README.md) beside a LoRA: written on every run, read back for the base model.
+
+Front matter through huggingface_hub's `ModelCardData` (what the Hub parses), so `base_model`, tags
+and the widget are valid YAML whatever the prompts contain.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from . import __version__
-from .io import write_text
+from .. import __version__
+from ..io import write_text
 
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "lora"]
 
 
-def safetensors_metadata(info: dict) -> dict[str, str]:
-    """Training facts for the file header; kohya's `ss_*` names where one exists, so A1111-style
-    metadata viewers show them. safetensors metadata values must be strings."""
-    meta = {
-        "ss_sd_model_name": info["base_model"],
-        "ss_base_model_version": "sd_v1",
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": info["rank"],
-        "ss_network_alpha": info["alpha"],
-        "ss_steps": info["steps"],
-        "ss_epoch": info.get("epochs"),
-        "ss_resolution": f"({info['resolution']}, {info['resolution']})",
-        "ss_learning_rate": info["learning_rate"],
-        "ss_train_batch_size": info.get("train_batch_size"),
-        "ss_mixed_precision": info.get("mixed_precision"),
-        "ss_seed": info.get("seed"),
-        # kohya's layout: {folder: {n_repeats, img_count}}
-        "ss_dataset_dirs": {info.get("dataset") or "": {"n_repeats": info.get("repeats", 1), "img_count": info.get("num_images")}},
-        "ss_num_train_images": info.get("num_images"),
-        "ss_training_comment": info.get("kind"),
-        "sdlora_version": __version__,
-        "sdlora_target_modules": ",".join(info["target_modules"]),
-        "sdlora_train_text_encoder": info.get("train_text_encoder", False),
-    }
-    return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items() if v is not None}
+def _front_matter(**fields) -> str:
+    from huggingface_hub import ModelCardData
 
-
-def _front_matter(info: dict, extra: dict) -> str:
-    lines = ["---"] + [f"base_model: {json.dumps(info['base_model'])}"] * info.get("base_model_in_front_matter", True)
-    lines += ["library_name: diffusers", f"license: {info.get('license', 'creativeml-openrail-m')}", "tags:"]
-    lines += [f"- {t}" for t in TAGS + info.get("extra_tags", [])]
-    for k, v in extra.items():
-        lines.append(f"{k}: {json.dumps(v)}")
-    if info.get("samples"):
-        lines.append("widget:")
-        for s in info["samples"]:
-            lines += [f"- text: {json.dumps(s['prompt'])}", "  output:", f"    url: {s['path']}"]
-    lines.append("---")
-    return "\n".join(lines)
+    return f"---\n{ModelCardData(**fields).to_yaml()}\n---\n"
 
 
 def render(info: dict, front_extra: dict | None = None, settings_extra: dict | None = None) -> str:
+    """A training run's card: front matter, how to load it, the settings table, the latest samples."""
+    front = dict(base_model=info["base_model"] if info.get("base_model_in_front_matter", True) else None,
+                 library_name="diffusers", license=info.get("license", "creativeml-openrail-m"),
+                 tags=TAGS + info.get("extra_tags", []), **(front_extra or {}))
+    if info.get("samples"):
+        front["widget"] = [{"text": s["prompt"], "output": {"url": s["path"]}} for s in info["samples"]]
     title = info.get("title") or f"LoRA for {info['base_model']}"
     settings = {
         "base model": info["base_model"], "kind": info.get("kind"), "rank": info["rank"], "alpha": info["alpha"],
@@ -69,8 +44,7 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
     if info.get("samples"):
         samples = "\n## Samples\n\n" + "\n".join(f"![{s['prompt']}]({s['path']})  \n*{s['prompt']}*" for s in info["samples"]) + "\n"
     prompt = info.get("example_prompt") or "a photo"
-    return f"""{_front_matter(info, front_extra or {})}
-
+    return f"""{_front_matter(**front)}
 # {title}
 
 LoRA weights for [{info['base_model']}]({_link(info['base_model'])}), trained with
@@ -105,3 +79,24 @@ def write(output_dir: Path, info: dict, front_extra: dict | None = None, setting
     path = Path(output_dir) / "README.md"
     write_text(path, render(info, front_extra, settings_extra))
     return path
+
+
+def write_minimal(folder: Path, base_model: str, title: str = "") -> Path:
+    """A card that only names the base model, for LoRAs sdlora converts or makes up (so loaders find the base)."""
+    path = Path(folder) / "README.md"
+    write_text(path, _front_matter(base_model=base_model, tags=["lora", "sdlora"]) + (f"# {title}\n" if title else ""))
+    return path
+
+
+def base_model_of(card: Path) -> str | None:
+    """The `base_model` a card's front matter names (the first, if it lists several), else None."""
+    from huggingface_hub import metadata_load
+
+    try:
+        meta = metadata_load(card) if Path(card).is_file() else None
+    except Exception:  # noqa: BLE001 - an unreadable or malformed card only costs the base-model hint
+        return None
+    value = (meta or {}).get("base_model")
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return str(value).strip().splitlines()[0] if isinstance(value, (str, int, float)) and str(value).strip() else None

@@ -17,7 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import UserError
+from ..errors import UserError
+from ..output.modelcard import base_model_of, write_minimal
 
 if TYPE_CHECKING:  # torch is imported lazily so `sdlora --help` stays fast
     import torch
@@ -27,8 +28,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Base models load from safetensors only (as in training); this ends the error when only pickle weights exist.
 PICKLE_BASE_HINT = ("if it has only pickle (.bin) weights, which can run code, pass --allow-pickle / allow_pickle=True "
                     "if you trust it")
-WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# What a training run writes (diffusers' name, so load_lora_weights(dir) finds it), and peft's name.
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+WEIGHT_NAMES = (WEIGHTS_NAME, "adapter_model.safetensors")
 _KOHYA_PREFIX = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 # Module-name words that contain "_": kohya flattens every "." to "_", so these are glued back.
 _COMPOUNDS = sorted("""down_blocks up_blocks mid_block transformer_blocks to_q to_k to_v to_out proj_in proj_out
@@ -76,7 +78,7 @@ def load_lora(source, allow_pickle: bool = False) -> Lora:
     if te.is_file():  # peft folder, TE part (one level only: a symlink loop cannot recurse)
         part = _load_file(te, allow_pickle)
         lora.modules.update({canonical("text_encoder", k.split(".", 1)[1]): m for k, m in part.modules.items()})
-    lora.base_model = _card_base_model(path.parent / "README.md") or _metadata_base_model(lora.metadata)
+    lora.base_model = base_model_of(path.parent / "README.md") or _metadata_base_model(lora.metadata)
     return lora
 
 
@@ -121,14 +123,6 @@ def _from_hub(repo: str) -> Path:
         raise UserError(f"{repo}: the Hub repo has no .safetensors LoRA file") from None
     except Exception as e:  # network, auth, missing repo: one line, never the token
         raise UserError(f"{repo}: could not fetch the LoRA from the Hub ({type(e).__name__})") from None
-
-
-def torch_dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype '{name}'; expected one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
 
 
 def _read_tensors(path: Path, allow_pickle: bool):
@@ -185,21 +179,6 @@ def _show(value, limit: int = 100) -> str:
     """User data inside a one-line message: quoted, escaped (no raw newline), cut short."""
     s = repr(value)
     return s if len(s) <= limit else s[:limit] + "…"
-
-
-def _card_base_model(card: Path) -> str | None:
-    try:
-        text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
-    except OSError:  # an unreadable card only costs the base-model hint
-        return None
-    m = re.match(r"---\s*\n(.*?)\n---", text, re.S)
-    if not m:
-        return None
-    hit = re.search(r"^base_model:[ \t]*(\S.*)?$\n?((?:[ \t]*-[ \t]*\S.*\n?)*)", m.group(1), re.M)
-    if not hit:
-        return None
-    value = hit.group(1) or (hit.group(2).split("\n")[0].strip().lstrip("-").strip() if hit.group(2) else "")
-    return value.strip().strip("'\"") or None
 
 
 def _metadata_base_model(metadata: dict) -> str | None:
@@ -444,7 +423,8 @@ def _pattern(patterns, path):
 
 def save_lora(lora: Lora, out, fmt: str, dtype: str | None = None) -> Path:
     """Write `lora` in `fmt` to OUT (a .safetensors file, or a folder); atomic; returns the weights file."""
-    from .io import save_safetensors, write_text
+    from ..io import save_safetensors
+    from ..models import torch_dtype
 
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}'; expected one of {', '.join(FORMATS)}")
@@ -456,11 +436,11 @@ def save_lora(lora: Lora, out, fmt: str, dtype: str | None = None) -> Path:
         meta["sdlora_base_model"] = lora.base_model
     if fmt == "peft":
         return _save_peft(lora, out, meta, cast)
-    file = out if out.suffix == ".safetensors" else out / ("lora.safetensors" if fmt == "kohya" else WEIGHT_NAMES[0])
+    file = out if out.suffix == ".safetensors" else out / ("lora.safetensors" if fmt == "kohya" else WEIGHTS_NAME)
     tensors, extra = (_to_kohya if fmt == "kohya" else _to_diffusers)(lora)
     save_safetensors(_cast(tensors, cast), file, {**meta, **extra})
     if lora.base_model and out.suffix != ".safetensors" and not (out / "README.md").exists():
-        write_text(out / "README.md", f"---\nbase_model: {lora.base_model}\ntags:\n- lora\n- sdlora\n---\n")
+        write_minimal(out, lora.base_model)
     return file
 
 
@@ -528,12 +508,12 @@ def _to_diffusers(lora):
         for p, m in mods.items():
             tensors[f"{comp}.{p}.lora_A.weight"] = m.down
             tensors[f"{comp}.{p}.lora_B.weight"] = m.up
-        cfg = lora_config({_config_path(comp, p): m for p, m in mods.items()})
+        cfg = peft_config_dict({_config_path(comp, p): m for p, m in mods.items()})
         packed.update({f"{comp}.{k}": v for k, v in cfg.items()})
     return tensors, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)}
 
 
-def lora_config(mods: dict[str, Module]) -> dict:
+def peft_config_dict(mods: dict[str, Module]) -> dict:
     """peft LoraConfig kwargs that reproduce each module's rank and alpha exactly."""
     r = collections.Counter(m.rank for m in mods.values()).most_common(1)[0][0]
     alpha = collections.Counter(m.alpha for m in mods.values()).most_common(1)[0][0]
@@ -546,7 +526,7 @@ def lora_config(mods: dict[str, Module]) -> dict:
 
 
 def _save_peft(lora, out: Path, meta, cast) -> Path:
-    from .io import save_safetensors, write_text
+    from ..io import save_safetensors, write_text
 
     comps = sorted(lora.components(), key=lambda c: c != "unet")  # the UNet at the root, others in subfolders
     if out.suffix == ".safetensors" and len(comps) > 1:
@@ -554,7 +534,7 @@ def _save_peft(lora, out: Path, meta, cast) -> Path:
     first = None
     for comp in comps:
         mods = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(comp + ".")}
-        cfg = lora_config({_config_path(comp, p): m for p, m in mods.items()})
+        cfg = peft_config_dict({_config_path(comp, p): m for p, m in mods.items()})
         tensors = {}
         for p, m in mods.items():
             tensors[f"base_model.model.{p}.lora_A.weight"] = m.down

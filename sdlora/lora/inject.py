@@ -14,8 +14,10 @@ survives loading.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily so the `sdlora` command starts fast
+    import torch
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

@@ -1,0 +1,66 @@
+"""`sdlora` command line: one subcommand per tool; bad input exits 2 with a one-line message.
+
+The CLI owns argparse, printing and logging set-up; the library under it returns values and
+raises `UserError`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import generate, tools, train
+
+    p = argparse.ArgumentParser(prog="sdlora", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for module in (train, generate, tools):
+        module.register(sub)
+    return p
+
+
+def main(argv=None):
+    from ..logs import silence_noise
+
+    silence_noise()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+class RedactToken(logging.Filter):
+    """Replace the token in any log record (ours or a library's) that happens to contain it."""
+
+    def __init__(self, token: str):
+        super().__init__()
+        self.token = token
+
+    def filter(self, record):
+        if self.token and self.token in record.getMessage():
+            record.msg, record.args = record.getMessage().replace(self.token, "***"), ()
+        return True
+
+
+def setup_logging(token: str | None = None):
+    """Plain INFO logs on stderr (the main process only), with any token redacted, without known noise."""
+    from ..logs import silence_noise
+
+    silence_noise()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if token:
+        handler.addFilter(RedactToken(token))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    # Only the main process speaks, so a skipped file is named once, not once per process.
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    logging.getLogger("sdlora").setLevel(logging.INFO if rank == 0 else logging.ERROR)
+

@@ -1,0 +1,108 @@
+"""`sdlora generate` and `sdlora fuse`: images from a base model with stacked LoRAs, or the LoRAs baked in."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import UserError
+from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, load_pipeline
+from .tools import SAVE_PRECISIONS
+
+
+def register(sub):
+    s = sub.add_parser("generate", help="generate images with a base model and stacked LoRAs")
+    s.add_argument("prompt")
+    s.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="LoRA folder, .safetensors file or Hub id, with an optional weight (repeatable)")
+    s.add_argument("--base", help="base model (default: the first LoRA's base_model)")
+    s.add_argument("--negative-prompt")
+    s.add_argument("--seed", type=int, help="image i uses seed+i (default: random)")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--width", type=int)
+    s.add_argument("--height", type=int)
+    s.add_argument("--num-images", type=int, default=1)
+    s.add_argument("--fuse", action="store_true", help="bake the LoRAs into the weights (faster sampling)")
+    s.add_argument("--scheduler", default="dpm++", choices=[k for k in SCHEDULERS if k != "keep"])
+    s.add_argument("--device")
+    s.add_argument("--dtype", choices=list(SAVE_PRECISIONS))
+    s.add_argument("--allow-pickle", action="store_true",
+                   help="allow .bin/.pt/.ckpt LoRAs and .bin base weights (they can run code)")
+    s.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
+    s.set_defaults(func=_generate_cli)
+
+    s = sub.add_parser("fuse", help="write a full diffusers pipeline with LoRAs merged into its weights")
+    s.add_argument("--base")
+    s.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]")
+    s.add_argument("--dtype", choices=list(SAVE_PRECISIONS))
+    s.add_argument("--allow-pickle", action="store_true",
+                   help="allow .bin/.pt/.ckpt LoRAs and .bin base weights (they can run code)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_fuse_cli)
+
+
+def _generate_cli(args):
+    import json
+    import secrets
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from .. import __version__
+    from ..io import save_image
+
+    if args.num_images < 1 or args.steps < 1:
+        raise UserError("--num-images and --steps must be at least 1")
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    pipe = load_pipeline(args.lora, base=args.base, scheduler=args.scheduler, device=args.device,
+                         dtype=args.dtype, allow_pickle=args.allow_pickle)
+    if args.fuse and pipe.get_active_adapters():
+        fuse_loras(pipe, unload=True)  # merged weights, no LoRA layers: base-model speed
+    pipe.set_progress_bar_config(desc=f"generating {args.num_images} image(s)")
+    images = generate(pipe, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
+                      args.width, args.height, args.num_images)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = _next_index(out)
+    loras = [{"name": n, **v} for n, v in pipe.__dict__.get("sdlora_adapters", {}).items()]
+    for i, im in enumerate(images):
+        params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed + i,
+                  "steps": args.steps, "guidance": args.guidance, "width": im.width, "height": im.height,
+                  "scheduler": args.scheduler, "base": pipe.sdlora_base, "loras": loras, "fused": args.fuse,
+                  "sdlora_version": __version__}
+        info = PngInfo()
+        info.add_text("sdlora", json.dumps(params))
+        info.add_text("parameters", _a1111_text(params))
+        path = out / f"{start + i:05d}-{seed + i}.png"
+        save_image(im, path, pnginfo=info)
+        print(path)
+    if len(images) > 1:
+        path = out / f"{start:05d}-grid.png"
+        save_image(grid(images), path)
+        print(path)
+
+
+def _next_index(out: Path) -> int:
+    nums = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
+    return max(nums, default=-1) + 1
+
+
+def _a1111_text(p) -> str:
+    """The 'parameters' text A1111/ComfyUI users know, so the PNG reads well in their tools."""
+    loras = "".join(f" <lora:{lo['name']}:{lo['weight']:g}>" for lo in p["loras"])
+    lines = [p["prompt"] + loras]
+    if p["negative_prompt"]:
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    lines.append(f"Steps: {p['steps']}, Sampler: DPM++ 2M, CFG scale: {p['guidance']:g}, Seed: {p['seed']}, "
+                 f"Size: {p['width']}x{p['height']}, Model: {p['base']}")
+    return "\n".join(lines)
+
+
+def _fuse_cli(args):
+    from ..io import atomic_dir
+
+    pipe = load_pipeline(args.lora, base=args.base, scheduler="keep", device="cpu",
+                         dtype=args.dtype or "fp32", allow_pickle=args.allow_pickle)
+    fuse_loras(pipe, unload=True)
+    with atomic_dir(args.out) as tmp:
+        pipe.save_pretrained(str(tmp))
+    print(f"wrote a fused pipeline ({', '.join(pipe.sdlora_adapters)} into {pipe.sdlora_base}) to {args.out}")

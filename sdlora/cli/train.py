@@ -1,0 +1,128 @@
+"""Training on the command line: the flags both recipes share, `run` (what a recipe's `main` does),
+and `sdlora train text-to-image|dreambooth …`, which runs the same recipes from an installed package.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from ..errors import UserError
+from ..lora.inject import UNET_TARGETS
+
+RECIPES = {"text-to-image": "train_text_to_image_lora", "dreambooth": "train_dreambooth_lora"}
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="Hub id, local diffusers folder, or 'sdlora-tiny' (the bundled tiny model)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--allow_pickle", action="store_true",
+                   help="allow loading .bin (pickle) weights when no safetensors exist; only for models you trust")
+    g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
+
+
+def add_training_args(p: argparse.ArgumentParser):
+    """Flags both scripts share; each script then sets its own defaults with `p.set_defaults`."""
+    g = p.add_argument_group("training")
+    g.add_argument("--output_dir", default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true")
+    g.add_argument("--lr_scheduler", default="constant",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=int, default=500)
+    g.add_argument("--lr_num_cycles", type=int, default=1)
+    g.add_argument("--lr_power", type=float, default=1.0)
+    g.add_argument("--snr_gamma", type=float, default=None)
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="default: accelerate's config / `accelerate launch --mixed_precision`")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument("--no_cache", action="store_true",
+                   help="don't cache VAE latents / text embeddings (they are cached automatically when possible)")
+    g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=4)
+    g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank (scale 1)")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--target_modules", default=",".join(UNET_TARGETS),
+                   help="comma-separated UNet module names to adapt (default: %(default)s)")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="also train LoRA on the CLIP text encoder's q/k/v/out projections")
+    g.add_argument("--save_precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+
+    g = p.add_argument_group("checkpoints, logging, validation, hub")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N path")
+    g.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none", "all"])
+    g.add_argument("--validation_prompt", default=None)
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_epochs", type=int, default=1)
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_token", default=None, help="default: $HF_TOKEN or your saved login")
+    g.add_argument("--hub_model_id", default=None)
+
+
+def run(args, make_recipe) -> int:
+    """What both recipes do after parsing: check, claim the output folder, read data, train, share.
+
+    Every problem the user can fix surfaces before any model is loaded, as one line on stderr.
+    """
+    from ..output import hub
+    from ..training import outdir
+    from ..training.config import check
+    from ..training.loop import train
+    from . import setup_logging
+
+    token = hub.resolve_token(args.hub_token)
+    setup_logging(token)
+    try:
+        config = check(args, token)
+        # One process per run holds the folder: the one that writes (rank 0 under `accelerate launch`).
+        with outdir.claim(config.output_dir, config.resume_from_checkpoint, holder=int(os.environ.get("RANK", "0")) == 0):
+            recipe = make_recipe(args, config)
+            path = train(config, recipe)
+            if path is not None and config.push_to_hub:
+                hub.push(config.output_dir, config.hub_model_id, token)
+    except UserError as e:
+        print(f"error: {hub.redact(str(e), token)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _train_cli(args):
+    """`sdlora train RECIPE FLAGS…`: the recipe module's own `main`, so flags and behaviour are the script's."""
+    recipe = importlib.import_module(RECIPES[args.recipe])
+    return recipe.main(args.flags)
+
+
+def register(sub):
+    s = sub.add_parser("train", help="train a LoRA (same flags as train_text_to_image_lora.py / train_dreambooth_lora.py)",
+                       description="Run a training recipe; `sdlora train text-to-image --help` lists its flags.")
+    s.add_argument("recipe", choices=list(RECIPES))
+    s.add_argument("flags", nargs=argparse.REMAINDER, help="the recipe's flags")
+    s.set_defaults(func=_train_cli)

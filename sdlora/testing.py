@@ -1,0 +1,47 @@
+"""Fixtures for tests, benchmarks and docs: a random LoRA written exactly as the trainer writes one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .lora import inject
+from .lora.formats import WEIGHTS_NAME
+from .output import modelcard, weights
+
+
+def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = None, targets=inject.UNET_TARGETS,
+              seed: int = 0, strength: float = 0.3, text_encoder=None, text_targets=None) -> Path:
+    """A random LoRA in `out` (weights through the trainer's own writer, plus a model card naming `base`).
+
+    Give `base` (a pipeline folder) or a `unet` module (left as it was: the adapter is removed again);
+    `text_encoder` adds a text-encoder part. Returns the weights file."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if unet is None:
+        unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+    parts = {"unet": (unet, list(targets))}
+    if text_encoder is not None:
+        parts["text_encoder"] = (text_encoder, list(text_targets or inject.TEXT_ENCODER_TARGETS))
+    torch.manual_seed(seed)
+    configured = {}
+    for name, (model, tgts) in parts.items():
+        if getattr(model, "peft_config", None):
+            raise ValueError(f"demo_lora: the {name} already has LoRA adapters; give one without")
+        cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=False, target_modules=tgts)
+        inject_adapter_in_model(cfg, model)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # visible but bounded effect regardless of layer width
+                p.data = torch.randn_like(p) * strength / p.shape[1] ** 0.5
+        configured[name] = (model, cfg)
+    info = {"base_model": str(base or "unknown"), "rank": rank, "alpha": alpha or rank, "steps": 0, "resolution": 32,
+            "learning_rate": 0, "target_modules": list(targets), "kind": "demo"}
+    file = Path(out) / WEIGHTS_NAME
+    weights.save(file, configured, info)
+    for model, _ in configured.values():  # leave the caller's models exactly as they were
+        recurse_remove_peft_layers(model)
+        del model.peft_config
+    if base is not None:
+        modelcard.write_minimal(Path(out), str(base), "demo LoRA")
+    return file

@@ -1,0 +1,174 @@
+"""The training configuration: every setting the loop reads, checked once and frozen.
+
+`check(args)` is the one place a training flag is read from the parsed command line and the one
+place it is validated. It runs before any model loads: each contradiction, missing package,
+unusable path, unknown base model or unknown target layer is one line naming the flag.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .. import models
+from ..errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    # the base model
+    base: str  # a loadable folder or Hub id (resolved from base_name)
+    base_name: str  # as the user gave it: a Hub id, a path or a short name such as sdlora-tiny
+    revision: str | None = None
+    variant: str | None = None
+    cache_dir: str | None = None
+    allow_pickle: bool = False
+    prediction_type: str | None = None
+    # the run
+    output_dir: Path
+    logging_dir: str = "logs"
+    seed: int | None = None  # None: a random seed, drawn and recorded by the loop
+    resume_from_checkpoint: str | None = None
+    # data and batches
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    train_batch_size: int = 1
+    num_train_epochs: int = 1
+    max_train_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    dataloader_num_workers: int = 0
+    no_cache: bool = False
+    pre_compute_text_embeddings: bool = False
+    # optimisation
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    text_encoder_lr: float | None = None
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    use_8bit_adam: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    # speed and memory
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    allow_tf32: bool = False
+    # LoRA
+    rank: int = 4
+    lora_alpha: float = 4  # resolved: --rank when not given
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    train_text_encoder: bool = False
+    save_precision: str = "fp32"
+    # checkpoints, logs, validation, sharing
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    report_to: str = "tensorboard"
+    validation_prompt: str | None = None
+    num_validation_images: int = 4
+    validation_epochs: int = 1
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+
+    def tracker_config(self) -> dict:
+        """What the experiment trackers record (plain values only; the token is never part of a config)."""
+        return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in asdict(self).items() if v is not None}
+
+
+def _positive(name, value, minimum=1):
+    if value is not None and value < minimum:
+        raise UserError(f"--{name} must be >= {minimum} (got {value})")
+
+
+def check(args, token: str | None = None) -> TrainConfig:
+    """Validate the parsed flags and resolve them into a TrainConfig. Loads no model; fetches at most the
+    base model's model_index.json and UNet config when it is a Hub id."""
+    targets = tuple(m.strip() for m in str(args.target_modules).split(",") if m.strip()) \
+        if isinstance(args.target_modules, str) else tuple(args.target_modules)
+    if not targets:
+        raise UserError("--target_modules is empty; e.g. --target_modules to_q,to_k,to_v,to_out.0")
+    for name in ("resolution", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank",
+                 "num_validation_images", "validation_epochs"):
+        _positive(name, getattr(args, name))
+    _positive("max_train_steps", args.max_train_steps)
+    _positive("checkpointing_steps", args.checkpointing_steps)
+    _positive("checkpoints_total_limit", args.checkpoints_total_limit)
+    if args.resolution % 8:
+        raise UserError(f"--resolution must be a multiple of 8 (got {args.resolution})")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be > 0 (got {args.learning_rate})")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        raise UserError(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
+    alpha = args.rank if args.lora_alpha is None else args.lora_alpha
+    alpha = int(alpha) if float(alpha).is_integer() else alpha  # "8", not "8.0", in metadata viewers
+    report_to = _check_report_to(args.report_to, args.hub_token)
+    _check_devices(args)
+    output_dir = Path(args.output_dir)
+    check_output_dir(output_dir)
+    base = models.resolve_base(args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
+    models.check_targets(base, list(targets), args.revision, args.cache_dir)
+
+    resolved = dict(base=base, base_name=args.pretrained_model_name_or_path, output_dir=output_dir,
+                    lora_alpha=alpha, target_modules=targets, report_to=report_to,
+                    mixed_precision=args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"),
+                    hub_model_id=args.hub_model_id or (output_dir.resolve().name if args.push_to_hub else None))
+    # Every other field is the flag of the same name; knobs only one script has keep their defaults.
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if f.name not in resolved and hasattr(args, f.name)}
+    return TrainConfig(**given, **resolved)
+
+
+def _check_report_to(report_to: str, hub_token: str | None) -> str:
+    if report_to == "all":
+        report_to = "tensorboard" if importlib.util.find_spec("wandb") is None else "all"
+    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UserError("--report_to wandb needs the wandb package: pip install wandb (or use --report_to tensorboard)")
+    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None \
+            and importlib.util.find_spec("tensorboardX") is None:
+        raise UserError("--report_to tensorboard needs tensorboard: pip install tensorboard (or --report_to none)")
+    if hub_token and report_to in ("wandb", "all"):
+        raise UserError("--hub_token together with --report_to wandb would expose the token in wandb's logged "
+                        "config; use `hf auth login` or HF_TOKEN instead")
+    return report_to
+
+
+def _check_devices(args):
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mp = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if mp == "fp16" and not cuda:
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
+    if args.enable_xformers_memory_efficient_attention:
+        if importlib.util.find_spec("xformers") is None:
+            raise UserError("--enable_xformers_memory_efficient_attention: xformers is not installed "
+                            "(pip install xformers, CUDA only); PyTorch's SDPA attention is used by default")
+        if not cuda:
+            raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU")
+    if args.use_8bit_adam:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes; needs a CUDA GPU)")
+        if not cuda:
+            raise UserError("--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit optimizers); drop the flag on CPU")
+
+
+def check_output_dir(out: Path):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--output_dir {out}: not writable ({e.strerror}); choose another folder") from None

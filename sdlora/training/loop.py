@@ -1,0 +1,442 @@
+"""The one training loop, shared by the text-to-image and DreamBooth recipes.
+
+A recipe hands over a `Recipe` (a TrainSet: rows grouped into examples, each row tagged with a
+loss group; per-group loss weights; model-card facts) and the checked `TrainConfig`; everything
+else — caching, LoRA injection, mixed precision, accumulation, clipping, checkpoints, validation,
+saving — happens here, once. `train` reads top to bottom: `setup` builds one `Run`, then each
+`optimizer_step` is `accumulation` micro-steps, with checkpoints and samples when they are due.
+
+Reproducibility contract: every random number of step s (data order, augmentation, VAE
+sample, noise, timesteps) is a pure function of (seed, s, process), so a resumed run
+replays exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import models
+from ..data.trainset import Examples, StreamSampler, TrainSet, collate
+from ..errors import UserError
+from ..lora import inject
+from ..lora.formats import WEIGHTS_NAME
+from ..output import modelcard, weights
+from . import checkpoint, losses, validation
+from .caches import Caches, all_captions, plan
+from .config import TrainConfig
+
+log = logging.getLogger("sdlora")
+
+
+@dataclass
+class Recipe:
+    """What differs between the scripts: data, loss weights per group, and model-card facts."""
+    kind: str  # "text-to-image" or "dreambooth"
+    data: TrainSet
+    group_weights: dict[int, float] = field(default_factory=lambda: {0: 1.0})
+    group_names: dict[int, str] = field(default_factory=lambda: {0: "loss"})
+    dataset_desc: str = ""
+    card_front: dict = field(default_factory=dict)
+    card_settings: dict = field(default_factory=dict)
+    max_length: int | None = None  # tokenizer length override (DreamBooth's --tokenizer_max_length)
+    use_attention_mask: bool = False
+    extra_tags: list[str] = field(default_factory=list)
+    example_prompt: str | None = None  # for the model card's snippet when there is no validation prompt
+
+
+@dataclass
+class Component:
+    """One model being trained: its peft LoRA config, the module as accelerate prepared it (maybe
+    DDP-wrapped), the bare module, and its trainable LoRA parameters."""
+    lora_config: object
+    module: torch.nn.Module
+    bare: torch.nn.Module
+    params: list
+
+
+@dataclass
+class Run:
+    """Everything a training run holds while it runs; built once by `setup`."""
+    config: TrainConfig
+    recipe: Recipe
+    accelerator: object
+    seed: int
+    settings: dict  # what a checkpoint records, so a resume can be checked against it
+    weight_dtype: torch.dtype
+    tokenizer: object
+    noise_scheduler: object
+    vae: torch.nn.Module | None  # None once released after caching (CPU), reloaded to sample
+    vae_scale: float
+    text_encoder: torch.nn.Module | None
+    caches: Caches
+    cache_latents: bool
+    parts: dict[str, Component]  # "unet", and "text_encoder" with --train_text_encoder
+    optimizer: object
+    lr_scheduler: object
+    sampler: StreamSampler
+    batches: object
+    max_steps: int
+    num_epochs: int
+    step: int
+    samples: list = field(default_factory=list)  # the latest validation images, for the model card
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def epoch(self) -> int:
+        return (self.step * self.config.gradient_accumulation_steps) // self.sampler.batches_per_epoch
+
+
+def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
+    """Train and save; returns the weights file (None on other processes than the main one).
+    `on_step(step, logs)` is called after every optimizer step (benchmarks use it)."""
+    from tqdm.auto import tqdm
+
+    run = setup(config, recipe)
+    # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
+    with tqdm(total=run.max_steps, initial=run.step, desc="steps", disable=not run.main, dynamic_ncols=True) as bar:
+        t_last = time.perf_counter()
+        while run.step < run.max_steps:
+            epoch_before = run.epoch
+            logs = optimizer_step(run)
+            now = time.perf_counter()
+            logs["s_per_step"], t_last = now - t_last, now
+            run.accelerator.log(logs, step=run.step)
+            if on_step:
+                on_step(run.step, logs)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            if config.checkpointing_steps and run.step % config.checkpointing_steps == 0:
+                save_checkpoint(run)
+            new_epoch = run.epoch > epoch_before and run.epoch % config.validation_epochs == 0
+            if config.validation_prompt and (new_epoch or run.step == run.max_steps):
+                if run.main:
+                    run.samples = validation.validate(run)
+                run.accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
+    path = save_final(run) if run.main else None
+    run.accelerator.end_training()
+    return path
+
+
+# ---------------------------------------------------------------- set-up
+
+def setup(config: TrainConfig, recipe: Recipe) -> Run:
+    """Accelerator, seed and schedule, the checked checkpoint, frozen models and caches, LoRA, optimizer."""
+    accelerator = _accelerator(config)
+    main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
+    # Frozen weights in the compute precision; trainable LoRA weights always stay fp32 (see _trainable).
+    weight_dtype = models.torch_dtype(accelerator.mixed_precision if accelerator.mixed_precision in ("fp16", "bf16")
+                                      else "no")
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # The checkpoint is read whole and checked against this run's settings before any model loads.
+    ckpt = _find_checkpoint(config, main)
+    seed = _seed(config, ckpt, world)
+    torch.manual_seed(seed)
+    ga = config.gradient_accumulation_steps
+    step = ckpt.step if ckpt else 0
+    sampler = StreamSampler(len(recipe.data), config.train_batch_size, seed, accelerator.process_index, world,
+                            start=step * ga)
+    # Epochs count micro-batches: the stream runs on across epoch boundaries, so N epochs are
+    # ceil(N * batches / accumulation) optimizer steps, not N * ceil(batches / accumulation).
+    max_steps = config.max_train_steps or math.ceil(config.num_train_epochs * sampler.batches_per_epoch / ga)
+    lr = config.learning_rate * (ga * config.train_batch_size * world if config.scale_lr else 1)
+    settings = run_settings(config, recipe, world, max_steps, lr)
+    if ckpt:
+        _check_resume(config, ckpt, settings, main)
+
+    load = dict(revision=config.revision, cache_dir=config.cache_dir)
+    frozen = dict(load, variant=config.variant, allow_pickle=config.allow_pickle, dtype=weight_dtype)
+    tokenizer = models.load_tokenizer(config.base, **load)
+    noise_scheduler = models.load_noise_scheduler(config.base, **load)
+    if config.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+    text_encoder = models.load_text_encoder(config.base, **frozen).to(device).requires_grad_(False)
+    vae = models.load_vae(config.base, **frozen).to(device).requires_grad_(False)
+    vae_scale = vae.config.scaling_factor
+
+    # Encode once, then the VAE / text encoder leave the training device.
+    caches, (cache_latents, cache_text, why_not) = Caches(), plan(config, recipe.data)
+    if cache_latents:
+        caches.build_latents(recipe.data, seed, vae, device, weight_dtype, config.train_batch_size, main)
+        vae = models.release(vae, device)
+    if cache_text:
+        caches.build_embeds(all_captions(recipe.data), text_encoder, tokenizer, recipe.max_length,
+                            recipe.use_attention_mask)
+    if main:
+        what = [f"VAE latents of {len(recipe.data.rows)} images"] * cache_latents + \
+               [f"text embeddings of {len(caches.caption_ids)} captions"] * cache_text
+        log.info("cached %s%s", " and ".join(what) if what else "nothing", f" (not cached: {why_not})" if why_not else "")
+    if cache_text:
+        text_encoder = models.release(text_encoder, device)
+
+    unet = models.load_unet(config.base, **frozen).to(device)
+    parts, optimizer, lr_scheduler = _trainable(config, accelerator, unet, text_encoder, lr, max_steps)
+    if ckpt:
+        checkpoint.apply(ckpt, {k: c.bare for k, c in parts.items()}, optimizer, lr_scheduler,
+                         getattr(accelerator, "scaler", None))
+        if main:
+            log.info("resumed from %s at step %d", ckpt.path, step)
+    if main:
+        params = [p for c in parts.values() for p in c.params]
+        log.info("LoRA parameters in %s, frozen weights in %s (mixed precision: %s)",
+                 str(params[0].dtype).replace("torch.", ""), str(weight_dtype).replace("torch.", ""),
+                 accelerator.mixed_precision)
+        accelerator.init_trackers("sdlora", config=config.tracker_config())
+        log.info("training %s LoRA: %d rows, %d trainable params, %d steps (%d epochs), batch %d x %d accum x %d procs",
+                 recipe.kind, len(recipe.data.rows), sum(p.numel() for p in params), max_steps,
+                 math.ceil(max_steps * ga / sampler.batches_per_epoch), config.train_batch_size, ga, world)
+    loader = torch.utils.data.DataLoader(Examples(recipe.data, seed, pixels=not cache_latents), batch_sampler=sampler,
+                                         collate_fn=collate,
+                                         num_workers=0 if cache_latents else config.dataloader_num_workers)
+    for c in parts.values():
+        c.module.train()
+    return Run(config=config, recipe=recipe, accelerator=accelerator, seed=seed, settings=settings,
+               weight_dtype=weight_dtype, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
+               vae=vae, vae_scale=vae_scale, text_encoder=None if "text_encoder" in parts else text_encoder, caches=caches,
+               cache_latents=cache_latents, parts=parts, optimizer=optimizer, lr_scheduler=lr_scheduler,
+               sampler=sampler, batches=iter(loader), max_steps=max_steps,
+               num_epochs=math.ceil(max_steps * ga / sampler.batches_per_epoch), step=step)
+
+
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = config.output_dir
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / config.logging_dir)),
+        # Without a GPU, `accelerate launch --num_processes N` must still mean N gloo processes.
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def _find_checkpoint(config: TrainConfig, main: bool):
+    if not config.resume_from_checkpoint:
+        return None
+    found = checkpoint.find(config.output_dir, config.resume_from_checkpoint)
+    if found is None:
+        if main:
+            log.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", config.output_dir)
+        return None
+    return checkpoint.read(found, ["unet"] + ["text_encoder"] * config.train_text_encoder)
+
+
+def _seed(config: TrainConfig, ckpt, world: int) -> int:
+    """The seed drives every random choice; a resumed run takes the one it started with."""
+    seed = ckpt.seed if ckpt else (config.seed if config.seed is not None else random.SystemRandom().randrange(2**31))
+    if world > 1:  # one seed for all processes, or each would shard a different shuffle
+        from accelerate.utils import broadcast_object_list
+
+        seed = broadcast_object_list([seed])[0]
+    return seed
+
+
+# LR schedules whose value at step s depends on the total number of steps.
+_DECAYING = {"linear", "cosine", "cosine_with_restarts", "polynomial"}
+
+
+def run_settings(config: TrainConfig, recipe: Recipe, world: int, max_steps: int, lr: float) -> dict:
+    """Everything that must be the same for a resumed run to continue the one that wrote the checkpoint."""
+    base = config.base_name
+    if Path(base).expanduser().exists():
+        base = str(Path(base).expanduser().resolve())
+    c = config
+    s = {
+        "base_model": base, "revision": c.revision, "variant": c.variant,
+        "rank": c.rank, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
+        "target_modules": list(c.target_modules), "train_text_encoder": c.train_text_encoder,
+        "learning_rate": lr, "text_encoder_lr": c.text_encoder_lr or lr, "lr_scheduler": c.lr_scheduler,
+        "lr_warmup_steps": c.lr_warmup_steps, "lr_num_cycles": c.lr_num_cycles, "lr_power": c.lr_power,
+        "use_8bit_adam": c.use_8bit_adam, "adam_beta1": c.adam_beta1, "adam_beta2": c.adam_beta2,
+        "adam_weight_decay": c.adam_weight_decay, "adam_epsilon": c.adam_epsilon, "max_grad_norm": c.max_grad_norm,
+        "train_batch_size": c.train_batch_size, "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "num_processes": world, "resolution": c.resolution, "center_crop": c.center_crop,
+        "random_flip": c.random_flip, "noise_offset": c.noise_offset, "snr_gamma": c.snr_gamma,
+        "prediction_type": c.prediction_type, "loss_weights": recipe.group_weights,
+        "tokenizer_max_length": recipe.max_length, "text_encoder_use_attention_mask": recipe.use_attention_mask,
+        "num_rows": len(recipe.data.rows), "data": recipe.data.digest(),
+    }
+    if c.lr_scheduler in _DECAYING:
+        s["max_train_steps"] = max_steps
+    return s
+
+
+def _check_resume(config: TrainConfig, ckpt, settings: dict, main: bool):
+    changed, unknown = checkpoint.differences(ckpt.settings, settings)
+    if config.seed is not None and config.seed != ckpt.seed:
+        changed.append(f"seed {ckpt.seed} -> {config.seed}")
+    if changed:
+        raise UserError(f"--resume_from_checkpoint {ckpt.path}: this run's settings differ from the checkpoint's "
+                        f"({'; '.join(changed)}); resume with the same settings, or start a new run in another "
+                        f"--output_dir")
+    if unknown and main:
+        log.warning("%s predates the settings check: %s not verified", ckpt.path, ", ".join(unknown))
+
+
+def _trainable(config: TrainConfig, accelerator, unet, text_encoder, lr: float, max_steps: int):
+    """LoRA on the UNet (and text encoder), fp32 LoRA weights, the optimizer and LR schedule, prepared."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    models_ = {"unet": (unet, config.target_modules)}
+    if config.train_text_encoder:
+        models_["text_encoder"] = (text_encoder, inject.TEXT_ENCODER_TARGETS)
+    configs, params = {}, {}
+    for name, (model, targets) in models_.items():  # the UNet first: LoRA init draws from the seeded RNG
+        configs[name] = inject.lora_config(config.rank, config.lora_alpha, list(targets), config.lora_dropout)
+        params[name] = inject.add_lora(model, configs[name])
+    # fp32 master weights for the LoRA parameters whatever the mixed precision: fp16 trainable
+    # weights are what makes GradScaler fail with "Attempting to unscale FP16 gradients".
+    cast_training_params([m for m, _ in models_.values()], dtype=torch.float32)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if config.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    groups = [{"params": params["unet"], "lr": lr}]
+    if "text_encoder" in params:
+        groups.append({"params": params["text_encoder"], "lr": config.text_encoder_lr or lr})
+    kw = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
+              eps=config.adam_epsilon)
+    if config.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(groups, **kw)
+    else:
+        optimizer = torch.optim.AdamW(groups, **kw)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=max_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)
+    prepared = accelerator.prepare(*[m for m, _ in models_.values()], optimizer)
+    parts = {name: Component(configs[name], module, accelerator.unwrap_model(module), params[name])
+             for name, module in zip(models_, prepared[:-1])}
+    return parts, prepared[-1], lr_scheduler
+
+
+# ---------------------------------------------------------------- steps
+
+def micro_step(run: Run, batch: dict, micro: int):
+    """Loss of one micro-batch (total, and per loss group); all randomness from (seed, micro, process)."""
+    device, gen = run.accelerator.device, _step_generator(run.seed, micro, run.accelerator.process_index)
+    # the global RNG (LoRA dropout) replays on resume too
+    torch.manual_seed(_step_seed(run.seed, micro, run.accelerator.process_index) + 1)
+    if run.cache_latents:
+        posterior = run.caches.latents[batch["row_ids"]]
+    else:
+        with torch.no_grad():
+            posterior = run.vae.encode(batch["pixel_values"].to(device, run.weight_dtype)).latent_dist.parameters
+        posterior = posterior.float().cpu()
+    # One sample of the VAE posterior (mean | logvar), as latent_dist.sample() draws it, from our generator.
+    mean, logvar = posterior.chunk(2, dim=1)
+    lat = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn(mean.shape, generator=gen)
+    lat = (lat * run.vae_scale).to(device)
+    noise = torch.randn(lat.shape, generator=gen)
+    if run.config.noise_offset:
+        noise += run.config.noise_offset * torch.randn((lat.shape[0], lat.shape[1], 1, 1), generator=gen)
+    noise = noise.to(device)
+    sched = run.noise_scheduler
+    t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=gen).to(device)
+    noisy = sched.add_noise(lat, noise, t)
+    if run.caches.embeds is not None:
+        emb = run.caches.embeddings(batch["captions"]).to(device)
+    else:
+        te = run.parts["text_encoder"].module if "text_encoder" in run.parts else run.text_encoder
+        emb = models.encode_prompts(te, run.tokenizer, batch["captions"], run.recipe.max_length,
+                                    run.recipe.use_attention_mask)
+    with run.accelerator.autocast():
+        pred = run.parts["unet"].module(noisy.to(run.weight_dtype), t, emb.to(run.weight_dtype), return_dict=False)[0]
+    per_sample = losses.per_sample_loss(pred, losses.target(sched, lat, noise, t), sched, t, run.config.snr_gamma)
+    return losses.group_loss(per_sample, batch["groups"].to(device), run.recipe.group_weights)
+
+
+def optimizer_step(run: Run) -> dict:
+    """`gradient_accumulation_steps` micro-steps, clipping, one optimizer and LR step; returns the logs."""
+    acc, ga = run.accelerator, run.config.gradient_accumulation_steps
+    logs: dict[str, float] = {}
+    for k in range(ga):
+        batch = next(run.batches)
+        with contextlib.ExitStack() as ctx:
+            if k < ga - 1 and acc.num_processes > 1:  # skip the all-reduce until the last micro-batch
+                for c in run.parts.values():
+                    ctx.enter_context(acc.no_sync(c.module))
+            loss, parts = micro_step(run, batch, run.step * ga + k)
+            acc.backward(loss / ga)
+        logs["loss"] = logs.get("loss", 0.0) + loss.item() / ga
+        for g, v in parts.items():
+            name = run.recipe.group_names.get(g, f"loss_{g}")
+            if name != "loss":
+                logs[name] = logs.get(name, 0.0) + v.item() / ga
+    if run.config.max_grad_norm and run.config.max_grad_norm > 0:
+        params = [p for c in run.parts.values() for p in c.params]
+        logs["grad_norm"] = float(acc.clip_grad_norm_(params, run.config.max_grad_norm))
+    run.optimizer.step()
+    if not acc.optimizer_step_was_skipped:  # fp16 overflow: GradScaler skipped the step
+        run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    if acc.num_processes > 1:  # log the mean over processes, not just the main one's share of the batch
+        keys = sorted(logs)
+        vals = acc.reduce(torch.tensor([logs[k] for k in keys], device=acc.device), "mean")
+        logs = dict(zip(keys, vals.tolist()))
+    return {**logs, "lr": run.lr_scheduler.get_last_lr()[0]}
+
+
+def _step_seed(seed: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + micro * 7919 + rank * 104_729) % (2**62)
+
+
+def _step_generator(seed: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(_step_seed(seed, micro, rank))
+
+
+# ---------------------------------------------------------------- saving
+
+def save_checkpoint(run: Run):
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        path = checkpoint.save(run.config.output_dir, run.step, {k: c.bare for k, c in run.parts.items()},
+                               run.optimizer, run.lr_scheduler, getattr(run.accelerator, "scaler", None), run.seed,
+                               run.settings, run.config.checkpoints_total_limit)
+        log.info("saved %s", path)
+
+
+def save_final(run: Run) -> Path:
+    """The LoRA file, its header metadata and the model card (main process only)."""
+    c, recipe = run.config, run.recipe
+    base = c.base_name
+    # The Hub validates base_model as a repo id: a pushed card must not carry a local path.
+    local_base = Path(base).expanduser().exists() and base not in models.BUNDLED
+    if c.push_to_hub and local_base:
+        log.warning("model card: base_model left out of the front matter (%s is a local path, not a Hub id)", base)
+    info = {
+        "base_model": base, "base_model_in_front_matter": not (c.push_to_hub and local_base),
+        "kind": recipe.kind, "rank": c.rank, "alpha": c.lora_alpha, "target_modules": list(c.target_modules),
+        "train_text_encoder": c.train_text_encoder, "steps": run.step, "epochs": run.num_epochs,
+        "train_batch_size": c.train_batch_size, "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "learning_rate": c.learning_rate, "lr_scheduler": c.lr_scheduler, "resolution": c.resolution,
+        "mixed_precision": run.accelerator.mixed_precision, "save_precision": c.save_precision, "seed": run.seed,
+        "dataset": recipe.dataset_desc, "num_images": len(recipe.data.rows), "samples": run.samples,
+        "repo_id": c.hub_model_id if c.push_to_hub else None, "extra_tags": recipe.extra_tags,
+        "example_prompt": c.validation_prompt or recipe.example_prompt,
+    }
+    path = c.output_dir / WEIGHTS_NAME
+    sd = weights.save(path, {k: (p.bare, p.lora_config) for k, p in run.parts.items()}, info,
+                      models.torch_dtype(c.save_precision))
+    modelcard.write(c.output_dir, info, recipe.card_front, recipe.card_settings)
+    log.info("saved %s (%d tensors, %d parameters, %.2f MB) and README.md", path, len(sd), inject.count_params(sd),
+             path.stat().st_size / 1e6)
+    return path

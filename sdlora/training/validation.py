@@ -1,0 +1,52 @@
+"""Sample images with the LoRA being trained, on a standard pipeline with DPM-Solver, at the run's seed."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .. import models, pipeline
+from ..io import save_image
+
+log = logging.getLogger("sdlora")
+
+
+def validate(run) -> list[dict]:
+    """`--num_validation_images` images of `--validation_prompt` with the current LoRA, saved as
+    samples/epochNNNN_i.png and samples/latest_i.png (the stable names the model card shows), and sent to
+    tensorboard. Returns [{"prompt", "path"}] for the card. Main process only."""
+    c, device = run.config, run.accelerator.device
+    frozen = dict(revision=c.revision, variant=c.variant, cache_dir=c.cache_dir, allow_pickle=c.allow_pickle,
+                  dtype=run.weight_dtype)
+    # Caching may have released the VAE / text encoder (dropped on CPU, parked in RAM on GPU): bring them back.
+    vae = (run.vae or models.load_vae(c.base, **frozen)).to(device)
+    trained_te = "text_encoder" in run.parts
+    te = run.parts["text_encoder"].bare if trained_te else (run.text_encoder or models.load_text_encoder(c.base, **frozen)).to(device)
+    for part in run.parts.values():
+        part.module.eval()  # no LoRA dropout while sampling
+    log.info("validation at epoch %d: %d image(s) of %r", run.epoch, c.num_validation_images, c.validation_prompt)
+    encode = None
+    if run.recipe.max_length or run.recipe.use_attention_mask:  # condition exactly as in training
+        def encode(texts):
+            return models.encode_prompts(te, run.tokenizer, texts, run.recipe.max_length, run.recipe.use_attention_mask)
+    pipe = pipeline.assemble(run.parts["unet"].bare, vae, te, run.tokenizer, run.noise_scheduler.config)
+    n = c.num_validation_images
+    with run.accelerator.autocast():
+        images = pipeline.sample(pipe, [c.validation_prompt] * n, [run.seed + i for i in range(n)], batch=1,
+                                 encode=encode, width=c.resolution, height=c.resolution)
+    for part in run.parts.values():
+        part.module.train()
+    out = Path(c.output_dir) / "samples"
+    for i, img in enumerate(images):
+        save_image(img, out / f"epoch{run.epoch:04d}_{i}.png")
+        save_image(img, out / f"latest_{i}.png")
+    for tracker in run.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.log_images({"validation": np.stack([np.asarray(i) for i in images])}, step=run.epoch,
+                               dataformats="NHWC")
+    # Send the helpers back where caching put them.
+    run.vae = models.release(vae, device) if run.cache_latents else vae
+    if not trained_te:
+        run.text_encoder = models.release(te, device) if run.caches.embeds is not None else te
+    return [{"prompt": c.validation_prompt, "path": f"samples/latest_{i}.png"} for i in range(n)]
