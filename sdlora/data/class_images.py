@@ -66,12 +66,17 @@ def generate(base: str, folder: Path, prompt: str, wanted: int, resolution: int,
     folder.mkdir(parents=True, exist_ok=True)
     done = 0
     with tqdm(total=len(names), desc="class images", disable=not progress) as bar:
-        for s in range(0, len(names), batch_size):
-            chunk = names[s:s + batch_size]
+        # batches aligned on the image index, so a resumed run samples each image in the same batch as an
+        # uninterrupted one (sampling is not batch-invariant bit for bit)
+        todo, last = set(names), max(int(n[6:11]) for n in names)
+        for g in sorted({int(n[6:11]) // batch_size for n in names}):
+            chunk = [f"class-{i:05d}.png" for i in range(g * batch_size, min((g + 1) * batch_size, last + 1))]
             seeds = [seed * 100_003 + int(n[6:11]) for n in chunk]
             images = pipeline.sample(pipe, [prompt] * len(chunk), seeds, steps, batch=len(chunk),
                                      width=resolution, height=resolution)
             for name, img in zip(chunk, images):
+                if name not in todo:
+                    continue  # already on disk; sampled only to keep the batch as it was
                 save_image(img, folder / name)
                 done += 1
                 bar.update(1)
