@@ -20,18 +20,11 @@ import torch
 
 
 def build_pipe(arch: str, tmp: Path, device: str):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    from sdlora.tiny import build_components, write_tokenizer
+    from sdlora.pipeline import assemble
+    from sdlora.tiny import SCHEDULE, build_components, write_tokenizer
 
     unet, vae, text_encoder = build_components(arch)
-    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                            num_train_timesteps=1000, steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=write_tokenizer(tmp / "tok"),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return assemble(unet, vae, text_encoder, write_tokenizer(tmp / "tok"), SCHEDULE).to(device)
 
 
 def images_per_s(pipe, args, label: str) -> float:
@@ -63,8 +56,8 @@ def main(argv=None):
     args.size = args.size or (32 if args.arch == "tiny" else 256)
     torch.set_num_threads(args.threads)
 
-    from sdlora.pipeline import add_loras, fuse_loras, quiet
-    from sdlora.tools import demo_lora
+    from sdlora.pipeline import add_loras, fuse_loras
+    from sdlora.testing import demo_lora
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -83,9 +76,7 @@ def main(argv=None):
         add_loras(pipe, [(f, 0.5) for f in files[1:]])
         ips["3_loras_unfused"] = images_per_s(pipe, args, "3_loras_unfused")
         t = time.perf_counter()
-        fuse_loras(pipe)
-        with quiet():
-            pipe.unload_lora_weights()  # what `generate --fuse` does: merged weights, no LoRA layers left
+        fuse_loras(pipe, unload=True)  # what `generate --fuse` does: merged weights, no LoRA layers left
         result["fuse_s"] = round(time.perf_counter() - t, 4)
         ips["3_loras_fused"] = images_per_s(pipe, args, "3_loras_fused")
     result["images_per_s"] = {k: round(v, 4) for k, v in ips.items()}

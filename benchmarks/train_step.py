@@ -35,10 +35,6 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _dtype(precision):
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
 def _unet_inputs(unet, a, device):
     lat = a.resolution // 8
     latents = torch.randn(a.batch, 4, lat, lat, device=device)
@@ -48,10 +44,11 @@ def _unet_inputs(unet, a, device):
 
 
 def measure_reference(a, kind: str) -> dict:
-    from sdlora import lora, models
+    from sdlora import models
+    from sdlora.lora import inject as lora
 
     device = torch.device(a.device)
-    dtype = _dtype(a.precision)
+    dtype = models.torch_dtype(a.precision)
     unet = models.load_unet(a.model, dtype=dtype).to(device)
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -93,7 +90,8 @@ def measure_trainer(a) -> dict:
     import train_text_to_image_lora as t2i
     from PIL import Image
 
-    from sdlora.trainer import train
+    from sdlora.training.config import check
+    from sdlora.training.loop import train
 
     data = Path(tempfile.mkdtemp(prefix="bench-data-"))
     g = torch.Generator().manual_seed(0)
@@ -107,11 +105,9 @@ def measure_trainer(a) -> dict:
             "--checkpointing_steps", "1000000", "--mixed_precision", a.precision, "--rank", str(a.rank)]
     argv += ["--gradient_checkpointing"] * a.gradient_checkpointing + ["--no_cache"] * a.no_cache
     args = t2i.parse_args(argv)
-    from sdlora.args import check
-
-    check(args)
+    config = check(args)
     times = []
-    train(args, t2i.make_recipe(args), on_step=lambda step, logs: times.append(logs["s_per_step"]))
+    train(config, t2i.make_recipe(args, config), on_step=lambda step, logs: times.append(logs["s_per_step"]))
     return {"s_per_step": statistics.median(times[a.warmup:]), "peak_mb": _peak_mb(torch.device(a.device))}
 
 

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+import shapes  # the example data's generator and detectors (beside this script)
+from eval_prompt_following import load_base_pipeline
+from sdlora import sample
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import shapes  # noqa: E402
-from eval_prompt_following import load_pipeline, sample  # noqa: E402
 
 DATA = ROOT / "examples/data/dreambooth"
 
@@ -73,7 +74,7 @@ def main():
     from sdlora.models import resolve_base
 
     base = resolve_base(a.base)
-    pipe = load_pipeline(base)
+    pipe = load_base_pipeline(base)
     subject_prompts, class_prompts = prompts()
     if a.quick:
         subject_prompts, class_prompts = subject_prompts[:2], class_prompts[:2]

@@ -10,38 +10,26 @@ every shape; --split train uses as many pairs drawn from the training combinatio
 is sampled --per-prompt times with fixed seeds.  Reported: the share of images whose background
 colour, shape colour and shape the detector reads as prompted (and all three at once).
 Sampling uses DPMSolverMultistepScheduler built from the pipeline's scheduler config, as
-sdlora's generator does.
+sdlora's generator does (sdlora.load_pipeline, sdlora.sample).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import shapes  # noqa: E402
+import shapes  # the example data's generator and detectors (beside this script)
+from sdlora import grid, load_pipeline, sample
 
 
-def load_pipeline(model: str = "sdlora-tiny", scheduler: str = "dpm"):
-    """An unmodified diffusers pipeline for `model` ('sdlora-tiny' = the bundled model, or a
-    folder / Hub id), sampling with DPMSolverMultistepScheduler (or DDIM), no progress bars."""
-    from sdlora.logs import no_progress_bars, silence_noise
-
-    silence_noise()  # before diffusers is imported: transformers' torchvision notice comes with the import
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    from sdlora.models import resolve_base
-
-    with no_progress_bars():
-        pipe = StableDiffusionPipeline.from_pretrained(resolve_base(model, flag="--model"), safety_checker=None,
-                                                       requires_safety_checker=False)
-    cls = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}[scheduler]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+def load_base_pipeline(model: str = "sdlora-tiny"):
+    """An unmodified diffusers StableDiffusionPipeline for `model` ('sdlora-tiny' = the bundled model, or a
+    folder / Hub id) sampling with DPM-Solver, as sdlora's generator does, without progress bars."""
+    pipe = load_pipeline(base=model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -62,35 +50,12 @@ def prompt_specs(split: str = "heldout", per_prompt: int = 4, seed: int = 0) -> 
     return specs
 
 
-@torch.no_grad()
-def sample(pipe, prompts, seeds, steps: int = 20, guidance: float = 6.0, batch: int = 48):
-    """Image i for prompts[i] from its own generator seeded seeds[i] (so it is the image a
-    single-prompt call with that seed draws), `batch` images per pipeline call: about 5x faster
-    than one call per image on CPU."""
-    images = []
-    for i in range(0, len(prompts), batch):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
-        images += pipe(list(prompts[i:i + batch]), num_inference_steps=steps, guidance_scale=guidance,
-                       generator=gens).images
-    return images
-
-
-def grid(images, cols: int = 12, scale: int = 3):
-    """sdlora's contact sheet, enlarged without smoothing so 32 px images stay readable."""
-    from PIL import Image
-
-    from sdlora.pipeline import grid as sheet
-
-    g = sheet(images, cols)
-    return g.resize((g.width * scale, g.height * scale), Image.NEAREST)
-
-
 def evaluate(pipe, split="heldout", per_prompt=4, steps=20, guidance=6.0, seed=0, limit=None):
     specs = prompt_specs(split, per_prompt, seed)
     if limit:
         specs = specs[:limit]
     t = time.time()
-    images = sample(pipe, [s["prompt"] for s in specs], [s["seed"] for s in specs], steps, guidance)
+    images = sample(pipe, [s["prompt"] for s in specs], [s["seed"] for s in specs], steps, guidance, batch=48)
     res = shapes.prompt_following(images, specs)
     res |= {"split": split, "steps": steps, "guidance": guidance,
             "seconds": round(time.time() - t, 1)}
@@ -106,7 +71,6 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=6.0)
-    p.add_argument("--scheduler", default="dpm", choices=["dpm", "ddim"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the images")
@@ -114,7 +78,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, args.scheduler)
+    pipe = load_base_pipeline(args.model)
     if args.lora:
         pipe.load_lora_weights(args.lora)
     results, all_images = {}, []
@@ -127,7 +91,7 @@ def main(argv=None):
               f"{res['colour']:6.1%}  shape {res['shape']:6.1%}  all three {res['all']:6.1%}  "
               f"({res['seconds']}s)", flush=True)
     if args.grid:
-        grid(all_images).save(args.grid)
+        grid(all_images, cols=12, scale=3).save(args.grid)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results

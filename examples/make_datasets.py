@@ -20,11 +20,9 @@ import argparse
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import shapes  # noqa: E402
+import shapes  # the example data's generator and detectors (beside this script)
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+import shapes  # the example data's generator and detectors (beside this script)
+from eval_prompt_following import load_base_pipeline
+from sdlora import grid, sample
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import shapes  # noqa: E402  (the example data's generator and detectors)
-from eval_prompt_following import grid, load_pipeline, sample  # noqa: E402
 
 # Colour pairs the base model never saw together, each shape: 24 prompts.
 SPECS = [{"shape": sh, "colour": c, "bg": b} for c, b in shapes.HELD_OUT_PAIRS for sh in shapes.SHAPES]
@@ -87,7 +88,7 @@ def main():
     if subprocess.run(cmd, env=env).returncode:
         sys.exit(1)  # the trainer has printed what was wrong; a traceback here would only bury it
 
-    pipe = load_pipeline(base)
+    pipe = load_base_pipeline(base)
     before = generate(pipe, PROMPTS, guidance=a.guidance, per_prompt=a.per_prompt)
     pipe.load_lora_weights(str(lora_dir))
     after = generate(pipe, PROMPTS, guidance=a.guidance, per_prompt=a.per_prompt)

@@ -26,9 +26,7 @@ evaluation (examples/eval_prompt_following.py) measures them.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import random
 import shutil
@@ -41,8 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import shapes  # noqa: E402
+import shapes  # the example data's generator and detectors (beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "sdlora" / "assets" / "tiny-sd"

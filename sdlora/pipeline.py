@@ -74,6 +74,9 @@ def _dtype(dtype, device):
 def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, variant=None, cache_dir=None, **kw):
     """The base pipeline from safetensors weights; pickle (.bin) weights only with allow_pickle, as in training.
     `kw` goes to `from_pretrained` (e.g. safety_checker=None)."""
+    from .logs import silence_noise
+
+    silence_noise()  # before diffusers' pipelines import transformers' image processors
     from diffusers import StableDiffusionPipeline
 
     from .models import resolve_base

@@ -42,6 +42,10 @@ def write_tokenizer(path: Path, max_length: int = 77):
     return tok
 
 
+# SD1.x's noise schedule (clip_sample=False for DDPM: x0 lives in latent space, not [-1, 1]).
+SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                steps_offset=1)
+
 ARCHS = {
     # name: (unet kwargs, vae kwargs, text encoder kwargs)
     "tiny": dict(
@@ -103,9 +107,7 @@ def make_tiny(out_dir: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
     out = Path(out_dir)
     unet, vae, text_encoder = build_components(arch, seed)
     tokenizer = write_tokenizer(out / "tokenizer")
-    # SD1.x's noise schedule; clip_sample=False because x0 lives in latent space, not [-1, 1].
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    scheduler = DDPMScheduler(**SCHEDULE, clip_sample=False)
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

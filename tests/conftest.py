@@ -36,6 +36,19 @@ def make_images(folder: Path, n: int = 4, size: int = 32, captions: bool = True,
 
 
 @pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if any model weights are loaded (or class images generated) before the error."""
+    import sdlora.data.class_images
+    import sdlora.models
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the problem was reported")
+    for name in ("load_tokenizer", "load_text_encoder", "load_vae", "load_unet", "load_noise_scheduler"):
+        monkeypatch.setattr(sdlora.models, name, boom)
+    monkeypatch.setattr(sdlora.data.class_images, "generate", boom)
+
+
+@pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_images(tmp_path / "data")
 

@@ -1,5 +1,4 @@
 """Run the training scripts the way a user does: as subprocesses, offline."""
-import json
 import os
 import subprocess
 import sys
@@ -47,13 +46,21 @@ def read_lora(path):
 
 
 def front_matter(readme: Path) -> dict:
-    text = readme.read_text()
-    assert text.startswith("---\n"), "model card has no YAML front matter"
-    block = text.split("---\n")[1]
-    out = {}
-    for line in block.splitlines():
-        if ":" in line and not line.startswith((" ", "-")):
-            k, v = line.split(":", 1)
-            v = v.strip()
-            out[k] = json.loads(v) if v.startswith('"') else v
-    return out
+    """The model card's YAML front matter, parsed as the Hub parses it."""
+    from huggingface_hub import metadata_load
+
+    assert readme.read_text().startswith("---\n"), "model card has no YAML front matter"
+    return metadata_load(readme) or {}
+
+
+def recipe_error(capsys, recipe, argv) -> str:
+    """Run a recipe module (train_text_to_image_lora / train_dreambooth_lora) in-process; assert it exits 2
+    with exactly one `error:` line and no traceback; return that line."""
+    from sdlora.cli.train import run as run_recipe
+
+    rc = run_recipe(recipe.parse_args(argv), recipe.make_recipe)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert rc == 2 and len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err
+    return lines[0]

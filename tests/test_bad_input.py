@@ -2,31 +2,11 @@
 import json
 
 import pytest
+from conftest import make_images
+from helpers import T2I, fast_flags, recipe_error, run
 from PIL import Image
 
-import sdlora.models
 import train_text_to_image_lora as t2i
-from conftest import make_images
-from helpers import T2I, fast_flags, run
-from sdlora.cli.train import run as run_recipe
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Fail the test if any model weights are loaded."""
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the input was validated")
-    for name in ("load_tokenizer", "load_text_encoder", "load_vae", "load_unet", "load_noise_scheduler"):
-        monkeypatch.setattr(sdlora.models, name, boom)
-
-
-def _err(capsys, argv):
-    rc = run_recipe(t2i.parse_args(argv), t2i.make_recipe)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    msg = [line for line in err if line.startswith("error:")]
-    assert len(msg) == 1, err
-    return msg[0]
 
 
 def test_mixed_folder_trains_on_good_images(tiny_model, tmp_path):
@@ -46,7 +26,7 @@ def test_mixed_folder_trains_on_good_images(tiny_model, tmp_path):
 def test_no_usable_image(tiny_model, tmp_path, capsys, no_model_loads):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x.png").write_bytes(b"nope")
-    msg = _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=tmp_path / "d"))
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=tmp_path / "d"))
     assert str(tmp_path / "d") in msg and "no readable image" in msg
 
 
@@ -62,11 +42,11 @@ def test_metadata_errors(tiny_model, tmp_path, capsys, no_model_loads):
     d.mkdir()
     Image.new("RGB", (8, 8)).save(d / "a.png")
     (d / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\nnot json\n')
-    assert "metadata.jsonl, line 2" in _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=d))
+    assert "metadata.jsonl, line 2" in recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=d))
     (d / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "x"}) + "\n")
-    assert "found: file_name, prompt" in _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=d))
+    assert "found: file_name, prompt" in recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=d))
     (d / "metadata.jsonl").unlink()
-    msg = _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=d))
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=d))
     assert "a.png: no caption" in msg and "--allow_empty_captions" in msg
 
 
@@ -77,19 +57,19 @@ def test_metadata_errors(tiny_model, tmp_path, capsys, no_model_loads):
 def test_unknown_model(tmp_path, capsys, no_model_loads, model, expect, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = make_images(tmp_path / "d", n=1)
-    msg = _err(capsys, fast_flags(model, tmp_path / "o", train_data_dir=data))
+    msg = recipe_error(capsys, t2i, fast_flags(model, tmp_path / "o", train_data_dir=data))
     assert model in msg and expect in msg
 
 
 def test_folder_that_is_not_a_pipeline(tmp_path, capsys, no_model_loads):
     data = make_images(tmp_path / "d", n=1)
-    assert "not a diffusers pipeline folder" in _err(capsys, fast_flags(tmp_path, tmp_path / "o", train_data_dir=data))
+    assert "not a diffusers pipeline folder" in recipe_error(capsys, t2i, fast_flags(tmp_path, tmp_path / "o", train_data_dir=data))
 
 
 def test_unwritable_output_dir(tiny_model, tmp_path, capsys, no_model_loads):
     data = make_images(tmp_path / "d", n=1)
     (tmp_path / "file").write_text("x")
-    msg = _err(capsys, fast_flags(tiny_model, tmp_path / "file" / "out", train_data_dir=data))
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "file" / "out", train_data_dir=data))
     assert "--output_dir" in msg and "not writable" in msg
 
 
@@ -106,7 +86,7 @@ def test_contradictory_or_unavailable_flags(tiny_model, tmp_path, capsys, no_mod
     data = make_images(tmp_path / "d", n=1)
     argv = fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, **extra)
     try:
-        msg = _err(capsys, argv)
+        msg = recipe_error(capsys, t2i, argv)
     except SystemExit as e:  # argparse rejects it first (e.g. wandb not installed as a choice)
         assert e.code == 2
         return

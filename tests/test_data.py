@@ -2,8 +2,8 @@
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from sdlora.data.images import read_image

@@ -1,14 +1,13 @@
 """DreamBooth: prior preservation, text-encoder LoRA, class images generated once, resumable."""
 import pytest
 import torch
-
-import sdlora.models
-import train_dreambooth_lora as db
 from conftest import make_images
-from helpers import DREAMBOOTH, fast_flags, front_matter, read_lora, run
+from helpers import DREAMBOOTH, fast_flags, front_matter, read_lora, recipe_error, run
+
+import train_dreambooth_lora as db
+from sdlora.cli.train import run as run_recipe
 from sdlora.data import class_images as dreambooth
 from sdlora.training.losses import group_loss
-from sdlora.cli.train import run as run_recipe
 
 
 def _flags(model, out, inst, **over):
@@ -92,22 +91,6 @@ def test_total_loss_is_instance_plus_weighted_prior():
     assert total.item() == pytest.approx(2.0 + 0.5 * 15.0)
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the input was validated")
-    for name in ("load_tokenizer", "load_text_encoder", "load_vae", "load_unet"):
-        monkeypatch.setattr(sdlora.models, name, boom)
-    monkeypatch.setattr(dreambooth, "generate", boom)
-
-
-def _err(capsys, argv):
-    assert run_recipe(db.parse_args(argv), db.make_recipe) == 2
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1
-    return lines[0]
-
-
 @pytest.mark.parametrize("setup,over,expect", [
     ("missing", {}, "--instance_data_dir"),
     ("empty", {}, "no readable image"),
@@ -122,7 +105,7 @@ def test_bad_input(tiny_model, tmp_path, capsys, no_model_loads, setup, over, ex
         (inst / "notes.txt").write_text("x")
     elif setup == "ok":
         make_images(inst, n=2, captions=False)
-    msg = _err(capsys, _flags(tiny_model, tmp_path / "o", inst, **over))
+    msg = recipe_error(capsys, db, _flags(tiny_model, tmp_path / "o", inst, **over))
     assert expect in msg, msg
     if setup != "ok":
         assert str(inst) in msg

@@ -2,9 +2,8 @@
 import subprocess
 import sys
 
-from PIL import Image
-
 from helpers import ROOT, env
+from PIL import Image
 
 
 def test_quickstart_trains_and_writes_before_after(tmp_path):

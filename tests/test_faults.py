@@ -9,15 +9,14 @@ import sys
 import time
 
 import pytest
+from conftest import make_images
+from helpers import ROOT, T2I, env, fast_flags, read_lora, recipe_error, run
 from safetensors.torch import load_file, save_file
 
-import sdlora.output.hub
 import sdlora.io
 import sdlora.models
+import sdlora.output.hub
 import train_text_to_image_lora as t2i
-from conftest import make_images
-from helpers import ROOT, T2I, env, fast_flags, read_lora, run
-from sdlora.cli.train import run as run_recipe
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -25,25 +24,6 @@ WEIGHTS = "pytorch_lora_weights.safetensors"
 @pytest.fixture
 def data(tmp_path):
     return make_images(tmp_path / "d", n=4)
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Fail the test if any model weights are loaded."""
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the problem was reported")
-    for name in ("load_tokenizer", "load_text_encoder", "load_vae", "load_unet", "load_noise_scheduler"):
-        monkeypatch.setattr(sdlora.models, name, boom)
-
-
-def _err(capsys, argv, token=None):
-    """Run the text-to-image recipe in-process; return its one `error:` line."""
-    rc = run_recipe(t2i.parse_args(argv), t2i.make_recipe)
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert rc == 2 and len(lines) == 1, err[-3000:]
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _wait_for(predicate, what, timeout=300):
@@ -89,7 +69,7 @@ def test_resume_refuses_a_checkpoint_with_other_settings_before_loading(tiny_mod
     run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=2))
 
     def resume(**over):
-        return _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4,
+        return recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4,
                                        checkpointing_steps=2, resume_from_checkpoint="latest", **over))
     msg = resume(learning_rate=1e-4)
     assert "checkpoint-2" in msg and "learning_rate 0.001 -> 0.0001" in msg
@@ -104,7 +84,7 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tiny_model, tmp_pat
     out = tmp_path / "o"
     run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=1))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2))
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2))
     assert "holds checkpoints of an earlier run (checkpoint-2 and 1 more)" in msg
     assert "--resume_from_checkpoint latest" in msg
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -183,15 +163,15 @@ def test_damaged_checkpoint_is_one_line_before_loading(tiny_model, tmp_path, dat
     out = tmp_path / "o"
     run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=2))
     bad = _damage(out / "checkpoint-2", how)
-    msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4,
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4,
                                   resume_from_checkpoint="latest"))
     assert str(out / "checkpoint-2") in msg and bad in msg, msg
 
 
 def test_target_modules_that_match_nothing_fail_before_loading(tiny_model, tmp_path, data, capsys, no_model_loads):
-    msg = _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, target_modules="to_q,to_qq"))
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, target_modules="to_q,to_qq"))
     assert "--target_modules to_qq: matches no layer" in msg and "to_out.0" in msg
-    msg = _err(capsys, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, target_modules="attn1"))
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, target_modules="attn1"))
     assert "--target_modules attn1" in msg and "Attention" in msg
 
 
@@ -211,7 +191,7 @@ def test_disk_full_mid_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_mo
                                                                         monkeypatch):
     out = tmp_path / "o"
     _fail_writes_under(monkeypatch, ".checkpoint-4.")
-    msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6, checkpointing_steps=2))
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6, checkpointing_steps=2))
     assert str(out / "checkpoint-4") in msg and "disk is full" in msg and "it needs" in msg, msg
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # no temp folder, no half checkpoint
     assert json.loads((out / "checkpoint-2" / "state.json").read_text())["global_step"] == 2
@@ -223,7 +203,7 @@ def test_disk_full_at_the_final_save_keeps_the_earlier_weights(tiny_model, tmp_p
     run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1))
     before = (out / WEIGHTS).read_bytes()
     _fail_writes_under(monkeypatch, f".{WEIGHTS}.")
-    msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, seed=5))
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, seed=5))
     assert str(out / WEIGHTS) in msg and "disk is full" in msg
     assert (out / WEIGHTS).read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -263,7 +243,7 @@ def test_failed_push_is_one_line_and_the_local_output_is_complete(tiny_model, tm
     secret = "hf_SECRETtokenVALUE_0123456789"
     monkeypatch.setattr(sdlora.output.hub, "HfApi", FailingHfApi)
     out = tmp_path / "o"
-    msg = _err(capsys, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1, push_to_hub=True,
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1, push_to_hub=True,
                                   hub_token=secret, hub_model_id="me/lora"))
     assert "uploading to me/lora failed (ConnectionError" in msg and f"{out} is complete" in msg
     assert secret not in msg and "hf upload me/lora" in msg

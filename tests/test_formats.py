@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlora.lora import formats
 from sdlora.errors import UserError
+from sdlora.lora import formats
 from sdlora.lora.formats import Lora, Module
 
 torch.set_num_threads(1)

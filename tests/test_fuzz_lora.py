@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
+from conftest import PY, ROOT
 from safetensors.torch import save_file
 
-from conftest import PY, ROOT
-from sdlora.lora import formats
 from sdlora.errors import UserError
+from sdlora.lora import formats
 from sdlora.lora.formats import Lora, Module
 
 torch.set_num_threads(1)

@@ -1,8 +1,8 @@
 """LoRA injection on SD1.5's real architecture: which layers, how many parameters, file size."""
 import torch
 
-from sdlora.lora import inject as lora
 from sdlora.io import save_safetensors
+from sdlora.lora import inject as lora
 from sdlora.output.weights import header as safetensors_metadata
 from sdlora.tiny import ARCHS
 

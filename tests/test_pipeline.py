@@ -6,15 +6,22 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PY, ROOT
 from PIL import Image
 from safetensors.torch import save_file
 from test_formats import LAYERS, rich_lora
 
-from conftest import PY, ROOT
-from sdlora.lora import formats
 from sdlora.cli import main
 from sdlora.errors import UserError
-from sdlora.pipeline import add_loras, fuse_loras, load_base, load_pipeline, parse_spec, unfuse_loras
+from sdlora.lora import formats
+from sdlora.pipeline import (
+    add_loras,
+    fuse_loras,
+    load_base,
+    load_pipeline,
+    parse_spec,
+    unfuse_loras,
+)
 from sdlora.testing import demo_lora
 
 torch.set_num_threads(1)

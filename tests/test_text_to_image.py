@@ -5,7 +5,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_images
 from helpers import T2I, fast_flags, front_matter, read_lora, run
 

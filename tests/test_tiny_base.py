@@ -20,7 +20,7 @@ def pipe():
     import eval_prompt_following as ev
 
     torch.set_num_threads(1)
-    return ev.load_pipeline("sdlora-tiny", "dpm")
+    return ev.load_base_pipeline("sdlora-tiny")
 
 
 def test_bundled_model_is_an_sd_pipeline_under_30mb():
@@ -76,7 +76,7 @@ def test_bundled_model_draws_the_prompted_colours(pipe):
     import eval_prompt_following as ev
 
     specs = ev.prompt_specs("heldout", per_prompt=1)[::3][:8]   # 8 prompts, all 8 held-out pairs
-    images = ev.sample(pipe, [s["prompt"] for s in specs], [s["seed"] for s in specs], steps=20, guidance=6.0)
+    images = ev.sample(pipe, [s["prompt"] for s in specs], [s["seed"] for s in specs], steps=20, guidance=6.0, batch=48)
     res = shapes.prompt_following(images, specs)
     assert res["bg"] >= 0.75 and res["colour"] >= 0.75, res
 

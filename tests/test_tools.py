@@ -5,10 +5,10 @@ import pytest
 import torch
 from test_formats import LAYERS, assert_same_deltas, rich_lora
 
-from sdlora.lora import formats
 from sdlora.cli import main
-from sdlora.pipeline import load_base
+from sdlora.lora import formats
 from sdlora.lora.tools import extract, merge, resize
+from sdlora.pipeline import load_base
 from sdlora.testing import demo_lora
 
 torch.set_num_threads(1)

@@ -5,11 +5,11 @@ import sys
 import time
 
 import torch
+from conftest import make_images
+from helpers import ROOT, T2I, env, fast_flags, read_lora, run
 
 import sdlora.output.hub
 import train_text_to_image_lora as t2i
-from conftest import make_images
-from helpers import ROOT, T2I, env, fast_flags, read_lora, run
 from sdlora.cli.train import run as run_recipe
 
 
