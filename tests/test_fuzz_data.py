@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
+from helpers import DREAMBOOTH, T2I, fast_flags, run
 from PIL import Image
 
-from helpers import DREAMBOOTH, T2I, fast_flags, run
 from sdlora.data.images import read_image
 from sdlora.data.sources import Row, rows_from_folder, rows_from_images
 from sdlora.errors import UserError
@@ -42,8 +42,10 @@ def _image_bytes(rng: random.Random) -> bytes:
         mode, fmt = rng.choice([("L", "PNG"), ("LA", "PNG"), ("P", "GIF"), ("I;16", "PNG"), ("1", "TIFF"), ("F", "TIFF"),
                                 ("CMYK", "JPEG"), ("RGBA", "WEBP"), ("LAB", "TIFF"), ("YCbCr", "TIFF"), ("RGB", "BMP")])
         b = io.BytesIO()
-        Image.fromarray(np.random.default_rng(rng.randrange(99)).integers(0, 255, (9, 7, 3), dtype=np.uint8)) \
-            .convert(mode).save(b, fmt)
+        rgb = np.random.default_rng(rng.randrange(99)).integers(0, 255, (9, 7, 3), dtype=np.uint8)
+        # Pillow < 10.3 cannot convert RGB to I;16: build that one from 16-bit data directly
+        img = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(rgb).convert(mode)
+        img.save(b, fmt)
         return b.getvalue()
     data = bytearray(_png((12, 10), colour=(rng.randrange(256), 0, 0)))
     if kind == "mutate":
