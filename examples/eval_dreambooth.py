@@ -36,7 +36,7 @@ DATA = ROOT / "examples/data/dreambooth"
 
 def prompts():
     bgs = [c for c in shapes.COLOURS if c not in ("gray",)]
-    subject = [f"{shapes.INSTANCE_PROMPT} on {shapes._a(b)} background" for b in bgs]
+    subject = [f"{shapes.INSTANCE_PROMPT} on {shapes.with_article(b)} background" for b in bgs]
     cls = [shapes.caption("square", c, b) for c, b in zip(shapes.COLOURS, shapes.COLOURS[1:] + shapes.COLOURS[:1])]
     return subject, cls
 

@@ -63,14 +63,14 @@ CLASS_PROMPT = "a square"
 VOCAB_WORDS = ["a", "an", "on", "background"] + COLOURS + list(SHAPES)
 
 
-def _a(word: str) -> str:
+def with_article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def caption(shape: str, colour: str | None, bg: str | None) -> str:
     """'a red circle on an orange background'; colour or bg None leaves that part out."""
-    text = _a(f"{colour} {shape}" if colour else shape)
-    return text + (f" on {_a(bg)} background" if bg else "")
+    text = with_article(f"{colour} {shape}" if colour else shape)
+    return text + (f" on {with_article(bg)} background" if bg else "")
 
 
 def all_pairs() -> list[tuple[str, str]]:

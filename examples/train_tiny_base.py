@@ -261,20 +261,16 @@ def train_unet(vae, unet, text_encoder, tokenizer, args, t0):
 @torch.no_grad()
 def quick_eval(unet, vae, text_encoder, tokenizer, params, ema, step, t0):
     """Held-out prompt following of the EMA weights (24 prompts, DPM-Solver 20 steps)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     import eval_prompt_following as ev
+    from sdlora.pipeline import assemble
 
     backup = [p.detach().clone() for p in params]
     for e, p in zip(ema, params):
         p.copy_(e)
     unet.eval()
     text_encoder.eval()
-    sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012,
-                                        beta_schedule="scaled_linear", num_train_timesteps=1000)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = assemble(unet, vae, text_encoder, tokenizer, dict(beta_start=0.00085, beta_end=0.012,
+                                                             beta_schedule="scaled_linear", num_train_timesteps=1000))
     for split in ("heldout", "train"):
         res, _, _ = ev.evaluate(pipe, split, per_prompt=1)
         log(f"eval step {step} {split}: bg {res['bg']:.0%} colour {res['colour']:.0%} "

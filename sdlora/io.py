@@ -48,7 +48,8 @@ def _is_full(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _write(path: Path, data: bytes):
+def write_file(path: Path, data: bytes):
+    """The one place bytes reach the disk (in place, fsynced); everything above adds atomicity."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -80,7 +81,7 @@ def write_bytes(path, data: bytes):
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            _write(tmp, data)
+            write_file(tmp, data)
     except OSError as e:
         if _is_full(e):
             raise disk_full(path, len(data)) from None
@@ -152,7 +153,7 @@ def write_folder(path, files: dict[str, bytes]):
     try:
         with atomic_dir(path) as tmp:
             for name, data in files.items():
-                _write(tmp / name, data)
+                write_file(tmp / name, data)
     except OSError as e:
         if _is_full(e):
             raise disk_full(path, sum(len(d) for d in files.values())) from None

@@ -178,13 +178,13 @@ def test_target_modules_that_match_nothing_fail_before_loading(tiny_model, tmp_p
 # ---------------------------------------------------------------- disk full, permissions, determinism
 
 def _fail_writes_under(monkeypatch, fragment):
-    real = sdlora.io._write
+    real = sdlora.io.write_file
 
     def write(path, data):
         if fragment in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, data)
-    monkeypatch.setattr(sdlora.io, "_write", write)
+    monkeypatch.setattr(sdlora.io, "write_file", write)
 
 
 def test_disk_full_mid_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_model, tmp_path, data, capsys,
