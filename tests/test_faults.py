@@ -3,6 +3,7 @@ umask, byte-identical reruns, a failed upload, and a quiet log. Each on the tiny
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,14 +158,24 @@ def _damage(ckpt, how):
     raise ValueError(how)
 
 
+@pytest.fixture(scope="module")
+def trained_once(tiny_model, tmp_path_factory):
+    """One short run with a checkpoint, copied by each damage case (a training run costs seconds)."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    data, out = make_images(tmp / "d", n=4), tmp / "o"
+    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=2))
+    return data, out
+
+
 @pytest.mark.parametrize("how", ["state_not_json", "state_missing_seed", "truncated_weights", "optimizer_garbage",
                                  "rank_differs"])
-def test_damaged_checkpoint_is_one_line_before_loading(tiny_model, tmp_path, data, capsys, how, no_model_loads):
+def test_damaged_checkpoint_is_one_line_before_loading(tiny_model, tmp_path, trained_once, capsys, how, no_model_loads):
+    data, template = trained_once
     out = tmp_path / "o"
-    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=2))
+    shutil.copytree(template, out)
     bad = _damage(out / "checkpoint-2", how)
     msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4,
-                                  resume_from_checkpoint="latest"))
+                                                resume_from_checkpoint="latest"))
     assert str(out / "checkpoint-2") in msg and bad in msg, msg
 
 
