@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sdlora.cli import train as common
 from sdlora.data import class_images
-from sdlora.data.sources import rows_from_images
+from sdlora.data.sources import dataset_label, rows_from_images
 from sdlora.data.trainset import TrainSet
 from sdlora.errors import UserError
 from sdlora.models import torch_dtype
@@ -110,13 +110,13 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
         # Each example pairs an instance row with a class row, as diffusers' DreamBooth dataset does.
         n = max(n, len(cls))
         examples = [[i % len(instance), len(instance) + i % len(cls)] for i in range(n)]
-        card.update({"prior loss weight": args.prior_loss_weight, "class images": f"{len(cls)} in {folder}"})
+        card.update({"prior loss weight": args.prior_loss_weight, "class images": f"{len(cls)} in {folder.name}"})
     data = TrainSet(rows, examples, groups, config.resolution, config.center_crop, config.random_flip)
-    return Recipe(kind="dreambooth", data=data, dataset_desc=args.instance_data_dir,
+    return Recipe(kind="dreambooth", data=data, dataset_desc=dataset_label(args.instance_data_dir),
                   group_weights={0: 1.0, 1: args.prior_loss_weight}, group_names={0: "loss_instance", 1: "loss_prior"},
                   card_front={"instance_prompt": args.instance_prompt}, card_settings=card,
                   max_length=args.tokenizer_max_length, use_attention_mask=args.text_encoder_use_attention_mask,
-                  extra_tags=["dreambooth"], example_prompt=args.instance_prompt)
+                  extra_tags=["dreambooth"], trigger_phrase=args.instance_prompt)
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from sdlora.cli import train as common
-from sdlora.data.sources import rows_from_datasets, rows_from_folder
+from sdlora.data.sources import dataset_label, rows_from_datasets, rows_from_folder
 from sdlora.data.trainset import TrainSet
 from sdlora.errors import UserError
 from sdlora.training.config import TrainConfig
@@ -47,11 +47,11 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
     """Text-to-image: every row is one example in the single loss group."""
     if args.train_data_dir:
         rows = rows_from_folder(Path(args.train_data_dir), args.caption_column, args.allow_empty_captions)
-        desc = args.train_data_dir
+        desc = dataset_label(args.train_data_dir)
     else:
         rows = rows_from_datasets(args.dataset_name, args.dataset_config_name, args.image_column,
                                   args.caption_column, args.cache_dir, args.allow_empty_captions)
-        desc = args.dataset_name
+        desc = dataset_label(args.dataset_name)
     if args.max_train_samples is not None:
         if args.max_train_samples < 1:
             raise UserError("--max_train_samples must be >= 1")

@@ -64,6 +64,17 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
     return name
 
 
+def architecture(unet_config, prediction_type: str = "epsilon") -> str:
+    """The model spec's architecture id for a base (`modelspec.architecture` without the `/lora` suffix).
+
+    SD1.x-like UNets (cross-attention 768, and the tiny stand-ins) are stable-diffusion-v1."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "stable-diffusion-xl-v1-base"
+    if unet_config.get("cross_attention_dim") == 1024:
+        return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
+    return "stable-diffusion-v1"
+
+
 # Layer names users target, to suggest when a --target_modules entry matches nothing.
 COMMON_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                   "conv1", "conv2", "conv_shortcut", "time_emb_proj"]

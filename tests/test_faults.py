@@ -12,6 +12,7 @@ import time
 import pytest
 from conftest import make_images
 from helpers import ROOT, T2I, env, fast_flags, read_lora, recipe_error, run
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sdlora.io
@@ -112,7 +113,7 @@ def test_leftovers_of_killed_runs_are_cleaned_and_latest_skips_incomplete_ones(t
     assert f"resumed from {out / 'checkpoint-4'} at step 4" in r.stderr
     names = sorted(p.name for p in out.iterdir())
     assert names == ["README.md", "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-9", "notes.tmp",
-                     WEIGHTS, "samples"], names
+                     "o.safetensors", WEIGHTS, "samples"], names
     assert list((out / "samples").iterdir()) == [] and (out / "checkpoint-9" / "my-notes.txt").exists()
 
 
@@ -227,17 +228,20 @@ def test_written_files_follow_the_umask(tiny_model, tmp_path, data, umask, mode)
                                                     checkpointing_steps=1)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, preexec_fn=lambda: os.umask(umask))
     assert r.returncode == 0, r.stderr[-2000:]
-    for f in [out / WEIGHTS, out / "README.md", *(out / "checkpoint-1").iterdir()]:
+    for f in [out / WEIGHTS, out / "o.safetensors", out / "README.md", *(out / "checkpoint-1").iterdir()]:
         assert f.stat().st_mode & 0o777 == mode, (f, oct(f.stat().st_mode))
     assert (out / "checkpoint-1").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_identical_runs_write_identical_bytes(tiny_model, tmp_path, data):
+    # Same settings, same output folder name (it is the LoRA's title), the date pinned as reproducible builds do.
     for name in ("a", "b"):
-        run(T2I, fast_flags(tiny_model, tmp_path / name, train_data_dir=data, max_train_steps=2, checkpointing_steps=2,
-                            lora_alpha=8))
-    for f in (WEIGHTS, "checkpoint-2/unet_lora.safetensors"):
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+        run(T2I, fast_flags(tiny_model, tmp_path / name / "o", train_data_dir=data, max_train_steps=2,
+                            checkpointing_steps=2, lora_alpha=8), SOURCE_DATE_EPOCH="1764028800")
+    for f in (WEIGHTS, "o.safetensors", "checkpoint-2/unet_lora.safetensors"):
+        assert (tmp_path / "a/o" / f).read_bytes() == (tmp_path / "b/o" / f).read_bytes(), f
+    with safe_open(str(tmp_path / "a/o" / WEIGHTS), "pt") as h:
+        assert h.metadata()["modelspec.date"] == "2025-11-25"
 
 
 # ---------------------------------------------------------------- sharing, quiet logs

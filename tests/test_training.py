@@ -51,7 +51,8 @@ def test_accelerate_launch_precision_and_two_processes(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 procs" in r.stderr and "frozen weights in bfloat16" in r.stderr
     assert r.stderr.count("saved " + str(out / "pytorch_lora_weights.safetensors")) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoint-2", "pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoint-2", "o.safetensors",
+                                                     "pytorch_lora_weights.safetensors"]
 
 
 def test_text_encoder_lora_without_cache(tiny_model, tmp_path):
@@ -103,7 +104,7 @@ def test_push_to_hub_uploads_only_results_and_never_writes_token(tiny_model, tmp
     logs = capsys.readouterr()
     (create, repo, tok), (upload, repo2, tok2, files) = FakeHfApi.calls
     assert create == "create_repo" and repo == repo2 == "me/my-lora" and tok == tok2 == secret
-    assert files == ["README.md", "pytorch_lora_weights.safetensors", "samples/latest_0.png"]
+    assert files == ["README.md", "o.safetensors", "pytorch_lora_weights.safetensors", "samples/latest_0.png"]
     assert "repo_id" not in files and (out / "checkpoint-1").exists() and (out / "logs").exists()
     assert secret not in logs.out + logs.err
     for p in out.rglob("*"):

@@ -40,6 +40,13 @@ class Row:
     size: tuple[int, int] | None = None  # (w, h) when known; None for `datasets` rows
 
 
+def dataset_label(source: str) -> str:
+    """How the model card and the file header name a data set: a folder by its name only (they are
+    published with --push_to_hub; a local path is private and means nothing elsewhere), a Hub id as is."""
+    p = Path(source).expanduser()
+    return p.resolve().name if p.exists() else str(source)
+
+
 def link_problem(p: Path, root: Path, what: str) -> str | None:
     """Why the symlink `p` can't be used (broken, a loop, or leading out of `root`, a resolved folder), else None."""
     if not p.is_symlink():

@@ -464,7 +464,7 @@ def _to_kohya(lora):
         out[key + ".alpha"] = torch.tensor(float(common))
     padded = _pad_text_encoder(lora, out, prefix, common)
     ranks = collections.Counter(m.rank for m in lora.modules.values())
-    extra = {"ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_alpha": str(common)}
+    extra = {"ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_alpha": f"{common:g}"}
     if padded:
         extra[_PADDING_KEY] = json.dumps(padded)
     return out, extra

@@ -47,21 +47,13 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
     return f"""{_front_matter(**front)}
 # {title}
 
-LoRA weights for [{info['base_model']}]({_link(info['base_model'])}), trained with
-[sdlora](https://github.com/sdlora/sdlora) {__version__}.
+LoRA weights for {_named(info)}, trained with sdlora {__version__}.
 
 ## Use it
 
-```python
-import torch
-from diffusers import StableDiffusionPipeline, DPMSolverMultistepScheduler
-
-pipe = StableDiffusionPipeline.from_pretrained({json.dumps(info['base_model'])})
-pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-pipe.load_lora_weights({json.dumps(info.get('repo_id') or '.')})  # this folder, or its Hub repo id
-image = pipe({json.dumps(prompt)}, num_inference_steps=25).images[0]
-image.save("out.png")
-```
+{_snippet(info, prompt)}
+In ComfyUI, A1111/Forge, kohya's tools or on Civitai use `{info.get("kohya_file") or "the kohya file"}`, the same
+LoRA in kohya's layout: copy it into `ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/`.{_trigger(info)}
 
 ## Training settings
 
@@ -71,8 +63,45 @@ image.save("out.png")
 {samples}"""
 
 
-def _link(base: str) -> str:
-    return base if Path(base).exists() else f"https://huggingface.co/{base}"
+def _named(info: dict) -> str:
+    """The base model, linked only where the link exists: a Hub id (not a local path or a bundled model)."""
+    from ..models import BUNDLED
+
+    base = info["base_model"]
+    if base in BUNDLED:
+        return f"`{base}` (the tiny model bundled with sdlora)"
+    if info.get("base_is_local"):
+        return f"`{base}` (a local model)"
+    return f"[{base}](https://huggingface.co/{base})"
+
+
+def _snippet(info: dict, prompt: str) -> str:
+    from ..models import BUNDLED
+
+    if info["base_model"] in BUNDLED:  # diffusers cannot resolve the bundled name; sdlora's loader can
+        return f"""```python
+from sdlora import load_pipeline, sample
+
+pipe = load_pipeline(["."])  # this folder; the base model ({info['base_model']}) comes from this card
+image = sample(pipe, [{json.dumps(prompt)}], seeds=[0])[0]
+image.save("out.png")
+```
+"""
+    return f"""```python
+from diffusers import StableDiffusionPipeline, DPMSolverMultistepScheduler
+
+pipe = StableDiffusionPipeline.from_pretrained({json.dumps(info['base_model'])})
+pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+pipe.load_lora_weights({json.dumps(info.get('repo_id') or '.')})  # this folder, or its Hub repo id
+image = pipe({json.dumps(prompt)}, num_inference_steps=25).images[0]
+image.save("out.png")
+```
+"""
+
+
+def _trigger(info: dict) -> str:
+    phrase = info.get("trigger_phrase")
+    return f" Put `{phrase}` in the prompt to call up the trained subject." if phrase else ""
 
 
 def write(output_dir: Path, info: dict, front_extra: dict | None = None, settings_extra: dict | None = None) -> Path:

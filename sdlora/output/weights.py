@@ -1,23 +1,34 @@
-"""The LoRA file a run writes: `pytorch_lora_weights.safetensors`, as diffusers' own scripts write it.
+"""The LoRA files a run writes: one for diffusers, one for everything else.
 
-Keys in diffusers' layout (`unet.….lora.down/up.weight`, `text_encoder.text_model.…`), diffusers'
-`lora_adapter_metadata` (the peft configs, so an alpha other than the rank loads right), and the
-training facts under kohya's `ss_*` names, which A1111-style metadata viewers show.
+* `pytorch_lora_weights.safetensors`, as diffusers' own scripts write it: keys in diffusers' layout
+  (`unet.….lora.down/up.weight`, `text_encoder.text_model.…`) and diffusers' `lora_adapter_metadata`
+  (the peft configs, so an alpha other than the rank loads right). `pipe.load_lora_weights(dir)`.
+* `<output folder name>.safetensors`: the same weights in kohya's layout (`lora_unet_…` /
+  `lora_te_…` with `.lora_down` / `.lora_up` / `.alpha` tensors), the one ComfyUI, A1111/Forge,
+  kohya's sd-scripts and LyCORIS read; alpha travels in the tensors, where those loaders look.
+
+Both headers carry the training facts under kohya's `ss_*` names and the Stability AI model spec's
+`modelspec.*` keys, which A1111/ComfyUI/Civitai metadata viewers show.
 """
 from __future__ import annotations
 
+import datetime
 import json
+import os
+from pathlib import Path
 
 from .. import __version__
 from ..io import save_safetensors
-from ..lora import inject
+from ..lora import formats, inject
 
 
 def header(info: dict) -> dict[str, str]:
     """Training facts for the file header (safetensors metadata values must be strings)."""
     meta = {
         "ss_sd_model_name": info["base_model"],
-        "ss_base_model_version": "sd_v1",
+        # kohya's names for the base family, which A1111-style viewers filter on
+        "ss_base_model_version": {"stable-diffusion-xl-v1-base": "sdxl_base_v1-0"}.get(
+            info.get("architecture"), "sd_v2" if "-v2-" in str(info.get("architecture")) else "sd_v1"),
         "ss_network_module": "networks.lora",
         "ss_network_dim": info["rank"],
         "ss_network_alpha": info["alpha"],
@@ -35,8 +46,33 @@ def header(info: dict) -> dict[str, str]:
         "sdlora_version": __version__,
         "sdlora_target_modules": ",".join(info["target_modules"]),
         "sdlora_train_text_encoder": info.get("train_text_encoder", False),
+        # Stability AI's model spec (https://github.com/Stability-AI/ModelSpec), as kohya's sd-scripts write it
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{info.get('architecture', 'stable-diffusion-v1')}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": info.get("title") or "LoRA",
+        "modelspec.resolution": f"{info['resolution']}x{info['resolution']}",
+        "modelspec.date": info.get("date") or build_date(),
+        "modelspec.prediction_type": {"v_prediction": "v"}.get(info.get("prediction_type"), info.get("prediction_type")),
+        "modelspec.trigger_phrase": info.get("trigger_phrase"),
+        "modelspec.tags": ",".join(info["extra_tags"]) if info.get("extra_tags") else None,
     }
     return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items() if v is not None}
+
+
+def build_date() -> str:
+    """Today (UTC), or the date of $SOURCE_DATE_EPOCH: identical runs on one day (or with it set) write
+    identical bytes."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch and epoch.isdigit() \
+        else datetime.datetime.now(datetime.timezone.utc)
+    return when.date().isoformat()
+
+
+def kohya_name(output_dir) -> str:
+    """The second file's name: the output folder's, which ComfyUI and A1111 show as the LoRA's name."""
+    name = Path(output_dir).resolve().name or "lora"
+    return f"{name}_kohya.safetensors" if f"{name}.safetensors" == formats.WEIGHTS_NAME else f"{name}.safetensors"
 
 
 def save(path, parts: dict, info: dict, dtype=None) -> dict:
@@ -49,3 +85,8 @@ def save(path, parts: dict, info: dict, dtype=None) -> dict:
     save_safetensors(sd, path, {"format": "pt", "lora_adapter_metadata": inject.adapter_metadata(configs),
                                 **header(info)})
     return sd
+
+
+def save_kohya(path, diffusers_file) -> Path:
+    """The diffusers file's LoRA again in kohya's layout (same weights, same scale, same header facts)."""
+    return formats.save_lora(formats.load_lora(diffusers_file), path, "kohya")

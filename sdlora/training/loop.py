@@ -48,7 +48,7 @@ class Recipe:
     max_length: int | None = None  # tokenizer length override (DreamBooth's --tokenizer_max_length)
     use_attention_mask: bool = False
     extra_tags: list[str] = field(default_factory=list)
-    example_prompt: str | None = None  # for the model card's snippet when there is no validation prompt
+    trigger_phrase: str | None = None  # what calls up the trained subject (DreamBooth's instance prompt)
 
 
 @dataclass
@@ -415,28 +415,37 @@ def save_checkpoint(run: Run):
 
 
 def save_final(run: Run) -> Path:
-    """The LoRA file, its header metadata and the model card (main process only)."""
+    """The LoRA files (diffusers', and kohya's for ComfyUI/A1111), their header and the model card (main process)."""
     c, recipe = run.config, run.recipe
     base = c.base_name
-    # The Hub validates base_model as a repo id: a pushed card must not carry a local path.
+    # The Hub validates base_model as a repo id, and a pushed card or header must not carry a local path.
     local_base = Path(base).expanduser().exists() and base not in models.BUNDLED
     if c.push_to_hub and local_base:
         log.warning("model card: base_model left out of the front matter (%s is a local path, not a Hub id)", base)
+        base = Path(base).expanduser().resolve().name
+    unet_config = run.parts["unet"].bare.config
+    kohya_file = c.output_dir / weights.kohya_name(c.output_dir)
     info = {
         "base_model": base, "base_model_in_front_matter": not (c.push_to_hub and local_base),
-        "kind": recipe.kind, "rank": c.rank, "alpha": c.lora_alpha, "target_modules": list(c.target_modules),
-        "train_text_encoder": c.train_text_encoder, "steps": run.step, "epochs": run.num_epochs,
-        "train_batch_size": c.train_batch_size, "gradient_accumulation_steps": c.gradient_accumulation_steps,
-        "learning_rate": c.learning_rate, "lr_scheduler": c.lr_scheduler, "resolution": c.resolution,
-        "mixed_precision": run.accelerator.mixed_precision, "save_precision": c.save_precision, "seed": run.seed,
-        "dataset": recipe.dataset_desc, "num_images": len(recipe.data.rows), "samples": run.samples,
+        "base_is_local": local_base, "kind": recipe.kind, "rank": c.rank, "alpha": c.lora_alpha,
+        "target_modules": list(c.target_modules), "train_text_encoder": c.train_text_encoder, "steps": run.step,
+        "epochs": run.num_epochs, "train_batch_size": c.train_batch_size,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps, "learning_rate": c.learning_rate,
+        "lr_scheduler": c.lr_scheduler, "resolution": c.resolution, "mixed_precision": run.accelerator.mixed_precision,
+        "save_precision": c.save_precision, "seed": run.seed, "dataset": recipe.dataset_desc,
+        "num_images": len(recipe.data.rows), "samples": run.samples,
         "repo_id": c.hub_model_id if c.push_to_hub else None, "extra_tags": recipe.extra_tags,
-        "example_prompt": c.validation_prompt or recipe.example_prompt,
+        "example_prompt": c.validation_prompt or recipe.trigger_phrase, "trigger_phrase": recipe.trigger_phrase,
+        "title": c.output_dir.resolve().name, "kohya_file": kohya_file.name,
+        "architecture": models.architecture(unet_config, run.noise_scheduler.config.prediction_type),
+        "prediction_type": run.noise_scheduler.config.prediction_type,
     }
     path = c.output_dir / WEIGHTS_NAME
     sd = weights.save(path, {k: (p.bare, p.lora_config) for k, p in run.parts.items()}, info,
                       models.torch_dtype(c.save_precision))
+    weights.save_kohya(kohya_file, path)
     modelcard.write(c.output_dir, info, recipe.card_front, recipe.card_settings)
-    log.info("saved %s (%d tensors, %d parameters, %.2f MB) and README.md", path, len(sd), inject.count_params(sd),
-             path.stat().st_size / 1e6)
+    log.info("saved %s (%d tensors, %d parameters, %.2f MB; for diffusers), %s (the same LoRA for ComfyUI, "
+             "A1111/Forge and kohya's tools) and README.md", path, len(sd), inject.count_params(sd),
+             path.stat().st_size / 1e6, kohya_file.name)
     return path
