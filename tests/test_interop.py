@@ -95,6 +95,18 @@ def test_kohya_file_loads_whole_in_lycoris_at_the_trained_scale(trained, tiny_mo
     assert max(w.abs().max().item() for w in expected.values()) > 1e-3  # a LoRA that does something
 
 
+def test_sdlora_reads_the_kohya_file_at_the_trained_scale(trained):
+    from sdlora.lora import formats
+
+    _, out, alpha, rank = trained
+    lora = formats.load_lora(kohya_file(out))
+    got = {("lora_unet_" if n.startswith("unet.") else "lora_te_") + n.split(".", 1)[1].replace(".", "_"):
+           m.delta().flatten(1) for n, m in lora.modules.items()}
+    expected = trained_deltas(out, alpha, rank)
+    assert sorted(got) == sorted(expected)
+    assert all(torch.allclose(got[n], expected[n], rtol=1e-5, atol=1e-7) for n in expected)
+
+
 def _images(pipe, source=None):
     from diffusers import DPMSolverMultistepScheduler
 
