@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import make_images
 from helpers import ROOT, T2I, env, fast_flags, read_lora, recipe_error, run
 from safetensors import safe_open
@@ -285,3 +286,12 @@ def test_a_newcomers_run_is_quiet_but_real_warnings_show(tiny_model, tmp_path, d
         f"p = P.from_pretrained({str(tiny_model)!r})\np.load_lora_weights({str(out)!r})")],
         capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
     assert plain.returncode == 0 and "No LoRA keys associated to CLIPTextModel" in plain.stderr, plain.stderr[-2000:]
+
+
+def test_a_diverged_run_stops_with_one_line_and_saves_nothing_broken(tiny_model, tmp_path, data, capsys):
+    out = tmp_path / "o"
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6,
+                                                checkpointing_steps=1, learning_rate=1e30, max_grad_norm=0))
+    assert "training diverged at step" in msg and "the last checkpoint is checkpoint-1" in msg
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # no NaN checkpoint, no NaN weights
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint-1" / "unet_lora.safetensors")).values())

@@ -108,6 +108,7 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
         while run.step < run.max_steps:
             epoch_before = run.epoch
             logs = optimizer_step(run)
+            check_finite(run, logs)
             now = time.perf_counter()
             logs["s_per_step"], t_last = now - t_last, now
             run.accelerator.log(logs, step=run.step)
@@ -393,6 +394,17 @@ def optimizer_step(run: Run) -> dict:
         vals = acc.reduce(torch.tensor([logs[k] for k in keys], device=acc.device), "mean")
         logs = dict(zip(keys, vals.tolist()))
     return {**logs, "lr": run.lr_scheduler.get_last_lr()[0]}
+
+
+def check_finite(run: Run, logs: dict):
+    """Stop at the first step whose LoRA weights are NaN/Inf: nothing of it is saved, so the last checkpoint and
+    any earlier output stay the last good ones (a diverged LoRA would only draw black images)."""
+    if all(torch.isfinite(p).all() for c in run.parts.values() for p in c.params):
+        return
+    done = checkpoint.list_checkpoints(run.config.output_dir)
+    raise UserError(f"training diverged at step {run.step}: the LoRA weights became NaN/Inf (loss {logs['loss']:.4g}); "
+                    f"nothing of this step was saved{f', the last checkpoint is {done[-1].name}' if done else ''} — "
+                    f"lower --learning_rate, or use --mixed_precision bf16 or no instead of fp16")
 
 
 def _step_seed(seed: int, micro: int, rank: int) -> int:
