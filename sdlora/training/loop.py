@@ -152,6 +152,7 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     # Epochs count micro-batches: the stream runs on across epoch boundaries, so N epochs are
     # ceil(N * batches / accumulation) optimizer steps, not N * ceil(batches / accumulation).
     max_steps = config.max_train_steps or math.ceil(config.num_train_epochs * sampler.batches_per_epoch / ga)
+    num_epochs = math.ceil(max_steps * ga / sampler.batches_per_epoch)
     lr = config.learning_rate * (ga * config.train_batch_size * world if config.scale_lr else 1)
     settings = run_settings(config, recipe, world, max_steps, lr)
     if ckpt:
@@ -196,8 +197,8 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
                  accelerator.mixed_precision)
         accelerator.init_trackers("sdlora", config=config.tracker_config())
         log.info("training %s LoRA: %d rows, %d trainable params, %d steps (%d epochs), batch %d x %d accum x %d procs",
-                 recipe.kind, len(recipe.data.rows), sum(p.numel() for p in params), max_steps,
-                 math.ceil(max_steps * ga / sampler.batches_per_epoch), config.train_batch_size, ga, world)
+                 recipe.kind, len(recipe.data.rows), sum(p.numel() for p in params), max_steps, num_epochs,
+                 config.train_batch_size, ga, world)
     loader = torch.utils.data.DataLoader(Examples(recipe.data, seed, pixels=not cache_latents), batch_sampler=sampler,
                                          collate_fn=collate,
                                          num_workers=0 if cache_latents else config.dataloader_num_workers)
@@ -207,8 +208,7 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
                weight_dtype=weight_dtype, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
                vae=vae, vae_scale=vae_scale, text_encoder=None if "text_encoder" in parts else text_encoder, caches=caches,
                cache_latents=cache_latents, parts=parts, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               sampler=sampler, batches=iter(loader), max_steps=max_steps,
-               num_epochs=math.ceil(max_steps * ga / sampler.batches_per_epoch), step=step)
+               sampler=sampler, batches=iter(loader), max_steps=max_steps, num_epochs=num_epochs, step=step)
 
 
 def _accelerator(config: TrainConfig):
@@ -293,16 +293,16 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoder, lr: float, 
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
-    models_ = {"unet": (unet, config.target_modules)}
+    trained = {"unet": (unet, config.target_modules)}
     if config.train_text_encoder:
-        models_["text_encoder"] = (text_encoder, inject.TEXT_ENCODER_TARGETS)
+        trained["text_encoder"] = (text_encoder, inject.TEXT_ENCODER_TARGETS)
     configs, params = {}, {}
-    for name, (model, targets) in models_.items():  # the UNet first: LoRA init draws from the seeded RNG
+    for name, (model, targets) in trained.items():  # the UNet first: LoRA init draws from the seeded RNG
         configs[name] = inject.lora_config(config.rank, config.lora_alpha, list(targets), config.lora_dropout)
         params[name] = inject.add_lora(model, configs[name])
     # fp32 master weights for the LoRA parameters whatever the mixed precision: fp16 trainable
     # weights are what makes GradScaler fail with "Attempting to unscale FP16 gradients".
-    cast_training_params([m for m, _ in models_.values()], dtype=torch.float32)
+    cast_training_params([m for m, _ in trained.values()], dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
@@ -322,9 +322,9 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoder, lr: float, 
         optimizer = torch.optim.AdamW(groups, **kw)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)
-    prepared = accelerator.prepare(*[m for m, _ in models_.values()], optimizer)
+    prepared = accelerator.prepare(*[m for m, _ in trained.values()], optimizer)
     parts = {name: Component(configs[name], module, accelerator.unwrap_model(module), params[name])
-             for name, module in zip(models_, prepared[:-1])}
+             for name, module in zip(trained, prepared[:-1])}
     return parts, prepared[-1], lr_scheduler
 
 
