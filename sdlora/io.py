@@ -116,10 +116,14 @@ def torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def save_image(image, path, pnginfo=None):
+def png_bytes(image, pnginfo=None) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=pnginfo)
-    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_image(image, path, pnginfo=None):
+    write_bytes(path, png_bytes(image, pnginfo))
 
 
 def _hidden_tmp(path: Path) -> Path:

@@ -75,18 +75,18 @@ def kohya_name(output_dir) -> str:
     return f"{name}_kohya.safetensors" if f"{name}.safetensors" == formats.WEIGHTS_NAME else f"{name}.safetensors"
 
 
-def save(path, parts: dict, info: dict, dtype=None) -> dict:
+def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
     """Write the LoRA of `parts` ({"unet": (model, LoraConfig), "text_encoder": …}) to `path`; returns the
-    state dict written. `info` holds the training facts `header` records."""
+    state dict and header written. `info` holds the training facts `header` records."""
     sd, configs = {}, {}
     for component, (model, config) in parts.items():
         sd.update(inject.lora_state_dict(model, component, dtype))
         configs[component] = config
-    save_safetensors(sd, path, {"format": "pt", "lora_adapter_metadata": inject.adapter_metadata(configs),
-                                **header(info)})
-    return sd
+    meta = {"format": "pt", "lora_adapter_metadata": inject.adapter_metadata(configs), **header(info)}
+    save_safetensors(sd, path, meta)
+    return sd, meta
 
 
-def save_kohya(path, diffusers_file) -> Path:
-    """The diffusers file's LoRA again in kohya's layout (same weights, same scale, same header facts)."""
-    return formats.save_lora(formats.load_lora(diffusers_file), path, "kohya")
+def save_kohya(path, sd: dict, meta: dict) -> Path:
+    """`save`'s LoRA again in kohya's layout (same weights, same scale, same header facts), from memory."""
+    return formats.save_lora(formats.parse(sd, meta, source=str(path)), path, "kohya")

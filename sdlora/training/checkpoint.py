@@ -19,7 +19,10 @@ from ..errors import UserError
 from ..io import remove_dir, safetensors_bytes, torch_bytes, write_folder
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+NAME = re.compile(r"^checkpoint-(\d+)$")
+# Everything `save` may put in a checkpoint folder (outdir.remove_leftovers deletes nothing else).
+FILES = {"unet_lora.safetensors", "text_encoder_lora.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt",
+         "state.json"}
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -27,7 +30,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     found = []
     if output_dir.is_dir():
         for p in output_dir.iterdir():
-            m = _NAME.match(p.name)
+            m = NAME.match(p.name)
             if m and (p / "state.json").is_file():
                 found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]

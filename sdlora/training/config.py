@@ -115,7 +115,8 @@ def check(args, token: str | None = None) -> TrainConfig:
     alpha = args.rank if args.lora_alpha is None else args.lora_alpha
     alpha = int(alpha) if float(alpha).is_integer() else alpha  # "8", not "8.0", in metadata viewers
     report_to = _check_report_to(args.report_to, args.hub_token)
-    _check_devices(args)
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    _check_devices(args, mixed_precision)
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir)
     base = models.resolve_base(args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
@@ -123,7 +124,7 @@ def check(args, token: str | None = None) -> TrainConfig:
 
     resolved = dict(base=base, base_name=args.pretrained_model_name_or_path, output_dir=output_dir,
                     lora_alpha=alpha, target_modules=targets, report_to=report_to,
-                    mixed_precision=args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"),
+                    mixed_precision=mixed_precision,
                     hub_model_id=args.hub_model_id or (output_dir.resolve().name if args.push_to_hub else None))
     # Every other field is the flag of the same name; knobs only one script has keep their defaults.
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
@@ -145,12 +146,11 @@ def _check_report_to(report_to: str, hub_token: str | None) -> str:
     return report_to
 
 
-def _check_devices(args):
+def _check_devices(args, mixed_precision: str | None):
     import torch
 
     cuda = torch.cuda.is_available()
-    mp = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if mp == "fp16" and not cuda:
+    if mixed_precision == "fp16" and not cuda:
         raise UserError("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
     if args.enable_xformers_memory_efficient_attention:
         if importlib.util.find_spec("xformers") is None:

@@ -453,9 +453,9 @@ def save_final(run: Run) -> Path:
         "prediction_type": run.noise_scheduler.config.prediction_type,
     }
     path = c.output_dir / WEIGHTS_NAME
-    sd = weights.save(path, {k: (p.bare, p.lora_config) for k, p in run.parts.items()}, info,
-                      models.torch_dtype(c.save_precision))
-    weights.save_kohya(kohya_file, path)
+    sd, meta = weights.save(path, {k: (p.bare, p.lora_config) for k, p in run.parts.items()}, info,
+                            models.torch_dtype(c.save_precision))
+    weights.save_kohya(kohya_file, sd, meta)
     modelcard.write(c.output_dir, info, recipe.card_front, recipe.card_settings)
     log.info("saved %s (%d tensors, %d parameters, %.2f MB; for diffusers), %s (the same LoRA for ComfyUI, "
              "A1111/Forge and kohya's tools) and README.md", path, len(sd), inject.count_params(sd),

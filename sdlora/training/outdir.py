@@ -18,6 +18,9 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import TMP_SUFFIX
+from .checkpoint import FILES as CHECKPOINT_FILES
+from .checkpoint import NAME as CHECKPOINT_NAME
+from .checkpoint import list_checkpoints
 
 try:
     import fcntl
@@ -26,10 +29,6 @@ except ImportError:  # Windows: no flock; runs are not serialised there
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".sdlora.lock"
-# What a checkpoint-N folder may hold (checkpoint.py); an incomplete one with anything else is not ours.
-CHECKPOINT_FILES = {"unet_lora.safetensors", "text_encoder_lora.safetensors", "optimizer.pt", "scheduler.pt",
-                    "scaler.pt", "state.json"}
-_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 
 
 class OutputLock:
@@ -95,7 +94,7 @@ def remove_leftovers(output_dir: Path) -> list[str]:
         for p in folder.iterdir():
             ours = (p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.name != LOCK_NAME) or \
                 (re.fullmatch(r"\.tmp[A-Za-z0-9_]{4,}", p.name) and p.is_file())
-            if folder == output_dir and _CHECKPOINT.match(p.name) and p.is_dir() and not p.is_symlink() \
+            if folder == output_dir and CHECKPOINT_NAME.match(p.name) and p.is_dir() and not p.is_symlink() \
                     and not (p / "state.json").exists() and {c.name for c in p.iterdir()} <= CHECKPOINT_FILES:
                 ours = True
             if not ours:
@@ -114,8 +113,6 @@ def remove_leftovers(output_dir: Path) -> list[str]:
 def claim(output_dir: Path, resume: str | None, holder: bool = True):
     """Hold `output_dir` for one run: lock it, clear what killed runs left, and refuse a folder that holds
     another run's checkpoints unless this run resumes (`holder=False`: another process of this run holds it)."""
-    from .checkpoint import list_checkpoints
-
     lock = OutputLock(output_dir) if holder else None
     try:
         if holder:

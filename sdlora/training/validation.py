@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from .. import models, pipeline
-from ..io import save_image
+from ..io import png_bytes, write_bytes
 
 log = logging.getLogger("sdlora")
 
@@ -37,8 +37,9 @@ def validate(run) -> list[dict]:
         part.module.train()
     out = Path(c.output_dir) / "samples"
     for i, img in enumerate(images):
-        save_image(img, out / f"epoch{run.epoch:04d}_{i}.png")
-        save_image(img, out / f"latest_{i}.png")
+        png = png_bytes(img)  # encoded once, written under both names
+        write_bytes(out / f"epoch{run.epoch:04d}_{i}.png", png)
+        write_bytes(out / f"latest_{i}.png", png)
     for tracker in run.accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
