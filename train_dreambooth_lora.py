@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from sdlora.cli import train as common
-from sdlora.data import class_images
-from sdlora.data.sources import dataset_label, rows_from_images
-from sdlora.data.trainset import TrainSet
+from sdlora.data import class_images, masks
+from sdlora.data.sources import dataset_label, rows_from_images, split_heldout
+from sdlora.data.trainset import TrainSet, heldout_set
 from sdlora.errors import UserError
 from sdlora.models import torch_dtype
 from sdlora.training.config import TrainConfig
@@ -98,6 +98,11 @@ def class_rows(args, config: TrainConfig):
 def make_recipe(args, config: TrainConfig) -> Recipe:
     check_flags(args)
     instance = rows_from_images(Path(args.instance_data_dir), args.instance_prompt, "--instance_data_dir")
+    instance, held = split_heldout(instance, config.validation_split)
+    if config.validation_data_dir:
+        held = rows_from_images(config.validation_data_dir, args.instance_prompt, "--validation_data_dir")
+    if config.masked_loss:  # the subject's photos only: class images are learned whole
+        masks.attach(instance + held, config.mask_dir)
     rows, groups = list(instance), [0] * len(instance)
     n = len(instance) * args.repeats
     examples = [[i % len(instance)] for i in range(n)]
@@ -111,8 +116,10 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
         n = max(n, len(cls))
         examples = [[i % len(instance), len(instance) + i % len(cls)] for i in range(n)]
         card.update({"prior loss weight": args.prior_loss_weight, "class images": f"{len(cls)} in {folder.name}"})
-    data = TrainSet(rows, examples, groups, config.resolution, config.center_crop, config.random_flip)
+    data = TrainSet(rows, examples, groups, config.resolution, config.center_crop, config.random_flip,
+                    config.bucketing)
     return Recipe(kind="dreambooth", data=data, dataset_desc=dataset_label(args.instance_data_dir),
+                  heldout=heldout_set(held, config.resolution, config.bucketing),
                   group_weights={0: 1.0, 1: args.prior_loss_weight}, group_names={0: "loss_instance", 1: "loss_prior"},
                   card_front={"instance_prompt": args.instance_prompt}, card_settings=card,
                   max_length=args.tokenizer_max_length, use_attention_mask=args.text_encoder_use_attention_mask,

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from sdlora.cli import train as common
-from sdlora.data.sources import dataset_label, rows_from_datasets, rows_from_folder
-from sdlora.data.trainset import TrainSet
+from sdlora.data import masks
+from sdlora.data.sources import dataset_label, rows_from_datasets, rows_from_folder, split_heldout
+from sdlora.data.trainset import TrainSet, heldout_set
 from sdlora.errors import UserError
 from sdlora.training.config import TrainConfig
 from sdlora.training.loop import Recipe
@@ -56,9 +57,16 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
         if args.max_train_samples < 1:
             raise UserError("--max_train_samples must be >= 1")
         rows = rows[: args.max_train_samples]
+    rows, held = split_heldout(rows, config.validation_split)
+    if config.validation_data_dir:
+        held = rows_from_folder(config.validation_data_dir, args.caption_column, args.allow_empty_captions,
+                                what="--validation_data_dir")
+    if config.masked_loss:
+        masks.attach(rows + held, config.mask_dir)
     data = TrainSet(rows, [[i] for i in range(len(rows))], [0] * len(rows), config.resolution,
-                    config.center_crop, config.random_flip)
-    return Recipe(kind="text-to-image", data=data, dataset_desc=desc)
+                    config.center_crop, config.random_flip, config.bucketing)
+    return Recipe(kind="text-to-image", data=data, dataset_desc=desc,
+                  heldout=heldout_set(held, config.resolution, config.bucketing))
 
 
 def main(argv=None) -> int:

@@ -104,6 +104,19 @@ def check_targets(base: str, targets: list[str], revision=None, cache_dir=None):
                             f"{', '.join(known)}")
 
 
+def size_multiple(base: str, revision=None, cache_dir=None) -> int:
+    """The pixel multiple an image side should be for `base`: the VAE's downsampling times the UNet's
+    (8 x 8 = 64 for every SD1.x/2.x/XL checkpoint; smaller for tiny test models). 64 if unknown."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
+        vae = AutoencoderKL.load_config(base, subfolder="vae", revision=revision, cache_dir=cache_dir)
+        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
+    except Exception:  # an unusual layout: loading it reports the real problem
+        return 64
+
+
 def _load(cls, base, subfolder, allow_pickle, **kw):
     import torch
 

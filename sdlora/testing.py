@@ -45,3 +45,30 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
     if base is not None:
         modelcard.write_minimal(Path(out), str(base), "demo LoRA")
     return file
+
+
+# A folder of the shapes phones and screens make: portrait 2:3 and 9:16, landscape 3:2 and 16:9, a square
+# and one tiny image (w, h at scale 1; sizes are multiplied by `scale`).
+PHOTO_SHAPES = {"portrait_2x3": (64, 96), "portrait_9x16": (72, 128), "landscape_3x2": (96, 64),
+                "landscape_16x9": (128, 72), "square": (80, 80), "tiny": (20, 20)}
+
+
+def photo_folder(folder, scale: int = 1, copies: int = 1) -> Path:
+    """Images of mixed aspect ratios with .txt captions: a coloured disc centred on another colour, and a
+    white stripe along each edge, so what a crop cuts off is visible."""
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(230, 30, 30), (30, 30, 230), (20, 160, 20), (230, 200, 0), (130, 0, 130), (0, 190, 190)]
+    for c in range(copies):
+        for i, (name, (w, h)) in enumerate(PHOTO_SHAPES.items()):
+            w, h = (w, h) if name == "tiny" else (w * scale, h * scale)
+            img = Image.new("RGB", (w, h), colours[(i + c) % 6])
+            d = ImageDraw.Draw(img)
+            d.ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=colours[(i + c + 1) % 6])
+            d.rectangle((0, 0, w - 1, h - 1), outline=(255, 255, 255), width=max(1, min(w, h) // 16))
+            stem = f"{name}_{c}" if copies > 1 else name
+            img.save(folder / f"{stem}.png")
+            (folder / f"{stem}.txt").write_text(f"a {name.split('_')[0]} picture")
+    return folder

@@ -137,8 +137,8 @@ def test_collate_puts_main_group_first(tmp_path):
     data = Examples(TrainSet(rows, [[0, 1], [0, 1]], [0, 1], 32, True, False), seed=0, pixels=True)
     batch = collate([data[(0, 0)], data[(0, 1)]])
     assert batch["groups"].tolist() == [0, 0, 1, 1] and batch["captions"] == ["inst", "inst", "cls", "cls"]
-    assert batch["pixel_values"].shape == (4, 3, 32, 32)
-    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+    assert batch["chunks"] == [(0, 4)] and batch["pixel_values"][0].shape == (4, 3, 32, 32)
+    assert batch["pixel_values"][0].min() >= -1 and batch["pixel_values"][0].max() <= 1
 
 
 def test_repeats_of_a_row_get_their_own_augmentation(tmp_path):

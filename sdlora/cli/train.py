@@ -63,6 +63,25 @@ def add_training_args(p: argparse.ArgumentParser):
                    help="don't cache VAE latents / text embeddings (they are cached automatically when possible)")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
 
+    g = p.add_argument_group("aspect-ratio buckets (kohya's flag names), masked loss, held-out loss")
+    g.add_argument("--no_bucket", action="store_true",
+                   help="square --resolution crops instead of aspect-ratio buckets (buckets are on by default)")
+    g.add_argument("--enable_bucket", action="store_true", help="accepted for kohya commands; buckets are the default")
+    g.add_argument("--min_bucket_reso", type=int, default=None, help="smallest bucket side (default: resolution/2)")
+    g.add_argument("--max_bucket_reso", type=int, default=None, help="largest bucket side (default: 2 x resolution)")
+    g.add_argument("--bucket_reso_steps", type=int, default=None,
+                   help="bucket sides are multiples of this (default: the model's, 64 for SD)")
+    g.add_argument("--bucket_no_upscale", action="store_true",
+                   help="images smaller than resolution² train at their own size (floored to whole steps)")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="weight the loss by a mask: the image's alpha channel, or its file in --mask_dir (white = learn)")
+    g.add_argument("--mask_dir", default=None, help="masks named like their images (any image format)")
+    g.add_argument("--validation_split", type=float, default=None,
+                   help="hold this fraction of the training images out to measure a validation loss")
+    g.add_argument("--validation_data_dir", default=None, help="a folder of held-out images (and captions)")
+    g.add_argument("--validation_loss_steps", type=int, default=None,
+                   help="compute the held-out loss every N steps (default: every epoch and at the end)")
+
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank (scale 1)")

@@ -23,12 +23,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if has_alpha(img):
         # Composite transparency on white, the usual expectation for cut-out subjects.
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
     return img.convert("RGB")
+
+
+def has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def read_mask(path, alpha: bool) -> Image.Image:
+    """A loss mask as 8-bit greyscale (white = learn): an image's alpha channel, or a mask file in grey;
+    EXIF orientation applied as it is to images."""
+    if not alpha:
+        return read_image(path).convert("L")
+    img = Image.open(path)
+    img.load()
+    return ImageOps.exif_transpose(img).convert("RGBA").getchannel("A")
 
 
 def check_image(path: Path) -> tuple[int, int] | str:

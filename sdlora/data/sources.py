@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -38,6 +39,7 @@ class Row:
     caption: str | list[str]
     name: str  # for messages
     size: tuple[int, int] | None = None  # (w, h) when known; None for `datasets` rows
+    mask: Path | str | None = None  # --masked_loss: a mask file, "alpha" (the image's own), or None (all of it)
 
 
 def dataset_label(source: str) -> str:
@@ -209,6 +211,19 @@ def rows_from_images(folder: Path, prompt: str, what: str) -> list[Row]:
     """Every readable image in `folder` with one fixed prompt (DreamBooth instance/class sets)."""
     good, _ = scan_folder(folder, what)
     return [Row(p, prompt, str(p), size) for p, size in good.items()]
+
+
+def split_heldout(rows: list[Row], fraction: float | None) -> tuple[list[Row], list[Row]]:
+    """(training rows, held-out rows): `fraction` of the rows, at least one, chosen by a hash of their names,
+    so the same folder always holds out the same images whatever the seed, and resumes agree."""
+    if not fraction:
+        return rows, []
+    n = max(1, round(fraction * len(rows)))
+    if n >= len(rows):
+        raise UserError(f"--validation_split {fraction}: holding out {n} of {len(rows)} images leaves none to train "
+                        f"on; lower it or add images")
+    held = set(sorted(range(len(rows)), key=lambda i: hashlib.sha256(Path(rows[i].name).name.encode()).hexdigest())[:n])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 def rows_from_datasets(name: str, config: str | None, image_column: str | None, caption_column: str | None,

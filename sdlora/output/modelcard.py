@@ -37,6 +37,8 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
         "LR scheduler": info.get("lr_scheduler"), "resolution": info["resolution"],
         "mixed precision": info.get("mixed_precision"), "saved precision": info.get("save_precision"),
         "dataset": info.get("dataset"), "training images": info.get("num_images"), "seed": info.get("seed"),
+        "aspect-ratio buckets": info.get("buckets"), "masked loss": info.get("masked_loss"),
+        "lowest validation loss": info.get("best_val_loss"),
         **(settings_extra or {}),
     }
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items() if v is not None)

@@ -12,14 +12,26 @@ from .. import models
 from ..data.trainset import TrainSet
 
 
+def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """A pixel mask [B, 1, H, W] averaged down to the latents' [h, w]: each latent pixel weighs as much
+    as the share of its 8x8 patch that is to be learned."""
+    return torch.nn.functional.interpolate(mask.float(), size=tuple(size), mode="area")
+
+
 def plan(config, data: TrainSet) -> tuple[bool, bool, str]:
     """(cache latents?, cache text embeddings?, why not — for the log)."""
     latents = not config.no_cache and data.deterministic()
     text = (not config.no_cache or config.pre_compute_text_embeddings) and not config.train_text_encoder
     why_not = ["--no_cache"] * bool(config.no_cache) + \
-              ["random flip/crop changes the pixels every epoch"] * (not config.no_cache and not latents) + \
+              [_why_pixels_change(data)] * (not config.no_cache and not latents) + \
               ["the text encoder is being trained"] * bool(config.train_text_encoder)
     return latents, text, "; ".join(why_not)
+
+
+def _why_pixels_change(data: TrainSet) -> str:
+    if data.random_flip:
+        return "--random_flip changes the pixels every epoch"
+    return "a random crop changes the pixels every epoch (--center_crop makes them cacheable)"
 
 
 def all_captions(data: TrainSet) -> list[str]:
@@ -30,10 +42,15 @@ def all_captions(data: TrainSet) -> list[str]:
 
 
 class Caches:
-    """VAE latent distributions per row and text embeddings per caption, computed once per run."""
+    """VAE latent distributions (and loss masks at latent size) per row and text embeddings per caption,
+    computed once per run. Rows of different buckets have latents of different sizes."""
 
     def __init__(self):
-        self.latents: torch.Tensor | None = None  # [rows, 2C, h, w]: mean | logvar
+        # bucket -> [rows, 2C, h, w] (mean | logvar), and row -> (bucket, index). Gathered from one tensor per
+        # bucket, as the VAE laid it out in memory: a contiguous copy would change the UNet's rounding.
+        self.latents: dict[tuple, torch.Tensor] | None = None
+        self.where: dict[int, tuple[tuple, int]] = {}
+        self.masks: dict[tuple, torch.Tensor] = {}  # bucket -> [rows, 1, h, w], when a row of it has a mask
         self.embeds: torch.Tensor | None = None
         self.caption_ids: dict[str, int] = {}
 
@@ -41,12 +58,32 @@ class Caches:
     def build_latents(self, data: TrainSet, seed: int, vae, device, dtype, batch: int, progress: bool):
         from tqdm.auto import tqdm
 
-        out = []
-        ids = list(range(len(data.rows)))
-        for s in tqdm(range(0, len(ids), batch), desc="caching latents", disable=not progress):
-            px = torch.stack([data.load_row(r, seed, epoch=0) for r in ids[s:s + batch]]).to(device, dtype)
-            out.append(vae.encode(px).latent_dist.parameters.float().cpu())
-        self.latents = torch.cat(out)
+        by_bucket: dict = {}
+        for r in data.used_rows():
+            by_bucket.setdefault(data.buckets[r], []).append(r)
+        runs = [(b, ids[s:s + batch]) for b, ids in by_bucket.items() for s in range(0, len(ids), batch)]
+        posts, masks = {b: [] for b in by_bucket}, {b: [] for b in by_bucket}
+        for b, ids in tqdm(runs, desc="caching latents", disable=not progress):
+            px, m = zip(*[data.load_row(r, seed, epoch=0) for r in ids])
+            posts[b].append(vae.encode(torch.stack(px).to(device, dtype)).latent_dist.parameters.float().cpu())
+            masks[b] += m
+        self.latents = {b: torch.cat(p) for b, p in posts.items()}
+        self.where = {r: (b, i) for b, ids in by_bucket.items() for i, r in enumerate(ids)}
+        for b, m in masks.items():
+            if any(x is not None for x in m):
+                ones = torch.ones_like(next(x for x in m if x is not None))
+                self.masks[b] = latent_mask(torch.stack([x if x is not None else ones for x in m]),
+                                            self.latents[b].shape[-2:])
+
+    def __len__(self):
+        return len(self.where)
+
+    def latent_batch(self, row_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latent distributions of rows of one bucket, and their masks (None when none has one)."""
+        bucket = self.where[row_ids[0]][0]
+        idx = torch.tensor([self.where[r][1] for r in row_ids])
+        mask = self.masks.get(bucket)
+        return self.latents[bucket][idx], None if mask is None else mask[idx]
 
     @torch.no_grad()
     def build_embeds(self, captions: list[str], text_encoder, tokenizer, max_length, use_mask, batch: int = 32):

@@ -51,7 +51,7 @@ def find(output_dir: Path, resume: str) -> Path | None:
 
 
 def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, scaler, seed: int, settings: dict,
-         total_limit: int | None) -> Path:
+         total_limit: int | None, best_val_loss: list | None = None) -> Path:
     """Write checkpoint-`step` (serialised in memory first, so a full disk fails before anything moves)."""
     from peft.utils import get_peft_model_state_dict
 
@@ -64,6 +64,8 @@ def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, sca
     if scaler is not None:
         files["scaler.pt"] = torch_bytes(scaler.state_dict())
     state = {"global_step": step, "seed": seed, "settings": settings}
+    if best_val_loss:
+        state["best_val_loss"] = best_val_loss  # [loss, step]: a resumed run still reports the lowest one
     files["state.json"] = json.dumps(state, indent=2, sort_keys=True).encode()
     final = output_dir / f"checkpoint-{step}"
     write_folder(final, files)
@@ -85,6 +87,7 @@ class Checkpoint:
     optimizer: dict
     scheduler: dict
     scaler: dict | None
+    best_val_loss: list | None = None
 
 
 # Settings that checkpoints written before the full settings record kept at the top level of state.json.
@@ -141,8 +144,10 @@ def read(path: Path, components: list[str]) -> Checkpoint:
                             "another checkpoint-N or delete this one") from None
         if not isinstance(blobs[name], dict):
             raise UserError(f"{f}: not a saved state; the checkpoint is damaged")
+    best = state.get("best_val_loss")
+    best = best if isinstance(best, list) and len(best) == 2 and all(isinstance(v, (int, float)) for v in best) else None
     return Checkpoint(path, state["global_step"], state["seed"], settings, lora,
-                      blobs["optimizer.pt"], blobs["scheduler.pt"], blobs["scaler.pt"])
+                      blobs["optimizer.pt"], blobs["scheduler.pt"], blobs["scaler.pt"], best)
 
 
 def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:

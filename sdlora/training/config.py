@@ -7,13 +7,17 @@ unusable path, unknown base model or unknown target layer is one line naming the
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .. import models
+from ..data.buckets import Bucketing
 from ..errors import UserError
+
+log = logging.getLogger("sdlora")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +46,12 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     no_cache: bool = False
     pre_compute_text_embeddings: bool = False
+    bucketing: Bucketing  # resolved from --resolution, --no_bucket and the --*bucket* flags
+    masked_loss: bool = False
+    mask_dir: Path | None = None
+    validation_split: float | None = None
+    validation_data_dir: Path | None = None
+    validation_loss_steps: int | None = None
     # optimisation
     learning_rate: float = 1e-4
     scale_lr: bool = False
@@ -119,17 +129,62 @@ def check(args, token: str | None = None) -> TrainConfig:
     _check_devices(args, mixed_precision)
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir)
+    _check_heldout(args)
     base = models.resolve_base(args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
     models.check_targets(base, list(targets), args.revision, args.cache_dir)
+    bucketing = _bucketing(args, base)
 
     resolved = dict(base=base, base_name=args.pretrained_model_name_or_path, output_dir=output_dir,
                     lora_alpha=alpha, target_modules=targets, report_to=report_to,
-                    mixed_precision=mixed_precision,
+                    mixed_precision=mixed_precision, bucketing=bucketing,
+                    mask_dir=Path(args.mask_dir) if args.mask_dir else None,
+                    validation_data_dir=Path(args.validation_data_dir) if args.validation_data_dir else None,
                     hub_model_id=args.hub_model_id or (output_dir.resolve().name if args.push_to_hub else None))
     # Every other field is the flag of the same name; knobs only one script has keep their defaults.
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
              if f.name not in resolved and hasattr(args, f.name)}
     return TrainConfig(**given, **resolved)
+
+
+def _bucketing(args, base: str) -> Bucketing:
+    """The bucket settings, checked: a setting that leaves no bucket is an error here, before any model loads."""
+    if args.no_bucket and args.enable_bucket:
+        raise UserError("--no_bucket and --enable_bucket contradict each other; keep one (buckets are the default)")
+    multiple = models.size_multiple(base, args.revision, args.cache_dir)
+    step = args.bucket_reso_steps or multiple
+    for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        _positive(name, getattr(args, name))
+    if step % 8:
+        raise UserError(f"--bucket_reso_steps must be a multiple of 8, the VAE's downsampling (got {step}); "
+                        f"use {multiple}")
+    if step % multiple:
+        log.warning("--bucket_reso_steps %d is not a multiple of %d (this model's VAE x UNet downsampling); "
+                    "the UNet pads odd latent sizes, which trains slightly worse", step, multiple)
+    if args.min_bucket_reso and args.max_bucket_reso and args.min_bucket_reso > args.max_bucket_reso:
+        raise UserError(f"--min_bucket_reso {args.min_bucket_reso} is larger than --max_bucket_reso "
+                        f"{args.max_bucket_reso}; swap them")
+    b = Bucketing(args.resolution, enabled=not args.no_bucket, min_reso=args.min_bucket_reso,
+                  max_reso=args.max_bucket_reso, step=step, no_upscale=args.bucket_no_upscale)
+    b.table()  # raises when the flags leave no bucket
+    return b
+
+
+def _check_heldout(args):
+    """--masked_loss and the held-out loss flags, and their files, before anything loads."""
+    if args.mask_dir and not args.masked_loss:
+        raise UserError("--mask_dir is only read with --masked_loss; add --masked_loss")
+    if args.mask_dir and not Path(args.mask_dir).is_dir():
+        raise UserError(f"--mask_dir {args.mask_dir}: not a folder; give the folder of masks")
+    if args.validation_split is not None and not 0 < args.validation_split < 1:
+        raise UserError(f"--validation_split must be between 0 and 1, e.g. 0.1 (got {args.validation_split})")
+    if args.validation_split and args.validation_data_dir:
+        raise UserError("give --validation_split or --validation_data_dir, not both")
+    if args.validation_data_dir and not Path(args.validation_data_dir).is_dir():
+        raise UserError(f"--validation_data_dir {args.validation_data_dir}: not a folder; give a folder of images")
+    _positive("validation_loss_steps", args.validation_loss_steps)
+    if args.validation_loss_steps and not (args.validation_split or args.validation_data_dir):
+        raise UserError("--validation_loss_steps needs held-out images: add --validation_split 0.1 or "
+                        "--validation_data_dir DIR")
 
 
 def _check_report_to(report_to: str, hub_token: str | None) -> str:

@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,8 +28,8 @@ from ..errors import UserError
 from ..lora import inject
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
-from . import checkpoint, losses, validation
-from .caches import Caches, all_captions, plan
+from . import checkpoint, heldout, losses, validation
+from .caches import Caches, all_captions, latent_mask, plan
 from .config import TrainConfig
 
 log = logging.getLogger("sdlora")
@@ -49,6 +49,7 @@ class Recipe:
     use_attention_mask: bool = False
     extra_tags: list[str] = field(default_factory=list)
     trigger_phrase: str | None = None  # what calls up the trained subject (DreamBooth's instance prompt)
+    heldout: TrainSet | None = None  # images kept out of training, for the validation loss
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Run:
     num_epochs: int
     step: int
     samples: list = field(default_factory=list)  # the latest validation images, for the model card
+    heldout_cache: Caches | None = None  # held-out images' latents, for the validation loss
+    best_val_loss: list | None = None  # [loss, step] of the lowest validation loss so far
 
     @property
     def main(self) -> bool:
@@ -103,19 +106,24 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
 
     run = setup(config, recipe)
     # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
+    if recipe.heldout and run.step == 0:  # where the validation loss starts, before any training
+        run.accelerator.log({"val_loss": validation_loss(run)}, step=0)
     with tqdm(total=run.max_steps, initial=run.step, desc="steps", disable=not run.main, dynamic_ncols=True) as bar:
         t_last = time.perf_counter()
         while run.step < run.max_steps:
             epoch_before = run.epoch
             logs = optimizer_step(run)
             check_finite(run, logs)
+            if _due(config.validation_loss_steps, run, epoch_before) and (v := validation_loss(run)) is not None:
+                logs["val_loss"] = v
             now = time.perf_counter()
             logs["s_per_step"], t_last = now - t_last, now
             run.accelerator.log(logs, step=run.step)
             if on_step:
                 on_step(run.step, logs)
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
+                            **({"val_loss": f"{logs['val_loss']:.4f}"} if "val_loss" in logs else {}))
             if config.checkpointing_steps and run.step % config.checkpointing_steps == 0:
                 save_checkpoint(run)
             new_epoch = run.epoch > epoch_before and run.epoch % config.validation_epochs == 0
@@ -124,9 +132,29 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
                     run.samples = validation.validate(run)
                 run.accelerator.wait_for_everyone()
     run.accelerator.wait_for_everyone()
+    if run.best_val_loss and run.main:
+        log.info("lowest validation loss %.5f at step %d (of %d)", *run.best_val_loss, run.max_steps)
     path = save_final(run) if run.main else None
     run.accelerator.end_training()
     return path
+
+
+def _due(every: int | None, run: Run, epoch_before: int) -> bool:
+    """Whether the validation loss is due after this step: every N steps, else at each epoch's end; always last."""
+    if run.recipe.heldout is None:
+        return False
+    return run.step == run.max_steps or (run.step % every == 0 if every else run.epoch > epoch_before)
+
+
+def validation_loss(run: Run) -> float | None:
+    """The held-out loss (main process; the others wait and get None), tracking the lowest."""
+    value = None
+    if run.main:
+        value = heldout.loss(run, lambda *a: _predict_loss(run, *a, bare=True))
+        if run.best_val_loss is None or value < run.best_val_loss[0]:
+            run.best_val_loss = [value, run.step]
+    run.accelerator.wait_for_everyone()
+    return value
 
 
 # ---------------------------------------------------------------- set-up
@@ -147,8 +175,9 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     torch.manual_seed(seed)
     ga = config.gradient_accumulation_steps
     step = ckpt.step if ckpt else 0
-    sampler = StreamSampler(len(recipe.data), config.train_batch_size, seed, accelerator.process_index, world,
-                            start=step * ga)
+    data = recipe.data
+    sampler = StreamSampler(len(data), config.train_batch_size, seed, accelerator.process_index, world,
+                            start=step * ga, keys=[data.key(i) for i in range(len(data))])
     # Epochs count micro-batches: the stream runs on across epoch boundaries, so N epochs are
     # ceil(N * batches / accumulation) optimizer steps, not N * ceil(batches / accumulation).
     max_steps = config.max_train_steps or math.ceil(config.num_train_epochs * sampler.batches_per_epoch / ga)
@@ -171,20 +200,27 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     # Encode once, then the VAE / text encoder leave the training device.
     caches, (cache_latents, cache_text, why_not) = Caches(), plan(config, recipe.data)
     if cache_latents:
-        caches.build_latents(recipe.data, seed, vae, device, weight_dtype, config.train_batch_size, main)
+        caches.build_latents(data, seed, vae, device, weight_dtype, config.train_batch_size, main)
+    held = recipe.heldout and heldout.encode(recipe.heldout, vae, device, weight_dtype, config.train_batch_size)
+    if cache_latents:
         vae = models.release(vae, device)
     if cache_text:
-        caches.build_embeds(all_captions(recipe.data), text_encoder, tokenizer, recipe.max_length,
-                            recipe.use_attention_mask)
+        caches.build_embeds(all_captions(data) + (heldout.captions(recipe.heldout) if held else []), text_encoder,
+                            tokenizer, recipe.max_length, recipe.use_attention_mask)
     if main:
-        what = [f"VAE latents of {len(recipe.data.rows)} images"] * cache_latents + \
+        _log_buckets(data)
+        what = [f"VAE latents of {len(caches)} images"] * cache_latents + \
                [f"text embeddings of {len(caches.caption_ids)} captions"] * cache_text
         log.info("cached %s%s", " and ".join(what) if what else "nothing", f" (not cached: {why_not})" if why_not else "")
+        if held:
+            log.info("validation loss on %d held-out images, %d fixed timesteps each", len(held),
+                     heldout.TIMESTEPS)
     if cache_text:
         text_encoder = models.release(text_encoder, device)
 
     unet = models.load_unet(config.base, **frozen).to(device)
     parts, optimizer, lr_scheduler = _trainable(config, accelerator, unet, text_encoder, lr, max_steps)
+    best = ckpt.best_val_loss if ckpt else None
     if ckpt:
         checkpoint.apply(ckpt, {k: c.bare for k, c in parts.items()}, optimizer, lr_scheduler,
                          getattr(accelerator, "scaler", None))
@@ -208,7 +244,28 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
                weight_dtype=weight_dtype, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
                vae=vae, vae_scale=vae_scale, text_encoder=None if "text_encoder" in parts else text_encoder, caches=caches,
                cache_latents=cache_latents, parts=parts, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               sampler=sampler, batches=iter(loader), max_steps=max_steps, num_epochs=num_epochs, step=step)
+               sampler=sampler, batches=iter(loader), max_steps=max_steps, num_epochs=num_epochs, step=step,
+               heldout_cache=held or None, best_val_loss=best)
+
+
+def _log_buckets(data: TrainSet):
+    """The bucket table and how much of the images it keeps, against a square crop."""
+    counts, kept, square = data.bucket_report()
+    if not data.bucketing.enabled:
+        log.info("square %dx%d crops (--no_bucket): %.1f%% of each image's area kept on average",
+                 data.resolution, data.resolution, 100 * square)
+        return
+    table = ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts.items())
+    log.info("aspect-ratio buckets (w x h: images): %s; %.1f%% of each image's area kept on average "
+             "(a square %d crop would keep %.1f%%)", table, 100 * kept, data.resolution, 100 * square)
+
+
+def _bucket_summary(data: TrainSet) -> str | None:
+    """The model card's line on buckets; None (no line) when every image trained at the square size."""
+    counts = data.bucket_report()[0]
+    if list(counts) == [(data.resolution, data.resolution)]:
+        return None
+    return ", ".join(f"{w}x{h} ({n})" for (w, h), n in counts.items())
 
 
 def _accelerator(config: TrainConfig):
@@ -269,7 +326,8 @@ def run_settings(config: TrainConfig, recipe: Recipe, world: int, max_steps: int
         "random_flip": c.random_flip, "noise_offset": c.noise_offset, "snr_gamma": c.snr_gamma,
         "prediction_type": c.prediction_type, "loss_weights": recipe.group_weights,
         "tokenizer_max_length": recipe.max_length, "text_encoder_use_attention_mask": recipe.use_attention_mask,
-        "num_rows": len(recipe.data.rows), "data": recipe.data.digest(),
+        "num_rows": len(recipe.data.rows), "data": recipe.data.digest(), "bucketing": asdict(c.bucketing),
+        "masked_loss": c.masked_loss,
     }
     if c.lr_scheduler in _DECAYING:
         s["max_train_steps"] = max_steps
@@ -331,16 +389,28 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoder, lr: float, 
 # ---------------------------------------------------------------- steps
 
 def micro_step(run: Run, batch: dict, micro: int):
-    """Loss of one micro-batch (total, and per loss group); all randomness from (seed, micro, process)."""
+    """Loss of one micro-batch (total, and per loss group); all randomness from (seed, micro, process).
+    The UNet runs once per chunk of rows of one bucket (one chunk, except for DreamBooth instance photos
+    whose bucket differs from the class images')."""
     device, gen = run.accelerator.device, _step_generator(run.seed, micro, run.accelerator.process_index)
     # the global RNG (LoRA dropout) replays on resume too
     torch.manual_seed(_step_seed(run.seed, micro, run.accelerator.process_index) + 1)
-    if run.cache_latents:
-        posterior = run.caches.latents[batch["row_ids"]]
-    else:
-        with torch.no_grad():
-            posterior = run.vae.encode(batch["pixel_values"].to(device, run.weight_dtype)).latent_dist.parameters
-        posterior = posterior.float().cpu()
+    per_sample = []
+    for c, (s, e) in enumerate(batch["chunks"]):
+        if run.cache_latents:
+            posterior, mask = run.caches.latent_batch(batch["row_ids"][s:e].tolist())
+        else:
+            with torch.no_grad():
+                posterior = run.vae.encode(batch["pixel_values"][c].to(device, run.weight_dtype)).latent_dist.parameters
+            posterior, mask = posterior.float().cpu(), batch["masks"][c]
+            mask = None if mask is None else latent_mask(mask, posterior.shape[-2:])
+        per_sample.append(_denoising_loss(run, posterior, mask, batch["captions"][s:e], gen))
+    return losses.group_loss(torch.cat(per_sample), batch["groups"].to(device), run.recipe.group_weights)
+
+
+def _denoising_loss(run: Run, posterior: torch.Tensor, mask, captions: list[str], gen) -> torch.Tensor:
+    """Per-sample loss of rows of one size: sample a latent, noise it at a random timestep, predict."""
+    device = run.accelerator.device
     # One sample of the VAE posterior (mean | logvar), as latent_dist.sample() draws it, from our generator.
     mean, logvar = posterior.chunk(2, dim=1)
     lat = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn(mean.shape, generator=gen)
@@ -351,17 +421,26 @@ def micro_step(run: Run, batch: dict, micro: int):
     noise = noise.to(device)
     sched = run.noise_scheduler
     t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=gen).to(device)
+    return _predict_loss(run, lat, noise, t, captions, None if mask is None else mask.to(device))
+
+
+def _predict_loss(run: Run, lat, noise, t, captions: list[str], mask, bare: bool = False) -> torch.Tensor:
+    """The UNet's per-sample loss on `lat` noised with `noise` at timesteps `t`. `bare`: the models without
+    their DDP wrapper (the held-out loss runs on the main process alone)."""
+    device, sched = run.accelerator.device, run.noise_scheduler
     noisy = sched.add_noise(lat, noise, t)
     if run.caches.embeds is not None:
-        emb = run.caches.embeddings(batch["captions"]).to(device)
+        emb = run.caches.embeddings(captions).to(device)
     else:
-        te = run.parts["text_encoder"].module if "text_encoder" in run.parts else run.text_encoder
-        emb = models.encode_prompts(te, run.tokenizer, batch["captions"], run.recipe.max_length,
+        te = run.text_encoder
+        if "text_encoder" in run.parts:
+            te = run.parts["text_encoder"].bare if bare else run.parts["text_encoder"].module
+        emb = models.encode_prompts(te, run.tokenizer, captions, run.recipe.max_length,
                                     run.recipe.use_attention_mask)
+    unet = run.parts["unet"].bare if bare else run.parts["unet"].module
     with run.accelerator.autocast():
-        pred = run.parts["unet"].module(noisy.to(run.weight_dtype), t, emb.to(run.weight_dtype), return_dict=False)[0]
-    per_sample = losses.per_sample_loss(pred, losses.target(sched, lat, noise, t), sched, t, run.config.snr_gamma)
-    return losses.group_loss(per_sample, batch["groups"].to(device), run.recipe.group_weights)
+        pred = unet(noisy.to(run.weight_dtype), t, emb.to(run.weight_dtype), return_dict=False)[0]
+    return losses.per_sample_loss(pred, losses.target(sched, lat, noise, t), sched, t, run.config.snr_gamma, mask)
 
 
 def optimizer_step(run: Run) -> dict:
@@ -422,7 +501,7 @@ def save_checkpoint(run: Run):
     if run.main:
         path = checkpoint.save(run.config.output_dir, run.step, {k: c.bare for k, c in run.parts.items()},
                                run.optimizer, run.lr_scheduler, getattr(run.accelerator, "scaler", None), run.seed,
-                               run.settings, run.config.checkpoints_total_limit)
+                               run.settings, run.config.checkpoints_total_limit, run.best_val_loss)
         log.info("saved %s", path)
 
 
@@ -451,6 +530,9 @@ def save_final(run: Run) -> Path:
         "title": c.output_dir.resolve().name, "kohya_file": kohya_file.name,
         "architecture": models.architecture(unet_config, run.noise_scheduler.config.prediction_type),
         "prediction_type": run.noise_scheduler.config.prediction_type,
+        "buckets": _bucket_summary(recipe.data), "masked_loss": c.masked_loss or None,
+        "best_val_loss": (f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
+                          f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
     }
     path = c.output_dir / WEIGHTS_NAME
     sd, meta = weights.save(path, {k: (p.bare, p.lora_config) for k, p in run.parts.items()}, info,

@@ -27,9 +27,16 @@ def snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
     return w
 
 
-def per_sample_loss(pred, target_, noise_scheduler, timesteps, snr_gamma: float | None) -> torch.Tensor:
-    """Mean squared error per sample (in fp32), Min-SNR weighted when snr_gamma is set."""
-    loss = F.mse_loss(pred.float(), target_.float(), reduction="none").mean(dim=(1, 2, 3))
+def per_sample_loss(pred, target_, noise_scheduler, timesteps, snr_gamma: float | None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample (in fp32), Min-SNR weighted when snr_gamma is set.
+
+    `mask` ([B, 1, h, w] in [0, 1], --masked_loss) weighs each latent pixel; the mean stays over the
+    whole latent, as kohya's masked loss, so a mostly-masked image contributes less."""
+    err = F.mse_loss(pred.float(), target_.float(), reduction="none")
+    if mask is not None:
+        err = err * mask.to(err)
+    loss = err.mean(dim=(1, 2, 3))
     if snr_gamma:
         loss = loss * snr_weights(noise_scheduler, timesteps, snr_gamma).to(loss)
     return loss

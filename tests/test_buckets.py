@@ -1,0 +1,119 @@
+"""Aspect-ratio bucketing (issue #14): the table, the assignment, and real training runs on a folder of
+mixed photo shapes — buckets, caching, exact resume, DDP and DreamBooth."""
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_images
+from helpers import DREAMBOOTH, ROOT, T2I, env, fast_flags, read_lora, recipe_error, run
+
+import train_text_to_image_lora as t2i
+from sdlora.data.buckets import Bucketing, kept
+from sdlora.errors import UserError
+from sdlora.testing import PHOTO_SHAPES, photo_folder
+
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def test_table_has_the_shapes_photos_come_in():
+    b = Bucketing(512, step=64)
+    table = b.table()
+    assert (512, 512) in table and (384, 576) in table and (576, 384) in table
+    assert all(w % 64 == 0 and h % 64 == 0 and 0.8 * 512 ** 2 <= w * h <= 512 ** 2 for w, h in table)
+    assert all(256 <= s <= 1024 for wh in table for s in wh)  # kohya's defaults at 512: resolution/2 .. 2x
+    assert b.assign((2000, 3000), table) == (384, 576) and kept((2000, 3000), (384, 576)) == 1.0
+    assert b.assign((1080, 1920), table) == (384, 640)  # 9:16 -> the nearest shape: 93.75 % kept
+    assert b.assign((3000, 3000), table) == (512, 512)
+    assert Bucketing(512, enabled=False).assign((2000, 3000), table) == (512, 512)
+
+
+def test_no_upscale_keeps_small_images_small():
+    b = Bucketing(512, step=64, no_upscale=True)
+    assert b.assign((300, 200), b.table()) == (256, 192)  # floored to whole steps, not enlarged
+    assert b.assign((40, 40), b.table()) is None  # smaller than one step: skipped (named in the log)
+    assert b.assign((2000, 3000), b.table()) == (384, 576)
+
+
+def test_settings_that_leave_no_bucket_are_one_line(tiny_model, tmp_path, capsys, no_model_loads):
+    with pytest.raises(UserError, match="leave no bucket"):
+        Bucketing(512, min_reso=1024, max_reso=2048).table()
+    data = make_images(tmp_path / "d", n=2)
+    for flags, msg in ((["--min_bucket_reso", "1024", "--max_bucket_reso", "2048"], "leave no bucket"),
+                       (["--min_bucket_reso", "96", "--max_bucket_reso", "48"], "larger than --max_bucket_reso"),
+                       (["--bucket_reso_steps", "12"], "multiple of 8"),
+                       (["--bucket_reso_steps", "0"], "--bucket_reso_steps must be >= 1")):
+        line = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data) + flags)
+        assert msg in line, line
+
+
+def _kept(stderr: str) -> tuple[float, float]:
+    m = re.search(r"(\d+\.\d)% of each image's area kept on average \(a square \d+ crop would keep (\d+\.\d)%\)", stderr)
+    assert m, stderr[-3000:]
+    return float(m.group(1)), float(m.group(2))
+
+
+def test_mixed_photo_shapes_train_in_buckets_and_keep_what_a_square_crop_cuts(tiny_model, tmp_path):
+    data = photo_folder(tmp_path / "photos")
+    out = tmp_path / "o"
+    r = run(T2I, fast_flags(tiny_model, out, train_data_dir=data, resolution=64, center_crop=True, max_train_steps=3))
+    ours, square = _kept(r.stderr)
+    assert ours >= 95.0 and square < 80.0, (ours, square)
+    table = re.search(r"aspect-ratio buckets \(w x h: images\): (.*?);", r.stderr).group(1)
+    assert "48x72: 1" in table and "72x48: 1" in table and "64x64: 2" in table, table  # 2:3, 3:2, square + tiny
+    assert f"cached VAE latents of {len(PHOTO_SHAPES)} images" in r.stderr  # one latent per image, of its own size
+    assert "aspect-ratio buckets" in (out / "README.md").read_text()
+    sd, _ = read_lora(out / WEIGHTS)
+    assert sd and all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_square_folder_is_bit_identical_with_or_without_buckets(tiny_model, tmp_path):
+    data = make_images(tmp_path / "d", n=3)
+    flags = dict(train_data_dir=data, max_train_steps=3, center_crop=True)
+    run(T2I, fast_flags(tiny_model, tmp_path / "b" / "o", **flags))
+    r = run(T2I, fast_flags(tiny_model, tmp_path / "s" / "o", no_bucket=True, **flags))  # same name: same header
+    assert "square 32x32 crops (--no_bucket)" in r.stderr
+    assert (tmp_path / "b/o" / WEIGHTS).read_bytes() == (tmp_path / "s/o" / WEIGHTS).read_bytes()
+
+
+def test_resume_with_buckets_and_random_crops_is_exact(tiny_model, tmp_path):
+    data = photo_folder(tmp_path / "photos")
+    common = dict(train_data_dir=data, resolution=64, checkpointing_steps=3, random_flip=True)
+    run(T2I, fast_flags(tiny_model, tmp_path / "full", max_train_steps=6, **common))
+    part = tmp_path / "part"
+    run(T2I, fast_flags(tiny_model, part, max_train_steps=3, **common))
+    r = run(T2I, fast_flags(tiny_model, part, max_train_steps=6, resume_from_checkpoint="latest", **common))
+    assert "resumed from" in r.stderr and "not cached: --random_flip" in r.stderr
+    full, _ = read_lora(tmp_path / "full" / WEIGHTS)
+    resumed, _ = read_lora(part / WEIGHTS)
+    assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
+
+
+def test_two_processes_with_buckets_write_one_lora(tiny_model, tmp_path):
+    data = photo_folder(tmp_path / "photos")
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29553",
+           str(T2I), *fast_flags(tiny_model, out, train_data_dir=data, resolution=64, max_train_steps=3)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 procs" in r.stderr and r.stderr.count("aspect-ratio buckets") == 1
+    assert r.stderr.count("saved " + str(out / WEIGHTS)) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "o.safetensors", WEIGHTS]
+
+
+def test_dreambooth_portrait_photos_with_square_class_images(tiny_model, tmp_path):
+    """Instance photos in portrait/landscape buckets, class images square: each micro-batch runs the UNet once
+    per bucket, and prior preservation still weighs both halves."""
+    photos = photo_folder(tmp_path / "photos")
+    for p in photos.glob("*.txt"):
+        p.unlink()
+    out = tmp_path / "o"
+    r = run(DREAMBOOTH, fast_flags(tiny_model, out, instance_data_dir=photos, instance_prompt="a sks picture",
+                                   with_prior_preservation=True, class_prompt="a picture", num_class_images=2,
+                                   class_data_dir=tmp_path / "class", resolution=64, max_train_steps=3))
+    table = re.search(r"aspect-ratio buckets \(w x h: images\): (.*?);", r.stderr).group(1)
+    assert "48x72" in table and "64x64" in table, table  # portrait photos beside the square class images
+    sd, _ = read_lora(out / WEIGHTS)
+    assert sd and all(torch.isfinite(v).all() for v in sd.values())
