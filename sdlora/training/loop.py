@@ -107,7 +107,9 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
     run = setup(config, recipe)
     # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
     if recipe.heldout and run.step == 0:  # where the validation loss starts, before any training
-        run.accelerator.log({"val_loss": validation_loss(run)}, step=0)
+        if (v := validation_loss(run)) is not None:
+            log.info("validation loss before training: %.5f", v)
+            run.accelerator.log({"val_loss": v}, step=0)
     with tqdm(total=run.max_steps, initial=run.step, desc="steps", disable=not run.main, dynamic_ncols=True) as bar:
         t_last = time.perf_counter()
         while run.step < run.max_steps:
