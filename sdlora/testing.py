@@ -72,3 +72,46 @@ def photo_folder(folder, scale: int = 1, copies: int = 1) -> Path:
             img.save(folder / f"{stem}.png")
             (folder / f"{stem}.txt").write_text(f"a {name.split('_')[0]} picture")
     return folder
+
+
+def subject_on_noise(folder, masks_dir=None, n: int = 8, size: int = 32, alpha: bool = False, seed: int = 0):
+    """A yellow disc (the subject, caption "a sks circle") on uniform noise, and its mask (a white disc) in
+    `masks_dir` or as the image's alpha channel. Returns (folder, masks_dir)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if masks_dir:
+        Path(masks_dir).mkdir(parents=True, exist_ok=True)
+    box = (size * 3 // 16, size * 3 // 16, size * 13 // 16, size * 13 // 16)
+    for i in range(n):
+        img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        m = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(img).ellipse(box, fill=(230, 200, 0))
+        ImageDraw.Draw(m).ellipse(box, fill=255)
+        if alpha:
+            img.putalpha(m)
+        img.save(folder / f"{i}.png")
+        if masks_dir:
+            m.save(Path(masks_dir) / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a sks circle")
+    return folder, masks_dir
+
+
+def disc_and_noise(lora=None, base: str = "sdlora-tiny", n: int = 8) -> tuple[list[float], float]:
+    """For images of "a sks circle" (32 px, seeds 0..n-1) drawn with `lora`: the mean colour inside the disc,
+    and the noise around it (mean absolute difference of neighbouring pixels outside radius 12)."""
+    import numpy as np
+
+    from .pipeline import load_pipeline, sample
+
+    pipe = load_pipeline([lora] if lora else [], base=base, device="cpu", dtype="fp32")
+    pipe.set_progress_bar_config(disable=True)
+    a = np.stack([np.asarray(i, dtype=np.float32) for i in
+                  sample(pipe, ["a sks circle"] * n, list(range(n)), steps=20, width=32, height=32)])
+    yy, xx = np.mgrid[:32, :32]
+    r = np.hypot(yy - 15.5, xx - 15.5)
+    noise = float(np.abs(np.diff(a, axis=2))[:, (r > 12)[:, 1:]].mean())
+    return [round(float(v), 1) for v in a[:, r < 7].mean(axis=(0, 1))], round(noise, 2)

@@ -1,13 +1,10 @@
 """Masked loss and the held-out validation loss (issue #14)."""
 import re
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import make_images
-from helpers import T2I, env, fast_flags, recipe_error, run
+from helpers import T2I, fast_flags, recipe_error, run
 from PIL import Image, ImageDraw
 
 import train_text_to_image_lora as t2i
@@ -16,27 +13,7 @@ from sdlora.data.buckets import Bucketing
 from sdlora.data.sources import rows_from_folder, split_heldout
 from sdlora.data.trainset import Examples, TrainSet
 from sdlora.errors import UserError
-
-
-def _subject_on_noise(folder, masks_dir=None, n=8, size=32, alpha=False, seed=0):
-    """A yellow disc on uniform noise; its mask (white disc) in `masks_dir`, or as the image's alpha."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    if masks_dir:
-        masks_dir.mkdir(parents=True, exist_ok=True)
-    box = (size * 3 // 16, size * 3 // 16, size * 13 // 16, size * 13 // 16)
-    for i in range(n):
-        img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-        m = Image.new("L", (size, size), 0)
-        ImageDraw.Draw(img).ellipse(box, fill=(230, 200, 0))
-        ImageDraw.Draw(m).ellipse(box, fill=255)
-        if alpha:
-            img.putalpha(m)
-        img.save(folder / f"{i}.png")
-        if masks_dir:
-            m.save(masks_dir / f"{i}.png")
-        (folder / f"{i}.txt").write_text("a sks circle")
-    return folder, masks_dir
+from sdlora.testing import disc_and_noise, subject_on_noise
 
 
 # ---------------------------------------------------------------- masks
@@ -61,7 +38,7 @@ def test_mask_follows_the_image_through_bucket_crop_and_flip(tmp_path):
 
 
 def test_bad_masks_are_one_line_before_any_model_loads(tiny_model, tmp_path, capsys, no_model_loads):
-    data, mdir = _subject_on_noise(tmp_path / "d", tmp_path / "m", n=2)
+    data, mdir = subject_on_noise(tmp_path / "d", tmp_path / "m", n=2)
     Image.new("L", (16, 16), 255).save(mdir / "1.png")
     line = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, masked_loss=True,
                                                 mask_dir=mdir))
@@ -76,30 +53,16 @@ def test_bad_masks_are_one_line_before_any_model_loads(tiny_model, tmp_path, cap
 def test_masked_loss_learns_the_subject_colour_and_not_the_noise(tmp_path):
     """On the bundled model: a yellow disc on noise, trained with and without its mask. Both learn the disc's
     colour; without the mask the LoRA also learns to paint noise (high-frequency energy around the disc)."""
-    from sdlora.pipeline import load_pipeline, sample
-
-    data, mdir = _subject_on_noise(tmp_path / "d", tmp_path / "m")
+    data, mdir = subject_on_noise(tmp_path / "d", tmp_path / "m")
     common = dict(train_data_dir=data, max_train_steps=100, train_batch_size=4, learning_rate=5e-3, rank=8,
                   center_crop=True)
     run(T2I, fast_flags("sdlora-tiny", tmp_path / "masked", masked_loss=True, mask_dir=mdir, **common),
         OMP_NUM_THREADS="2")
     run(T2I, fast_flags("sdlora-tiny", tmp_path / "whole", **common), OMP_NUM_THREADS="2")
-
-    yy, xx = np.mgrid[:32, :32]
-    r = np.hypot(yy - 15.5, xx - 15.5)
-
-    def measure(lora):
-        pipe = load_pipeline([lora] if lora else [], base="sdlora-tiny", device="cpu", dtype="fp32")
-        pipe.set_progress_bar_config(disable=True)
-        a = np.stack([np.asarray(i, dtype=np.float32) for i in
-                      sample(pipe, ["a sks circle"] * 8, list(range(8)), steps=20, width=32, height=32)])
-        noise = np.abs(np.diff(a, axis=2))[:, (r > 12)[:, 1:]].mean()  # neighbour differences off the disc
-        return a[:, r < 7].mean(axis=(0, 1)), noise
-
-    base_colour, base_noise = measure(None)
-    colour, noise = measure(tmp_path / "masked")
-    _, whole_noise = measure(tmp_path / "whole")
-    assert abs(colour[2] - 0) < 80 < abs(base_colour[2] - 0), (colour, base_colour)  # the disc turned yellow
+    base_colour, base_noise = disc_and_noise(None)
+    colour, noise = disc_and_noise(tmp_path / "masked")
+    _, whole_noise = disc_and_noise(tmp_path / "whole")
+    assert colour[2] < 80 < base_colour[2], (colour, base_colour)  # the disc turned yellow (blue channel down)
     assert whole_noise - base_noise > 1.0, (whole_noise, base_noise)  # unmasked: noise learned...
     assert noise - base_noise < 0.5 * (whole_noise - base_noise), (noise, whole_noise, base_noise)  # masked: not
 
