@@ -117,3 +117,19 @@ def test_dreambooth_portrait_photos_with_square_class_images(tiny_model, tmp_pat
     assert "48x72" in table and "64x64" in table, table  # portrait photos beside the square class images
     sd, _ = read_lora(out / WEIGHTS)
     assert sd and all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_no_upscale_skips_an_image_smaller_than_a_step_by_name(tmp_path, caplog):
+    from sdlora.data.sources import rows_from_folder
+    from sdlora.data.trainset import TrainSet
+
+    data = photo_folder(tmp_path / "photos")  # includes a 20x20 image
+    rows = rows_from_folder(data)
+    with caplog.at_level("WARNING"):
+        ts = TrainSet(rows, [[i] for i in range(len(rows))], [0] * len(rows), 64, True, False,
+                      Bucketing(64, step=32, no_upscale=True))
+    tiny = next(i for i, r in enumerate(rows) if r.image.name == "tiny.png")
+    assert len(ts) == len(rows) - 1 and tiny not in ts.used_rows()
+    assert "skipping" in caplog.text and "tiny.png: 20x20 is smaller than one --bucket_reso_steps (32)" in caplog.text
+    with pytest.raises(UserError, match="no image is left"):
+        TrainSet(rows[tiny:tiny + 1], [[0]], [0], 64, True, False, Bucketing(64, step=32, no_upscale=True))
