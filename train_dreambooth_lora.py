@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from sdlora.cli import train as common
-from sdlora.data import class_images
+from sdlora.data import captions, class_images
 from sdlora.data.sources import dataset_label, rows_from_images
 from sdlora.data.trainset import TrainSet
 from sdlora.errors import UserError
@@ -68,6 +68,10 @@ def check_flags(args):
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise UserError("--pre_compute_text_embeddings freezes the text encoder; it can't be used with "
                         "--train_text_encoder")
+    ops = captions.from_args(args)
+    if ops and ops.varies and args.pre_compute_text_embeddings:
+        raise UserError("--pre_compute_text_embeddings encodes each prompt once; it can't be used with "
+                        "--shuffle_caption or --caption_tag_dropout_rate, which change the prompt every step")
     if args.validation_images:
         raise UserError("--validation_images is for image-conditioned pipelines (e.g. DeepFloyd IF upscalers); "
                         "SD1.x validation is text-to-image: use --validation_prompt")
@@ -76,6 +80,7 @@ def check_flags(args):
     warning = class_images.identifier_warning(args.instance_prompt, args.class_prompt)
     if warning:
         log.warning(warning)
+    return ops
 
 
 def class_rows(args, config: TrainConfig):
@@ -98,8 +103,9 @@ def class_rows(args, config: TrainConfig):
 
 
 def make_recipe(args, config: TrainConfig) -> Recipe:
-    check_flags(args)
+    ops = check_flags(args)
     instance = rows_from_images(Path(args.instance_data_dir), args.instance_prompt, "--instance_data_dir")
+    captions.check_keep_tokens(ops, instance)
     rows, groups = list(instance), [0] * len(instance)
     # Each row as often as its N_name folder says; that list --repeats times over (0, 1, 2, 0, 1, 2 for N = 1).
     inst = [i for i, r in enumerate(instance) for _ in range(r.repeats)] * args.repeats
@@ -115,7 +121,7 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
         n = max(n, len(cls))
         examples = [[inst[i % len(inst)], len(instance) + i % len(cls)] for i in range(n)]
         card.update({"prior loss weight": args.prior_loss_weight, "class images": f"{len(cls)} in {folder.name}"})
-    data = TrainSet(rows, examples, groups, config.resolution, config.center_crop, config.random_flip)
+    data = TrainSet(rows, examples, groups, config.resolution, config.center_crop, config.random_flip, captions=ops)
     return Recipe(kind="dreambooth", data=data, dataset_desc=dataset_label(args.instance_data_dir),
                   group_weights={0: 1.0, 1: args.prior_loss_weight}, group_names={0: "loss_instance", 1: "loss_prior"},
                   card_front={"instance_prompt": args.instance_prompt}, card_settings=card,

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sdlora.cli import train as common
+from sdlora.data import captions
 from sdlora.data.sources import dataset_label, rows_from_datasets, rows_from_folder
 from sdlora.data.trainset import TrainSet
 from sdlora.errors import UserError
@@ -48,6 +49,7 @@ def parse_args(argv=None):
 
 def make_recipe(args, config: TrainConfig) -> Recipe:
     """Text-to-image: every row is an example (N of them from an N_name folder) in the single loss group."""
+    ops = captions.from_args(args)
     if args.train_data_dir:
         rows = rows_from_folder(Path(args.train_data_dir), args.caption_column, args.allow_empty_captions,
                                 caption_extension=args.caption_extension)
@@ -60,8 +62,10 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
         if args.max_train_samples < 1:
             raise UserError("--max_train_samples must be >= 1")
         rows = rows[: args.max_train_samples]
+    captions.check_keep_tokens(ops, rows)
     examples = [[i] for i, r in enumerate(rows) for _ in range(r.repeats)]
-    data = TrainSet(rows, examples, [0] * len(rows), config.resolution, config.center_crop, config.random_flip)
+    data = TrainSet(rows, examples, [0] * len(rows), config.resolution, config.center_crop, config.random_flip,
+                    captions=ops)
     return Recipe(kind="text-to-image", data=data, dataset_desc=desc)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .captions import CaptionOps
 from .images import read_image
 from .sources import Row
 
@@ -68,8 +69,9 @@ class TrainSet:
     """
 
     def __init__(self, rows: list[Row], examples: list[list[int]], groups: list[int], resolution: int,
-                 center_crop: bool, random_flip: bool):
+                 center_crop: bool, random_flip: bool, captions: CaptionOps | None = None):
         self.rows, self.examples, self.groups = rows, examples, groups
+        self.caption_ops = captions  # main-group rows only: DreamBooth's class prompts stay as they are
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
 
     def __len__(self):
@@ -81,7 +83,11 @@ class TrainSet:
         return preprocess(read_image(self.rows[row_id].image), self.resolution, self.center_crop, self.random_flip, rng)
 
     def caption(self, row_id: int, seed: int, epoch: int, where: tuple[int, ...] = ()) -> str:
-        return pick_caption(self.rows[row_id].caption, rng_for(seed, 2, epoch, row_id, *where))
+        rng = rng_for(seed, 2, epoch, row_id, *where)
+        text = pick_caption(self.rows[row_id].caption, rng)
+        if self.caption_ops is None or self.groups[row_id] != 0:
+            return text
+        return self.caption_ops.apply(text, rng)  # same generator: still a pure function of (seed, epoch, slot)
 
     def deterministic(self) -> bool:
         """True when no row's pixels change between epochs, so its latents can be cached."""

@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -270,6 +270,7 @@ def run_settings(config: TrainConfig, recipe: Recipe, world: int, max_steps: int
         "prediction_type": c.prediction_type, "loss_weights": recipe.group_weights,
         "tokenizer_max_length": recipe.max_length, "text_encoder_use_attention_mask": recipe.use_attention_mask,
         "num_rows": len(recipe.data.rows), "data": recipe.data.digest(),
+        "captions": asdict(recipe.data.caption_ops) if recipe.data.caption_ops else None,
     }
     if c.lr_scheduler in _DECAYING:
         s["max_train_steps"] = max_steps
