@@ -225,6 +225,13 @@ def test_zero_repeat_folder(tiny_model, tmp_path, capsys, no_model_loads, kohya_
     assert f"--instance_data_dir {kohya_data / '0_x'}: a 0_ folder's" in msg
 
 
+def test_dreambooth_precomputed_prompt_cannot_shuffle(tiny_model, tmp_path, capsys, no_model_loads, kohya_data):
+    msg = recipe_error(capsys, db, fast_flags(tiny_model, tmp_path / "o", instance_data_dir=kohya_data,
+                                              instance_prompt="sks dog, sitting", pre_compute_text_embeddings=True,
+                                              shuffle_caption=True))
+    assert "--pre_compute_text_embeddings encodes each prompt once; it can't be used with --shuffle_caption" in msg
+
+
 # ---------------------------------------------------------------- real runs
 
 def test_caption_ops_train_and_resume_exactly(tiny_model, tmp_path, capsys, no_model_loads):
