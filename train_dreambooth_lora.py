@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from sdlora.cli import train as common
-from sdlora.data import class_images, masks
+from sdlora.data import captions, class_images, masks
 from sdlora.data.sources import dataset_label, rows_from_images, split_heldout
 from sdlora.data.trainset import TrainSet, heldout_set
 from sdlora.errors import UserError
@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
     g = p.add_argument_group("DreamBooth")
-    g.add_argument("--instance_data_dir", required=True, help="folder with the subject's photos")
+    g.add_argument("--instance_data_dir", required=True,
+                   help="folder with the subject's photos; those in an N_name sub-folder count N times (kohya)")
     g.add_argument("--instance_prompt", required=True, help="e.g. 'a photo of sks dog'")
     g.add_argument("--class_data_dir", default=None, help="default: <output_dir>-class-images, beside the output")
     g.add_argument("--class_prompt", default=None, help="e.g. 'a photo of a dog'")
@@ -48,7 +49,8 @@ def parse_args(argv=None):
     g.add_argument("--text_encoder_use_attention_mask", action="store_true")
     g.add_argument("--validation_images", nargs="+", default=None,
                    help="image inputs for image-conditioned pipelines; not used by SD1.x text-to-image")
-    g.add_argument("--repeats", type=int, default=1, help="how often each instance image appears per epoch")
+    g.add_argument("--repeats", type=int, default=1,
+                   help="how often each instance image appears per epoch (times its N_name folder's N)")
     g.add_argument("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
     common.add_training_args(p)
     p.set_defaults(output_dir="lora-dreambooth-model", train_batch_size=4, num_train_epochs=1, learning_rate=5e-4,
@@ -66,6 +68,10 @@ def check_flags(args):
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise UserError("--pre_compute_text_embeddings freezes the text encoder; it can't be used with "
                         "--train_text_encoder")
+    ops = captions.from_args(args)
+    if ops and ops.varies and args.pre_compute_text_embeddings:
+        raise UserError("--pre_compute_text_embeddings encodes each prompt once; it can't be used with "
+                        "--shuffle_caption or --caption_tag_dropout_rate, which change the prompt every step")
     if args.validation_images:
         raise UserError("--validation_images is for image-conditioned pipelines (e.g. DeepFloyd IF upscalers); "
                         "SD1.x validation is text-to-image: use --validation_prompt")
@@ -74,6 +80,7 @@ def check_flags(args):
     warning = class_images.identifier_warning(args.instance_prompt, args.class_prompt)
     if warning:
         log.warning(warning)
+    return ops
 
 
 def class_rows(args, config: TrainConfig):
@@ -91,21 +98,24 @@ def class_rows(args, config: TrainConfig):
                               revision=config.revision, variant=config.variant, cache_dir=config.cache_dir,
                               allow_pickle=config.allow_pickle)
     state.wait_for_everyone()
-    rows = rows_from_images(folder, args.class_prompt, "--class_data_dir")
+    rows = rows_from_images(folder, args.class_prompt, "--class_data_dir", kohya_repeats=False)
     return rows[: args.num_class_images], folder
 
 
 def make_recipe(args, config: TrainConfig) -> Recipe:
-    check_flags(args)
+    ops = check_flags(args)
     instance = rows_from_images(Path(args.instance_data_dir), args.instance_prompt, "--instance_data_dir")
     instance, held = split_heldout(instance, config.validation_split)
     if config.validation_data_dir:
         held = rows_from_images(config.validation_data_dir, args.instance_prompt, "--validation_data_dir")
     if config.masked_loss:  # the subject's photos only: class images are learned whole
         masks.attach(instance + held, config.mask_dir)
+    captions.check_keep_tokens(ops, instance)
     rows, groups = list(instance), [0] * len(instance)
-    n = len(instance) * args.repeats
-    examples = [[i % len(instance)] for i in range(n)]
+    # Each row as often as its N_name folder says; that list --repeats times over (0, 1, 2, 0, 1, 2 for N = 1).
+    inst = [i for i, r in enumerate(instance) for _ in range(r.repeats)] * args.repeats
+    n = len(inst)
+    examples = [[i] for i in inst]
     card = {"instance prompt": args.instance_prompt, "class prompt": args.class_prompt,
             "prior preservation": bool(args.with_prior_preservation), "repeats": args.repeats}
     if args.with_prior_preservation:
@@ -114,10 +124,10 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
         groups += [1] * len(cls)
         # Each example pairs an instance row with a class row, as diffusers' DreamBooth dataset does.
         n = max(n, len(cls))
-        examples = [[i % len(instance), len(instance) + i % len(cls)] for i in range(n)]
+        examples = [[inst[i % len(inst)], len(instance) + i % len(cls)] for i in range(n)]
         card.update({"prior loss weight": args.prior_loss_weight, "class images": f"{len(cls)} in {folder.name}"})
     data = TrainSet(rows, examples, groups, config.resolution, config.center_crop, config.random_flip,
-                    config.bucketing)
+                    config.bucketing, captions=ops)
     return Recipe(kind="dreambooth", data=data, dataset_desc=dataset_label(args.instance_data_dir),
                   heldout=heldout_set(held, config.resolution, config.bucketing),
                   group_weights={0: 1.0, 1: args.prior_loss_weight}, group_names={0: "loss_instance", 1: "loss_prior"},

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from sdlora.cli import train as common
-from sdlora.data import masks
+from sdlora.data import captions, masks
 from sdlora.data.sources import dataset_label, rows_from_datasets, rows_from_folder, split_heldout
 from sdlora.data.trainset import TrainSet, heldout_set
 from sdlora.errors import UserError
@@ -30,7 +30,10 @@ def parse_args(argv=None):
     g.add_argument("--dataset_name", default=None, help="a `datasets` id or a local dataset folder")
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_data_dir", default=None,
-                   help="folder of images with metadata.jsonl/metadata.csv, or with same-name .txt captions")
+                   help="folder of images with metadata.jsonl/metadata.csv, or with same-name .txt captions; "
+                        "images in an N_name sub-folder count N times per epoch (kohya)")
+    g.add_argument("--caption_extension", default=".txt",
+                   help="the same-name caption files' extension in --train_data_dir, e.g. .caption")
     g.add_argument("--image_column", default="image")
     g.add_argument("--caption_column", default="text")
     g.add_argument("--max_train_samples", type=int, default=None)
@@ -45,9 +48,11 @@ def parse_args(argv=None):
 
 
 def make_recipe(args, config: TrainConfig) -> Recipe:
-    """Text-to-image: every row is one example in the single loss group."""
+    """Text-to-image: every row is an example (N of them from an N_name folder) in the single loss group."""
+    ops = captions.from_args(args)
     if args.train_data_dir:
-        rows = rows_from_folder(Path(args.train_data_dir), args.caption_column, args.allow_empty_captions)
+        rows = rows_from_folder(Path(args.train_data_dir), args.caption_column, args.allow_empty_captions,
+                                caption_extension=args.caption_extension)
         desc = dataset_label(args.train_data_dir)
     else:
         rows = rows_from_datasets(args.dataset_name, args.dataset_config_name, args.image_column,
@@ -57,14 +62,16 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
         if args.max_train_samples < 1:
             raise UserError("--max_train_samples must be >= 1")
         rows = rows[: args.max_train_samples]
+    captions.check_keep_tokens(ops, rows)
     rows, held = split_heldout(rows, config.validation_split)
     if config.validation_data_dir:
         held = rows_from_folder(config.validation_data_dir, args.caption_column, args.allow_empty_captions,
-                                what="--validation_data_dir")
+                                what="--validation_data_dir", caption_extension=args.caption_extension)
     if config.masked_loss:
         masks.attach(rows + held, config.mask_dir)
-    data = TrainSet(rows, [[i] for i in range(len(rows))], [0] * len(rows), config.resolution,
-                    config.center_crop, config.random_flip, config.bucketing)
+    examples = [[i] for i, r in enumerate(rows) for _ in range(r.repeats)]
+    data = TrainSet(rows, examples, [0] * len(rows), config.resolution, config.center_crop, config.random_flip,
+                    config.bucketing, captions=ops)
     return Recipe(kind="text-to-image", data=data, dataset_desc=desc,
                   heldout=heldout_set(held, config.resolution, config.bucketing))
 

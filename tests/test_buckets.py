@@ -77,14 +77,19 @@ def test_square_folder_is_bit_identical_with_or_without_buckets(tiny_model, tmp_
     assert (tmp_path / "b/o" / WEIGHTS).read_bytes() == (tmp_path / "s/o" / WEIGHTS).read_bytes()
 
 
-def test_resume_with_buckets_and_random_crops_is_exact(tiny_model, tmp_path):
+def test_resume_with_buckets_random_crops_and_caption_ops_is_exact(tiny_model, tmp_path):
+    """The must-show of issue #14: buckets, random crop and flip, caption shuffling and dropout — 6 steps in one
+    run equal 3 steps + resume for 3 more."""
     data = photo_folder(tmp_path / "photos")
-    common = dict(train_data_dir=data, resolution=64, checkpointing_steps=3, random_flip=True)
+    for i, txt in enumerate(sorted(data.glob("*.txt"))):
+        txt.write_text(f"sks picture, {txt.stem}, colour {i}, white frame, centred disc")
+    common = dict(train_data_dir=data, resolution=64, checkpointing_steps=3, random_flip=True, shuffle_caption=True,
+                  keep_tokens=1, caption_dropout_rate=0.3, caption_tag_dropout_rate=0.2)
     run(T2I, fast_flags(tiny_model, tmp_path / "full", max_train_steps=6, **common))
     part = tmp_path / "part"
     run(T2I, fast_flags(tiny_model, part, max_train_steps=3, **common))
     r = run(T2I, fast_flags(tiny_model, part, max_train_steps=6, resume_from_checkpoint="latest", **common))
-    assert "resumed from" in r.stderr and "not cached: --random_flip" in r.stderr
+    assert "resumed from" in r.stderr and "not cached: --random_flip" in r.stderr and "caption shuffling" in r.stderr
     full, _ = read_lora(tmp_path / "full" / WEIGHTS)
     resumed, _ = read_lora(part / WEIGHTS)
     assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6

@@ -82,6 +82,20 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--validation_loss_steps", type=int, default=None,
                    help="compute the held-out loss every N steps (default: every epoch and at the end)")
 
+    g = p.add_argument_group("captions", "kohya's caption operations, applied every step (not to DreamBooth's "
+                             "class prompt); captions that change every step are not pre-encoded")
+    g.add_argument("--shuffle_caption", action="store_true", help="shuffle the caption's tags every step")
+    g.add_argument("--keep_tokens", type=int, default=0,
+                   help="the first N tags stay in place (not shuffled or dropped)")
+    g.add_argument("--keep_tokens_separator", default="",
+                   help="in captions that contain it, what comes before it stays in place (so does what comes "
+                        "after a second one); e.g. '|||'")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                   help="train on an empty caption this often, e.g. 0.05")
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                   help="drop each tag not kept in place this often, e.g. 0.1")
+    g.add_argument("--caption_separator", default=",", help="what separates tags (default: %(default)s)")
+
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank (scale 1)")

@@ -1,7 +1,7 @@
 """Where training rows come from: a list of `Row(image, caption)` from any of
 
   * an imagefolder (images + metadata.jsonl / metadata.csv, Hugging Face layout),
-  * a folder of images with same-name .txt captions (kohya layout),
+  * a folder of images with same-name .txt captions (kohya layout; `N_name` sub-folders repeat N times),
   * a `datasets` id or saved dataset path (--dataset_name),
   * a folder of images with one fixed prompt (DreamBooth instance and class images).
 
@@ -25,12 +25,14 @@ from typing import Callable
 from PIL import Image
 
 from ..errors import UserError
-from .images import check_image
+from .images import IMAGE_EXTS, check_image
 
 log = logging.getLogger(__name__)
 
 # Files that belong to a dataset folder without being images; skipped silently.
 SIDE_FILES = {".txt", ".caption", ".jsonl", ".json", ".csv", ".md", ".npz"}
+# kohya's repeat folders: the images under `10_sks dog` count 10 times per epoch.
+REPEAT_FOLDER = re.compile(r"^([0-9]+)_(.+)$")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Row:
     name: str  # for messages
     size: tuple[int, int] | None = None  # (w, h) when known; None for `datasets` rows
     mask: Path | str | None = None  # --masked_loss: a mask file, "alpha" (the image's own), or None (all of it)
+    repeats: int = 1  # examples per epoch (kohya's `N_name` folders)
 
 
 def dataset_label(source: str) -> str:
@@ -64,8 +67,10 @@ def link_problem(p: Path, root: Path, what: str) -> str | None:
     return None
 
 
-def scan_folder(folder: Path, what: str = "--train_data_dir") -> tuple[dict[Path, tuple[int, int]], list[tuple[Path, str]]]:
-    """Images under `folder` (recursive, sorted) that decode, with their sizes, and the files skipped with reasons."""
+def scan_folder(folder: Path, what: str = "--train_data_dir", caption_extension: str = ".txt") \
+        -> tuple[dict[Path, tuple[int, int]], list[tuple[Path, str]]]:
+    """Images under `folder` (recursive, sorted) that decode, with their sizes, and the files skipped with reasons
+    (side files, and captions with `caption_extension`, are skipped silently)."""
     if not folder.is_dir():
         raise UserError(f"{what} {folder}: not a folder; give a folder of images")
     root, good, skipped = folder.resolve(), {}, []
@@ -73,7 +78,7 @@ def scan_folder(folder: Path, what: str = "--train_data_dir") -> tuple[dict[Path
     for p in sorted(folder.rglob("*")):
         if p.name.startswith(".") or any(part.startswith(".") for part in p.relative_to(folder).parts):
             continue
-        if p.suffix.lower() in SIDE_FILES:
+        if p.suffix.lower() in SIDE_FILES or p.name.lower().endswith(caption_extension.lower()):
             continue  # captions and metadata are read (and checked) by rows_from_folder
         res = link_problem(p, root, what)
         if res is None and p.is_dir():
@@ -88,6 +93,34 @@ def scan_folder(folder: Path, what: str = "--train_data_dir") -> tuple[dict[Path
     if not good:
         raise UserError(f"{what} {folder}: no readable image found (PNG/JPEG/WebP…); add images to it")
     return good, skipped
+
+
+def caption_suffix(ext: str) -> str:
+    """--caption_extension as a suffix: `.caption`, or `caption` given without its dot."""
+    ext = ext if ext.startswith(".") else "." + ext
+    if len(ext) < 2 or "/" in ext or "\\" in ext or ext.lower() in IMAGE_EXTS:
+        raise UserError(f"--caption_extension {ext!r}: not a caption file extension; give one such as .txt or .caption")
+    return ext
+
+
+def repeat_folders(images, folder: Path, what: str) -> dict[Path, tuple[int, str | None]]:
+    """Each image's (repeats, folder caption): (N, name) under a first-level `N_name` folder of `folder`
+    (kohya's convention), else (1, None). Logs each repeat folder once."""
+    out, counts = {}, {}
+    for p in images:
+        parts = p.relative_to(folder).parts
+        m = REPEAT_FOLDER.match(parts[0]) if len(parts) > 1 else None
+        if m is None:
+            out[p] = (1, None)
+            continue
+        if int(m[1]) == 0:
+            raise UserError(f"{what} {folder / parts[0]}: a 0_ folder's images would never be trained; rename it "
+                            f"1_{m[2]}, or move it out of {what}")
+        out[p] = (int(m[1]), m[2].strip())
+        counts[parts[0]] = counts.get(parts[0], 0) + 1
+    for name, n in counts.items():
+        log.info("%s: %d image%s, each %s times per epoch", folder / name, n, "s" * (n != 1), int(name.split("_")[0]))
+    return out
 
 
 def _read_text(path: Path, root: Path, what: str) -> str:
@@ -154,9 +187,12 @@ def _read_metadata(path: Path, root: Path, what: str) -> list[tuple[int, dict]]:
 
 
 def rows_from_folder(folder: Path, caption_column: str = "text", allow_empty_captions: bool = False,
-                     what: str = "--train_data_dir") -> list[Row]:
-    """Rows from an imagefolder (metadata.jsonl/.csv) or a kohya folder (same-name .txt captions)."""
-    good, skipped = scan_folder(folder, what)
+                     what: str = "--train_data_dir", caption_extension: str = ".txt") -> list[Row]:
+    """Rows from an imagefolder (metadata.jsonl/.csv) or a kohya folder (same-name .txt captions, or
+    `caption_extension`; in an `N_name` folder an image without one is captioned `name`)."""
+    ext = caption_suffix(caption_extension)
+    good, skipped = scan_folder(folder, what, ext)
+    repeats = repeat_folders(good, folder, what)
     root = folder.resolve()
     real = {p: Path(os.path.realpath(p)) for p in good}
     meta = next((folder / m for m in ("metadata.jsonl", "metadata.csv")
@@ -194,23 +230,28 @@ def rows_from_folder(folder: Path, caption_column: str = "text", allow_empty_cap
     rows = []
     for p in good:
         cap = captions.get(real[p])
+        txt = p.with_name(p.stem + ext)
         if cap is None:
-            txt = p.with_suffix(".txt")
             cap = _read_text(txt, root, what).strip() if txt.exists() or txt.is_symlink() else None
+        n, folder_caption = repeats[p]
+        if cap is None:
+            cap = folder_caption  # kohya's DreamBooth-style folders: the name is the caption
         if cap is None or cap == "" or cap == []:
             if not allow_empty_captions:
                 where = f"{meta.name} has no row for it" if meta and cap is None else "its caption is empty" \
-                    if cap is not None else f"no {p.with_suffix('.txt').name} and no metadata.jsonl"
+                    if cap is not None else f"no {txt.name} and no metadata.jsonl"
                 raise UserError(f"{p}: no caption ({where}); add one or pass --allow_empty_captions")
             cap = ""
-        rows.append(Row(p, cap, str(p), good[p]))
+        rows.append(Row(p, cap, str(p), good[p], repeats=n))
     return rows
 
 
-def rows_from_images(folder: Path, prompt: str, what: str) -> list[Row]:
-    """Every readable image in `folder` with one fixed prompt (DreamBooth instance/class sets)."""
+def rows_from_images(folder: Path, prompt: str, what: str, kohya_repeats: bool = True) -> list[Row]:
+    """Every readable image in `folder` with one fixed prompt (DreamBooth instance/class sets); images under an
+    `N_name` folder repeat N times unless `kohya_repeats` is off."""
     good, _ = scan_folder(folder, what)
-    return [Row(p, prompt, str(p), size) for p, size in good.items()]
+    repeats = repeat_folders(good, folder, what) if kohya_repeats else {p: (1, None) for p in good}
+    return [Row(p, prompt, str(p), size, repeats=repeats[p][0]) for p, size in good.items()]
 
 
 def split_heldout(rows: list[Row], fraction: float | None) -> tuple[list[Row], list[Row]]:

@@ -20,6 +20,7 @@ from ..errors import UserError
 from . import buckets
 from .buckets import Bucketing
 from .images import read_image, read_mask
+from .captions import CaptionOps
 from .sources import Row
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ class TrainSet:
     """
 
     def __init__(self, rows: list[Row], examples: list[list[int]], groups: list[int], resolution: int,
-                 center_crop: bool, random_flip: bool, bucketing: Bucketing | None = None):
+                 center_crop: bool, random_flip: bool, bucketing: Bucketing | None = None,
+                 captions: CaptionOps | None = None):
         self.rows, self.groups = rows, groups
+        self.caption_ops = captions  # main-group rows only: DreamBooth's class prompts stay as they are
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.bucketing = bucketing or Bucketing(resolution, enabled=False)
         table = self.bucketing.table()
@@ -135,7 +138,11 @@ class TrainSet:
         return to_tensor(apply(img, lay)), mask
 
     def caption(self, row_id: int, seed: int, epoch: int, where: tuple[int, ...] = ()) -> str:
-        return pick_caption(self.rows[row_id].caption, rng_for(seed, 2, epoch, row_id, *where))
+        rng = rng_for(seed, 2, epoch, row_id, *where)
+        text = pick_caption(self.rows[row_id].caption, rng)
+        if self.caption_ops is None or self.groups[row_id] != 0:
+            return text
+        return self.caption_ops.apply(text, rng)  # same generator: still a pure function of (seed, epoch, slot)
 
     def deterministic(self) -> bool:
         """True when no row's pixels change between epochs, so its latents can be cached: no random flip,

@@ -21,10 +21,12 @@ def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
 def plan(config, data: TrainSet) -> tuple[bool, bool, str]:
     """(cache latents?, cache text embeddings?, why not — for the log)."""
     latents = not config.no_cache and data.deterministic()
-    text = (not config.no_cache or config.pre_compute_text_embeddings) and not config.train_text_encoder
+    varies = data.caption_ops is not None and data.caption_ops.varies
+    text = (not config.no_cache or config.pre_compute_text_embeddings) and not config.train_text_encoder and not varies
     why_not = ["--no_cache"] * bool(config.no_cache) + \
               [_why_pixels_change(data)] * (not config.no_cache and not latents) + \
-              ["the text encoder is being trained"] * bool(config.train_text_encoder)
+              ["the text encoder is being trained"] * bool(config.train_text_encoder) + \
+              ["caption shuffling/tag dropout changes captions every step"] * varies
     return latents, text, "; ".join(why_not)
 
 
@@ -35,7 +37,7 @@ def _why_pixels_change(data: TrainSet) -> str:
 
 
 def all_captions(data: TrainSet) -> list[str]:
-    caps = []
+    caps = [""] if data.caption_ops is not None and data.caption_ops.dropout_rate > 0 else []  # a dropped caption
     for r in data.rows:
         caps += r.caption if isinstance(r.caption, list) else [r.caption]
     return caps

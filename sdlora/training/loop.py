@@ -330,6 +330,7 @@ def run_settings(config: TrainConfig, recipe: Recipe, world: int, max_steps: int
         "tokenizer_max_length": recipe.max_length, "text_encoder_use_attention_mask": recipe.use_attention_mask,
         "num_rows": len(recipe.data.rows), "data": recipe.data.digest(), "bucketing": asdict(c.bucketing),
         "masked_loss": c.masked_loss,
+        "captions": asdict(recipe.data.caption_ops) if recipe.data.caption_ops else None,
     }
     if c.lr_scheduler in _DECAYING:
         s["max_train_steps"] = max_steps

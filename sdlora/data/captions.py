@@ -1,0 +1,100 @@
+"""Caption operations applied every step, as kohya's trainers do: whole-caption dropout, tag shuffling
+around a fixed prefix (--keep_tokens, --keep_tokens_separator), and tag dropout.
+
+The semantics are those of kohya sd-scripts' `process_caption`, so a kohya data set and its flags train
+on the same captions. Every draw comes from the generator passed in (TrainSet's, one per seed, epoch,
+example and slot), so a caption is a pure function of it and resume stays exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptionOps:
+    shuffle: bool = False
+    keep_tokens: int = 0  # leading tags that stay in place (ignored where keep_tokens_separator splits the caption)
+    keep_tokens_separator: str = ""  # text before it stays fixed; after a second one, a fixed suffix
+    dropout_rate: float = 0.0  # whole caption -> ""
+    tag_dropout_rate: float = 0.0  # each flexible tag
+    separator: str = ","
+
+    @property
+    def varies(self) -> bool:
+        """True when a caption's text changes between steps beyond being dropped whole."""
+        return self.shuffle or self.tag_dropout_rate > 0
+
+    @property
+    def active(self) -> bool:
+        return self.varies or self.dropout_rate > 0
+
+    def split(self, text: str) -> tuple[list[str], list[str], list[str]]:
+        """(fixed prefix, flexible tags, fixed suffix), split as kohya splits them."""
+        ks, sep = self.keep_tokens_separator, self.separator
+        if ks and ks in text:
+            fixed, flex = text.split(ks, 1)
+            flex, _, suffix = flex.partition(ks)
+
+            def tags(s):
+                return [t.strip() for t in s.split(sep) if t.strip()]
+            return tags(fixed), tags(flex), tags(suffix)
+        tags = [t.strip() for t in text.strip().split(sep)]
+        return tags[:self.keep_tokens], tags[self.keep_tokens:], []
+
+    def apply(self, text: str, rng: np.random.Generator) -> str:
+        if not self.active:
+            return text  # and no draw: runs without caption ops keep the random stream they always had
+        if self.dropout_rate > 0 and rng.random() < self.dropout_rate:
+            return ""
+        if not self.varies:
+            return text  # kohya leaves the text alone unless it shuffles or drops tags
+        fixed, flex, suffix = self.split(text)
+        if self.shuffle:
+            flex = [flex[i] for i in rng.permutation(len(flex))]
+        if self.tag_dropout_rate > 0:
+            flex = [t for t, r in zip(flex, rng.random(len(flex))) if r >= self.tag_dropout_rate]
+        return ", ".join(fixed + flex + suffix)
+
+
+def from_args(args) -> CaptionOps | None:
+    """The caption flags, checked (one line each); None when none of them changes a caption."""
+    for flag in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        v = getattr(args, flag)
+        if not 0 <= v < 1:
+            raise UserError(f"--{flag} must be in [0, 1) (got {v}); e.g. 0.1 drops one in ten")
+    if args.keep_tokens < 0:
+        raise UserError(f"--keep_tokens must be >= 0 (got {args.keep_tokens}): how many leading tags stay in place")
+    if not args.caption_separator:
+        raise UserError("--caption_separator is empty; give the text between tags, e.g. ','")
+    ops = CaptionOps(shuffle=args.shuffle_caption, keep_tokens=args.keep_tokens,
+                     keep_tokens_separator=args.keep_tokens_separator, dropout_rate=args.caption_dropout_rate,
+                     tag_dropout_rate=args.caption_tag_dropout_rate, separator=args.caption_separator)
+    if (ops.keep_tokens or ops.keep_tokens_separator) and not ops.varies:
+        log.warning("--keep_tokens / --keep_tokens_separator do nothing without --shuffle_caption or "
+                    "--caption_tag_dropout_rate")
+    return ops if ops.active else None
+
+
+def check_keep_tokens(ops: CaptionOps | None, rows) -> None:
+    """A caption with fewer tags than --keep_tokens would be all prefix: nothing to shuffle or drop, which is
+    almost always a mistake (another separator, a caption file that isn't tags)."""
+    if ops is None or not ops.keep_tokens or not ops.varies:
+        return
+    for r in rows:
+        for text in r.caption if isinstance(r.caption, list) else [r.caption]:
+            if not text.strip() or ops.keep_tokens_separator and ops.keep_tokens_separator in text:
+                continue  # empty captions were allowed explicitly; the separator overrides --keep_tokens (kohya)
+            n = len(text.strip().split(ops.separator))
+            if n < ops.keep_tokens:
+                shown = json.dumps(text if len(text) <= 40 else text[:39] + "…", ensure_ascii=False)
+                raise UserError(f"{r.name}: its caption {shown} has {n} tag{'s' * (n != 1)} (separated by "
+                                f"{ops.separator!r}), fewer than --keep_tokens {ops.keep_tokens}; lower --keep_tokens "
+                                f"or add tags to the caption")
