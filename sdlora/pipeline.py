@@ -278,3 +278,38 @@ def grid(images, cols: int | None = None, scale: int = 1):
     for i, im in enumerate(images):
         sheet.paste(im, ((i % cols) * w, (i // cols) * h))
     return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST) if scale != 1 else sheet
+
+
+# ---------------------------------------------------------------- what each PNG records
+
+def image_params(prompt: str, negative_prompt, seed: int, steps: int, guidance: float, image, scheduler: str,
+                 base: str, loras: list, fused: bool = False, **extra) -> dict:
+    """The parameters an image was drawn with, as `sdlora generate` and training samples record them."""
+    from . import __version__
+
+    return {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps, "guidance": guidance,
+            "width": image.width, "height": image.height, "scheduler": scheduler, "base": base, "loras": loras,
+            "fused": fused, "sdlora_version": __version__, **extra}
+
+
+def png_info(params: dict):
+    """PNG text chunks: sdlora's own JSON, and the 'parameters' text A1111/ComfyUI users know."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("sdlora", json.dumps(params))
+    info.add_text("parameters", a1111_text(params))
+    return info
+
+
+def a1111_text(p: dict) -> str:
+    """The 'parameters' text A1111/ComfyUI users know, so the PNG reads well in their tools."""
+    loras = "".join(f" <lora:{lo['name']}:{lo['weight']:g}>" for lo in p["loras"])
+    lines = [p["prompt"] + loras]
+    if p["negative_prompt"]:
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    lines.append(f"Steps: {p['steps']}, Sampler: DPM++ 2M, CFG scale: {p['guidance']:g}, Seed: {p['seed']}, "
+                 f"Size: {p['width']}x{p['height']}, Model: {p['base']}")
+    return "\n".join(lines)

@@ -42,13 +42,10 @@ def register(sub):
 
 
 def _generate_cli(args):
-    import json
     import secrets
 
-    from PIL.PngImagePlugin import PngInfo
-
-    from .. import __version__
     from ..io import save_image
+    from ..pipeline import image_params, png_info
 
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
@@ -65,15 +62,10 @@ def _generate_cli(args):
     start = _next_index(out)
     loras = [{"name": n, **v} for n, v in pipe.__dict__.get("sdlora_adapters", {}).items()]
     for i, im in enumerate(images):
-        params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed + i,
-                  "steps": args.steps, "guidance": args.guidance, "width": im.width, "height": im.height,
-                  "scheduler": args.scheduler, "base": pipe.sdlora_base, "loras": loras, "fused": args.fuse,
-                  "sdlora_version": __version__}
-        info = PngInfo()
-        info.add_text("sdlora", json.dumps(params))
-        info.add_text("parameters", _a1111_text(params))
+        params = image_params(args.prompt, args.negative_prompt, seed + i, args.steps, args.guidance, im,
+                              args.scheduler, pipe.sdlora_base, loras, args.fuse)
         path = out / f"{start + i:05d}-{seed + i}.png"
-        save_image(im, path, pnginfo=info)
+        save_image(im, path, pnginfo=png_info(params))
         print(path)
     if len(images) > 1:
         path = out / f"{start:05d}-grid.png"
@@ -84,17 +76,6 @@ def _generate_cli(args):
 def _next_index(out: Path) -> int:
     nums = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
     return max(nums, default=-1) + 1
-
-
-def _a1111_text(p) -> str:
-    """The 'parameters' text A1111/ComfyUI users know, so the PNG reads well in their tools."""
-    loras = "".join(f" <lora:{lo['name']}:{lo['weight']:g}>" for lo in p["loras"])
-    lines = [p["prompt"] + loras]
-    if p["negative_prompt"]:
-        lines.append(f"Negative prompt: {p['negative_prompt']}")
-    lines.append(f"Steps: {p['steps']}, Sampler: DPM++ 2M, CFG scale: {p['guidance']:g}, Seed: {p['seed']}, "
-                 f"Size: {p['width']}x{p['height']}, Model: {p['base']}")
-    return "\n".join(lines)
 
 
 def _fuse_cli(args):
