@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,11 @@ from sdlora.lora import formats
 from sdlora.pipeline import (
     add_loras,
     fuse_loras,
+    grid,
     load_base,
     load_pipeline,
     parse_spec,
+    sample,
     unfuse_loras,
 )
 from sdlora.testing import demo_lora
@@ -153,6 +156,38 @@ def test_generate_cli_writes_pngs_with_parameters_and_a_grid(lora_dir, tiny_mode
     b = np.asarray(Image.open(out / "00002-43.png"), dtype=float)
     assert abs(a - b).max() <= 1  # PNG rounding only
     assert json.loads(Image.open(out / "00002-43.png").text["sdlora"])["fused"] is True
+
+
+def test_grid_of_mixed_sizes_centres_each_image_in_the_largest_cell():
+    red, blue = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (48, 16), (0, 0, 255))
+    sheet = grid([red, blue])
+    assert sheet.size == (96, 32)  # two 48 x 32 cells
+    white = (255, 255, 255)
+    assert sheet.getpixel((7, 0)) == sheet.getpixel((40, 31)) == white  # red, 8 px in from each side
+    assert sheet.getpixel((8, 0)) == sheet.getpixel((39, 31)) == (255, 0, 0)
+    assert sheet.getpixel((48, 7)) == sheet.getpixel((95, 24)) == white  # blue, 8 px down from the top
+    assert sheet.getpixel((48, 8)) == sheet.getpixel((95, 23)) == (0, 0, 255)
+    assert grid([red, red], scale=2).size == (128, 64)  # same sizes: as before
+
+
+def test_sample_takes_negative_prompts(tiny_model):
+    from sdlora.models import encode_prompts
+
+    pipe = load_pipeline([], base=tiny_model, device="cpu")
+
+    def draw(negs, encode=None):
+        return np.stack([np.asarray(im) for im in sample(pipe, ["a red square"] * 2, [0, 1], steps=3, batch=2,
+                                                         encode=encode, negative_prompts=negs)])
+
+    plain = draw(None)
+    assert np.array_equal(draw(["", ""]), plain)  # "" is what no negative prompt means
+    negative = draw(["a blue square", ""])
+    assert not np.array_equal(negative[0], plain[0]) and np.array_equal(negative[1], plain[1])
+
+    def encode(texts):  # training's own encoder: the negative prompt goes through it too
+        return encode_prompts(pipe.text_encoder, pipe.tokenizer, texts)
+    assert np.array_equal(draw(None, encode), plain)
+    assert np.array_equal(draw(["a blue square", ""], encode), negative)
 
 
 def test_fuse_cli_writes_a_loadable_pipeline(lora_dir, tiny_model, tmp_path):
