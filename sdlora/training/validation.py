@@ -1,6 +1,7 @@
 """Sample images with the LoRA being trained, on a standard pipeline with DPM-Solver, at the run's seed."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -10,10 +11,11 @@ from ..io import png_bytes, write_bytes
 log = logging.getLogger("sdlora")
 
 
-def validate(run) -> list[dict]:
-    """`--num_validation_images` images of `--validation_prompt` with the current LoRA, saved as
-    samples/epochNNNN_i.png and samples/latest_i.png (the stable names the model card shows), and sent to
-    tensorboard. Returns [{"prompt", "path"}] for the card. Main process only."""
+@contextlib.contextmanager
+def sampling(run):
+    """Yield (pipe, encode): the run's models as a pipeline, under the run's autocast, and the prompt encoder to
+    pass to `pipeline.sample` (None: the pipeline's own). The VAE / text encoder caching released come back
+    for it and go back afterwards; the LoRA layers sample without dropout. Main process only."""
     c, device = run.config, run.accelerator.device
     frozen = dict(revision=c.revision, variant=c.variant, cache_dir=c.cache_dir, allow_pickle=c.allow_pickle,
                   dtype=run.weight_dtype)
@@ -23,18 +25,33 @@ def validate(run) -> list[dict]:
     te = run.parts["text_encoder"].bare if trained_te else (run.text_encoder or models.load_text_encoder(c.base, **frozen)).to(device)
     for part in run.parts.values():
         part.module.eval()  # no LoRA dropout while sampling
-    log.info("validation at epoch %d: %d image(s) of %r", run.epoch, c.num_validation_images, c.validation_prompt)
     encode = None
     if run.recipe.max_length or run.recipe.use_attention_mask:  # condition exactly as in training
         def encode(texts):
             return models.encode_prompts(te, run.tokenizer, texts, run.recipe.max_length, run.recipe.use_attention_mask)
     pipe = pipeline.assemble(run.parts["unet"].bare, vae, te, run.tokenizer, run.noise_scheduler.config)
+    try:
+        with run.accelerator.autocast():
+            yield pipe, encode
+    finally:
+        for part in run.parts.values():
+            part.module.train()
+        # Send the helpers back where caching put them.
+        run.vae = models.release(vae, device) if run.cache_latents else vae
+        if not trained_te:
+            run.text_encoder = models.release(te, device) if run.caches.embeds is not None else te
+
+
+def validate(run) -> list[dict]:
+    """`--num_validation_images` images of `--validation_prompt` with the current LoRA, saved as
+    samples/epochNNNN_i.png and samples/latest_i.png (the stable names the model card shows), and sent to
+    tensorboard. Returns [{"prompt", "path"}] for the card. Main process only."""
+    c = run.config
     n = c.num_validation_images
-    with run.accelerator.autocast():
+    log.info("validation at epoch %d: %d image(s) of %r", run.epoch, n, c.validation_prompt)
+    with sampling(run) as (pipe, encode):
         images = pipeline.sample(pipe, [c.validation_prompt] * n, [run.seed + i for i in range(n)], batch=1,
                                  encode=encode, width=c.resolution, height=c.resolution)
-    for part in run.parts.values():
-        part.module.train()
     out = Path(c.output_dir) / "samples"
     for i, img in enumerate(images):
         png = png_bytes(img)  # encoded once, written under both names
@@ -46,8 +63,4 @@ def validate(run) -> list[dict]:
 
             tracker.log_images({"validation": np.stack([np.asarray(i) for i in images])}, step=run.epoch,
                                dataformats="NHWC")
-    # Send the helpers back where caching put them.
-    run.vae = models.release(vae, device) if run.cache_latents else vae
-    if not trained_te:
-        run.text_encoder = models.release(te, device) if run.caches.embeds is not None else te
     return [{"prompt": c.validation_prompt, "path": f"samples/latest_{i}.png"} for i in range(n)]
