@@ -115,6 +115,16 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--validation_prompt", default=None)
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_epochs", type=int, default=1)
+    g.add_argument("--sample_prompts", default=None, metavar="FILE",
+                   help="text file, one prompt per line with kohya's options (--n negative, --w width, --h height, "
+                        "--s steps, --l guidance, --d seed); PNGs and a grid per round in output_dir/samples/. "
+                        "Without --sample_every_n_steps/--sample_every_n_epochs: one round at the end")
+    g.add_argument("--sample_every_n_steps", type=int, default=None, metavar="N",
+                   help="sample the --sample_prompts every N optimizer steps")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None, metavar="N",
+                   help="sample the --sample_prompts every N epochs (with --sample_every_n_steps: at both)")
+    g.add_argument("--sample_at_first", action="store_true",
+                   help="also sample the --sample_prompts before training starts (in a new run: the untrained LoRA)")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_token", default=None, help="default: $HF_TOKEN or your saved login")
     g.add_argument("--hub_model_id", default=None)

@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import models
 from ..data.buckets import Bucketing
 from ..errors import UserError
+from . import prompts
 
 log = logging.getLogger("sdlora")
 
@@ -87,13 +88,18 @@ class TrainConfig:
     validation_prompt: str | None = None
     num_validation_images: int = 4
     validation_epochs: int = 1
+    sample_prompts: tuple[prompts.SamplePrompt, ...] = ()  # parsed from sample_prompts_file
+    sample_prompts_file: str | None = None
+    sample_every_n_steps: int | None = None  # with neither cadence, one round at the end
+    sample_every_n_epochs: int | None = None
+    sample_at_first: bool = False
     push_to_hub: bool = False
     hub_model_id: str | None = None
 
     def tracker_config(self) -> dict:
         """What the experiment trackers record (plain values only; the token is never part of a config)."""
         return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                for k, v in asdict(self).items() if v is not None}
+                for k, v in asdict(self).items() if v is not None and k != "sample_prompts"}  # the file is there
 
 
 def _positive(name, value, minimum=1):
@@ -116,6 +122,7 @@ def check(args, token: str | None = None) -> TrainConfig:
     _positive("checkpoints_total_limit", args.checkpoints_total_limit)
     if args.resolution % 8:
         raise UserError(f"--resolution must be a multiple of 8 (got {args.resolution})")
+    sample_prompts = _check_sampling(args)
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be > 0 (got {args.learning_rate})")
     if not 0 <= args.lora_dropout < 1:
@@ -139,6 +146,7 @@ def check(args, token: str | None = None) -> TrainConfig:
                     mixed_precision=mixed_precision, bucketing=bucketing,
                     mask_dir=Path(args.mask_dir) if args.mask_dir else None,
                     validation_data_dir=Path(args.validation_data_dir) if args.validation_data_dir else None,
+                    sample_prompts=sample_prompts, sample_prompts_file=args.sample_prompts,
                     hub_model_id=args.hub_model_id or (output_dir.resolve().name if args.push_to_hub else None))
     # Every other field is the flag of the same name; knobs only one script has keep their defaults.
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
@@ -185,6 +193,18 @@ def _check_heldout(args):
     if args.validation_loss_steps and not (args.validation_split or args.validation_data_dir):
         raise UserError("--validation_loss_steps needs held-out images: add --validation_split 0.1 or "
                         "--validation_data_dir DIR")
+
+
+def _check_sampling(args) -> tuple[prompts.SamplePrompt, ...]:
+    """The --sample_prompts file, read and checked now, so a bad line never stops a run half-way."""
+    _positive("sample_every_n_steps", args.sample_every_n_steps)
+    _positive("sample_every_n_epochs", args.sample_every_n_epochs)
+    if not args.sample_prompts:
+        for flag in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag} needs --sample_prompts FILE, the prompts to sample (one per line)")
+        return ()
+    return prompts.read(args.sample_prompts, args.resolution)
 
 
 def _check_report_to(report_to: str, hub_token: str | None) -> str:
