@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..lora import inject
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
-from . import checkpoint, heldout, losses, validation
+from . import checkpoint, heldout, losses, samples, validation
 from .caches import Caches, all_captions, latent_mask, plan
 from .config import TrainConfig
 
@@ -105,6 +105,8 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
     from tqdm.auto import tqdm
 
     run = setup(config, recipe)
+    if config.sample_prompts and config.sample_at_first:
+        samples.take(run)
     # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
     if recipe.heldout and run.step == 0:  # where the validation loss starts, before any training
         if (v := validation_loss(run)) is not None:
@@ -133,6 +135,8 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
                 if run.main:
                     run.samples = validation.validate(run)
                 run.accelerator.wait_for_everyone()
+            if samples.due(config, run.step, epoch_before, run.epoch, last=run.step == run.max_steps):
+                samples.take(run)
     run.accelerator.wait_for_everyone()
     if run.best_val_loss and run.main:
         log.info("lowest validation loss %.5f at step %d (of %d)", *run.best_val_loss, run.max_steps)
