@@ -107,18 +107,18 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
     run = setup(config, recipe)
     if config.sample_prompts and config.sample_at_first:
         samples.take(run)
-    # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
     if recipe.heldout and run.step == 0:  # where the validation loss starts, before any training
         if (v := validation_loss(run)) is not None:
             log.info("validation loss before training: %.5f", v)
             run.accelerator.log({"val_loss": v}, step=0)
+    # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
     with tqdm(total=run.max_steps, initial=run.step, desc="steps", disable=not run.main, dynamic_ncols=True) as bar:
         t_last = time.perf_counter()
         while run.step < run.max_steps:
             epoch_before = run.epoch
             logs = optimizer_step(run)
             check_finite(run, logs)
-            if _due(config.validation_loss_steps, run, epoch_before) and (v := validation_loss(run)) is not None:
+            if _val_loss_due(config.validation_loss_steps, run, epoch_before) and (v := validation_loss(run)) is not None:
                 logs["val_loss"] = v
             now = time.perf_counter()
             logs["s_per_step"], t_last = now - t_last, now
@@ -145,7 +145,7 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
     return path
 
 
-def _due(every: int | None, run: Run, epoch_before: int) -> bool:
+def _val_loss_due(every: int | None, run: Run, epoch_before: int) -> bool:
     """Whether the validation loss is due after this step: every N steps, else at each epoch's end; always last."""
     if run.recipe.heldout is None:
         return False
