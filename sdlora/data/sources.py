@@ -119,7 +119,11 @@ def repeat_folders(images, folder: Path, what: str) -> dict[Path, tuple[int, str
         out[p] = (int(m[1]), m[2].strip())
         counts[parts[0]] = counts.get(parts[0], 0) + 1
     for name, n in counts.items():
-        log.info("%s: %d image%s, each %s times per epoch", folder / name, n, "s" * (n != 1), int(name.split("_")[0]))
+        times = int(name.split("_")[0])
+        # A dated folder (2019_holiday) reads as 2019 repeats, as in kohya: say so loudly.
+        (log.warning if times >= 100 else log.info)(
+            "%s: %d image%s, each %d times per epoch (kohya's N_name repeat folder%s)", folder / name, n,
+            "s" * (n != 1), times, "; rename it if it is not meant as one" if times >= 100 else "")
     return out
 
 
