@@ -29,6 +29,19 @@ def test_table_has_the_shapes_photos_come_in():
     assert Bucketing(512, enabled=False).assign((2000, 3000), table) == (512, 512)
 
 
+def test_each_row_carries_its_original_size_and_crop_for_sdxl(tmp_path):
+    from sdlora.data.sources import rows_from_folder
+    from sdlora.data.trainset import Examples, TrainSet
+
+    rows = rows_from_folder(photo_folder(tmp_path / "photos"))
+    data = TrainSet(rows, [[i] for i in range(len(rows))], [0] * len(rows), 64, False, False, Bucketing(64, step=8))
+    i = next(i for i, r in enumerate(rows) if r.image.name == "landscape_16x9.png")
+    geo = Examples(data, seed=0, pixels=True)[(0, i)]["geometry"][0]
+    # SDXL's order: original (h, w), crop top-left (top, left), target (h, w); the 128x72 image covers the
+    # 80x48 bucket at 85x48 and loses a random sliver of at most 5 columns
+    assert geo[:2] == (72, 128) and geo[2] == 0 and 0 <= geo[3] <= 5 and geo[4:] == (48, 80)
+
+
 def test_no_upscale_keeps_small_images_small():
     b = Bucketing(512, step=64, no_upscale=True)
     assert b.assign((300, 200), b.table()) == (256, 192)  # floored to whole steps, not enlarged
@@ -57,7 +70,8 @@ def _kept(stderr: str) -> tuple[float, float]:
 def test_mixed_photo_shapes_train_in_buckets_and_keep_what_a_square_crop_cuts(tiny_model, tmp_path):
     data = photo_folder(tmp_path / "photos")
     out = tmp_path / "o"
-    r = run(T2I, fast_flags(tiny_model, out, train_data_dir=data, resolution=64, center_crop=True, max_train_steps=3))
+    r = run(T2I, fast_flags(tiny_model, out, train_data_dir=data, resolution=64, center_crop=True, max_train_steps=3,
+                            enable_bucket=True))  # kohya's flag: accepted, buckets are the default
     ours, square = _kept(r.stderr)
     assert ours >= 95.0 and square < 80.0, (ours, square)
     table = re.search(r"aspect-ratio buckets \(w x h: images\): (.*?);", r.stderr).group(1)

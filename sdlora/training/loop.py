@@ -138,9 +138,9 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
             if samples.due(config, run.step, epoch_before, run.epoch, last=run.step == run.max_steps):
                 samples.take(run)
     run.accelerator.wait_for_everyone()
-    if run.best_val_loss and run.main:
-        log.info("lowest validation loss %.5f at step %d (of %d)", *run.best_val_loss, run.max_steps)
     path = save_final(run) if run.main else None
+    if run.best_val_loss and run.main:  # the last line: where to look for the best checkpoint
+        log.info("lowest validation loss %.5f at step %d (of %d)", *run.best_val_loss, run.max_steps)
     run.accelerator.end_training()
     return path
 
