@@ -109,7 +109,7 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
     if config.validation_data_dir:
         held = rows_from_images(config.validation_data_dir, args.instance_prompt, "--validation_data_dir")
     if config.masked_loss:  # the subject's photos only: class images are learned whole
-        masks.attach(instance + held, config.mask_dir)
+        masks.attach(instance + held, config.mask_dir, [Path(args.instance_data_dir), config.validation_data_dir])
     captions.check_keep_tokens(ops, instance)
     rows, groups = list(instance), [0] * len(instance)
     # Each row as often as its N_name folder says; that list --repeats times over (0, 1, 2, 0, 1, 2 for N = 1).

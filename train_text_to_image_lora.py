@@ -68,7 +68,7 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
         held = rows_from_folder(config.validation_data_dir, args.caption_column, args.allow_empty_captions,
                                 what="--validation_data_dir", caption_extension=args.caption_extension)
     if config.masked_loss:
-        masks.attach(rows + held, config.mask_dir)
+        masks.attach(rows + held, config.mask_dir, [args.train_data_dir and Path(args.train_data_dir), config.validation_data_dir])
     examples = [[i] for i, r in enumerate(rows) for _ in range(r.repeats)]
     data = TrainSet(rows, examples, [0] * len(rows), config.resolution, config.center_crop, config.random_flip,
                     config.bucketing, captions=ops)

@@ -40,6 +40,10 @@ def test_each_row_carries_its_original_size_and_crop_for_sdxl(tmp_path):
     # SDXL's order: original (h, w), crop top-left (top, left), target (h, w); the 128x72 image covers the
     # 80x48 bucket at 85x48 and loses a random sliver of at most 5 columns
     assert geo[:2] == (72, 128) and geo[2] == 0 and 0 <= geo[3] <= 5 and geo[4:] == (48, 80)
+    flipped = TrainSet(rows, data.examples, data.groups, 64, True, True, Bucketing(64, step=8))
+    lays = [flipped.layout(i, 0, 0, (i, k)) for k in range(8)]
+    assert {lay.flip for lay in lays} == {True, False}  # centre crop of 85 -> 80 columns: 2 left, 3 right
+    assert {lay.geometry()[3] for lay in lays} == {2, 3}  # a flipped crop is measured from its new left edge
 
 
 def test_no_upscale_keeps_small_images_small():
@@ -152,3 +156,16 @@ def test_no_upscale_skips_an_image_smaller_than_a_step_by_name(tmp_path, caplog)
     assert "skipping" in caplog.text and "tiny.png: 20x20 is smaller than one --bucket_reso_steps (32)" in caplog.text
     with pytest.raises(UserError, match="no image is left"):
         TrainSet(rows[tiny:tiny + 1], [[0]], [0], 64, True, False, Bucketing(64, step=32, no_upscale=True))
+
+
+def test_kohya_flag_names_carry_over(tiny_model, tmp_path, capsys, no_model_loads):
+    data = make_images(tmp_path / "d", n=2)
+    args = t2i.parse_args(fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, flip_aug=True, alpha_mask=True,
+                                     random_crop=True, enable_bucket=True))
+    assert args.random_flip and args.masked_loss and not args.center_crop and not args.no_bucket
+    line = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, random_crop=True,
+                                                center_crop=True))
+    assert "--random_crop and --center_crop contradict" in line
+    line = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, no_bucket=True,
+                                                enable_bucket=True))
+    assert "--no_bucket and --enable_bucket contradict" in line

@@ -128,22 +128,26 @@ def test_repeat_folders_and_folder_name_captions(tmp_path, caplog):
     _img(d / "1_other" / "c.png", caption="something else")
     _img(d / "root.png", caption="at the top")
     _img(d / "plain" / "e.png", caption="in a plain folder")
-    _img(d / "-1_x" / "f.png", caption="not a repeat folder")
     with caplog.at_level("INFO"):
         rows = rows_from_folder(d)
     got = {str(r.image.relative_to(d)): (r.caption, r.repeats) for r in rows}
     assert got == {"5_sks dog/a.png": ("sks dog, sitting", 5), "5_sks dog/b.png": ("sks dog", 5),
                    "1_other/c.png": ("something else", 1), "root.png": ("at the top", 1),
-                   "plain/e.png": ("in a plain folder", 1), "-1_x/f.png": ("not a repeat folder", 1)}
+                   "plain/e.png": ("in a plain folder", 1)}
     assert f"{d / '5_sks dog'}: 2 images, each 5 times per epoch" in caplog.text
     recipe = t2i.make_recipe(_args(tmp_path, d), CONFIG)
-    assert len(recipe.data.rows) == 6 and len(recipe.data) == 5 * 2 + 4
-    # --max_train_samples cuts rows, before they repeat: sorted, that is -1_x/f, 1_other/c, 5_sks dog/a
+    assert len(recipe.data.rows) == 5 and len(recipe.data) == 5 * 2 + 3
+    # --max_train_samples cuts rows, before they repeat: sorted, that is 1_other/c, 5_sks dog/a, 5_sks dog/b
     recipe = t2i.make_recipe(_args(tmp_path, d, max_train_samples=3), CONFIG)
-    assert len(recipe.data.rows) == 3 and len(recipe.data) == 1 + 1 + 5
+    assert len(recipe.data.rows) == 3 and len(recipe.data) == 1 + 5 + 5
     # an image outside an N_name folder still needs a caption
     (d / "plain" / "e.txt").unlink()
     with pytest.raises(UserError, match=r"e.png: no caption \(no e.txt"):
+        rows_from_folder(d)
+    # N <= 0 is refused, a negative N too
+    (d / "plain" / "e.txt").write_text("back")
+    _img(d / "-1_x" / "f.png", caption="never trained")
+    with pytest.raises(UserError, match=r"-1_x: a -1_ folder's images would never be trained; rename it 1_x"):
         rows_from_folder(d)
 
 

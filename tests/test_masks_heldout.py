@@ -1,6 +1,7 @@
 """Masked loss and the held-out validation loss (issue #14)."""
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_images
@@ -45,9 +46,44 @@ def test_bad_masks_are_one_line_before_any_model_loads(tiny_model, tmp_path, cap
     assert "1.png: mask is 16x16 but its image" in line and "32x32" in line
     plain = make_images(tmp_path / "plain", n=2)
     line = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=plain, masked_loss=True))
-    assert "no image has an alpha channel" in line
+    assert "no image has transparency" in line
     line = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=plain, mask_dir=mdir))
     assert "--mask_dir is only read with --masked_loss" in line
+
+
+def test_mask_files_as_users_make_them(tmp_path):
+    """A cut-out (transparent background) masks by its alpha, a grey mask by its grey, a float mask in 0..1 is scaled;
+    masks sit at their image's path inside --mask_dir, so kohya sub-folders may reuse file names."""
+    from sdlora.data.images import read_mask
+
+    cut = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    cut.paste((40, 60, 30, 255), (0, 0, 4, 8))  # a dark subject, opaque, on a transparent background
+    cut.save(tmp_path / "cut.png")
+    m = np.asarray(read_mask(tmp_path / "cut.png", alpha=False))
+    assert (m[:, :4] == 255).all() and (m[:, 4:] == 0).all()
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "f.tif")
+    assert np.asarray(read_mask(tmp_path / "f.tif", alpha=False)).min() == 128
+    opaque = Image.new("RGBA", (8, 8), (10, 200, 10, 255))
+    opaque.save(tmp_path / "opaque.png")  # alpha that is all opaque is no mask
+
+    data, mdir = tmp_path / "d", tmp_path / "m"
+    for sub, size in (("5_dog", (32, 32)), ("2_cat", (32, 48))):
+        (data / sub).mkdir(parents=True)
+        (mdir / sub).mkdir(parents=True)
+        Image.new("RGB", size, (9, 9, 9)).save(data / sub / "a.png")
+        Image.new("L", size, 255).save(mdir / sub / "a.png")
+    rows = rows_from_folder(data, allow_empty_captions=True)
+    masks.attach(rows, mdir, [data])
+    assert sorted(r.mask.relative_to(mdir).as_posix() for r in rows) == ["2_cat/a.png", "5_dog/a.png"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("L", (32, 32), 255).save(flat / "a.png")
+    with pytest.raises(UserError, match="'a' names more than one image or mask"):
+        masks.attach(rows_from_folder(data, allow_empty_captions=True), flat, [data])
+    rows = rows_from_folder(make_images(tmp_path / "plain", n=1))
+    Image.open(tmp_path / "opaque.png").save(rows[0].image)
+    with pytest.raises(UserError, match="no image has transparency"):
+        masks.attach(rows, None, [tmp_path / "plain"])
 
 
 def test_masked_loss_learns_the_subject_colour_and_not_the_noise(tmp_path):
@@ -84,7 +120,8 @@ def test_held_out_flags_are_checked_first(tiny_model, tmp_path, capsys, no_model
     for flags, msg in (({"validation_split": 1.5}, "between 0 and 1"),
                        ({"validation_split": 0.2, "validation_data_dir": data}, "not both"),
                        ({"validation_loss_steps": 2}, "needs held-out images"),
-                       ({"validation_data_dir": tmp_path / "nope"}, "not a folder")):
+                       ({"validation_data_dir": tmp_path / "nope"}, "not a folder"),
+                       ({"validation_data_dir": data}, "overlaps --train_data_dir")):
         line = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, **flags))
         assert msg in line, line
 

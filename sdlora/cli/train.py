@@ -32,8 +32,9 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--output_dir", default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--center_crop", action="store_true")
-    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--center_crop", action="store_true", help="centre crops (default: random crops, as diffusers)")
+    g.add_argument("--random_crop", action="store_true", help="kohya's flag: random crops, the default here")
+    g.add_argument("--random_flip", "--flip_aug", action="store_true", help="flip half the images (--flip_aug: kohya)")
     g.add_argument("--train_batch_size", type=int, default=1)
     g.add_argument("--num_train_epochs", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=None)
@@ -73,7 +74,7 @@ def add_training_args(p: argparse.ArgumentParser):
                    help="bucket sides are multiples of this (default: the model's, 64 for SD)")
     g.add_argument("--bucket_no_upscale", action="store_true",
                    help="images smaller than resolution² train at their own size (floored to whole steps)")
-    g.add_argument("--masked_loss", action="store_true",
+    g.add_argument("--masked_loss", "--alpha_mask", action="store_true",
                    help="weight the loss by a mask: the image's alpha channel, or its file in --mask_dir (white = learn)")
     g.add_argument("--mask_dir", default=None, help="masks named like their images (any image format)")
     g.add_argument("--validation_split", type=float, default=None,

@@ -36,13 +36,24 @@ def has_alpha(img: Image.Image) -> bool:
 
 
 def read_mask(path, alpha: bool) -> Image.Image:
-    """A loss mask as 8-bit greyscale (white = learn): an image's alpha channel, or a mask file in grey;
-    EXIF orientation applied as it is to images."""
-    if not alpha:
-        return read_image(path).convert("L")
+    """A loss mask as 8-bit greyscale (white = learn), EXIF orientation applied as it is to images: an image's
+    alpha channel (`alpha`), or a mask file — its alpha when it has transparency (a cut-out: the subject is
+    what is opaque), else its grey levels (a float image in 0..1 scaled to 0..255)."""
     img = Image.open(path)
     img.load()
-    return ImageOps.exif_transpose(img).convert("RGBA").getchannel("A")
+    img = ImageOps.exif_transpose(img)
+    if alpha or (has_alpha(img) and transparent(img)):
+        return img.convert("RGBA").getchannel("A")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = a * 255.0 if a.max() <= 1.0 else a
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+    return to_rgb(img).convert("L")
+
+
+def transparent(img: Image.Image) -> bool:
+    """Whether any pixel of an image with an alpha channel is less than fully opaque."""
+    return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
 def check_image(path: Path) -> tuple[int, int] | str:

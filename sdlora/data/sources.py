@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # Files that belong to a dataset folder without being images; skipped silently.
 SIDE_FILES = {".txt", ".caption", ".jsonl", ".json", ".csv", ".md", ".npz"}
 # kohya's repeat folders: the images under `10_sks dog` count 10 times per epoch.
-REPEAT_FOLDER = re.compile(r"^([0-9]+)_(.+)$")
+REPEAT_FOLDER = re.compile(r"^(-?[0-9]+)_(.+)$")  # a negative N is matched to be refused
 
 
 @dataclass
@@ -113,9 +113,9 @@ def repeat_folders(images, folder: Path, what: str) -> dict[Path, tuple[int, str
         if m is None:
             out[p] = (1, None)
             continue
-        if int(m[1]) == 0:
-            raise UserError(f"{what} {folder / parts[0]}: a 0_ folder's images would never be trained; rename it "
-                            f"1_{m[2]}, or move it out of {what}")
+        if int(m[1]) <= 0:
+            raise UserError(f"{what} {folder / parts[0]}: a {m[1]}_ folder's images would never be trained; rename "
+                            f"it 1_{m[2]}, or move it out of {what}")
         out[p] = (int(m[1]), m[2].strip())
         counts[parts[0]] = counts.get(parts[0], 0) + 1
     for name, n in counts.items():

@@ -41,8 +41,10 @@ class Layout:
     flip: bool
 
     def geometry(self) -> tuple[int, int, int, int, int, int]:
-        """SDXL's micro-conditioning in its order: original (h, w), crop top-left (top, left), target (h, w)."""
-        return (self.size[1], self.size[0], self.crop[1], self.crop[0], self.bucket[1], self.bucket[0])
+        """SDXL's micro-conditioning in its order: original (h, w), crop top-left (top, left), target (h, w).
+        A flipped image's crop is measured from its new left edge (as kohya's sd-scripts do)."""
+        left = self.resized[0] - self.crop[0] - self.bucket[0] if self.flip else self.crop[0]
+        return (self.size[1], self.size[0], self.crop[1], left, self.bucket[1], self.bucket[0])
 
 
 def layout(size: tuple[int, int], bucket: tuple[int, int], center_crop: bool, random_flip: bool,
@@ -165,6 +167,8 @@ class TrainSet:
         for r in self.rows:
             size = r.image.stat().st_size if isinstance(r.image, Path) else None
             rows.append([Path(r.name).name if size is not None else r.name, size, r.caption])
+            if r.mask is not None:  # a changed mask changes what is learned
+                rows[-1].append(r.mask if r.mask == "alpha" else [r.mask.name, r.mask.stat().st_size])
         blob = json.dumps([rows, self.examples, self.groups], sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -120,6 +120,8 @@ def check(args, token: str | None = None) -> TrainConfig:
     _positive("max_train_steps", args.max_train_steps)
     _positive("checkpointing_steps", args.checkpointing_steps)
     _positive("checkpoints_total_limit", args.checkpoints_total_limit)
+    if args.random_crop and args.center_crop:
+        raise UserError("--random_crop and --center_crop contradict each other; keep one (random is the default)")
     if args.resolution % 8:
         raise UserError(f"--resolution must be a multiple of 8 (got {args.resolution})")
     sample_prompts = _check_sampling(args)
@@ -189,6 +191,13 @@ def _check_heldout(args):
         raise UserError("give --validation_split or --validation_data_dir, not both")
     if args.validation_data_dir and not Path(args.validation_data_dir).is_dir():
         raise UserError(f"--validation_data_dir {args.validation_data_dir}: not a folder; give a folder of images")
+    for flag in ("train_data_dir", "instance_data_dir"):
+        train = getattr(args, flag, None)
+        if args.validation_data_dir and train and Path(train).is_dir():
+            a, b = Path(args.validation_data_dir).resolve(), Path(train).resolve()
+            if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                raise UserError(f"--validation_data_dir {args.validation_data_dir} overlaps --{flag} {train}: a loss on "
+                                f"trained images measures nothing; give a folder of other images, or --validation_split")
     _positive("validation_loss_steps", args.validation_loss_steps)
     if args.validation_loss_steps and not (args.validation_split or args.validation_data_dir):
         raise UserError("--validation_loss_steps needs held-out images: add --validation_split 0.1 or "

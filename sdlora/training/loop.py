@@ -257,6 +257,9 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
 def _log_buckets(data: TrainSet):
     """The bucket table and how much of the images it keeps, against a square crop."""
     counts, kept, square = data.bucket_report()
+    if not counts:  # `datasets` rows with --no_bucket: their sizes are only known as they load
+        log.info("square %dx%d crops (--no_bucket)", data.resolution, data.resolution)
+        return
     if not data.bucketing.enabled:
         log.info("square %dx%d crops (--no_bucket): %.1f%% of each image's area kept on average",
                  data.resolution, data.resolution, 100 * square)
@@ -269,7 +272,7 @@ def _log_buckets(data: TrainSet):
 def _bucket_summary(data: TrainSet) -> str | None:
     """The model card's line on buckets; None (no line) when every image trained at the square size."""
     counts = data.bucket_report()[0]
-    if list(counts) == [(data.resolution, data.resolution)]:
+    if not data.bucketing.enabled or list(counts) in ([], [(data.resolution, data.resolution)]):
         return None
     return ", ".join(f"{w}x{h} ({n})" for (w, h), n in counts.items())
 
