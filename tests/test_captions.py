@@ -254,6 +254,9 @@ def test_caption_ops_train_and_resume_exactly(tiny_model, tmp_path, capsys, no_m
         in r.stderr, r.stderr[-3000:]
     assert "5_sks square: 2 images, each 5 times per epoch" in r.stderr
     assert "3 rows" in r.stderr and (tmp_path / "full" / "full.safetensors").exists()
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "| caption operations | shuffled (first 1 kept), caption dropout 0.3, tag dropout 0.2 |" in card
+    assert "| repeat folders | 2 images in N_name folders (11 examples per epoch) |" in card
     part = tmp_path / "part"
     run(T2I, fast_flags(tiny_model, part, max_train_steps=2, checkpointing_steps=2, **flags))
     r = run(T2I, fast_flags(tiny_model, part, max_train_steps=4, checkpointing_steps=2,

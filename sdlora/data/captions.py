@@ -36,6 +36,15 @@ class CaptionOps:
     def active(self) -> bool:
         return self.varies or self.dropout_rate > 0
 
+    def describe(self) -> str:
+        """One line for the model card, e.g. 'shuffled (first 1 kept), caption dropout 0.1, tag dropout 0.05'."""
+        keep = f"'{self.keep_tokens_separator}' separator" if self.keep_tokens_separator else \
+            f"first {self.keep_tokens} kept" if self.keep_tokens else ""
+        parts = [f"shuffled{f' ({keep})' if keep else ''}"] * self.shuffle + \
+                [f"caption dropout {self.dropout_rate:g}"] * (self.dropout_rate > 0) + \
+                [f"tag dropout {self.tag_dropout_rate:g}"] * (self.tag_dropout_rate > 0)
+        return ", ".join(parts)
+
     def split(self, text: str) -> tuple[list[str], list[str], list[str]]:
         """(fixed prefix, flexible tags, fixed suffix), split as kohya splits them."""
         ks, sep = self.keep_tokens_separator, self.separator
