@@ -7,7 +7,7 @@ the real one. Used by tests, benchmarks and the README's offline demo.
 Architectures (`ARCHS`): "tiny" (SD1.x layout, the bundled default), "sd15" (SD 1.5's published
 configs), "sd2-tiny" (SD 2.x layout: linear projections, per-block heads, gelu text encoder,
 v-prediction), "sdxl-tiny" (SDXL layout: two text encoders, text_time conditioning) and "sdxl"
-(SDXL base 1.0's published configs: ~3.5 G parameters, ~14 GB in fp32 — benchmarks only).
+(SDXL base 1.0's published configs: 3.37 G parameters, 13.5 GB in fp32 — benchmarks only).
 """
 from __future__ import annotations
 
