@@ -64,13 +64,64 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
     return name
 
 
-def architecture(unet_config, prediction_type: str = "epsilon") -> str:
-    """The model spec's architecture id for a base (`modelspec.architecture` without the `/lora` suffix).
+# The base model families sdlora knows, as `family` names them, and how the log and model card say them.
+FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
-    SD1.x-like UNets (cross-attention 768, and the tiny stand-ins) are stable-diffusion-v1."""
-    if unet_config.get("addition_embed_type") == "text_time":
+
+def family_of(unet_config, pipeline_class: str | None = None) -> str:
+    """"sd1", "sd2" or "sdxl" from a UNet config (and the pipeline class in model_index.json, if known).
+
+    SDXL: an XL pipeline class or a UNet conditioned on text_time (pooled text + size/crop ids).
+    Otherwise the cross-attention width names the family (768: SD 1.x's CLIP ViT-L, 1024: SD 2.x's
+    OpenCLIP ViT-H); other widths (tiny test models, odd finetunes) go by the UNet layout, SD 2.x's
+    linear proj_in/proj_out meaning sd2, and SD 1.x's layout (the most common) otherwise."""
+    if (pipeline_class or "").startswith("StableDiffusionXL") or unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    dim = unet_config.get("cross_attention_dim")
+    if dim == 1024:
+        return "sd2"
+    if dim == 768:
+        return "sd1"
+    return "sd2" if unet_config.get("use_linear_projection") else "sd1"
+
+
+def base_configs(base: str, revision=None, cache_dir=None) -> tuple[str | None, dict, str | None]:
+    """(pipeline class from model_index.json, UNet config, scheduler prediction_type) of a base: config
+    files only, nothing loaded. Missing pieces are None / {} (an unusual layout: loading reports it)."""
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+    def read(load, **kw):
+        try:
+            return load(base, revision=revision, cache_dir=cache_dir, **kw)
+        except Exception:
+            return {}
+
+    index = read(DiffusionPipeline.load_config)
+    unet = read(UNet2DConditionModel.load_config, subfolder="unet")
+    scheduler = read(DDPMScheduler.load_config, subfolder="scheduler")
+    return index.get("_class_name"), dict(unet), scheduler.get("prediction_type")
+
+
+def family(base: str, revision=None, cache_dir=None) -> str:
+    """"sd1", "sd2" or "sdxl" for a base model folder or Hub id, from its config files (see `family_of`)."""
+    pipeline_class, unet, _ = base_configs(base, revision, cache_dir)
+    return family_of(unet, pipeline_class)
+
+
+def describe(family_: str, prediction_type: str | None = None) -> str:
+    """How the log and model card name a base: "SD 2.x (v-prediction)", "SD 1.x", "SDXL"."""
+    name = FAMILIES.get(family_, family_)
+    return f"{name} (v-prediction)" if prediction_type == "v_prediction" else name
+
+
+def architecture(unet_config, prediction_type: str = "epsilon", family_: str | None = None) -> str:
+    """The model spec's architecture id for a base (`modelspec.architecture` without the `/lora` suffix),
+    as kohya's sd-scripts name them: SD 2.x is 768-v with v-prediction, 512 otherwise; SD 1.x (and the
+    tiny stand-ins with its layout) is stable-diffusion-v1 whatever the prediction type."""
+    family_ = family_ or family_of(unet_config)
+    if family_ == "sdxl":
         return "stable-diffusion-xl-v1-base"
-    if unet_config.get("cross_attention_dim") == 1024:
+    if family_ == "sd2":
         return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
     return "stable-diffusion-v1"
 

@@ -19,6 +19,22 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
+@pytest.fixture(scope="session")
+def sd2_model(tmp_path_factory) -> Path:
+    """A StableDiffusionPipeline folder with the SD 2.x layout and a v-prediction scheduler (sd2-tiny)."""
+    from sdlora.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("models") / "sd2-tiny", arch="sd2-tiny")
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(tmp_path_factory) -> Path:
+    """A StableDiffusionXLPipeline folder (sdxl-tiny: two text encoders, text_time conditioning)."""
+    from sdlora.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("models") / "sdxl-tiny", arch="sdxl-tiny")
+
+
 def make_images(folder: Path, n: int = 4, size: int = 32, captions: bool = True, fmt: str = "png"):
     """n coloured-square images with kohya-style .txt captions."""
     from PIL import Image

@@ -104,8 +104,11 @@ def _extract_cli(args):
 def _make_tiny_cli(args):
     from ..tiny import make_tiny
 
+    from ..tiny import is_xl
+
     out = make_tiny(args.dir, arch=args.arch, seed=args.seed)
-    print(f"wrote a {args.arch} SD-architecture pipeline (random weights) to {out}")
+    kind = "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"
+    print(f"wrote a {args.arch}-architecture {kind} (random weights) to {out}")
 
 
 def register(sub):
@@ -149,8 +152,12 @@ def register(sub):
     common(s)
     s.set_defaults(func=_resize_cli)
 
-    s = sub.add_parser("make-tiny", help="write a tiny SD1.x-architecture pipeline with random weights")
+    s = sub.add_parser("make-tiny", help="write a pipeline with random weights: tiny SD1.x/2.x/XL layouts for "
+                                         "tests, or SD 1.5's / SDXL's real architecture for benchmarks")
     s.add_argument("dir")
-    s.add_argument("--arch", default="tiny", choices=["tiny", "sd15"])
+    s.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sd2-tiny", "sdxl-tiny", "sdxl"],
+                   help="tiny: SD 1.x layout (default); sd15: SD 1.5's configs (~4 GB); sd2-tiny: SD 2.x layout, "
+                        "v-prediction; sdxl-tiny: SDXL layout (two text encoders); sdxl: SDXL base 1.0's "
+                        "configs (~13.5 GB in fp32)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_make_tiny_cli)

@@ -29,7 +29,7 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
         front["widget"] = [{"text": s["prompt"], "output": {"url": s["path"]}} for s in info["samples"]]
     title = info.get("title") or f"LoRA for {info['base_model']}"
     settings = {
-        "base model": info["base_model"], "kind": info.get("kind"), "rank": info["rank"], "alpha": info["alpha"],
+        "base model": info["base_model"], "base model family": info.get("family"), "kind": info.get("kind"), "rank": info["rank"], "alpha": info["alpha"],
         "target modules": ", ".join(info["target_modules"]),
         "text encoder LoRA": info.get("train_text_encoder", False), "steps": info["steps"],
         "epochs": info.get("epochs"), "batch size": info.get("train_batch_size"),

@@ -27,8 +27,8 @@ def header(info: dict) -> dict[str, str]:
     meta = {
         "ss_sd_model_name": info["base_model"],
         # kohya's names for the base family, which A1111-style viewers filter on
-        "ss_base_model_version": {"stable-diffusion-xl-v1-base": "sdxl_base_v1-0"}.get(
-            info.get("architecture"), "sd_v2" if "-v2-" in str(info.get("architecture")) else "sd_v1"),
+        "ss_base_model_version": base_model_version(info.get("architecture"), info.get("prediction_type")),
+        "ss_v2": str("-v2-" in str(info.get("architecture"))),  # kohya's str(bool): "True" / "False"
         "ss_network_module": "networks.lora",
         "ss_network_dim": info["rank"],
         "ss_network_alpha": info["alpha"],
@@ -58,6 +58,15 @@ def header(info: dict) -> dict[str, str]:
         "modelspec.tags": ",".join(info["extra_tags"]) if info.get("extra_tags") else None,
     }
     return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items() if v is not None}
+
+
+def base_model_version(architecture: str | None, prediction_type: str | None = None) -> str:
+    """kohya's `ss_base_model_version` (sd-scripts' model_util.get_model_version_str_for_sd1_sd2 and
+    sdxl_model_util): sd_v1, sd_v2, with `_v` for v-parameterization (sd_v2_v), or sdxl_base_v1-0."""
+    arch = str(architecture or "stable-diffusion-v1")
+    if arch.startswith("stable-diffusion-xl"):
+        return "sdxl_base_v1-0"
+    return ("sd_v2" if "-v2-" in arch else "sd_v1") + ("_v" if prediction_type == "v_prediction" else "")
 
 
 def build_date() -> str:

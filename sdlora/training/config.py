@@ -26,6 +26,7 @@ class TrainConfig:
     # the base model
     base: str  # a loadable folder or Hub id (resolved from base_name)
     base_name: str  # as the user gave it: a Hub id, a path or a short name such as sdlora-tiny
+    family: str = "sd1"  # resolved from the base's config files: "sd1" or "sd2" (models.family_of)
     revision: str | None = None
     variant: str | None = None
     cache_dir: str | None = None
@@ -140,10 +141,11 @@ def check(args, token: str | None = None) -> TrainConfig:
     check_output_dir(output_dir)
     _check_heldout(args)
     base = models.resolve_base(args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
+    family = _check_family(args.pretrained_model_name_or_path, base, args.revision, args.cache_dir)
     models.check_targets(base, list(targets), args.revision, args.cache_dir)
     bucketing = _bucketing(args, base)
 
-    resolved = dict(base=base, base_name=args.pretrained_model_name_or_path, output_dir=output_dir,
+    resolved = dict(base=base, base_name=args.pretrained_model_name_or_path, family=family, output_dir=output_dir,
                     lora_alpha=alpha, target_modules=targets, report_to=report_to,
                     mixed_precision=mixed_precision, bucketing=bucketing,
                     mask_dir=Path(args.mask_dir) if args.mask_dir else None,
@@ -154,6 +156,18 @@ def check(args, token: str | None = None) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
              if f.name not in resolved and hasattr(args, f.name)}
     return TrainConfig(**given, **resolved)
+
+
+def _check_family(name: str, base: str, revision, cache_dir) -> str:
+    """The base's family from its config files; an SDXL base stops here, before anything loads."""
+    pipeline_class, unet, _ = models.base_configs(base, revision, cache_dir)
+    family = models.family_of(unet, pipeline_class)
+    if family == "sdxl":
+        what = pipeline_class if (pipeline_class or "").startswith("StableDiffusionXL") \
+            else "its UNet takes text_time conditioning"
+        raise UserError(f"--pretrained_model_name_or_path {name}: an SDXL base ({what}); SDXL training is not "
+                        f"supported yet (issue #15) — use an SD 1.x/2.x base")
+    return family
 
 
 def _bucketing(args, base: str) -> Bucketing:

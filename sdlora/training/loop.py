@@ -197,8 +197,13 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     frozen = dict(load, variant=config.variant, allow_pickle=config.allow_pickle, dtype=weight_dtype)
     tokenizer = models.load_tokenizer(config.base, **load)
     noise_scheduler = models.load_noise_scheduler(config.base, **load)
+    own_prediction = noise_scheduler.config.prediction_type
     if config.prediction_type:
         noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+    if main:  # the loss target follows the scheduler config (losses.target), as the base was trained
+        override = f"; --prediction_type {config.prediction_type} overrides its scheduler's {own_prediction}" \
+            if config.prediction_type and config.prediction_type != own_prediction else ""
+        log.info("base model: %s%s", models.describe(config.family, noise_scheduler.config.prediction_type), override)
     text_encoder = models.load_text_encoder(config.base, **frozen).to(device).requires_grad_(False)
     vae = models.load_vae(config.base, **frozen).to(device).requires_grad_(False)
     vae_scale = vae.config.scaling_factor
@@ -538,8 +543,9 @@ def save_final(run: Run) -> Path:
         "repo_id": c.hub_model_id if c.push_to_hub else None, "extra_tags": recipe.extra_tags,
         "example_prompt": c.validation_prompt or recipe.trigger_phrase, "trigger_phrase": recipe.trigger_phrase,
         "title": c.output_dir.resolve().name, "kohya_file": kohya_file.name,
-        "architecture": models.architecture(unet_config, run.noise_scheduler.config.prediction_type),
+        "architecture": models.architecture(unet_config, run.noise_scheduler.config.prediction_type, c.family),
         "prediction_type": run.noise_scheduler.config.prediction_type,
+        "family": models.describe(c.family, run.noise_scheduler.config.prediction_type),
         "buckets": _bucket_summary(recipe.data), "masked_loss": c.masked_loss or None,
         "caption_ops": recipe.data.caption_ops.describe() if recipe.data.caption_ops else None,
         "repeats": sum(r.repeats > 1 for r in recipe.data.rows) and
