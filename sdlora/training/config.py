@@ -166,7 +166,7 @@ def _check_family(name: str, base: str, revision, cache_dir) -> str:
         what = pipeline_class if (pipeline_class or "").startswith("StableDiffusionXL") \
             else "its UNet takes text_time conditioning"
         raise UserError(f"--pretrained_model_name_or_path {name}: an SDXL base ({what}); SDXL training is not "
-                        f"supported yet (issue #15) — use an SD 1.x/2.x base")
+                        f"supported yet — use an SD 1.x/2.x base")
     return family
 
 
