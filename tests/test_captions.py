@@ -1,5 +1,6 @@
 """kohya's data set conventions: N_name repeat folders, --caption_extension, and the caption operations
 (shuffle around a fixed prefix, whole-caption and tag dropout), seeded so resume stays exact."""
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -257,6 +258,8 @@ def test_caption_ops_train_and_resume_exactly(tiny_model, tmp_path, capsys, no_m
     card = (tmp_path / "full" / "README.md").read_text()
     assert "| caption operations | shuffled (first 1 kept), caption dropout 0.3, tag dropout 0.2 |" in card
     assert "| repeat folders | 2 images in N_name folders (11 examples per epoch) |" in card
+    _, meta = read_lora(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    assert all(d["n_repeats"] >= 1 for d in json.loads(meta["ss_dataset_dirs"]).values())  # kohya's header field
     part = tmp_path / "part"
     run(T2I, fast_flags(tiny_model, part, max_train_steps=2, checkpointing_steps=2, **flags))
     r = run(T2I, fast_flags(tiny_model, part, max_train_steps=4, checkpointing_steps=2,

@@ -38,7 +38,7 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
         "mixed precision": info.get("mixed_precision"), "saved precision": info.get("save_precision"),
         "dataset": info.get("dataset"), "training images": info.get("num_images"), "seed": info.get("seed"),
         "aspect-ratio buckets": info.get("buckets"), "masked loss": info.get("masked_loss"),
-        "caption operations": info.get("caption_ops"), "repeat folders": info.get("repeats") or None,
+        "caption operations": info.get("caption_ops"), "repeat folders": info.get("repeat_folders") or None,
         "lowest validation loss": info.get("best_val_loss"),
         **(settings_extra or {}),
     }

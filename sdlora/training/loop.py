@@ -548,7 +548,7 @@ def save_final(run: Run) -> Path:
         "family": models.describe(c.family, run.noise_scheduler.config.prediction_type),
         "buckets": _bucket_summary(recipe.data), "masked_loss": c.masked_loss or None,
         "caption_ops": recipe.data.caption_ops.describe() if recipe.data.caption_ops else None,
-        "repeats": sum(r.repeats > 1 for r in recipe.data.rows) and
+        "repeat_folders": sum(r.repeats > 1 for r in recipe.data.rows) and
         f"{sum(r.repeats > 1 for r in recipe.data.rows)} images in N_name folders ({len(recipe.data)} examples per epoch)",
         "best_val_loss": (f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
                           f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
