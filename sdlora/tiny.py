@@ -60,6 +60,10 @@ _BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, n
 _VIT_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
               max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 
+_TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                 norm_num_groups=8, layers_per_block=1, sample_size=32,
+                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+
 ARCHS = {
     # name: (unet kwargs, vae kwargs, text encoder kwargs)
     "tiny": dict(
@@ -70,11 +74,7 @@ ARCHS = {
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         ),
-        vae=dict(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-            norm_num_groups=8, layers_per_block=1, sample_size=32,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        ),
+        vae=_TINY_VAE,
         text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                   max_position_embeddings=77),
     ),
@@ -104,11 +104,7 @@ ARCHS = {
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         ),
-        vae=dict(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-            norm_num_groups=8, layers_per_block=1, sample_size=32,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        ),
+        vae=_TINY_VAE,
         text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                   max_position_embeddings=77, hidden_act="gelu", projection_dim=32),
         scheduler=dict(prediction_type="v_prediction"),
