@@ -259,7 +259,8 @@ def test_caption_ops_train_and_resume_exactly(tiny_model, tmp_path, capsys, no_m
     assert "| caption operations | shuffled (first 1 kept), caption dropout 0.3, tag dropout 0.2 |" in card
     assert "| repeat folders | 2 images in N_name folders (11 examples per epoch) |" in card
     _, meta = read_lora(tmp_path / "full" / "pytorch_lora_weights.safetensors")
-    assert all(d["n_repeats"] >= 1 for d in json.loads(meta["ss_dataset_dirs"]).values())  # kohya's header field
+    assert json.loads(meta["ss_dataset_dirs"]) == {"5_sks square": {"n_repeats": 5, "img_count": 2},
+                                                   "d": {"n_repeats": 1, "img_count": 1}}  # kohya's header field
     part = tmp_path / "part"
     run(T2I, fast_flags(tiny_model, part, max_train_steps=2, checkpointing_steps=2, **flags))
     r = run(T2I, fast_flags(tiny_model, part, max_train_steps=4, checkpointing_steps=2,

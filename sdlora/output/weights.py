@@ -40,7 +40,8 @@ def header(info: dict) -> dict[str, str]:
         "ss_mixed_precision": info.get("mixed_precision"),
         "ss_seed": info.get("seed"),
         # kohya's layout: {folder: {n_repeats, img_count}}
-        "ss_dataset_dirs": {info.get("dataset") or "": {"n_repeats": info.get("repeats", 1), "img_count": info.get("num_images")}},
+        "ss_dataset_dirs": info.get("dataset_dirs") or
+        {info.get("dataset") or "": {"n_repeats": info.get("repeats", 1), "img_count": info.get("num_images")}},
         "ss_num_train_images": info.get("num_images"),
         "ss_training_comment": info.get("kind"),
         "sdlora_version": __version__,

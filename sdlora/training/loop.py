@@ -282,6 +282,22 @@ def _bucket_summary(data: TrainSet) -> str | None:
     return ", ".join(f"{w}x{h} ({n})" for (w, h), n in counts.items())
 
 
+def _dataset_dirs(recipe: Recipe) -> dict | None:
+    """kohya's ss_dataset_dirs with each N_name folder and its repeats (None, the one-folder form, without any)."""
+    from ..data.sources import REPEAT_FOLDER
+
+    rows = [r for r, g in zip(recipe.data.rows, recipe.data.groups) if g == 0]
+    if all(r.repeats == 1 for r in rows):
+        return None
+    dirs: dict = {}
+    for r in rows:
+        folder = next((p.name for p in Path(r.name).parents if REPEAT_FOLDER.match(p.name)), None) \
+            if r.repeats > 1 else None
+        d = dirs.setdefault(folder or recipe.dataset_desc, {"n_repeats": r.repeats, "img_count": 0})
+        d["img_count"] += 1
+    return dirs
+
+
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -548,6 +564,7 @@ def save_final(run: Run) -> Path:
         "family": models.describe(c.family, run.noise_scheduler.config.prediction_type),
         "buckets": _bucket_summary(recipe.data), "masked_loss": c.masked_loss or None,
         "caption_ops": recipe.data.caption_ops.describe() if recipe.data.caption_ops else None,
+        "dataset_dirs": _dataset_dirs(recipe),
         "repeat_folders": sum(r.repeats > 1 for r in recipe.data.rows) and
         f"{sum(r.repeats > 1 for r in recipe.data.rows)} images in N_name folders ({len(recipe.data)} examples per epoch)",
         "best_val_loss": (f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
