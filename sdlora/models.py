@@ -85,10 +85,10 @@ def family_of(unet_config, pipeline_class: str | None = None) -> str:
     return "sd2" if unet_config.get("use_linear_projection") else "sd1"
 
 
-def base_configs(base: str, revision=None, cache_dir=None) -> tuple[str | None, dict, str | None]:
-    """(pipeline class from model_index.json, UNet config, scheduler prediction_type) of a base: config
-    files only, nothing loaded. Missing pieces are None / {} (an unusual layout: loading reports it)."""
-    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+def base_configs(base: str, revision=None, cache_dir=None) -> tuple[str | None, dict, dict]:
+    """(pipeline class from model_index.json, UNet config, VAE config) of a base, each read once for every
+    check before loading: config files only. Missing pieces are None / {} (an unusual layout: loading reports it)."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     def read(load, **kw):
         try:
@@ -98,8 +98,8 @@ def base_configs(base: str, revision=None, cache_dir=None) -> tuple[str | None, 
 
     index = read(DiffusionPipeline.load_config)
     unet = read(UNet2DConditionModel.load_config, subfolder="unet")
-    scheduler = read(DDPMScheduler.load_config, subfolder="scheduler")
-    return index.get("_class_name"), dict(unet), scheduler.get("prediction_type")
+    vae = read(AutoencoderKL.load_config, subfolder="vae")
+    return index.get("_class_name"), dict(unet), dict(vae)
 
 
 def family(base: str, revision=None, cache_dir=None) -> str:
@@ -131,17 +131,18 @@ COMMON_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff
                   "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
 
 
-def check_targets(base: str, targets: list[str], revision=None, cache_dir=None):
+def check_targets(base: str, unet_config: dict, targets: list[str]):
     """Each --target_modules entry must name Linear/Conv2d layers of the base UNet, as peft matches them
     (the module name, or a dotted suffix of it). Checked on an empty meta-device UNet built from the
-    config, so a typo costs milliseconds instead of a traceback after the models load."""
+    config (`base_configs`), so a typo costs milliseconds instead of a traceback after the models load."""
     import torch
     from diffusers import UNet2DConditionModel
 
+    if not unet_config:  # an unusual layout: loading it reports the real problem
+        return
     try:
-        config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
         with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(config)
+            unet = UNet2DConditionModel.from_config(unet_config)
     except Exception:  # an unusual UNet: loading it reports the real problem
         return
     layers = dict(unet.named_modules())
@@ -155,16 +156,12 @@ def check_targets(base: str, targets: list[str], revision=None, cache_dir=None):
                             f"{', '.join(known)}")
 
 
-def size_multiple(base: str, revision=None, cache_dir=None) -> int:
-    """The pixel multiple an image side should be for `base`: the VAE's downsampling times the UNet's
-    (8 x 8 = 64 for every SD1.x/2.x/XL checkpoint; smaller for tiny test models). 64 if unknown."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
+def size_multiple(unet_config: dict, vae_config: dict) -> int:
+    """The pixel multiple an image side should be for a base (its `base_configs`): the VAE's downsampling times
+    the UNet's (8 x 8 = 64 for every SD1.x/2.x/XL checkpoint; smaller for tiny test models). 64 if unknown."""
     try:
-        unet = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
-        vae = AutoencoderKL.load_config(base, subfolder="vae", revision=revision, cache_dir=cache_dir)
-        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
-    except Exception:  # an unusual layout: loading it reports the real problem
+        return 2 ** (len(vae_config["block_out_channels"]) - 1) * 2 ** (len(unet_config["down_block_types"]) - 1)
+    except (KeyError, TypeError):  # an unusual layout: loading it reports the real problem
         return 64
 
 

@@ -43,6 +43,7 @@ class Row:
     size: tuple[int, int] | None = None  # (w, h) when known; None for `datasets` rows
     mask: Path | str | None = None  # --masked_loss: a mask file, "alpha" (the image's own), or None (all of it)
     repeats: int = 1  # examples per epoch (kohya's `N_name` folders)
+    repeat_folder: str | None = None  # the `N_name` folder it repeats from, for kohya's ss_dataset_dirs
 
 
 def dataset_label(source: str) -> str:
@@ -103,20 +104,20 @@ def caption_suffix(ext: str) -> str:
     return ext
 
 
-def repeat_folders(images, folder: Path, what: str) -> dict[Path, tuple[int, str | None]]:
-    """Each image's (repeats, folder caption): (N, name) under a first-level `N_name` folder of `folder`
-    (kohya's convention), else (1, None). Logs each repeat folder once."""
+def repeat_folders(images, folder: Path, what: str) -> dict[Path, tuple[int, str | None, str | None]]:
+    """Each image's (repeats, folder caption, folder): (N, name, "N_name") under a first-level `N_name` folder of
+    `folder` (kohya's convention), else (1, None, None). Logs each repeat folder once."""
     out, counts = {}, {}
     for p in images:
         parts = p.relative_to(folder).parts
         m = REPEAT_FOLDER.match(parts[0]) if len(parts) > 1 else None
         if m is None:
-            out[p] = (1, None)
+            out[p] = (1, None, None)
             continue
         if int(m[1]) <= 0:
             raise UserError(f"{what} {folder / parts[0]}: a {m[1]}_ folder's images would never be trained; rename "
                             f"it 1_{m[2]}, or move it out of {what}")
-        out[p] = (int(m[1]), m[2].strip())
+        out[p] = (int(m[1]), m[2].strip(), parts[0])
         counts[parts[0]] = counts.get(parts[0], 0) + 1
     for name, n in counts.items():
         times = int(name.split("_")[0])
@@ -237,7 +238,7 @@ def rows_from_folder(folder: Path, caption_column: str = "text", allow_empty_cap
         txt = p.with_name(p.stem + ext)
         if cap is None:
             cap = _read_text(txt, root, what).strip() if txt.exists() or txt.is_symlink() else None
-        n, folder_caption = repeats[p]
+        n, folder_caption, repeat_folder = repeats[p]
         if cap is None:
             cap = folder_caption  # kohya's DreamBooth-style folders: the name is the caption
         if cap is None or cap == "" or cap == []:
@@ -246,7 +247,7 @@ def rows_from_folder(folder: Path, caption_column: str = "text", allow_empty_cap
                     if cap is not None else f"no {txt.name} and no metadata.jsonl"
                 raise UserError(f"{p}: no caption ({where}); add one or pass --allow_empty_captions")
             cap = ""
-        rows.append(Row(p, cap, str(p), good[p], repeats=n))
+        rows.append(Row(p, cap, str(p), good[p], repeats=n, repeat_folder=repeat_folder))
     return rows
 
 
@@ -254,8 +255,9 @@ def rows_from_images(folder: Path, prompt: str, what: str, kohya_repeats: bool =
     """Every readable image in `folder` with one fixed prompt (DreamBooth instance/class sets); images under an
     `N_name` folder repeat N times unless `kohya_repeats` is off."""
     good, _ = scan_folder(folder, what)
-    repeats = repeat_folders(good, folder, what) if kohya_repeats else {p: (1, None) for p in good}
-    return [Row(p, prompt, str(p), size, repeats=repeats[p][0]) for p, size in good.items()]
+    repeats = repeat_folders(good, folder, what) if kohya_repeats else {p: (1, None, None) for p in good}
+    return [Row(p, prompt, str(p), size, repeats=repeats[p][0], repeat_folder=repeats[p][2])
+            for p, size in good.items()]
 
 
 def split_heldout(rows: list[Row], fraction: float | None) -> tuple[list[Row], list[Row]]:

@@ -120,18 +120,17 @@ class TrainSet:
         """Example i's buckets: examples with the same key can share a micro-batch."""
         return tuple(self.buckets[r] for r in self.examples[i])
 
-    def layout(self, row_id: int, seed: int, epoch: int, where: tuple[int, ...] = ()) -> Layout:
-        """How a row is cropped; `where` (example, slot) gives each repeat of a row its own crop/flip."""
-        size = self.rows[row_id].size or self.buckets[row_id]
+    def layout(self, row_id: int, seed: int, epoch: int, where: tuple[int, ...] = (), size=None) -> Layout:
+        """How a row is cropped; `where` (example, slot) gives each repeat of a row its own crop/flip. `size`: the
+        decoded image's, for a `datasets` row whose size is not known before (else its bucket stands in)."""
+        size = self.rows[row_id].size or size or self.buckets[row_id]
         return layout(size, self.buckets[row_id], self.center_crop, self.random_flip, rng_for(seed, 1, epoch, row_id, *where))
 
     def load_row(self, row_id: int, seed: int, epoch: int, where: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pixels (CHW in [-1, 1]) of a row, and its loss mask (1HW in [0, 1]) when it has one."""
         row = self.rows[row_id]
         img = read_image(row.image)
-        lay = self.layout(row_id, seed, epoch, where)
-        if row.size is None:  # a `datasets` row with bucketing off: its size is known only now
-            lay = layout(img.size, lay.bucket, self.center_crop, self.random_flip, rng_for(seed, 1, epoch, row_id, *where))
+        lay = self.layout(row_id, seed, epoch, where, img.size)
         mask = None
         if row.mask is not None:
             alpha = row.mask == "alpha"

@@ -141,9 +141,10 @@ def check(args, token: str | None = None) -> TrainConfig:
     check_output_dir(output_dir)
     _check_heldout(args)
     base = models.resolve_base(args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
-    family = _check_family(args.pretrained_model_name_or_path, base, args.revision, args.cache_dir)
-    models.check_targets(base, list(targets), args.revision, args.cache_dir)
-    bucketing = _bucketing(args, base)
+    pipeline_class, unet_config, vae_config = models.base_configs(base, args.revision, args.cache_dir)
+    family = _check_family(args.pretrained_model_name_or_path, pipeline_class, unet_config)
+    models.check_targets(base, unet_config, list(targets))
+    bucketing = _bucketing(args, models.size_multiple(unet_config, vae_config))
 
     resolved = dict(base=base, base_name=args.pretrained_model_name_or_path, family=family, output_dir=output_dir,
                     lora_alpha=alpha, target_modules=targets, report_to=report_to,
@@ -158,10 +159,9 @@ def check(args, token: str | None = None) -> TrainConfig:
     return TrainConfig(**given, **resolved)
 
 
-def _check_family(name: str, base: str, revision, cache_dir) -> str:
+def _check_family(name: str, pipeline_class: str | None, unet_config: dict) -> str:
     """The base's family from its config files; an SDXL base stops here, before anything loads."""
-    pipeline_class, unet, _ = models.base_configs(base, revision, cache_dir)
-    family = models.family_of(unet, pipeline_class)
+    family = models.family_of(unet_config, pipeline_class)
     if family == "sdxl":
         what = pipeline_class if (pipeline_class or "").startswith("StableDiffusionXL") \
             else "its UNet takes text_time conditioning"
@@ -170,11 +170,11 @@ def _check_family(name: str, base: str, revision, cache_dir) -> str:
     return family
 
 
-def _bucketing(args, base: str) -> Bucketing:
-    """The bucket settings, checked: a setting that leaves no bucket is an error here, before any model loads."""
+def _bucketing(args, multiple: int) -> Bucketing:
+    """The bucket settings, checked: a setting that leaves no bucket is an error here, before any model loads.
+    `multiple`: the base's pixel multiple, the default step."""
     if args.no_bucket and args.enable_bucket:
         raise UserError("--no_bucket and --enable_bucket contradict each other; keep one (buckets are the default)")
-    multiple = models.size_multiple(base, args.revision, args.cache_dir)
     step = args.bucket_reso_steps or multiple
     for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
         _positive(name, getattr(args, name))

@@ -10,6 +10,7 @@ import torch
 
 from ..data.trainset import TrainSet
 from .caches import Caches
+from .validation import eval_mode
 
 TIMESTEPS = 4
 
@@ -33,16 +34,11 @@ def loss(run, predict) -> float:
     num = run.noise_scheduler.config.num_train_timesteps
     t = torch.tensor([int((k + 0.5) * num / TIMESTEPS) for k in range(TIMESTEPS)], device=device)
     caps, total = captions(data), []
-    for part in run.parts.values():
-        part.bare.eval()  # no LoRA dropout
-    try:
+    with eval_mode(run):
         for r in data.used_rows():
             post, mask = cache.latent_batch([r])
             lat = (post.chunk(2, dim=1)[0] * run.vae_scale).repeat(TIMESTEPS, 1, 1, 1).to(device)
             noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(r)).to(device)
             mask = None if mask is None else mask.repeat(TIMESTEPS, 1, 1, 1).to(device)
             total.append(predict(lat, noise, t, [caps[r]] * TIMESTEPS, mask))
-    finally:
-        for part in run.parts.values():
-            part.bare.train()
     return torch.cat(total).mean().item()

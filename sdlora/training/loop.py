@@ -256,7 +256,7 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
                vae=vae, vae_scale=vae_scale, text_encoder=None if "text_encoder" in parts else text_encoder, caches=caches,
                cache_latents=cache_latents, parts=parts, optimizer=optimizer, lr_scheduler=lr_scheduler,
                sampler=sampler, batches=iter(loader), max_steps=max_steps, num_epochs=num_epochs, step=step,
-               heldout_cache=held or None, best_val_loss=best)
+               heldout_cache=held, best_val_loss=best)
 
 
 def _log_buckets(data: TrainSet):
@@ -284,16 +284,13 @@ def _bucket_summary(data: TrainSet) -> str | None:
 
 def _dataset_dirs(recipe: Recipe) -> dict | None:
     """kohya's ss_dataset_dirs with each N_name folder and its repeats (None, the one-folder form, without any)."""
-    from ..data.sources import REPEAT_FOLDER
-
     rows = [r for r, g in zip(recipe.data.rows, recipe.data.groups) if g == 0]
     if all(r.repeats == 1 for r in rows):
         return None
     dirs: dict = {}
     for r in rows:
-        folder = next((p.name for p in Path(r.name).parents if REPEAT_FOLDER.match(p.name)), None) \
-            if r.repeats > 1 else None
-        d = dirs.setdefault(folder or recipe.dataset_desc, {"n_repeats": r.repeats, "img_count": 0})
+        d = dirs.setdefault(r.repeat_folder if r.repeats > 1 else recipe.dataset_desc,
+                            {"n_repeats": r.repeats, "img_count": 0})
         d["img_count"] += 1
     return dirs
 
@@ -547,6 +544,7 @@ def save_final(run: Run) -> Path:
         base = Path(base).expanduser().resolve().name
     unet_config = run.parts["unet"].bare.config
     kohya_file = c.output_dir / weights.kohya_name(c.output_dir)
+    repeated = sum(r.repeats > 1 for r in recipe.data.rows)
     info = {
         "base_model": base, "base_model_in_front_matter": not (c.push_to_hub and local_base),
         "base_is_local": local_base, "kind": recipe.kind, "rank": c.rank, "alpha": c.lora_alpha,
@@ -565,8 +563,7 @@ def save_final(run: Run) -> Path:
         "buckets": _bucket_summary(recipe.data), "masked_loss": c.masked_loss or None,
         "caption_ops": recipe.data.caption_ops.describe() if recipe.data.caption_ops else None,
         "dataset_dirs": _dataset_dirs(recipe),
-        "repeat_folders": sum(r.repeats > 1 for r in recipe.data.rows) and
-        f"{sum(r.repeats > 1 for r in recipe.data.rows)} images in N_name folders ({len(recipe.data)} examples per epoch)",
+        "repeat_folders": repeated and f"{repeated} images in N_name folders ({len(recipe.data)} examples per epoch)",
         "best_val_loss": (f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
                           f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
     }

@@ -12,6 +12,18 @@ log = logging.getLogger("sdlora")
 
 
 @contextlib.contextmanager
+def eval_mode(run):
+    """The trained models in eval mode (no LoRA dropout) for sampling or the held-out loss, then back to training."""
+    for part in run.parts.values():
+        part.module.eval()
+    try:
+        yield
+    finally:
+        for part in run.parts.values():
+            part.module.train()
+
+
+@contextlib.contextmanager
 def sampling(run):
     """Yield (pipe, encode): the run's models as a pipeline, under the run's autocast, and the prompt encoder to
     pass to `pipeline.sample` (None: the pipeline's own). The VAE / text encoder caching released come back
@@ -23,19 +35,15 @@ def sampling(run):
     vae = (run.vae or models.load_vae(c.base, **frozen)).to(device)
     trained_te = "text_encoder" in run.parts
     te = run.parts["text_encoder"].bare if trained_te else (run.text_encoder or models.load_text_encoder(c.base, **frozen)).to(device)
-    for part in run.parts.values():
-        part.module.eval()  # no LoRA dropout while sampling
     encode = None
     if run.recipe.max_length or run.recipe.use_attention_mask:  # condition exactly as in training
         def encode(texts):
             return models.encode_prompts(te, run.tokenizer, texts, run.recipe.max_length, run.recipe.use_attention_mask)
     pipe = pipeline.assemble(run.parts["unet"].bare, vae, te, run.tokenizer, run.noise_scheduler.config)
     try:
-        with run.accelerator.autocast():
+        with eval_mode(run), run.accelerator.autocast():
             yield pipe, encode
     finally:
-        for part in run.parts.values():
-            part.module.train()
         # Send the helpers back where caching put them.
         run.vae = models.release(vae, device) if run.cache_latents else vae
         if not trained_te:
