@@ -30,8 +30,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_base(name: str, revision: str | None = None, cache_dir: str | None = None,
-                 token: str | None = None, flag: str = "--pretrained_model_name_or_path") -> str:
-    """Return a loadable path or Hub id, or raise UserError saying what is wrong."""
+                 token: str | None = None, flag: str = "--pretrained_model_name_or_path", vae: bool = False) -> str:
+    """Return a loadable path or Hub id, or raise UserError saying what is wrong. `vae`: a VAE alone (its
+    config.json at the top, as SDXL's fp16-fix VAE), not a pipeline folder."""
+    marker, what = ("config.json", "VAE folder (no config.json)") if vae else \
+        ("model_index.json", "diffusers pipeline folder (no model_index.json or unet/config.json)")
     if name in BUNDLED:
         path = BUNDLED[name]
         if not (path / "model_index.json").exists():
@@ -39,17 +42,17 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
         return str(path)
     p = Path(name).expanduser()
     if p.exists():
-        if not p.is_dir() or not ((p / "model_index.json").exists() or (p / "unet" / "config.json").exists()):
-            raise UserError(f"{flag} {name}: not a diffusers pipeline folder (no model_index.json or unet/config.json)")
+        if not p.is_dir() or not ((p / marker).exists() or (not vae and (p / "unet" / "config.json").exists())):
+            raise UserError(f"{flag} {name}: not a {what}")
         return str(p)
     if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
         raise UserError(f"{flag} {name}: no such folder, and not a valid Hub model id")
-    # A Hub id: fetch its tiny model_index.json now so an unknown id or no network fails fast.
+    # A Hub id: fetch its tiny model_index.json (config.json) now so an unknown id or no network fails fast.
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        hf_hub_download(name, "model_index.json", revision=revision, cache_dir=cache_dir, token=token)
+        hf_hub_download(name, marker, revision=None if vae else revision, cache_dir=cache_dir, token=token)
     except LocalEntryNotFoundError:  # before EntryNotFoundError: it may be a subclass of it
         raise UserError(f"{flag} {name}: not a local folder and the Hub is unreachable (offline?); "
                         f"download it first or give a local path") from None
@@ -58,7 +61,7 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
     except RevisionNotFoundError:
         raise UserError(f"{flag} {name}: revision {revision!r} not found") from None
     except EntryNotFoundError:
-        raise UserError(f"{flag} {name}: not a diffusers pipeline repo (no model_index.json)") from None
+        raise UserError(f"{flag} {name}: not a {what.split(' (')[0].replace('folder', 'repo')} (no {marker})") from None
     except Exception as e:  # network errors of every kind
         raise UserError(f"{flag} {name}: could not reach the Hub ({type(e).__name__}); give a local path") from None
     return name
@@ -177,28 +180,35 @@ def _load(cls, base, subfolder, allow_pickle, **kw):
     except (OSError, EnvironmentError, ValueError) as e:
         msg = str(e).splitlines()[0][:300]
         hint = "; pass --allow_pickle to load .bin weights you trust" if "safetensors" in msg.lower() else ""
-        raise UserError(f"{base}/{subfolder}: could not load ({msg}){hint}") from None
+        raise UserError(f"{base}{'/' + subfolder if subfolder else ''}: could not load ({msg}){hint}") from None
 
 
-def load_tokenizer(base, revision=None, cache_dir=None):
+def load_tokenizer(base, revision=None, cache_dir=None, subfolder: str = "tokenizer"):
     from transformers import CLIPTokenizer
 
     try:
-        return CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision, cache_dir=cache_dir)
+        return CLIPTokenizer.from_pretrained(base, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
     except OSError as e:
-        raise UserError(f"{base}/tokenizer: could not load ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{base}/{subfolder}: could not load ({str(e).splitlines()[0][:200]})") from None
 
 
-def load_text_encoder(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False):
-    from transformers import CLIPTextModel
+def load_text_encoder(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False,
+                      subfolder: str = "text_encoder"):
+    """A CLIP text encoder; SDXL's second one (`text_encoder_2`) with its projection, whose pooled output
+    conditions the UNet."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    return _load(CLIPTextModel, base, "text_encoder", allow_pickle, revision=revision, variant=variant,
+    cls = CLIPTextModelWithProjection if subfolder == "text_encoder_2" else CLIPTextModel
+    return _load(cls, base, subfolder, allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, dtype=dtype)
 
 
-def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False):
+def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False, vae=None):
+    """The base's VAE, or `vae` (a folder or Hub id holding only a VAE, e.g. SDXL's fp16-fix VAE)."""
     from diffusers import AutoencoderKL
 
+    if vae:
+        return _load(AutoencoderKL, vae, None, allow_pickle, cache_dir=cache_dir, torch_dtype=dtype)
     return _load(AutoencoderKL, base, "vae", allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, torch_dtype=dtype)
 

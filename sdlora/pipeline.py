@@ -94,15 +94,21 @@ def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, varia
                                "expected a diffusers Stable Diffusion folder or Hub id")) from None
 
 
-def assemble(unet, vae, text_encoder, tokenizer, scheduler_config):
-    """A StableDiffusionPipeline over components already in memory (e.g. the ones being trained), sampling
-    with DPM++ from the base's own noise-schedule config, without progress bars."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+def assemble(unet, vae, text_encoder, tokenizer, scheduler_config, text_encoder_2=None, tokenizer_2=None):
+    """A StableDiffusionPipeline (a StableDiffusionXLPipeline given SDXL's second text encoder) over components
+    already in memory (e.g. the ones being trained), sampling with DPM++ from the base's own noise-schedule
+    config, without progress bars."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config)
+    if text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler,
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

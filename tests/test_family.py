@@ -1,4 +1,4 @@
-"""Base model families: the tiny SD 2.x / SDXL builders, detection, the SDXL refusal, what a run records,
+"""Base model families: the tiny SD 2.x / SDXL builders, detection, what a run records,
 v-prediction trained on the velocity without a flag, and SDXL's real LoRA size (meta device)."""
 import json
 import logging
@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_images
-from helpers import ROOT, T2I, env, fast_flags, read_lora, recipe_error
+from helpers import ROOT, T2I, env, fast_flags, read_lora
 
-import train_dreambooth_lora as db
-import train_text_to_image_lora as t2i
 from sdlora import models
 from sdlora.output.weights import header
 from sdlora.tiny import ARCHS
@@ -113,26 +111,6 @@ def test_architecture_follows_the_family():
     assert models.architecture({}, "epsilon", "sd2") == "stable-diffusion-v2-512"
     assert models.describe("sd2", "v_prediction") == "SD 2.x (v-prediction)"
     assert models.describe("sd1", "epsilon") == "SD 1.x" and models.describe("sdxl") == "SDXL"
-
-
-# ---------------------------------------------------------------- SDXL: refused before anything loads
-
-def test_sdxl_base_is_one_line_before_any_model_loads(sdxl_model, tmp_path, capsys, no_model_loads):
-    data = make_images(tmp_path / "d", n=1)
-    msg = recipe_error(capsys, t2i, fast_flags(sdxl_model, tmp_path / "o", train_data_dir=data))
-    assert msg == (f"error: --pretrained_model_name_or_path {sdxl_model}: an SDXL base (StableDiffusionXLPipeline); "
-                   f"SDXL training is not supported yet — use an SD 1.x/2.x base")
-    msg = recipe_error(capsys, db, fast_flags(sdxl_model, tmp_path / "o2", instance_data_dir=data,
-                                              instance_prompt="a photo of sks square"))
-    assert "an SDXL base" in msg and "not supported yet" in msg
-
-
-def test_sdxl_unet_folder_alone_is_refused_too(sdxl_model, tmp_path, capsys, no_model_loads):
-    (tmp_path / "base" / "unet").mkdir(parents=True)
-    (tmp_path / "base" / "unet" / "config.json").write_bytes((sdxl_model / "unet" / "config.json").read_bytes())
-    data = make_images(tmp_path / "d", n=1)
-    msg = recipe_error(capsys, t2i, fast_flags(tmp_path / "base", tmp_path / "o", train_data_dir=data))
-    assert "an SDXL base (its UNet takes text_time conditioning)" in msg
 
 
 # ---------------------------------------------------------------- what the files record

@@ -23,7 +23,14 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--cache_dir", default=None)
     g.add_argument("--allow_pickle", action="store_true",
                    help="allow loading .bin (pickle) weights when no safetensors exist; only for models you trust")
-    g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
+    g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
+                   help="default: the base's scheduler config (v_prediction for SD 2.x 768-v bases)")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="a VAE to train with instead of the base's, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's own "
+                        "VAE overflows in fp16, so it is kept in fp32 otherwise)")
+    g.add_argument("--zero_terminal_snr", action="store_true",
+                   help="rescale the noise schedule to zero terminal SNR (kohya; diffusers' rescale_betas_zero_snr); "
+                        "for v-prediction")
 
 
 def add_training_args(p: argparse.ArgumentParser):
@@ -31,7 +38,8 @@ def add_training_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--resolution", type=int, default=None,
+                   help="default: 512, or an SDXL base's own size (1024 for SDXL 1.0)")
     g.add_argument("--center_crop", action="store_true", help="centre crops (default: random crops, as diffusers)")
     g.add_argument("--random_crop", action="store_true", help="kohya's flag: random crops, the default here")
     g.add_argument("--random_flip", "--flip_aug", action="store_true", help="flip half the images (--flip_aug: kohya)")
@@ -55,6 +63,8 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_weight_decay_text_encoder", type=float, default=None,
+                   help="weight decay of the text encoders' LoRA (default: --adam_weight_decay)")
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -104,8 +114,10 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--target_modules", default=",".join(UNET_TARGETS),
                    help="comma-separated UNet module names to adapt (default: %(default)s)")
     g.add_argument("--train_text_encoder", action="store_true",
-                   help="also train LoRA on the CLIP text encoder's q/k/v/out projections")
+                   help="also train LoRA on the CLIP text encoder's q/k/v/out projections (both of SDXL's)")
     g.add_argument("--save_precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--output_kohya_format", action="store_true",
+                   help="accepted for diffusers' SDXL commands: the kohya-layout file is always written")
 
     g = p.add_argument_group("checkpoints, logging, validation, hub")
     g.add_argument("--checkpointing_steps", type=int, default=500)

@@ -23,6 +23,15 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
+def text_encoder_targets(num_layers: int, used: int) -> list[str]:
+    """TEXT_ENCODER_TARGETS in a CLIP encoder's first `used` layers: SDXL's first text encoder conditions the UNet
+    on its penultimate layer, so LoRA on its last layer would get no gradient (and stop DDP). Named from
+    `encoder.layers.` on, a suffix peft matches whether transformers spells a `text_model.` level or not."""
+    if used >= num_layers:
+        return list(TEXT_ENCODER_TARGETS)
+    return [f"encoder.layers.{i}.self_attn.{t}" for i in range(used) for t in TEXT_ENCODER_TARGETS]
+
+
 def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float = 0.0):
     from peft import LoraConfig
 

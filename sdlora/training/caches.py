@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import models
 from ..data.trainset import TrainSet
+from .conditioning import Text
 
 
 def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
@@ -53,7 +53,7 @@ class Caches:
         self.latents: dict[tuple, torch.Tensor] | None = None
         self.where: dict[int, tuple[tuple, int]] = {}
         self.masks: dict[tuple, torch.Tensor] = {}  # bucket -> [rows, 1, h, w], when a row of it has a mask
-        self.embeds: torch.Tensor | None = None
+        self.embeds: Text | None = None
         self.caption_ids: dict[str, int] = {}
 
     @torch.no_grad()
@@ -88,13 +88,11 @@ class Caches:
         return self.latents[bucket][idx], None if mask is None else mask[idx]
 
     @torch.no_grad()
-    def build_embeds(self, captions: list[str], text_encoder, tokenizer, max_length, use_mask, batch: int = 32):
+    def build_embeds(self, captions: list[str], encode, batch: int = 32):
+        """Each distinct caption's conditioning, `encode(texts) -> conditioning.Text`, kept on the CPU."""
         unique = sorted(set(captions))
         self.caption_ids = {c: i for i, c in enumerate(unique)}
-        self.embeds = torch.cat([
-            models.encode_prompts(text_encoder, tokenizer, unique[s:s + batch], max_length, use_mask).cpu()
-            for s in range(0, len(unique), batch)
-        ])
+        self.embeds = Text.cat([encode(unique[s:s + batch]).to("cpu") for s in range(0, len(unique), batch)])
 
-    def embeddings(self, captions: list[str]) -> torch.Tensor:
+    def embeddings(self, captions: list[str]) -> Text:
         return self.embeds[[self.caption_ids[c] for c in captions]]

@@ -21,8 +21,8 @@ from ..io import remove_dir, safetensors_bytes, torch_bytes, write_folder
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^checkpoint-(\d+)$")
 # Everything `save` may put in a checkpoint folder (outdir.remove_leftovers deletes nothing else).
-FILES = {"unet_lora.safetensors", "text_encoder_lora.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt",
-         "state.json"}
+FILES = {"unet_lora.safetensors", "text_encoder_lora.safetensors", "text_encoder_2_lora.safetensors", "optimizer.pt",
+         "scheduler.pt", "scaler.pt", "state.json"}
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

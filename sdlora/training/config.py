@@ -26,19 +26,21 @@ class TrainConfig:
     # the base model
     base: str  # a loadable folder or Hub id (resolved from base_name)
     base_name: str  # as the user gave it: a Hub id, a path or a short name such as sdlora-tiny
-    family: str = "sd1"  # resolved from the base's config files: "sd1" or "sd2" (models.family_of)
+    family: str = "sd1"  # resolved from the base's config files: "sd1", "sd2" or "sdxl" (models.family_of)
+    pretrained_vae_model_name_or_path: str | None = None  # a VAE to use instead of the base's (resolved)
     revision: str | None = None
     variant: str | None = None
     cache_dir: str | None = None
     allow_pickle: bool = False
     prediction_type: str | None = None
+    zero_terminal_snr: bool = False
     # the run
     output_dir: Path
     logging_dir: str = "logs"
     seed: int | None = None  # None: a random seed, drawn and recorded by the loop
     resume_from_checkpoint: str | None = None
     # data and batches
-    resolution: int = 512
+    resolution: int = 512  # resolved: the flag, else 512 (SD 1.x/2.x) or the SDXL base's own size
     center_crop: bool = False
     random_flip: bool = False
     train_batch_size: int = 1
@@ -68,6 +70,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
+    adam_weight_decay_text_encoder: float | None = None  # None: --adam_weight_decay
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     # speed and memory
@@ -116,16 +119,15 @@ def check(args, token: str | None = None) -> TrainConfig:
     if not targets:
         raise UserError("--target_modules is empty; e.g. --target_modules to_q,to_k,to_v,to_out.0")
     for name in ("resolution", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank",
-                 "num_validation_images", "validation_epochs"):
+                 "num_validation_images", "validation_epochs"):  # (resolution None: the base's default)
         _positive(name, getattr(args, name))
     _positive("max_train_steps", args.max_train_steps)
     _positive("checkpointing_steps", args.checkpointing_steps)
     _positive("checkpoints_total_limit", args.checkpoints_total_limit)
     if args.random_crop and args.center_crop:
         raise UserError("--random_crop and --center_crop contradict each other; keep one (random is the default)")
-    if args.resolution % 8:
+    if args.resolution and args.resolution % 8:
         raise UserError(f"--resolution must be a multiple of 8 (got {args.resolution})")
-    sample_prompts = _check_sampling(args)
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be > 0 (got {args.learning_rate})")
     if not 0 <= args.lora_dropout < 1:
@@ -141,12 +143,18 @@ def check(args, token: str | None = None) -> TrainConfig:
     check_output_dir(output_dir)
     _check_heldout(args)
     base = models.resolve_base(args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
+    vae = args.pretrained_vae_model_name_or_path and models.resolve_base(
+        args.pretrained_vae_model_name_or_path, None, args.cache_dir, token, "--pretrained_vae_model_name_or_path",
+        vae=True)
     pipeline_class, unet_config, vae_config = models.base_configs(base, args.revision, args.cache_dir)
-    family = _check_family(args.pretrained_model_name_or_path, pipeline_class, unet_config)
+    family = _check_family(args, pipeline_class, unet_config)
+    resolution = args.resolution or default_resolution(family, unet_config, vae_config)
+    sample_prompts = _check_sampling(args, resolution)
     models.check_targets(base, unet_config, list(targets))
-    bucketing = _bucketing(args, models.size_multiple(unet_config, vae_config))
+    bucketing = _bucketing(args, resolution, models.size_multiple(unet_config, vae_config))
 
     resolved = dict(base=base, base_name=args.pretrained_model_name_or_path, family=family, output_dir=output_dir,
+                    pretrained_vae_model_name_or_path=vae or None, resolution=resolution,
                     lora_alpha=alpha, target_modules=targets, report_to=report_to,
                     mixed_precision=mixed_precision, bucketing=bucketing,
                     mask_dir=Path(args.mask_dir) if args.mask_dir else None,
@@ -159,18 +167,30 @@ def check(args, token: str | None = None) -> TrainConfig:
     return TrainConfig(**given, **resolved)
 
 
-def _check_family(name: str, pipeline_class: str | None, unet_config: dict) -> str:
-    """The base's family from its config files; an SDXL base stops here, before anything loads."""
+def _check_family(args, pipeline_class: str | None, unet_config: dict) -> str:
+    """The base's family from its config files, and the flags that family cannot use."""
     family = models.family_of(unet_config, pipeline_class)
     if family == "sdxl":
-        what = pipeline_class if (pipeline_class or "").startswith("StableDiffusionXL") \
-            else "its UNet takes text_time conditioning"
-        raise UserError(f"--pretrained_model_name_or_path {name}: an SDXL base ({what}); SDXL training is not "
-                        f"supported yet — use an SD 1.x/2.x base")
+        # SDXL conditions on two encoders' full 77-token sequences (diffusers' SDXL scripts have neither flag)
+        for flag in ("tokenizer_max_length", "text_encoder_use_attention_mask"):
+            if getattr(args, flag, None):
+                raise UserError(f"--{flag} is not used with an SDXL base ({args.pretrained_model_name_or_path}); "
+                                f"drop it")
     return family
 
 
-def _bucketing(args, multiple: int) -> Bucketing:
+def default_resolution(family: str, unet_config: dict, vae_config: dict) -> int:
+    """512 for SD 1.x/2.x (diffusers' SD scripts' default); an SDXL base's own size (1024 for SDXL 1.0,
+    as diffusers' SDXL scripts default to), from its UNet's sample size times the VAE's downsampling."""
+    if family != "sdxl":
+        return 512
+    try:
+        return unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    except (KeyError, TypeError):
+        return 1024
+
+
+def _bucketing(args, resolution: int, multiple: int) -> Bucketing:
     """The bucket settings, checked: a setting that leaves no bucket is an error here, before any model loads.
     `multiple`: the base's pixel multiple, the default step."""
     if args.no_bucket and args.enable_bucket:
@@ -187,7 +207,7 @@ def _bucketing(args, multiple: int) -> Bucketing:
     if args.min_bucket_reso and args.max_bucket_reso and args.min_bucket_reso > args.max_bucket_reso:
         raise UserError(f"--min_bucket_reso {args.min_bucket_reso} is larger than --max_bucket_reso "
                         f"{args.max_bucket_reso}; swap them")
-    b = Bucketing(args.resolution, enabled=not args.no_bucket, min_reso=args.min_bucket_reso,
+    b = Bucketing(resolution, enabled=not args.no_bucket, min_reso=args.min_bucket_reso,
                   max_reso=args.max_bucket_reso, step=step, no_upscale=args.bucket_no_upscale)
     b.table()  # raises when the flags leave no bucket
     return b
@@ -218,7 +238,7 @@ def _check_heldout(args):
                         "--validation_data_dir DIR")
 
 
-def _check_sampling(args) -> tuple[prompts.SamplePrompt, ...]:
+def _check_sampling(args, resolution: int) -> tuple[prompts.SamplePrompt, ...]:
     """The --sample_prompts file, read and checked now, so a bad line never stops a run half-way."""
     _positive("sample_every_n_steps", args.sample_every_n_steps)
     _positive("sample_every_n_epochs", args.sample_every_n_epochs)
@@ -227,7 +247,7 @@ def _check_sampling(args) -> tuple[prompts.SamplePrompt, ...]:
             if getattr(args, flag):
                 raise UserError(f"--{flag} needs --sample_prompts FILE, the prompts to sample (one per line)")
         return ()
-    return prompts.read(args.sample_prompts, args.resolution)
+    return prompts.read(args.sample_prompts, resolution)
 
 
 def _check_report_to(report_to: str, hub_token: str | None) -> str:

@@ -28,7 +28,7 @@ def captions(data: TrainSet) -> list[str]:
 
 @torch.no_grad()
 def loss(run, predict) -> float:
-    """Mean validation loss of the current LoRA; `predict(lat, noise, t, captions, mask)` is the training
+    """Mean validation loss of the current LoRA; `predict(lat, noise, t, captions, geometry, mask)` is the training
     step's per-sample loss, given the bare (un-wrapped) models. Main process only."""
     data, cache, device = run.recipe.heldout, run.heldout_cache, run.accelerator.device
     num = run.noise_scheduler.config.num_train_timesteps
@@ -40,5 +40,6 @@ def loss(run, predict) -> float:
             lat = (post.chunk(2, dim=1)[0] * run.vae_scale).repeat(TIMESTEPS, 1, 1, 1).to(device)
             noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(r)).to(device)
             mask = None if mask is None else mask.repeat(TIMESTEPS, 1, 1, 1).to(device)
-            total.append(predict(lat, noise, t, [caps[r]] * TIMESTEPS, mask))
+            geometry = torch.tensor([data.layout(r, 0, 0).geometry()]).repeat(TIMESTEPS, 1)
+            total.append(predict(lat, noise, t, [caps[r]] * TIMESTEPS, geometry, mask))
     return torch.cat(total).mean().item()

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..lora import inject
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
-from . import checkpoint, heldout, losses, samples, validation
+from . import checkpoint, conditioning, heldout, losses, samples, validation
 from .caches import Caches, all_captions, latent_mask, plan
 from .config import TrainConfig
 
@@ -71,14 +71,16 @@ class Run:
     seed: int
     settings: dict  # what a checkpoint records, so a resume can be checked against it
     weight_dtype: torch.dtype
-    tokenizer: object
+    vae_dtype: torch.dtype  # weight_dtype, except SDXL's own VAE under fp16 (it overflows): fp32
+    tokenizers: list  # one per text encoder, in conditioning order
     noise_scheduler: object
     vae: torch.nn.Module | None  # None once released after caching (CPU), reloaded to sample
     vae_scale: float
-    text_encoder: torch.nn.Module | None
+    # "text_encoder"[, "text_encoder_2"] -> the frozen encoder (None once released, or when trained: see parts)
+    text_encoders: dict[str, torch.nn.Module | None]
     caches: Caches
     cache_latents: bool
-    parts: dict[str, Component]  # "unet", and "text_encoder" with --train_text_encoder
+    parts: dict[str, Component]  # "unet", and the text encoder(s) with --train_text_encoder
     optimizer: object
     lr_scheduler: object
     sampler: StreamSampler
@@ -97,6 +99,11 @@ class Run:
     @property
     def epoch(self) -> int:
         return (self.step * self.config.gradient_accumulation_steps) // self.sampler.batches_per_epoch
+
+    def encoders(self, bare: bool = False) -> list:
+        """The text encoders in conditioning order: a trained one with its LoRA, else the frozen one."""
+        return [(self.parts[n].bare if bare else self.parts[n].module) if n in self.parts else self.text_encoders[n]
+                for n in self.text_encoders]
 
 
 def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
@@ -195,29 +202,27 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
 
     load = dict(revision=config.revision, cache_dir=config.cache_dir)
     frozen = dict(load, variant=config.variant, allow_pickle=config.allow_pickle, dtype=weight_dtype)
-    tokenizer = models.load_tokenizer(config.base, **load)
-    noise_scheduler = models.load_noise_scheduler(config.base, **load)
-    own_prediction = noise_scheduler.config.prediction_type
-    if config.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=config.prediction_type)
-    if main:  # the loss target follows the scheduler config (losses.target), as the base was trained
-        override = f"; --prediction_type {config.prediction_type} overrides its scheduler's {own_prediction}" \
-            if config.prediction_type and config.prediction_type != own_prediction else ""
-        log.info("base model: %s%s", models.describe(config.family, noise_scheduler.config.prediction_type), override)
-    text_encoder = models.load_text_encoder(config.base, **frozen).to(device).requires_grad_(False)
-    vae = models.load_vae(config.base, **frozen).to(device).requires_grad_(False)
+    names = conditioning.text_encoder_names(config.family)
+    tokenizers = [models.load_tokenizer(config.base, **load, subfolder=n.replace("text_encoder", "tokenizer"))
+                  for n in names]
+    noise_scheduler = _noise_scheduler(config, main)
+    text_encoders = {n: models.load_text_encoder(config.base, **frozen, subfolder=n).to(device).requires_grad_(False)
+                     for n in names}
+    vae, vae_dtype = _vae(config, frozen, weight_dtype)
+    vae = vae.to(device).requires_grad_(False)
     vae_scale = vae.config.scaling_factor
 
     # Encode once, then the VAE / text encoder leave the training device.
     caches, (cache_latents, cache_text, why_not) = Caches(), plan(config, recipe.data)
     if cache_latents:
-        caches.build_latents(data, seed, vae, device, weight_dtype, config.train_batch_size, main)
-    held = recipe.heldout and heldout.encode(recipe.heldout, vae, device, weight_dtype, config.train_batch_size)
+        caches.build_latents(data, seed, vae, device, vae_dtype, config.train_batch_size, main)
+    held = recipe.heldout and heldout.encode(recipe.heldout, vae, device, vae_dtype, config.train_batch_size)
     if cache_latents:
         vae = models.release(vae, device)
     if cache_text:
-        caches.build_embeds(all_captions(data) + (heldout.captions(recipe.heldout) if held else []), text_encoder,
-                            tokenizer, recipe.max_length, recipe.use_attention_mask)
+        caches.build_embeds(all_captions(data) + (heldout.captions(recipe.heldout) if held else []),
+                            lambda texts: conditioning.encode(list(text_encoders.values()), tokenizers, texts,
+                                                              recipe.max_length, recipe.use_attention_mask))
     if main:
         _log_buckets(data)
         what = [f"VAE latents of {len(caches)} images"] * cache_latents + \
@@ -227,10 +232,10 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
             log.info("validation loss on %d held-out images, %d fixed timesteps each", len(held),
                      heldout.TIMESTEPS)
     if cache_text:
-        text_encoder = models.release(text_encoder, device)
+        text_encoders = {n: models.release(te, device) for n, te in text_encoders.items()}
 
     unet = models.load_unet(config.base, **frozen).to(device)
-    parts, optimizer, lr_scheduler = _trainable(config, accelerator, unet, text_encoder, lr, max_steps)
+    parts, optimizer, lr_scheduler = _trainable(config, accelerator, unet, text_encoders, lr, max_steps)
     best = ckpt.best_val_loss if ckpt else None
     if ckpt:
         checkpoint.apply(ckpt, {k: c.bare for k, c in parts.items()}, optimizer, lr_scheduler,
@@ -252,11 +257,43 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     for c in parts.values():
         c.module.train()
     return Run(config=config, recipe=recipe, accelerator=accelerator, seed=seed, settings=settings,
-               weight_dtype=weight_dtype, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
-               vae=vae, vae_scale=vae_scale, text_encoder=None if "text_encoder" in parts else text_encoder, caches=caches,
+               weight_dtype=weight_dtype, vae_dtype=vae_dtype, tokenizers=tokenizers, noise_scheduler=noise_scheduler,
+               vae=vae, vae_scale=vae_scale, caches=caches,
+               text_encoders={n: None if n in parts else te for n, te in text_encoders.items()},
                cache_latents=cache_latents, parts=parts, optimizer=optimizer, lr_scheduler=lr_scheduler,
                sampler=sampler, batches=iter(loader), max_steps=max_steps, num_epochs=num_epochs, step=step,
                heldout_cache=held, best_val_loss=best)
+
+
+def _noise_scheduler(config: TrainConfig, main: bool):
+    """The base's noise schedule (DDPM), its prediction type overridden by --prediction_type, and rescaled to
+    zero terminal SNR with --zero_terminal_snr; logged with the base's family."""
+    sched = models.load_noise_scheduler(config.base, config.revision, config.cache_dir)
+    own = sched.config.prediction_type
+    if config.prediction_type:
+        sched.register_to_config(prediction_type=config.prediction_type)
+    if config.zero_terminal_snr:
+        sched = type(sched).from_config(sched.config, rescale_betas_zero_snr=True)
+    if main:  # the loss target follows the scheduler config (losses.target), as the base was trained
+        override = f"; --prediction_type {config.prediction_type} overrides its scheduler's {own}" \
+            if config.prediction_type and config.prediction_type != own else ""
+        log.info("base model: %s%s", models.describe(config.family, sched.config.prediction_type), override)
+        if config.zero_terminal_snr and sched.config.prediction_type != "v_prediction":
+            log.warning("--zero_terminal_snr with %s prediction: at the last timestep there is no signal left to "
+                        "predict noise from; it is meant for v-prediction (--prediction_type v_prediction)",
+                        sched.config.prediction_type)
+    return sched
+
+
+def _vae(config: TrainConfig, frozen: dict, weight_dtype):
+    """(the VAE, the dtype it encodes in): --pretrained_vae_model_name_or_path or the base's. SDXL's own VAE
+    overflows in fp16 (its config says force_upcast), so it stays fp32 there, as in diffusers' SDXL scripts."""
+    maybe_upcast = config.family == "sdxl" and weight_dtype == torch.float16
+    vae = models.load_vae(config.base, **{**frozen, "dtype": torch.float32 if maybe_upcast else weight_dtype},
+                          vae=config.pretrained_vae_model_name_or_path)
+    if maybe_upcast and not vae.config.get("force_upcast", True):  # an fp16-safe VAE (the fp16-fix one)
+        vae = vae.to(weight_dtype)
+    return vae, vae.dtype
 
 
 def _log_buckets(data: TrainSet):
@@ -317,7 +354,12 @@ def _find_checkpoint(config: TrainConfig, main: bool):
         if main:
             log.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", config.output_dir)
         return None
-    return checkpoint.read(found, ["unet"] + ["text_encoder"] * config.train_text_encoder)
+    return checkpoint.read(found, _trained(config))
+
+
+def _trained(config: TrainConfig) -> list[str]:
+    """The models a run puts LoRA on: the UNet, and with --train_text_encoder every text encoder."""
+    return ["unet"] + list(conditioning.text_encoder_names(config.family)) * config.train_text_encoder
 
 
 def _seed(config: TrainConfig, ckpt, world: int) -> int:
@@ -359,6 +401,9 @@ def run_settings(config: TrainConfig, recipe: Recipe, world: int, max_steps: int
     }
     if c.lr_scheduler in _DECAYING:
         s["max_train_steps"] = max_steps
+    for k in ("pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder"):
+        if getattr(c, k) not in (None, False):  # only when used: older checkpoints stay fully checked
+            s[k] = getattr(c, k)
     return s
 
 
@@ -374,14 +419,16 @@ def _check_resume(config: TrainConfig, ckpt, settings: dict, main: bool):
         log.warning("%s predates the settings check: %s not verified", ckpt.path, ", ".join(unknown))
 
 
-def _trainable(config: TrainConfig, accelerator, unet, text_encoder, lr: float, max_steps: int):
-    """LoRA on the UNet (and text encoder), fp32 LoRA weights, the optimizer and LR schedule, prepared."""
+def _trainable(config: TrainConfig, accelerator, unet, text_encoders: dict, lr: float, max_steps: int):
+    """LoRA on the UNet (and text encoders), fp32 LoRA weights, the optimizer and LR schedule, prepared."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
     trained = {"unet": (unet, config.target_modules)}
-    if config.train_text_encoder:
-        trained["text_encoder"] = (text_encoder, inject.TEXT_ENCODER_TARGETS)
+    for n in _trained(config)[1:]:
+        layers = text_encoders[n].config.num_hidden_layers
+        trained[n] = (text_encoders[n], inject.text_encoder_targets(
+            layers, conditioning.layers_used(n, config.family, layers)))
     configs, params = {}, {}
     for name, (model, targets) in trained.items():  # the UNet first: LoRA init draws from the seeded RNG
         configs[name] = inject.lora_config(config.rank, config.lora_alpha, list(targets), config.lora_dropout)
@@ -391,13 +438,15 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoder, lr: float, 
     cast_training_params([m for m, _ in trained.values()], dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        for name, (model, _) in trained.items():
+            if name != "unet":
+                model.gradient_checkpointing_enable()
     if config.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
-    groups = [{"params": params["unet"], "lr": lr}]
-    if "text_encoder" in params:
-        groups.append({"params": params["text_encoder"], "lr": config.text_encoder_lr or lr})
+    te_decay = config.adam_weight_decay if config.adam_weight_decay_text_encoder is None \
+        else config.adam_weight_decay_text_encoder
+    groups = [{"params": params["unet"], "lr": lr}] + [
+        {"params": params[n], "lr": config.text_encoder_lr or lr, "weight_decay": te_decay} for n in params if n != "unet"]
     kw = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
               eps=config.adam_epsilon)
     if config.use_8bit_adam:
@@ -429,14 +478,14 @@ def micro_step(run: Run, batch: dict, micro: int):
             posterior, mask = run.caches.latent_batch(batch["row_ids"][s:e].tolist())
         else:
             with torch.no_grad():
-                posterior = run.vae.encode(batch["pixel_values"][c].to(device, run.weight_dtype)).latent_dist.parameters
+                posterior = run.vae.encode(batch["pixel_values"][c].to(device, run.vae_dtype)).latent_dist.parameters
             posterior, mask = posterior.float().cpu(), batch["masks"][c]
             mask = None if mask is None else latent_mask(mask, posterior.shape[-2:])
-        per_sample.append(_denoising_loss(run, posterior, mask, batch["captions"][s:e], gen))
+        per_sample.append(_denoising_loss(run, posterior, mask, batch["captions"][s:e], batch["geometry"][s:e], gen))
     return losses.group_loss(torch.cat(per_sample), batch["groups"].to(device), run.recipe.group_weights)
 
 
-def _denoising_loss(run: Run, posterior: torch.Tensor, mask, captions: list[str], gen) -> torch.Tensor:
+def _denoising_loss(run: Run, posterior: torch.Tensor, mask, captions: list[str], geometry, gen) -> torch.Tensor:
     """Per-sample loss of rows of one size: sample a latent, noise it at a random timestep, predict."""
     device = run.accelerator.device
     # One sample of the VAE posterior (mean | logvar), as latent_dist.sample() draws it, from our generator.
@@ -449,25 +498,24 @@ def _denoising_loss(run: Run, posterior: torch.Tensor, mask, captions: list[str]
     noise = noise.to(device)
     sched = run.noise_scheduler
     t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=gen).to(device)
-    return _predict_loss(run, lat, noise, t, captions, None if mask is None else mask.to(device))
+    return _predict_loss(run, lat, noise, t, captions, geometry, None if mask is None else mask.to(device))
 
 
-def _predict_loss(run: Run, lat, noise, t, captions: list[str], mask, bare: bool = False) -> torch.Tensor:
-    """The UNet's per-sample loss on `lat` noised with `noise` at timesteps `t`. `bare`: the models without
-    their DDP wrapper (the held-out loss runs on the main process alone)."""
-    device, sched = run.accelerator.device, run.noise_scheduler
+def _predict_loss(run: Run, lat, noise, t, captions: list[str], geometry, mask, bare: bool = False) -> torch.Tensor:
+    """The UNet's per-sample loss on `lat` noised with `noise` at timesteps `t`; `geometry`: each row's size
+    and crop (SDXL's time ids). `bare`: the models without their DDP wrapper (the held-out loss runs on the
+    main process alone)."""
+    device, sched, dtype = run.accelerator.device, run.noise_scheduler, run.weight_dtype
     noisy = sched.add_noise(lat, noise, t)
     if run.caches.embeds is not None:
-        emb = run.caches.embeddings(captions).to(device)
+        text = run.caches.embeddings(captions)
     else:
-        te = run.text_encoder
-        if "text_encoder" in run.parts:
-            te = run.parts["text_encoder"].bare if bare else run.parts["text_encoder"].module
-        emb = models.encode_prompts(te, run.tokenizer, captions, run.recipe.max_length,
-                                    run.recipe.use_attention_mask)
+        text = conditioning.encode(run.encoders(bare), run.tokenizers, captions, run.recipe.max_length,
+                                   run.recipe.use_attention_mask)
     unet = run.parts["unet"].bare if bare else run.parts["unet"].module
     with run.accelerator.autocast():
-        pred = unet(noisy.to(run.weight_dtype), t, emb.to(run.weight_dtype), return_dict=False)[0]
+        pred = unet(noisy.to(dtype), t, text.embeds.to(device, dtype), return_dict=False,
+                    **conditioning.unet_kwargs(text, geometry, device, dtype))[0]
     return losses.per_sample_loss(pred, losses.target(sched, lat, noise, t), sched, t, run.config.snr_gamma, mask)
 
 

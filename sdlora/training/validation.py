@@ -31,23 +31,27 @@ def sampling(run):
     c, device = run.config, run.accelerator.device
     frozen = dict(revision=c.revision, variant=c.variant, cache_dir=c.cache_dir, allow_pickle=c.allow_pickle,
                   dtype=run.weight_dtype)
-    # Caching may have released the VAE / text encoder (dropped on CPU, parked in RAM on GPU): bring them back.
-    vae = (run.vae or models.load_vae(c.base, **frozen)).to(device)
-    trained_te = "text_encoder" in run.parts
-    te = run.parts["text_encoder"].bare if trained_te else (run.text_encoder or models.load_text_encoder(c.base, **frozen)).to(device)
+    # Caching may have released the VAE / text encoders (dropped on CPU, parked in RAM on GPU): bring them back.
+    vae = (run.vae or models.load_vae(c.base, **{**frozen, "dtype": run.vae_dtype},
+                                      vae=c.pretrained_vae_model_name_or_path)).to(device)
+    frozen_tes = {n: (te or models.load_text_encoder(c.base, **frozen, subfolder=n)).to(device)
+                  for n, te in run.text_encoders.items() if n not in run.parts}
+    tes = [run.parts[n].bare if n in run.parts else frozen_tes[n] for n in run.text_encoders]
     encode = None
-    if run.recipe.max_length or run.recipe.use_attention_mask:  # condition exactly as in training
+    if run.recipe.max_length or run.recipe.use_attention_mask:  # condition exactly as in training (SD 1.x/2.x only)
         def encode(texts):
-            return models.encode_prompts(te, run.tokenizer, texts, run.recipe.max_length, run.recipe.use_attention_mask)
-    pipe = pipeline.assemble(run.parts["unet"].bare, vae, te, run.tokenizer, run.noise_scheduler.config)
+            return models.encode_prompts(tes[0], run.tokenizers[0], texts, run.recipe.max_length,
+                                         run.recipe.use_attention_mask)
+    xl = dict(text_encoder_2=tes[1], tokenizer_2=run.tokenizers[1]) if len(tes) > 1 else {}
+    pipe = pipeline.assemble(run.parts["unet"].bare, vae, tes[0], run.tokenizers[0], run.noise_scheduler.config, **xl)
     try:
         with eval_mode(run), run.accelerator.autocast():
             yield pipe, encode
     finally:
         # Send the helpers back where caching put them.
         run.vae = models.release(vae, device) if run.cache_latents else vae
-        if not trained_te:
-            run.text_encoder = models.release(te, device) if run.caches.embeds is not None else te
+        for n, te in frozen_tes.items():
+            run.text_encoders[n] = models.release(te, device) if run.caches.embeds is not None else te
 
 
 def validate(run) -> list[dict]:
