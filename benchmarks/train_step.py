@@ -9,6 +9,7 @@ Each runs in its own process so peak memory (RSS on CPU, torch.cuda.max_memory_a
 GPU) is its own. Times are the median of --steps after --warmup. Prints JSON.
 
     python benchmarks/train_step.py --arch sd15 --resolution 256 --batch 1
+    python benchmarks/train_step.py --arch sdxl --resolution 256 --precision bf16   # ~8 GB RAM, 15 GB disk
 """
 from __future__ import annotations
 
@@ -36,11 +37,21 @@ def _peak_mb(device) -> float:
 
 
 def _unet_inputs(unet, a, device):
-    lat = a.resolution // 8
+    """Latents, timesteps, text embeddings and (SDXL) the added conditioning at the training shape."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.load_config(a.model, subfolder="vae")
+    lat = a.resolution // 2 ** (len(vae["block_out_channels"]) - 1)
     latents = torch.randn(a.batch, 4, lat, lat, device=device)
     t = torch.randint(0, 1000, (a.batch,), device=device)
     emb = torch.randn(a.batch, 77, unet.config.cross_attention_dim, device=device)
-    return latents, t, emb
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":  # pooled text + 6 size/crop ids, as the trainer passes
+        c = unet.config
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        ids = torch.tensor([[a.resolution, a.resolution, 0, 0, a.resolution, a.resolution]] * a.batch, device=device)
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(a.batch, pooled, device=device), "time_ids": ids}}
+    return latents, t, emb, extra
 
 
 def measure_reference(a, kind: str) -> dict:
@@ -52,14 +63,16 @@ def measure_reference(a, kind: str) -> dict:
     unet = models.load_unet(a.model, dtype=dtype).to(device)
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    latents, t, emb = _unet_inputs(unet, a, device)
+    latents, t, emb, extra = _unet_inputs(unet, a, device)
+    if extra:
+        extra["added_cond_kwargs"] = {k: v.to(dtype) for k, v in extra["added_cond_kwargs"].items()}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=a.precision != "no")
     if kind == "forward":
         unet.requires_grad_(False)
 
         def step():
             with torch.no_grad(), autocast:
-                unet(latents.to(dtype), t, emb.to(dtype)).sample
+                unet(latents.to(dtype), t, emb.to(dtype), **extra).sample
     else:
         params = lora.add_lora(unet, lora.lora_config(a.rank, None, lora.UNET_TARGETS))
         for p in params:
@@ -69,7 +82,7 @@ def measure_reference(a, kind: str) -> dict:
 
         def step():
             with autocast:
-                pred = unet(latents.to(dtype), t, emb.to(dtype)).sample
+                pred = unet(latents.to(dtype), t, emb.to(dtype), **extra).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target)
             loss.backward()
             opt.step()
@@ -113,9 +126,9 @@ def measure_trainer(a) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="tiny", choices=["tiny", "sd15"])
+    p.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sdxl-tiny", "sdxl"])
     p.add_argument("--model", default=None, help="an existing pipeline folder instead of building --arch")
-    p.add_argument("--resolution", type=int, default=None, help="default: 32 for tiny, 256 for sd15")
+    p.add_argument("--resolution", type=int, default=None, help="default: 32 for tiny, 64 for sdxl-tiny, 256 else")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--rank", type=int, default=4)
@@ -128,7 +141,7 @@ def main():
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    a.resolution = a.resolution or (32 if a.arch == "tiny" else 256)
+    a.resolution = a.resolution or {"tiny": 32, "sdxl-tiny": 64}.get(a.arch, 256)
     a.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     if a.only:  # child process: one measurement

@@ -156,7 +156,8 @@ real, seen = losses.target, []
 def spy(sched, latents, noise, t):
     out = real(sched, latents, noise, t)
     seen.append({"prediction_type": sched.config.prediction_type, "noise": bool(torch.equal(out, noise)),
-                 "velocity": bool(torch.allclose(out, sched.get_velocity(latents, noise, t)))})
+                 "velocity": bool(torch.allclose(out, sched.get_velocity(latents, noise, t))),
+                 "terminal_alpha": float(sched.alphas_cumprod[-1])})
     return out
 losses.target = spy
 script, record = sys.argv[1], sys.argv[2]
@@ -188,8 +189,10 @@ def test_sd2_v_prediction_trains_on_the_velocity_and_loads_in_diffusers(sd2_mode
     data = make_images(tmp_path / "d", n=4)
     out = tmp_path / "o"
     r, seen = _spied_run(tmp_path, fast_flags(sd2_model, out, train_data_dir=data, max_train_steps=4))
-    assert len(seen) == 4 and all(s == {"prediction_type": "v_prediction", "noise": False, "velocity": True}
+    assert len(seen) == 4 and all({**s, "terminal_alpha": None} == {"prediction_type": "v_prediction", "noise": False,
+                                                                    "velocity": True, "terminal_alpha": None}
                                   for s in seen), seen
+    assert all(s["terminal_alpha"] > 1e-3 for s in seen)  # SD 2.x's own schedule keeps some signal at t = 999
     assert r.stderr.count("base model: SD 2.x (v-prediction)") == 1
     _, meta = read_lora(out / "pytorch_lora_weights.safetensors")
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
@@ -211,6 +214,23 @@ def test_sd2_v_prediction_trains_on_the_velocity_and_loads_in_diffusers(sd2_mode
     assert np.abs(_generate(pipe) - before).max() > 1e-4, "the SD2 LoRA did not change the images"
     pipe.unload_lora_weights()
     assert np.array_equal(_generate(pipe), before)
+
+
+def test_zero_terminal_snr_rescales_the_schedule_the_loss_uses(sd2_model, tiny_model, tmp_path):
+    data = make_images(tmp_path / "d", n=2)
+    out = tmp_path / "o"
+    r, seen = _spied_run(tmp_path, fast_flags(sd2_model, out, train_data_dir=data, max_train_steps=2,
+                                              zero_terminal_snr=True))
+    # diffusers' rescale_betas_zero_snr: no signal left at the last timestep (2^-24, not 0, to keep it finite)
+    assert seen and all(s["velocity"] and s["terminal_alpha"] < 1e-6 for s in seen), seen
+    assert "--zero_terminal_snr with" not in r.stderr
+    _, meta = read_lora(out / "pytorch_lora_weights.safetensors")
+    assert meta["ss_zero_terminal_snr"] == "True"
+    assert "| zero terminal SNR | True |" in (out / "README.md").read_text()
+    r = subprocess.run([sys.executable, str(T2I), *fast_flags(tiny_model, tmp_path / "eps", train_data_dir=data,
+                                                               max_train_steps=1, zero_terminal_snr=True)],
+                       capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0 and "--zero_terminal_snr with epsilon prediction" in r.stderr
 
 
 def test_prediction_type_flag_overrides_the_scheduler(sd2_model, tmp_path):

@@ -40,6 +40,7 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
         "aspect-ratio buckets": info.get("buckets"), "masked loss": info.get("masked_loss"),
         "caption operations": info.get("caption_ops"), "repeat folders": info.get("repeat_folders") or None,
         "lowest validation loss": info.get("best_val_loss"),
+        "VAE": info.get("vae"), "zero terminal SNR": info.get("zero_terminal_snr"),
         **(settings_extra or {}),
     }
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items() if v is not None)

@@ -44,6 +44,8 @@ def header(info: dict) -> dict[str, str]:
         {info.get("dataset") or "": {"n_repeats": info.get("repeats", 1), "img_count": info.get("num_images")}},
         "ss_num_train_images": info.get("num_images"),
         "ss_training_comment": info.get("kind"),
+        "ss_vae_name": info.get("vae"),  # kohya's: a VAE trained with instead of the base's
+        "ss_zero_terminal_snr": "True" if info.get("zero_terminal_snr") else None,
         "sdlora_version": __version__,
         "sdlora_target_modules": ",".join(info["target_modules"]),
         "sdlora_train_text_encoder": info.get("train_text_encoder", False),

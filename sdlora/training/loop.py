@@ -581,6 +581,11 @@ def save_checkpoint(run: Run):
         log.info("saved %s", path)
 
 
+def _public_name(model: str) -> str:
+    """A Hub id as given; a local folder by its name (a card or header must not carry a local path)."""
+    return Path(model).expanduser().resolve().name if Path(model).expanduser().exists() else model
+
+
 def save_final(run: Run) -> Path:
     """The LoRA files (diffusers', and kohya's for ComfyUI/A1111), their header and the model card (main process)."""
     c, recipe = run.config, run.recipe
@@ -612,6 +617,8 @@ def save_final(run: Run) -> Path:
         "caption_ops": recipe.data.caption_ops.describe() if recipe.data.caption_ops else None,
         "dataset_dirs": _dataset_dirs(recipe),
         "repeat_folders": repeated and f"{repeated} images in N_name folders ({len(recipe.data)} examples per epoch)",
+        "vae": c.pretrained_vae_model_name_or_path and _public_name(c.pretrained_vae_model_name_or_path),
+        "zero_terminal_snr": c.zero_terminal_snr or None,
         "best_val_loss": (f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
                           f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
     }
