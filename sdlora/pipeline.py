@@ -173,8 +173,7 @@ def _peft_dict(lora: formats.Lora, dtype) -> dict:
 
 
 def base_family(pipe) -> str:
-    cfg = pipe.unet.config
-    return formats.unet_family(cfg.cross_attention_dim, cfg.get("addition_embed_type"))
+    return formats.unet_family(pipe.unet.config, type(pipe).__name__)
 
 
 def check_fits(pipe, lora: formats.Lora):

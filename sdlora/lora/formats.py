@@ -566,26 +566,70 @@ def live_path(comp: str, path: str) -> str:
 
 # ---------------------------------------------------------------- description
 
+# The cross-attention width of each family's real checkpoints: CLIP ViT-L, OpenCLIP ViT-H, and SDXL's two
+# encoders side by side. Any other width (tiny test models) is named in messages.
+_WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
+
+
+def unet_family(unet_config, pipeline_class: str | None = None) -> str:
+    """How messages and `inspect` name a base's family (models.family_of, models.FAMILIES): "SD 1.x", "SDXL", and
+    "SD 1.x (cross-attention dim 32)" for widths no real checkpoint of the family has."""
+    from ..models import family_of
+
+    return _family_name(family_of(unet_config, pipeline_class), unet_config.get("cross_attention_dim"))
+
+
 def family(lora: Lora) -> str:
-    """Architecture family a LoRA was made for, from its keys and shapes."""
-    names = list(lora.modules)
-    if any(n.startswith("text_encoder_2.") or re.search(r"\.(input_blocks|output_blocks|middle_block|add_embedding)", n)
-           for n in names):
-        return "SDXL"
-    for n, m in lora.modules.items():
-        if n.startswith("unet.") and re.search(r"attn2\.to_[kv]$", n):
-            return unet_family(m.down.shape[1])
-    for n, m in lora.modules.items():
-        if n.startswith("text_encoder.") and n.endswith(("q_proj", "k_proj", "v_proj", "fc1")):
-            return {768: "SD1.x", 1024: "SD2.x"}.get(m.down.shape[1], f"SD-like (text hidden size {m.down.shape[1]})")
-    return lora.metadata.get("ss_base_model_version") or "unknown"
+    """The family a LoRA was made for, named as `unet_family` names bases; "unknown" when nothing tells."""
+    key, dim = _lora_family(lora)
+    return _family_name(key, dim) if key else "unknown"
 
 
-def unet_family(cross_attention_dim: int, addition_embed_type=None) -> str:
-    if addition_embed_type == "text_time":
-        return "SDXL"
-    known = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-    return known.get(cross_attention_dim, f"SD-like (cross-attention dim {cross_attention_dim})")
+def _family_name(key: str, dim: int | None) -> str:
+    from ..models import FAMILIES
+
+    return FAMILIES[key] if dim in (None, _WIDTHS[key]) else f"{FAMILIES[key]} (cross-attention dim {dim})"
+
+
+def _lora_family(lora: Lora) -> tuple[str | None, int | None]:
+    """(models.family_of key or None, cross-attention width or None) of the base a LoRA was made for: from its
+    UNet layers, else its text-encoder width, else kohya's ss_base_model_version header."""
+    from ..models import family_of
+
+    config = _unet_config(lora)
+    if config:
+        return family_of(config), config["cross_attention_dim"]
+    key = {768: "sd1", 1024: "sd2"}.get(_in_width(lora, r"text_encoder\..*(q_proj|k_proj|v_proj|fc1)"))
+    return key or _metadata_family(lora.metadata), None
+
+
+# Layers only SDXL has: a second text encoder, the UNet's added-conditioning MLP, transformer depth > 1, and
+# original-UNet names.
+_XL_LAYERS = (r"(text_encoder_2\.|unet\.(add_embedding\.|.*\.transformer_blocks\.[1-9]"
+              r"|(input_blocks|output_blocks|middle_block)\.))")
+
+
+def _unet_config(lora: Lora) -> dict:
+    """What a LoRA's layers tell of the UNet config it was made for, as models.family_of reads one; {} if nothing."""
+    dim = _in_width(lora, r"unet\..*\.attn2\.to_[kv]")
+    xl = (dim == _WIDTHS["sdxl"] or _metadata_family(lora.metadata) == "sdxl"
+          or any(re.match(_XL_LAYERS, n) for n in lora.modules))
+    if dim is None and not xl:
+        return {}
+    linear = any(re.match(r"unet\..*\.proj_(in|out)$", n) and m.down.dim() == 2 for n, m in lora.modules.items())
+    return {"cross_attention_dim": dim, "use_linear_projection": linear,
+            "addition_embed_type": "text_time" if xl else None}
+
+
+def _in_width(lora: Lora, pattern: str) -> int | None:
+    """The input width of the first layer whose name matches `pattern`, or None."""
+    return next((m.down.shape[1] for n, m in lora.modules.items() if re.match(pattern + "$", n)), None)
+
+
+def _metadata_family(metadata: dict) -> str | None:
+    """kohya's ss_base_model_version (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0) as a family key."""
+    version = str(metadata.get("ss_base_model_version") or "")
+    return next((k for p, k in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")) if version.startswith(p)), None)
 
 
 def with_modules(lora: Lora, modules: dict[str, Module], **changes) -> Lora:
