@@ -159,14 +159,13 @@ def _adapter_name(source: str, taken) -> str:
 
 
 def _peft_dict(lora: formats.Lora, dtype) -> dict:
-    """Keys diffusers loads as-is; alpha/rank is folded into B so the adapter's own scale is 1.
-    Text-encoder keys use diffusers' `lora_linear_layer` spelling: its text-encoder path cannot infer
-    the type of lora_A/lora_B keys when no attention projection is among them (e.g. mlp-only LoRAs)."""
+    """Keys diffusers loads as-is (formats.diffusers_keys); alpha/rank is folded into B so the adapter's own
+    scale is 1."""
     out = {}
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
         key = f"{comp}.{formats.live_path(comp, path)}"
-        a, b = ("lora_A", "lora_B") if comp == "unet" else ("lora_linear_layer.down", "lora_linear_layer.up")
+        a, b = formats.diffusers_keys(comp)
         out[f"{key}.{a}.weight"] = m.down.to(dtype)
         out[f"{key}.{b}.weight"] = (m.up.float() * (m.alpha / m.rank)).to(dtype)
     return out

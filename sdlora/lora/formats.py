@@ -31,6 +31,9 @@ PICKLE_BASE_HINT = ("if it has only pickle (.bin) weights, which can run code, p
 # What a training run writes (diffusers' name, so load_lora_weights(dir) finds it), and peft's name.
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 WEIGHT_NAMES = (WEIGHTS_NAME, "adapter_model.safetensors")
+# The text encoders of SD pipelines and their transformers classes (SDXL's second one projects its pooled output).
+TEXT_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+TEXT_ENCODERS = tuple(TEXT_CLASSES)
 _KOHYA_PREFIX = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 # Module-name words that contain "_": kohya flattens every "." to "_", so these are glued back.
 _COMPOUNDS = sorted("""down_blocks up_blocks mid_block transformer_blocks to_q to_k to_v to_out proj_in proj_out
@@ -74,10 +77,11 @@ def load_lora(source, allow_pickle: bool = False) -> Lora:
     Every malformed file is a one-line UserError naming it (and the layer), raised before anything is used."""
     path = resolve_file(source)
     lora = _load_file(path, allow_pickle)
-    te = path.parent / "text_encoder" / "adapter_model.safetensors"
-    if te.is_file():  # peft folder, TE part (one level only: a symlink loop cannot recurse)
-        part = _load_file(te, allow_pickle)
-        lora.modules.update({canonical("text_encoder", k.split(".", 1)[1]): m for k, m in part.modules.items()})
+    for comp in TEXT_ENCODERS:  # peft folder: each text encoder's part in its subfolder (one level only)
+        te = path.parent / comp / "adapter_model.safetensors"
+        if te.is_file():
+            part = _load_file(te, allow_pickle)
+            lora.modules.update({canonical(comp, k.split(".", 1)[1]): m for k, m in part.modules.items()})
     lora.base_model = base_model_of(path.parent / "README.md") or _metadata_base_model(lora.metadata)
     return lora
 
@@ -337,8 +341,8 @@ def _peft_pairs(tensors, source):
 def canonical(comp: str, path: str) -> str:
     """'<comp>.<path>' with the classic CLIP spelling `text_model.…`, which files are written in whatever
     transformers is installed (transformers >= 5 dropped the `text_model` level from the live module tree)."""
-    if comp.startswith("text_encoder") and not path.startswith("text_model."):
-        path = "text_model." + path
+    if comp.startswith("text_encoder") and not path.startswith(("text_model.", "text_projection")):
+        path = "text_model." + path  # text_projection sits beside text_model (SDXL's second encoder)
     return f"{comp}.{path}"
 
 
@@ -505,12 +509,20 @@ def _to_diffusers(lora):
     tensors, packed = {}, {}
     for comp in lora.components():
         mods = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(comp + ".")}
+        down, up = diffusers_keys(comp)
         for p, m in mods.items():
-            tensors[f"{comp}.{p}.lora_A.weight"] = m.down
-            tensors[f"{comp}.{p}.lora_B.weight"] = m.up
+            tensors[f"{comp}.{p}.{down}.weight"] = m.down
+            tensors[f"{comp}.{p}.{up}.weight"] = m.up
         cfg = peft_config_dict({_config_path(comp, p): m for p, m in mods.items()})
         packed.update({f"{comp}.{k}": v for k, v in cfg.items()})
     return tensors, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)}
+
+
+def diffusers_keys(comp: str) -> tuple[str, str]:
+    """The down/up key names diffusers' `load_lora_weights` reads for a component: peft's lora_A/lora_B for the
+    UNet, its own lora_linear_layer.down/up for text encoders (its text-encoder path cannot infer the type of
+    lora_A/lora_B keys when no attention projection is among them, e.g. mlp-only LoRAs)."""
+    return ("lora_A", "lora_B") if comp == "unet" else ("lora_linear_layer.down", "lora_linear_layer.up")
 
 
 def peft_config_dict(mods: dict[str, Module]) -> dict:
@@ -548,18 +560,19 @@ def _save_peft(lora, out: Path, meta, cast) -> Path:
     return first
 
 
-@lru_cache(maxsize=1)
-def _clip_has_text_model() -> bool:
-    from transformers import CLIPTextConfig, CLIPTextModel
+@lru_cache(maxsize=None)
+def _clip_has_text_model(cls_name: str) -> bool:
+    import transformers
 
-    tiny = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1, vocab_size=8,
-                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return hasattr(CLIPTextModel(tiny), "text_model")
+    tiny = transformers.CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1,
+                                       vocab_size=8, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=8)
+    return hasattr(getattr(transformers, cls_name)(tiny), "text_model")
 
 
 def live_path(comp: str, path: str) -> str:
-    """The module path in the installed library (transformers>=5 CLIP has no `text_model` level)."""
-    if comp.startswith("text_encoder") and path.startswith("text_model.") and not _clip_has_text_model():
+    """The module path in the installed library: transformers>=5's CLIPTextModel has no `text_model` level
+    (its CLIPTextModelWithProjection, SDXL's text_encoder_2, keeps it)."""
+    if comp in TEXT_CLASSES and path.startswith("text_model.") and not _clip_has_text_model(TEXT_CLASSES[comp]):
         return path[len("text_model."):]
     return path
 
