@@ -3,7 +3,8 @@
 In memory a LoRA is ``{"<component>.<path>": Module(down, up, alpha)}`` where component is
 ``unet``, ``text_encoder`` or ``text_encoder_2`` and path is the diffusers module path. Text-encoder
 paths use the classic ``text_model.…`` spelling that every file in the wild uses; `live_path`
-maps them onto the installed transformers' module tree. A module's weight change is
+maps them onto the installed transformers' module tree. kohya files of SDXL name UNet layers as
+kohya's sd-scripts do, by the original (SGM) UNet (`_sgm_pairs`). A module's weight change is
 ``up @ down * alpha / rank`` (conv: ``down`` holds the kernel, ``up`` is 1×1, as in kohya LoCon).
 """
 from __future__ import annotations
@@ -297,8 +298,15 @@ def _kohya_pairs(tensors, source):
             raise UserError(f"{source}: unsupported kohya key {_show(k)} (LoHa/LoKr/DoRA are not supported); "
                             "expected .lora_down.weight, .lora_up.weight and .alpha")
         if m.group(3) != "alpha":
-            _add(pairs, f"{_KOHYA_PREFIX[m.group(1)]}.{unmangle(m.group(2))}", m.group(3) == "lora_up.weight", t, k, source)
+            _add(pairs, _kohya_name(m.group(1), m.group(2)), m.group(3) == "lora_up.weight", t, k, source)
     return pairs
+
+
+def _kohya_name(prefix: str, body: str) -> str:
+    """kohya ('lora_te2', 'text_model_encoder_layers_0_mlp_fc1') -> 'text_encoder_2.text_model.encoder.layers.0.mlp.fc1'.
+    SDXL UNet layers in kohya's original-UNet names (input_blocks_…) get diffusers' names (down_blocks.…)."""
+    comp, path = _KOHYA_PREFIX[prefix], unmangle(body)
+    return f"{comp}.{_swap_prefix(path, _sgm_pairs()) if comp == 'unet' else path}"
 
 
 def unmangle(name: str) -> str:
@@ -307,6 +315,40 @@ def unmangle(name: str) -> str:
     for word in _COMPOUNDS:
         s = s.replace(word.replace("_", "."), word)
     return s
+
+
+@lru_cache(maxsize=1)
+def _sgm_pairs() -> tuple[tuple[str, str], ...]:
+    """(original-UNet prefix, diffusers prefix) for every Linear/Conv2d of SDXL's UNet. kohya's sd-scripts train
+    SDXL on the original (SGM) UNet, so its SDXL files name layers `input_blocks.4.1.…` where diffusers says
+    `down_blocks.1.attentions.0.…` (sd-scripts' library/sdxl_model_util.make_unet_conversion_map): two
+    resnets and attentions then a downsampler per down block, three and an upsampler per up block."""
+    resnet = (("in_layers.2.", "conv1."), ("out_layers.3.", "conv2."), ("emb_layers.1.", "time_emb_proj."),
+              ("skip_connection.", "conv_shortcut."))
+    resnets = [("middle_block.0.", "mid_block.resnets.0."), ("middle_block.2.", "mid_block.resnets.1.")]
+    pairs = [("input_blocks.0.0.", "conv_in."), ("out.2.", "conv_out."), ("middle_block.1.", "mid_block.attentions.0."),
+             ("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+             ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
+    for b in range(3):  # SDXL's three levels (the tiny stand-in uses the first two)
+        for j in range(2):
+            resnets.append((f"input_blocks.{3 * b + j + 1}.0.", f"down_blocks.{b}.resnets.{j}."))
+            pairs.append((f"input_blocks.{3 * b + j + 1}.1.", f"down_blocks.{b}.attentions.{j}."))
+        pairs.append((f"input_blocks.{3 * b + 3}.0.op.", f"down_blocks.{b}.downsamplers.0.conv."))
+        for j in range(3):
+            resnets.append((f"output_blocks.{3 * b + j}.0.", f"up_blocks.{b}.resnets.{j}."))
+            pairs.append((f"output_blocks.{3 * b + j}.1.", f"up_blocks.{b}.attentions.{j}."))
+        pairs.append((f"output_blocks.{3 * b + 2}.2.", f"up_blocks.{b}.upsamplers.0."))
+    return tuple(pairs + [(s + rs, d + rd) for s, d in resnets for rs, rd in resnet])
+
+
+def _swap_prefix(path: str, pairs, reverse: bool = False) -> str:
+    """`path` with the first of `pairs`' (old, new) prefixes it starts with replaced by the other (new, old
+    if `reverse`); each prefix names whole modules."""
+    for old, new in pairs:
+        old, new = (new, old) if reverse else (old, new)
+        if (path + ".").startswith(old):
+            return (new + (path + ".")[len(old):])[:-1]
+    return path
 
 
 _OLD_DIFFUSERS = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
@@ -364,7 +406,7 @@ def _alphas(fmt, tensors, metadata, peft_config, source="<memory>"):
                 if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
                     raise UserError(f"{source}: alpha {_show(k)} has shape {list(t.shape)} and dtype "
                                     f"{str(t.dtype).replace('torch.', '')}; expected one number")
-                table[f"{_KOHYA_PREFIX[m.group(1)]}.{unmangle(m.group(2))}"] = _positive(
+                table[_kohya_name(m.group(1), m.group(2))] = _positive(
                     t.float().item(), f"alpha {_show(k)}", source)
         return lambda name, r: table.get(name, float(r))
     configs, what = {}, "lora_adapter_metadata header"
@@ -459,10 +501,11 @@ def _to_kohya(lora):
     # attention layers, so other layers' scale is folded into `up` instead. The product is unchanged.
     common = collections.Counter(m.alpha for m in lora.modules.values()).most_common(1)[0][0]
     prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if _has_te2(lora) else "lora_te_", "text_encoder_2": "lora_te2_"}
+    unet = _kohya_unet_paths(lora)
     out = {}
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
-        key = prefix[comp] + path.replace(".", "_")
+        key = prefix[comp] + (unet[path] if comp == "unet" else path).replace(".", "_")
         out[key + ".lora_down.weight"] = m.down
         out[key + ".lora_up.weight"] = m.up if m.alpha == common else (m.up.float() * (m.alpha / common)).to(m.up.dtype)
         out[key + ".alpha"] = torch.tensor(float(common))
@@ -475,6 +518,18 @@ def _to_kohya(lora):
 
 
 _PADDING_KEY = "sdlora_zero_modules"
+
+
+def _kohya_unet_paths(lora) -> dict[str, str]:
+    """{diffusers path: the path kohya names it by} for the UNet layers: SDXL's in the original-UNet names kohya's
+    sd-scripts use, when every layer has one (diffusers' loader drops the original names from a file that mixes
+    both spellings); other families' (and any other SDXL file's) unchanged."""
+    paths = [n.split(".", 1)[1] for n in lora.modules if n.startswith("unet.")]
+    if _lora_family(lora)[0] == "sdxl":
+        sgm = {p: _swap_prefix(p, _sgm_pairs(), reverse=True) for p in paths}
+        if all(sgm[p] != p for p in paths):
+            return sgm
+    return {p: p for p in paths}
 
 
 def _pad_text_encoder(lora, out, prefix, alpha) -> list[str]:
