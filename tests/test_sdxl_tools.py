@@ -158,6 +158,10 @@ def test_sdxl_kohya_names_are_kohyas_original_unet_names(tmp_path):
     assert {k.split(".")[0] for k in load_file(file)} == set(KOHYA_XL.values())
     back = formats.load_lora(file)
     assert sorted(back.modules) == sorted(KOHYA_XL) and formats.family(back) == formats.family(lora) == "SDXL"
+    # without a second text encoder the first is still kohya's SDXL lora_te1_ (A1111 reads SDXL's only so)
+    no_te2 = Lora({n: m for n, m in mods.items() if not n.startswith("text_encoder_2.")})
+    keys = load_file(formats.save_lora(no_te2, tmp_path / "k1.safetensors", "kohya"))
+    assert {k.split(".")[0] for k in keys} == {v for n, v in KOHYA_XL.items() if n in no_te2.modules}
 
 
 @contextlib.contextmanager

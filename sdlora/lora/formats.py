@@ -500,8 +500,9 @@ def _to_kohya(lora):
     # One alpha for the whole file (the most common): diffusers' kohya loader ignores per-layer alphas of
     # attention layers, so other layers' scale is folded into `up` instead. The product is unchanged.
     common = collections.Counter(m.alpha for m in lora.modules.values()).most_common(1)[0][0]
-    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if _has_te2(lora) else "lora_te_", "text_encoder_2": "lora_te2_"}
-    unet = _kohya_unet_paths(lora)
+    xl = _lora_family(lora)[0] == "sdxl"  # kohya names SDXL's first text encoder lora_te1_, with or without the second
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    unet = _kohya_unet_paths(lora, xl)
     out = {}
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
@@ -520,12 +521,12 @@ def _to_kohya(lora):
 _PADDING_KEY = "sdlora_zero_modules"
 
 
-def _kohya_unet_paths(lora) -> dict[str, str]:
-    """{diffusers path: the path kohya names it by} for the UNet layers: SDXL's in the original-UNet names kohya's
-    sd-scripts use, when every layer has one (diffusers' loader drops the original names from a file that mixes
-    both spellings); other families' (and any other SDXL file's) unchanged."""
+def _kohya_unet_paths(lora, xl: bool) -> dict[str, str]:
+    """{diffusers path: the path kohya names it by} for the UNet layers: an SDXL LoRA's in the original-UNet names
+    kohya's sd-scripts use, when every layer has one (diffusers' loader drops the original names from a file that
+    mixes both spellings); other families' (and any other SDXL file's) unchanged."""
     paths = [n.split(".", 1)[1] for n in lora.modules if n.startswith("unet.")]
-    if _lora_family(lora)[0] == "sdxl":
+    if xl:
         sgm = {p: _swap_prefix(p, _sgm_pairs(), reverse=True) for p in paths}
         if all(sgm[p] != p for p in paths):
             return sgm
@@ -554,10 +555,6 @@ def _pad_text_encoder(lora, out, prefix, alpha) -> list[str]:
         out[key + ".alpha"] = torch.tensor(float(alpha))
         padded.append(f"{comp}.{name}")
     return padded
-
-
-def _has_te2(lora):
-    return any(k.startswith("text_encoder_2.") for k in lora.modules)
 
 
 def _to_diffusers(lora):
