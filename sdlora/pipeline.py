@@ -1,4 +1,5 @@
-"""Inference: an unmodified StableDiffusionPipeline with DPM++ and LoRAs stacked through diffusers/peft.
+"""Inference: an unmodified StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL bases) with DPM++ and
+LoRAs stacked through diffusers/peft.
 
 sdlora reads and checks each LoRA itself (any format, shapes against the base) and hands diffusers'
 `load_lora_weights` a plain peft-keyed dict with alpha/rank folded into B, so every format lands
@@ -16,7 +17,9 @@ from .lora import formats
 from .models import torch_dtype
 
 SCHEDULERS = {"dpm++": {}, "dpm++-karras": {"use_karras_sigmas": True}, "keep": None}
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", *formats.TEXT_ENCODERS)
+# The diffusers pipeline class of each base family (models.family_of); the rest load as StableDiffusionPipeline.
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline"}
 
 
 def parse_spec(spec) -> tuple[str, float]:
@@ -35,7 +38,7 @@ def parse_spec(spec) -> tuple[str, float]:
 
 def load_pipeline(loras=(), base=None, scheduler: str = "dpm++", device=None, dtype=None,
                   allow_pickle: bool = False):
-    """A StableDiffusionPipeline from `base` (or the first LoRA's card/metadata) with `loras` stacked.
+    """A StableDiffusion(XL)Pipeline from `base` (or the first LoRA's card/metadata) with `loras` stacked.
 
     loras: paths/Hub ids, 'path:weight' strings or (path, weight) pairs; each becomes a named adapter.
     """
@@ -72,19 +75,21 @@ def _dtype(dtype, device):
 
 
 def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, variant=None, cache_dir=None, **kw):
-    """The base pipeline from safetensors weights; pickle (.bin) weights only with allow_pickle, as in training.
-    `kw` goes to `from_pretrained` (e.g. safety_checker=None)."""
+    """The base pipeline (the family's class, see `PIPELINES`) from safetensors weights; pickle (.bin) weights
+    only with allow_pickle, as in training. `kw` goes to `from_pretrained` (e.g. safety_checker=None)."""
     from .logs import silence_noise
 
     silence_noise()  # before diffusers' pipelines import transformers' image processors
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
-    from .models import resolve_base
+    from .models import base_configs, family_of, resolve_base
 
     base = resolve_base(str(base), revision, cache_dir, flag="base model")  # short names such as sdlora-tiny
+    pipeline_class, unet_config, _ = base_configs(base, revision, cache_dir)
+    cls = getattr(diffusers, PIPELINES.get(family_of(unet_config, pipeline_class), "StableDiffusionPipeline"))
     with quiet():
         try:
-            return StableDiffusionPipeline.from_pretrained(
+            return cls.from_pretrained(
                 str(base), dtype=dtype, use_safetensors=None if allow_pickle else True, revision=revision,
                 variant=variant, cache_dir=cache_dir, **kw)
         except Exception as e:
@@ -165,22 +170,20 @@ def _adapter_name(source: str, taken) -> str:
 
 
 def _peft_dict(lora: formats.Lora, dtype) -> dict:
-    """Keys diffusers loads as-is; alpha/rank is folded into B so the adapter's own scale is 1.
-    Text-encoder keys use diffusers' `lora_linear_layer` spelling: its text-encoder path cannot infer
-    the type of lora_A/lora_B keys when no attention projection is among them (e.g. mlp-only LoRAs)."""
+    """Keys diffusers loads as-is (formats.diffusers_keys); alpha/rank is folded into B so the adapter's own
+    scale is 1."""
     out = {}
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
         key = f"{comp}.{formats.live_path(comp, path)}"
-        a, b = ("lora_A", "lora_B") if comp == "unet" else ("lora_linear_layer.down", "lora_linear_layer.up")
+        a, b = formats.diffusers_keys(comp)
         out[f"{key}.{a}.weight"] = m.down.to(dtype)
         out[f"{key}.{b}.weight"] = (m.up.float() * (m.alpha / m.rank)).to(dtype)
     return out
 
 
 def base_family(pipe) -> str:
-    cfg = pipe.unet.config
-    return formats.unet_family(cfg.cross_attention_dim, cfg.get("addition_embed_type"))
+    return formats.unet_family(pipe.unet.config, type(pipe).__name__)
 
 
 def check_fits(pipe, lora: formats.Lora):
@@ -258,7 +261,8 @@ def sample(pipe, prompts, seeds, steps: int = 25, guidance: float = 7.5, batch: 
     with that seed draws), `batch` images per pipeline call (about 5x faster than one per call on CPU).
 
     `encode(texts)`, when given, makes the prompt embeddings (e.g. with a training run's tokenizer length
-    and attention mask) instead of the pipeline's own encoding. `negative_prompts` default to ""."""
+    and attention mask) instead of the pipeline's own encoding: a tensor, or (embeddings, pooled embeddings)
+    for SDXL. `negative_prompts` default to ""."""
     import torch
 
     images = []
@@ -270,10 +274,19 @@ def sample(pipe, prompts, seeds, steps: int = 25, guidance: float = 7.5, batch: 
             if encode is None:
                 text = dict(prompt=chunk) if negs is None else dict(prompt=chunk, negative_prompt=negs)
             else:
-                text = dict(prompt_embeds=encode(chunk), negative_prompt_embeds=encode(negs or [""] * len(chunk)))
+                text = _embeds(encode(chunk), "") | _embeds(encode(negs or [""] * len(chunk)), "negative_")
             images += pipe(**text, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                            width=width, height=height).images
     return images
+
+
+def _embeds(encoded, prefix: str) -> dict:
+    """An `encode` result as pipeline arguments: prompt embeddings, and SDXL's pooled ones when it gives a pair."""
+    embeds, pooled = encoded if isinstance(encoded, tuple) else (encoded, None)
+    kw = {f"{prefix}prompt_embeds": embeds}
+    if pooled is not None:
+        kw[f"{prefix}pooled_prompt_embeds"] = pooled
+    return kw
 
 
 def grid(images, cols: int | None = None, scale: int = 1):

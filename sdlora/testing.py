@@ -5,15 +5,17 @@ from pathlib import Path
 
 from .lora import inject
 from .lora.formats import WEIGHTS_NAME
+from .models import architecture
 from .output import modelcard, weights
 
 
 def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = None, targets=inject.UNET_TARGETS,
-              seed: int = 0, strength: float = 0.3, text_encoder=None, text_targets=None) -> Path:
+              seed: int = 0, strength: float = 0.3, text_encoder=None, text_targets=None,
+              text_encoder_2=None) -> Path:
     """A random LoRA in `out` (weights through the trainer's own writer, plus a model card naming `base`).
 
     Give `base` (a pipeline folder) or a `unet` module (left as it was: the adapter is removed again);
-    `text_encoder` adds a text-encoder part. Returns the weights file."""
+    `text_encoder` (and SDXL's `text_encoder_2`) add text-encoder parts. Returns the weights file."""
     import torch
     from diffusers import UNet2DConditionModel
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
@@ -22,8 +24,9 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
     if unet is None:
         unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
     parts = {"unet": (unet, list(targets))}
-    if text_encoder is not None:
-        parts["text_encoder"] = (text_encoder, list(text_targets or inject.TEXT_ENCODER_TARGETS))
+    for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None:
+            parts[name] = (model, list(text_targets or inject.TEXT_ENCODER_TARGETS))
     torch.manual_seed(seed)
     configured = {}
     for name, (model, tgts) in parts.items():
@@ -36,7 +39,8 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
                 p.data = torch.randn_like(p) * strength / p.shape[1] ** 0.5
         configured[name] = (model, cfg)
     info = {"base_model": str(base or "unknown"), "rank": rank, "alpha": alpha or rank, "steps": 0, "resolution": 32,
-            "learning_rate": 0, "target_modules": list(targets), "kind": "demo"}
+            "learning_rate": 0, "target_modules": list(targets), "kind": "demo",
+            "architecture": architecture(dict(unet.config))}  # the header names the base's family
     file = Path(out) / WEIGHTS_NAME
     weights.save(file, configured, info)
     for model, _ in configured.values():  # leave the caller's models exactly as they were

@@ -123,7 +123,7 @@ def test_other_architectures_are_refused_and_nothing_is_applied(tiny_model, lora
     sd15 = tmp_path / "sd15.safetensors"  # right key names, SD1.5 widths (cross-attention 768)
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     save_file({f"{name}.lora_down.weight": torch.ones(4, 768), f"{name}.lora_up.weight": torch.ones(32, 4)}, str(sd15))
-    for bad, found in [(sdxl, "SDXL"), (sd15, "SD1.x")]:
+    for bad, found in [(sdxl, "SDXL"), (sd15, "SD 1.x")]:
         with pytest.raises(UserError) as e:
             add_loras(pipe, [(lora_dir, 1.0), (bad, 1.0)])  # the good one first: it must not stay applied
         msg = str(e.value)

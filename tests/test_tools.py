@@ -30,7 +30,7 @@ def test_inspect_reports_the_file(tiny_model, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "lora"), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["format"] == "diffusers" and d["base_model"] == str(tiny_model)
-    assert d["architecture"] == "SD-like (cross-attention dim 32)"
+    assert d["architecture"] == "SD 1.x (cross-attention dim 32)"  # the tiny base: SD 1.x layout, narrow
     assert d["ranks"] == [4] and d["alphas"] == [8.0] and d["target_modules"] == 32
     assert d["parameters"] == sum(t.numel() for t in load_file(file).values())
     assert d["dtype"] == ["float32"] and d["size_bytes"] == file.stat().st_size

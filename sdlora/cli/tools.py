@@ -102,9 +102,7 @@ def _extract_cli(args):
 
 
 def _make_tiny_cli(args):
-    from ..tiny import make_tiny
-
-    from ..tiny import is_xl
+    from ..tiny import is_xl, make_tiny
 
     out = make_tiny(args.dir, arch=args.arch, seed=args.seed)
     kind = "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"

@@ -3,7 +3,8 @@
 In memory a LoRA is ``{"<component>.<path>": Module(down, up, alpha)}`` where component is
 ``unet``, ``text_encoder`` or ``text_encoder_2`` and path is the diffusers module path. Text-encoder
 paths use the classic ``text_model.…`` spelling that every file in the wild uses; `live_path`
-maps them onto the installed transformers' module tree. A module's weight change is
+maps them onto the installed transformers' module tree. kohya files of SDXL name UNet layers as
+kohya's sd-scripts do, by the original (SGM) UNet (`_sgm_pairs`). A module's weight change is
 ``up @ down * alpha / rank`` (conv: ``down`` holds the kernel, ``up`` is 1×1, as in kohya LoCon).
 """
 from __future__ import annotations
@@ -31,6 +32,9 @@ PICKLE_BASE_HINT = ("if it has only pickle (.bin) weights, which can run code, p
 # What a training run writes (diffusers' name, so load_lora_weights(dir) finds it), and peft's name.
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 WEIGHT_NAMES = (WEIGHTS_NAME, "adapter_model.safetensors")
+# The text encoders of SD pipelines and their transformers classes (SDXL's second one projects its pooled output).
+TEXT_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+TEXT_ENCODERS = tuple(TEXT_CLASSES)
 _KOHYA_PREFIX = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 # Module-name words that contain "_": kohya flattens every "." to "_", so these are glued back.
 _COMPOUNDS = sorted("""down_blocks up_blocks mid_block transformer_blocks to_q to_k to_v to_out proj_in proj_out
@@ -74,10 +78,11 @@ def load_lora(source, allow_pickle: bool = False) -> Lora:
     Every malformed file is a one-line UserError naming it (and the layer), raised before anything is used."""
     path = resolve_file(source)
     lora = _load_file(path, allow_pickle)
-    te = path.parent / "text_encoder" / "adapter_model.safetensors"
-    if te.is_file():  # peft folder, TE part (one level only: a symlink loop cannot recurse)
-        part = _load_file(te, allow_pickle)
-        lora.modules.update({canonical("text_encoder", k.split(".", 1)[1]): m for k, m in part.modules.items()})
+    for comp in TEXT_ENCODERS:  # peft folder: each text encoder's part in its subfolder (one level only)
+        te = path.parent / comp / "adapter_model.safetensors"
+        if te.is_file():
+            part = _load_file(te, allow_pickle)
+            lora.modules.update({canonical(comp, k.split(".", 1)[1]): m for k, m in part.modules.items()})
     lora.base_model = base_model_of(path.parent / "README.md") or _metadata_base_model(lora.metadata)
     return lora
 
@@ -293,8 +298,15 @@ def _kohya_pairs(tensors, source):
             raise UserError(f"{source}: unsupported kohya key {_show(k)} (LoHa/LoKr/DoRA are not supported); "
                             "expected .lora_down.weight, .lora_up.weight and .alpha")
         if m.group(3) != "alpha":
-            _add(pairs, f"{_KOHYA_PREFIX[m.group(1)]}.{unmangle(m.group(2))}", m.group(3) == "lora_up.weight", t, k, source)
+            _add(pairs, _kohya_name(m.group(1), m.group(2)), m.group(3) == "lora_up.weight", t, k, source)
     return pairs
+
+
+def _kohya_name(prefix: str, body: str) -> str:
+    """kohya ('lora_te2', 'text_model_encoder_layers_0_mlp_fc1') -> 'text_encoder_2.text_model.encoder.layers.0.mlp.fc1'.
+    SDXL UNet layers in kohya's original-UNet names (input_blocks_…) get diffusers' names (down_blocks.…)."""
+    comp, path = _KOHYA_PREFIX[prefix], unmangle(body)
+    return f"{comp}.{_swap_prefix(path, _sgm_pairs()) if comp == 'unet' else path}"
 
 
 def unmangle(name: str) -> str:
@@ -303,6 +315,40 @@ def unmangle(name: str) -> str:
     for word in _COMPOUNDS:
         s = s.replace(word.replace("_", "."), word)
     return s
+
+
+@lru_cache(maxsize=1)
+def _sgm_pairs() -> tuple[tuple[str, str], ...]:
+    """(original-UNet prefix, diffusers prefix) for every Linear/Conv2d of SDXL's UNet. kohya's sd-scripts train
+    SDXL on the original (SGM) UNet, so its SDXL files name layers `input_blocks.4.1.…` where diffusers says
+    `down_blocks.1.attentions.0.…` (sd-scripts' library/sdxl_model_util.make_unet_conversion_map): two
+    resnets and attentions then a downsampler per down block, three and an upsampler per up block."""
+    resnet = (("in_layers.2.", "conv1."), ("out_layers.3.", "conv2."), ("emb_layers.1.", "time_emb_proj."),
+              ("skip_connection.", "conv_shortcut."))
+    resnets = [("middle_block.0.", "mid_block.resnets.0."), ("middle_block.2.", "mid_block.resnets.1.")]
+    pairs = [("input_blocks.0.0.", "conv_in."), ("out.2.", "conv_out."), ("middle_block.1.", "mid_block.attentions.0."),
+             ("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+             ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
+    for b in range(3):  # SDXL's three levels (the tiny stand-in uses the first two)
+        for j in range(2):
+            resnets.append((f"input_blocks.{3 * b + j + 1}.0.", f"down_blocks.{b}.resnets.{j}."))
+            pairs.append((f"input_blocks.{3 * b + j + 1}.1.", f"down_blocks.{b}.attentions.{j}."))
+        pairs.append((f"input_blocks.{3 * b + 3}.0.op.", f"down_blocks.{b}.downsamplers.0.conv."))
+        for j in range(3):
+            resnets.append((f"output_blocks.{3 * b + j}.0.", f"up_blocks.{b}.resnets.{j}."))
+            pairs.append((f"output_blocks.{3 * b + j}.1.", f"up_blocks.{b}.attentions.{j}."))
+        pairs.append((f"output_blocks.{3 * b + 2}.2.", f"up_blocks.{b}.upsamplers.0."))
+    return tuple(pairs + [(s + rs, d + rd) for s, d in resnets for rs, rd in resnet])
+
+
+def _swap_prefix(path: str, pairs, reverse: bool = False) -> str:
+    """`path` with the first of `pairs`' (old, new) prefixes it starts with replaced by the other (new, old
+    if `reverse`); each prefix names whole modules."""
+    for old, new in pairs:
+        old, new = (new, old) if reverse else (old, new)
+        if (path + ".").startswith(old):
+            return (new + (path + ".")[len(old):])[:-1]
+    return path
 
 
 _OLD_DIFFUSERS = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
@@ -337,8 +383,8 @@ def _peft_pairs(tensors, source):
 def canonical(comp: str, path: str) -> str:
     """'<comp>.<path>' with the classic CLIP spelling `text_model.…`, which files are written in whatever
     transformers is installed (transformers >= 5 dropped the `text_model` level from the live module tree)."""
-    if comp.startswith("text_encoder") and not path.startswith("text_model."):
-        path = "text_model." + path
+    if comp.startswith("text_encoder") and not path.startswith(("text_model.", "text_projection")):
+        path = "text_model." + path  # text_projection sits beside text_model (SDXL's second encoder)
     return f"{comp}.{path}"
 
 
@@ -360,7 +406,7 @@ def _alphas(fmt, tensors, metadata, peft_config, source="<memory>"):
                 if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
                     raise UserError(f"{source}: alpha {_show(k)} has shape {list(t.shape)} and dtype "
                                     f"{str(t.dtype).replace('torch.', '')}; expected one number")
-                table[f"{_KOHYA_PREFIX[m.group(1)]}.{unmangle(m.group(2))}"] = _positive(
+                table[_kohya_name(m.group(1), m.group(2))] = _positive(
                     t.float().item(), f"alpha {_show(k)}", source)
         return lambda name, r: table.get(name, float(r))
     configs, what = {}, "lora_adapter_metadata header"
@@ -454,11 +500,13 @@ def _to_kohya(lora):
     # One alpha for the whole file (the most common): diffusers' kohya loader ignores per-layer alphas of
     # attention layers, so other layers' scale is folded into `up` instead. The product is unchanged.
     common = collections.Counter(m.alpha for m in lora.modules.values()).most_common(1)[0][0]
-    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if _has_te2(lora) else "lora_te_", "text_encoder_2": "lora_te2_"}
+    xl = _lora_family(lora)[0] == "sdxl"  # kohya names SDXL's first text encoder lora_te1_, with or without the second
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    unet = _kohya_unet_paths(lora, xl)
     out = {}
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
-        key = prefix[comp] + path.replace(".", "_")
+        key = prefix[comp] + (unet[path] if comp == "unet" else path).replace(".", "_")
         out[key + ".lora_down.weight"] = m.down
         out[key + ".lora_up.weight"] = m.up if m.alpha == common else (m.up.float() * (m.alpha / common)).to(m.up.dtype)
         out[key + ".alpha"] = torch.tensor(float(common))
@@ -471,6 +519,18 @@ def _to_kohya(lora):
 
 
 _PADDING_KEY = "sdlora_zero_modules"
+
+
+def _kohya_unet_paths(lora, xl: bool) -> dict[str, str]:
+    """{diffusers path: the path kohya names it by} for the UNet layers: an SDXL LoRA's in the original-UNet names
+    kohya's sd-scripts use, when every layer has one (diffusers' loader drops the original names from a file that
+    mixes both spellings); other families' (and any other SDXL file's) unchanged."""
+    paths = [n.split(".", 1)[1] for n in lora.modules if n.startswith("unet.")]
+    if xl:
+        sgm = {p: _swap_prefix(p, _sgm_pairs(), reverse=True) for p in paths}
+        if all(sgm[p] != p for p in paths):
+            return sgm
+    return {p: p for p in paths}
 
 
 def _pad_text_encoder(lora, out, prefix, alpha) -> list[str]:
@@ -497,20 +557,24 @@ def _pad_text_encoder(lora, out, prefix, alpha) -> list[str]:
     return padded
 
 
-def _has_te2(lora):
-    return any(k.startswith("text_encoder_2.") for k in lora.modules)
-
-
 def _to_diffusers(lora):
     tensors, packed = {}, {}
     for comp in lora.components():
         mods = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(comp + ".")}
+        down, up = diffusers_keys(comp)
         for p, m in mods.items():
-            tensors[f"{comp}.{p}.lora_A.weight"] = m.down
-            tensors[f"{comp}.{p}.lora_B.weight"] = m.up
+            tensors[f"{comp}.{p}.{down}.weight"] = m.down
+            tensors[f"{comp}.{p}.{up}.weight"] = m.up
         cfg = peft_config_dict({_config_path(comp, p): m for p, m in mods.items()})
         packed.update({f"{comp}.{k}": v for k, v in cfg.items()})
     return tensors, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)}
+
+
+def diffusers_keys(comp: str) -> tuple[str, str]:
+    """The down/up key names diffusers' `load_lora_weights` reads for a component: peft's lora_A/lora_B for the
+    UNet, its own lora_linear_layer.down/up for text encoders (its text-encoder path cannot infer the type of
+    lora_A/lora_B keys when no attention projection is among them, e.g. mlp-only LoRAs)."""
+    return ("lora_A", "lora_B") if comp == "unet" else ("lora_linear_layer.down", "lora_linear_layer.up")
 
 
 def peft_config_dict(mods: dict[str, Module]) -> dict:
@@ -548,44 +612,89 @@ def _save_peft(lora, out: Path, meta, cast) -> Path:
     return first
 
 
-@lru_cache(maxsize=1)
-def _clip_has_text_model() -> bool:
-    from transformers import CLIPTextConfig, CLIPTextModel
+@lru_cache(maxsize=None)
+def _clip_has_text_model(cls_name: str) -> bool:
+    import transformers
 
-    tiny = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1, vocab_size=8,
-                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return hasattr(CLIPTextModel(tiny), "text_model")
+    tiny = transformers.CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1,
+                                       vocab_size=8, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=8)
+    return hasattr(getattr(transformers, cls_name)(tiny), "text_model")
 
 
 def live_path(comp: str, path: str) -> str:
-    """The module path in the installed library (transformers>=5 CLIP has no `text_model` level)."""
-    if comp.startswith("text_encoder") and path.startswith("text_model.") and not _clip_has_text_model():
+    """The module path in the installed library: transformers>=5's CLIPTextModel has no `text_model` level
+    (its CLIPTextModelWithProjection, SDXL's text_encoder_2, keeps it)."""
+    if comp in TEXT_CLASSES and path.startswith("text_model.") and not _clip_has_text_model(TEXT_CLASSES[comp]):
         return path[len("text_model."):]
     return path
 
 
 # ---------------------------------------------------------------- description
 
+# The cross-attention width of each family's real checkpoints: CLIP ViT-L, OpenCLIP ViT-H, and SDXL's two
+# encoders side by side. Any other width (tiny test models) is named in messages.
+_WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
+
+
+def unet_family(unet_config, pipeline_class: str | None = None) -> str:
+    """How messages and `inspect` name a base's family (models.family_of, models.FAMILIES): "SD 1.x", "SDXL", and
+    "SD 1.x (cross-attention dim 32)" for widths no real checkpoint of the family has."""
+    from ..models import family_of
+
+    return _family_name(family_of(unet_config, pipeline_class), unet_config.get("cross_attention_dim"))
+
+
 def family(lora: Lora) -> str:
-    """Architecture family a LoRA was made for, from its keys and shapes."""
-    names = list(lora.modules)
-    if any(n.startswith("text_encoder_2.") or re.search(r"\.(input_blocks|output_blocks|middle_block|add_embedding)", n)
-           for n in names):
-        return "SDXL"
-    for n, m in lora.modules.items():
-        if n.startswith("unet.") and re.search(r"attn2\.to_[kv]$", n):
-            return unet_family(m.down.shape[1])
-    for n, m in lora.modules.items():
-        if n.startswith("text_encoder.") and n.endswith(("q_proj", "k_proj", "v_proj", "fc1")):
-            return {768: "SD1.x", 1024: "SD2.x"}.get(m.down.shape[1], f"SD-like (text hidden size {m.down.shape[1]})")
-    return lora.metadata.get("ss_base_model_version") or "unknown"
+    """The family a LoRA was made for, named as `unet_family` names bases; "unknown" when nothing tells."""
+    key, dim = _lora_family(lora)
+    return _family_name(key, dim) if key else "unknown"
 
 
-def unet_family(cross_attention_dim: int, addition_embed_type=None) -> str:
-    if addition_embed_type == "text_time":
-        return "SDXL"
-    known = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-    return known.get(cross_attention_dim, f"SD-like (cross-attention dim {cross_attention_dim})")
+def _family_name(key: str, dim: int | None) -> str:
+    from ..models import FAMILIES
+
+    return FAMILIES[key] if dim in (None, _WIDTHS[key]) else f"{FAMILIES[key]} (cross-attention dim {dim})"
+
+
+def _lora_family(lora: Lora) -> tuple[str | None, int | None]:
+    """(models.family_of key or None, cross-attention width or None) of the base a LoRA was made for: from its
+    UNet layers, else its text-encoder width, else kohya's ss_base_model_version header."""
+    from ..models import family_of
+
+    config = _unet_config(lora)
+    if config:
+        return family_of(config), config["cross_attention_dim"]
+    key = {768: "sd1", 1024: "sd2"}.get(_in_width(lora, r"text_encoder\..*(q_proj|k_proj|v_proj|fc1)"))
+    return key or _metadata_family(lora.metadata), None
+
+
+# Layers only SDXL has: a second text encoder, the UNet's added-conditioning MLP, transformer depth > 1, and
+# original-UNet names.
+_XL_LAYERS = (r"(text_encoder_2\.|unet\.(add_embedding\.|.*\.transformer_blocks\.[1-9]"
+              r"|(input_blocks|output_blocks|middle_block)\.))")
+
+
+def _unet_config(lora: Lora) -> dict:
+    """What a LoRA's layers tell of the UNet config it was made for, as models.family_of reads one; {} if nothing."""
+    dim = _in_width(lora, r"unet\..*\.attn2\.to_[kv]")
+    xl = (dim == _WIDTHS["sdxl"] or _metadata_family(lora.metadata) == "sdxl"
+          or any(re.match(_XL_LAYERS, n) for n in lora.modules))
+    if dim is None and not xl:
+        return {}
+    linear = any(re.match(r"unet\..*\.proj_(in|out)$", n) and m.down.dim() == 2 for n, m in lora.modules.items())
+    return {"cross_attention_dim": dim, "use_linear_projection": linear,
+            "addition_embed_type": "text_time" if xl else None}
+
+
+def _in_width(lora: Lora, pattern: str) -> int | None:
+    """The input width of the first layer whose name matches `pattern`, or None."""
+    return next((m.down.shape[1] for n, m in lora.modules.items() if re.match(pattern + "$", n)), None)
+
+
+def _metadata_family(metadata: dict) -> str | None:
+    """kohya's ss_base_model_version (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0) as a family key."""
+    version = str(metadata.get("ss_base_model_version") or "")
+    return next((k for p, k in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")) if version.startswith(p)), None)
 
 
 def with_modules(lora: Lora, modules: dict[str, Module], **changes) -> Lora:

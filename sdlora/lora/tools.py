@@ -100,7 +100,8 @@ def merge(loras: list[tuple[Lora, float]], rank: int | None = None):
 
 
 def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float = 1e-6, allow_pickle: bool = False):
-    """A LoRA approximating tuned - base for every Linear/Conv2d that differs; returns (LoRA, kept shares)."""
+    """A LoRA approximating tuned - base for every Linear/Conv2d that differs (UNet, and the text encoders both
+    models have unless text_encoder=False); returns (LoRA, kept shares)."""
     import torch
 
     from ..logs import quiet
@@ -108,7 +109,7 @@ def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
     modules, kept = {}, {}
-    for comp in ("unet", "text_encoder") if text_encoder else ("unet",):
+    for comp in ("unet", *formats.TEXT_ENCODERS) if text_encoder else ("unet",):
         with quiet():
             a, b = _component(base, comp, allow_pickle), _component(tuned, comp, allow_pickle)
         if a is None or b is None:
@@ -136,10 +137,12 @@ def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float
 
 
 def _component(model, comp, allow_pickle: bool = False):
+    """A pipeline folder's UNet or text encoder; None for a text encoder the model does not have (SDXL's
+    second one in an SD 1.x/2.x folder)."""
+    import transformers
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
 
-    cls = UNet2DConditionModel if comp == "unet" else CLIPTextModel
+    cls = UNet2DConditionModel if comp == "unet" else getattr(transformers, formats.TEXT_CLASSES[comp])
     try:  # safetensors only unless the user opts in: pickle weights can run code
         return cls.from_pretrained(str(model), subfolder=comp, use_safetensors=None if allow_pickle else True)
     except Exception as e:

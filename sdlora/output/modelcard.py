@@ -91,10 +91,11 @@ image = sample(pipe, [{json.dumps(prompt)}], seeds=[0])[0]
 image.save("out.png")
 ```
 """
+    cls = "StableDiffusionXLPipeline" if str(info.get("family") or "").startswith("SDXL") else "StableDiffusionPipeline"
     return f"""```python
-from diffusers import StableDiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import {cls}, DPMSolverMultistepScheduler
 
-pipe = StableDiffusionPipeline.from_pretrained({json.dumps(info['base_model'])})
+pipe = {cls}.from_pretrained({json.dumps(info['base_model'])})
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 pipe.load_lora_weights({json.dumps(info.get('repo_id') or '.')})  # this folder, or its Hub repo id
 image = pipe({json.dumps(prompt)}, num_inference_steps=25).images[0]
