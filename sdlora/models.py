@@ -69,6 +69,8 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
 
 # The base model families sdlora knows, as `family` names them, and how the log and model card say them.
 FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# Each family's cross-attention width: its text encoder's hidden size (CLIP ViT-L, OpenCLIP ViT-H, both of SDXL's).
+WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 
 
 def family_of(unet_config, pipeline_class: str | None = None) -> str:
@@ -81,10 +83,8 @@ def family_of(unet_config, pipeline_class: str | None = None) -> str:
     if (pipeline_class or "").startswith("StableDiffusionXL") or unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"
     dim = unet_config.get("cross_attention_dim")
-    if dim == 1024:
-        return "sd2"
-    if dim == 768:
-        return "sd1"
+    if dim in (WIDTHS["sd1"], WIDTHS["sd2"]):
+        return "sd1" if dim == WIDTHS["sd1"] else "sd2"
     return "sd2" if unet_config.get("use_linear_projection") else "sd1"
 
 

@@ -113,7 +113,9 @@ def test_sdxl_text_to_image_loads_in_diffusers_and_kohyas_layout(sdxl_model, tmp
     assert sd and all(k.startswith("unet.") for k in sd)
     assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["modelspec.resolution"]) == \
         ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "64x64")  # the base's own size by default
-    assert "| base model family | SDXL |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| base model family | SDXL |" in card and "StableDiffusionXLPipeline.from_pretrained" in card
+    assert "- stable-diffusion-xl\n" in card and "- stable-diffusion\n" not in card  # diffusers' SDXL card tags
 
     pipe = _pipe(sdxl_model)
     before = _images(pipe)

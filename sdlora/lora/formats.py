@@ -633,7 +633,6 @@ def live_path(comp: str, path: str) -> str:
 
 # The cross-attention width of each family's real checkpoints: CLIP ViT-L, OpenCLIP ViT-H, and SDXL's two
 # encoders side by side. Any other width (tiny test models) is named in messages.
-_WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 
 
 def unet_family(unet_config, pipeline_class: str | None = None) -> str:
@@ -651,20 +650,20 @@ def family(lora: Lora) -> str:
 
 
 def _family_name(key: str, dim: int | None) -> str:
-    from ..models import FAMILIES
+    from ..models import FAMILIES, WIDTHS
 
-    return FAMILIES[key] if dim in (None, _WIDTHS[key]) else f"{FAMILIES[key]} (cross-attention dim {dim})"
+    return FAMILIES[key] if dim in (None, WIDTHS[key]) else f"{FAMILIES[key]} (cross-attention dim {dim})"
 
 
 def _lora_family(lora: Lora) -> tuple[str | None, int | None]:
     """(models.family_of key or None, cross-attention width or None) of the base a LoRA was made for: from its
     UNet layers, else its text-encoder width, else kohya's ss_base_model_version header."""
-    from ..models import family_of
+    from ..models import WIDTHS, family_of
 
     config = _unet_config(lora)
     if config:
         return family_of(config), config["cross_attention_dim"]
-    key = {768: "sd1", 1024: "sd2"}.get(_in_width(lora, r"text_encoder\..*(q_proj|k_proj|v_proj|fc1)"))
+    key = {WIDTHS["sd1"]: "sd1", WIDTHS["sd2"]: "sd2"}.get(_in_width(lora, r"text_encoder\..*(q_proj|k_proj|v_proj|fc1)"))
     return key or _metadata_family(lora.metadata), None
 
 
@@ -676,8 +675,10 @@ _XL_LAYERS = (r"(text_encoder_2\.|unet\.(add_embedding\.|.*\.transformer_blocks\
 
 def _unet_config(lora: Lora) -> dict:
     """What a LoRA's layers tell of the UNet config it was made for, as models.family_of reads one; {} if nothing."""
+    from ..models import WIDTHS
+
     dim = _in_width(lora, r"unet\..*\.attn2\.to_[kv]")
-    xl = (dim == _WIDTHS["sdxl"] or _metadata_family(lora.metadata) == "sdxl"
+    xl = (dim == WIDTHS["sdxl"] or _metadata_family(lora.metadata) == "sdxl"
           or any(re.match(_XL_LAYERS, n) for n in lora.modules))
     if dim is None and not xl:
         return {}

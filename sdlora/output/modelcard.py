@@ -12,6 +12,11 @@ from .. import __version__
 from ..io import write_text
 
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "lora"]
+XL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers", "lora"]  # diffusers' SDXL scripts'
+
+
+def _xl(info: dict) -> bool:
+    return str(info.get("family") or "").startswith("SDXL")
 
 
 def _front_matter(**fields) -> str:
@@ -24,7 +29,7 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
     """A training run's card: front matter, how to load it, the settings table, the latest samples."""
     front = dict(base_model=info["base_model"] if info.get("base_model_in_front_matter", True) else None,
                  library_name="diffusers", license=info.get("license", "creativeml-openrail-m"),
-                 tags=TAGS + info.get("extra_tags", []), **(front_extra or {}))
+                 tags=(XL_TAGS if _xl(info) else TAGS) + info.get("extra_tags", []), **(front_extra or {}))
     if info.get("samples"):
         front["widget"] = [{"text": s["prompt"], "output": {"url": s["path"]}} for s in info["samples"]]
     title = info.get("title") or f"LoRA for {info['base_model']}"
@@ -91,7 +96,7 @@ image = sample(pipe, [{json.dumps(prompt)}], seeds=[0])[0]
 image.save("out.png")
 ```
 """
-    cls = "StableDiffusionXLPipeline" if str(info.get("family") or "").startswith("SDXL") else "StableDiffusionPipeline"
+    cls = "StableDiffusionXLPipeline" if _xl(info) else "StableDiffusionPipeline"
     return f"""```python
 from diffusers import {cls}, DPMSolverMultistepScheduler
 
