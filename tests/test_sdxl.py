@@ -190,9 +190,8 @@ def test_sdxl_two_processes_write_one_lora(sdxl_model, tmp_path):
 
 # ---------------------------------------------------------------- SDXL flags
 
-def test_pretrained_vae_is_the_one_trained_with(sdxl_model, tmp_path, capsys, no_model_loads):
-    """--pretrained_vae_model_name_or_path: the base's own VAE given as a folder trains byte-identically; a
-    folder that is not a VAE is one line before anything loads."""
+def test_a_pretrained_vae_folder_without_a_vae_is_one_line(sdxl_model, tmp_path, capsys, no_model_loads):
+    """--pretrained_vae_model_name_or_path pointing at a folder that is not a VAE: one line before anything loads."""
     data = make_images(tmp_path / "d", n=2, size=64)
     msg = recipe_error(capsys, t2i, _xl_flags(sdxl_model, tmp_path / "x", train_data_dir=data,
                                               pretrained_vae_model_name_or_path=data))
@@ -200,6 +199,7 @@ def test_pretrained_vae_is_the_one_trained_with(sdxl_model, tmp_path, capsys, no
 
 
 def test_pretrained_vae_changes_the_latents(sdxl_model, tmp_path):
+    """The base's own VAE given as a folder trains byte-identically to no flag; another VAE trains otherwise."""
     import shutil
 
     from diffusers import AutoencoderKL
