@@ -2,7 +2,7 @@
 
     python examples/train_tiny_base.py                      # rebuilds sdlora/assets/tiny-sd
     python examples/train_tiny_base.py --out /tmp/tiny-sd --vae-steps 50 --unet-steps 50  # smoke
-    python examples/train_tiny_base.py --arch sdxl          # rebuilds sdlora/assets/tiny-sdxl
+    python examples/train_tiny_base.py --arch sdxl --threads 2  # rebuilds sdlora/assets/tiny-sdxl
 
 Everything is generated and seeded here — images (examples/shapes.py), the tokenizer's vocabulary,
 the VAE, the text encoder and the UNet — so anyone can rebuild the weights on a CPU, offline.
@@ -401,9 +401,11 @@ def finetune_decoder(vae, args, t0):
     return vae
 
 
-def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, info: dict, text_encoder_2=None):
+def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, info: dict, text_encoder_2=None, reused: Path = None):
     """A StableDiffusionPipeline, or given `text_encoder_2` a StableDiffusionXLPipeline (the one tokenizer
-    as both of its tokenizers), with a DDIM scheduler on SD's schedule."""
+    as both of its tokenizers), with a DDIM scheduler on SD's schedule. `reused`: the pipeline folder whose
+    tokenizer and VAE were used unchanged; their files are copied as they are (saving the loaded objects
+    would add loader state to their configs, such as the VAE's local _name_or_path)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -422,6 +424,11 @@ def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, info: dict, tex
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     pipe.save_pretrained(str(tmp), safe_serialization=True)
+    if reused is not None:
+        for name, src in (("tokenizer", "tokenizer"), ("tokenizer_2", "tokenizer"), ("vae", "vae")):
+            if (tmp / name).is_dir():
+                shutil.rmtree(tmp / name)
+                shutil.copytree(reused / src, tmp / name)
     (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -449,7 +456,7 @@ def main(argv=None):
     p.add_argument("--vae-images", type=int, default=8000)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=1800)
+    p.add_argument("--unet-steps", type=int, default=None, help="default: 1800 (sd1), 4000 (sdxl)")
     p.add_argument("--images", type=int, default=12000, help="captioned training images")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--ema", type=float, default=0.998)
@@ -468,6 +475,8 @@ def main(argv=None):
 
     if args.out is None:
         args.out = DEFAULT_OUT_XL if args.arch == "sdxl" else DEFAULT_OUT
+    if args.unet_steps is None:
+        args.unet_steps = 4000 if args.arch == "sdxl" else 1800
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -529,7 +538,7 @@ def main_xl(args, argv, t0):
              "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
              "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
              "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
-    save_pipeline(args.out, unet, vae, text_encoder, tokenizer, info, text_encoder_2=text_encoder_2)
+    save_pipeline(args.out, unet, vae, text_encoder, tokenizer, info, text_encoder_2=text_encoder_2, reused=src)
     log(f"saved {args.out}", t0)
 
 
