@@ -1,6 +1,7 @@
-"""Measure prompt following of a (tiny) SD model with the deterministic detector in shapes.py.
+"""Measure prompt following of a (tiny) SD or SDXL model with the deterministic detector in shapes.py.
 
     python examples/eval_prompt_following.py                       # bundled model, held-out pairs
+    python examples/eval_prompt_following.py --model sdlora-tiny-xl --split both  # the SDXL stand-in
     python examples/eval_prompt_following.py --split train --per-prompt 2 --grid /tmp/grid.png
     python examples/eval_prompt_following.py --model path/to/pipeline --lora path/to/lora
 
@@ -28,8 +29,23 @@ from sdlora import grid, load_pipeline, sample
 
 def load_base_pipeline(model: str = "sdlora-tiny"):
     """An unmodified diffusers StableDiffusionPipeline for `model` ('sdlora-tiny' = the bundled model, or a
-    folder / Hub id) sampling with DPM-Solver, as sdlora's generator does, without progress bars."""
-    pipe = load_pipeline(base=model, device="cpu")
+    folder / Hub id) sampling with DPM-Solver, as sdlora's generator does, without progress bars. An SDXL
+    base ('sdlora-tiny-xl') gives a StableDiffusionXLPipeline, loaded here with the same scheduler swap
+    (sdlora.load_pipeline builds a StableDiffusionPipeline whatever the base)."""
+    from sdlora.models import family, resolve_base
+
+    path = resolve_base(model, flag="--model")
+    if family(path) == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        from sdlora.logs import quiet
+        from sdlora.pipeline import set_scheduler
+
+        with quiet():
+            pipe = StableDiffusionXLPipeline.from_pretrained(path, use_safetensors=True, add_watermarker=False)
+        set_scheduler(pipe, "dpm++")
+    else:
+        pipe = load_pipeline(base=model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -64,7 +80,7 @@ def evaluate(pipe, split="heldout", per_prompt=4, steps=20, guidance=6.0, seed=0
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="sdlora-tiny", help="'sdlora-tiny' or a pipeline folder")
+    p.add_argument("--model", default="sdlora-tiny", help="'sdlora-tiny', 'sdlora-tiny-xl' or a pipeline folder")
     p.add_argument("--lora", default=None, help="LoRA weights to load into the pipeline first")
     p.add_argument("--split", default="heldout", choices=["heldout", "train", "both"])
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (24 prompts)")

@@ -1,7 +1,8 @@
-"""Train the tiny Stable Diffusion model shipped in `sdlora/assets/tiny-sd` from scratch.
+"""Train the tiny Stable Diffusion models shipped in `sdlora/assets/tiny-sd` (and `tiny-sdxl`) from scratch.
 
     python examples/train_tiny_base.py                      # rebuilds sdlora/assets/tiny-sd
     python examples/train_tiny_base.py --out /tmp/tiny-sd --vae-steps 50 --unet-steps 50  # smoke
+    python examples/train_tiny_base.py --arch sdxl --threads 2  # rebuilds sdlora/assets/tiny-sdxl
 
 Everything is generated and seeded here — images (examples/shapes.py), the tokenizer's vocabulary,
 the VAE, the text encoder and the UNet — so anyone can rebuild the weights on a CPU, offline.
@@ -22,6 +23,16 @@ Stages:
 
 (shape colour, background colour) pairs in shapes.HELD_OUT_PAIRS are never shown; the
 evaluation (examples/eval_prompt_following.py) measures them.
+
+--arch sdxl builds the SDXL-architecture stand-in (a StableDiffusionXLPipeline) instead: the shipped
+tiny-sd's tokenizer (as tokenizer and tokenizer_2) and VAE are reused as they are (stages 1, 2 and 5
+skipped, latents scaled by its scaling_factor), and stage 4 trains from scratch a UNet with SDXL's
+layout (no attention in the first block, linear projections, text_time added conditioning) jointly
+with two text encoders (CLIPTextModel, CLIPTextModelWithProjection), conditioned as SDXL is
+(sdlora.training.conditioning: both encoders' penultimate hidden states side by side, the second's
+pooled projection, time ids (32, 32, 0, 0, 32, 32)). Half the dropped captions are zeroed, as the
+pipeline's force_zeros_for_empty_prompt does for the unconditional half of guidance; the other half
+are the encoded empty prompt (what a negative prompt of "" gives).
 """
 from __future__ import annotations
 
@@ -43,8 +54,12 @@ import shapes  # the example data's generator and detectors (beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "sdlora" / "assets" / "tiny-sd"
+DEFAULT_OUT_XL = ROOT / "sdlora" / "assets" / "tiny-sdxl"
 MAX_LENGTH = 16          # tokenizer model_max_length (captions use <= 11 tokens)
 CROSS_DIM = 64           # text encoder hidden size = UNet cross_attention_dim
+XL_TIME_DIM = 8          # SDXL: addition_time_embed_dim (per time id)
+XL_TIME_IDS = (shapes.RES, shapes.RES, 0, 0, shapes.RES, shapes.RES)  # original h, w; crop top, left; target h, w
+XL_ZERO_P = 0.5          # SDXL: share of dropped (empty) captions whose conditioning is zeroed
 
 
 # ------------------------------------------------------------------------------- tokenizer
@@ -85,7 +100,7 @@ def build_tokenizer(path: Path, words=shapes.VOCAB_WORDS, max_length: int = MAX_
 # ---------------------------------------------------------------------------------- models
 def build_models(vocab_size: int, seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -100,12 +115,47 @@ def build_models(vocab_size: int, seed: int):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    text_encoder = CLIPTextModel(text_config(vocab_size))
+    return vae, unet, text_encoder
+
+
+def text_config(vocab_size: int, **kw):
+    """The tiny CLIP text encoder's config (`kw`: SDXL's second encoder's activation and projection)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=CROSS_DIM, intermediate_size=2 * CROSS_DIM,
         num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=MAX_LENGTH,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-    ))
-    return vae, unet, text_encoder
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **kw,
+    )
+
+
+def build_xl_models(vocab_size: int, seed: int):
+    """SDXL's layout at tiny-sd's size: (unet, text_encoder, text_encoder_2).
+
+    The UNet has tiny-sd's channels, depth and 8x8 latents but SDXL's block pattern (the first block
+    without attention; heads of 16 channels; two transformer layers in the last block and the mid
+    block), linear proj_in/proj_out and text_time added conditioning: 6 time ids x XL_TIME_DIM + the
+    second encoder's pooled projection. Cross-attention reads both encoders' hidden states side by side
+    (2 x CROSS_DIM). text_encoder (quick_gelu, as CLIP ViT-L) and text_encoder_2 (gelu with a projection,
+    as OpenCLIP bigG) are tiny-sd's encoder size; SDXL conditions on text_encoder's penultimate layer, so
+    its last layer stays at its random init."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=shapes.RES // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=2 * CROSS_DIM,
+        attention_head_dim=(2, 4, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=XL_TIME_DIM,
+        projection_class_embeddings_input_dim=len(XL_TIME_IDS) * XL_TIME_DIM + CROSS_DIM,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    text_encoder = CLIPTextModel(text_config(vocab_size))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(vocab_size, hidden_act="gelu", projection_dim=CROSS_DIM))
+    return unet, text_encoder, text_encoder_2
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -191,9 +241,12 @@ def caption_variants(spec) -> list[str]:
 CAPTION_P = torch.tensor([0.70, 0.08, 0.08, 0.04, 0.10])  # full, no bg, no colour, shape, empty
 
 
-def train_unet(vae, unet, text_encoder, tokenizer, args, t0):
+def train_unet(vae, unet, encoders, tokenizer, args, t0):
+    """Stage 4: the UNet and its text encoder(s) — [text_encoder] (SD1) or [text_encoder, text_encoder_2]
+    (SDXL, whose VAE is reused: its scaling_factor is kept) — trained jointly on cached latents."""
     from diffusers import DDPMScheduler
 
+    xl = len(encoders) == 2
     rng = random.Random(args.seed + 3)
     specs = [shapes.random_spec(rng) for _ in range(args.images)]
     with torch.no_grad():
@@ -203,13 +256,33 @@ def train_unet(vae, unet, text_encoder, tokenizer, args, t0):
             lat.append(vae.encode(x).latent_dist.mean)
         lat = torch.cat(lat)
     scale = float(1.0 / lat.std())
-    vae.register_to_config(scaling_factor=scale)
+    if xl:
+        log(f"measured scaling_factor {scale:.4f}; the reused VAE's {vae.config.scaling_factor:.4f} is kept", t0)
+        scale = vae.config.scaling_factor
+    else:
+        vae.register_to_config(scaling_factor=scale)
     lat = lat * scale
     log(f"cached {len(lat)} latents {tuple(lat.shape[1:])}, scaling_factor {scale:.4f}", t0)
 
     texts = [v for s in specs for v in caption_variants(s)]
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.view(len(specs), 5, -1)
+    g = torch.Generator().manual_seed(args.seed + 4)
+    if xl:
+        from sdlora.training import conditioning
+
+        time_ids = torch.tensor([XL_TIME_IDS], dtype=torch.float32)
+
+        def condition(idx, var):
+            """SDXL's conditioning of the captions texts[idx, var]; some empty ones zeroed."""
+            text = conditioning.encode(encoders, [tokenizer, tokenizer],
+                                       [texts[5 * i + v] for i, v in zip(idx.tolist(), var.tolist())])
+            keep = 1.0 - ((var == 4) & (torch.rand(len(var), generator=g) < XL_ZERO_P)).float()
+            text = conditioning.Text(text.embeds * keep[:, None, None], text.pooled * keep[:, None])
+            return text.embeds, conditioning.unet_kwargs(text, time_ids.expand(len(var), -1), lat.device, lat.dtype)
+    else:
+        def condition(idx, var):
+            return encoders[0](ids[idx, var])[0], {}
 
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           num_train_timesteps=1000, clip_sample=False)
@@ -217,12 +290,11 @@ def train_unet(vae, unet, text_encoder, tokenizer, args, t0):
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=5.0) / snr            # min-SNR-5 for epsilon prediction
 
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + [p for te in encoders for p in te.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
-    g = torch.Generator().manual_seed(args.seed + 4)
-    unet.train()
-    text_encoder.train()
+    for m in (unet, *encoders):
+        m.train()
     n, warm = len(lat), min(200, args.unet_steps // 10 + 1)
     running = 0.0
     for step in range(args.unet_steps):
@@ -235,8 +307,8 @@ def train_unet(vae, unet, text_encoder, tokenizer, args, t0):
         t = torch.randint(0, 1000, (args.batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         xt = sched.add_noise(x0, noise, t)
-        emb = text_encoder(ids[idx, var])[0]
-        pred = unet(xt, t, encoder_hidden_states=emb).sample
+        emb, added = condition(idx, var)
+        pred = unet(xt, t, encoder_hidden_states=emb, **added).sample
         loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3)).mul(weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -250,16 +322,16 @@ def train_unet(vae, unet, text_encoder, tokenizer, args, t0):
         if step % 200 == 0 or step == args.unet_steps - 1:
             log(f"unet step {step} loss {running:.4f} lr {lr:.2e}", t0)
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            quick_eval(unet, vae, text_encoder, tokenizer, params, ema, step + 1, t0)
+            quick_eval(unet, vae, encoders, tokenizer, params, ema, step + 1, t0)
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    unet.eval()
-    text_encoder.eval()
+    for m in (unet, *encoders):
+        m.eval()
 
 
 @torch.no_grad()
-def quick_eval(unet, vae, text_encoder, tokenizer, params, ema, step, t0):
+def quick_eval(unet, vae, encoders, tokenizer, params, ema, step, t0):
     """Held-out prompt following of the EMA weights (24 prompts, DPM-Solver 20 steps)."""
     import eval_prompt_following as ev
     from sdlora.pipeline import assemble
@@ -267,18 +339,20 @@ def quick_eval(unet, vae, text_encoder, tokenizer, params, ema, step, t0):
     backup = [p.detach().clone() for p in params]
     for e, p in zip(ema, params):
         p.copy_(e)
-    unet.eval()
-    text_encoder.eval()
-    pipe = assemble(unet, vae, text_encoder, tokenizer, dict(beta_start=0.00085, beta_end=0.012,
-                                                             beta_schedule="scaled_linear", num_train_timesteps=1000))
+    for m in (unet, *encoders):
+        m.eval()
+    xl = dict(text_encoder_2=encoders[1], tokenizer_2=tokenizer) if len(encoders) == 2 else {}
+    pipe = assemble(unet, vae, encoders[0], tokenizer, dict(beta_start=0.00085, beta_end=0.012,
+                                                            beta_schedule="scaled_linear", num_train_timesteps=1000),
+                    **xl)
     for split in ("heldout", "train"):
         res, _, _ = ev.evaluate(pipe, split, per_prompt=1)
         log(f"eval step {step} {split}: bg {res['bg']:.0%} colour {res['colour']:.0%} "
             f"shape {res['shape']:.0%} all {res['all']:.0%}", t0)
     for b, p in zip(backup, params):
         p.copy_(b)
-    unet.train()
-    text_encoder.train()
+    for m in (unet, *encoders):
+        m.train()
 
 
 # --------------------------------------------------------------------------------- stage 5
@@ -327,19 +401,34 @@ def finetune_decoder(vae, args, t0):
     return vae
 
 
-def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, info: dict):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, info: dict, text_encoder_2=None, reused: Path = None):
+    """A StableDiffusionPipeline, or given `text_encoder_2` a StableDiffusionXLPipeline (the one tokenizer
+    as both of its tokenizers), with a DDIM scheduler on SD's schedule. `reused`: the pipeline folder whose
+    tokenizer and VAE were used unchanged; their files are copied as they are (saving the loaded objects
+    would add loader state to their configs, such as the VAE's local _name_or_path)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
                               steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(
+            unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer, scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     pipe.save_pretrained(str(tmp), safe_serialization=True)
+    if reused is not None:
+        for name, src in (("tokenizer", "tokenizer"), ("tokenizer_2", "tokenizer"), ("vae", "vae")):
+            if (tmp / name).is_dir():
+                shutil.rmtree(tmp / name)
+                shutil.copytree(reused / src, tmp / name)
     (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -349,7 +438,13 @@ def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, info: dict):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1",
+                   help="sd1: tiny-sd (all stages); sdxl: the SDXL-architecture tiny-sdxl on --reuse-from's "
+                        "tokenizer and VAE (the --vae-* and --decoder-* options do not apply)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: sdlora/assets/tiny-sd (sd1) or sdlora/assets/tiny-sdxl (sdxl)")
+    p.add_argument("--reuse-from", type=Path, default=DEFAULT_OUT,
+                   help="sdxl: the trained tiny-sd folder whose tokenizer and VAE are reused (default: the bundled one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: all cores; 1 shares the machine but is ~1.4x slower)")
@@ -361,7 +456,7 @@ def main(argv=None):
     p.add_argument("--vae-images", type=int, default=8000)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=1800)
+    p.add_argument("--unet-steps", type=int, default=None, help="default: 1800 (sd1), 4000 (sdxl)")
     p.add_argument("--images", type=int, default=12000, help="captioned training images")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--ema", type=float, default=0.998)
@@ -378,9 +473,17 @@ def main(argv=None):
     p.add_argument("--save-vae", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.out is None:
+        args.out = DEFAULT_OUT_XL if args.arch == "sdxl" else DEFAULT_OUT
+    if args.unet_steps is None:
+        args.unet_steps = 4000 if args.arch == "sdxl" else 1800
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.arch == "sdxl":
+        if args.decoder_only:
+            p.error("--decoder-only is for --arch sd1 (sdxl reuses tiny-sd's VAE)")
+        return main_xl(args, argv, t0)
     if args.decoder_only:
         return decoder_only(args, t0)
     with tempfile.TemporaryDirectory() as d:
@@ -397,15 +500,45 @@ def main(argv=None):
             train_vae(vae, args, t0)
             if args.save_vae:
                 vae.save_pretrained(args.save_vae)
-        train_unet(vae, unet, text_encoder, tokenizer, args, t0)
+        train_unet(vae, unet, [text_encoder], tokenizer, args, t0)
         if args.decoder_steps:
             finetune_decoder(vae, args, t0)
         info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("out", "vae_from", "save_vae", "eval_every", "decoder_only")}
+                if k not in ("out", "vae_from", "save_vae", "eval_every", "decoder_only", "arch", "reuse_from")}
         info |= {"train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
                  "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
                  "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
         save_pipeline(args.out, unet, vae, text_encoder, tokenizer, info)
+    log(f"saved {args.out}", t0)
+
+
+def main_xl(args, argv, t0):
+    """--arch sdxl: stage 4 on tiny-sd's tokenizer and VAE, saved as a StableDiffusionXLPipeline."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    src = args.reuse_from
+    if not (src / "model_index.json").is_file():
+        sys.exit(f"--reuse-from {src}: no model_index.json; expected a tiny-sd folder written by this script")
+    tokenizer = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(str(src / "vae")).eval()
+    vae.requires_grad_(False)
+    unet, text_encoder, text_encoder_2 = build_xl_models(len(tokenizer), args.seed)
+    log(f"params: unet {sum(p.numel() for p in unet.parameters())/1e6:.2f}M, text encoders "
+        f"{sum(p.numel() for p in text_encoder.parameters())/1e6:.2f}M + "
+        f"{sum(p.numel() for p in text_encoder_2.parameters())/1e6:.2f}M; tokenizer and VAE from {src}", t0)
+    train_unet(vae, unet, [text_encoder, text_encoder_2], tokenizer, args, t0)
+    try:
+        src_name = str(src.resolve().relative_to(ROOT))
+    except ValueError:
+        src_name = str(src)
+    info = {"arch": "sdxl", "tokenizer_and_vae_from": src_name}
+    info |= {k: v for k, v in vars(args).items() if k in ("seed", "threads", "batch", "unet_steps", "images", "lr", "ema")}
+    info |= {"time_ids": list(XL_TIME_IDS), "zeroed_empty_caption_share": XL_ZERO_P,
+             "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+             "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
+             "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
+    save_pipeline(args.out, unet, vae, text_encoder, tokenizer, info, text_encoder_2=text_encoder_2, reused=src)
     log(f"saved {args.out}", t0)
 
 

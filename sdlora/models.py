@@ -25,7 +25,7 @@ def torch_dtype(name: str):
 
 ASSETS = Path(__file__).parent / "assets"
 # Short names for models shipped inside the package.
-BUNDLED = {"sdlora-tiny": ASSETS / "tiny-sd"}
+BUNDLED = {"sdlora-tiny": ASSETS / "tiny-sd", "sdlora-tiny-xl": ASSETS / "tiny-sdxl"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
