@@ -28,24 +28,10 @@ from sdlora import grid, load_pipeline, sample
 
 
 def load_base_pipeline(model: str = "sdlora-tiny"):
-    """An unmodified diffusers StableDiffusionPipeline for `model` ('sdlora-tiny' = the bundled model, or a
-    folder / Hub id) sampling with DPM-Solver, as sdlora's generator does, without progress bars. An SDXL
-    base ('sdlora-tiny-xl') gives a StableDiffusionXLPipeline, loaded here with the same scheduler swap
-    (sdlora.load_pipeline builds a StableDiffusionPipeline whatever the base)."""
-    from sdlora.models import family, resolve_base
-
-    path = resolve_base(model, flag="--model")
-    if family(path) == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
-
-        from sdlora.logs import quiet
-        from sdlora.pipeline import set_scheduler
-
-        with quiet():
-            pipe = StableDiffusionXLPipeline.from_pretrained(path, use_safetensors=True, add_watermarker=False)
-        set_scheduler(pipe, "dpm++")
-    else:
-        pipe = load_pipeline(base=model, device="cpu")
+    """An unmodified diffusers pipeline for `model` ('sdlora-tiny' = the bundled model, 'sdlora-tiny-xl' = its SDXL
+    counterpart, or a folder / Hub id) sampling with DPM-Solver, as sdlora's generator does, without progress bars:
+    a StableDiffusionPipeline, or a StableDiffusionXLPipeline for an SDXL base."""
+    pipe = load_pipeline(base=model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -229,3 +229,14 @@ def test_sdxl_refuses_sd1_only_tokenizer_flags(sdxl_model, tmp_path, capsys, no_
     msg = recipe_error(capsys, db, _xl_flags(sdxl_model, tmp_path / "o", instance_data_dir=inst, instance_prompt="sks",
                                              tokenizer_max_length=20))
     assert msg == f"error: --tokenizer_max_length is not used with an SDXL base ({sdxl_model}); drop it"
+
+
+def test_the_bundled_sdxl_model_trains_at_its_own_size(tmp_path):
+    """sdlora-tiny-xl by its short name, no --resolution: 32 px (its UNet's sample size x its VAE's factor)."""
+    out = tmp_path / "o"
+    r = run(T2I, _xl_flags("sdlora-tiny-xl", out, train_data_dir=ROOT / "examples" / "data" / "pokemon",
+                           max_train_samples=8, max_train_steps=2))
+    assert r.stderr.count("base model: SDXL") == 1
+    _, meta = read_lora(out / "pytorch_lora_weights.safetensors")
+    assert (meta["ss_base_model_version"], meta["modelspec.resolution"], meta["ss_sd_model_name"]) == \
+        ("sdxl_base_v1-0", "32x32", "sdlora-tiny-xl")

@@ -10,6 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 MODEL = ROOT / "sdlora" / "assets" / "tiny-sd"
+XL_MODEL = ROOT / "sdlora" / "assets" / "tiny-sdxl"
 sys.path.insert(0, str(EXAMPLES))
 
 import shapes  # noqa: E402
@@ -36,6 +37,35 @@ def test_bundled_model_is_an_sd_pipeline_under_30mb():
     cfg = p.scheduler.config
     assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, cfg.clip_sample) == \
         ("scaled_linear", 0.00085, 0.012, 1000, False)
+
+
+def test_bundled_models_together_stay_under_30mb_and_the_xl_one_is_an_sdxl_pipeline():
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlora import models
+
+    size = sum(f.stat().st_size for f in (ROOT / "sdlora" / "assets").rglob("*") if f.is_file())
+    assert size <= 30 * 2**20, size
+    assert list(XL_MODEL.rglob("*.bin")) == [] and len(list(XL_MODEL.rglob("*.safetensors"))) == 4
+    assert models.family(str(XL_MODEL)) == "sdxl" and models.BUNDLED["sdlora-tiny-xl"] == XL_MODEL
+    p = StableDiffusionXLPipeline.from_pretrained(XL_MODEL)
+    u = p.unet.config
+    assert u.addition_embed_type == "text_time"
+    assert u.cross_attention_dim == p.text_encoder.config.hidden_size + p.text_encoder_2.config.hidden_size
+    assert p.config.force_zeros_for_empty_prompt
+
+
+def test_bundled_xl_model_draws_the_prompted_colours():
+    """sdlora-tiny-xl through sdlora's own loader: held-out (shape colour, background) pairs, loose threshold."""
+    import eval_prompt_following as ev
+
+    torch.set_num_threads(1)
+    xl = ev.load_base_pipeline("sdlora-tiny-xl")
+    assert type(xl).__name__ == "StableDiffusionXLPipeline"
+    specs = ev.prompt_specs("heldout", per_prompt=1)[::3][:8]
+    images = ev.sample(xl, [s["prompt"] for s in specs], [s["seed"] for s in specs], steps=20, guidance=6.0, batch=48)
+    res = shapes.prompt_following(images, specs)
+    assert res["bg"] >= 0.75 and res["colour"] >= 0.75, res
 
 
 def test_tokenizer_has_one_token_per_caption_word_and_takes_any_text(pipe):
