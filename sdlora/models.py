@@ -175,6 +175,13 @@ def _load(cls, base, subfolder, allow_pickle, **kw):
 
     kw = {k: (torch.float32 if v is None and k in ("dtype", "torch_dtype") else v) for k, v in kw.items()}
     try:
+        if kw.get("torch_dtype") in (torch.float16, torch.bfloat16):  # diffusers models: no fp32 copy on the way
+            from . import streamload
+
+            model = streamload.load(cls, base, subfolder or "", kw["torch_dtype"], kw.get("variant"),
+                                    kw.get("revision"), kw.get("cache_dir"))
+            if model is not None:
+                return model
         with no_progress_bars():
             return cls.from_pretrained(base, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kw)
     except (OSError, EnvironmentError, ValueError) as e:
