@@ -4,7 +4,7 @@ diffusers' `from_pretrained(torch_dtype=bf16)` reads the whole fp32 state dict a
 bf16/fp16 run peaks at the fp32 size on top of the cast model (SD1.5's UNet: 3.4 GB + 1.7 GB). Here the file
 is read with plain reads — not mmap, whose touched pages count as resident memory — one tensor at a time,
 cast, and assigned into a model built on the meta device: the peak is the cast model plus one tensor.
-Anything unusual (sharded or pickle weights, renamed keys, modules kept in fp32) returns None and the caller
+Anything unusual (pickle weights, renamed keys, modules kept in fp32) returns None and the caller
 takes diffusers' own path.
 """
 from __future__ import annotations
@@ -39,31 +39,48 @@ def read_cast(path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return out
 
 
-def weights_file(base: str, subfolder: str, variant=None, revision=None, cache_dir=None) -> Path | None:
-    """The component's single safetensors file (downloaded into the Hub cache for a Hub id), or None."""
+def weights_files(base: str, subfolder: str, variant=None, revision=None, cache_dir=None) -> list[Path] | None:
+    """The component's safetensors file, or its shards in index order (downloaded into the Hub cache for a Hub
+    id), or None."""
     name = f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors"
-    local = Path(base) / subfolder / name
-    if Path(base).is_dir():
-        return local if local.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(base, f"{subfolder}/{name}", revision=revision, cache_dir=cache_dir))
-    except Exception:  # sharded, missing, offline: diffusers' own loader reports or handles it
+    def fetch(file: str) -> Path | None:
+        if Path(base).is_dir():
+            p = Path(base) / subfolder / file
+            return p if p.is_file() else None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(base, f"{subfolder}/{file}".lstrip("/"), revision=revision,
+                                        cache_dir=cache_dir))
+        except Exception:  # missing or offline: diffusers' own loader reports or handles it
+            return None
+
+    single = fetch(name)
+    if single is not None:
+        return [single]
+    index = fetch(name + ".index.json")
+    if index is None:
         return None
+    shards = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+    files = [fetch(s) for s in shards]
+    return None if None in files else files
 
 
 def load(cls, base: str, subfolder: str, dtype: torch.dtype, variant=None, revision=None, cache_dir=None):
     """A diffusers model (UNet, VAE) in `dtype` without an fp32 copy in memory, or None to use from_pretrained."""
     if getattr(cls, "_keep_in_fp32_modules", None):
         return None
-    file = weights_file(base, subfolder, variant, revision, cache_dir)
-    if file is None:
+    files = weights_files(base, subfolder, variant, revision, cache_dir)
+    if files is None:
         return None
     config = cls.load_config(base, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
     with torch.device("meta"):
         model = cls.from_config(config)
-    result = model.load_state_dict(read_cast(file, dtype), strict=False, assign=True)
+    state = {}
+    for f in files:
+        state.update(read_cast(f, dtype))
+    result = model.load_state_dict(state, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys or \
             any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         return None  # an older key layout diffusers converts, or state the file does not hold

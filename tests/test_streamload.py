@@ -54,3 +54,16 @@ def test_a_truncated_weights_file_is_one_line(sdxl_model, tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(UserError, match=r"base/unet: could not load \(.*truncated"):
         models.load_unet(str(base), dtype=torch.bfloat16)
+
+
+def test_sharded_weights_load_too(sdxl_model, tmp_path):
+    """A UNet saved in shards (as an fp32 SDXL UNet over 10 GB is) streams shard by shard."""
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(str(sdxl_model), subfolder="unet").save_pretrained(
+        tmp_path / "base" / "unet", max_shard_size="2MB")
+    assert len(list((tmp_path / "base" / "unet").glob("*.safetensors"))) > 1
+    ours = streamload.load(UNet2DConditionModel, str(tmp_path / "base"), "unet", torch.bfloat16)
+    theirs = UNet2DConditionModel.from_pretrained(str(sdxl_model), subfolder="unet", torch_dtype=torch.bfloat16)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
