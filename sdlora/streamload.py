@@ -24,7 +24,10 @@ def read_cast(path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors, floating-point ones cast to `dtype` as each is read."""
     out = {}
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if len(head) < 8:
+            raise OSError(f"{path}: not a safetensors file (truncated header)")
+        (n,) = struct.unpack("<Q", head)
         header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # one forward pass
@@ -59,7 +62,7 @@ def weights_files(base: str, subfolder: str, variant=None, revision=None, cache_
     single = fetch(name)
     if single is not None:
         return [single]
-    index = fetch(name + ".index.json")
+    index = fetch(f"diffusion_pytorch_model.safetensors.index{'.' + variant if variant else ''}.json")  # diffusers' name
     if index is None:
         return None
     shards = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
@@ -78,9 +81,12 @@ def load(cls, base: str, subfolder: str, dtype: torch.dtype, variant=None, revis
     with torch.device("meta"):
         model = cls.from_config(config)
     state = {}
-    for f in files:
-        state.update(read_cast(f, dtype))
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        for f in files:
+            state.update(read_cast(f, dtype))
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except (KeyError, RuntimeError):  # a dtype this reader does not know (fp8), shapes the config does not have
+        return None
     if result.missing_keys or result.unexpected_keys or \
             any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         return None  # an older key layout diffusers converts, or state the file does not hold

@@ -240,3 +240,68 @@ def test_the_bundled_sdxl_model_trains_at_its_own_size(tmp_path):
     _, meta = read_lora(out / "pytorch_lora_weights.safetensors")
     assert (meta["ss_base_model_version"], meta["modelspec.resolution"], meta["ss_sd_model_name"]) == \
         ("sdxl_base_v1-0", "32x32", "sdlora-tiny-xl")
+
+
+# ---------------------------------------------------------------- review fixes
+
+def test_min_snr_weights_stay_finite_at_zero_terminal_snr():
+    """--zero_terminal_snr makes SNR exactly 0 at the last step; --snr_gamma's epsilon weight min(snr, γ)/snr is 1
+    there (its limit), not 0/0."""
+    from diffusers import DDPMScheduler
+
+    from sdlora.tiny import SCHEDULE
+    from sdlora.training import losses
+
+    t = torch.tensor([999, 500, 10])
+    for prediction in ("epsilon", "v_prediction"):
+        sched = DDPMScheduler(**SCHEDULE, prediction_type=prediction, rescale_betas_zero_snr=True)
+        w = losses.snr_weights(sched, t, 5.0)
+        assert torch.isfinite(w).all(), (prediction, w)
+        plain = losses.snr_weights(DDPMScheduler(**SCHEDULE, prediction_type=prediction), t, 5.0)
+        assert torch.isfinite(plain).all()
+    assert losses.snr_weights(DDPMScheduler(**SCHEDULE, rescale_betas_zero_snr=True), t, 5.0)[0] == 1.0
+
+
+def test_samples_decode_in_the_vaes_own_dtype_under_autocast(sdxl_model):
+    """SDXL's VAE stays fp32 under fp16; the sampler's autocast must not run its decode in half precision."""
+    from diffusers import AutoencoderKL
+
+    from sdlora.training.validation import _decode_in_vae_dtype
+
+    vae = AutoencoderKL.from_pretrained(str(sdxl_model), subfolder="vae")
+    z = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    want = vae.decode(z.float()).sample
+    with torch.autocast("cpu", dtype=torch.bfloat16), _decode_in_vae_dtype(vae, "cpu"):
+        got = vae.decode(z).sample
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert "decode" not in vars(vae)  # the class's own method again afterwards
+
+
+def test_dataset_rows_without_buckets_are_conditioned_on_their_real_size(tmp_path):
+    """A `datasets` row (size unknown until decoded) with --no_bucket: SDXL's size/crop ids describe the crop the
+    pixels really get, not the square target."""
+    from sdlora.data.sources import Row
+    from sdlora.data.trainset import TrainSet
+
+    Image.new("RGB", (96, 64), "red").save(tmp_path / "wide.png")
+    row = Row(image=lambda: Image.open(tmp_path / "wide.png"), caption="a red square", name="wide", size=None)
+    data = TrainSet([row], [[0]], [0], 32, center_crop=True, random_flip=False)
+    assert data.rows[0].size == (96, 64)
+    assert data.layout(0, 0, 0).geometry() == (64, 96, 0, 8, 32, 32)  # resized to 48x32, centre crop at left 8
+
+
+def test_resume_refuses_a_flag_the_checkpoint_ran_without():
+    """Settings recorded only when used (--zero_terminal_snr, --pretrained_vae…, --adam_weight_decay_text_encoder)
+    still count as changes on resume: missing from a checkpoint means their default."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from sdlora.errors import UserError
+    from sdlora.training.loop import _check_resume
+
+    ckpt = SimpleNamespace(settings={"rank": 4}, seed=0, path="out/checkpoint-2")
+    config = SimpleNamespace(seed=None)
+    _check_resume(config, ckpt, {"rank": 4}, main=True)
+    with pytest.raises(UserError, match="zero_terminal_snr false -> true"):
+        _check_resume(config, ckpt, {"rank": 4, "zero_terminal_snr": True}, main=True)

@@ -67,3 +67,19 @@ def test_sharded_weights_load_too(sdxl_model, tmp_path):
     theirs = UNet2DConditionModel.from_pretrained(str(sdxl_model), subfolder="unet", torch_dtype=torch.bfloat16)
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_empty_weights_file_is_one_line_and_fp8_falls_back(sdxl_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    base = tmp_path / "base"
+    shutil.copytree(sdxl_model / "unet", base / "unet")
+    f = base / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(b"")
+    with pytest.raises(UserError, match=r"base/unet: could not load \("):
+        models.load_unet(str(base), dtype=torch.bfloat16)
+    sd = load_file(sdxl_model / "unet" / "diffusion_pytorch_model.safetensors")
+    k = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[k] = sd[k].to(torch.float8_e4m3fn)  # a dtype the streaming reader does not read: diffusers' path instead
+    save_file(sd, f)
+    assert streamload.load(UNet2DConditionModel, str(base), "unet", torch.bfloat16) is None

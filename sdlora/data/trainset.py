@@ -95,10 +95,9 @@ class TrainSet:
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.bucketing = bucketing or Bucketing(resolution, enabled=False)
         table = self.bucketing.table()
-        if self.bucketing.enabled:
-            for r in rows:
-                if r.size is None:  # a `datasets` row: its size is only known by decoding it
-                    r.size = read_image(r.image).size
+        for r in rows:  # also with --no_bucket: a crop's place and SDXL's size conditioning follow from the size
+            if r.size is None:  # a `datasets` row: its size is only known by decoding it
+                r.size = read_image(r.image).size
         self.buckets = [self.bucketing.assign(r.size, table) if r.size else (resolution, resolution) for r in rows]
         too_small = {i for i, b in enumerate(self.buckets) if b is None}
         for i in sorted(too_small):

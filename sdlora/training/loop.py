@@ -401,14 +401,23 @@ def run_settings(config: TrainConfig, recipe: Recipe, world: int, max_steps: int
     }
     if c.lr_scheduler in _DECAYING:
         s["max_train_steps"] = max_steps
-    for k in ("pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder"):
-        if getattr(c, k) not in (None, False):  # only when used: older checkpoints stay fully checked
+    for k, default in _OPTIONAL_SETTINGS.items():
+        if getattr(c, k) != default:  # only when used: a checkpoint from before these flags matches a run without
             s[k] = getattr(c, k)
+    vae = s.get("pretrained_vae_model_name_or_path")
+    if vae and Path(vae).expanduser().exists():  # a local VAE folder, wherever the run is resumed from
+        s["pretrained_vae_model_name_or_path"] = str(Path(vae).expanduser().resolve())
     return s
 
 
+# Settings recorded only when they differ from these defaults (a missing one means the default, see _check_resume).
+_OPTIONAL_SETTINGS = {"pretrained_vae_model_name_or_path": None, "zero_terminal_snr": False,
+                      "adam_weight_decay_text_encoder": None}
+
+
 def _check_resume(config: TrainConfig, ckpt, settings: dict, main: bool):
-    changed, unknown = checkpoint.differences(ckpt.settings, settings)
+    saved = {**_OPTIONAL_SETTINGS, **ckpt.settings}
+    changed, unknown = checkpoint.differences(saved, {**_OPTIONAL_SETTINGS, **settings})
     if config.seed is not None and config.seed != ckpt.seed:
         changed.append(f"seed {ckpt.seed} -> {config.seed}")
     if changed:

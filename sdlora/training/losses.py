@@ -21,10 +21,11 @@ def snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
-    w = torch.clamp(snr, max=gamma) / snr
     if noise_scheduler.config.prediction_type == "v_prediction":
-        w = torch.clamp(snr, max=gamma) / (snr + 1)
-    return w
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    # min(snr, γ) / snr is 1 for every snr below γ, so 1 at the zero SNR of --zero_terminal_snr's last step (not 0/0)
+    return torch.where(snr > 0, torch.clamp(snr, max=gamma) / snr.clamp(min=torch.finfo(snr.dtype).tiny),
+                       torch.ones_like(snr))
 
 
 def per_sample_loss(pred, target_, noise_scheduler, timesteps, snr_gamma: float | None,

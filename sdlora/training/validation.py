@@ -45,13 +45,32 @@ def sampling(run):
     xl = dict(text_encoder_2=tes[1], tokenizer_2=run.tokenizers[1]) if len(tes) > 1 else {}
     pipe = pipeline.assemble(run.parts["unet"].bare, vae, tes[0], run.tokenizers[0], run.noise_scheduler.config, **xl)
     try:
-        with eval_mode(run), run.accelerator.autocast():
+        with eval_mode(run), run.accelerator.autocast(), _decode_in_vae_dtype(vae, device):
             yield pipe, encode
     finally:
         # Send the helpers back where caching put them.
         run.vae = models.release(vae, device) if run.cache_latents else vae
         for n, te in frozen_tes.items():
             run.text_encoders[n] = models.release(te, device) if run.caches.embeds is not None else te
+
+
+@contextlib.contextmanager
+def _decode_in_vae_dtype(vae, device):
+    """Decode latents in the VAE's own dtype, outside autocast: SDXL's VAE is kept fp32 under fp16 because it
+    overflows, and fp16 autocast would run its convolutions in fp16 anyway (black samples)."""
+    import torch
+
+    decode = vae.decode
+
+    def own_dtype_decode(z, *a, **k):
+        with torch.autocast(torch.device(device).type, enabled=False):
+            return decode(z.to(vae.dtype), *a, **k)
+
+    vae.decode = own_dtype_decode
+    try:
+        yield
+    finally:
+        del vae.decode  # the class's method again
 
 
 def validate(run) -> list[dict]:
