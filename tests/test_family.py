@@ -221,7 +221,7 @@ def test_zero_terminal_snr_rescales_the_schedule_the_loss_uses(sd2_model, tiny_m
     out = tmp_path / "o"
     r, seen = _spied_run(tmp_path, fast_flags(sd2_model, out, train_data_dir=data, max_train_steps=2,
                                               zero_terminal_snr=True))
-    # diffusers' rescale_betas_zero_snr: no signal left at the last timestep (2^-24, not 0, to keep it finite)
+    # diffusers' rescale_betas_zero_snr: no signal left at the last timestep (ᾱ = 0 for DDPM)
     assert seen and all(s["velocity"] and s["terminal_alpha"] < 1e-6 for s in seen), seen
     assert "--zero_terminal_snr with" not in r.stderr
     _, meta = read_lora(out / "pytorch_lora_weights.safetensors")
