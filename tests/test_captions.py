@@ -88,7 +88,7 @@ def test_inactive_ops_draw_nothing_and_change_nothing(ops, active):
 
 
 def test_only_main_group_rows_get_caption_ops(tmp_path):
-    rows = [Row(tmp_path / "a.png", CAPTION, "a"), Row(tmp_path / "b.png", "a photo of a dog", "b")]
+    rows = [Row(tmp_path / "a.png", CAPTION, "a", (32, 32)), Row(tmp_path / "b.png", "a photo of a dog", "b", (32, 32))]
     data = TrainSet(rows, [[0, 1]] * 4, [0, 1], 32, True, False, captions=CaptionOps(dropout_rate=0.999))
     assert [data.caption(0, 0, 0, (i, 0)) for i in range(4)] == [""] * 4
     assert [data.caption(1, 0, 0, (i, 1)) for i in range(4)] == ["a photo of a dog"] * 4
