@@ -40,8 +40,10 @@ def _unet_inputs(unet, a, device):
     """Latents, timesteps, text embeddings and (SDXL) the added conditioning at the training shape."""
     from diffusers import AutoencoderKL
 
+    from sdlora import models
+
     vae = AutoencoderKL.load_config(a.model, subfolder="vae")
-    lat = a.resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    lat = a.resolution // models.vae_factor(vae)
     latents = torch.randn(a.batch, 4, lat, lat, device=device)
     t = torch.randint(0, 1000, (a.batch,), device=device)
     emb = torch.randn(a.batch, 77, unet.config.cross_attention_dim, device=device)

@@ -33,8 +33,7 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
                  token: str | None = None, flag: str = "--pretrained_model_name_or_path", vae: bool = False) -> str:
     """Return a loadable path or Hub id, or raise UserError saying what is wrong. `vae`: a VAE alone (its
     config.json at the top, as SDXL's fp16-fix VAE), not a pipeline folder."""
-    marker, what = ("config.json", "VAE folder (no config.json)") if vae else \
-        ("model_index.json", "diffusers pipeline folder (no model_index.json or unet/config.json)")
+    kind, marker = ("VAE", "config.json") if vae else ("diffusers pipeline", "model_index.json")
     if name in BUNDLED:
         path = BUNDLED[name]
         if not (path / "model_index.json").exists():
@@ -43,7 +42,8 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
     p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir() or not ((p / marker).exists() or (not vae and (p / "unet" / "config.json").exists())):
-            raise UserError(f"{flag} {name}: not a {what}")
+            found = marker if vae else "model_index.json or unet/config.json"
+            raise UserError(f"{flag} {name}: not a {kind} folder (no {found})")
         return str(p)
     if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
         raise UserError(f"{flag} {name}: no such folder, and not a valid Hub model id")
@@ -61,7 +61,7 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
     except RevisionNotFoundError:
         raise UserError(f"{flag} {name}: revision {revision!r} not found") from None
     except EntryNotFoundError:
-        raise UserError(f"{flag} {name}: not a {what.split(' (')[0].replace('folder', 'repo')} (no {marker})") from None
+        raise UserError(f"{flag} {name}: not a {kind} repo (no {marker})") from None
     except Exception as e:  # network errors of every kind
         raise UserError(f"{flag} {name}: could not reach the Hub ({type(e).__name__}); give a local path") from None
     return name
@@ -71,6 +71,12 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
 FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # Each family's cross-attention width: its text encoder's hidden size (CLIP ViT-L, OpenCLIP ViT-H, both of SDXL's).
 WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
+# SD 1.x/2.x by that width (SDXL is told by its text_time conditioning instead).
+FAMILY_BY_WIDTH = {WIDTHS["sd1"]: "sd1", WIDTHS["sd2"]: "sd2"}
+# The base's text encoders as its subfolders (and a LoRA's component prefixes) name them, with their transformers
+# class: SD 1.x/2.x have the first; SDXL both, the second projecting its pooled output.
+TEXT_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+TEXT_ENCODERS = tuple(TEXT_CLASSES)
 
 
 def family_of(unet_config, pipeline_class: str | None = None) -> str:
@@ -83,8 +89,8 @@ def family_of(unet_config, pipeline_class: str | None = None) -> str:
     if (pipeline_class or "").startswith("StableDiffusionXL") or unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"
     dim = unet_config.get("cross_attention_dim")
-    if dim in (WIDTHS["sd1"], WIDTHS["sd2"]):
-        return "sd1" if dim == WIDTHS["sd1"] else "sd2"
+    if dim in FAMILY_BY_WIDTH:
+        return FAMILY_BY_WIDTH[dim]
     return "sd2" if unet_config.get("use_linear_projection") else "sd1"
 
 
@@ -159,11 +165,17 @@ def check_targets(base: str, unet_config: dict, targets: list[str]):
                             f"{', '.join(known)}")
 
 
+def vae_factor(vae_config: dict) -> int:
+    """How many pixels one latent pixel covers along a side: 8 for every real SD VAE (2 per down block after the
+    first). KeyError/TypeError on an unusual config."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def size_multiple(unet_config: dict, vae_config: dict) -> int:
     """The pixel multiple an image side should be for a base (its `base_configs`): the VAE's downsampling times
     the UNet's (8 x 8 = 64 for every SD1.x/2.x/XL checkpoint; smaller for tiny test models). 64 if unknown."""
     try:
-        return 2 ** (len(vae_config["block_out_channels"]) - 1) * 2 ** (len(unet_config["down_block_types"]) - 1)
+        return vae_factor(vae_config) * 2 ** (len(unet_config["down_block_types"]) - 1)
     except (KeyError, TypeError):  # an unusual layout: loading it reports the real problem
         return 64
 
@@ -203,10 +215,9 @@ def load_text_encoder(base, revision=None, variant=None, cache_dir=None, dtype=N
                       subfolder: str = "text_encoder"):
     """A CLIP text encoder; SDXL's second one (`text_encoder_2`) with its projection, whose pooled output
     conditions the UNet."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    import transformers
 
-    cls = CLIPTextModelWithProjection if subfolder == "text_encoder_2" else CLIPTextModel
-    return _load(cls, base, subfolder, allow_pickle, revision=revision, variant=variant,
+    return _load(getattr(transformers, TEXT_CLASSES[subfolder]), base, subfolder, allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, dtype=dtype)
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from .errors import UserError
 from .logs import quiet
 from .lora import formats
-from .models import torch_dtype
+from .models import TEXT_ENCODERS, torch_dtype
 
 SCHEDULERS = {"dpm++": {}, "dpm++-karras": {"use_karras_sigmas": True}, "keep": None}
-COMPONENTS = ("unet", *formats.TEXT_ENCODERS)
+COMPONENTS = ("unet", *TEXT_ENCODERS)
 # The diffusers pipeline class of each base family (models.family_of); the rest load as StableDiffusionPipeline.
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline"}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..models import TEXT_CLASSES, TEXT_ENCODERS
 from ..output.modelcard import base_model_of, write_minimal
 
 if TYPE_CHECKING:  # torch is imported lazily so `sdlora --help` stays fast
@@ -32,9 +33,6 @@ PICKLE_BASE_HINT = ("if it has only pickle (.bin) weights, which can run code, p
 # What a training run writes (diffusers' name, so load_lora_weights(dir) finds it), and peft's name.
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 WEIGHT_NAMES = (WEIGHTS_NAME, "adapter_model.safetensors")
-# The text encoders of SD pipelines and their transformers classes (SDXL's second one projects its pooled output).
-TEXT_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
-TEXT_ENCODERS = tuple(TEXT_CLASSES)
 _KOHYA_PREFIX = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 # Module-name words that contain "_": kohya flattens every "." to "_", so these are glued back.
 _COMPOUNDS = sorted("""down_blocks up_blocks mid_block transformer_blocks to_q to_k to_v to_out proj_in proj_out
@@ -658,12 +656,12 @@ def _family_name(key: str, dim: int | None) -> str:
 def _lora_family(lora: Lora) -> tuple[str | None, int | None]:
     """(models.family_of key or None, cross-attention width or None) of the base a LoRA was made for: from its
     UNet layers, else its text-encoder width, else kohya's ss_base_model_version header."""
-    from ..models import WIDTHS, family_of
+    from ..models import FAMILY_BY_WIDTH, family_of
 
     config = _unet_config(lora)
     if config:
         return family_of(config), config["cross_attention_dim"]
-    key = {WIDTHS["sd1"]: "sd1", WIDTHS["sd2"]: "sd2"}.get(_in_width(lora, r"text_encoder\..*(q_proj|k_proj|v_proj|fc1)"))
+    key = FAMILY_BY_WIDTH.get(_in_width(lora, r"text_encoder\..*(q_proj|k_proj|v_proj|fc1)"))
     return key or _metadata_family(lora.metadata), None
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..models import TEXT_CLASSES, TEXT_ENCODERS
 from . import formats
 from .formats import Lora, Module
 
@@ -109,7 +110,7 @@ def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
     modules, kept = {}, {}
-    for comp in ("unet", *formats.TEXT_ENCODERS) if text_encoder else ("unet",):
+    for comp in ("unet", *TEXT_ENCODERS) if text_encoder else ("unet",):
         with quiet():
             a, b = _component(base, comp, allow_pickle), _component(tuned, comp, allow_pickle)
         if a is None or b is None:
@@ -142,7 +143,7 @@ def _component(model, comp, allow_pickle: bool = False):
     import transformers
     from diffusers import UNet2DConditionModel
 
-    cls = UNet2DConditionModel if comp == "unet" else getattr(transformers, formats.TEXT_CLASSES[comp])
+    cls = UNet2DConditionModel if comp == "unet" else getattr(transformers, TEXT_CLASSES[comp])
     try:  # safetensors only unless the user opts in: pickle weights can run code
         return cls.from_pretrained(str(model), subfolder=comp, use_safetensors=None if allow_pickle else True)
     except Exception as e:

@@ -13,13 +13,9 @@ import torch
 
 from .. import models
 
-# The text encoders of a family, as the pipeline folder's subfolders (and the LoRA file's prefixes) name them.
-TEXT_ENCODERS = {"sdxl": ("text_encoder", "text_encoder_2")}
-DEFAULT_TEXT_ENCODERS = ("text_encoder",)
-
-
 def text_encoder_names(family: str) -> tuple[str, ...]:
-    return TEXT_ENCODERS.get(family, DEFAULT_TEXT_ENCODERS)
+    """The family's text encoders (models.TEXT_ENCODERS): both for SDXL, the first for SD 1.x/2.x."""
+    return models.TEXT_ENCODERS if family == "sdxl" else models.TEXT_ENCODERS[:1]
 
 
 def layers_used(name: str, family: str, num_layers: int) -> int:

@@ -185,7 +185,7 @@ def default_resolution(family: str, unet_config: dict, vae_config: dict) -> int:
     if family != "sdxl":
         return 512
     try:
-        return unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+        return unet_config["sample_size"] * models.vae_factor(vae_config)
     except (KeyError, TypeError):
         return 1024
 
