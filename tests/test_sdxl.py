@@ -196,6 +196,11 @@ def test_a_pretrained_vae_folder_without_a_vae_is_one_line(sdxl_model, tmp_path,
     msg = recipe_error(capsys, t2i, _xl_flags(sdxl_model, tmp_path / "x", train_data_dir=data,
                                               pretrained_vae_model_name_or_path=data))
     assert msg == f"error: --pretrained_vae_model_name_or_path {data}: not a VAE folder (no config.json)"
+    unet = sdxl_model / "unet"  # a folder with a config.json, of another model
+    msg = recipe_error(capsys, t2i, _xl_flags(sdxl_model, tmp_path / "y", train_data_dir=data,
+                                              pretrained_vae_model_name_or_path=unet))
+    assert msg == (f"error: --pretrained_vae_model_name_or_path {unet}: its config.json describes a "
+                   f"UNet2DConditionModel, not a VAE (AutoencoderKL); give the VAE's folder")
 
 
 def test_pretrained_vae_changes_the_latents(sdxl_model, tmp_path):

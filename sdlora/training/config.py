@@ -146,6 +146,8 @@ def check(args, token: str | None = None) -> TrainConfig:
     vae = args.pretrained_vae_model_name_or_path and models.resolve_base(
         args.pretrained_vae_model_name_or_path, None, args.cache_dir, token, "--pretrained_vae_model_name_or_path",
         vae=True)
+    if vae:
+        _check_vae(args.pretrained_vae_model_name_or_path, vae, args.cache_dir)
     pipeline_class, unet_config, vae_config = models.base_configs(base, args.revision, args.cache_dir)
     family = _check_family(args, pipeline_class, unet_config)
     resolution = args.resolution or default_resolution(family, unet_config, vae_config)
@@ -177,6 +179,20 @@ def _check_family(args, pipeline_class: str | None, unet_config: dict) -> str:
                 raise UserError(f"--{flag} is not used with an SDXL base ({args.pretrained_model_name_or_path}); "
                                 f"drop it")
     return family
+
+
+def _check_vae(name: str, path: str, cache_dir) -> None:
+    """A --pretrained_vae_model_name_or_path whose config.json describes another model (a UNet folder given by
+    mistake) is one line now, not a load error after the text encoders have loaded."""
+    from diffusers import AutoencoderKL
+
+    try:
+        kind = AutoencoderKL.load_config(path, cache_dir=cache_dir).get("_class_name")
+    except Exception:  # unreadable: loading it reports the real problem
+        return
+    if kind not in (None, "AutoencoderKL"):
+        raise UserError(f"--pretrained_vae_model_name_or_path {name}: its config.json describes a {kind}, not a VAE "
+                        f"(AutoencoderKL); give the VAE's folder")
 
 
 def default_resolution(family: str, unet_config: dict, vae_config: dict) -> int:
