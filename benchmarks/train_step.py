@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -66,6 +68,7 @@ def measure_reference(a, kind: str) -> dict:
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     latents, t, emb, extra = _unet_inputs(unet, a, device)
+    call = torch.compile(unet) if a.compile else unet
     if extra:
         extra["added_cond_kwargs"] = {k: v.to(dtype) for k, v in extra["added_cond_kwargs"].items()}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=a.precision != "no")
@@ -74,7 +77,7 @@ def measure_reference(a, kind: str) -> dict:
 
         def step():
             with torch.no_grad(), autocast:
-                unet(latents.to(dtype), t, emb.to(dtype), **extra).sample
+                call(latents.to(dtype), t, emb.to(dtype), **extra).sample
     else:
         params = lora.add_lora(unet, lora.lora_config(a.rank, None, lora.UNET_TARGETS))
         for p in params:
@@ -84,7 +87,7 @@ def measure_reference(a, kind: str) -> dict:
 
         def step():
             with autocast:
-                pred = unet(latents.to(dtype), t, emb.to(dtype), **extra).sample
+                pred = call(latents.to(dtype), t, emb.to(dtype), **extra).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target)
             loss.backward()
             opt.step()
@@ -99,6 +102,26 @@ def measure_reference(a, kind: str) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {"s_per_step": statistics.median(times[a.warmup:]), "peak_mb": _peak_mb(device)}
+
+
+class Phases(logging.Handler):
+    """Peak RSS and seconds of each phase of a training run, from the loop's `phase: …` debug lines. The peak is
+    the kernel's high-water mark (VmHWM), reset at each phase's start through /proc/self/clear_refs (Linux)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.current, self.t0, self.result = "start", time.perf_counter(), {}
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if not msg.startswith("phase: "):
+            return
+        status = Path("/proc/self/status").read_text()
+        peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+        now = time.perf_counter()
+        self.result[self.current] = {"peak_rss_mb": round(peak), "seconds": round(now - self.t0, 2)}
+        Path("/proc/self/clear_refs").write_text("5")
+        self.current, self.t0 = msg[len("phase: "):], now
 
 
 def measure_trainer(a) -> dict:
@@ -118,12 +141,20 @@ def measure_trainer(a) -> dict:
             tempfile.mkdtemp(prefix="bench-out-"), "--resolution", str(a.resolution), "--train_batch_size",
             str(a.batch), "--max_train_steps", str(a.warmup + a.steps), "--report_to", "none", "--seed", "0",
             "--checkpointing_steps", "1000000", "--mixed_precision", a.precision, "--rank", str(a.rank)]
-    argv += ["--gradient_checkpointing"] * a.gradient_checkpointing + ["--no_cache"] * a.no_cache
+    argv += ["--gradient_checkpointing"] * a.gradient_checkpointing + ["--no_cache"] * a.no_cache + \
+        ["--compile"] * a.compile
     args = t2i.parse_args(argv)
     config = check(args)
-    times = []
+    times, phases = [], Phases()
+    sdlora_log = logging.getLogger("sdlora")
+    sdlora_log.addHandler(phases)
+    sdlora_log.setLevel(logging.DEBUG)
     train(config, t2i.make_recipe(args, config), on_step=lambda step, logs: times.append(logs["s_per_step"]))
-    return {"s_per_step": statistics.median(times[a.warmup:]), "peak_mb": _peak_mb(torch.device(a.device))}
+    phases.result.pop("start", None)
+    phases.result.pop("done", None)
+    on_cpu = torch.device(a.device).type == "cpu"
+    return {"s_per_step": statistics.median(times[a.warmup:]), "peak_mb": _peak_mb(torch.device(a.device)),
+            "first_step_s": times[0], **({"phases": phases.result} if on_cpu else {})}
 
 
 def main():
@@ -136,6 +167,7 @@ def main():
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--no_cache", action="store_true")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (bare step and trainer)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -171,13 +203,15 @@ def main():
                    + (f", {torch.cuda.get_device_name()}" if a.device == "cuda" else ", CPU only"),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "arch": a.arch, "resolution": a.resolution, "batch": a.batch,
         "precision": a.precision, "rank": a.rank, "cache": not a.no_cache,
-        "gradient_checkpointing": a.gradient_checkpointing, "steps_measured": a.steps,
+        "gradient_checkpointing": a.gradient_checkpointing, "compile": a.compile, "steps_measured": a.steps,
         "unet_forward_s": round(fwd["s_per_step"], 4), "bare_lora_step_s": round(bare["s_per_step"], 4),
         "trainer_step_s": round(tr["s_per_step"], 4),
         "trainer_vs_bare": round(tr["s_per_step"] / bare["s_per_step"], 3),
         "bare_vs_forward": round(bare["s_per_step"] / fwd["s_per_step"], 3),
         "peak_mb": {k: round(v["peak_mb"]) for k, v in results.items()},
         "trainer_peak_vs_bare": round(tr["peak_mb"] / bare["peak_mb"], 3),
+        "trainer_first_step_s": round(tr["first_step_s"], 2),  # includes torch.compile's compile time
+        "trainer_phases": tr.get("phases"),  # CPU: peak RSS and seconds of load / cache / load UNet / train / save
     }
     print(json.dumps(report, indent=2))
 

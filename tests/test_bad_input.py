@@ -106,3 +106,12 @@ def test_epochs_count_micro_batches(tiny_model, tmp_path):
     r = run(T2I, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, max_train_steps=None, num_train_epochs=2,
                             train_batch_size=1, gradient_accumulation_steps=2))
     assert "5 steps (2 epochs)" in r.stderr, r.stderr[-2000:]
+
+
+def test_compile_without_a_compiler(tiny_model, tmp_path, capsys, no_model_loads, monkeypatch):
+    """--compile on CPU needs a C++ compiler for inductor's kernels: without one it is one line before any load,
+    not a failure at the first step."""
+    data = make_images(tmp_path / "d", n=1)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++/c++/clang++ on it
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, compile=True))
+    assert "--compile" in msg and "C++ compiler" in msg

@@ -35,6 +35,7 @@ def test_bf16_on_cpu_keeps_lora_params_fp32(tiny_model, tmp_path):
     data = make_images(tmp_path / "d", n=2)
     r = run(T2I, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, mixed_precision="bf16", max_train_steps=2))
     assert "LoRA parameters in float32, frozen weights in bfloat16 (mixed precision: bf16)" in r.stderr
+    assert "precision: bf16 on the CPU" in r.stderr  # and whether this CPU computes it natively
     sd, meta = read_lora(tmp_path / "o/pytorch_lora_weights.safetensors")
     assert meta["ss_mixed_precision"] == "bf16" and all(torch.isfinite(v).all() for v in sd.values())
 
@@ -139,3 +140,43 @@ def test_killed_run_never_damages_previous_output(tiny_model, tmp_path):
             assert len(list(f.keys())) > 0
     # stray temp files may remain from the kill, but are hidden and never taken for results
     assert all(p.name.startswith(".") for p in out.iterdir() if ".tmp" in p.name)
+
+
+def test_precision_note_says_why(monkeypatch):
+    """The log's precision line: bf16 named native or emulated by the CPU's features; fp32 on a bf16 CPU advises bf16."""
+    from sdlora import models
+
+    monkeypatch.setattr(models, "native_bf16", lambda: "AVX512-BF16")
+    assert models.precision_note("bf16", "cpu") == "bf16 on the CPU (AVX512-BF16 computes it natively)"
+    assert "--mixed_precision bf16 trains" in models.precision_note(None, "cpu")
+    monkeypatch.setattr(models, "native_bf16", lambda: None)
+    assert "emulated" in models.precision_note("bf16", "cpu")
+    assert models.precision_note("no", "cpu") == "fp32 on the CPU"
+
+
+def test_compile_trains_the_same_lora(tiny_model, tmp_path, monkeypatch):
+    """--compile runs the training steps through torch.compile (dynamo traces the peft-wrapped UNet) and saves the
+    same LoRA, with the same keys, as an uncompiled run. The eager backend keeps dynamo's tracing but skips
+    inductor's C++ build (minutes even for the tiny UNet on 2 cores), so the weights match exactly."""
+    import functools
+
+    import torch._dynamo
+
+    import train_text_to_image_lora as t2i
+    from sdlora.training.config import check
+    from sdlora.training.loop import train
+
+    data = make_images(tmp_path / "d", n=4)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    out = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        argv = fast_flags(tiny_model, tmp_path / f"o{compiled}", train_data_dir=data, max_train_steps=3,
+                          compile=compiled)
+        args = t2i.parse_args(argv)
+        config = check(args)
+        out[compiled] = read_lora(train(config, t2i.make_recipe(args, config)))[0]
+        assert (torch._dynamo.utils.counters["frames"]["ok"] > 0) == compiled
+    assert out[True].keys() == out[False].keys()
+    assert all(torch.equal(out[True][k], out[False][k]) for k in out[False])

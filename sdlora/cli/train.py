@@ -70,6 +70,8 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="default: accelerate's config / `accelerate launch --mixed_precision`")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (the first step also compiles; see the README for when it pays)")
     g.add_argument("--no_cache", action="store_true",
                    help="don't cache VAE latents / text embeddings (they are cached automatically when possible)")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")

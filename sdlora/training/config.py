@@ -77,6 +77,7 @@ class TrainConfig:
     mixed_precision: str | None = None
     gradient_checkpointing: bool = False
     enable_xformers_memory_efficient_attention: bool = False
+    compile: bool = False
     allow_tf32: bool = False
     # LoRA
     rank: int = 4
@@ -292,11 +293,25 @@ def _check_devices(args, mixed_precision: str | None):
                             "(pip install xformers, CUDA only); PyTorch's SDPA attention is used by default")
         if not cuda:
             raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU")
+    if getattr(args, "compile", False):
+        _check_compiler(cuda)
     if args.use_8bit_adam:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes; needs a CUDA GPU)")
         if not cuda:
             raise UserError("--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit optimizers); drop the flag on CPU")
+
+
+def _check_compiler(cuda: bool):
+    """--compile's inductor backend builds C++ kernels on CPU (Triton ones on GPU): without a compiler it would
+    fail at the first step, after the models load."""
+    import shutil
+
+    if cuda:
+        if importlib.util.find_spec("triton") is None:
+            raise UserError("--compile: torch.compile needs Triton on a GPU (pip install triton); drop the flag")
+    elif not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise UserError("--compile: torch.compile needs a C++ compiler on CPU (e.g. apt-get install g++); drop the flag")
 
 
 def check_output_dir(out: Path):

@@ -118,6 +118,7 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
         if (v := validation_loss(run)) is not None:
             log.info("validation loss before training: %.5f", v)
             run.accelerator.log({"val_loss": v}, step=0)
+    _phase("train")
     # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
     with tqdm(total=run.max_steps, initial=run.step, desc="steps", disable=not run.main, dynamic_ncols=True) as bar:
         t_last = time.perf_counter()
@@ -145,11 +146,18 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
             if samples.due(config, run.step, epoch_before, run.epoch, last=run.step == run.max_steps):
                 samples.take(run)
     run.accelerator.wait_for_everyone()
+    _phase("save")
     path = save_final(run) if run.main else None
+    _phase("done")
     if run.best_val_loss and run.main:  # the last line: where to look for the best checkpoint
         log.info("lowest validation loss %.5f at step %d (of %d)", *run.best_val_loss, run.max_steps)
     run.accelerator.end_training()
     return path
+
+
+def _phase(name: str):
+    """Mark where a run is, at debug level: benchmarks/train_step.py reads these to report memory and time per phase."""
+    log.debug("phase: %s", name)
 
 
 def _val_loss_due(every: int | None, run: Run, epoch_before: int) -> bool:
@@ -200,6 +208,7 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     if ckpt:
         _check_resume(config, ckpt, settings, main)
 
+    _phase("load text encoders and VAE")
     load = dict(revision=config.revision, cache_dir=config.cache_dir)
     frozen = dict(load, variant=config.variant, allow_pickle=config.allow_pickle, dtype=weight_dtype)
     names = conditioning.text_encoder_names(config.family)
@@ -213,6 +222,7 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     vae_scale = vae.config.scaling_factor
 
     # Encode once, then the VAE / text encoder leave the training device.
+    _phase("cache")
     caches, (cache_latents, cache_text, why_not) = Caches(), plan(config, recipe.data)
     if cache_latents:
         caches.build_latents(data, seed, vae, device, vae_dtype, config.train_batch_size, main)
@@ -234,6 +244,7 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     if cache_text:
         text_encoders = {n: models.release(te, device) for n, te in text_encoders.items()}
 
+    _phase("load UNet")
     unet = models.load_unet(config.base, **frozen).to(device)
     parts, optimizer, lr_scheduler = _trainable(config, accelerator, unet, text_encoders, lr, max_steps)
     best = ckpt.best_val_loss if ckpt else None
@@ -244,9 +255,9 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
             log.info("resumed from %s at step %d", ckpt.path, step)
     if main:
         params = [p for c in parts.values() for p in c.params]
-        log.info("LoRA parameters in %s, frozen weights in %s (mixed precision: %s)",
-                 str(params[0].dtype).replace("torch.", ""), str(weight_dtype).replace("torch.", ""),
-                 accelerator.mixed_precision)
+        log.info("precision: %s; LoRA parameters in %s, frozen weights in %s (mixed precision: %s)",
+                 models.precision_note(accelerator.mixed_precision, device), str(params[0].dtype).replace("torch.", ""),
+                 str(weight_dtype).replace("torch.", ""), accelerator.mixed_precision)
         accelerator.init_trackers("sdlora", config=config.tracker_config())
         log.info("training %s LoRA: %d rows, %d trainable params, %d steps (%d epochs), batch %d x %d accum x %d procs",
                  recipe.kind, len(recipe.data.rows), sum(p.numel() for p in params), max_steps, num_epochs,
@@ -469,6 +480,8 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoders: dict, lr: 
     prepared = accelerator.prepare(*[m for m, _ in trained.values()], optimizer)
     parts = {name: Component(configs[name], module, accelerator.unwrap_model(module), params[name])
              for name, module in zip(trained, prepared[:-1])}
+    if config.compile:  # training steps only: sampling and the held-out loss run the bare UNet uncompiled
+        parts["unet"].module = torch.compile(parts["unet"].module)
     return parts, prepared[-1], lr_scheduler
 
 
