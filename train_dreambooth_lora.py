@@ -22,7 +22,7 @@ from sdlora.data import captions, class_images, masks
 from sdlora.data.sources import dataset_label, rows_from_images, split_heldout
 from sdlora.data.trainset import TrainSet, heldout_set
 from sdlora.errors import UserError
-from sdlora.models import torch_dtype
+from sdlora.models import fast_precision, torch_dtype
 from sdlora.training.config import TrainConfig
 from sdlora.training.loop import Recipe
 
@@ -42,7 +42,8 @@ def parse_args(argv=None):
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--num_class_images", type=int, default=100)
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
-    g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"])
+    g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
+                   help="default: fp16 on a GPU, bf16 on a CPU with native bf16, fp32 otherwise")
     g.add_argument("--pre_compute_text_embeddings", action="store_true",
                    help="encode the prompts once and release the text encoder (automatic when it is frozen)")
     g.add_argument("--tokenizer_max_length", type=int, default=None)
@@ -92,7 +93,7 @@ def class_rows(args, config: TrainConfig):
     folder = Path(args.class_data_dir) if args.class_data_dir else out.parent / f"{out.name}-class-images"
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.is_main_process:
-        precision = args.prior_generation_precision or ("fp16" if torch.cuda.is_available() else "fp32")
+        precision = args.prior_generation_precision or fast_precision(state.device)
         class_images.generate(config.base, folder, args.class_prompt, args.num_class_images, config.resolution,
                               args.sample_batch_size, args.seed or 0, torch_dtype(precision), state.device,
                               revision=config.revision, variant=config.variant, cache_dir=config.cache_dir,

@@ -44,6 +44,16 @@ def native_bf16() -> str | None:
                  if f in flags), None)
 
 
+def fast_precision(device) -> str:
+    """The precision to sample in when the user names none: fp16 on a GPU, bf16 on a CPU that computes it natively
+    (same prompt following on the bundled model, faster), fp32 otherwise."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return "fp16"
+    return "bf16" if torch.device(device).type == "cpu" and native_bf16() else "fp32"
+
+
 def precision_note(mixed_precision: str | None, device) -> str:
     """Which precision a run computes in and why, for the log: the CPU's bf16 support decides what to advise."""
     import torch

@@ -69,8 +69,9 @@ def _base_from(read) -> str:
 
 
 def _dtype(dtype, device):
-    if dtype is None:
-        dtype = "fp16" if str(device).startswith("cuda") else "fp32"
+    from .models import fast_precision
+
+    dtype = dtype or fast_precision(device)
     return torch_dtype(dtype) if isinstance(dtype, str) else dtype
 
 
@@ -81,7 +82,9 @@ def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, varia
 
     silence_noise()  # before diffusers' pipelines import transformers' image processors
     import diffusers
+    import torch
 
+    from . import models
     from .models import base_configs, family_of, resolve_base
 
     base = resolve_base(str(base), revision, cache_dir, flag="base model")  # short names such as sdlora-tiny
@@ -89,6 +92,11 @@ def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, varia
     cls = getattr(diffusers, PIPELINES.get(family_of(unet_config, pipeline_class), "StableDiffusionPipeline"))
     with quiet():
         try:
+            if dtype in (torch.float16, torch.bfloat16):  # UNet and VAE cast as they are read: no fp32 copy
+                load = dict(revision=revision, variant=variant, cache_dir=cache_dir, dtype=dtype,
+                            allow_pickle=allow_pickle)
+                with contextlib.suppress(UserError):  # e.g. pickle weights: from_pretrained says it in its words
+                    kw = {"unet": models.load_unet(str(base), **load), "vae": models.load_vae(str(base), **load), **kw}
             return cls.from_pretrained(
                 str(base), dtype=dtype, use_safetensors=None if allow_pickle else True, revision=revision,
                 variant=variant, cache_dir=cache_dir, **kw)

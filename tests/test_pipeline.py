@@ -14,6 +14,7 @@ from test_formats import LAYERS, rich_lora
 
 from sdlora.cli import main
 from sdlora.errors import UserError
+from sdlora import models
 from sdlora.lora import formats
 from sdlora.pipeline import (
     add_loras,
@@ -148,14 +149,19 @@ def test_generate_cli_writes_pngs_with_parameters_and_a_grid(lora_dir, tiny_mode
     assert Image.open(out / "00000-grid.png").size == (64, 32)
     assert "%|" in r.stderr  # a progress bar
 
-    # image 1 alone (seed 43) is the same picture; --fuse gives the same picture too
-    assert main(["generate", "a red square", "--lora", f"{lora_dir}:0.7", "--steps", "3", "--seed", "43",
-                 "--guidance", "5", "--fuse", "--out", str(out)]) == 0
-    import numpy as np
-    a = np.asarray(Image.open(out / "00001-43.png"), dtype=float)
-    b = np.asarray(Image.open(out / "00002-43.png"), dtype=float)
-    assert abs(a - b).max() <= 1  # PNG rounding only
-    assert json.loads(Image.open(out / "00002-43.png").text["sdlora"])["fused"] is True
+    assert params["precision"] == models.fast_precision("cpu")  # bf16 where the CPU computes it natively
+
+    # image 1 alone (seed 43) is the same picture; --fuse gives the same picture too (exactly in fp32; in bf16
+    # the fused weights round differently, a few levels at most)
+    for dtype, tolerance in (("fp32", 1), ("bf16", 12)):
+        for fuse in ([], ["--fuse"]):
+            assert main(["generate", "a red square", "--lora", f"{lora_dir}:0.7", "--steps", "3", "--seed", "43",
+                         "--guidance", "5", "--dtype", dtype, *fuse, "--out", str(out / dtype)]) == 0
+        a, b = (np.asarray(Image.open(out / dtype / f"0000{i}-43.png"), dtype=float) for i in (0, 1))
+        assert abs(a - b).max() <= tolerance, (dtype, abs(a - b).max())
+        assert json.loads(Image.open(out / dtype / "00001-43.png").text["sdlora"])["fused"] is True
+        if dtype == models.fast_precision("cpu"):  # the default draws what its precision draws
+            assert abs(a - np.asarray(Image.open(out / "00001-43.png"), dtype=float)).max() <= 1
 
 
 def test_grid_of_mixed_sizes_centres_each_image_in_the_largest_cell():
@@ -195,7 +201,7 @@ def test_fuse_cli_writes_a_loadable_pipeline(lora_dir, tiny_model, tmp_path):
 
     assert main(["fuse", "--lora", f"{lora_dir}:0.8", "--out", str(tmp_path / "fused")]) == 0
     fused = StableDiffusionPipeline.from_pretrained(str(tmp_path / "fused"))
-    reference = load_pipeline([f"{lora_dir}:0.8"], scheduler="keep", device="cpu")
+    reference = load_pipeline([f"{lora_dir}:0.8"], scheduler="keep", device="cpu", dtype="fp32")  # exactness: fp32
     assert abs(_images(fused) - _images(reference)).max() <= 1e-4
     assert not any("lora" in k for k in fused.unet.state_dict())
 
@@ -208,3 +214,17 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and str(bad) in lines[0] and "--allow-pickle" in lines[0]
+
+
+def test_default_precision_is_the_fast_path_and_loads_half_weights_exactly(tiny_model):
+    """load_pipeline with no dtype samples in fp16 on a GPU, bf16 on a CPU with native bf16 (fp32 otherwise); in
+    half precision the UNet and VAE are read cast tensor by tensor, bit-identical to diffusers' own cast."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    pipe = load_pipeline([], base=tiny_model, device="cpu")
+    assert pipe.unet.dtype == pipe.vae.dtype == models.torch_dtype(models.fast_precision("cpu"))
+    pipe = load_pipeline([], base=tiny_model, device="cpu", dtype="bf16")
+    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        theirs = cls.from_pretrained(str(tiny_model), subfolder=name, torch_dtype=torch.bfloat16).state_dict()
+        ours = getattr(pipe, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

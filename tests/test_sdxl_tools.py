@@ -106,8 +106,8 @@ def _array(images):
 def test_xl_base_loads_as_an_xl_pipeline_that_stacks_fuses_and_unfuses_loras(xl_lora, sdxl_model):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
-    plain = load_pipeline([], base=sdxl_model, device="cpu")
-    pipe = load_pipeline([f"{xl_lora}:0.8"], device="cpu")  # the base comes from the LoRA's card
+    plain = load_pipeline([], base=sdxl_model, device="cpu", dtype="fp32")  # exact comparisons below: fp32
+    pipe = load_pipeline([f"{xl_lora}:0.8"], device="cpu", dtype="fp32")  # the base comes from the LoRA's card
     assert type(pipe) is StableDiffusionXLPipeline and isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
     assert pipe.sdlora_base == str(sdxl_model)
     assert pipe.get_list_adapters() == {c: ["xl_style"] for c in COMPONENTS}
@@ -260,7 +260,7 @@ def test_extract_and_fuse_on_sdxl_bases(xl_lora, sdxl_model, tmp_path, capsys):
 
     assert main(["fuse", "--lora", f"{xl_lora}:0.8", "--out", str(tmp_path / "fused")]) == 0
     fused = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "fused"))
-    reference = load_pipeline([f"{xl_lora}:0.8"], scheduler="keep", device="cpu")
+    reference = load_pipeline([f"{xl_lora}:0.8"], scheduler="keep", device="cpu", dtype="fp32")  # exactness: fp32
 
     def draw(p):
         return p("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0),

@@ -61,9 +61,10 @@ def _generate_cli(args):
     out.mkdir(parents=True, exist_ok=True)
     start = _next_index(out)
     loras = [{"name": n, **v} for n, v in pipe.__dict__.get("sdlora_adapters", {}).items()]
+    precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(pipe.unet.dtype).replace("torch.", "")]
     for i, im in enumerate(images):
         params = image_params(args.prompt, args.negative_prompt, seed + i, args.steps, args.guidance, im,
-                              args.scheduler, pipe.sdlora_base, loras, args.fuse)
+                              args.scheduler, pipe.sdlora_base, loras, args.fuse, precision=precision)
         path = out / f"{start + i:05d}-{seed + i}.png"
         save_image(im, path, pnginfo=png_info(params))
         print(path)
