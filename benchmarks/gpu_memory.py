@@ -226,14 +226,15 @@ def lora_unet(config: dict, dtype, rank: int):
     return unet.train()
 
 
-def frozen_encoders(arch: str, dtype):
-    """SD1.x's VAE and CLIP text encoder (its real 49408-token vocabulary) in `dtype`, on the meta device."""
+def frozen_encoders(arch: str, dtype, device="meta"):
+    """SD1.x's VAE and CLIP text encoder (its real 49408-token vocabulary) in `dtype`, on the meta device, or
+    built for real on `device` (CLIP's position ids are a buffer that materialise would leave empty)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdlora.tiny import ARCHS
 
-    with torch.device("meta"):
+    with torch.device(device):
         vae = AutoencoderKL(**ARCHS[arch]["vae"]).to(dtype)
         te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **ARCHS[arch]["text"])).to(dtype)
     return vae.requires_grad_(False), te.requires_grad_(False)
@@ -409,7 +410,7 @@ def measure(row: Row, steps: int = 5, warmup: int = 2) -> dict:
     params = [p for p in unet.parameters() if p.requires_grad]
     if row.checkpointing:
         unet.enable_gradient_checkpointing()
-    encoders = None if row.cache else tuple(materialise(m, "cuda") for m in frozen_encoders(row.arch, dtype))
+    encoders = None if row.cache else tuple(m.to("cuda") for m in frozen_encoders(row.arch, dtype, "cpu"))
     if row.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
