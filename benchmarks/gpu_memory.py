@@ -1,0 +1,487 @@
+#!/usr/bin/env python
+"""Peak CUDA memory of one sdlora training step, predicted without a GPU (and measured with one: --measure).
+
+Method. The step is the trainer's (sdlora/training/loop.py, caches on): the frozen UNet in fp16, peft LoRA on
+to_q/to_k/to_v/to_out.0 with fp32 master weights (cast_training_params), the forward under fp16 autocast, an
+fp32 MSE loss, backward, clipping, AdamW (or bitsandbytes' AdamW8bit), zero_grad(set_to_none). It runs for
+real, twice (the second step has the optimizer states), on FakeTensorMode tensors: every torch op, the tensors
+autograd saves, checkpointing's recomputation, gradient buffers and the optimizer's temporaries happen as on a
+GPU, without storage or arithmetic. Counted on the way:
+
+- live bytes: a TorchDispatchMode adds each op output whose storage is new (views and in-place results add
+  nothing) and subtracts it when the storage dies; its maximum, with every storage rounded up to the CUDA
+  caching allocator's 512-byte blocks, is the step's peak of torch.cuda.max_memory_allocated.
+- saved activations: saved_tensors_hooks around the forward, one count per storage, weights and batch left out,
+  only what autograd still holds when the forward ends.
+
+What differs from a GPU, and how it is made to match:
+- fp16 autocast: CPU autocast (torch.autocast("cpu", float16)) casts the same matmuls and convolutions to fp16
+  as CUDA's; CUDA's also runs group_norm, layer_norm and nearest upsampling in fp32 (AT_FORALL_FP32 in
+  torch/include/ATen/autocast_mode.h) and CPU's does not, so `CudaAutocast` casts their inputs to fp32 first,
+  above autograd, as CUDA's autocast does (tests/test_gpu_memory.py checks every op the UNets run against
+  CUDA's lists).
+- attention: in fp16 on a GPU, scaled_dot_product_attention runs a fused kernel (flash, or memory-efficient,
+  or xformers with --enable_xformers_memory_efficient_attention) that saves the output and a logsumexp, never
+  the tokens x tokens matrix; `CudaAutocast` calls aten._scaled_dot_product_flash_attention, whose shape
+  function gives what CUDA's flash kernel allocates.
+- AdamW and clipping run their foreach implementations (CUDA's default). AdamW8bit is not run (bitsandbytes
+  has no fake kernels): `AdamW8bitStates` allocates the states bitsandbytes allocates, updated in place.
+- Not seen on fake tensors: cuBLAS's workspace (32 MiB on Hopper) and cuDNN's convolution workspaces, which
+  come from the caching allocator and so count in max_memory_allocated, and kernels' own scratch: `MARGIN` adds
+  5 % + 256 MiB for them, a judgement, not a measurement. The CUDA context (~0.5 GiB on an H100 with lazy
+  loading, more once cuDNN loads its kernels) is outside max_memory_allocated, as are the allocator's cached
+  but free blocks; nvidia-smi shows both.
+
+Checks: tests/test_gpu_memory.py runs this accounting on a tiny UNet and compares it with what the CPU
+allocator really does (the profiler's allocation events) in the same step on real tensors; --crosscheck
+counts a row's peak again with torch's own fake-tensor memory tool (MemTracker).
+
+    python benchmarks/gpu_memory.py              # the table (markdown) and JSON, ~1.5 minutes on a 2-core CPU
+    python benchmarks/gpu_memory.py --measure    # on a CUDA machine: also run each row and measure it
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+import weakref
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GiB = 2**30
+CUDA_BLOCK = 512  # the CUDA caching allocator's allocation granularity (bytes)
+MARGIN = (0.05, 256 * 2**20)  # workspaces and kernel scratch not seen on fake tensors: 5 % of the peak + 256 MiB
+CUDA_CONTEXT = 0.5 * GiB  # outside max_memory_allocated; what nvidia-smi adds (H100, CUDA 12, lazy loading)
+
+
+def storage_bytes(storage, block: int = 1) -> int:
+    n = storage.nbytes()
+    return -(-n // block) * block
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages alive: op outputs with a storage not seen before are added, and subtracted
+    when the storage dies; `peak` and the `phase` it happened in. Tensors made before entering: `add` them."""
+
+    def __init__(self, block: int = 1):
+        super().__init__()
+        self.block, self.now, self.peak, self.phase, self.peak_phase = block, 0, 0, "setup", None
+        self._live = set()
+
+    def add(self, *tensors):
+        for t in tensors:
+            st = t.untyped_storage()
+            if id(st) in self._live:
+                continue
+            n = storage_bytes(st, self.block)
+            self._live.add(id(st))
+            weakref.finalize(st, self._free, id(st), n)
+            self.now += n
+            if self.now > self.peak:
+                self.peak, self.peak_phase = self.now, self.phase
+
+    def _free(self, key, n):
+        self._live.discard(key)
+        self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.add(*[t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+@contextlib.contextmanager
+def saved_activations(exclude, found: dict, block: int = 1):
+    """Fill `found` with {storage: bytes} of the tensors autograd saves for backward inside the block and still
+    holds at its end (a node nothing needs a gradient from drops what it saved), one count per storage, leaving
+    out the storages of `exclude` (weights and inputs, counted as such)."""
+    skip = {StorageWeakRef(t.untyped_storage()) for t in exclude}
+
+    def pack(t):
+        key = StorageWeakRef(t.untyped_storage())
+        if key not in skip and key not in found:
+            found[key] = storage_bytes(t.untyped_storage(), block)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield found
+    for key in [k for k in found if k.expired()]:
+        del found[key]
+
+
+class CudaAutocast(TorchFunctionMode):
+    """Under CPU fp16 autocast, what CUDA's autocast does and CPU's does not: group_norm, layer_norm and nearest
+    upsampling in fp32 (their inputs cast first, as autocast casts them, so autograd records the casts), and
+    attention through CUDA's flash kernel (with the shapes its meta function gives) instead of CPU's."""
+
+    FP32 = {F.group_norm, F.layer_norm, F.interpolate}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _flash_attention(*args, **kwargs)
+        if func in self.FP32 and torch.is_autocast_enabled("cpu"):
+            args, kwargs = torch.utils._pytree.tree_map_only(
+                torch.Tensor, lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def checkpoint_under(mode_cls):
+    """diffusers' gradient checkpointing function (non-reentrant), entering `mode_cls` inside the checkpointed
+    call: the autograd engine does not carry torch-function modes into the recomputation."""
+    def checkpoint(module, *args):
+        def run(*a):
+            with mode_cls():
+                return module(*a)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+    return checkpoint
+
+
+def _flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if attn_mask is not None or enable_gqa:
+        raise NotImplementedError("an attention mask or GQA would not use the flash kernel")
+    if torch.is_autocast_enabled("cpu"):  # SDPA is on autocast's fp16 list
+        q, k, v = (t.to(torch.get_autocast_dtype("cpu")) for t in (q, k, v))
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+
+class AdamW8bitStates(torch.optim.Optimizer):
+    """The memory of bitsandbytes' AdamW8bit (Optimizer2State.init_state, block-wise): a parameter of 4096
+    elements or more gets two uint8 states and two fp32 absmax per 256-element block (2048 in older releases);
+    smaller ones get two fp32 states; the two quantile maps (256 fp32 each) are shared. The update is one
+    in-place kernel per parameter, so only the states are made."""
+
+    def __init__(self, params, lr=1e-4):
+        super().__init__(params, {"lr": lr})
+        self.qmaps = []
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p in self.state:
+                    continue
+                if p.numel() < 4096:
+                    self.state[p] = {"state1": torch.zeros_like(p), "state2": torch.zeros_like(p)}
+                else:
+                    blocks = -(-p.numel() // 256)
+                    self.state[p] = {f"{k}{i}": torch.zeros(*shape, dtype=dt, device=p.device)
+                                     for i in (1, 2) for k, shape, dt in (("state", p.shape, torch.uint8),
+                                                                         ("absmax", (blocks,), torch.float32))}
+        if not self.qmaps and self.state:
+            self.qmaps = [torch.zeros(256, device=next(iter(self.state)).device) for _ in range(2)]
+
+
+def optimizer_state_bytes(params, kind: str, block: int = 1) -> int:
+    """AdamW's (exp_avg, exp_avg_sq: fp32 like the parameter) or AdamW8bit's state bytes, from shapes alone.
+    AdamW's `step` counter is a host tensor on CUDA and left out."""
+    r = lambda n: -(-n // block) * block  # noqa: E731
+    if kind == "adamw":
+        return sum(2 * r(p.numel() * p.element_size()) for p in params)
+    total = 2 * r(256 * 4)  # the shared quantile maps
+    for p in params:
+        n = p.numel()
+        total += 2 * r(n * 4) if n < 4096 else 2 * (r(n) + r(-(-n // 256) * 4))
+    return total
+
+
+@dataclass
+class Row:
+    name: str
+    arch: str
+    resolution: int
+    checkpointing: bool = False
+    optimizer: str = "adamw"  # or "adamw8bit"
+    cache: bool = True  # False: the VAE and text encoder stay on the GPU and encode every step (--no_cache)
+    batch: int = 1
+    rank: int = 4
+
+
+ROWS = [
+    Row("SD1.5 512 px", "sd15", 512),
+    Row("SD1.5 512 px + checkpointing", "sd15", 512, checkpointing=True),
+    Row("SD1.5 512 px + checkpointing + 8-bit Adam", "sd15", 512, checkpointing=True, optimizer="adamw8bit"),
+    Row("SD1.5 512 px + checkpointing, --no_cache", "sd15", 512, checkpointing=True, cache=False),
+    Row("SDXL 1024 px + checkpointing (cached text embeddings)", "sdxl", 1024, checkpointing=True),
+]
+
+
+def lora_unet(config: dict, dtype, rank: int):
+    """The frozen UNet in `dtype` with the trainer's LoRA (fp32 master weights), on the meta device."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import cast_training_params
+
+    from sdlora.lora import inject
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config).to(dtype)
+    inject.add_lora(unet, inject.lora_config(rank, None, inject.UNET_TARGETS))
+    cast_training_params(unet, dtype=torch.float32)
+    return unet.train()
+
+
+def frozen_encoders(arch: str, dtype, device="meta"):
+    """SD1.x's VAE and CLIP text encoder (its real 49408-token vocabulary) in `dtype`, on the meta device, or
+    built for real on `device` (CLIP's position ids are a buffer that materialise would leave empty)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdlora.tiny import ARCHS
+
+    with torch.device(device):
+        vae = AutoencoderKL(**ARCHS[arch]["vae"]).to(dtype)
+        te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **ARCHS[arch]["text"])).to(dtype)
+    return vae.requires_grad_(False), te.requires_grad_(False)
+
+
+@torch.no_grad()
+def materialise(module, device, init: bool = True):
+    """Storage for a meta module on `device` (fake storage under FakeTensorMode); `init`: small random numbers."""
+    module.to_empty(device=device)
+    if init:
+        for t in module.parameters():
+            t.normal_(0, 0.02)
+    return module
+
+
+def make_batch(unet, row: Row, dtype, device) -> dict:
+    """What the trainer puts on the device for one micro-step: latents and noise (fp32), timesteps, the noisy
+    latents and text conditioning in `dtype` (SDXL: pooled text and time ids too)."""
+    c, b, lat = unet.config, row.batch, row.resolution // 8
+    latents = torch.randn(b, 4, lat, lat, device=device)
+    noise = torch.randn_like(latents)
+    batch = {"latents": latents, "noise": noise, "t": torch.randint(0, 1000, (b,), device=device),
+             "text": torch.randn(b, 77, c.cross_attention_dim, device=device, dtype=dtype), "extra": {}}
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        batch["extra"] = {"added_cond_kwargs": {"text_embeds": torch.randn(b, pooled, device=device, dtype=dtype),
+                                                "time_ids": torch.randn(b, 6, device=device, dtype=dtype)}}
+    return batch
+
+
+def train_step(unet, params, optimizer, batch, autocast, phase=lambda name: None, saved=None, encoders=None,
+               scaler=None, foreach=None):
+    """One optimizer step as sdlora's trainer takes it (one micro-step, max_grad_norm 1.0).
+    `phase(name)` marks where the step is; `saved` is entered around the forward; `encoders` (VAE, text
+    encoder) encode pixels and token ids first, as with --no_cache; `foreach`: the clipping's (CUDA: True)."""
+    if encoders is not None:
+        phase("encode")
+        vae, te = encoders
+        with torch.no_grad():
+            pixels = torch.randn(batch["latents"].shape[0], 3, *(8 * s for s in batch["latents"].shape[-2:]),
+                                 device=batch["latents"].device, dtype=vae.dtype)
+            vae.encode(pixels).latent_dist.parameters.float()
+            batch = dict(batch, text=te(torch.zeros(pixels.shape[0], 77, dtype=torch.long, device=pixels.device))[0])
+    phase("forward")
+    noisy = (batch["latents"] * 0.7 + batch["noise"] * 0.7).to(batch["text"].dtype)  # add_noise, then .to(dtype)
+    with saved or contextlib.nullcontext(), autocast:
+        pred = unet(noisy, batch["t"], batch["text"], return_dict=False, **batch["extra"])[0]
+    loss = F.mse_loss(pred.float(), batch["noise"], reduction="none").mean(dim=(1, 2, 3)).mean()
+    phase("backward")
+    (scaler.scale(loss) if scaler else loss).backward()
+    phase("optimizer")
+    if scaler:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=foreach)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def make_optimizer(params, kind: str, foreach: bool | None = None):
+    if kind == "adamw8bit":
+        return AdamW8bitStates(params)
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, foreach=foreach)
+
+
+def account(unet, params, optimizer, batch, autocast, block: int, steps: int = 2, encoders=None,
+            foreach=None) -> dict:
+    """Run `steps` training steps under the byte counters. Bytes of: frozen weights, LoRA params, grads and
+    optimizer states (from shapes), the batch, activations saved by the last forward, live bytes at the end of
+    the last forward; the peak of live bytes and the phase it happened in."""
+    frozen = [t for m in (unet, *(encoders or ())) for t in [*m.parameters(), *m.buffers()] if not t.requires_grad]
+    weights = sum(storage_bytes(t.untyped_storage(), block) for t in frozen)
+    lora = sum(storage_bytes(p.untyped_storage(), block) for p in params)
+    kind = "adamw8bit" if isinstance(optimizer, AdamW8bitStates) else "adamw"
+    inputs = torch.utils._pytree.tree_leaves(batch)
+    live = LiveBytes(block)
+    live.add(*frozen, *params, *inputs)
+    on_batch, marks = live.now - weights - lora, {}
+
+    def phase(name):
+        live.phase = name
+        marks[name] = live.now
+
+    with live:
+        for _ in range(steps):
+            saved = {}
+            train_step(unet, params, optimizer, batch, autocast, phase,
+                       saved_activations([*frozen, *params, *inputs], saved, block), encoders, foreach=foreach)
+    return {"weights": weights, "lora_params": lora, "lora_grads": lora,
+            "optimizer_states": optimizer_state_bytes(params, kind, block), "batch_bytes": on_batch,
+            "saved_activations": sum(saved.values()), "live_after_forward": marks["backward"], "peak": live.peak,
+            "peak_phase": live.peak_phase}
+
+
+@contextlib.contextmanager
+def fake_step(row: Row, gpu: bool = True):
+    """Yields the row's (unet, params, optimizer, batch, encoders, autocast) on fake tensors, inside their
+    FakeTensorMode and, for `gpu`, CudaAutocast: fp16, CUDA's autocast and attention, foreach AdamW.
+    `gpu=False`: the step as it runs on a CPU in fp32 (what tests/test_gpu_memory.py checks against reality)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sdlora.tiny import ARCHS
+
+    dtype, mode = (torch.float16, CudaAutocast) if gpu else (torch.float32, contextlib.nullcontext)
+    unet = lora_unet(ARCHS[row.arch]["unet"], dtype, row.rank)
+    if row.checkpointing:
+        unet.enable_gradient_checkpointing(checkpoint_under(mode))
+    encoders = None if row.cache else frozen_encoders(row.arch, dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for m in (unet, *(encoders or ())):
+            materialise(m, "cpu", init=False)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, row.optimizer, foreach=True)
+        batch = make_batch(unet, row, dtype, "cpu")
+        autocast = torch.autocast("cpu", dtype=dtype) if gpu else contextlib.nullcontext()
+        with mode():
+            yield unet, params, optimizer, batch, encoders, autocast
+
+
+def predict(row: Row, steps: int = 2, gpu: bool = True, block: int | None = None) -> dict:
+    """`account` for a row on fake tensors (see fake_step), in 512-byte blocks for `gpu`, plus the margin: the
+    predicted torch.cuda.max_memory_allocated."""
+    with fake_step(row, gpu) as (unet, params, optimizer, batch, encoders, autocast):
+        block = block or (CUDA_BLOCK if gpu else 1)
+        res = account(unet, params, optimizer, batch, autocast, block, steps, encoders, foreach=True)
+    res["predicted"] = int(res["peak"] * (1 + MARGIN[0]) + MARGIN[1])
+    return res
+
+
+def memtracker_peak(row: Row, steps: int = 2) -> int:
+    """The peak of the same step under torch's own fake-tensor memory tool (torch.distributed._tools.MemTracker,
+    unrounded on fake CPU tensors), to compare with `predict(row, block=1)["peak"]`. Slow (minutes for SD1.5).
+    MemTracker puts a gradient hook on every parameter, which frozen ones refuse: they get a no-op one here."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class NoHook:
+        def remove(self):
+            pass
+
+    hooks = torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook
+    torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook = (
+        lambda t, h, f=f: f(t, h) if t.requires_grad else NoHook() for f in hooks)
+    try:
+        with fake_step(row) as (unet, params, optimizer, batch, encoders, autocast):
+            tracker = MemTracker()
+            tracker.track_external(unet, *(encoders or ()), optimizer, *torch.utils._pytree.tree_leaves(batch))
+            with tracker:
+                for _ in range(steps):
+                    train_step(unet, params, optimizer, batch, autocast, encoders=encoders, foreach=True)
+                    tracker.reset_mod_stats()  # it counts one call per module per iteration
+            return max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+    finally:
+        torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook = hooks
+
+
+def measure(row: Row, steps: int = 5, warmup: int = 2) -> dict:
+    """The row for real on the CUDA GPU: torch.cuda.max_memory_allocated over the steps, it/s, and what the
+    device holds beyond the allocator's reserve (the CUDA context, plus any other process)."""
+    import gc
+    import statistics
+
+    from sdlora.tiny import ARCHS
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    dtype = torch.float16
+    unet = materialise(lora_unet(ARCHS[row.arch]["unet"], dtype, row.rank), "cuda")
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if row.checkpointing:
+        unet.enable_gradient_checkpointing()
+    encoders = None if row.cache else tuple(m.to("cuda") for m in frozen_encoders(row.arch, dtype, "cpu"))
+    if row.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=1e-4, weight_decay=1e-2)
+    else:
+        optimizer = make_optimizer(params, "adamw")
+    batch = make_batch(unet, row, dtype, "cuda")
+    scaler = torch.amp.GradScaler("cuda")
+    times = []
+    for _ in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(unet, params, optimizer, batch, torch.autocast("cuda", dtype=dtype), encoders=encoders,
+                   scaler=scaler)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    free, total = torch.cuda.mem_get_info()
+    res = {"measured_peak": torch.cuda.max_memory_allocated(), "it_per_s": 1 / statistics.median(times[warmup:]),
+           "measured_reserved": torch.cuda.max_memory_reserved(), "optimizer_stepped": bool(optimizer.state),
+           "context_and_other_processes": total - free - torch.cuda.memory_reserved()}
+    return res
+
+
+def _gb(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def table(results: list[dict]) -> str:
+    """The markdown table, in GiB (the LoRA column in MiB)."""
+    lines = ["| configuration | weights | LoRA + grads + optimizer (MiB) | saved activations | peak of the step "
+             "| **predicted peak allocated** (+5 % + 256 MiB) | + CUDA context | peak in |", "|" + "---|" * 8]
+    for r in results:
+        lora = (r["lora_params"] + r["lora_grads"] + r["optimizer_states"]) / 2**20
+        measured = f" (measured {_gb(r['measured_peak'])}, {r['it_per_s']:.2f} it/s)" if "measured_peak" in r else ""
+        lines.append(f"| {r['name']} | {_gb(r['weights'])} | {lora:.1f} | {_gb(r['saved_activations'])} "
+                     f"| {_gb(r['peak'])} | **{_gb(r['predicted'])}**{measured} | {_gb(r['predicted'] + CUDA_CONTEXT)} "
+                     f"| {r['peak_phase']} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--measure", action="store_true", help="also run each row on the CUDA GPU")
+    p.add_argument("--only", action="append", choices=[r.name for r in ROWS], metavar="ROW",
+                   help="only this row (repeatable): " + "; ".join(repr(r.name) for r in ROWS))
+    p.add_argument("--crosscheck", action="store_true",
+                   help="also count each row's peak with torch's MemTracker (minutes per row; compare unrounded)")
+    a = p.parse_args()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every build
+    if a.measure and not torch.cuda.is_available():
+        p.error("--measure needs a CUDA GPU")
+    results = []
+    for row in ROWS:
+        if a.only and row.name not in a.only:
+            continue
+        t0 = time.perf_counter()
+        res = {**asdict(row), **predict(row), "predict_s": round(time.perf_counter() - t0, 1)}
+        if a.crosscheck:
+            res["peak_unrounded"], res["memtracker_peak"] = predict(row, block=1)["peak"], memtracker_peak(row)
+        if a.measure:
+            try:
+                res.update(measure(row))
+            except (ImportError, torch.cuda.OutOfMemoryError) as e:  # no bitsandbytes, or a small GPU: other rows
+                res["measure_error"] = repr(e)
+        results.append(res)
+    print(table(results))
+    print(json.dumps({"torch": torch.__version__, "units": "bytes", "margin": MARGIN, "cuda_context": CUDA_CONTEXT,
+                      "device": torch.cuda.get_device_name() if a.measure else None, "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
