@@ -193,10 +193,10 @@ def test_target_modules_that_match_nothing_fail_before_loading(tiny_model, tmp_p
 def _fail_writes_under(monkeypatch, fragment):
     real = sdlora.io.write_file
 
-    def write(path, data):
+    def write(path, data, **kw):
         if fragment in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data)
+        return real(path, data, **kw)
     monkeypatch.setattr(sdlora.io, "write_file", write)
 
 
