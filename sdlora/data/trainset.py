@@ -58,6 +58,11 @@ def layout(size: tuple[int, int], bucket: tuple[int, int], center_crop: bool, ra
     return Layout(size, bucket, (nw, nh), (left, top), bool(random_flip and rng.random() < 0.5))
 
 
+# The version of what turns a file and a Layout into pixels and a mask (read_image, read_mask, apply, to_tensor):
+# latents cached on disk are keyed by it, so bump it when any of them changes a pixel.
+PIXELS_VERSION = 1
+
+
 def apply(img: Image.Image, lay: Layout, resample=Image.BILINEAR) -> Image.Image:
     (bw, bh), (left, top) = lay.bucket, lay.crop
     img = img.resize(lay.resized, resample).crop((left, top, left + bw, top + bh))

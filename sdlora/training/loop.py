@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..lora import inject
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
-from . import checkpoint, conditioning, heldout, losses, samples, validation
+from . import checkpoint, conditioning, diskcache, heldout, losses, samples, validation
 from .caches import Caches, all_captions, latent_mask, plan
 from .config import TrainConfig
 
@@ -214,8 +214,12 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
 
     # Encode once, then the VAE / text encoder leave the training device.
     caches, (cache_latents, cache_text, why_not) = Caches(), plan(config, recipe.data)
-    if cache_latents:
-        caches.build_latents(data, seed, vae, device, vae_dtype, config.train_batch_size, main)
+    store = diskcache.LatentStore(config.latents_cache_dir, diskcache.vae_id(vae)) \
+        if cache_latents and config.cache_latents_to_disk else None
+    # On disk, the main process encodes first and the others find its entries.
+    with accelerator.main_process_first() if store else contextlib.nullcontext():
+        if cache_latents:
+            caches.build_latents(data, seed, vae, device, vae_dtype, config.train_batch_size, main, store)
     held = recipe.heldout and heldout.encode(recipe.heldout, vae, device, vae_dtype, config.train_batch_size)
     if cache_latents:
         vae = models.release(vae, device)
@@ -228,6 +232,9 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
         what = [f"VAE latents of {len(caches)} images"] * cache_latents + \
                [f"text embeddings of {len(caches.caption_ids)} captions"] * cache_text
         log.info("cached %s%s", " and ".join(what) if what else "nothing", f" (not cached: {why_not})" if why_not else "")
+        if store:
+            log.info("latent cache: %d of %d images reused, %d encoded (%s)", caches.reused, len(caches),
+                     caches.encoded, store.root)
         if held:
             log.info("validation loss on %d held-out images, %d fixed timesteps each", len(held),
                      heldout.TIMESTEPS)
