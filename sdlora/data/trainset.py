@@ -232,6 +232,12 @@ def _masks(rows: list[dict]) -> torch.Tensor | None:
     return torch.stack([r["mask"] if r["mask"] is not None else torch.ones_like(r["px"][:1]) for r in rows])
 
 
+def loader(data: TrainSet, seed: int, sampler: StreamSampler, pixels: bool, workers: int = 0):
+    """The stream of batches the loop trains on: `workers` processes decode and augment ahead of the step."""
+    return torch.utils.data.DataLoader(Examples(data, seed, pixels), batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=workers)
+
+
 class StreamSampler(torch.utils.data.Sampler):
     """An endless, seeded stream of batches of (epoch, index) keys, sharded across processes.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..data.trainset import Examples, StreamSampler, TrainSet, collate
+from ..data.trainset import StreamSampler, TrainSet, loader
 from ..errors import UserError
 from ..lora import inject
 from ..lora.formats import WEIGHTS_NAME
@@ -258,9 +258,8 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
         log.info("training %s LoRA: %d rows, %d trainable params, %d steps (%d epochs), batch %d x %d accum x %d procs",
                  recipe.kind, len(recipe.data.rows), sum(p.numel() for p in params), max_steps, num_epochs,
                  config.train_batch_size, ga, world)
-    loader = torch.utils.data.DataLoader(Examples(recipe.data, seed, pixels=not cache_latents), batch_sampler=sampler,
-                                         collate_fn=collate,
-                                         num_workers=0 if cache_latents else config.dataloader_num_workers)
+    batches = loader(recipe.data, seed, sampler, pixels=not cache_latents,
+                     workers=0 if cache_latents else config.dataloader_num_workers)
     for c in parts.values():
         c.module.train()
     return Run(config=config, recipe=recipe, accelerator=accelerator, seed=seed, settings=settings,
@@ -268,7 +267,7 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
                vae=vae, vae_scale=vae_scale, caches=caches,
                text_encoders={n: None if n in parts else te for n, te in text_encoders.items()},
                cache_latents=cache_latents, parts=parts, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               sampler=sampler, batches=iter(loader), max_steps=max_steps, num_epochs=num_epochs, step=step,
+               sampler=sampler, batches=iter(batches), max_steps=max_steps, num_epochs=num_epochs, step=step,
                heldout_cache=held, best_val_loss=best)
 
 
