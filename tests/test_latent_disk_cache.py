@@ -244,3 +244,12 @@ def test_first_writer_wins_and_a_writer_never_leaves_a_half_file(tmp_path):
         tmp.write_bytes(b"half")
         raise KeyboardInterrupt  # killed mid-write
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_datasets_row_is_keyed_by_its_decoded_pixels_a_file_by_its_bytes(tmp_path):
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    assert diskcache.content_id(lambda: red.copy()) == diskcache.content_id(lambda: red.copy())
+    assert diskcache.content_id(lambda: red.copy()) != diskcache.content_id(lambda: blue.copy())
+    red.save(tmp_path / "a.png")
+    red.save(tmp_path / "b.png", compress_level=0)  # the same pixels in other bytes: another entry (safe, not shared)
+    assert diskcache.content_id(tmp_path / "a.png") != diskcache.content_id(tmp_path / "b.png")
