@@ -34,34 +34,36 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def disk_full(path: Path, need: int) -> UserError:
+def disk_full(path: Path, need: int, elsewhere: str = "another output folder") -> UserError:
     """The one-line error for ENOSPC/EDQUOT: what could not be written and how much space it needs."""
     try:
         free = _mb(shutil.disk_usage(Path(path).parent if not Path(path).is_dir() else path).free) + " free"
     except OSError:
         free = "free space unknown"
     return UserError(f"{path}: could not write it, the disk is full (it needs {_mb(need)}, {free}); free some space "
-                     f"or choose another output folder — files written earlier are intact")
+                     f"or choose {elsewhere} — files written earlier are intact")
 
 
 def _is_full(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def write_file(path: Path, data: bytes):
-    """The one place bytes reach the disk (in place, fsynced); everything above adds atomicity."""
+def write_file(path: Path, data: bytes, sync: bool = True):
+    """The one place bytes reach the disk (in place, fsynced unless `sync=False`); everything above adds atomicity."""
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, replace: bool = True):
     """Yield a temp path beside `path`; on success rename it over `path`.
 
     Same directory, so the rename is atomic on POSIX. On any error the temp file is removed
-    and `path` keeps its previous content.
+    and `path` keeps its previous content. `replace=False`: an existing `path` is kept (the
+    first of several writers wins, so a file never changes under a reader).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,21 +72,40 @@ def atomic_path(path: str | os.PathLike):
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(Path(tmp), path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def write_bytes(path, data: bytes):
+def _link_new(tmp: Path, path: Path):
+    """Give `tmp` the name `path` unless that exists: link() fails on an existing name where rename() replaces."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: the last writer wins, still atomically
+        os.replace(tmp, path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+
+
+def write_bytes(path, data: bytes, *, replace: bool = True, sync: bool = True,
+                elsewhere: str = "another output folder"):
+    """`data` as `path`, whole or not at all; `replace=False` keeps an existing file; `sync=False` skips the fsync
+    (for files that carry a checksum: a power cut may empty them, never pass a bad one off); a full disk is one line
+    that suggests `elsewhere`."""
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
-            write_file(tmp, data)
+        with atomic_path(path, replace) as tmp:
+            write_file(tmp, data, sync=sync)
     except OSError as e:
         if _is_full(e):
-            raise disk_full(path, len(data)) from None
+            raise disk_full(path, len(data), elsewhere) from None
         raise
 
 

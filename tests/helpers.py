@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,21 @@ def run(script, argv, check=True, timeout=600, **env_extra):
     if check and r.returncode != 0:
         raise AssertionError(f"{script.name} exited {r.returncode}\nSTDERR:\n{r.stderr[-4000:]}")
     return r
+
+
+def start(argv, log_path, script=T2I, **env_extra):
+    """Start a training run in the background, its output going to `log_path`."""
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, str(script), *argv], stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env=env(**env_extra), cwd=ROOT)
+
+
+def wait_for(predicate, what, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 def read_lora(path):

@@ -98,7 +98,8 @@ def test_only_main_group_rows_get_caption_ops(tmp_path):
 
 
 def test_text_embeddings_cached_unless_captions_vary(tmp_path):
-    config = SimpleNamespace(no_cache=False, pre_compute_text_embeddings=False, train_text_encoder=False)
+    config = SimpleNamespace(no_cache=False, pre_compute_text_embeddings=False, train_text_encoder=False,
+                             cache_latents_to_disk=False)
     rows = [Row(tmp_path / "a.png", CAPTION, "a", (32, 32))]
 
     def data(ops):

@@ -7,12 +7,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from conftest import make_images
-from helpers import ROOT, T2I, env, fast_flags, read_lora, recipe_error, run
+from helpers import ROOT, T2I, env, fast_flags, read_lora, recipe_error, run, start, wait_for
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -29,28 +28,14 @@ def data(tmp_path):
     return make_images(tmp_path / "d", n=4)
 
 
-def _wait_for(predicate, what, timeout=300):
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def _start(argv, log_path):
-    log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, str(T2I), *argv], stdout=log, stderr=subprocess.STDOUT, text=True,
-                            env=env(), cwd=ROOT)
-
-
 # ---------------------------------------------------------------- one run per folder
 
 def test_second_run_into_a_busy_output_dir_is_refused_and_the_lock_dies_with_its_holder(tiny_model, tmp_path, data):
     out = tmp_path / "o"
     log = tmp_path / "a.log"
-    a = _start(fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=10**6, checkpointing_steps=10**6), log)
+    a = start(fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=10**6, checkpointing_steps=10**6), log)
     try:
-        _wait_for(lambda: "training text-to-image LoRA" in log.read_text(), "run A to start training")
+        wait_for(lambda: "training text-to-image LoRA" in log.read_text(), "run A to start training")
         b = run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1), check=False)
         assert b.returncode == 2, b.stderr[-2000:]
         lines = [x for x in b.stderr.splitlines() if x.startswith("error:")]
@@ -122,9 +107,9 @@ def test_killed_run_resumed_equals_an_uninterrupted_one(tiny_model, tmp_path, da
     common = dict(train_data_dir=data, max_train_steps=8, checkpointing_steps=2, gradient_accumulation_steps=2)
     run(T2I, fast_flags(tiny_model, tmp_path / "full", **common))
     out = tmp_path / "part"
-    a = _start(fast_flags(tiny_model, out, **dict(common, max_train_steps=10**6, checkpointing_steps=2)),
+    a = start(fast_flags(tiny_model, out, **dict(common, max_train_steps=10**6, checkpointing_steps=2)),
                tmp_path / "a.log")
-    _wait_for(lambda: (out / "checkpoint-4" / "state.json").exists(), "two checkpoints")
+    wait_for(lambda: (out / "checkpoint-4" / "state.json").exists(), "two checkpoints")
     a.send_signal(signal.SIGKILL)
     a.wait()
     # The killed run had max_train_steps 10**6 and a constant LR: the same schedule as 8 steps.
@@ -193,10 +178,10 @@ def test_target_modules_that_match_nothing_fail_before_loading(tiny_model, tmp_p
 def _fail_writes_under(monkeypatch, fragment):
     real = sdlora.io.write_file
 
-    def write(path, data):
+    def write(path, data, **kw):
         if fragment in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data)
+        return real(path, data, **kw)
     monkeypatch.setattr(sdlora.io, "write_file", write)
 
 

@@ -180,3 +180,20 @@ def test_compile_trains_the_same_lora(tiny_model, tmp_path, monkeypatch):
         assert (torch._dynamo.utils.counters["frames"]["ok"] > 0) == compiled
     assert out[True].keys() == out[False].keys()
     assert all(torch.equal(out[True][k], out[False][k]) for k in out[False])
+
+
+def test_dataloader_workers_with_random_flip_train_and_resume_exactly(tiny_model, tmp_path):
+    """Workers decode and flip in other processes; each flip is still seeded by (seed, epoch, row), so the
+    LoRA is the one a run without workers trains, and a resume with workers is exact."""
+    data = make_images(tmp_path / "d", n=4)
+    common = dict(train_data_dir=data, random_flip=True, max_train_steps=4)
+    run(T2I, fast_flags(tiny_model, tmp_path / "w0", **common))
+    run(T2I, fast_flags(tiny_model, tmp_path / "w2", dataloader_num_workers=2, **common))
+    part = tmp_path / "part"
+    run(T2I, fast_flags(tiny_model, part, dataloader_num_workers=2, **dict(common, max_train_steps=2,
+                                                                          checkpointing_steps=2)))
+    r = run(T2I, fast_flags(tiny_model, part, dataloader_num_workers=2, resume_from_checkpoint="latest", **common))
+    assert "resumed from" in r.stderr and "cached VAE latents" not in r.stderr
+    w0, w2, resumed = (read_lora(d / "pytorch_lora_weights.safetensors")[0] for d in (tmp_path / "w0", tmp_path / "w2", part))
+    assert all(torch.equal(w0[k], w2[k]) for k in w0)
+    assert max((w0[k] - resumed[k]).abs().max().item() for k in w0) <= 1e-6

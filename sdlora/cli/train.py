@@ -74,6 +74,12 @@ def add_training_args(p: argparse.ArgumentParser):
                    help="torch.compile the UNet (the first step also compiles; see the README for when it pays)")
     g.add_argument("--no_cache", action="store_true",
                    help="don't cache VAE latents / text embeddings (they are cached automatically when possible)")
+    g.add_argument("--cache_latents_to_disk", action="store_true",
+                   help="keep cached VAE latents in files under --latents_cache_dir, read per batch and reused by "
+                        "later runs, instead of in RAM (kohya's flag; for data sets whose latents don't fit in RAM)")
+    g.add_argument("--latents_cache_dir", default=None, metavar="DIR",
+                   help="where --cache_latents_to_disk keeps them (default: $XDG_CACHE_HOME/sdlora/latents, "
+                        "else ~/.cache/sdlora/latents)")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
 
     g = p.add_argument_group("aspect-ratio buckets (kohya's flag names), masked loss, held-out loss")

@@ -58,6 +58,11 @@ def layout(size: tuple[int, int], bucket: tuple[int, int], center_crop: bool, ra
     return Layout(size, bucket, (nw, nh), (left, top), bool(random_flip and rng.random() < 0.5))
 
 
+# The version of what turns a file and a Layout into pixels and a mask (read_image, read_mask, apply, to_tensor):
+# latents cached on disk are keyed by it, so bump it when any of them changes a pixel.
+PIXELS_VERSION = 1
+
+
 def apply(img: Image.Image, lay: Layout, resample=Image.BILINEAR) -> Image.Image:
     (bw, bh), (left, top) = lay.bucket, lay.crop
     img = img.resize(lay.resized, resample).crop((left, top, left + bw, top + bh))
@@ -225,6 +230,12 @@ def _masks(rows: list[dict]) -> torch.Tensor | None:
     if all(r["mask"] is None for r in rows):
         return None
     return torch.stack([r["mask"] if r["mask"] is not None else torch.ones_like(r["px"][:1]) for r in rows])
+
+
+def loader(data: TrainSet, seed: int, sampler: StreamSampler, pixels: bool, workers: int = 0):
+    """The stream of batches the loop trains on: `workers` processes decode and augment ahead of the step."""
+    return torch.utils.data.DataLoader(Examples(data, seed, pixels), batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=workers)
 
 
 class StreamSampler(torch.utils.data.Sampler):

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import models
 from ..data.buckets import Bucketing
 from ..errors import UserError
-from . import prompts
+from . import diskcache, prompts
 
 log = logging.getLogger("sdlora")
 
@@ -49,6 +49,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     dataloader_num_workers: int = 0
     no_cache: bool = False
+    cache_latents_to_disk: bool = False
+    latents_cache_dir: Path | None = None  # resolved: the flag, else diskcache.default_dir(); None without the cache
     pre_compute_text_embeddings: bool = False
     bucketing: Bucketing  # resolved from --resolution, --no_bucket and the --*bucket* flags
     masked_loss: bool = False
@@ -141,8 +143,9 @@ def check(args, token: str | None = None) -> TrainConfig:
     mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
     _check_devices(args, mixed_precision)
     output_dir = Path(args.output_dir)
-    check_output_dir(output_dir)
+    check_writable(output_dir)
     _check_heldout(args)
+    latents_cache_dir = _check_latents_cache(args)
     base = models.resolve_base(args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
     vae = args.pretrained_vae_model_name_or_path and models.resolve_base(
         args.pretrained_vae_model_name_or_path, None, args.cache_dir, token, "--pretrained_vae_model_name_or_path",
@@ -162,6 +165,7 @@ def check(args, token: str | None = None) -> TrainConfig:
                     mixed_precision=mixed_precision, bucketing=bucketing,
                     mask_dir=Path(args.mask_dir) if args.mask_dir else None,
                     validation_data_dir=Path(args.validation_data_dir) if args.validation_data_dir else None,
+                    latents_cache_dir=latents_cache_dir,
                     sample_prompts=sample_prompts, sample_prompts_file=args.sample_prompts,
                     hub_model_id=args.hub_model_id or (output_dir.resolve().name if args.push_to_hub else None))
     # Every other field is the flag of the same name; knobs only one script has keep their defaults.
@@ -255,6 +259,24 @@ def _check_heldout(args):
                         "--validation_data_dir DIR")
 
 
+def _check_latents_cache(args) -> Path | None:
+    """--cache_latents_to_disk's folder, writable and outside every data folder (those are never written to)."""
+    if args.latents_cache_dir and not args.cache_latents_to_disk:
+        raise UserError("--latents_cache_dir is only used with --cache_latents_to_disk; add --cache_latents_to_disk")
+    if not args.cache_latents_to_disk:
+        return None
+    if args.no_cache:
+        raise UserError("--no_cache and --cache_latents_to_disk contradict each other; keep one")
+    folder = Path(args.latents_cache_dir).expanduser() if args.latents_cache_dir else diskcache.default_dir()
+    for flag in ("train_data_dir", "instance_data_dir", "class_data_dir", "validation_data_dir"):
+        data = getattr(args, flag, None)
+        if data and folder.resolve().is_relative_to(Path(data).expanduser().resolve()):
+            raise UserError(f"--latents_cache_dir {folder} is inside --{flag} {data}, and sdlora never writes into "
+                            f"a data folder; choose a folder outside it")
+    check_writable(folder, "--latents_cache_dir")
+    return folder
+
+
 def _check_sampling(args, resolution: int) -> tuple[prompts.SamplePrompt, ...]:
     """The --sample_prompts file, read and checked now, so a bad line never stops a run half-way."""
     _positive("sample_every_n_steps", args.sample_every_n_steps)
@@ -314,10 +336,10 @@ def _check_compiler(cuda: bool):
         raise UserError("--compile: torch.compile needs a C++ compiler on CPU (e.g. apt-get install g++); drop the flag")
 
 
-def check_output_dir(out: Path):
+def check_writable(folder: Path, flag: str = "--output_dir"):
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise UserError(f"--output_dir {out}: not writable ({e.strerror}); choose another folder") from None
+        raise UserError(f"{flag} {folder}: not writable ({e.strerror}); choose another folder") from None

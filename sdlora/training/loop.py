@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..data.trainset import Examples, StreamSampler, TrainSet, collate
+from ..data.trainset import StreamSampler, TrainSet, loader
 from ..errors import UserError
 from ..lora import inject
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
-from . import checkpoint, conditioning, heldout, losses, samples, validation
+from . import checkpoint, conditioning, diskcache, heldout, losses, samples, validation
 from .caches import Caches, all_captions, latent_mask, plan
 from .config import TrainConfig
 
@@ -224,8 +224,12 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     # Encode once, then the VAE / text encoder leave the training device.
     _phase("cache")
     caches, (cache_latents, cache_text, why_not) = Caches(), plan(config, recipe.data)
-    if cache_latents:
-        caches.build_latents(data, seed, vae, device, vae_dtype, config.train_batch_size, main)
+    store = diskcache.LatentStore(config.latents_cache_dir, diskcache.vae_id(vae)) \
+        if cache_latents and config.cache_latents_to_disk else None
+    # On disk, the main process encodes first and the others find its entries.
+    with accelerator.main_process_first() if store else contextlib.nullcontext():
+        if cache_latents:
+            caches.build_latents(data, seed, vae, device, vae_dtype, config.train_batch_size, main, store)
     held = recipe.heldout and heldout.encode(recipe.heldout, vae, device, vae_dtype, config.train_batch_size)
     if cache_latents:
         vae = models.release(vae, device)
@@ -238,6 +242,9 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
         what = [f"VAE latents of {len(caches)} images"] * cache_latents + \
                [f"text embeddings of {len(caches.caption_ids)} captions"] * cache_text
         log.info("cached %s%s", " and ".join(what) if what else "nothing", f" (not cached: {why_not})" if why_not else "")
+        if store:
+            log.info("latent cache: %d of %d images reused, %d encoded (%s)", caches.reused, len(caches),
+                     caches.encoded, store.root)
         if held:
             log.info("validation loss on %d held-out images, %d fixed timesteps each", len(held),
                      heldout.TIMESTEPS)
@@ -262,9 +269,8 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
         log.info("training %s LoRA: %d rows, %d trainable params, %d steps (%d epochs), batch %d x %d accum x %d procs",
                  recipe.kind, len(recipe.data.rows), sum(p.numel() for p in params), max_steps, num_epochs,
                  config.train_batch_size, ga, world)
-    loader = torch.utils.data.DataLoader(Examples(recipe.data, seed, pixels=not cache_latents), batch_sampler=sampler,
-                                         collate_fn=collate,
-                                         num_workers=0 if cache_latents else config.dataloader_num_workers)
+    batches = loader(recipe.data, seed, sampler, pixels=not cache_latents,
+                     workers=0 if cache_latents else config.dataloader_num_workers)
     for c in parts.values():
         c.module.train()
     return Run(config=config, recipe=recipe, accelerator=accelerator, seed=seed, settings=settings,
@@ -272,7 +278,7 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
                vae=vae, vae_scale=vae_scale, caches=caches,
                text_encoders={n: None if n in parts else te for n, te in text_encoders.items()},
                cache_latents=cache_latents, parts=parts, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               sampler=sampler, batches=iter(loader), max_steps=max_steps, num_epochs=num_epochs, step=step,
+               sampler=sampler, batches=iter(batches), max_steps=max_steps, num_epochs=num_epochs, step=step,
                heldout_cache=held, best_val_loss=best)
 
 
