@@ -71,7 +71,8 @@ def add_training_args(p: argparse.ArgumentParser):
                    help="default: accelerate's config / `accelerate launch --mixed_precision`")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (the first step also compiles; see the README for when it pays)")
+                   help="torch.compile the UNet's training steps (the first step compiles; slower on the CPUs "
+                        "measured, see the README)")
     g.add_argument("--no_cache", action="store_true",
                    help="don't cache VAE latents / text embeddings (they are cached automatically when possible)")
     g.add_argument("--cache_latents_to_disk", action="store_true",
