@@ -24,6 +24,11 @@ def torch_dtype(name: str):
     return getattr(torch, PRECISIONS[name])
 
 
+def precision_name(dtype) -> str:
+    """A torch dtype as the flags spell it: torch.bfloat16 -> "bf16" (the inverse of `torch_dtype`)."""
+    return {v: k for k, v in PRECISIONS.items() if k != "no"}[str(dtype).removeprefix("torch.")]
+
+
 def native_bf16() -> str | None:
     """The CPU feature that computes bf16 natively ("AMX-BF16", "AVX512-BF16", Arm's "BF16"), or None: without one,
     bf16 on CPU is emulated and slower than fp32."""
@@ -59,8 +64,7 @@ def precision_note(mixed_precision: str | None, device) -> str:
     import torch
 
     mp = mixed_precision if mixed_precision in ("fp16", "bf16") else "no"
-    where = "GPU" if torch.device(device).type == "cuda" else "CPU"
-    if where == "GPU":
+    if torch.device(device).type == "cuda":
         return f"{'fp32' if mp == 'no' else mp} on the GPU" + ("; --mixed_precision fp16 or bf16 is faster and "
                                                                "halves the frozen weights' memory" if mp == "no" else "")
     native = native_bf16()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .. import models
 from ..errors import UserError
 from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, load_pipeline
 from .tools import SAVE_PRECISIONS
@@ -61,10 +62,10 @@ def _generate_cli(args):
     out.mkdir(parents=True, exist_ok=True)
     start = _next_index(out)
     loras = [{"name": n, **v} for n, v in pipe.__dict__.get("sdlora_adapters", {}).items()]
-    precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(pipe.unet.dtype).replace("torch.", "")]
     for i, im in enumerate(images):
         params = image_params(args.prompt, args.negative_prompt, seed + i, args.steps, args.guidance, im,
-                              args.scheduler, pipe.sdlora_base, loras, args.fuse, precision=precision)
+                              args.scheduler, pipe.sdlora_base, loras, args.fuse,
+                              precision=models.precision_name(pipe.unet.dtype))
         path = out / f"{start + i:05d}-{seed + i}.png"
         save_image(im, path, pnginfo=png_info(params))
         print(path)

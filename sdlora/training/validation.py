@@ -26,8 +26,8 @@ def eval_mode(run):
 @contextlib.contextmanager
 def sampling(run):
     """Yield (pipe, encode): the run's models as a pipeline, under the sampling autocast (`_autocast`), and the
-    prompt encoder to pass to `pipeline.sample` (None: the pipeline's own). The VAE / text encoder caching released come back
-    for it and go back afterwards; the LoRA layers sample without dropout. Main process only."""
+    prompt encoder to pass to `pipeline.sample` (None: the pipeline's own). The VAE / text encoder caching released
+    come back for it and go back afterwards; the LoRA layers sample without dropout. Main process only."""
     c, device = run.config, run.accelerator.device
     frozen = dict(revision=c.revision, variant=c.variant, cache_dir=c.cache_dir, allow_pickle=c.allow_pickle,
                   dtype=run.weight_dtype)
