@@ -7,6 +7,7 @@ scalars (Python numbers autograd keeps for backward) and checkpointing's saved R
 """
 import contextlib
 import functools
+import gc
 import importlib.util
 import sys
 from pathlib import Path
@@ -54,8 +55,14 @@ def _device_allocations(fn) -> list[int]:
     """Run fn; the CPU allocator's allocations (+bytes) and frees (-bytes) in order, host-only ones left out."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    # the cyclic GC may free an earlier test's tensors mid-run; those frees are not this run's (CI saw one)
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    finally:
+        gc.enable()
     host = {8, torch.get_rng_state().nbytes}
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
