@@ -15,11 +15,12 @@ Also installed with the package: `sdlora train dreambooth …` runs this file's 
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from sdlora.cli import train as common
 from sdlora.data import captions, class_images, masks
-from sdlora.data.sources import dataset_label, rows_from_images, split_heldout
+from sdlora.data.sources import dataset_label, rows_from_folder, rows_from_images, split_heldout
 from sdlora.data.trainset import TrainSet, heldout_set
 from sdlora.errors import UserError
 from sdlora.models import fast_precision, torch_dtype
@@ -36,6 +37,13 @@ def parse_args(argv=None):
     g.add_argument("--instance_data_dir", required=True,
                    help="folder with the subject's photos; those in an N_name sub-folder count N times (kohya)")
     g.add_argument("--instance_prompt", required=True, help="e.g. 'a photo of sks dog'")
+    g.add_argument("--instance_captions", action="store_true",
+                   help="give each photo its own prompt: its --caption_column in the folder's metadata.jsonl/.csv, "
+                        "or its same-name --caption_extension file (kohya); photos without one get --instance_prompt. "
+                        "Name what is not the subject (\"a photo of sks dog on a beach\") so the identifier "
+                        "learns the subject alone, not its backgrounds")
+    g.add_argument("--caption_column", default="text", help="with --instance_captions")
+    g.add_argument("--caption_extension", default=".txt", help="with --instance_captions")
     g.add_argument("--class_data_dir", default=None, help="default: <output_dir>-class-images, beside the output")
     g.add_argument("--class_prompt", default=None, help="e.g. 'a photo of a dog'")
     g.add_argument("--with_prior_preservation", action="store_true")
@@ -103,12 +111,28 @@ def class_rows(args, config: TrainConfig):
     return rows[: args.num_class_images], folder
 
 
+def instance_rows(args, folder: Path, what: str):
+    """The subject's photos: all with --instance_prompt, or with --instance_captions each with its own caption."""
+    if not args.instance_captions:
+        return rows_from_images(folder, args.instance_prompt, what)
+    rows = rows_from_folder(folder, args.caption_column, allow_empty_captions=True, what=what,
+                            caption_extension=args.caption_extension)
+    rows = [replace(r, caption=r.caption or args.instance_prompt) for r in rows]
+    word, _ = class_images.identifier(args.instance_prompt, args.class_prompt)
+    lacking = [r for r in rows if word not in str(r.caption).lower().replace(",", " ").split()]
+    if lacking:
+        log.warning("%d of %d captions in %s lack the identifier %r (e.g. %s: %r); those photos teach the base "
+                    "model's words, not the subject", len(lacking), len(rows), what, word, Path(lacking[0].name).name,
+                    lacking[0].caption)
+    return rows
+
+
 def make_recipe(args, config: TrainConfig) -> Recipe:
     ops = check_flags(args)
-    instance = rows_from_images(Path(args.instance_data_dir), args.instance_prompt, "--instance_data_dir")
+    instance = instance_rows(args, Path(args.instance_data_dir), "--instance_data_dir")
     instance, held = split_heldout(instance, config.validation_split)
     if config.validation_data_dir:
-        held = rows_from_images(config.validation_data_dir, args.instance_prompt, "--validation_data_dir")
+        held = instance_rows(args, config.validation_data_dir, "--validation_data_dir")
     if config.masked_loss:  # the subject's photos only: class images are learned whole
         masks.attach(instance + held, config.mask_dir, [Path(args.instance_data_dir), config.validation_data_dir])
     captions.check_keep_tokens(ops, instance)

@@ -9,7 +9,7 @@ pokemon/     144 captioned 32 px images in HF imagefolder layout (PNG + metadata
              base model's words ("a red circle on a blue background"); pairs come from the base
              model's training pairs, so held-out pairs stay held out for evaluation.
 dreambooth/  instance/: 8 images of one subject — a square with a cyan/magenta 2x2 checker, in
-             different positions, sizes and backgrounds (imagefolder layout, every caption is
+             different positions and sizes, on 4 of the 8 backgrounds (shapes.SUBJECT_PHOTO_BGS) (imagefolder layout, every caption is
              the instance prompt); prompts.json: instance prompt "a sks square" (rare
              identifier "sks") and class prompt "a square".
 Detectors for both looks are shapes.style_score / shapes.subject_score.
@@ -55,12 +55,16 @@ def pokemon_items(n: int = 144, seed: int = 1):
 
 
 def dreambooth_items(n: int = 8, seed: int = 2):
+    """n photos of the subject at different sizes and positions, on the photo backgrounds in turn: the
+    other backgrounds stay unseen, so a LoRA is measured in contexts its photos never showed."""
     rng = random.Random(seed)
-    bgs = rng.sample(shapes.COLOURS, n) if n <= len(shapes.COLOURS) else [rng.choice(shapes.COLOURS) for _ in range(n)]
     items = []
-    for bg in bgs:
+    for i in range(n):
+        bg = shapes.SUBJECT_PHOTO_BGS[i % len(shapes.SUBJECT_PHOTO_BGS)]
         s = shapes.random_spec(rng, pairs=[("gray", bg)], shapes=("square",))
-        items.append((shapes.render(s, "subject"), shapes.INSTANCE_PROMPT))
+        # captioned with its context, for --instance_captions; without it the trainer gives every photo the
+        # instance prompt, as diffusers' script does
+        items.append((shapes.render(s, "subject"), f"{shapes.INSTANCE_PROMPT} on {shapes.with_article(bg)} background"))
     return items
 
 

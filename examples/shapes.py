@@ -58,6 +58,10 @@ SUBJECT_COLOURS = {"cyan": (20, 215, 220), "magenta": (225, 25, 225)}
 DREAMBOOTH_TOKEN = "sks"
 INSTANCE_PROMPT = f"a {DREAMBOOTH_TOKEN} square"
 CLASS_PROMPT = "a square"
+# The subject's photos show it on these backgrounds only; DreamBooth is measured on the other four,
+# contexts it was never photographed in.
+SUBJECT_PHOTO_BGS = ("red", "yellow", "green", "gray")
+SUBJECT_HELD_OUT_BGS = tuple(c for c in PALETTE if c not in SUBJECT_PHOTO_BGS)
 
 # Every word a caption can use (the tokenizer gives each one token).
 VOCAB_WORDS = ["a", "an", "on", "background"] + COLOURS + list(SHAPES)

@@ -131,3 +131,21 @@ def test_warning_is_logged_by_the_script(tiny_model, tmp_path, capsys, no_model_
     with pytest.raises(AssertionError, match="model was loaded"):
         run_recipe(db.parse_args(argv), db.make_recipe)
     assert "no rare identifier before the class word 'square'" in capsys.readouterr().err
+
+
+def test_instance_captions_give_each_photo_its_own_prompt(tiny_model, tmp_path, caplog):
+    from sdlora.training.config import check
+
+    inst = make_images(tmp_path / "inst", n=3)  # kohya .txt captions without the identifier
+    (inst / "img0.txt").write_text("a photo of sks square on a blue background")
+    (inst / "img2.txt").unlink()  # no caption: the instance prompt
+
+    def captions(**over):
+        args = db.parse_args(_flags(tiny_model, tmp_path / "o", inst, with_prior_preservation=False, **over))
+        return sorted(r.caption for r in db.make_recipe(args, check(args)).data.rows)
+
+    assert captions() == ["a photo of sks square"] * 3  # diffusers' behaviour: captions ignored
+    with caplog.at_level("WARNING", logger="sdlora"):
+        assert captions(instance_captions=True) == ["a blue square on a green background",
+                                                    "a photo of sks square", "a photo of sks square on a blue background"]
+    assert "1 of 3 captions in --instance_data_dir lack the identifier 'sks' (e.g. img1.png" in caplog.text

@@ -21,14 +21,38 @@ def test_quickstart_trains_and_writes_before_after(tmp_path):
         assert noise not in r.stderr, r.stderr[-3000:]
 
 
+def test_dreambooth_quickstart_trains_and_writes_its_grid(tmp_path):
+    r = subprocess.run([sys.executable, "examples/dreambooth_quickstart.py", "--out", str(tmp_path), "--steps", "2",
+                        "--num_class_images", "2", "--per_prompt", "2"],
+                       capture_output=True, text=True, cwd=ROOT, env=env(), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lora = tmp_path / "lora"
+    from safetensors import safe_open
+
+    with safe_open(lora / "pytorch_lora_weights.safetensors", "pt") as f:  # the recipe: UNet convs and text encoder
+        keys = list(f.keys())
+    assert any(k.startswith("text_encoder.") for k in keys) and any(".conv1.lora_A" in k for k in keys)
+    card = (lora / "README.md").read_text()
+    assert "instance_prompt: a sks square" in card and "| prior preservation | True |" in card
+    assert len(list((tmp_path / "class-images").glob("*.png"))) == 2
+    grid = Image.open(tmp_path / "dreambooth_before_after.png")
+    assert grid.size == (8 * 32 * 4, 5 * 32 * 4)  # the photos, then base / LoRA rows of subject and class prompts
+    for line in ("subject fidelity", "prompt fidelity", "class drift", "subject leak"):
+        assert line in r.stdout, r.stdout
+    assert "lack the identifier" not in r.stderr  # every shipped caption names the subject
+
+
 def test_eval_dreambooth_quick(tmp_path):
     out = tmp_path / "res.json"
-    r = subprocess.run([sys.executable, "examples/eval_dreambooth.py", "--quick", "--json", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, env=env(), timeout=900)
+    r = subprocess.run([sys.executable, "examples/eval_dreambooth.py", "--quick", "--json", str(out),
+                        "--work", str(tmp_path / "runs")], capture_output=True, text=True, cwd=ROOT, env=env(), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     import json
 
     res = json.loads(out.read_text())
     assert {"base", "without prior preservation", "with prior preservation"} <= set(res)
-    assert 0 <= res["with prior preservation"]["drift"] < 1
+    for key in ("subject_fidelity", "prompt_fidelity", "class_drift", "subject_leak"):
+        assert 0 <= res["with prior preservation"][key] <= 1
+        assert len(res["without prior preservation"][f"{key}_per_seed"]) == 1
+    assert res["base"]["class_drift"] == 0
     assert "| with prior preservation |" in r.stdout

@@ -92,13 +92,18 @@ COMMON = {"a", "an", "the", "of", "my", "our", "his", "her", "this", "that", "on
           "red", "blue", "cute", "dog", "cat", "man", "toy", "photo", "on", "in", "at", "with", "and", "for", "to"}
 
 
-def identifier_warning(instance_prompt: str, class_prompt: str | None) -> str | None:
-    """A warning when the instance prompt has no rare identifier right before the class word."""
+def identifier(instance_prompt: str, class_prompt: str | None) -> tuple[str, str]:
+    """(the word before the class word, the class word) in the instance prompt: 'a photo of sks dog' -> (sks, dog)."""
     words = instance_prompt.lower().replace(",", " ").split()
     class_words = (class_prompt or "").lower().replace(",", " ").split()
     cls = next((w for w in reversed(class_words) if w in words), None) or (words[-1] if words else "")
     idx = max((i for i, w in enumerate(words) if w == cls), default=-1)
-    prev = words[idx - 1] if idx > 0 else ""
+    return (words[idx - 1] if idx > 0 else ""), cls
+
+
+def identifier_warning(instance_prompt: str, class_prompt: str | None) -> str | None:
+    """A warning when the instance prompt has no rare identifier right before the class word."""
+    prev, cls = identifier(instance_prompt, class_prompt)
     rare = prev in KNOWN_RARE or (prev and not prev.isalpha()) or (
         prev and len(prev) <= 4 and prev not in COMMON and not prev.endswith(("ing", "ed")))
     if rare:
