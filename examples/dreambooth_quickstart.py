@@ -33,6 +33,7 @@ import numpy as np
 import shapes  # the example data's generator and detectors (beside this script)
 from eval_prompt_following import load_base_pipeline
 from sdlora import grid, sample
+from sdlora.logs import no_progress_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples/data/dreambooth"
@@ -143,7 +144,8 @@ def main():
 
     pipe = load_base_pipeline(base)
     before = [draw(pipe, ps, a.per_prompt, a.guidance) for ps in (SUBJECT_PROMPTS, CLASS_PROMPTS)]
-    pipe.load_lora_weights(str(lora_dir))
+    with no_progress_bars():  # transformers draws one for the text encoder's LoRA
+        pipe.load_lora_weights(str(lora_dir))
     after = [draw(pipe, ps, a.per_prompt, a.guidance) for ps in (SUBJECT_PROMPTS, CLASS_PROMPTS)]
     b, m = measure(before[0], before[1], before[1]), measure(after[0], after[1], before[1])
 

@@ -23,6 +23,7 @@ import numpy as np
 
 import dreambooth_quickstart as db
 from eval_prompt_following import load_base_pipeline
+from sdlora.logs import no_progress_bars
 
 SETTINGS = {"without prior preservation": False, "with prior preservation": True}
 METRICS = ("subject_fidelity", "prompt_fidelity", "class_drift", "subject_leak")
@@ -64,7 +65,8 @@ def main():
     results["base"]["other_seeds_drift"] = db.measure(base_imgs[0], other, base_imgs[1])["class_drift"]
     per_run = {name: [] for name in settings}
     for (name, _, _), d in zip(runs, dirs):
-        pipe.load_lora_weights(str(d), adapter_name=d.name)
+        with no_progress_bars():
+            pipe.load_lora_weights(str(d), adapter_name=d.name)
         imgs = [db.draw(pipe, ps, a.per_prompt, a.guidance) for ps in (db.SUBJECT_PROMPTS, db.CLASS_PROMPTS)]
         pipe.unload_lora_weights()
         per_run[name].append(db.measure(imgs[0], imgs[1], base_imgs[1]))

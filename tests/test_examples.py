@@ -40,6 +40,7 @@ def test_dreambooth_quickstart_trains_and_writes_its_grid(tmp_path):
     for line in ("subject fidelity", "prompt fidelity", "class drift", "subject leak"):
         assert line in r.stdout, r.stdout
     assert "lack the identifier" not in r.stderr  # every shipped caption names the subject
+    assert "Loading weights" not in r.stderr
 
 
 def test_eval_dreambooth_quick(tmp_path):
