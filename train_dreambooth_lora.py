@@ -142,7 +142,8 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
     n = len(inst)
     examples = [[i] for i in inst]
     card = {"instance prompt": args.instance_prompt, "class prompt": args.class_prompt,
-            "prior preservation": bool(args.with_prior_preservation), "repeats": args.repeats}
+            "prior preservation": bool(args.with_prior_preservation), "repeats": args.repeats,
+            "instance captions": bool(args.instance_captions)}
     if args.with_prior_preservation:
         cls, folder = class_rows(args, config)
         rows += cls

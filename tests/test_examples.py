@@ -34,6 +34,7 @@ def test_dreambooth_quickstart_trains_and_writes_its_grid(tmp_path):
     assert any(k.startswith("text_encoder.") for k in keys) and any(".conv1.lora_A" in k for k in keys)
     card = (lora / "README.md").read_text()
     assert "instance_prompt: a sks square" in card and "| prior preservation | True |" in card
+    assert "| instance captions | True |" in card
     assert len(list((tmp_path / "class-images").glob("*.png"))) == 2
     grid = Image.open(tmp_path / "dreambooth_before_after.png")
     assert grid.size == (8 * 32 * 4, 5 * 32 * 4)  # the photos, then base / LoRA rows of subject and class prompts
