@@ -96,10 +96,11 @@ def test_checkpoints_total_limit_prunes(tiny_model, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6", "checkpoint-7"]
 
 
-def test_resume_is_exact(tiny_model, tmp_path):
+@pytest.mark.parametrize("variant", [{}, {"use_rslora": True, "rank": 8}], ids=["lora", "rslora"])
+def test_resume_is_exact(tiny_model, tmp_path, variant):
     """2N steps in one run == N steps, then --resume_from_checkpoint latest for N more (fp32, CPU, fixed seed)."""
     data = make_images(tmp_path / "d", n=5)  # 5 rows, batch 2: epochs wrap mid-run
-    common = dict(train_data_dir=data, noise_offset=0.05, snr_gamma=5.0, gradient_accumulation_steps=2)
+    common = dict(train_data_dir=data, noise_offset=0.05, snr_gamma=5.0, gradient_accumulation_steps=2, **variant)
     run(T2I, fast_flags(tiny_model, tmp_path / "full", max_train_steps=6, **common))
     part = tmp_path / "part"
     run(T2I, fast_flags(tiny_model, part, max_train_steps=3, checkpointing_steps=3, **common))
@@ -111,6 +112,12 @@ def test_resume_is_exact(tiny_model, tmp_path):
     diff = max((full[k] - resumed[k]).abs().max().item() for k in full)
     assert diff <= 1e-6, diff
     assert max(v.abs().max().item() for k, v in full.items() if "up" in k) > 0  # it really trained
+    if variant:  # rsLoRA: the files carry alpha * sqrt(rank), the card says why
+        kohya, meta = read_lora(part / "part.safetensors")
+        alphas = [v.item() for k, v in kohya.items() if k.endswith(".alpha")]
+        assert alphas and alphas == pytest.approx([8 * 8 ** 0.5] * len(alphas))
+        assert json.loads(meta["ss_network_alpha"]) == pytest.approx(8 * 8 ** 0.5)
+        assert "| rsLoRA | yes: scale alpha/sqrt(rank), recorded as alpha 22.6274 |" in (part / "README.md").read_text()
 
 
 def test_targets_beyond_attention_load_whole(tiny_model, tmp_path):

@@ -120,6 +120,9 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank (scale 1)")
     g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--use_rslora", action="store_true",
+                   help="rank-stabilised LoRA: scale by alpha/sqrt(rank) instead of alpha/rank; the files record the "
+                        "equivalent alpha (alpha*sqrt(rank)), so every loader applies the same scale")
     g.add_argument("--target_modules", default=",".join(UNET_TARGETS),
                    help="comma-separated UNet module names to adapt (default: %(default)s)")
     g.add_argument("--train_text_encoder", action="store_true",

@@ -14,6 +14,7 @@ survives loading.
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported lazily so the `sdlora` command starts fast
@@ -32,12 +33,17 @@ def text_encoder_targets(num_layers: int, used: int) -> list[str]:
     return [f"encoder.layers.{i}.self_attn.{t}" for i in range(used) for t in TEXT_ENCODER_TARGETS]
 
 
-def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float = 0.0):
+def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float = 0.0, rslora: bool = False):
     from peft import LoraConfig
 
     # "gaussian" init: A random, B zero — the adapter starts as an exact no-op.
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                      init_lora_weights="gaussian", target_modules=targets)
+                      init_lora_weights="gaussian", target_modules=targets, use_rslora=rslora)
+
+
+def file_alpha(rank: int, alpha: float, rslora: bool) -> float:
+    """The alpha a file records: loaders scale by alpha/rank, so rsLoRA's alpha/sqrt(rank) is alpha*sqrt(rank)."""
+    return alpha * math.sqrt(rank) if rslora else alpha
 
 
 def add_lora(model: torch.nn.Module, config) -> list[torch.nn.Parameter]:
@@ -70,10 +76,16 @@ def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
 
 
 def adapter_metadata(configs: dict[str, object]) -> str:
-    """diffusers' `lora_adapter_metadata`: each LoraConfig flattened with its component prefix."""
+    """diffusers' `lora_adapter_metadata`: each LoraConfig flattened with its component prefix; an rsLoRA config
+    as the plain one with the same scale, which every loader (and peft without use_rslora) applies alike."""
     packed = {}
     for prefix, cfg in configs.items():
-        for k, v in cfg.to_dict().items():
+        fields = cfg.to_dict()
+        if fields.get("use_rslora"):
+            fields |= {"use_rslora": False, "lora_alpha": file_alpha(cfg.r, cfg.lora_alpha, True),
+                       "alpha_pattern": {k: file_alpha(cfg.rank_pattern.get(k, cfg.r), a, True)
+                                         for k, a in (cfg.alpha_pattern or {}).items()}}
+        for k, v in fields.items():
             packed[f"{prefix}.{k}"] = sorted(v) if isinstance(v, set) else v
     return json.dumps(packed, indent=2, sort_keys=True, default=str)
 

@@ -85,6 +85,7 @@ class TrainConfig:
     rank: int = 4
     lora_alpha: float = 4  # resolved: --rank when not given
     lora_dropout: float = 0.0
+    use_rslora: bool = False
     target_modules: tuple[str, ...] = ()
     train_text_encoder: bool = False
     save_precision: str = "fp32"

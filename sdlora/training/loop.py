@@ -401,7 +401,7 @@ def run_settings(config: TrainConfig, recipe: Recipe, world: int, max_steps: int
     c = config
     s = {
         "base_model": base, "revision": c.revision, "variant": c.variant,
-        "rank": c.rank, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
+        "rank": c.rank, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout, "use_rslora": c.use_rslora,
         "target_modules": list(c.target_modules), "train_text_encoder": c.train_text_encoder,
         "learning_rate": lr, "text_encoder_lr": c.text_encoder_lr or lr, "lr_scheduler": c.lr_scheduler,
         "lr_warmup_steps": c.lr_warmup_steps, "lr_num_cycles": c.lr_num_cycles, "lr_power": c.lr_power,
@@ -457,7 +457,8 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoders: dict, lr: 
             layers, conditioning.layers_used(n, config.family, layers)))
     configs, params = {}, {}
     for name, (model, targets) in trained.items():  # the UNet first: LoRA init draws from the seeded RNG
-        configs[name] = inject.lora_config(config.rank, config.lora_alpha, list(targets), config.lora_dropout)
+        configs[name] = inject.lora_config(config.rank, config.lora_alpha, list(targets), config.lora_dropout,
+                                           config.use_rslora)
         params[name] = inject.add_lora(model, configs[name])
     # fp32 master weights for the LoRA parameters whatever the mixed precision: fp16 trainable
     # weights are what makes GradScaler fail with "Attempting to unscale FP16 gradients".
@@ -628,7 +629,8 @@ def save_final(run: Run) -> Path:
     repeated = sum(r.repeats > 1 for r in recipe.data.rows)
     info = {
         "base_model": base, "base_model_in_front_matter": not (c.push_to_hub and local_base),
-        "base_is_local": local_base, "kind": recipe.kind, "rank": c.rank, "alpha": c.lora_alpha,
+        "base_is_local": local_base, "kind": recipe.kind, "rank": c.rank,
+        "alpha": round(inject.file_alpha(c.rank, c.lora_alpha, c.use_rslora), 6), "rslora": c.use_rslora or None,
         "target_modules": list(c.target_modules), "train_text_encoder": c.train_text_encoder, "steps": run.step,
         "epochs": run.num_epochs, "train_batch_size": c.train_batch_size,
         "gradient_accumulation_steps": c.gradient_accumulation_steps, "learning_rate": c.learning_rate,
