@@ -192,10 +192,11 @@ COMMON_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff
                   "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
 
 
-def check_targets(base: str, unet_config: dict, targets: list[str]):
+def check_targets(base: str, unet_config: dict, targets: list[str], linear_only: str | None = None):
     """Each --target_modules entry must name Linear/Conv2d layers of the base UNet, as peft matches them
-    (the module name, or a dotted suffix of it). Checked on an empty meta-device UNet built from the
-    config (`base_configs`), so a typo costs milliseconds instead of a traceback after the models load."""
+    (the module name, or a dotted suffix of it); only Linear ones when `linear_only` names the flag that needs
+    that. Checked on an empty meta-device UNet built from the config (`base_configs`), so a typo costs
+    milliseconds instead of a traceback after the models load."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -215,6 +216,9 @@ def check_targets(base: str, unet_config: dict, targets: list[str]):
             what = f"names {', '.join(sorted(bad))} layers, not Linear/Conv2d" if bad else "matches no layer"
             raise UserError(f"--target_modules {t}: {what} of the UNet in {base}; use layer names such as "
                             f"{', '.join(known)}")
+        if linear_only and any(isinstance(m, torch.nn.Conv2d) for m in hits):
+            raise UserError(f"--target_modules {t}: names Conv2d layers, which peft initialises with {linear_only} "
+                            f"only for Linear layers; drop it from --target_modules or use --init_lora_weights gaussian")
 
 
 def vae_factor(vae_config: dict) -> int:

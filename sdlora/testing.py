@@ -37,13 +37,13 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
         for n, p in model.named_parameters():
             if "lora_B" in n:  # visible but bounded effect regardless of layer width
                 p.data = torch.randn_like(p) * strength / p.shape[1] ** 0.5
-        configured[name] = (model, cfg)
+        configured[name] = (model, cfg, None)
     info = {"base_model": str(base or "unknown"), "rank": rank, "alpha": alpha or rank, "steps": 0, "resolution": 32,
             "learning_rate": 0, "target_modules": list(targets), "kind": "demo",
             "architecture": architecture(dict(unet.config))}  # the header names the base's family
     file = Path(out) / WEIGHTS_NAME
     weights.save(file, configured, info)
-    for model, _ in configured.values():  # leave the caller's models exactly as they were
+    for model, _, _ in configured.values():  # leave the caller's models exactly as they were
         recurse_remove_peft_layers(model)
         del model.peft_config
     if base is not None:

@@ -115,3 +115,10 @@ def test_compile_without_a_compiler(tiny_model, tmp_path, capsys, no_model_loads
     monkeypatch.setenv("PATH", str(tmp_path))  # no g++/c++/clang++ on it
     msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, compile=True))
     assert "--compile" in msg and "C++ compiler" in msg
+
+
+def test_pissa_on_conv_layers_is_refused_before_loading(tiny_model, tmp_path, capsys, no_model_loads):
+    data = make_images(tmp_path / "d", n=1)
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, init_lora_weights="pissa",
+                                               target_modules="to_q,conv1"))
+    assert msg.startswith("error: --target_modules conv1: names Conv2d layers") and "--init_lora_weights pissa" in msg

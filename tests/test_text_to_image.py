@@ -96,7 +96,8 @@ def test_checkpoints_total_limit_prunes(tiny_model, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6", "checkpoint-7"]
 
 
-@pytest.mark.parametrize("variant", [{}, {"use_rslora": True, "rank": 8}], ids=["lora", "rslora"])
+@pytest.mark.parametrize("variant", [{}, {"use_rslora": True, "rank": 8}, {"init_lora_weights": "pissa"}],
+                         ids=["lora", "rslora", "pissa"])
 def test_resume_is_exact(tiny_model, tmp_path, variant):
     """2N steps in one run == N steps, then --resume_from_checkpoint latest for N more (fp32, CPU, fixed seed)."""
     data = make_images(tmp_path / "d", n=5)  # 5 rows, batch 2: epochs wrap mid-run
@@ -112,7 +113,10 @@ def test_resume_is_exact(tiny_model, tmp_path, variant):
     diff = max((full[k] - resumed[k]).abs().max().item() for k in full)
     assert diff <= 1e-6, diff
     assert max(v.abs().max().item() for k, v in full.items() if "up" in k) > 0  # it really trained
-    if variant:  # rsLoRA: the files carry alpha * sqrt(rank), the card says why
+    if "init_lora_weights" in variant:  # saved as the change from the unmodified base: twice the rank
+        assert {v.shape[0] for k, v in full.items() if "lora_A" in k or "lora.down" in k} == {8}
+        assert "| LoRA init | pissa: saved as the change from the unmodified base" in (part / "README.md").read_text()
+    if "use_rslora" in variant:  # the files carry alpha * sqrt(rank), the card says why
         kohya, meta = read_lora(part / "part.safetensors")
         alphas = [v.item() for k, v in kohya.items() if k.endswith(".alpha")]
         assert alphas and alphas == pytest.approx([8 * 8 ** 0.5] * len(alphas))

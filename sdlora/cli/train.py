@@ -120,6 +120,10 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank (scale 1)")
     g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--init_lora_weights", default="gaussian", choices=["gaussian", "pissa", "olora"],
+                   help="gaussian: the adapter starts as a no-op (A random, B zero); pissa / olora: A and B start from "
+                        "the layer's principal singular vectors / a QR of it, the frozen weight keeps the rest "
+                        "(Linear layers only); saved files hold the change from the unmodified base, at twice the rank")
     g.add_argument("--use_rslora", action="store_true",
                    help="rank-stabilised LoRA: scale by alpha/sqrt(rank) instead of alpha/rank; the files record the "
                         "equivalent alpha (alpha*sqrt(rank)), so every loader applies the same scale")

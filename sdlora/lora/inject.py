@@ -33,17 +33,31 @@ def text_encoder_targets(num_layers: int, used: int) -> list[str]:
     return [f"encoder.layers.{i}.self_attn.{t}" for i in range(used) for t in TEXT_ENCODER_TARGETS]
 
 
-def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float = 0.0, rslora: bool = False):
+def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float = 0.0, rslora: bool = False,
+                init: str = "gaussian"):
     from peft import LoraConfig
 
-    # "gaussian" init: A random, B zero — the adapter starts as an exact no-op.
+    # "gaussian" init: A random, B zero — the adapter starts as an exact no-op. "pissa" / "olora": A and B start
+    # from the layer's own weight, which peft takes out of the frozen weight (so the model is unchanged too).
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                      init_lora_weights="gaussian", target_modules=targets, use_rslora=rslora)
+                      init_lora_weights=init, target_modules=targets, use_rslora=rslora)
 
 
-def file_alpha(rank: int, alpha: float, rslora: bool) -> float:
-    """The alpha a file records: loaders scale by alpha/rank, so rsLoRA's alpha/sqrt(rank) is alpha*sqrt(rank)."""
-    return alpha * math.sqrt(rank) if rslora else alpha
+def file_rank_alpha(rank: int, alpha: float, rslora: bool = False, converted: bool = False) -> tuple[int, float]:
+    """The rank and alpha a saved file records. Loaders scale by alpha/rank, so rsLoRA's alpha/sqrt(rank) is
+    written as alpha*sqrt(rank); a PiSSA/OLoRA adapter saved as a change from the unmodified base has twice the
+    rank (`lora_state_dict`) at the same scale."""
+    if not (rslora or converted):
+        return rank, alpha
+    r = rank * 2 if converted else rank
+    file_alpha = (alpha / math.sqrt(rank) if rslora else alpha / rank) * r
+    return r, int(round(file_alpha)) if abs(file_alpha - round(file_alpha)) < 1e-9 else file_alpha
+
+
+def initial_weights(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each adapted layer's (A, B) as injected: for PiSSA/OLoRA, the part of the weight the frozen base gave up."""
+    return {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+            for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
 
 
 def add_lora(model: torch.nn.Module, config) -> list[torch.nn.Parameter]:
@@ -58,8 +72,12 @@ def add_lora(model: torch.nn.Module, config) -> list[torch.nn.Parameter]:
     return params
 
 
-def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's LoRA weights in diffusers' key layout, prefixed `unet.` / `text_encoder.`."""
+def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | None = None,
+                    initial: dict | None = None) -> dict[str, torch.Tensor]:
+    """The model's LoRA weights in diffusers' key layout, prefixed `unet.` / `text_encoder.`. With `initial`
+    (PiSSA/OLoRA's `initial_weights`), the change from the unmodified base, B A - B0 A0, written as one LoRA of
+    twice the rank, [B, -B0] @ [A; A0] (peft's own conversion), so it applies to the base everyone has."""
+    import torch
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -67,6 +85,10 @@ def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
 
     # save_embedding_layers=False: LoRA never touches embeddings (and peft stops probing the Hub for a config)
     peft_sd = get_peft_model_state_dict(model, save_embedding_layers=False)
+    for name, (a0, b0) in (initial or {}).items():
+        a, b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        peft_sd[a] = torch.cat([peft_sd[a], a0.to(peft_sd[a].dtype)], 0)
+        peft_sd[b] = torch.cat([peft_sd[b], -b0.to(peft_sd[b].dtype)], 1)
     sd = convert_state_dict_to_diffusers(peft_sd)
     if not all(".lora.down." in k or ".lora.up." in k for k in sd):
         # Targets beyond attention (ff, proj_in, conv) convert only partly, and diffusers then skips
@@ -75,16 +97,19 @@ def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
     return {canonical(prefix, k): (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def adapter_metadata(configs: dict[str, object]) -> str:
-    """diffusers' `lora_adapter_metadata`: each LoraConfig flattened with its component prefix; an rsLoRA config
-    as the plain one with the same scale, which every loader (and peft without use_rslora) applies alike."""
+def file_config(cfg, converted: bool = False) -> dict:
+    """A LoraConfig as a saved file records it: plain LoRA with the same scale (`file_rank_alpha`), which every
+    loader, and peft without use_rslora or PiSSA, applies alike."""
+    r, alpha = file_rank_alpha(cfg.r, cfg.lora_alpha, cfg.use_rslora, converted)
+    if cfg.rank_pattern or cfg.alpha_pattern:
+        raise ValueError("rank/alpha patterns are not written by sdlora's training")
+    return cfg.to_dict() | {"r": r, "lora_alpha": alpha, "use_rslora": False, "init_lora_weights": True}
+
+
+def adapter_metadata(configs: dict[str, dict]) -> str:
+    """diffusers' `lora_adapter_metadata`: each `file_config` flattened with its component prefix."""
     packed = {}
-    for prefix, cfg in configs.items():
-        fields = cfg.to_dict()
-        if fields.get("use_rslora"):
-            fields |= {"use_rslora": False, "lora_alpha": file_alpha(cfg.r, cfg.lora_alpha, True),
-                       "alpha_pattern": {k: file_alpha(cfg.rank_pattern.get(k, cfg.r), a, True)
-                                         for k, a in (cfg.alpha_pattern or {}).items()}}
+    for prefix, fields in configs.items():
         for k, v in fields.items():
             packed[f"{prefix}.{k}"] = sorted(v) if isinstance(v, set) else v
     return json.dumps(packed, indent=2, sort_keys=True, default=str)

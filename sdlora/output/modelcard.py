@@ -36,6 +36,8 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
     settings = {
         "base model": info["base_model"], "base model family": info.get("family"), "kind": info.get("kind"), "rank": info["rank"], "alpha": info["alpha"],
         "rsLoRA": info.get("rslora") and f"yes: scale alpha/sqrt(rank), recorded as alpha {info['alpha']:g}",
+        "LoRA init": info.get("init") and f"{info['init']}: saved as the change from the unmodified base "
+                                          f"(twice the trained rank)",
         "target modules": ", ".join(info["target_modules"]),
         "text encoder LoRA": info.get("train_text_encoder", False), "steps": info["steps"],
         "epochs": info.get("epochs"), "batch size": info.get("train_batch_size"),

@@ -88,12 +88,12 @@ def kohya_name(output_dir) -> str:
 
 
 def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
-    """Write the LoRA of `parts` ({"unet": (model, LoraConfig), "text_encoder": …}) to `path`; returns the
-    state dict and header written. `info` holds the training facts `header` records."""
+    """Write the LoRA of `parts` ({"unet": (model, LoraConfig, initial weights or None), "text_encoder": …}) to
+    `path`; returns the state dict and header written. `info` holds the training facts `header` records."""
     sd, configs = {}, {}
-    for component, (model, config) in parts.items():
-        sd.update(inject.lora_state_dict(model, component, dtype))
-        configs[component] = config
+    for component, (model, config, initial) in parts.items():
+        sd.update(inject.lora_state_dict(model, component, dtype, initial))
+        configs[component] = inject.file_config(config, converted=initial is not None)
     meta = {"format": "pt", "lora_adapter_metadata": inject.adapter_metadata(configs), **header(info)}
     save_safetensors(sd, path, meta)
     return sd, meta

@@ -86,6 +86,7 @@ class TrainConfig:
     lora_alpha: float = 4  # resolved: --rank when not given
     lora_dropout: float = 0.0
     use_rslora: bool = False
+    init_lora_weights: str = "gaussian"
     target_modules: tuple[str, ...] = ()
     train_text_encoder: bool = False
     save_precision: str = "fp32"
@@ -157,7 +158,8 @@ def check(args, token: str | None = None) -> TrainConfig:
     family = _check_family(args, pipeline_class, unet_config)
     resolution = args.resolution or default_resolution(family, unet_config, vae_config)
     sample_prompts = _check_sampling(args, resolution)
-    models.check_targets(base, unet_config, list(targets))
+    models.check_targets(base, unet_config, list(targets),
+                         None if args.init_lora_weights == "gaussian" else f"--init_lora_weights {args.init_lora_weights}")
     bucketing = _bucketing(args, resolution, models.size_multiple(unet_config, vae_config))
 
     resolved = dict(base=base, base_name=args.pretrained_model_name_or_path, family=family, output_dir=output_dir,

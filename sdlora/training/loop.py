@@ -60,6 +60,7 @@ class Component:
     module: torch.nn.Module
     bare: torch.nn.Module
     params: list
+    initial: dict | None = None  # PiSSA/OLoRA: the adapter as injected (inject.initial_weights), for saving
 
 
 @dataclass
@@ -402,6 +403,7 @@ def run_settings(config: TrainConfig, recipe: Recipe, world: int, max_steps: int
     s = {
         "base_model": base, "revision": c.revision, "variant": c.variant,
         "rank": c.rank, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout, "use_rslora": c.use_rslora,
+        "init_lora_weights": c.init_lora_weights,
         "target_modules": list(c.target_modules), "train_text_encoder": c.train_text_encoder,
         "learning_rate": lr, "text_encoder_lr": c.text_encoder_lr or lr, "lr_scheduler": c.lr_scheduler,
         "lr_warmup_steps": c.lr_warmup_steps, "lr_num_cycles": c.lr_num_cycles, "lr_power": c.lr_power,
@@ -455,11 +457,13 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoders: dict, lr: 
         layers = text_encoders[n].config.num_hidden_layers
         trained[n] = (text_encoders[n], inject.text_encoder_targets(
             layers, conditioning.layers_used(n, config.family, layers)))
-    configs, params = {}, {}
+    configs, params, initial = {}, {}, {}
     for name, (model, targets) in trained.items():  # the UNet first: LoRA init draws from the seeded RNG
         configs[name] = inject.lora_config(config.rank, config.lora_alpha, list(targets), config.lora_dropout,
-                                           config.use_rslora)
+                                           config.use_rslora, config.init_lora_weights)
         params[name] = inject.add_lora(model, configs[name])
+        if config.init_lora_weights != "gaussian":  # before a resume loads the checkpoint's weights over them
+            initial[name] = inject.initial_weights(model)
     # fp32 master weights for the LoRA parameters whatever the mixed precision: fp16 trainable
     # weights are what makes GradScaler fail with "Attempting to unscale FP16 gradients".
     cast_training_params([m for m, _ in trained.values()], dtype=torch.float32)
@@ -485,7 +489,7 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoders: dict, lr: 
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)
     prepared = accelerator.prepare(*[m for m, _ in trained.values()], optimizer)
-    parts = {name: Component(configs[name], module, accelerator.unwrap_model(module), params[name])
+    parts = {name: Component(configs[name], module, accelerator.unwrap_model(module), params[name], initial.get(name))
              for name, module in zip(trained, prepared[:-1])}
     if config.compile:  # training steps only: sampling and the held-out loss run the bare UNet uncompiled
         parts["unet"].module = torch.compile(parts["unet"].module)
@@ -629,8 +633,10 @@ def save_final(run: Run) -> Path:
     repeated = sum(r.repeats > 1 for r in recipe.data.rows)
     info = {
         "base_model": base, "base_model_in_front_matter": not (c.push_to_hub and local_base),
-        "base_is_local": local_base, "kind": recipe.kind, "rank": c.rank,
-        "alpha": round(inject.file_alpha(c.rank, c.lora_alpha, c.use_rslora), 6), "rslora": c.use_rslora or None,
+        "base_is_local": local_base, "kind": recipe.kind,
+        **dict(zip(("rank", "alpha"), inject.file_rank_alpha(c.rank, c.lora_alpha, c.use_rslora,
+                                                             c.init_lora_weights != "gaussian"))),
+        "rslora": c.use_rslora or None, "init": c.init_lora_weights if c.init_lora_weights != "gaussian" else None,
         "target_modules": list(c.target_modules), "train_text_encoder": c.train_text_encoder, "steps": run.step,
         "epochs": run.num_epochs, "train_batch_size": c.train_batch_size,
         "gradient_accumulation_steps": c.gradient_accumulation_steps, "learning_rate": c.learning_rate,
@@ -653,7 +659,7 @@ def save_final(run: Run) -> Path:
                           f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
     }
     path = c.output_dir / WEIGHTS_NAME
-    sd, meta = weights.save(path, {k: (p.bare, p.lora_config) for k, p in run.parts.items()}, info,
+    sd, meta = weights.save(path, {k: (p.bare, p.lora_config, p.initial) for k, p in run.parts.items()}, info,
                             models.torch_dtype(c.save_precision))
     weights.save_kohya(kohya_file, sd, meta)
     modelcard.write(c.output_dir, info, recipe.card_front, recipe.card_settings)
