@@ -187,6 +187,8 @@ def _peft_dict(lora: formats.Lora, dtype) -> dict:
         a, b = formats.diffusers_keys(comp)
         out[f"{key}.{a}.weight"] = m.down.to(dtype)
         out[f"{key}.{b}.weight"] = (m.up.float() * (m.alpha / m.rank)).to(dtype)
+        if m.magnitude is not None:
+            out[f"{key}.{formats.magnitude_key(comp)}"] = formats.peft_magnitude(m).to(dtype)
     return out
 
 

@@ -122,3 +122,10 @@ def test_pissa_on_conv_layers_is_refused_before_loading(tiny_model, tmp_path, ca
     msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, init_lora_weights="pissa",
                                                target_modules="to_q,conv1"))
     assert msg.startswith("error: --target_modules conv1: names Conv2d layers") and "--init_lora_weights pissa" in msg
+
+
+def test_dora_with_pissa_is_refused_before_loading(tiny_model, tmp_path, capsys, no_model_loads):
+    data = make_images(tmp_path / "d", n=1)
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, init_lora_weights="olora",
+                                               lora_type="dora"))
+    assert "--init_lora_weights olora can't be used with --lora_type dora" in msg

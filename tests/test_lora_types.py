@@ -3,8 +3,10 @@ import math
 
 import pytest
 import torch
+from helpers import read_lora
 
-from sdlora.lora import formats, inject
+from sdlora.errors import UserError
+from sdlora.lora import formats, inject, tools
 from sdlora.output import weights
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]
@@ -88,3 +90,99 @@ def test_pissa_olora_files_hold_the_change_from_the_unmodified_base(tiny_model, 
     pipe.fuse_lora()
     for name, want in trained.items():
         torch.testing.assert_close(pipe.unet.get_submodule(name[5:]).base_layer.weight, want, rtol=1e-5, atol=1e-6)
+
+
+def _dora(weight, up, down, scale, magnitude):
+    """DoRA's weight (Liu et al. 2024, as peft computes it): m * V / |V| per output channel, V = W + s B A."""
+    v = weight.float() + scale * (up.float().flatten(1) @ down.float().flatten(1)).reshape(weight.shape)
+    return magnitude.float().reshape(-1, *[1] * (v.dim() - 1)) * v / v.flatten(1).norm(dim=1).reshape(
+        -1, *[1] * (v.dim() - 1))
+
+
+def _lycoris_merged_weights_are(file, pipe, want, monkeypatch):
+    """LyCORIS's kohya-network loader (what kohya's tools and A1111's LyCORIS support share) merges `file` into
+    exactly the `want` weights."""
+    from lycoris import kohya
+
+    monkeypatch.setattr(kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])  # see test_interop
+
+    class ClassicCLIP(torch.nn.Module):  # the module tree kohya's tools see: text_model.encoder…
+        def __init__(self, te):
+            super().__init__()
+            self.text_model = te
+    te = pipe.text_encoder if hasattr(pipe.text_encoder, "text_model") else ClassicCLIP(pipe.text_encoder)
+    network, _ = kohya.create_network_from_weights(1.0, str(file), pipe.vae, te, pipe.unet, for_inference=True)
+    loaded = {m.lora_name: m for m in network.unet_loras + network.text_encoder_loras}
+    assert len(loaded) == len(want)
+    for name, w in want.items():
+        comp, path = name.split(".", 1)
+        key = ("lora_unet_" if comp == "unet" else "lora_te_") + path.replace(".", "_")
+        torch.testing.assert_close(loaded[key].get_merged_weight()[0].float(), w, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_dora_weights_follow_the_formula_in_every_format_and_loader(tiny_model, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora import load_pipeline
+    from sdlora.pipeline import fuse_loras
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    parts, want = {}, {}
+    for comp, targets in (("unet", ["to_q", "to_v", "conv1"]), ("text_encoder", ["q_proj", "out_proj"])):
+        model = getattr(pipe, comp)
+        config = inject.lora_config(4, 8, targets, dora=True)
+        params = inject.add_lora(model, config)
+        torch.manual_seed(1)
+        for p in params:  # B starts at zero and m at |W|: move both, as training would
+            p.data += torch.randn_like(p) * 0.1
+        for n, m in model.named_modules():
+            if hasattr(m, "lora_A") and "default" in m.lora_A:
+                w = m.base_layer.weight.detach()
+                want[formats.canonical(comp, n)] = _dora(w, m.lora_B["default"].weight, m.lora_A["default"].weight,
+                                                         m.scaling["default"], m.lora_magnitude_vector["default"].weight)
+                if isinstance(m.base_layer, torch.nn.Linear):  # the formula is what peft's forward computes
+                    x = torch.randn(3, w.shape[1])
+                    bias = 0 if m.base_layer.bias is None else m.base_layer.bias
+                    torch.testing.assert_close(m(x), x @ want[formats.canonical(comp, n)].T + bias, rtol=1e-4, atol=1e-5)
+        parts[comp] = (model, config, None)
+    assert any("conv1" in n for n in want) and any(n.startswith("text_encoder.") for n in want)
+    path = tmp_path / "train" / "pytorch_lora_weights.safetensors"
+    path.parent.mkdir()
+    weights.save(path, parts, _info(4, 8))
+    weights.save_kohya(tmp_path / "train" / "train.safetensors", *read_lora(path))
+
+    def base_weight(name):
+        comp, p = name.split(".", 1)
+        return pipe_base.components[comp].get_submodule(formats.live_path(comp, p)).weight
+
+    pipe_base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    for fmt in formats.FORMATS:
+        lora = formats.load_lora(formats.save_lora(formats.load_lora(path), tmp_path / fmt, fmt))
+        assert lora.modules.keys() == want.keys()
+        for name, m in lora.modules.items():
+            w = base_weight(name)
+            torch.testing.assert_close(w + m.delta(w), want[name], rtol=1e-5, atol=1e-6)
+    kohya = formats.load_lora(tmp_path / "train" / "train.safetensors")  # the file a run writes for ComfyUI & co.
+    assert {tuple(m.magnitude.shape) for m in kohya.modules.values()} == {(m.up.shape[0],) for m in kohya.modules.values()}
+    raw, _ = read_lora(tmp_path / "train" / "train.safetensors")  # LyCORIS's output-axis dora_scale: [out, 1(, 1, 1)]
+    assert {tuple(v.shape[1:]) for k, v in raw.items() if k.endswith(".dora_scale")} == {(1,), (1, 1, 1)}
+    with pytest.raises(UserError, match="DoRA"):
+        tools.resize(kohya, 2)
+    _lycoris_merged_weights_are(tmp_path / "train" / "train.safetensors", pipe_base, want, monkeypatch)
+
+    def fused(p):
+        out = {}
+        for name in want:
+            comp, path_ = name.split(".", 1)
+            layer = p.components[comp].get_submodule(formats.live_path(comp, path_))
+            out[name] = getattr(layer, "base_layer", layer).weight.detach()
+        return out
+
+    plain = StableDiffusionPipeline.from_pretrained(tiny_model)  # diffusers' own loader, the training file
+    plain.load_lora_weights(str(path.parent))
+    plain.fuse_lora(components=["unet", "text_encoder"])
+    ours = load_pipeline([str(tmp_path / "kohya" / "lora.safetensors")], base=str(tiny_model), dtype="fp32")
+    fuse_loras(ours, unload=True)
+    for who, got in (("diffusers", fused(plain)), ("sdlora", fused(ours))):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{who} {name}: {m}")

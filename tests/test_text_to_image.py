@@ -96,8 +96,9 @@ def test_checkpoints_total_limit_prunes(tiny_model, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6", "checkpoint-7"]
 
 
-@pytest.mark.parametrize("variant", [{}, {"use_rslora": True, "rank": 8}, {"init_lora_weights": "pissa"}],
-                         ids=["lora", "rslora", "pissa"])
+@pytest.mark.parametrize("variant", [{}, {"use_rslora": True, "rank": 8}, {"init_lora_weights": "pissa"},
+                                     {"lora_type": "dora", "target_modules": "to_q,to_v,conv1"}],
+                         ids=["lora", "rslora", "pissa", "dora"])
 def test_resume_is_exact(tiny_model, tmp_path, variant):
     """2N steps in one run == N steps, then --resume_from_checkpoint latest for N more (fp32, CPU, fixed seed)."""
     data = make_images(tmp_path / "d", n=5)  # 5 rows, batch 2: epochs wrap mid-run
@@ -116,6 +117,10 @@ def test_resume_is_exact(tiny_model, tmp_path, variant):
     if "init_lora_weights" in variant:  # saved as the change from the unmodified base: twice the rank
         assert {v.shape[0] for k, v in full.items() if "lora_A" in k or "lora.down" in k} == {8}
         assert "| LoRA init | pissa: saved as the change from the unmodified base" in (part / "README.md").read_text()
+    if "lora_type" in variant:  # DoRA: magnitudes in both files, LyCORIS's name in the kohya one's header
+        assert any(k.endswith("lora_magnitude_vector") for k in full)
+        kohya, meta = read_lora(part / "part.safetensors")
+        assert any(k.endswith(".dora_scale") for k in kohya) and meta["ss_network_module"] == "lycoris.kohya"
     if "use_rslora" in variant:  # the files carry alpha * sqrt(rank), the card says why
         kohya, meta = read_lora(part / "part.safetensors")
         alphas = [v.item() for k, v in kohya.items() if k.endswith(".alpha")]

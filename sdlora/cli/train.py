@@ -120,6 +120,9 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank (scale 1)")
     g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--lora_type", default="lora", choices=["lora", "dora"],
+                   help="dora: weight-decomposed LoRA (peft's use_dora, diffusers' --use_dora): each output channel's "
+                        "magnitude trained apart from its direction")
     g.add_argument("--init_lora_weights", default="gaussian", choices=["gaussian", "pissa", "olora"],
                    help="gaussian: the adapter starts as a no-op (A random, B zero); pissa / olora: A and B start from "
                         "the layer's principal singular vectors / a QR of it, the frozen weight keeps the rest "

@@ -5,7 +5,9 @@ In memory a LoRA is ``{"<component>.<path>": Module(down, up, alpha)}`` where co
 paths use the classic ``text_model.…`` spelling that every file in the wild uses; `live_path`
 maps them onto the installed transformers' module tree. kohya files of SDXL name UNet layers as
 kohya's sd-scripts do, by the original (SGM) UNet (`_sgm_pairs`). A module's weight change is
-``up @ down * alpha / rank`` (conv: ``down`` holds the kernel, ``up`` is 1×1, as in kohya LoCon).
+``up @ down * alpha / rank`` (conv: ``down`` holds the kernel, ``up`` is 1×1, as in kohya LoCon). A DoRA
+module also has a magnitude per output channel: the layer's weight becomes ``m * V / |V|`` row by row, with
+``V = W + up @ down * alpha / rank`` (peft's DoRA; kohya/LyCORIS files call it ``dora_scale``).
 """
 from __future__ import annotations
 
@@ -46,15 +48,25 @@ class Module:
     down: torch.Tensor  # [r, in] or [r, in, kh, kw]
     up: torch.Tensor  # [out, r] or [out, r, 1, 1]
     alpha: float
+    magnitude: torch.Tensor | None = None  # DoRA: [out]
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self) -> "torch.Tensor":
-        """The weight change this module adds at weight 1, in fp32, shaped like the layer's weight."""
+    def delta(self, weight: torch.Tensor | None = None) -> "torch.Tensor":
+        """The weight change this module adds at weight 1, in fp32, shaped like the layer's weight. A DoRA
+        module's depends on the layer's base `weight`."""
         d = self.up.float().flatten(1) @ self.down.float().flatten(1)
-        return d.reshape(self.up.shape[0], *self.down.shape[1:]) * (self.alpha / self.rank)
+        d = d.reshape(self.up.shape[0], *self.down.shape[1:]) * (self.alpha / self.rank)
+        if self.magnitude is None:
+            return d
+        if weight is None:
+            raise UserError("a DoRA layer's weight change depends on the base weight; this operation supports "
+                            "plain LoRA layers only")
+        v = weight.float() + d
+        norm = v.flatten(1).norm(dim=1).reshape(-1, *[1] * (v.dim() - 1))
+        return v * (self.magnitude.float().reshape(norm.shape) / norm) - weight.float()
 
 
 @dataclass
@@ -198,7 +210,7 @@ def detect_format(keys) -> str:
         return "kohya"
     if keys and all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
         return "diffusers"
-    if keys and all(re.search(r"\.lora_[AB](\.\w+)?\.weight$", k) for k in keys):
+    if keys and all(re.search(r"\.lora_[AB](\.\w+)?\.weight$|\.lora_magnitude_vector(\.weight)?$", k) for k in keys):
         return "peft"
     return "unknown"
 
@@ -226,9 +238,10 @@ def parse(tensors: dict, metadata: dict | None = None, source: str = "<memory>",
     if not isinstance(padding, list) or not all(isinstance(n, str) for n in padding):
         raise UserError(f"{source}: its {_PADDING_KEY} header is not a list of layer names; the file is damaged (re-export it)")
     modules = {}
-    for name, (down, up) in pairs.items():
+    for name, (down, up, *mag) in pairs.items():
         _check_weights(source, name, down, up)
-        modules[name] = _check_scale(source, name, Module(down, up, alphas(name, down.shape[0])))
+        magnitude = _check_magnitude(source, name, mag[0], up, fmt) if mag and mag[0] is not None else None
+        modules[name] = _check_scale(source, name, Module(down, up, alphas(name, down.shape[0]), magnitude))
     for name in padding:  # zero padding written by _pad_text_encoder
         if name in modules and not modules[name].up.any() and not modules[name].down.any():
             del modules[name]
@@ -259,6 +272,22 @@ def _check_weights(source, name, down, up):
             raise UserError(f"{where} has NaN/Inf weights; the file is damaged (retrain or re-export it)")
 
 
+def _check_magnitude(source, name, mag, up, fmt):
+    """A DoRA magnitude as [out]: peft's [out] (conv [1, out, 1, 1]), LyCORIS's output-axis dora_scale [out, 1(, 1, 1)]."""
+    import torch
+
+    where, out = f"{source}: layer {_show(name)}", up.shape[0]
+    if fmt == "kohya" and mag.dim() >= 2 and mag.shape[0] == 1 and mag.shape[1] != 1 and out != 1:
+        raise UserError(f"{where} has an input-axis dora_scale {list(mag.shape)} (LyCORIS before 3.2, wd_on_out=False); "
+                        f"sdlora applies DoRA per output channel (peft, LyCORIS >= 3.2): expected [{out}, 1]")
+    if not mag.is_floating_point() or mag.numel() != out or sorted(mag.shape, reverse=True)[0] != out:
+        raise UserError(f"{where} has a DoRA magnitude of shape {list(mag.shape)}; expected {out} values, one per "
+                        f"output channel")
+    if not torch.isfinite(mag.float()).all():
+        raise UserError(f"{where} has NaN/Inf weights; the file is damaged (retrain or re-export it)")
+    return mag.reshape(out)
+
+
 def _check_scale(source, name, m: Module) -> Module:
     """Finite but absurd weights (a flipped exponent bit) make up @ down overflow. Bound every entry of the
     product by |row of up| * |column of down| (Cauchy-Schwarz), in float64 so the bound cannot overflow."""
@@ -281,22 +310,24 @@ def _positive(value, what: str, source) -> float:
 
 
 def _add(pairs, name, which, t, key, source):
-    slot = pairs.setdefault(name, [None, None])
+    """which: 0 down, 1 up, 2 DoRA magnitude."""
+    slot = pairs.setdefault(name, [None, None, None])
     if slot[which] is not None:  # two spellings of one weight: which one is meant is unknowable
-        raise UserError(f"{source}: layer {_show(name)} has two {('down', 'up')[which]} weights (one is {_show(key)}); "
-                        "expected one key per weight")
+        raise UserError(f"{source}: layer {_show(name)} has two {('down', 'up', 'magnitude')[which]} weights (one is "
+                        f"{_show(key)}); expected one key per weight")
     slot[which] = t
 
 
 def _kohya_pairs(tensors, source):
     pairs = {}
     for k, t in tensors.items():
-        m = re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", k)
+        m = re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)", k)
         if not m:
-            raise UserError(f"{source}: unsupported kohya key {_show(k)} (LoHa/LoKr/DoRA are not supported); "
-                            "expected .lora_down.weight, .lora_up.weight and .alpha")
+            raise UserError(f"{source}: unsupported kohya key {_show(k)} (LoHa/LoKr are not supported); "
+                            "expected .lora_down.weight, .lora_up.weight, .alpha (and DoRA's .dora_scale)")
         if m.group(3) != "alpha":
-            _add(pairs, _kohya_name(m.group(1), m.group(2)), m.group(3) == "lora_up.weight", t, k, source)
+            which = {"lora_down.weight": 0, "lora_up.weight": 1, "dora_scale": 2}[m.group(3)]
+            _add(pairs, _kohya_name(m.group(1), m.group(2)), which, t, k, source)
     return pairs
 
 
@@ -358,23 +389,24 @@ def _diffusers_pairs(tensors, source):
         if k.endswith(".alpha"):
             continue
         m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+?)\.(?:lora_linear_layer\.|lora\.)?"
-                         r"(down|up|lora_A|lora_B)(?:\.\w+)?\.weight", k)
+                         r"(?:(down|up|lora_A|lora_B)(?:\.\w+)?\.weight|(lora_magnitude_vector)(?:\.weight)?)", k)
         if not m:
-            raise UserError(f"{source}: unsupported diffusers LoRA key {_show(k)} (DoRA/bias are not supported); "
-                            "expected ….lora.down/up.weight or ….lora_A/lora_B.weight")
+            raise UserError(f"{source}: unsupported diffusers LoRA key {_show(k)} (bias is not supported); "
+                            "expected ….lora.down/up.weight, ….lora_A/lora_B.weight (and DoRA's ….lora_magnitude_vector)")
         path = re.sub(r"processor\.(to_[qkv]_lora|to_out_lora)$", lambda g: _OLD_DIFFUSERS[g.group(1)], m.group(2))
-        _add(pairs, canonical(m.group(1), path), m.group(3) in ("up", "lora_B"), t, k, source)
+        which = 2 if m.group(4) else int(m.group(3) in ("up", "lora_B"))
+        _add(pairs, canonical(m.group(1), path), which, t, k, source)
     return pairs
 
 
 def _peft_pairs(tensors, source):
     pairs = {}
     for k, t in tensors.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", k)
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(?:lora_([AB])(?:\.\w+)?\.weight|lora_magnitude_vector(?:\.weight)?)", k)
         if not m:  # detect_format's looser search matched (e.g. nothing before ".lora_A", a trailing newline)
             raise UserError(f"{source}: unsupported peft LoRA key {_show(k)}; expected <module path>.lora_A/lora_B.weight")
         comp = "text_encoder" if m.group(1).startswith(("text_model.", "encoder.layers.")) else "unet"
-        _add(pairs, canonical(comp, m.group(1)), m.group(2) == "B", t, k, source)
+        _add(pairs, canonical(comp, m.group(1)), 2 if m.group(2) is None else int(m.group(2) == "B"), t, k, source)
     return pairs
 
 
@@ -508,6 +540,8 @@ def _to_kohya(lora):
         out[key + ".lora_down.weight"] = m.down
         out[key + ".lora_up.weight"] = m.up if m.alpha == common else (m.up.float() * (m.alpha / common)).to(m.up.dtype)
         out[key + ".alpha"] = torch.tensor(float(common))
+        if m.magnitude is not None:  # LyCORIS >= 3.2's output-axis layout, which ComfyUI/Forge tell from its shape
+            out[key + ".dora_scale"] = m.magnitude.reshape(-1, *[1] * (m.down.dim() - 1))
     padded = _pad_text_encoder(lora, out, prefix, common)
     ranks = collections.Counter(m.rank for m in lora.modules.values())
     extra = {"ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_alpha": f"{common:g}"}
@@ -563,9 +597,23 @@ def _to_diffusers(lora):
         for p, m in mods.items():
             tensors[f"{comp}.{p}.{down}.weight"] = m.down
             tensors[f"{comp}.{p}.{up}.weight"] = m.up
+            if m.magnitude is not None:
+                tensors[f"{comp}.{p}.{magnitude_key(comp)}"] = peft_magnitude(m)
         cfg = peft_config_dict({_config_path(comp, p): m for p, m in mods.items()})
         packed.update({f"{comp}.{k}": v for k, v in cfg.items()})
     return tensors, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)}
+
+
+def magnitude_key(comp: str) -> str:
+    """The DoRA magnitude's key name diffusers' `load_lora_weights` reads: the UNet's as peft saves it, the text
+    encoders' with `.weight` (transformers' adapter loader reports the bare name as unexpected and keeps its
+    initial magnitude)."""
+    return "lora_magnitude_vector" if comp == "unet" else "lora_magnitude_vector.weight"
+
+
+def peft_magnitude(m: Module) -> "torch.Tensor":
+    """A DoRA magnitude in peft's shape: [out] (Linear), [1, out, 1, 1] (Conv2d)."""
+    return m.magnitude.reshape(1, -1, 1, 1) if m.down.dim() == 4 else m.magnitude
 
 
 def diffusers_keys(comp: str) -> tuple[str, str]:
@@ -583,7 +631,8 @@ def peft_config_dict(mods: dict[str, Module]) -> dict:
         "r": r, "lora_alpha": alpha, "target_modules": sorted(mods), "init_lora_weights": True,
         "rank_pattern": {p: m.rank for p, m in mods.items() if m.rank != r},
         "alpha_pattern": {p: m.alpha for p, m in mods.items() if m.alpha != alpha},
-        "peft_type": "LORA", "bias": "none", "lora_dropout": 0.0, "use_dora": False,
+        "peft_type": "LORA", "bias": "none", "lora_dropout": 0.0,
+        "use_dora": any(m.magnitude is not None for m in mods.values()),
     }
 
 
@@ -601,6 +650,8 @@ def _save_peft(lora, out: Path, meta, cast) -> Path:
         for p, m in mods.items():
             tensors[f"base_model.model.{p}.lora_A.weight"] = m.down
             tensors[f"base_model.model.{p}.lora_B.weight"] = m.up
+            if m.magnitude is not None:
+                tensors[f"base_model.model.{p}.lora_magnitude_vector"] = peft_magnitude(m)
         folder = out if comp == comps[0] else out / comp
         file = out if out.suffix == ".safetensors" else folder / WEIGHT_NAMES[1]
         save_safetensors(_cast(tensors, cast), file, {**meta, "adapter_config": json.dumps(cfg)})

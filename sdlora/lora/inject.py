@@ -34,13 +34,13 @@ def text_encoder_targets(num_layers: int, used: int) -> list[str]:
 
 
 def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float = 0.0, rslora: bool = False,
-                init: str = "gaussian"):
+                init: str = "gaussian", dora: bool = False):
     from peft import LoraConfig
 
     # "gaussian" init: A random, B zero — the adapter starts as an exact no-op. "pissa" / "olora": A and B start
     # from the layer's own weight, which peft takes out of the frozen weight (so the model is unchanged too).
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                      init_lora_weights=init, target_modules=targets, use_rslora=rslora)
+                      init_lora_weights=init, target_modules=targets, use_rslora=rslora, use_dora=dora)
 
 
 def file_rank_alpha(rank: int, alpha: float, rslora: bool = False, converted: bool = False) -> tuple[int, float]:
@@ -94,6 +94,8 @@ def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
         # Targets beyond attention (ff, proj_in, conv) convert only partly, and diffusers then skips
         # the mixed-style layers silently; peft's lora_A/lora_B keys load whole.
         sd = peft_sd
+    if prefix != "unet":  # DoRA: the spelling diffusers' text-encoder loader reads (formats.magnitude_key)
+        sd = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in sd.items()}
     return {canonical(prefix, k): (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
 
 

@@ -30,6 +30,7 @@ def describe(lora: Lora, path=None) -> dict:
         "ranks": sorted(ranks), "alphas": sorted(alphas), "target_modules": len(lora.modules),
         "parameters": sum(m.down.numel() + m.up.numel() for m in mods), "dtype": dtypes, "size_bytes": size,
         "conv_layers": sum(m.down.dim() == 4 for m in mods),
+        "dora_layers": sum(m.magnitude is not None for m in mods),
         "metadata": {k: _safe(v) for k, v in sorted(lora.metadata.items())},
     }
 
@@ -59,10 +60,18 @@ def _factor(u, s, vh, rank, scale, shape_in, out_dim, dtype):
     return Module(down.to(dtype).contiguous(), up.to(dtype).contiguous(), float(rank * scale))
 
 
+def plain_only(lora: Lora, what: str):
+    """resize/merge work on B A alone; a DoRA layer's change also depends on the base weight it renormalises."""
+    if any(m.magnitude is not None for m in lora.modules.values()):
+        raise UserError(f"{lora.source}: a DoRA LoRA; {what} supports plain LoRA (and LoCon) files only, since a "
+                        "DoRA layer's change depends on the base weights")
+
+
 def resize(lora: Lora, rank: int):
     """Reduce every layer to at most `rank` by SVD; returns (new LoRA, {layer: share of Frobenius norm kept})."""
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
+    plain_only(lora, "resize")
     out, kept = {}, {}
     for name, m in lora.modules.items():
         if m.rank <= rank:
@@ -81,6 +90,8 @@ def merge(loras: list[tuple[Lora, float]], rank: int | None = None):
     """One LoRA equal to sum(w·LoRA): exact by concatenating ranks, or SVD-reduced to `rank`."""
     import torch
 
+    for lo, _ in loras:
+        plain_only(lo, "merge")
     names = list(dict.fromkeys(n for lo, _ in loras for n in lo.modules))
     out = {}
     for name in names:

@@ -29,7 +29,10 @@ def header(info: dict) -> dict[str, str]:
         # kohya's names for the base family, which A1111-style viewers filter on
         "ss_base_model_version": base_model_version(info.get("architecture"), info.get("prediction_type")),
         "ss_v2": str("-v2-" in str(info.get("architecture"))),  # kohya's str(bool): "True" / "False"
-        "ss_network_module": "networks.lora",
+        # a DoRA file is LyCORIS's (kohya's sd-scripts have none): its module name and arguments, as it writes them
+        "ss_network_module": "lycoris.kohya" if info.get("lora_type") == "dora" else "networks.lora",
+        "ss_network_args": {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+        if info.get("lora_type") == "dora" else None,
         "ss_network_dim": info["rank"],
         "ss_network_alpha": info["alpha"],
         "ss_steps": info["steps"],

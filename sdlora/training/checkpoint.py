@@ -125,7 +125,8 @@ def read(path: Path, components: list[str]) -> Checkpoint:
             raise UserError(f"{f}: unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
                             "the checkpoint is damaged — resume from another checkpoint-N or delete this one") from None
         for k, v in sd.items():
-            if not v.is_floating_point() or v.dim() not in (2, 4) or not torch.isfinite(v).all():
+            dims = (1, 4) if "lora_magnitude_vector" in k else (2, 4)  # DoRA magnitudes: [out], conv [1, out, 1, 1]
+            if not v.is_floating_point() or v.dim() not in dims or not torch.isfinite(v).all():
                 raise UserError(f"{f}: tensor {k} is not a finite LoRA weight; the checkpoint is damaged")
             if rank is not None and "lora_A" in k and v.shape[0] != rank:
                 raise UserError(f"{f}: LoRA rank {v.shape[0]} but {state_file.name} says rank {rank}; "

@@ -87,6 +87,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     use_rslora: bool = False
     init_lora_weights: str = "gaussian"
+    lora_type: str = "lora"
     target_modules: tuple[str, ...] = ()
     train_text_encoder: bool = False
     save_precision: str = "fp32"
@@ -137,6 +138,9 @@ def check(args, token: str | None = None) -> TrainConfig:
         raise UserError(f"--learning_rate must be > 0 (got {args.learning_rate})")
     if not 0 <= args.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    if args.lora_type == "dora" and args.init_lora_weights != "gaussian":
+        raise UserError(f"--init_lora_weights {args.init_lora_weights} can't be used with --lora_type dora: a DoRA "
+                        "file can't be written as a change from the unmodified base; use one of the two")
     if args.lora_alpha is not None and args.lora_alpha <= 0:
         raise UserError(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
     alpha = args.rank if args.lora_alpha is None else args.lora_alpha

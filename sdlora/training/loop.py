@@ -403,7 +403,7 @@ def run_settings(config: TrainConfig, recipe: Recipe, world: int, max_steps: int
     s = {
         "base_model": base, "revision": c.revision, "variant": c.variant,
         "rank": c.rank, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout, "use_rslora": c.use_rslora,
-        "init_lora_weights": c.init_lora_weights,
+        "init_lora_weights": c.init_lora_weights, "lora_type": c.lora_type,
         "target_modules": list(c.target_modules), "train_text_encoder": c.train_text_encoder,
         "learning_rate": lr, "text_encoder_lr": c.text_encoder_lr or lr, "lr_scheduler": c.lr_scheduler,
         "lr_warmup_steps": c.lr_warmup_steps, "lr_num_cycles": c.lr_num_cycles, "lr_power": c.lr_power,
@@ -460,7 +460,7 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoders: dict, lr: 
     configs, params, initial = {}, {}, {}
     for name, (model, targets) in trained.items():  # the UNet first: LoRA init draws from the seeded RNG
         configs[name] = inject.lora_config(config.rank, config.lora_alpha, list(targets), config.lora_dropout,
-                                           config.use_rslora, config.init_lora_weights)
+                                           config.use_rslora, config.init_lora_weights, config.lora_type == "dora")
         params[name] = inject.add_lora(model, configs[name])
         if config.init_lora_weights != "gaussian":  # before a resume loads the checkpoint's weights over them
             initial[name] = inject.initial_weights(model)
@@ -636,7 +636,7 @@ def save_final(run: Run) -> Path:
         "base_is_local": local_base, "kind": recipe.kind,
         **dict(zip(("rank", "alpha"), inject.file_rank_alpha(c.rank, c.lora_alpha, c.use_rslora,
                                                              c.init_lora_weights != "gaussian"))),
-        "rslora": c.use_rslora or None, "init": c.init_lora_weights if c.init_lora_weights != "gaussian" else None,
+        "rslora": c.use_rslora or None, "lora_type": c.lora_type, "init": c.init_lora_weights if c.init_lora_weights != "gaussian" else None,
         "target_modules": list(c.target_modules), "train_text_encoder": c.train_text_encoder, "steps": run.step,
         "epochs": run.num_epochs, "train_batch_size": c.train_batch_size,
         "gradient_accumulation_steps": c.gradient_accumulation_steps, "learning_rate": c.learning_rate,
@@ -662,6 +662,10 @@ def save_final(run: Run) -> Path:
     sd, meta = weights.save(path, {k: (p.bare, p.lora_config, p.initial) for k, p in run.parts.items()}, info,
                             models.torch_dtype(c.save_precision))
     weights.save_kohya(kohya_file, sd, meta)
+    if c.lora_type == "dora":
+        log.warning("DoRA: %s holds LyCORIS's per-output-channel dora_scale, which LyCORIS and kohya's tools apply "
+                    "exactly and ComfyUI/Forge closely; A1111's built-in loader reads dora_scale per input channel and "
+                    "gets it wrong. diffusers and sdlora apply both files exactly", kohya_file.name)
     modelcard.write(c.output_dir, info, recipe.card_front, recipe.card_settings)
     log.info("saved %s (%d tensors, %d parameters, %.2f MB; for diffusers), %s (the same LoRA for ComfyUI, "
              "A1111/Forge and kohya's tools) and README.md", path, len(sd), inject.count_params(sd),
