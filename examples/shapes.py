@@ -317,32 +317,38 @@ def is_styled(image, threshold: float = 0.6) -> bool:
     return style_score(image) >= threshold
 
 
-def subject_score(image) -> float:
-    """0..1: how well the silhouette's four quadrants match the subject's cyan/magenta checker
-    (top-left and bottom-right cyan, the other two magenta); mean over the quadrants of the
-    share of pixels within reach of the expected colour."""
+def subject_quadrants(image) -> list[float]:
+    """For each quadrant of the silhouette's bounding box (top-left, top-right, bottom-left, bottom-right), the
+    share of its pixels within reach of the colour the subject's checker has there (cyan on the diagonal,
+    magenta off it); all 0 when there is no shape."""
     a = _arr(image)
     sil = _silhouette(a, _background(a))
     if sil.sum() < 12:
-        return 0.0
+        return [0.0] * 4
     ys, xs = np.nonzero(sil)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     ym, xm = (y0 + y1) / 2, (x0 + x1) / 2
     c, m = (np.array(SUBJECT_COLOURS[k], np.float32) for k in ("cyan", "magenta"))
     yy, xx = np.mgrid[:RES, :RES] + 0.5
-    score = 0.0
+    shares = []
     for top in (True, False):
         for left in (True, False):
             q = sil & ((yy < ym) == top) & ((xx < xm) == left)
             want = c if top == left else m
-            if q.sum() == 0:
-                continue
-            score += float((np.sqrt(((a[q] - want) ** 2).sum(-1)) < 90).mean()) / 4
-    return round(score, 3)
+            shares.append(float((np.sqrt(((a[q] - want) ** 2).sum(-1)) < 90).mean()) if q.sum() else 0.0)
+    return shares
+
+
+def subject_score(image) -> float:
+    """0..1: how well the silhouette's four quadrants match the subject's cyan/magenta checker: the mean of
+    `subject_quadrants`."""
+    return round(sum(subject_quadrants(image)) / 4, 3)
 
 
 def is_subject(image, threshold: float = 0.5) -> bool:
-    return subject_score(image) >= threshold
+    """The checker in every quadrant: each quadrant at least `threshold` its own colour. (A mean over quadrants
+    let a plain cyan square, or a cyan/magenta blob without the checker, pass at 0.5.)"""
+    return min(subject_quadrants(image)) >= threshold
 
 
 def prompt_following(images, specs) -> dict:

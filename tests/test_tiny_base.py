@@ -99,6 +99,15 @@ def test_style_and_subject_detectors_separate_the_looks():
     assert np.mean([shapes.is_styled(im) for im in creature]) == 1
     assert np.mean([shapes.is_subject(im) for im in plain + creature]) == 0
     assert np.mean([shapes.is_subject(im) for im in subject]) >= 0.95
+    # half a checker is not the subject: a square of one of its colours, or with its colours side by side
+    for colours in (["cyan"] * 4, ["cyan", "magenta", "cyan", "magenta"]):
+        from PIL import Image, ImageDraw
+
+        im = Image.new("RGB", (32, 32), shapes.PALETTE["gray"])
+        d = ImageDraw.Draw(im)
+        for (x, y), c in zip([(8, 8), (16, 8), (8, 16), (16, 16)], colours):
+            d.rectangle([x, y, x + 7, y + 7], fill=shapes.SUBJECT_COLOURS[c])
+        assert shapes.subject_score(im) >= 0.5 and not shapes.is_subject(im)
 
 
 def test_bundled_model_draws_the_prompted_colours(pipe):
