@@ -2,11 +2,11 @@
 """DreamBooth LoRA: teach Stable Diffusion one subject from 5-10 photos, with prior preservation.
 
 Same flags as diffusers' examples/dreambooth/train_dreambooth_lora.py, plus --repeats,
---text_encoder_lr, --snr_gamma and --noise_offset.
+--text_encoder_lr, --snr_gamma, --noise_offset and --instance_captions.
 
     python train_dreambooth_lora.py --pretrained_model_name_or_path sdlora-tiny \
-        --instance_data_dir examples/data/dreambooth --instance_prompt "a sks blob" \
-        --with_prior_preservation --class_prompt "a blob" --resolution 32 --output_dir out
+        --instance_data_dir examples/data/dreambooth/instance --instance_prompt "a sks square" --instance_captions \
+        --with_prior_preservation --class_prompt "a square" --resolution 32 --output_dir out
 
 Reads top to bottom: flags -> instance rows (+ class rows, generated if missing) -> the shared
 training loop (sdlora/training/loop.py). Only the data and the loss weights differ from text-to-image.
@@ -14,6 +14,7 @@ Also installed with the package: `sdlora train dreambooth …` runs this file's 
 """
 import argparse
 import logging
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -39,11 +40,12 @@ def parse_args(argv=None):
     g.add_argument("--instance_prompt", required=True, help="e.g. 'a photo of sks dog'")
     g.add_argument("--instance_captions", action="store_true",
                    help="give each photo its own prompt: its --caption_column in the folder's metadata.jsonl/.csv, "
-                        "or its same-name --caption_extension file (kohya); photos without one get --instance_prompt. "
+                        "or its same-name --caption_extension file (kohya); photos without one get --instance_prompt "
+                        "(in a kohya N_name folder, the folder's name, as kohya does). "
                         "Name what is not the subject (\"a photo of sks dog on a beach\") so the identifier "
                         "learns the subject alone, not its backgrounds")
-    g.add_argument("--caption_column", default="text", help="with --instance_captions")
-    g.add_argument("--caption_extension", default=".txt", help="with --instance_captions")
+    g.add_argument("--caption_column", default="text", help="with --instance_captions (default: %(default)s)")
+    g.add_argument("--caption_extension", default=".txt", help="with --instance_captions (default: %(default)s)")
     g.add_argument("--class_data_dir", default=None, help="default: <output_dir>-class-images, beside the output")
     g.add_argument("--class_prompt", default=None, help="e.g. 'a photo of a dog'")
     g.add_argument("--with_prior_preservation", action="store_true")
@@ -117,9 +119,18 @@ def instance_rows(args, folder: Path, what: str):
         return rows_from_images(folder, args.instance_prompt, what)
     rows = rows_from_folder(folder, args.caption_column, allow_empty_captions=True, what=what,
                             caption_extension=args.caption_extension)
+    if not any(r.caption for r in rows):
+        log.warning("--instance_captions: no photo in %s has a caption of its own (a metadata.jsonl/.csv with a %r "
+                    "column, or same-name %s files, in that folder); every photo gets --instance_prompt", folder,
+                    args.caption_column, args.caption_extension)
     rows = [replace(r, caption=r.caption or args.instance_prompt) for r in rows]
-    word, _ = class_images.identifier(args.instance_prompt, args.class_prompt)
-    lacking = [r for r in rows if word not in str(r.caption).lower().replace(",", " ").split()]
+    # the identifier is the word before the class word, which only a --class_prompt pins down
+    word = class_images.identifier(args.instance_prompt, args.class_prompt)[0] if args.class_prompt else ""
+
+    def names_it(caption) -> bool:
+        texts = caption if isinstance(caption, list) else [caption]
+        return any(word in re.findall(r"\w+", t.lower()) for t in texts)
+    lacking = [r for r in rows if word and not names_it(r.caption)]
     if lacking:
         log.warning("%d of %d captions in %s lack the identifier %r (e.g. %s: %r); those photos teach the base "
                     "model's words, not the subject", len(lacking), len(rows), what, word, Path(lacking[0].name).name,

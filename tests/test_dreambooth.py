@@ -149,3 +149,13 @@ def test_instance_captions_give_each_photo_its_own_prompt(tiny_model, tmp_path, 
         assert captions(instance_captions=True) == ["a blue square on a green background",
                                                     "a photo of sks square", "a photo of sks square on a blue background"]
     assert "1 of 3 captions in --instance_data_dir lack the identifier 'sks' (e.g. img1.png" in caplog.text
+    (inst / "img1.txt").write_text("(sks) square, blue.")  # punctuation around the identifier still names it
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdlora"):
+        captions(instance_captions=True)
+    assert "lack the identifier" not in caplog.text
+    for f in inst.glob("*.txt"):
+        f.unlink()
+    with caplog.at_level("WARNING", logger="sdlora"):  # the flag on a folder without captions: said, not silent
+        assert captions(instance_captions=True) == ["a photo of sks square"] * 3
+    assert "no photo in" in caplog.text and "has a caption of its own" in caplog.text
