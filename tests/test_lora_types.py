@@ -186,3 +186,19 @@ def test_dora_weights_follow_the_formula_in_every_format_and_loader(tiny_model, 
     for who, got in (("diffusers", fused(plain)), ("sdlora", fused(ours))):
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{who} {name}: {m}")
+
+
+@pytest.mark.parametrize("scale,expect", [
+    (torch.ones(1, 8), "input-axis dora_scale [1, 8]"),
+    (torch.ones(3, 1), "DoRA magnitude of shape [3, 1]; expected 8 values"),
+    (torch.ones(8, 1, dtype=torch.int64), "int64 DoRA magnitude"),
+    (torch.full((8, 1), float("nan")), "NaN/Inf"),
+    (None, "only a DoRA magnitude"),
+])
+def test_bad_dora_scale_is_one_clear_line(scale, expect):
+    tensors = {"lora_unet_x_to_q.lora_down.weight": torch.randn(2, 8), "lora_unet_x_to_q.lora_up.weight": torch.randn(8, 2),
+               "lora_unet_x_to_q.alpha": torch.tensor(2.0), "lora_unet_x_to_q.dora_scale": scale}
+    if scale is None:
+        tensors = {"lora_unet_x_to_q.dora_scale": torch.ones(8, 1)}
+    with pytest.raises(UserError, match=expect.replace("[", r"\[").replace("]", r"\]")):
+        formats.parse(tensors, source="f.safetensors")

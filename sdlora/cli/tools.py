@@ -23,6 +23,8 @@ def _print_description(d: dict):
     print(f"rank(s):        {', '.join(map(str, d['ranks']))}")
     print(f"alpha(s):       {', '.join(f'{a:g}' for a in d['alphas'])}")
     print(f"target modules: {d['target_modules']} ({d['conv_layers']} conv)")
+    if d["dora_layers"]:
+        print(f"DoRA:           {d['dora_layers']} layers carry magnitudes (weight-decomposed LoRA)")
     print(f"parameters:     {d['parameters']:,}")
     print(f"dtype:          {', '.join(d['dtype'])}")
     print(f"size:           {size}")

@@ -256,6 +256,8 @@ def _check_weights(source, name, down, up):
     import torch
 
     where = f"{source}: layer {_show(name)}"
+    if down is None and up is None:
+        raise UserError(f"{where} has only a DoRA magnitude (no down/up weights); expected both")
     if down is None or up is None:
         have, miss = ("down", "up") if up is None else ("up", "down")
         raise UserError(f"{where} has only its {have} weight (no {miss} weight); expected both")
@@ -280,7 +282,9 @@ def _check_magnitude(source, name, mag, up, fmt):
     if fmt == "kohya" and mag.dim() >= 2 and mag.shape[0] == 1 and mag.shape[1] != 1 and out != 1:
         raise UserError(f"{where} has an input-axis dora_scale {list(mag.shape)} (LyCORIS before 3.2, wd_on_out=False); "
                         f"sdlora applies DoRA per output channel (peft, LyCORIS >= 3.2): expected [{out}, 1]")
-    if not mag.is_floating_point() or mag.numel() != out or sorted(mag.shape, reverse=True)[0] != out:
+    if not mag.is_floating_point():
+        raise UserError(f"{where} has a {str(mag.dtype).replace('torch.', '')} DoRA magnitude; expected floating point")
+    if mag.numel() != out or max(mag.shape, default=1) != out:
         raise UserError(f"{where} has a DoRA magnitude of shape {list(mag.shape)}; expected {out} values, one per "
                         f"output channel")
     if not torch.isfinite(mag.float()).all():
