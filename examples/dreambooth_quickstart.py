@@ -103,6 +103,11 @@ def draw(pipe, prompts, per_prompt: int, guidance: float, first_seed: int = 100)
     return sample(pipe, texts, seeds, 20, guidance, batch=len(prompts) * 2)
 
 
+def draw_both(pipe, per_prompt: int, guidance: float, first_seed: int = 100):
+    """(subject-prompt images, class-prompt images), the same seeds for both."""
+    return [draw(pipe, ps, per_prompt, guidance, first_seed) for ps in (SUBJECT_PROMPTS, CLASS_PROMPTS)]
+
+
 def measure(subject, cls, base_cls) -> dict:
     """The four DreamBooth measurements; image i of every list is drawn from the same prompt index and seed."""
     bgs = [CONTEXTS[i % len(CONTEXTS)] for i in range(len(subject))]
@@ -143,10 +148,10 @@ def main():
     t_train = time.time() - t0
 
     pipe = load_base_pipeline(base)
-    before = [draw(pipe, ps, a.per_prompt, a.guidance) for ps in (SUBJECT_PROMPTS, CLASS_PROMPTS)]
+    before = draw_both(pipe, a.per_prompt, a.guidance)
     with no_progress_bars():  # transformers draws one for the text encoder's LoRA
         pipe.load_lora_weights(str(lora_dir))
-    after = [draw(pipe, ps, a.per_prompt, a.guidance) for ps in (SUBJECT_PROMPTS, CLASS_PROMPTS)]
+    after = draw_both(pipe, a.per_prompt, a.guidance)
     b, m = measure(before[0], before[1], before[1]), measure(after[0], after[1], before[1])
 
     from PIL import Image

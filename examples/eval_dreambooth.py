@@ -61,7 +61,7 @@ def main():
     t_train = (time.time() - t0) / len(runs) * a.jobs
 
     pipe = load_base_pipeline(base)
-    base_imgs = [db.draw(pipe, ps, a.per_prompt, a.guidance, a.first_seed) for ps in (db.SUBJECT_PROMPTS, db.CLASS_PROMPTS)]
+    base_imgs = db.draw_both(pipe, a.per_prompt, a.guidance, a.first_seed)
     results = {"base": db.measure(base_imgs[0], base_imgs[1], base_imgs[1])}
     # the drift scale: the base model's own class-prompt images from other seeds
     other = db.draw(pipe, db.CLASS_PROMPTS, a.per_prompt, a.guidance, first_seed=a.first_seed + 10_000)
@@ -70,7 +70,7 @@ def main():
     for (name, _, _), d in zip(runs, dirs):
         with no_progress_bars():
             pipe.load_lora_weights(str(d), adapter_name=d.name)
-        imgs = [db.draw(pipe, ps, a.per_prompt, a.guidance, a.first_seed) for ps in (db.SUBJECT_PROMPTS, db.CLASS_PROMPTS)]
+        imgs = db.draw_both(pipe, a.per_prompt, a.guidance, a.first_seed)
         pipe.unload_lora_weights()
         per_run[name].append(db.measure(imgs[0], imgs[1], base_imgs[1]))
     for name, rows in per_run.items():

@@ -80,3 +80,22 @@ def recipe_error(capsys, recipe, argv) -> str:
     assert rc == 2 and len(lines) == 1, err[-3000:]
     assert "Traceback" not in err
     return lines[0]
+
+
+def lycoris_modules(file, pipe, monkeypatch) -> dict:
+    """{lora_name: module} as LyCORIS' kohya-network loader (`create_network_from_weights`, the code kohya's tools
+    and A1111's LyCORIS support share) builds them from `file` over `pipe`'s models."""
+    import torch
+    from lycoris import kohya
+
+    # LyCORIS 4.1.3 builds its default training modules on construction and trips over diffusers'
+    # time_embedding names ("duplicated lora name"); loading from weights discards those modules anyway.
+    monkeypatch.setattr(kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])
+
+    class ClassicCLIP(torch.nn.Module):  # the module tree kohya's tools and A1111 see: text_model.encoder…
+        def __init__(self, te):
+            super().__init__()
+            self.text_model = te
+    te = pipe.text_encoder if hasattr(pipe.text_encoder, "text_model") else ClassicCLIP(pipe.text_encoder)
+    network, _ = kohya.create_network_from_weights(1.0, str(file), pipe.vae, te, pipe.unet, for_inference=True)
+    return {m.lora_name: m for m in network.unet_loras + network.text_encoder_loras}

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import conftest
-from helpers import DREAMBOOTH, T2I, env, fast_flags, front_matter, run
+from helpers import DREAMBOOTH, T2I, env, fast_flags, front_matter, lycoris_modules, run
 
 # name: (script, extra flags, alpha, rank)
 RUNS = {
@@ -71,22 +71,10 @@ def test_both_files_are_written_and_named_for_the_run(trained):
 
 def test_kohya_file_loads_whole_in_lycoris_at_the_trained_scale(trained, tiny_model, monkeypatch):
     from diffusers import StableDiffusionPipeline
-    from lycoris import kohya
 
-    # LyCORIS 4.1.3 builds its default training modules on construction and trips over diffusers'
-    # time_embedding names ("duplicated lora name"); loading from weights discards those modules anyway.
-    monkeypatch.setattr(kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])
     _, out, alpha, rank = trained
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
-
-    class ClassicCLIP(torch.nn.Module):  # the module tree kohya's tools and A1111 see: text_model.encoder…
-        def __init__(self, te):
-            super().__init__()
-            self.text_model = te
-    te = pipe.text_encoder if hasattr(pipe.text_encoder, "text_model") else ClassicCLIP(pipe.text_encoder)
-    network, _ = kohya.create_network_from_weights(1.0, str(kohya_file(out)), pipe.vae, te, pipe.unet,
-                                                   for_inference=True)
-    loaded = {m.lora_name: m for m in network.unet_loras + network.text_encoder_loras}
+    loaded = lycoris_modules(kohya_file(out), pipe, monkeypatch)
     expected = trained_deltas(out, alpha, rank)
     assert sorted(loaded) == sorted(expected)  # every module of the file, nothing else
     for name, want in expected.items():

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import read_lora
+from helpers import lycoris_modules, read_lora
 
 from sdlora.errors import UserError
 from sdlora.lora import formats, inject, tools
@@ -100,19 +100,8 @@ def _dora(weight, up, down, scale, magnitude):
 
 
 def _lycoris_merged_weights_are(file, pipe, want, monkeypatch):
-    """LyCORIS's kohya-network loader (what kohya's tools and A1111's LyCORIS support share) merges `file` into
-    exactly the `want` weights."""
-    from lycoris import kohya
-
-    monkeypatch.setattr(kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])  # see test_interop
-
-    class ClassicCLIP(torch.nn.Module):  # the module tree kohya's tools see: text_model.encoder…
-        def __init__(self, te):
-            super().__init__()
-            self.text_model = te
-    te = pipe.text_encoder if hasattr(pipe.text_encoder, "text_model") else ClassicCLIP(pipe.text_encoder)
-    network, _ = kohya.create_network_from_weights(1.0, str(file), pipe.vae, te, pipe.unet, for_inference=True)
-    loaded = {m.lora_name: m for m in network.unet_loras + network.text_encoder_loras}
+    """LyCORIS's kohya-network loader merges `file` into exactly the `want` weights."""
+    loaded = lycoris_modules(file, pipe, monkeypatch)
     assert len(loaded) == len(want)
     for name, w in want.items():
         comp, path = name.split(".", 1)

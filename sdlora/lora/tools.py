@@ -28,7 +28,9 @@ def describe(lora: Lora, path=None) -> dict:
         "file": str(path or lora.source), "format": lora.format, "base_model": lora.base_model,
         "architecture": formats.family(lora), "components": dict(per_comp),
         "ranks": sorted(ranks), "alphas": sorted(alphas), "target_modules": len(lora.modules),
-        "parameters": sum(m.down.numel() + m.up.numel() + (0 if m.magnitude is None else m.magnitude.numel()) for m in mods), "dtype": dtypes, "size_bytes": size,
+        "parameters": sum(m.down.numel() + m.up.numel() + (0 if m.magnitude is None else m.magnitude.numel())
+                          for m in mods),
+        "dtype": dtypes, "size_bytes": size,
         "conv_layers": sum(m.down.dim() == 4 for m in mods),
         "dora_layers": sum(m.magnitude is not None for m in mods),
         "metadata": {k: _safe(v) for k, v in sorted(lora.metadata.items())},
