@@ -151,7 +151,7 @@ def add_loras(pipe, loras):
             added.append(name)
             taken.add(name)
             with quiet():
-                pipe.load_lora_weights(_peft_dict(lora, pipe.unet.dtype), adapter_name=name)
+                pipe.load_lora_weights(_peft_dict(lora, pipe), adapter_name=name)
             registry[name] = {"path": lora.source, "weight": weight, "format": lora.format}
     except Exception as e:
         for name in added:  # undo this call's adapters, including one that failed half-way
@@ -171,25 +171,38 @@ def _adapter_name(source: str, taken) -> str:
     p = Path(source)
     stem = p.parent.name if p.name in formats.WEIGHT_NAMES else p.stem
     base = re.sub(r"\W", "_", stem) or "lora"
+    import torch
+
+    if hasattr(torch.nn.Module, base):  # peft sets the adapter name as an attribute: "train", "eval", "to" clash
+        base += "_lora"
     name, i = base, 2
     while name in taken:
         name, i = f"{base}_{i}", i + 1
     return name
 
 
-def _peft_dict(lora: formats.Lora, dtype) -> dict:
+def _peft_dict(lora: formats.Lora, pipe) -> dict:
     """Keys diffusers loads as-is (formats.diffusers_keys); alpha/rank is folded into B so the adapter's own
-    scale is 1."""
-    out = {}
+    scale is 1. LoHa/LoKr layers, which diffusers cannot read, go in as the plain LoRA with exactly their change
+    (lycoris.Product.as_lora)."""
+    out, dtype = {}, pipe.unet.dtype
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
         key = f"{comp}.{formats.live_path(comp, path)}"
         a, b = formats.diffusers_keys(comp)
+        if m.kind != "lora":
+            down, up, alpha = m.as_lora(_layer(pipe, comp, path).weight.shape)
+            m = formats.Module(down, up, alpha, m.magnitude if m.magnitude is None else m.magnitude.flatten())
         out[f"{key}.{a}.weight"] = m.down.to(dtype)
         out[f"{key}.{b}.weight"] = (m.up.float() * (m.alpha / m.rank)).to(dtype)
         if m.magnitude is not None:
             out[f"{key}.{formats.magnitude_key(comp)}"] = formats.peft_magnitude(m).to(dtype)
     return out
+
+
+def _layer(pipe, comp: str, path: str):
+    layer = getattr(pipe, comp).get_submodule(formats.live_path(comp, path))
+    return getattr(layer, "base_layer", layer)
 
 
 def base_family(pipe) -> str:
@@ -217,6 +230,11 @@ def check_fits(pipe, lora: formats.Lora):
         w = getattr(layer, "weight", None)
         if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) or w is None:
             fail(f"'{name}' is a {type(layer).__name__}, expected Linear or Conv2d")
+        if m.kind != "lora":  # LoHa/LoKr factors hold a conv kernel in their flattened input axis
+            if (w.shape[0], w[0].numel()) != (m.out_features, m.in_features):
+                fail(f"layer '{name}' has weight shape {list(w.shape)}, the {formats.LYCORIS_NAMES[m.kind]} layer expects "
+                     f"[{m.out_features}, {m.in_features}] (inputs × kernel)")
+            continue
         want = (m.up.shape[0], *m.down.shape[1:])
         if tuple(w.shape) != tuple(want) or (m.up.dim() == 4 and tuple(m.up.shape[2:]) != (1, 1)):
             fail(f"layer '{name}' has weight shape {list(w.shape)}, the LoRA expects {list(want)}")

@@ -81,6 +81,8 @@ def test_unwritable_output_dir(tiny_model, tmp_path, capsys, no_model_loads):
     ({"rank": 0}, "--rank must be >= 1"),
     ({"hub_token": "hf_secret_value", "report_to": "wandb"}, None),
     ({"target_modules": " , "}, "--target_modules is empty"),
+    ({"lora_type": "loha", "use_rslora": True}, "--use_rslora can't be used with --lora_type loha"),
+    ({"lora_type": "lokr", "init_lora_weights": "pissa"}, "--init_lora_weights pissa can't be used with --lora_type lokr"),
 ])
 def test_contradictory_or_unavailable_flags(tiny_model, tmp_path, capsys, no_model_loads, extra, expect):
     data = make_images(tmp_path / "d", n=1)

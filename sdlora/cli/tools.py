@@ -23,6 +23,9 @@ def _print_description(d: dict):
     print(f"rank(s):        {', '.join(map(str, d['ranks']))}")
     print(f"alpha(s):       {', '.join(f'{a:g}' for a in d['alphas'])}")
     print(f"target modules: {d['target_modules']} ({d['conv_layers']} conv)")
+    if set(d["layer_types"]) != {"LoRA"}:
+        print(f"layer types:    {', '.join(f'{k} ({n})' for k, n in d['layer_types'].items())}"
+              " (LyCORIS; diffusers' load_lora_weights cannot read them, sdlora's loader can)")
     if d["dora_layers"]:
         print(f"DoRA:           {d['dora_layers']} layers carry magnitudes (weight-decomposed LoRA)")
     print(f"parameters:     {d['parameters']:,}")
@@ -124,7 +127,8 @@ def register(sub):
     common(s, to_required=True)
     s.set_defaults(func=_convert_cli)
 
-    s = sub.add_parser("extract", help="a LoRA approximating the difference between two models")
+    s = sub.add_parser("extract", help="a LoRA approximating the difference between two models (plain LoRA/LoCon "
+                       "layers)")
     s.add_argument("--base", required=True)
     s.add_argument("--tuned", required=True)
     s.add_argument("--rank", type=int, required=True)
@@ -139,13 +143,14 @@ def register(sub):
     s.add_argument("--allow-pickle", action="store_true")
     s.set_defaults(func=_inspect_cli)
 
-    s = sub.add_parser("merge", help="merge weighted LoRAs into one: A[:w] B[:w] … OUT")
+    s = sub.add_parser("merge", help="merge weighted LoRAs into one: A[:w] B[:w] … OUT (plain LoRA/LoCon files; not "
+                       "DoRA, LoHa or LoKr)")
     s.add_argument("items", nargs="+", metavar="LORA[:W] … OUT")
     s.add_argument("--rank", type=int, help="SVD-reduce to this rank (default: exact, ranks concatenated)")
     common(s)
     s.set_defaults(func=_merge_cli)
 
-    s = sub.add_parser("resize", help="reduce a LoRA's rank by SVD")
+    s = sub.add_parser("resize", help="reduce a LoRA's rank by SVD (plain LoRA/LoCon files; not DoRA, LoHa or LoKr)")
     s.add_argument("input")
     s.add_argument("out")
     s.add_argument("--rank", type=int, required=True)

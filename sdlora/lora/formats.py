@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING
 from ..errors import UserError
 from ..models import TEXT_CLASSES, TEXT_ENCODERS
 from ..output.modelcard import base_model_of, write_minimal
+from .lycoris import KEYS as LYCORIS_KEYS
+from .lycoris import NAMES as LYCORIS_NAMES
+from .lycoris import Product, dora_change, fold_scale
 
 if TYPE_CHECKING:  # torch is imported lazily so `sdlora --help` stays fast
     import torch
@@ -54,19 +57,26 @@ class Module:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    kind = "lora"
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Inputs × kernel elements (a conv layer's flattened input axis)."""
+        return self.down.flatten(1).shape[1]
+
+    def parameters(self) -> int:
+        return self.down.numel() + self.up.numel() + (0 if self.magnitude is None else self.magnitude.numel())
+
     def delta(self, weight: torch.Tensor | None = None) -> "torch.Tensor":
         """The weight change this module adds at weight 1, in fp32, shaped like the layer's weight. A DoRA
         module's depends on the layer's base `weight`."""
         d = self.up.float().flatten(1) @ self.down.float().flatten(1)
         d = d.reshape(self.up.shape[0], *self.down.shape[1:]) * (self.alpha / self.rank)
-        if self.magnitude is None:
-            return d
-        if weight is None:
-            raise UserError("a DoRA layer's weight change depends on the base weight; this operation supports "
-                            "plain LoRA layers only")
-        v = weight.float() + d
-        norm = v.flatten(1).norm(dim=1).reshape(-1, *[1] * (v.dim() - 1))
-        return v * (self.magnitude.float().reshape(norm.shape) / norm) - weight.float()
+        return d if self.magnitude is None else dora_change(d, weight, self.magnitude)
 
 
 @dataclass
@@ -210,7 +220,8 @@ def detect_format(keys) -> str:
         return "kohya"
     if keys and all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
         return "diffusers"
-    if keys and all(re.search(r"\.lora_[AB](\.\w+)?\.weight$|\.lora_magnitude_vector(\.weight)?$", k) for k in keys):
+    if keys and all(re.search(r"\.lora_[AB](\.\w+)?\.weight$|\.lora_magnitude_vector(\.weight)?$|\.(hada|lokr)_\w+$", k)
+                    for k in keys):
         return "peft"
     return "unknown"
 
@@ -238,9 +249,13 @@ def parse(tensors: dict, metadata: dict | None = None, source: str = "<memory>",
     if not isinstance(padding, list) or not all(isinstance(n, str) for n in padding):
         raise UserError(f"{source}: its {_PADDING_KEY} header is not a list of layer names; the file is damaged (re-export it)")
     modules = {}
-    for name, (down, up, *mag) in pairs.items():
+    for name, slot in pairs.items():
+        if any(k in _FACTOR_KINDS for k in slot):
+            modules[name] = _product(source, name, slot, alphas, fmt)
+            continue
+        down, up, mag = slot.get("down"), slot.get("up"), slot.get("magnitude")
         _check_weights(source, name, down, up)
-        magnitude = _check_magnitude(source, name, mag[0], up, fmt) if mag and mag[0] is not None else None
+        magnitude = _check_magnitude(source, name, mag, up.shape[0], fmt) if mag is not None else None
         modules[name] = _check_scale(source, name, Module(down, up, alphas(name, down.shape[0]), magnitude))
     for name in padding:  # zero padding written by _pad_text_encoder
         if name in modules and not modules[name].up.any() and not modules[name].down.any():
@@ -274,11 +289,11 @@ def _check_weights(source, name, down, up):
             raise UserError(f"{where} has NaN/Inf weights; the file is damaged (retrain or re-export it)")
 
 
-def _check_magnitude(source, name, mag, up, fmt):
+def _check_magnitude(source, name, mag, out: int, fmt):
     """A DoRA magnitude as [out]: peft's [out] (conv [1, out, 1, 1]), LyCORIS's output-axis dora_scale [out, 1(, 1, 1)]."""
     import torch
 
-    where, out = f"{source}: layer {_show(name)}", up.shape[0]
+    where = f"{source}: layer {_show(name)}"
     if fmt == "kohya" and mag.dim() >= 2 and mag.shape[0] == 1 and mag.shape[1] != 1 and out != 1:
         raise UserError(f"{where} has an input-axis dora_scale {list(mag.shape)} (LyCORIS before 3.2, wd_on_out=False); "
                         f"sdlora applies DoRA per output channel (peft, LyCORIS >= 3.2): expected [{out}, 1]")
@@ -313,24 +328,72 @@ def _positive(value, what: str, source) -> float:
     return float(value)
 
 
-def _add(pairs, name, which, t, key, source):
-    """which: 0 down, 1 up, 2 DoRA magnitude."""
-    slot = pairs.setdefault(name, [None, None, None])
-    if slot[which] is not None:  # two spellings of one weight: which one is meant is unknowable
-        raise UserError(f"{source}: layer {_show(name)} has two {('down', 'up', 'magnitude')[which]} weights (one is "
+_FACTOR_KINDS = {k: kind for kind, keys in LYCORIS_KEYS.items() for k in keys}
+_FACTORS = "|".join(_FACTOR_KINDS)
+
+
+def _add(pairs, name, which: str, t, key, source):
+    """which: "down", "up", "magnitude", or a LoHa/LoKr factor's name."""
+    slot = pairs.setdefault(name, {})
+    if which in slot:  # two spellings of one weight: which one is meant is unknowable
+        raise UserError(f"{source}: layer {_show(name)} has two {which} weights (one is "
                         f"{_show(key)}); expected one key per weight")
     slot[which] = t
+
+
+def _product(source, name, slot, alphas, fmt):
+    """A LoHa/LoKr layer from its factors, checked: one kind, every factor it needs, shapes that multiply, finite."""
+    import torch
+
+    where = f"{source}: layer {_show(name)}"
+    kinds = {_FACTOR_KINDS.get(k, "lora") for k in slot if k != "magnitude"}
+    if len(kinds) > 1:
+        raise UserError(f"{where} mixes {' and '.join(sorted(LYCORIS_NAMES.get(k, 'LoRA') for k in kinds))} weights; "
+                        "expected one kind of layer")
+    kind = kinds.pop()
+    factors = {k: v for k, v in slot.items() if k != "magnitude"}
+    need = (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if kind == "loha" else
+            ("lokr_w1" if "lokr_w1" in factors else "lokr_w1_a", "lokr_w1_b" if "lokr_w1" not in factors else "lokr_w1",
+             "lokr_w2" if "lokr_w2" in factors else "lokr_w2_a", "lokr_w2_b" if "lokr_w2" not in factors else "lokr_w2"))
+    missing = [k for k in need if k not in factors]
+    if missing:
+        raise UserError(f"{where} is a {LYCORIS_NAMES[kind]} layer without {', '.join(missing)}; the file is damaged "
+                        "(re-export it)")
+    for t in factors.values():
+        if not t.is_floating_point():
+            raise UserError(f"{where} has {str(t.dtype).replace('torch.', '')} weights; expected floating point "
+                            "(fp32/fp16/bf16)")
+    p = Product(kind, factors, None)
+    try:
+        change = p.delta()
+        rank = p.rank
+    except (RuntimeError, IndexError, KeyError, ValueError):
+        shapes = {k: list(v.shape) for k, v in factors.items()}
+        raise UserError(f"{where} has {LYCORIS_NAMES[kind]} factors whose shapes do not multiply {shapes}; the file "
+                        "is damaged (re-export it)") from None
+    if not torch.isfinite(change).all():
+        raise UserError(f"{where} has NaN/Inf weights or a weight change that overflows float32; the file is damaged "
+                        "(retrain or re-export it)")
+    alpha, scale = alphas(name, rank), None
+    if kind == "lokr" and fmt == "peft" and alpha is not None and alphas.rank(name):
+        scale = alpha / alphas.rank(name)  # peft's rule: alpha / its configured r, even with both factors full
+    p = fold_scale(Product(kind, factors, alpha), scale)
+    if "magnitude" in slot:
+        _check_magnitude(source, name, slot["magnitude"], p.out_features, fmt)
+        p.magnitude = slot["magnitude"]
+    return p
 
 
 def _kohya_pairs(tensors, source):
     pairs = {}
     for k, t in tensors.items():
-        m = re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)", k)
+        m = re.fullmatch(rf"(lora_unet|lora_te[12]?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|{_FACTORS})",
+                         k)
         if not m:
-            raise UserError(f"{source}: unsupported kohya key {_show(k)} (LoHa/LoKr are not supported); "
-                            "expected .lora_down.weight, .lora_up.weight, .alpha (and DoRA's .dora_scale)")
+            raise UserError(f"{source}: unsupported kohya key {_show(k)}; expected .lora_down.weight, .lora_up.weight, "
+                            ".alpha, DoRA's .dora_scale, or LyCORIS's LoHa (.hada_*) / LoKr (.lokr_*) factors")
         if m.group(3) != "alpha":
-            which = {"lora_down.weight": 0, "lora_up.weight": 1, "dora_scale": 2}[m.group(3)]
+            which = {"lora_down.weight": "down", "lora_up.weight": "up", "dora_scale": "magnitude"}.get(m.group(3), m.group(3))
             _add(pairs, _kohya_name(m.group(1), m.group(2)), which, t, k, source)
     return pairs
 
@@ -392,13 +455,17 @@ def _diffusers_pairs(tensors, source):
     for k, t in tensors.items():
         if k.endswith(".alpha"):
             continue
+        if f := re.fullmatch(rf"(unet|text_encoder|text_encoder_2)\.(.+)\.({_FACTORS}|dora_scale)", k):  # LoHa/LoKr
+            _add(pairs, canonical(f.group(1), f.group(2)), "magnitude" if f.group(3) == "dora_scale" else f.group(3),
+                 t, k, source)
+            continue
         m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+?)\.(?:lora_linear_layer\.|lora\.)?"
                          r"(?:(down|up|lora_A|lora_B)(?:\.\w+)?\.weight|(lora_magnitude_vector)(?:\.weight)?)", k)
         if not m:
             raise UserError(f"{source}: unsupported diffusers LoRA key {_show(k)} (bias is not supported); "
                             "expected ….lora.down/up.weight, ….lora_A/lora_B.weight (and DoRA's ….lora_magnitude_vector)")
         path = re.sub(r"processor\.(to_[qkv]_lora|to_out_lora)$", lambda g: _OLD_DIFFUSERS[g.group(1)], m.group(2))
-        which = 2 if m.group(4) else int(m.group(3) in ("up", "lora_B"))
+        which = "magnitude" if m.group(4) else "up" if m.group(3) in ("up", "lora_B") else "down"
         _add(pairs, canonical(m.group(1), path), which, t, k, source)
     return pairs
 
@@ -406,11 +473,13 @@ def _diffusers_pairs(tensors, source):
 def _peft_pairs(tensors, source):
     pairs = {}
     for k, t in tensors.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(?:lora_([AB])(?:\.\w+)?\.weight|lora_magnitude_vector(?:\.weight)?)", k)
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(?:lora_([AB])(?:\.\w+)?\.weight|lora_magnitude_vector(?:\.weight)?"
+                         rf"|({_FACTORS}))", k)
         if not m:  # detect_format's looser search matched (e.g. nothing before ".lora_A", a trailing newline)
             raise UserError(f"{source}: unsupported peft LoRA key {_show(k)}; expected <module path>.lora_A/lora_B.weight")
         comp = "text_encoder" if m.group(1).startswith(("text_model.", "encoder.layers.")) else "unet"
-        _add(pairs, canonical(comp, m.group(1)), 2 if m.group(2) is None else int(m.group(2) == "B"), t, k, source)
+        which = m.group(3) or ("magnitude" if m.group(2) is None else "up" if m.group(2) == "B" else "down")
+        _add(pairs, canonical(comp, m.group(1)), which, t, k, source)
     return pairs
 
 
@@ -432,17 +501,18 @@ def _alphas(fmt, tensors, metadata, peft_config, source="<memory>"):
     """Return alpha(name, rank): each format's own rule, and alpha = rank (scale 1) when it has none."""
     import torch
 
+    table = {}  # alpha tensors: kohya's, and the LoHa/LoKr layers' of sdlora's diffusers-layout files
+    for k, t in tensors.items():
+        m = re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)\.alpha" if fmt == "kohya" else
+                         r"(unet|text_encoder|text_encoder_2)\.(.+)\.alpha", k)
+        if m:
+            if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
+                raise UserError(f"{source}: alpha {_show(k)} has shape {list(t.shape)} and dtype "
+                                f"{str(t.dtype).replace('torch.', '')}; expected one number")
+            name = _kohya_name(*m.groups()) if fmt == "kohya" else canonical(*m.groups())
+            table[name] = _positive(t.float().item(), f"alpha {_show(k)}", source)
     if fmt == "kohya":
-        table = {}
-        for k, t in tensors.items():
-            m = re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)\.alpha", k)
-            if m:
-                if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
-                    raise UserError(f"{source}: alpha {_show(k)} has shape {list(t.shape)} and dtype "
-                                    f"{str(t.dtype).replace('torch.', '')}; expected one number")
-                table[_kohya_name(m.group(1), m.group(2))] = _positive(
-                    t.float().item(), f"alpha {_show(k)}", source)
-        return lambda name, r: table.get(name, float(r))
+        return lambda name, r: table.get(name, None if r is None else float(r))
     configs, what = {}, "lora_adapter_metadata header"
     if fmt == "diffusers" and metadata.get("lora_adapter_metadata"):
         packed = _json(metadata["lora_adapter_metadata"], what, source)
@@ -464,10 +534,21 @@ def _alphas(fmt, tensors, metadata, peft_config, source="<memory>"):
     def alpha(name, r):
         comp, path = name.split(".", 1)
         cfg = configs.get(comp)
-        if not cfg or "lora_alpha" not in cfg:
-            return float(r)
+        key = "alpha" if cfg and str(cfg.get("peft_type")).upper() in ("LOHA", "LOKR") else "lora_alpha"
+        if name in table:
+            return table[name]
+        if not cfg or key not in cfg:
+            return None if r is None else float(r)
         value = _pattern(cfg.get("alpha_pattern"), path)
-        return float(cfg["lora_alpha"] if value is None else value)
+        return float(cfg[key] if value is None else value)
+
+    def rank(name):
+        """The configured r (peft's LoKr divides alpha by it even when both factors are full)."""
+        comp, path = name.split(".", 1)
+        cfg = configs.get(comp) or {}
+        value = _pattern(cfg.get("rank_pattern"), path)
+        return cfg.get("r") if value is None else value
+    alpha.rank = rank
     return alpha
 
 
@@ -475,7 +556,7 @@ def _check_config(cfg, what, source):
     """The peft config fields sdlora reads: numbers > 0 and pattern tables of valid regexes."""
     if not isinstance(cfg, dict):
         raise UserError(f"{source}: its {what} is not a JSON object; the file is damaged (re-export it)")
-    for key in ("lora_alpha", "r"):
+    for key in ("lora_alpha", "alpha", "r"):
         if key in cfg:
             _positive(cfg[key], f"{key} in its {what}", source)
     for key in ("alpha_pattern", "rank_pattern"):
@@ -517,7 +598,7 @@ def save_lora(lora: Lora, out, fmt: str, dtype: str | None = None) -> Path:
     if fmt == "peft":
         return _save_peft(lora, out, meta, cast)
     file = out if out.suffix == ".safetensors" else out / ("lora.safetensors" if fmt == "kohya" else WEIGHTS_NAME)
-    tensors, extra = (_to_kohya if fmt == "kohya" else _to_diffusers)(lora)
+    tensors, extra = (_to_kohya if fmt == "kohya" else diffusers_tensors)(lora)
     save_safetensors(_cast(tensors, cast), file, {**meta, **extra})
     if lora.base_model and out.suffix != ".safetensors" and not (out / "README.md").exists():
         write_minimal(out, lora.base_model)
@@ -533,7 +614,8 @@ def _to_kohya(lora):
 
     # One alpha for the whole file (the most common): diffusers' kohya loader ignores per-layer alphas of
     # attention layers, so other layers' scale is folded into `up` instead. The product is unchanged.
-    common = collections.Counter(m.alpha for m in lora.modules.values()).most_common(1)[0][0]
+    plain = [m for m in lora.modules.values() if m.kind == "lora"]
+    common = collections.Counter(m.alpha for m in plain).most_common(1)[0][0] if plain else 1.0
     xl = _lora_family(lora)[0] == "sdxl"  # kohya names SDXL's first text encoder lora_te1_, with or without the second
     prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
     unet = _kohya_unet_paths(lora, xl)
@@ -541,14 +623,23 @@ def _to_kohya(lora):
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
         key = prefix[comp] + (unet[path] if comp == "unet" else path).replace(".", "_")
+        if m.kind != "lora":  # LyCORIS's own keys; LoKr at scale 1 (fold_scale), which alpha = its rank says
+            out.update({f"{key}.{k}": v for k, v in m.factors.items()})
+            out[key + ".alpha"] = torch.tensor(float(m.alpha if m.kind == "loha" else m.rank or 1))
+            if m.magnitude is not None:
+                out[key + ".dora_scale"] = m.magnitude
+            continue
         out[key + ".lora_down.weight"] = m.down
         out[key + ".lora_up.weight"] = m.up if m.alpha == common else (m.up.float() * (m.alpha / common)).to(m.up.dtype)
         out[key + ".alpha"] = torch.tensor(float(common))
         if m.magnitude is not None:  # LyCORIS >= 3.2's output-axis layout, which ComfyUI/Forge tell from its shape
             out[key + ".dora_scale"] = m.magnitude.reshape(-1, *[1] * (m.down.dim() - 1))
     padded = _pad_text_encoder(lora, out, prefix, common)
-    ranks = collections.Counter(m.rank for m in lora.modules.values())
-    extra = {"ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_alpha": f"{common:g}"}
+    ranks = collections.Counter(m.rank for m in lora.modules.values() if m.rank)
+    extra = {"ss_network_dim": str(ranks.most_common(1)[0][0] if ranks else 1), "ss_network_alpha": f"{common:g}"}
+    kinds = {m.kind for m in lora.modules.values()} - {"lora"}
+    if kinds:  # what LyCORIS's and kohya's tools read to rebuild the network
+        extra |= {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": kinds.pop()})}
     if padded:
         extra[_PADDING_KEY] = json.dumps(padded)
     return out, extra
@@ -582,7 +673,7 @@ def _pad_text_encoder(lora, out, prefix, alpha) -> list[str]:
         if not mods or any(p.endswith("self_attn.out_proj") for p in mods):
             continue
         path, m = next(iter(mods.items()))
-        hidden = m.up.shape[0] if path.endswith("fc2") else m.down.shape[1]
+        hidden = m.out_features if path.endswith("fc2") else m.in_features
         layer = re.search(r"layers\.(\d+)\.", path)
         name = f"text_model.encoder.layers.{layer.group(1) if layer else 0}.self_attn.out_proj"
         key = prefix[comp] + name.replace(".", "_")
@@ -593,19 +684,34 @@ def _pad_text_encoder(lora, out, prefix, alpha) -> list[str]:
     return padded
 
 
-def _to_diffusers(lora):
+def diffusers_tensors(lora):
+    """`lora` in diffusers' key layout, and its header entries (`lora_adapter_metadata`)."""
     tensors, packed = {}, {}
     for comp in lora.components():
         mods = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(comp + ".")}
         down, up = diffusers_keys(comp)
         for p, m in mods.items():
+            if m.kind != "lora":  # LyCORIS's factor names under diffusers' prefixes, with each layer's alpha
+                tensors.update({f"{comp}.{p}.{k}": v for k, v in m.factors.items()})
+                if m.alpha is not None:
+                    tensors[f"{comp}.{p}.alpha"] = _alpha_tensor(m.alpha)
+                if m.magnitude is not None:
+                    tensors[f"{comp}.{p}.dora_scale"] = m.magnitude
+                continue
             tensors[f"{comp}.{p}.{down}.weight"] = m.down
             tensors[f"{comp}.{p}.{up}.weight"] = m.up
             if m.magnitude is not None:
                 tensors[f"{comp}.{p}.{magnitude_key(comp)}"] = peft_magnitude(m)
-        cfg = peft_config_dict({_config_path(comp, p): m for p, m in mods.items()})
-        packed.update({f"{comp}.{k}": v for k, v in cfg.items()})
-    return tensors, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)}
+        plain = {_config_path(comp, p): m for p, m in mods.items() if m.kind == "lora"}
+        if plain:
+            packed.update({f"{comp}.{k}": v for k, v in peft_config_dict(plain).items()})
+    return tensors, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)} if packed else {}
+
+
+def _alpha_tensor(alpha: float):
+    import torch
+
+    return torch.tensor(float(alpha))
 
 
 def magnitude_key(comp: str) -> str:
@@ -640,6 +746,43 @@ def peft_config_dict(mods: dict[str, Module]) -> dict:
     }
 
 
+def lycoris_config_dict(mods: dict, source) -> dict:
+    """peft LoHaConfig / LoKrConfig kwargs under which peft builds these layers' factors and applies their change:
+    LoHa's rank and alpha per layer; LoKr's at scale 1 (fold_scale), with an r that gives each factor its form."""
+    from peft.tuners.lokr.layer import factorization
+
+    kinds = {m.kind for m in mods.values()}
+    if len(kinds) > 1:
+        raise UserError(f"{source}: peft holds one adapter type per model; this LoRA mixes "
+                        f"{', '.join(sorted(LYCORIS_NAMES.get(k, 'LoRA') for k in kinds))} — save it as kohya or diffusers")
+    kind = kinds.pop()
+    if any(m.magnitude is not None for m in mods.values()):
+        raise UserError(f"{source}: peft has no DoRA for {LYCORIS_NAMES[kind]} layers; save it as kohya or diffusers")
+    if kind == "loha":
+        ranks = {p: m.rank for p, m in mods.items()}
+        alphas = {p: m.alpha if m.alpha is not None else m.rank for p, m in mods.items()}
+        extra = {"use_effective_conv2d": any("hada_t1" in m.factors for m in mods.values())}
+    else:
+        ranks = {}
+        for p, m in mods.items():
+            # (a conv layer's w1 splits its input channels, which the flattened factors do not tell apart from
+            # the kernel: only the output side is checked there)
+            f, a, c = m.factors, m._side("lokr_w1", 0), m._side("lokr_w1", 1)
+            if "lokr_t2" in f or a != factorization(m.out_features)[0] or m.in_features % c:
+                raise UserError(f"{source}: layer {_show(p)} is a LoKr layer whose factor shapes peft does not build "
+                                "(a factor other than -1, or Tucker); save it as kohya or diffusers")
+            # peft keeps w2 full when r >= max(w2's sides) / 2: a full w2 gets that r, a low-rank one its own
+            ranks[p] = m.rank or max(m._side("lokr_w2", 0), m._side("lokr_w2", 1))
+        alphas = ranks
+        extra = {"decompose_both": any("lokr_w1_a" in m.factors for m in mods.values()), "decompose_factor": -1}
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    return {"peft_type": kind.upper(), "r": r, "alpha": alpha, "target_modules": sorted(mods),
+            "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+            "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True, **extra}
+
+
 def _save_peft(lora, out: Path, meta, cast) -> Path:
     from ..io import save_safetensors, write_text
 
@@ -649,9 +792,14 @@ def _save_peft(lora, out: Path, meta, cast) -> Path:
     first = None
     for comp in comps:
         mods = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(comp + ".")}
-        cfg = peft_config_dict({_config_path(comp, p): m for p, m in mods.items()})
+        paths = {_config_path(comp, p): m for p, m in mods.items()}
+        plain = all(m.kind == "lora" for m in mods.values())
+        cfg = peft_config_dict(paths) if plain else lycoris_config_dict(paths, lora.source)
         tensors = {}
         for p, m in mods.items():
+            if not plain:
+                tensors.update({f"base_model.model.{p}.{k}": v for k, v in m.factors.items()})
+                continue
             tensors[f"base_model.model.{p}.lora_A.weight"] = m.down
             tensors[f"base_model.model.{p}.lora_B.weight"] = m.up
             if m.magnitude is not None:
@@ -735,14 +883,15 @@ def _unet_config(lora: Lora) -> dict:
           or any(re.match(_XL_LAYERS, n) for n in lora.modules))
     if dim is None and not xl:
         return {}
-    linear = any(re.match(r"unet\..*\.proj_(in|out)$", n) and m.down.dim() == 2 for n, m in lora.modules.items())
+    linear = any(re.match(r"unet\..*\.proj_(in|out)$", n) and (m.kind != "lora" or m.down.dim() == 2)
+                 for n, m in lora.modules.items())
     return {"cross_attention_dim": dim, "use_linear_projection": linear,
             "addition_embed_type": "text_time" if xl else None}
 
 
 def _in_width(lora: Lora, pattern: str) -> int | None:
     """The input width of the first layer whose name matches `pattern`, or None."""
-    return next((m.down.shape[1] for n, m in lora.modules.items() if re.match(pattern + "$", n)), None)
+    return next((m.in_features for n, m in lora.modules.items() if re.match(pattern + "$", n)), None)
 
 
 def _metadata_family(metadata: dict) -> str | None:

@@ -33,13 +33,22 @@ def text_encoder_targets(num_layers: int, used: int) -> list[str]:
     return [f"encoder.layers.{i}.self_attn.{t}" for i in range(used) for t in TEXT_ENCODER_TARGETS]
 
 
-def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float = 0.0, rslora: bool = False,
-                init: str = "gaussian", dora: bool = False):
-    from peft import LoraConfig
+LORA_TYPES = ("lora", "dora", "loha", "lokr")
 
+
+def lora_config(rank: int, alpha: float | None, targets: list[str], dropout: float = 0.0, rslora: bool = False,
+                init: str = "gaussian", dora: bool = False, kind: str = "lora"):
+    """peft's config for one adapter type: LoraConfig (lora, dora), LoHaConfig, LoKrConfig."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    alpha = alpha if alpha is not None else rank
+    if kind == "loha":  # peft's and LyCORIS's defaults: no rank/module dropout, factors as LyCORIS names them
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets)
+    if kind == "lokr":  # factor -1: each side split near its square root, as LyCORIS's default
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=-1)
     # "gaussian" init: A random, B zero — the adapter starts as an exact no-op. "pissa" / "olora": A and B start
     # from the layer's own weight, which peft takes out of the frozen weight (so the model is unchanged too).
-    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                       init_lora_weights=init, target_modules=targets, use_rslora=rslora, use_dora=dora)
 
 
@@ -97,6 +106,25 @@ def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
     if prefix != "unet":  # DoRA: the spelling diffusers' text-encoder loader reads (formats.magnitude_key)
         sd = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in sd.items()}
     return {canonical(prefix, k): (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def product_modules(model: torch.nn.Module, prefix: str, dtype: torch.dtype | None = None) -> dict:
+    """A peft LoHa/LoKr model's layers as sdlora's `lycoris.Product`s ({`unet.…`: layer}), LoKr folded to scale 1;
+    formats.diffusers_tensors writes them as LyCORIS's factor names under `unet.` / `text_encoder.`."""
+    from .formats import canonical
+    from .lycoris import KEYS, Product, fold_scale
+
+    modules = {}
+    for name, m in model.named_modules():
+        kind = "loha" if hasattr(m, "hada_w1_a") else "lokr" if hasattr(m, "lokr_w1") else None
+        if kind is None or "default" not in getattr(m, "scaling", {}):
+            continue
+        factors = {k: getattr(m, k)["default"].detach() for k in KEYS[kind] if "default" in getattr(m, k, {})}
+        scale = m.scaling["default"]
+        p = Product(kind, {k: (v.to(dtype) if dtype else v).cpu().contiguous() for k, v in factors.items()},
+                    scale * m.r["default"])
+        modules[canonical(prefix, name)] = fold_scale(p, scale) if kind == "lokr" else p
+    return modules
 
 
 def file_config(cfg, converted: bool = False) -> dict:

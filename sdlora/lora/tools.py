@@ -19,19 +19,20 @@ if TYPE_CHECKING:
 
 def describe(lora: Lora, path=None) -> dict:
     mods = lora.modules.values()
-    ranks = collections.Counter(m.rank for m in mods)
-    alphas = collections.Counter(m.alpha for m in mods)
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for m in mods for t in (m.down, m.up)})
+    ranks = collections.Counter(m.rank for m in mods if m.rank)
+    alphas = collections.Counter(m.alpha for m in mods if m.alpha is not None)
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for m in mods
+                     for t in ((m.down, m.up) if m.kind == "lora" else m.factors.values())})
     per_comp = collections.Counter(n.split(".", 1)[0] for n in lora.modules)
     size = Path(path).stat().st_size if path and Path(path).is_file() else None
     return {
         "file": str(path or lora.source), "format": lora.format, "base_model": lora.base_model,
         "architecture": formats.family(lora), "components": dict(per_comp),
         "ranks": sorted(ranks), "alphas": sorted(alphas), "target_modules": len(lora.modules),
-        "parameters": sum(m.down.numel() + m.up.numel() + (0 if m.magnitude is None else m.magnitude.numel())
-                          for m in mods),
+        "parameters": sum(m.parameters() for m in mods),
+        "layer_types": dict(collections.Counter(formats.LYCORIS_NAMES.get(m.kind, "LoRA") for m in mods)),
         "dtype": dtypes, "size_bytes": size,
-        "conv_layers": sum(m.down.dim() == 4 for m in mods),
+        "conv_layers": sum(m.kind == "lora" and m.down.dim() == 4 for m in mods),
         "dora_layers": sum(m.magnitude is not None for m in mods),
         "metadata": {k: _safe(v) for k, v in sorted(lora.metadata.items())},
     }
@@ -63,7 +64,13 @@ def _factor(u, s, vh, rank, scale, shape_in, out_dim, dtype):
 
 
 def plain_only(lora: Lora, what: str):
-    """resize/merge work on B A alone; a DoRA layer's change also depends on the base weight it renormalises."""
+    """resize/merge work on B A alone; a DoRA layer's change also depends on the base weight it renormalises, and
+    LoHa/LoKr layers have no B A (a conv layer's kernel size is not even in the file)."""
+    kinds = {m.kind for m in lora.modules.values()} - {"lora"}
+    if kinds:
+        name = formats.LYCORIS_NAMES[kinds.pop()]
+        raise UserError(f"{lora.source}: a {name} file; {what} supports plain LoRA (and LoCon) files only — sdlora's "
+                        f"loader (sdlora generate, load_pipeline) and `sdlora fuse` apply {name} layers")
     if any(m.magnitude is not None for m in lora.modules.values()):
         raise UserError(f"{lora.source}: a DoRA LoRA; {what} supports plain LoRA (and LoCon) files only, since a "
                         "DoRA layer's change depends on the base weights")

@@ -91,11 +91,13 @@ def _named(info: dict) -> str:
 def _snippet(info: dict, prompt: str) -> str:
     from ..models import BUNDLED
 
-    if info["base_model"] in BUNDLED:  # diffusers cannot resolve the bundled name; sdlora's loader can
+    # diffusers cannot resolve the bundled name, nor read LoHa/LoKr layers; sdlora's loader can
+    if info["base_model"] in BUNDLED or info.get("lora_type") in ("loha", "lokr"):
         return f"""```python
 from sdlora import load_pipeline, sample
 
-pipe = load_pipeline(["."])  # this folder; the base model ({info['base_model']}) comes from this card
+# this folder (or its Hub repo id); the base model ({info['base_model']}) comes from this card
+pipe = load_pipeline([{json.dumps(info.get('repo_id') or '.')}])
 image = sample(pipe, [{json.dumps(prompt)}], seeds=[0])[0]
 image.save("out.png")
 ```
