@@ -1,5 +1,6 @@
 """End-to-end: the text-to-image script on a real tiny pipeline, loaded back by plain diffusers."""
 import json
+import re
 import logging
 
 import numpy as np
@@ -97,27 +98,45 @@ def test_checkpoints_total_limit_prunes(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("variant", [{}, {"use_rslora": True, "rank": 8}, {"init_lora_weights": "pissa"},
-                                     {"lora_type": "dora", "target_modules": "to_q,to_v,conv1"}],
-                         ids=["lora", "rslora", "pissa", "dora"])
+                                     {"lora_type": "dora", "target_modules": "to_q,to_v,conv1"},
+                                     {"lora_type": "loha", "target_modules": "to_q,to_v,conv1", "lora_alpha": 2},
+                                     {"lora_type": "lokr", "target_modules": "to_q,to_v,conv1", "lora_alpha": 2},
+                                     {"lora_type": "adalora", "target_modules": "to_q,to_v,conv1", "rank": 2,
+                                      "adalora_init_r": 4, "adalora_tinit": 1, "adalora_tfinal": 2}],
+                         ids=["lora", "rslora", "pissa", "dora", "loha", "lokr", "adalora"])
 def test_resume_is_exact(tiny_model, tmp_path, variant):
     """2N steps in one run == N steps, then --resume_from_checkpoint latest for N more (fp32, CPU, fixed seed)."""
     data = make_images(tmp_path / "d", n=5)  # 5 rows, batch 2: epochs wrap mid-run
     common = dict(train_data_dir=data, noise_offset=0.05, snr_gamma=5.0, gradient_accumulation_steps=2, **variant)
-    run(T2I, fast_flags(tiny_model, tmp_path / "full", max_train_steps=6, **common))
+    whole = run(T2I, fast_flags(tiny_model, tmp_path / "full", max_train_steps=6, **common))
     part = tmp_path / "part"
-    run(T2I, fast_flags(tiny_model, part, max_train_steps=3, checkpointing_steps=3, **common))
+    # AdaLoRA's rank schedule spans the whole run: its first part is the 6-step run, resumed from step 3
+    first = 6 if variant.get("lora_type") == "adalora" else 3
+    run(T2I, fast_flags(tiny_model, part, max_train_steps=first, checkpointing_steps=3, **common))
     assert (part / "checkpoint-3").exists()
-    run(T2I, fast_flags(tiny_model, part, max_train_steps=6, resume_from_checkpoint="latest", **common))
+    run(T2I, fast_flags(tiny_model, part, max_train_steps=6, resume_from_checkpoint="checkpoint-3", **common))
     full, _ = read_lora(tmp_path / "full" / "pytorch_lora_weights.safetensors")
     resumed, _ = read_lora(part / "pytorch_lora_weights.safetensors")
     assert full.keys() == resumed.keys()
     diff = max((full[k] - resumed[k]).abs().max().item() for k in full)
     assert diff <= 1e-6, diff
-    assert max(v.abs().max().item() for k, v in full.items() if "up" in k) > 0  # it really trained
+    assert max(v.abs().max().item() for k, v in full.items() if re.search(r"up|lora_B|w2_b|lokr_w2", k)) > 0  # trained
     if "init_lora_weights" in variant:  # saved as the change from the unmodified base: twice the rank
         assert {v.shape[0] for k, v in full.items() if "lora_A" in k or "lora.down" in k} == {8}
         assert "| LoRA init | pissa: saved as the change from the unmodified base" in (part / "README.md").read_text()
-    if "lora_type" in variant:  # DoRA: magnitudes in both files, LyCORIS's name in the kohya one's header
+    if variant.get("lora_type") == "adalora":  # the budget shrinks (logged), the file holds the final ranks
+        logged = re.findall(r"AdaLoRA step \d+: (\d+) of (\d+) ranks active", whole.stderr)
+        active, total = [int(a) for a, _ in logged], 24 * 4  # 24 layers (to_q, to_v, conv1) x --adalora_init_r 4
+        assert len(active) >= 3 and active[0] == total and active[-1] == total // 2, whole.stderr[-3000:]
+        assert active == sorted(active, reverse=True) and "(final ranks from here on)" in whole.stderr
+        ranks = [v.shape[0] for k, v in full.items() if k.endswith("lora_A.weight")]
+        assert sum(ranks) == total // 2 and len(set(ranks)) > 1  # an average of --rank 2, spread unevenly
+        assert "AdaLoRA: saved" in whole.stderr and "layers at their final ranks" in whole.stderr
+    elif variant.get("lora_type") in ("loha", "lokr"):  # LyCORIS's factors and network name in the kohya file
+        kohya, meta = read_lora(part / "part.safetensors")
+        assert any(".hada_w1_a" in k or ".lokr_w1" in k for k in kohya) and meta["ss_network_module"] == "lycoris.kohya"
+        assert "load_pipeline" in (part / "README.md").read_text()  # not diffusers' loader, which can't read them
+    elif "lora_type" in variant:  # DoRA: magnitudes in both files, LyCORIS's name in the kohya one's header
         assert any(k.endswith("lora_magnitude_vector") for k in full)
         kohya, meta = read_lora(part / "part.safetensors")
         assert any(k.endswith(".dora_scale") for k in kohya) and meta["ss_network_module"] == "lycoris.kohya"

@@ -120,9 +120,20 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank (scale 1)")
     g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--lora_type", default="lora", choices=["lora", "dora"],
+    g.add_argument("--lora_type", default="lora", choices=["lora", "dora", "loha", "lokr", "adalora"],
                    help="dora: weight-decomposed LoRA (peft's use_dora, diffusers' --use_dora): each output channel's "
-                        "magnitude trained apart from its direction")
+                        "magnitude trained apart from its direction; loha / lokr: LyCORIS's Hadamard / Kronecker "
+                        "product layers (peft's LoHa/LoKr; --rank is their rank, --lora_alpha their alpha). LoHa/LoKr "
+                        "files load in ComfyUI, A1111/Forge and sdlora, not in diffusers' load_lora_weights; adalora: ranks "
+                        "pruned during training from --adalora_init_r down to an average of --rank per layer "
+                        "(peft's AdaLoRA), saved as plain LoRA at each layer's final rank")
+    g.add_argument("--adalora_init_r", type=int, default=None, help="AdaLoRA's starting rank per layer "
+                   "(default: 1.5 x --rank)")
+    g.add_argument("--adalora_tinit", type=int, default=None,
+                   help="AdaLoRA: steps at the starting ranks before pruning (default: 10%% of the steps)")
+    g.add_argument("--adalora_tfinal", type=int, default=None,
+                   help="AdaLoRA: last steps trained at the final ranks (default: 20%% of the steps)")
+    g.add_argument("--adalora_delta_t", type=int, default=1, help="AdaLoRA: prune every N steps")
     g.add_argument("--init_lora_weights", default="gaussian", choices=["gaussian", "pissa", "olora"],
                    help="gaussian: the adapter starts as a no-op (A random, B zero); pissa / olora: A and B start from "
                         "the layer's principal singular vectors / a QR of it, the frozen weight keeps the rest "

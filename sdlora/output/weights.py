@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..io import save_safetensors
-from ..lora import formats, inject
+from ..lora import adalora, formats, inject
 
 
 def header(info: dict) -> dict[str, str]:
@@ -29,10 +29,9 @@ def header(info: dict) -> dict[str, str]:
         # kohya's names for the base family, which A1111-style viewers filter on
         "ss_base_model_version": base_model_version(info.get("architecture"), info.get("prediction_type")),
         "ss_v2": str("-v2-" in str(info.get("architecture"))),  # kohya's str(bool): "True" / "False"
-        # a DoRA file is LyCORIS's (kohya's sd-scripts have none): its module name and arguments, as it writes them
-        "ss_network_module": "lycoris.kohya" if info.get("lora_type") == "dora" else "networks.lora",
-        "ss_network_args": {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
-        if info.get("lora_type") == "dora" else None,
+        # DoRA, LoHa and LoKr files are LyCORIS's (kohya's sd-scripts have none): its module name and arguments
+        "ss_network_module": "lycoris.kohya" if _network_args(info.get("lora_type", "lora")) else "networks.lora",
+        "ss_network_args": _network_args(info.get("lora_type", "lora")),
         "ss_network_dim": info["rank"],
         "ss_network_alpha": info["alpha"],
         "ss_steps": info["steps"],
@@ -66,6 +65,12 @@ def header(info: dict) -> dict[str, str]:
     return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items() if v is not None}
 
 
+def _network_args(lora_type: str) -> dict | None:
+    """LyCORIS's network arguments, as it records them, for each type sdlora trains."""
+    return {"dora": {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"},
+            "loha": {"algo": "loha"}, "lokr": {"algo": "lokr", "factor": "-1"}}.get(lora_type)
+
+
 def base_model_version(architecture: str | None, prediction_type: str | None = None) -> str:
     """kohya's `ss_base_model_version` (sd-scripts' model_util.get_model_version_str_for_sd1_sd2 and
     sdxl_model_util): sd_v1, sd_v2, with `_v` for v-parameterization (sd_v2_v), or sdxl_base_v1-0."""
@@ -93,11 +98,22 @@ def kohya_name(output_dir) -> str:
 def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
     """Write the LoRA of `parts` ({"unet": (model, LoraConfig, initial weights or None), "text_encoder": …}) to
     `path`; returns the state dict and header written. `info` holds the training facts `header` records."""
-    sd, configs = {}, {}
+    sd, configs, packed = {}, {}, {}
     for component, (model, config, initial) in parts.items():
+        kind = str(config.peft_type.value)
+        if kind in ("LOHA", "LOKR", "ADALORA"):  # written from sdlora's own form of the layers (formats)
+            mods = adalora.modules(model, component, dtype) if kind == "ADALORA" else \
+                inject.product_modules(model, component, dtype)
+            tensors, extra = formats.diffusers_tensors(formats.Lora(mods))
+            sd.update(tensors)
+            packed.update(json.loads(extra.get("lora_adapter_metadata", "{}")))
+            continue
         sd.update(inject.lora_state_dict(model, component, dtype, initial))
         configs[component] = inject.file_config(config, converted=initial is not None)
-    meta = {"format": "pt", "lora_adapter_metadata": inject.adapter_metadata(configs), **header(info)}
+    meta = {"format": "pt", **header(info)}
+    if configs or packed:
+        meta["lora_adapter_metadata"] = json.dumps(packed | json.loads(inject.adapter_metadata(configs)),
+                                                   indent=2, sort_keys=True)
     save_safetensors(sd, path, meta)
     return sd, meta
 

@@ -21,8 +21,8 @@ from ..io import remove_dir, safetensors_bytes, torch_bytes, write_folder
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^checkpoint-(\d+)$")
 # Everything `save` may put in a checkpoint folder (outdir.remove_leftovers deletes nothing else).
-FILES = {"unet_lora.safetensors", "text_encoder_lora.safetensors", "text_encoder_2_lora.safetensors", "optimizer.pt",
-         "scheduler.pt", "scaler.pt", "state.json"}
+FILES = {f"{c}_{what}.safetensors" for c in ("unet", "text_encoder", "text_encoder_2") for what in ("lora", "adalora")} \
+    | {"optimizer.pt", "scheduler.pt", "scaler.pt", "state.json"}
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -50,15 +50,30 @@ def find(output_dir: Path, resume: str) -> Path | None:
     return p
 
 
-def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, scaler, seed: int, settings: dict,
-         total_limit: int | None, best_val_loss: list | None = None) -> Path:
-    """Write checkpoint-`step` (serialised in memory first, so a full disk fails before anything moves)."""
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    """The adapter's weights: peft's state dict, except AdaLoRA's, whose peft state dict is cut down to the ranks
+    kept (through a method only peft's own model wrapper has) where a resume needs every weight as it is: those
+    are saved by parameter name."""
     from peft.utils import get_peft_model_state_dict
 
+    if _is_adalora(model):
+        return {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().float() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+
+
+def _is_adalora(model) -> bool:
+    return any(hasattr(m, "lora_E") for m in model.modules())
+
+
+def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, scaler, seed: int, settings: dict,
+         total_limit: int | None, best_val_loss: list | None = None, extra: dict | None = None) -> Path:
+    """Write checkpoint-`step` (serialised in memory first, so a full disk fails before anything moves). `extra`:
+    {component: tensors} of AdaLoRA's rank-allocator state."""
     files = {}
     for name, model in models.items():
-        sd = get_peft_model_state_dict(model, save_embedding_layers=False)
-        files[f"{name}_lora.safetensors"] = safetensors_bytes({k: v.detach().float() for k, v in sd.items()})
+        files[f"{name}_lora.safetensors"] = safetensors_bytes(lora_weights(model))
+    for name, tensors in (extra or {}).items():
+        files[f"{name}_adalora.safetensors"] = safetensors_bytes(tensors)
     files["optimizer.pt"] = torch_bytes(optimizer.state_dict())
     files["scheduler.pt"] = torch_bytes(lr_scheduler.state_dict())
     if scaler is not None:
@@ -83,11 +98,12 @@ class Checkpoint:
     step: int
     seed: int
     settings: dict  # the writing run's settings ({} for checkpoints older than the settings record)
-    lora: dict[str, dict[str, torch.Tensor]]  # component -> peft state dict
+    lora: dict[str, dict[str, torch.Tensor]]  # component -> {parameter name: weight} (lora_weights)
     optimizer: dict
     scheduler: dict
     scaler: dict | None
     best_val_loss: list | None = None
+    extra: dict = None  # component -> AdaLoRA rank-allocator state
 
 
 # Settings that checkpoints written before the full settings record kept at the top level of state.json.
@@ -128,10 +144,19 @@ def read(path: Path, components: list[str]) -> Checkpoint:
             dims = (1, 4) if "lora_magnitude_vector" in k else (2, 4)  # DoRA magnitudes: [out], conv [1, out, 1, 1]
             if not v.is_floating_point() or v.dim() not in dims or not torch.isfinite(v).all():
                 raise UserError(f"{f}: tensor {k} is not a finite LoRA weight; the checkpoint is damaged")
-            if rank is not None and "lora_A" in k and v.shape[0] != rank:
+            if rank is not None and "lora_A" in k and v.shape[0] != rank and settings.get("lora_type") != "adalora":
                 raise UserError(f"{f}: LoRA rank {v.shape[0]} but {state_file.name} says rank {rank}; "
                                 "the checkpoint is damaged or mixed from two runs")
         lora[name] = sd
+    extra = {}
+    for name in components:
+        f = path / f"{name}_adalora.safetensors"
+        if f.is_file():
+            try:
+                extra[name] = load_file(str(f))
+            except Exception as e:
+                raise UserError(f"{f}: unreadable ({type(e).__name__}); the checkpoint is damaged — resume from "
+                                "another checkpoint-N or delete this one") from None
     blobs = {}
     for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
         f = path / name
@@ -148,7 +173,7 @@ def read(path: Path, components: list[str]) -> Checkpoint:
     best = state.get("best_val_loss")
     best = best if isinstance(best, list) and len(best) == 2 and all(isinstance(v, (int, float)) for v in best) else None
     return Checkpoint(path, state["global_step"], state["seed"], settings, lora,
-                      blobs["optimizer.pt"], blobs["scheduler.pt"], blobs["scaler.pt"], best)
+                      blobs["optimizer.pt"], blobs["scheduler.pt"], blobs["scaler.pt"], best, extra)
 
 
 def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
@@ -170,7 +195,12 @@ def apply(ckpt: Checkpoint, models: dict, optimizer, lr_scheduler, scaler):
     from peft.utils import set_peft_model_state_dict
 
     for name, model in models.items():
-        res = set_peft_model_state_dict(model, ckpt.lora[name])
+        if _is_adalora(model):
+            res = model.load_state_dict(ckpt.lora[name], strict=False)
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            res.missing_keys[:] = [k for k in trained if k not in ckpt.lora[name]]
+        else:
+            res = set_peft_model_state_dict(model, ckpt.lora[name])
         missing = [k for k in getattr(res, "missing_keys", []) if "lora_" in k]
         if getattr(res, "unexpected_keys", None) or missing:
             raise UserError(f"{ckpt.path / f'{name}_lora.safetensors'}: LoRA keys do not match this model "

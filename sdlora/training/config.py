@@ -88,6 +88,10 @@ class TrainConfig:
     use_rslora: bool = False
     init_lora_weights: str = "gaussian"
     lora_type: str = "lora"
+    adalora_init_r: int | None = None  # AdaLoRA's starting rank per layer (None: 1.5 x --rank)
+    adalora_tinit: int | None = None  # steps before pruning starts (None: 10% of the steps)
+    adalora_tfinal: int | None = None  # steps at the final ranks (None: 20% of the steps)
+    adalora_delta_t: int = 1  # prune every N steps
     target_modules: tuple[str, ...] = ()
     train_text_encoder: bool = False
     save_precision: str = "fp32"
@@ -117,6 +121,32 @@ def _positive(name, value, minimum=1):
         raise UserError(f"--{name} must be >= {minimum} (got {value})")
 
 
+def _check_adalora(args):
+    flags = {k: getattr(args, k) for k in ("adalora_init_r", "adalora_tinit", "adalora_tfinal")}
+    if args.lora_type != "adalora":
+        used = [f"--{k}" for k, v in flags.items() if v is not None] + ["--adalora_delta_t"] * (args.adalora_delta_t != 1)
+        if used:
+            raise UserError(f"{used[0]} applies to --lora_type adalora only; drop it or add --lora_type adalora")
+        return
+    if args.adalora_init_r is not None and args.adalora_init_r <= args.rank:
+        raise UserError(f"--adalora_init_r {args.adalora_init_r} must be larger than --rank {args.rank} (AdaLoRA's "
+                        "average final rank per layer): it prunes from the first down to the second")
+    _positive("adalora_tinit", args.adalora_tinit, 0)
+    _positive("adalora_tfinal", args.adalora_tfinal, 0)
+    _positive("adalora_delta_t", args.adalora_delta_t)
+
+
+def adalora_schedule(config, max_steps: int) -> tuple[int, int, int]:
+    """(init_r, tinit, tfinal) for a run of `max_steps`; a schedule that leaves no step to prune in is one line."""
+    init_r = config.adalora_init_r or config.rank + max(1, config.rank // 2)
+    tinit = max_steps // 10 if config.adalora_tinit is None else config.adalora_tinit
+    tfinal = max_steps // 5 if config.adalora_tfinal is None else config.adalora_tfinal
+    if tinit >= max_steps - tfinal:
+        raise UserError(f"--adalora_tinit {tinit} and --adalora_tfinal {tfinal} leave no step of the {max_steps} to "
+                        "prune ranks in; lower them or train longer")
+    return init_r, tinit, tfinal
+
+
 def check(args, token: str | None = None) -> TrainConfig:
     """Validate the parsed flags and resolve them into a TrainConfig. Loads no model; fetches at most the
     base model's model_index.json and UNet config when it is a Hub id."""
@@ -141,6 +171,15 @@ def check(args, token: str | None = None) -> TrainConfig:
     if args.lora_type == "dora" and args.init_lora_weights != "gaussian":
         raise UserError(f"--init_lora_weights {args.init_lora_weights} can't be used with --lora_type dora: a DoRA "
                         "file can't be written as a change from the unmodified base; use one of the two")
+    if args.lora_type in ("loha", "lokr", "adalora"):
+        name = {"loha": "LoHa", "lokr": "LoKr", "adalora": "AdaLoRA"}[args.lora_type]
+        for flag, bad in (("--use_rslora", args.use_rslora),
+                          ("--lora_dropout", args.lora_dropout > 0 and args.lora_type != "adalora"),
+                          (f"--init_lora_weights {args.init_lora_weights}", args.init_lora_weights != "gaussian")):
+            if bad:  # peft's LoHa/LoKr have none of these (and no file format records them)
+                raise UserError(f"{flag} can't be used with --lora_type {args.lora_type}: it applies to LoRA and DoRA "
+                                f"only; drop it to train {name}")
+    _check_adalora(args)
     if args.lora_alpha is not None and args.lora_alpha <= 0:
         raise UserError(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
     alpha = args.rank if args.lora_alpha is None else args.lora_alpha

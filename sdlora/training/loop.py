@@ -25,12 +25,12 @@ import torch
 from .. import models
 from ..data.trainset import StreamSampler, TrainSet, loader
 from ..errors import UserError
-from ..lora import inject
+from ..lora import adalora, inject
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
 from . import checkpoint, conditioning, diskcache, heldout, losses, samples, validation
 from .caches import Caches, all_captions, latent_mask, plan
-from .config import TrainConfig
+from .config import TrainConfig, adalora_schedule
 
 log = logging.getLogger("sdlora")
 
@@ -61,6 +61,7 @@ class Component:
     bare: torch.nn.Module
     params: list
     initial: dict | None = None  # PiSSA/OLoRA: the adapter as injected (inject.initial_weights), for saving
+    tuner: object = None  # AdaLoRA: peft's AdaLoraModel, whose rank allocator the loop calls each step
 
 
 @dataclass
@@ -206,6 +207,8 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     num_epochs = math.ceil(max_steps * ga / sampler.batches_per_epoch)
     lr = config.learning_rate * (ga * config.train_batch_size * world if config.scale_lr else 1)
     settings = run_settings(config, recipe, world, max_steps, lr)
+    if config.lora_type == "adalora":  # a schedule with no room to prune fails here, before any model loads
+        settings["adalora"] = list(adalora_schedule(config, max_steps)) + [config.adalora_delta_t]
     if ckpt:
         _check_resume(config, ckpt, settings, main)
 
@@ -259,6 +262,9 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     if ckpt:
         checkpoint.apply(ckpt, {k: c.bare for k, c in parts.items()}, optimizer, lr_scheduler,
                          getattr(accelerator, "scaler", None))
+        for k, c in parts.items():
+            if c.tuner is not None:  # the rank allocator's scores and frozen ranks, for an exact resume
+                adalora.load_state(c.tuner, ckpt.extra.get(k, {}))
         if main:
             log.info("resumed from %s at step %d", ckpt.path, step)
     if main:
@@ -457,10 +463,17 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoders: dict, lr: 
         layers = text_encoders[n].config.num_hidden_layers
         trained[n] = (text_encoders[n], inject.text_encoder_targets(
             layers, conditioning.layers_used(n, config.family, layers)))
-    configs, params, initial = {}, {}, {}
+    configs, params, initial, tuners = {}, {}, {}, {}
     for name, (model, targets) in trained.items():  # the UNet first: LoRA init draws from the seeded RNG
+        if config.lora_type == "adalora":  # peft's tuner object is kept: its rank allocator runs every step
+            init_r, tinit, tfinal = adalora_schedule(config, max_steps)
+            configs[name] = adalora.config(config.rank, config.lora_alpha, list(targets), config.lora_dropout, init_r,
+                                           max_steps, tinit, tfinal, config.adalora_delta_t)
+            tuners[name], params[name] = adalora.attach(model, configs[name])
+            continue
         configs[name] = inject.lora_config(config.rank, config.lora_alpha, list(targets), config.lora_dropout,
-                                           config.use_rslora, config.init_lora_weights, config.lora_type == "dora")
+                                           config.use_rslora, config.init_lora_weights, config.lora_type == "dora",
+                                           config.lora_type)
         params[name] = inject.add_lora(model, configs[name])
         if config.init_lora_weights != "gaussian":  # before a resume loads the checkpoint's weights over them
             initial[name] = inject.initial_weights(model)
@@ -489,8 +502,8 @@ def _trainable(config: TrainConfig, accelerator, unet, text_encoders: dict, lr: 
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)
     prepared = accelerator.prepare(*[m for m, _ in trained.values()], optimizer)
-    parts = {name: Component(configs[name], module, accelerator.unwrap_model(module), params[name], initial.get(name))
-             for name, module in zip(trained, prepared[:-1])}
+    parts = {name: Component(configs[name], module, accelerator.unwrap_model(module), params[name], initial.get(name),
+                             tuners.get(name)) for name, module in zip(trained, prepared[:-1])}
     if config.compile:  # training steps only: sampling and the held-out loss run the bare UNet uncompiled
         parts["unet"].module = torch.compile(parts["unet"].module)
     return parts, prepared[-1], lr_scheduler
@@ -563,7 +576,9 @@ def optimizer_step(run: Run) -> dict:
                 for c in run.parts.values():
                     ctx.enter_context(acc.no_sync(c.module))
             loss, parts = micro_step(run, batch, run.step * ga + k)
-            acc.backward(loss / ga)
+            # AdaLoRA's orthogonality regulariser (peft adds it only to a `.loss` output, which a UNet has not)
+            reg = sum(adalora.penalty(c.tuner) for c in run.parts.values() if c.tuner is not None)
+            acc.backward((loss + reg) / ga)
         logs["loss"] = logs.get("loss", 0.0) + loss.item() / ga
         for g, v in parts.items():
             name = run.recipe.group_names.get(g, f"loss_{g}")
@@ -575,6 +590,10 @@ def optimizer_step(run: Run) -> dict:
     run.optimizer.step()
     if not acc.optimizer_step_was_skipped:  # fp16 overflow: GradScaler skipped the step
         run.lr_scheduler.step()
+    tuners = [c.tuner for c in run.parts.values() if c.tuner is not None]
+    if tuners:  # AdaLoRA scores each rank by |weight * grad|: after the step, before the gradients are cleared
+        logs["adalora_ranks"] = sum(adalora.update(t, run.step) for t in tuners)
+        _log_ranks(run, logs["adalora_ranks"])
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     if acc.num_processes > 1:  # log the mean over processes, not just the main one's share of the batch
@@ -582,6 +601,15 @@ def optimizer_step(run: Run) -> dict:
         vals = acc.reduce(torch.tensor([logs[k] for k in keys], device=acc.device), "mean")
         logs = dict(zip(keys, vals.tolist()))
     return {**logs, "lr": run.lr_scheduler.get_last_lr()[0]}
+
+
+def _log_ranks(run: Run, active: int):
+    """AdaLoRA's shrinking budget: at each tenth of the run, and when the ranks are frozen."""
+    total = sum(adalora.initial_ranks(c.bare) for c in run.parts.values() if c.tuner is not None)
+    frozen = run.step == run.max_steps - run.settings["adalora"][2]
+    if run.main and (frozen or (run.step + 1) % max(1, run.max_steps // 10) == 0):
+        log.info("AdaLoRA step %d: %d of %d ranks active%s", run.step + 1, active, total,
+                 " (final ranks from here on)" if frozen else "")
 
 
 def check_finite(run: Run, logs: dict):
@@ -610,7 +638,8 @@ def save_checkpoint(run: Run):
     if run.main:
         path = checkpoint.save(run.config.output_dir, run.step, {k: c.bare for k, c in run.parts.items()},
                                run.optimizer, run.lr_scheduler, getattr(run.accelerator, "scaler", None), run.seed,
-                               run.settings, run.config.checkpoints_total_limit, run.best_val_loss)
+                               run.settings, run.config.checkpoints_total_limit, run.best_val_loss,
+                               {k: adalora.state(c.tuner) for k, c in run.parts.items() if c.tuner is not None})
         log.info("saved %s", path)
 
 
@@ -663,6 +692,12 @@ def save_final(run: Run) -> Path:
     sd, meta = weights.save(path, {k: (p.bare, p.lora_config, p.initial) for k, p in run.parts.items()}, info,
                             models.torch_dtype(c.save_precision))
     weights.save_kohya(kohya_file, sd, meta)
+    if c.lora_type == "adalora":
+        ranks = [v.shape[0] for k, v in sd.items() if k.endswith((".lora_A.weight", ".lora_linear_layer.down.weight"))]
+        total = sum(adalora.initial_ranks(p.bare) for p in run.parts.values())
+        log.info("AdaLoRA: saved %d layers at their final ranks (%d to %d, %d in all, from %d); %d layers pruned to "
+                 "rank 0 left out", len(ranks), min(ranks), max(ranks), sum(ranks), total,
+                 sum(1 for p in run.parts.values() for _ in adalora._layers(p.bare)) - len(ranks))
     if c.lora_type == "dora":
         log.warning("DoRA: %s holds LyCORIS's per-output-channel dora_scale, which LyCORIS and kohya's tools apply "
                     "exactly and ComfyUI/Forge closely; A1111's built-in loader reads dora_scale per input channel and "
