@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from sdlora.errors import UserError
 from sdlora.lora import formats
-from sdlora.lora.formats import Lora, Module
+from sdlora.lora.formats import Lora, Module, Product
 
 torch.set_num_threads(1)
 
@@ -47,7 +47,19 @@ def seeds(tmp_path):
     mods = {n: Module(torch.randn(*d, generator=g) * 0.3, torch.randn(*u, generator=g) * 0.3, a)
             for n, (d, u, a) in LAYERS.items()}
     lora = Lora(mods, {"ss_network_dim": "2"}, base_model="some/base")
-    return {fmt: formats.save_lora(lora, tmp_path / "seed" / fmt, fmt) for fmt in formats.FORMATS}
+    out = {fmt: formats.save_lora(lora, tmp_path / "seed" / fmt, fmt) for fmt in formats.FORMATS}
+    # LyCORIS layers: a LoHa and a LoKr with one factor low-rank (kohya's layout, and sdlora's diffusers one)
+    products = Lora({
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": Product("loha", {
+            k: torch.randn(*shape, generator=g) * 0.3 for k, shape in (("hada_w1_a", (8, 2)), ("hada_w1_b", (2, 8)),
+                                                                        ("hada_w2_a", (8, 2)), ("hada_w2_b", (2, 8)))},
+            3.0),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k": Product("lokr", {
+            k: torch.randn(*shape, generator=g) * 0.3 for k, shape in (("lokr_w1", (2, 2)), ("lokr_w2_a", (4, 1)),
+                                                                        ("lokr_w2_b", (1, 4)))}, 2.0)})
+    for fmt in ("kohya", "diffusers"):
+        out[f"{fmt}-lycoris"] = formats.save_lora(products, tmp_path / "seed" / f"{fmt}-lycoris", fmt)
+    return out
 
 
 def read(path):
@@ -160,8 +172,12 @@ def check(path, what, failures):
     try:
         assert isinstance(lora, Lora) and lora.modules
         for name, m in lora.modules.items():
-            assert m.down.is_floating_point() and m.up.is_floating_point(), name
-            assert m.alpha > 0 and torch.isfinite(m.delta()).all(), name
+            tensors = (m.down, m.up) if m.kind == "lora" else m.factors.values()
+            assert all(t.is_floating_point() for t in tensors), name
+            assert (m.alpha is None or m.alpha > 0) and torch.isfinite(m.delta()).all(), name
+            if m.kind != "lora":  # what sdlora's loader applies
+                down, up, alpha = m.as_lora((m.out_features, m.in_features))
+                assert torch.isfinite(Module(down, up, alpha).delta()).all(), name
     except Exception as e:  # noqa: BLE001
         failures.append(f"{what}: accepted an unsound LoRA ({type(e).__name__}: {str(e)[:200]})")
     return "loaded"

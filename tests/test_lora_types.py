@@ -359,6 +359,7 @@ def test_lycoris_files_from_outside_apply_their_documented_change(tiny_model, tm
     ({"x_to_q.lokr_w1": torch.ones(2, 2), "x_to_q.lokr_w2": torch.ones(4, 4), "x_to_q.lora_down.weight": torch.ones(1, 8)},
      "mixes LoKr and LoRA weights"),
     ({"x_to_q.lokr_w1": torch.ones(2, 2, dtype=torch.int8), "x_to_q.lokr_w2": torch.ones(4, 4)}, "int8 weights"),
+    ({"x_to_q.lokr_w1": torch.ones(2), "x_to_q.lokr_w2": torch.ones(4, 4)}, r"lokr_w1 of shape \[2\]; expected a 2-D"),
     ({"x_to_q.lokr_w1": torch.full((2, 2), 1e30), "x_to_q.lokr_w2": torch.full((4, 4), 1e30)}, "overflows float32"),
 ])
 def test_bad_lycoris_layers_are_one_clear_line(tensors, expect):

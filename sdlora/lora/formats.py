@@ -359,10 +359,14 @@ def _product(source, name, slot, alphas, fmt):
     if missing:
         raise UserError(f"{where} is a {LYCORIS_NAMES[kind]} layer without {', '.join(missing)}; the file is damaged "
                         "(re-export it)")
-    for t in factors.values():
+    for k, t in factors.items():
         if not t.is_floating_point():
             raise UserError(f"{where} has {str(t.dtype).replace('torch.', '')} weights; expected floating point "
                             "(fp32/fp16/bf16)")
+        dims = (4,) if k in ("hada_t1", "hada_t2", "lokr_t2") else (2, 4) if k == "lokr_w2" else (2,)
+        if t.dim() not in dims or 0 in t.shape:
+            raise UserError(f"{where} has a {k} of shape {list(t.shape)}; expected a {' or '.join(map(str, dims))}-D "
+                            "tensor (LyCORIS' layout); the file is damaged (re-export it)")
     p = Product(kind, factors, None)
     try:
         change = p.delta()
