@@ -20,8 +20,8 @@ def _print_description(d: dict):
     print(f"base model:     {d['base_model'] or 'unknown'}")
     print(f"architecture:   {d['architecture']}")
     print(f"components:     {comps}")
-    print(f"rank(s):        {', '.join(map(str, d['ranks']))}")
-    print(f"alpha(s):       {', '.join(f'{a:g}' for a in d['alphas'])}")
+    print(f"rank(s):        {', '.join(map(str, d['ranks'])) or 'none (LoKr layers with both factors full)'}")
+    print(f"alpha(s):       {', '.join(f'{a:g}' for a in d['alphas']) or 'none (scale 1)'}")
     print(f"target modules: {d['target_modules']} ({d['conv_layers']} conv)")
     if set(d["layer_types"]) != {"LoRA"}:
         print(f"layer types:    {', '.join(f'{k} ({n})' for k, n in d['layer_types'].items())}"
