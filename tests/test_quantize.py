@@ -135,3 +135,21 @@ def test_quantize_mistakes_are_one_line_before_loading(tiny_model, tmp_path, cap
     assert "--quantize_base nf4 needs bitsandbytes: pip install bitsandbytes" in error(quantize_base="nf4")
     with pytest.raises(SystemExit):  # argparse: one of none, int8, nf4
         t2i.parse_args(fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, quantize_base="int4"))
+
+
+def test_streamed_quantized_load_equals_quantizing_the_loaded_unet(tiny_model, monkeypatch):
+    """quantize.load_unet quantizes each Linear as it is read (never the whole full-precision UNet in memory): the
+    same layers, bytes and other weights as loading the UNet and then quantizing it."""
+    from sdlora import models, streamload
+
+    want = models.load_unet(str(tiny_model))
+    n = quantize.quantize_linears(want, "nf4", "cpu", torch.float32)
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_unet", lambda *a, **k: pytest.fail("took diffusers' loading, not the streamed read"))
+        got, count = quantize.load_unet(str(tiny_model), "nf4", "cpu", torch.float32)
+    assert count == n and got.is_loaded_in_4bit and quantize.quantized_linears(got) == n
+    a, b = want.state_dict(), got.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setattr(streamload, "weights_files", lambda *a, **k: None)  # e.g. .bin weights: diffusers loads them
+    fallback, count = quantize.load_unet(str(tiny_model), "int8", "cpu", torch.float32)
+    assert count == n and quantize.quantized_linears(fallback) == n and fallback.is_loaded_in_8bit

@@ -253,9 +253,10 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
         text_encoders = {n: models.release(te, device) for n, te in text_encoders.items()}
 
     _phase("load UNet")
-    unet = models.load_unet(config.base, **frozen)
-    if config.quantize_base != "none":  # before LoRA injection: peft wraps the quantized layers in its bnb LoRA layers
-        n = quantize.quantize_linears(unet, config.quantize_base, device, weight_dtype)
+    if config.quantize_base == "none":
+        unet = models.load_unet(config.base, **frozen)
+    else:  # before LoRA injection: peft wraps the quantized layers in its bnb LoRA layers
+        unet, n = quantize.load_unet(config.base, config.quantize_base, device, **frozen)
         if main:
             log.info("quantized base: %d Linear layers of the UNet in %s (bitsandbytes); convolutions in %s",
                      n, config.quantize_base, str(weight_dtype).replace("torch.", ""))
