@@ -7,7 +7,7 @@ LoRA on top trains in fp32.
 
 Both run on CUDA and on x86-64 CPUs with AVX2 (bitsandbytes >= 0.49's CPU backend). Not torchao's int8
 weight-only: it trains, but its backward keeps a full-precision copy of every weight until the backward pass,
-so a training step's peak is no lower than unquantized (measured: benchmarks/quantized_base.py, README).
+so a training step's peak is no lower than unquantized (measured on a bare SD1.5 step: README).
 
 Only nn.Linear layers change (attention, feed-forward, time-embedding projections); convolutions, norms and
 embeddings keep their precision. The LoRA's own weights, and so the saved files, are the same as over the
