@@ -5,9 +5,9 @@ LoRA on top trains in fp32.
         and transformers' BitsAndBytesConfig default); peft's bnb Linear8bitLt LoRA layer
   nf4   bitsandbytes' 4-bit NormalFloat, double-quantized scales (QLoRA's format); peft's bnb Linear4bit LoRA layer
 
-Both run on CUDA and on x86-64 CPUs with AVX2 (bitsandbytes >= 0.49's CPU backend). Not torchao's int8
-weight-only: it trains, but its backward keeps a full-precision copy of every weight until the backward pass,
-so a training step's peak is no lower than unquantized (measured on a bare SD1.5 step: README).
+Both run on CUDA and on x86-64 CPUs with AVX2 (bitsandbytes >= 0.48's CPU backend; run here with 0.50.2 only).
+Not torchao's int8 weight-only: it trains, but its backward keeps a full-precision copy of every weight until the
+backward pass, so a training step's peak is no lower than unquantized (measured on a bare SD1.5 step: README).
 
 Only nn.Linear layers change (attention, feed-forward, time-embedding projections); convolutions, norms and
 embeddings keep their precision. The LoRA's own weights, and so the saved files, are the same as over the
