@@ -1,6 +1,6 @@
 """What sdlora lets through from diffusers, transformers and peft.
 
-Two third-party notices are noise in sdlora's own commands and are filtered by their exact text;
+A few third-party notices are noise in sdlora's own commands and are filtered by their exact text;
 every other warning still shows. Loading bars are hidden where sdlora loads many small files, and
 `quiet()` hides a LoRA load's key reports once sdlora has checked the file itself.
 """
@@ -15,6 +15,12 @@ NOISE = {
     "transformers.utils.import_utils": ("requires torchvision (not installed); falling back",),
     # Loading a UNet-only LoRA: sdlora checked the file itself and knows it has no text-encoder part.
     "diffusers.loaders.lora_base": ("No LoRA keys associated to",),
+    # diffusers imports bitsandbytes whenever it is installed, and on an AVX512-BF16 CPU bitsandbytes then looks for
+    # a Hub kernel for its bf16 inference fast path, which sdlora's --quantize_base turns off (sdlora/quantize.py).
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    "kernels._internals.hf_hub": ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",),
+    # --quantize_base int8 (LLM.int8) rounds each layer's input through fp16 by design; logged on every call.
+    "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast from",),
 }
 
 

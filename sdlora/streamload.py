@@ -22,7 +22,12 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 def read_cast(path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors, floating-point ones cast to `dtype` as each is read."""
-    out = {}
+    return dict(iter_cast(path, dtype))
+
+
+def iter_cast(path, dtype: torch.dtype):
+    """(name, tensor) for each of a safetensors file's tensors in file order, floating-point ones cast to `dtype`:
+    only the tensor being handed out is in memory (quantize.load_unet quantizes each as it comes)."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -38,8 +43,7 @@ def read_cast(path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
                 raise OSError(f"{path}: truncated at tensor {name}")
             t = torch.frombuffer(buf, dtype=_DTYPES[info["dtype"]]) if buf else torch.empty(0, dtype=_DTYPES[info["dtype"]])
             t = t.reshape(info["shape"])
-            out[name] = t.to(dtype) if t.is_floating_point() else t
-    return out
+            yield name, (t.to(dtype) if t.is_floating_point() else t)
 
 
 def weights_files(base: str, subfolder: str, variant=None, revision=None, cache_dir=None) -> list[Path] | None:

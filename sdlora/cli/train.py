@@ -10,6 +10,7 @@ import sys
 
 from ..errors import UserError
 from ..lora.inject import UNET_TARGETS
+from ..quantize import MODES as QUANTIZE_MODES
 
 RECIPES = {"text-to-image": "train_text_to_image_lora", "dreambooth": "train_dreambooth_lora"}
 
@@ -73,6 +74,11 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet's training steps (the first step compiles; slower on the CPUs "
                         "measured, see the README)")
+    g.add_argument("--quantize_base", default="none", choices=QUANTIZE_MODES,
+                   help="QLoRA-style: keep the UNet's frozen Linear weights in 8 bits (int8: bitsandbytes' LLM.int8) "
+                        "or 4 bits (nf4: QLoRA's NormalFloat4) while the LoRA trains in fp32; convolutions stay as "
+                        "they are. Needs bitsandbytes (a CUDA GPU, or an x86-64 CPU with AVX2). Saves memory, not "
+                        "time; the saved LoRA is the same kind of file (see the README)")
     g.add_argument("--no_cache", action="store_true",
                    help="don't cache VAE latents / text embeddings (they are cached automatically when possible)")
     g.add_argument("--cache_latents_to_disk", action="store_true",

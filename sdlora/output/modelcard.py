@@ -25,6 +25,9 @@ def _front_matter(**fields) -> str:
     return f"---\n{ModelCardData(**fields).to_yaml()}\n---\n"
 
 
+QUANTIZED = {"int8": "8-bit LLM.int8()", "nf4": "4-bit NF4"}  # --quantize_base, as the card says it
+
+
 def render(info: dict, front_extra: dict | None = None, settings_extra: dict | None = None) -> str:
     """A training run's card: front matter, how to load it, the settings table, the latest samples."""
     front = dict(base_model=info["base_model"] if info.get("base_model_in_front_matter", True) else None,
@@ -50,6 +53,9 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
         "caption operations": info.get("caption_ops"), "repeat folders": info.get("repeat_folders") or None,
         "lowest validation loss": info.get("best_val_loss"),
         "VAE": info.get("vae"), "zero terminal SNR": info.get("zero_terminal_snr"),
+        "quantized base": info.get("quantize_base") and f"{info['quantize_base']}: trained over the UNet's Linear "
+                                                        f"weights in bitsandbytes' {QUANTIZED[info['quantize_base']]}; "
+                                                        f"apply it to the full-precision base",
         **(settings_extra or {}),
     }
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items() if v is not None)

@@ -51,6 +51,7 @@ def header(info: dict) -> dict[str, str]:
         "sdlora_version": __version__,
         "sdlora_target_modules": ",".join(info["target_modules"]),
         "sdlora_train_text_encoder": info.get("train_text_encoder", False),
+        "sdlora_quantize_base": info.get("quantize_base"),  # the frozen base's precision while training
         # Stability AI's model spec (https://github.com/Stability-AI/ModelSpec), as kohya's sd-scripts write it
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{info.get('architecture', 'stable-diffusion-v1')}/lora",

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .. import models
+from .. import models, quantize
 from ..data.buckets import Bucketing
 from ..errors import UserError
 from . import diskcache, prompts
@@ -81,6 +81,7 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = False
     compile: bool = False
     allow_tf32: bool = False
+    quantize_base: str = "none"  # "int8" / "nf4": the UNet's frozen Linear weights in bitsandbytes' 8 / 4 bits
     # LoRA
     rank: int = 4
     lora_alpha: float = 4  # resolved: --rank when not given
@@ -180,6 +181,13 @@ def check(args, token: str | None = None) -> TrainConfig:
                 raise UserError(f"{flag} can't be used with --lora_type {args.lora_type}: it applies to LoRA and DoRA "
                                 f"only; drop it to train {name}")
     _check_adalora(args)
+    if args.quantize_base != "none" and args.lora_type in ("loha", "lokr"):  # peft builds them from the packed weights
+        raise UserError(f"--lora_type {args.lora_type} can't be used with --quantize_base {args.quantize_base}: peft's "
+                        "LoHa/LoKr layers do not support bitsandbytes' quantized layers; use lora, dora or adalora, or "
+                        "--quantize_base none")
+    if args.quantize_base != "none" and args.init_lora_weights != "gaussian":
+        raise UserError(f"--init_lora_weights {args.init_lora_weights} can't be used with --quantize_base "
+                        f"{args.quantize_base}: it rewrites the frozen weights, which are quantized; use one of the two")
     if args.lora_alpha is not None and args.lora_alpha <= 0:
         raise UserError(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
     alpha = args.rank if args.lora_alpha is None else args.lora_alpha
@@ -363,6 +371,13 @@ def _check_devices(args, mixed_precision: str | None):
             raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU")
     if getattr(args, "compile", False):
         _check_compiler(cuda)
+    quantize.check(args.quantize_base, cuda)
+    if args.quantize_base == "int8" and args.lora_type == "dora" and not cuda:
+        # On CPU bitsandbytes trains 8-bit layers through MatMul8bitFp; after peft's DoRA has dequantized the weight
+        # for its norm, the layer's 8-bit state has no scales and the second step fails with an AttributeError
+        # (bitsandbytes 0.50.2, peft 0.21.2; not tried on a GPU, which runs MatMul8bitLt instead)
+        raise UserError("--lora_type dora can't be used with --quantize_base int8 on CPU (peft's DoRA breaks "
+                        "bitsandbytes' 8-bit layers there); use --quantize_base nf4")
     if args.use_8bit_adam:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes; needs a CUDA GPU)")

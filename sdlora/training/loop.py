@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import models
+from .. import models, quantize
 from ..data.trainset import StreamSampler, TrainSet, loader
 from ..errors import UserError
 from ..lora import adalora, inject
@@ -256,7 +256,14 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
         text_encoders = {n: models.release(te, device) for n, te in text_encoders.items()}
 
     _phase("load UNet")
-    unet = models.load_unet(config.base, **frozen).to(device)
+    if config.quantize_base == "none":
+        unet = models.load_unet(config.base, **frozen)
+    else:  # before LoRA injection: peft wraps the quantized layers in its bnb LoRA layers
+        unet, n = quantize.load_unet(config.base, config.quantize_base, device, **frozen)
+        if main:
+            log.info("quantized base: %d Linear layers of the UNet in %s (bitsandbytes); convolutions in %s",
+                     n, config.quantize_base, str(weight_dtype).replace("torch.", ""))
+    unet = unet.to(device)
     parts, optimizer, lr_scheduler = _trainable(config, accelerator, unet, text_encoders, lr, max_steps)
     best = ckpt.best_val_loss if ckpt else None
     if ckpt:
@@ -437,7 +444,7 @@ def run_settings(config: TrainConfig, recipe: Recipe, world: int, max_steps: int
 
 # Settings recorded only when they differ from these defaults (a missing one means the default, see _check_resume).
 _OPTIONAL_SETTINGS = {"pretrained_vae_model_name_or_path": None, "zero_terminal_snr": False,
-                      "adam_weight_decay_text_encoder": None}
+                      "adam_weight_decay_text_encoder": None, "quantize_base": "none"}
 
 
 def _check_resume(config: TrainConfig, ckpt, settings: dict, main: bool):
@@ -685,6 +692,7 @@ def save_final(run: Run) -> Path:
         "repeat_folders": repeated and f"{repeated} images in N_name folders ({len(recipe.data)} examples per epoch)",
         "vae": c.pretrained_vae_model_name_or_path and _public_name(c.pretrained_vae_model_name_or_path),
         "zero_terminal_snr": c.zero_terminal_snr or None,
+        "quantize_base": c.quantize_base if c.quantize_base != "none" else None,
         "best_val_loss": (f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
                           f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
     }

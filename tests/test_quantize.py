@@ -1,0 +1,157 @@
+"""--quantize_base: the UNet's frozen Linear weights in bitsandbytes' int8 / NF4 while the LoRA trains in fp32;
+the saved LoRA is the same file an unquantized run writes, for the full-precision base."""
+import pytest
+import torch
+from conftest import make_images
+from helpers import fast_flags, read_lora, recipe_error
+
+import train_text_to_image_lora as t2i
+from sdlora import quantize
+from sdlora.training import loop
+
+bnb = pytest.importorskip("bitsandbytes", reason="--quantize_base needs bitsandbytes (the test extra installs it)")
+if not torch.cuda.is_available() and not quantize._avx2():
+    pytest.skip("bitsandbytes' CPU backend needs an x86-64 CPU with AVX2", allow_module_level=True)
+
+
+def _train(tiny_model, out, data, monkeypatch, **over):
+    """An in-process run; returns (weights file, the trained UNet as the loop held it, each step's loss)."""
+    from sdlora.training.config import check
+
+    held, losses = {}, []
+    trainable = loop._trainable
+
+    def keep(config, accelerator, unet, *a, **k):
+        held["unet"] = unet
+        return trainable(config, accelerator, unet, *a, **k)
+    monkeypatch.setattr(loop, "_trainable", keep)
+    args = t2i.parse_args(fast_flags(tiny_model, out, train_data_dir=data, **over))
+    config = check(args)
+    path = loop.train(config, t2i.make_recipe(args, config), on_step=lambda step, logs: losses.append(logs["loss"]))
+    return path, held["unet"], losses
+
+
+def _linear_bytes(unet, kind) -> int:
+    return sum(m.weight.untyped_storage().nbytes() for m in unet.modules() if isinstance(m, kind))
+
+
+def test_quantized_runs_train_lora_in_fp32_and_save_the_unquantized_runs_layout(tiny_model, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import bnb as peft_bnb
+
+    data = make_images(tmp_path / "d", n=2)
+    runs = {q: _train(tiny_model, tmp_path / q, data, monkeypatch, quantize_base=q, max_train_steps=3)
+            for q in quantize.MODES}
+    plain_path, plain_unet, plain_losses = runs["none"]
+    n_linear = sum(type(m) is torch.nn.Linear for m in plain_unet.modules() if not hasattr(m, "lora_A")) - \
+        sum(len(m.lora_A) + len(m.lora_B) for m in plain_unet.modules() if hasattr(m, "lora_A"))
+    plain, _ = read_lora(plain_path)
+    layers = {k.rsplit(".lora", 1)[0] for k in plain}
+    for q, layer, kind, ratio in (("int8", peft_bnb.Linear8bitLt, bnb.nn.Linear8bitLt, 4),
+                                  ("nf4", peft_bnb.Linear4bit, bnb.nn.Linear4bit, 7)):
+        path, unet, losses = runs[q]
+        # every frozen Linear of the UNet really is bitsandbytes' (the LoRA's own A/B stay fp32 nn.Linear) ...
+        assert quantize.quantized_linears(unet) == n_linear > 0
+        assert not any(type(m) is torch.nn.Linear and m.weight.dtype != torch.float32 for m in unet.modules())
+        assert all(isinstance(m, layer) for m in unet.modules() if hasattr(m, "lora_A"))
+        assert all(m.weight.dtype == torch.float32 for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+        # ... in a quarter (int8) or under a seventh (NF4 + its scales) of the unquantized weights' bytes
+        assert _linear_bytes(unet, kind) * ratio <= _linear_bytes(plain_unet, torch.nn.Linear) - \
+            sum(p.numel() * 4 for m in plain_unet.modules() if hasattr(m, "lora_A") for p in m.parameters()
+                if p.requires_grad)
+        assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+        # it trains: finite losses close to the full-precision run's on the same batches and noise
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[0] == pytest.approx(plain_losses[0], rel=0.1)
+        sd, meta = read_lora(path)
+        assert {k: (v.shape, v.dtype) for k, v in sd.items()} == {k: (v.shape, v.dtype) for k, v in plain.items()}
+        assert max(v.abs().max().item() for k, v in sd.items() if ".up." in k) > 0
+        assert meta["sdlora_quantize_base"] == q and "sdlora_quantize_base" not in read_lora(plain_path)[1]
+        assert f"| quantized base | {q}: trained over the UNet's Linear weights in bitsandbytes'" in \
+            (path.parent / "README.md").read_text()
+        # the file applies to the full-precision base with diffusers' own loader, every layer
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+        pipe.load_lora_weights(str(path.parent))
+        applied = {f"unet.{n}": m for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+        assert applied.keys() == layers
+        name = sorted(layers)[0]
+        torch.testing.assert_close(applied[name].lora_B["default_0"].weight, sd[f"{name}.lora.up.weight"])
+
+
+def test_quantized_resume_is_exact_and_checked(tiny_model, tmp_path, monkeypatch, capsys):
+    """nf4: 4 steps in one run == 2 steps + --resume_from_checkpoint for 2 more; a resume without the flag is refused."""
+    data = make_images(tmp_path / "d", n=3)
+    common = dict(quantize_base="nf4", gradient_accumulation_steps=2)
+    full, _, _ = _train(tiny_model, tmp_path / "full", data, monkeypatch, max_train_steps=4, **common)
+    part = tmp_path / "part"
+    _train(tiny_model, part, data, monkeypatch, max_train_steps=2, checkpointing_steps=2, **common)
+    resumed, _, _ = _train(tiny_model, part, data, monkeypatch, max_train_steps=4, resume_from_checkpoint="latest",
+                           **common)
+    a, b = read_lora(full)[0], read_lora(resumed)[0]
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, part, train_data_dir=data, max_train_steps=4,
+                                               resume_from_checkpoint="latest", gradient_accumulation_steps=2))
+    assert "settings differ" in msg and "(quantize_base nf4 -> none)" in msg
+
+
+def test_sampling_on_an_avx512_bf16_cpu_leaves_the_4bit_weights_as_training_reads_them():
+    """bitsandbytes repacks a Linear4bit's weight in place for its bf16 kernel on an eval-mode no-grad forward on
+    such CPUs; the trainer turns that off, so sampling mid-run can't change later steps (or a resume)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    quantize.quantize_linears(model, "nf4", "cpu", torch.float32)
+    x = torch.randn(3, 64)
+    before = model(x).detach()
+    with torch.no_grad():
+        model.eval()(x)
+    model.train()
+    assert not getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(model(x).detach(), before)
+
+
+def test_quantize_mistakes_are_one_line_before_loading(tiny_model, tmp_path, capsys, monkeypatch, no_model_loads):
+    import importlib.metadata
+    import importlib.util
+
+    data = make_images(tmp_path / "d", n=1)
+
+    def error(**over):
+        return recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, **over))
+    for init in ("pissa", "olora"):
+        assert f"--init_lora_weights {init} can't be used with --quantize_base nf4: it rewrites the frozen weights" \
+            in error(quantize_base="nf4", init_lora_weights=init)
+    for kind in ("loha", "lokr"):  # peft's LyCORIS layers read the packed weights as if they were plain
+        assert f"--lora_type {kind} can't be used with --quantize_base nf4" in error(quantize_base="nf4", lora_type=kind)
+    if not torch.cuda.is_available():
+        assert "--lora_type dora can't be used with --quantize_base int8 on CPU" in \
+            error(quantize_base="int8", lora_type="dora", target_modules="to_q")
+        with monkeypatch.context() as m:
+            m.setattr(quantize, "_avx2", lambda: False)
+            assert "bitsandbytes' CPU backend needs an x86-64 CPU with AVX2" in error(quantize_base="nf4")
+        with monkeypatch.context() as m:
+            m.setattr(importlib.metadata, "version", lambda name: "0.45.5")
+            assert "--quantize_base int8 on CPU needs bitsandbytes >= 0.48 (installed: 0.45.5)" in \
+                error(quantize_base="int8")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
+                        find_spec(name, *a))
+    assert "--quantize_base nf4 needs bitsandbytes: pip install bitsandbytes" in error(quantize_base="nf4")
+    with pytest.raises(SystemExit):  # argparse: one of none, int8, nf4
+        t2i.parse_args(fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, quantize_base="int4"))
+
+
+def test_streamed_quantized_load_equals_quantizing_the_loaded_unet(tiny_model, monkeypatch):
+    """quantize.load_unet quantizes each Linear as it is read (never the whole full-precision UNet in memory): the
+    same layers, bytes and other weights as loading the UNet and then quantizing it."""
+    from sdlora import models, streamload
+
+    want = models.load_unet(str(tiny_model))
+    n = quantize.quantize_linears(want, "nf4", "cpu", torch.float32)
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_unet", lambda *a, **k: pytest.fail("took diffusers' loading, not the streamed read"))
+        got, count = quantize.load_unet(str(tiny_model), "nf4", "cpu", torch.float32)
+    assert count == n and got.is_loaded_in_4bit and quantize.quantized_linears(got) == n
+    a, b = want.state_dict(), got.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setattr(streamload, "weights_files", lambda *a, **k: None)  # e.g. .bin weights: diffusers loads them
+    fallback, count = quantize.load_unet(str(tiny_model), "int8", "cpu", torch.float32)
+    assert count == n and quantize.quantized_linears(fallback) == n and fallback.is_loaded_in_8bit
