@@ -60,6 +60,10 @@ def _convert_cli(args):
     lora = formats.load_lora(args.input, allow_pickle=args.allow_pickle)
     file = formats.save_lora(lora, args.out, args.to, args.dtype)
     print(f"converted {lora.format} -> {args.to}: {file}")
+    kinds = sorted({formats.LYCORIS_NAMES[m.kind] for m in lora.modules.values() if m.kind != "lora"})
+    if kinds and args.to != "kohya":
+        print(f"note: its {'/'.join(kinds)} layers keep LyCORIS' factors; sdlora's loader applies them, diffusers' "
+              "load_lora_weights does not")
 
 
 def _print_kept(kept: dict):
