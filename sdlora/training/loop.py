@@ -711,7 +711,8 @@ def save_final(run: Run) -> Path:
                     "exactly and ComfyUI/Forge closely; A1111's built-in loader reads dora_scale per input channel and "
                     "gets it wrong. diffusers and sdlora apply both files exactly", kohya_file.name)
     modelcard.write(c.output_dir, info, recipe.card_front, recipe.card_settings)
-    log.info("saved %s (%d tensors, %d parameters, %.2f MB; for diffusers), %s (the same LoRA for ComfyUI, "
+    reader = "for sdlora's loader: diffusers cannot read LoHa/LoKr" if c.lora_type in ("loha", "lokr") else "for diffusers"
+    log.info("saved %s (%d tensors, %d parameters, %.2f MB; %s), %s (the same LoRA for ComfyUI, "
              "A1111/Forge and kohya's tools) and README.md", path, len(sd), inject.count_params(sd),
-             path.stat().st_size / 1e6, kohya_file.name)
+             path.stat().st_size / 1e6, reader, kohya_file.name)
     return path
