@@ -121,6 +121,8 @@ def main():
 
     base = "sdlora-tiny"
     t0 = time.time()
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"  # at the start: what the runs train with
     kinds = a.types.split(",")
     ranks = matched_ranks(a.rank, str(BUNDLED[base]), kinds)
     runs = [(k, ranks[k][0], seed) for seed in range(a.seeds) for k in kinds]
@@ -134,8 +136,6 @@ def main():
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(sd)}"
 
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
     print(f"\n{a.seeds} seeds x {a.steps} steps (batch 8, lr {a.lr}, cosine, quick-start targets), "
           f"{len(quickstart_prompts())} held-out prompts x {a.per_prompt} images; {cpu_name()}, "
           f"{os.cpu_count()} cores, --jobs {a.jobs}; sdlora commit {commit}; {time.time() - t0:.0f} s in all\n")
