@@ -48,12 +48,26 @@ class RedactToken(logging.Filter):
         return True
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (as logging's own last-resort handler does), not the
+    stream of the moment it was made: a recipe run in-process twice (a notebook, the tests) after stderr was
+    swapped would otherwise write to a closed stream and print a logging traceback."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(token: str | None = None):
     """Plain INFO logs on stderr (the main process only), with any token redacted, without known noise."""
     from ..logs import silence_noise
 
     silence_noise()
-    handler = logging.StreamHandler()
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     if token:
         handler.addFilter(RedactToken(token))
