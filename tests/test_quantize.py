@@ -9,7 +9,7 @@ import train_text_to_image_lora as t2i
 from sdlora import quantize
 from sdlora.training import loop
 
-bnb = pytest.importorskip("bitsandbytes", reason="--quantize_base needs bitsandbytes (the test extra installs it)")
+bnb = pytest.importorskip("bitsandbytes", reason="--quantize_base needs bitsandbytes: pip install -e \".[test,bnb]\" (CI runs these tests in a step of its own)")
 if not torch.cuda.is_available() and not quantize._avx2():
     pytest.skip("bitsandbytes' CPU backend needs an x86-64 CPU with AVX2", allow_module_level=True)
 
