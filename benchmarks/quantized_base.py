@@ -26,46 +26,28 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step's Phases
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step's trainer_run
 
 
 def measure(a) -> dict:
     import logging
 
-    import train_text_to_image_lora as t2i
-    from PIL import Image
-    from train_step import Phases
+    from train_step import trainer_run
 
     from sdlora import quantize
     from sdlora.training import loop
-    from sdlora.training.config import check
 
-    data = Path(tempfile.mkdtemp(prefix="bench-data-"))
-    g = torch.Generator().manual_seed(0)
-    for i in range(8):
-        px = (torch.rand(a.resolution, a.resolution, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(px).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a photo of thing number {i}")
-    argv = ["--pretrained_model_name_or_path", a.model, "--train_data_dir", str(data), "--output_dir",
-            tempfile.mkdtemp(prefix="bench-out-"), "--resolution", str(a.resolution), "--train_batch_size",
-            str(a.batch), "--max_train_steps", str(a.warmup + a.steps), "--report_to", "none", "--seed", "0",
-            "--checkpointing_steps", "1000000", "--mixed_precision", a.precision, "--rank", str(a.rank),
-            "--quantize_base", a.only]
-    argv += ["--gradient_checkpointing"] * a.gradient_checkpointing
-    args = t2i.parse_args(argv)
-    config = check(args)
-    held, times, phases = {}, [], Phases()
+    config, recipe, phases = trainer_run(a, ["--quantize_base", a.only] +
+                                         ["--gradient_checkpointing"] * a.gradient_checkpointing)
+    held, times = {}, []
     trainable = loop._trainable
 
     def keep(config, accelerator, unet, *rest, **kw):
         held["unet"] = unet
         return trainable(config, accelerator, unet, *rest, **kw)
     loop._trainable = keep
-    log = logging.getLogger("sdlora")
-    log.addHandler(phases)
-    log.setLevel(logging.DEBUG)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loop.train(config, t2i.make_recipe(args, config), on_step=lambda step, logs: times.append(logs["s_per_step"]))
+    loop.train(config, recipe, on_step=lambda step, logs: times.append(logs["s_per_step"]))
     unet = held["unet"]
     frozen = [t for t in unet.parameters() if not t.requires_grad]
     phases.emit(logging.makeLogRecord({"msg": "phase: end"}))  # the last phase's peak

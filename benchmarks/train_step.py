@@ -124,12 +124,14 @@ class Phases(logging.Handler):
         self.current, self.t0 = msg[len("phase: "):], now
 
 
-def measure_trainer(a) -> dict:
+def trainer_run(a, extra: list[str]):
+    """(args, TrainConfig, recipe) of a benchmark run of the real trainer: 8 random images at --resolution in a fresh
+    temporary folder, the benchmark's batch / steps / precision / rank, plus `extra` flags; with a `Phases` handler
+    on sdlora's log, which it returns too."""
     import train_text_to_image_lora as t2i
     from PIL import Image
 
     from sdlora.training.config import check
-    from sdlora.training.loop import train
 
     data = Path(tempfile.mkdtemp(prefix="bench-data-"))
     g = torch.Generator().manual_seed(0)
@@ -140,16 +142,23 @@ def measure_trainer(a) -> dict:
     argv = ["--pretrained_model_name_or_path", a.model, "--train_data_dir", str(data), "--output_dir",
             tempfile.mkdtemp(prefix="bench-out-"), "--resolution", str(a.resolution), "--train_batch_size",
             str(a.batch), "--max_train_steps", str(a.warmup + a.steps), "--report_to", "none", "--seed", "0",
-            "--checkpointing_steps", "1000000", "--mixed_precision", a.precision, "--rank", str(a.rank)]
-    argv += ["--gradient_checkpointing"] * a.gradient_checkpointing + ["--no_cache"] * a.no_cache + \
-        ["--compile"] * a.compile
+            "--checkpointing_steps", "1000000", "--mixed_precision", a.precision, "--rank", str(a.rank), *extra]
     args = t2i.parse_args(argv)
     config = check(args)
-    times, phases = [], Phases()
+    phases = Phases()
     sdlora_log = logging.getLogger("sdlora")
     sdlora_log.addHandler(phases)
     sdlora_log.setLevel(logging.DEBUG)
-    train(config, t2i.make_recipe(args, config), on_step=lambda step, logs: times.append(logs["s_per_step"]))
+    return config, t2i.make_recipe(args, config), phases
+
+
+def measure_trainer(a) -> dict:
+    from sdlora.training.loop import train
+
+    config, recipe, phases = trainer_run(a, ["--gradient_checkpointing"] * a.gradient_checkpointing +
+                                         ["--no_cache"] * a.no_cache + ["--compile"] * a.compile)
+    times = []
+    train(config, recipe, on_step=lambda step, logs: times.append(logs["s_per_step"]))
     phases.result.pop("start", None)
     phases.result.pop("done", None)
     on_cpu = torch.device(a.device).type == "cpu"
