@@ -59,14 +59,14 @@ def update(tuner, step: int) -> int:
 
 
 def active_ranks(model) -> int:
-    return sum(int((m.lora_E[ADAPTER] != 0).sum()) for m in _layers(model))
+    return sum(int((m.lora_E[ADAPTER] != 0).sum()) for m in layers(model))
 
 
 def initial_ranks(model) -> int:
-    return sum(m.lora_E[ADAPTER].shape[0] for m in _layers(model))
+    return sum(m.lora_E[ADAPTER].shape[0] for m in layers(model))
 
 
-def _layers(model):
+def layers(model):
     return [m for m in model.modules() if hasattr(m, "lora_E") and ADAPTER in m.lora_E]
 
 

@@ -136,9 +136,10 @@ def file_config(cfg, converted: bool = False) -> dict:
     return cfg.to_dict() | {"r": r, "lora_alpha": alpha, "use_rslora": False, "init_lora_weights": True}
 
 
-def adapter_metadata(configs: dict[str, dict]) -> str:
-    """diffusers' `lora_adapter_metadata`: each `file_config` flattened with its component prefix."""
-    packed = {}
+def adapter_metadata(configs: dict[str, dict], packed: dict | None = None) -> str:
+    """diffusers' `lora_adapter_metadata`: each `file_config` flattened with its component prefix, beside entries
+    already flattened (`packed`, e.g. formats.diffusers_tensors')."""
+    packed = dict(packed or {})
     for prefix, fields in configs.items():
         for k, v in fields.items():
             packed[f"{prefix}.{k}"] = sorted(v) if isinstance(v, set) else v

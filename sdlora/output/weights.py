@@ -113,8 +113,7 @@ def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
         configs[component] = inject.file_config(config, converted=initial is not None)
     meta = {"format": "pt", **header(info)}
     if configs or packed:
-        meta["lora_adapter_metadata"] = json.dumps(packed | json.loads(inject.adapter_metadata(configs)),
-                                                   indent=2, sort_keys=True)
+        meta["lora_adapter_metadata"] = inject.adapter_metadata(configs, packed)
     save_safetensors(sd, path, meta)
     return sd, meta
 

@@ -612,9 +612,9 @@ def optimizer_step(run: Run) -> dict:
 
 def _log_ranks(run: Run, active: int):
     """AdaLoRA's shrinking budget: at each tenth of the run, and when the ranks are frozen."""
-    total = sum(adalora.initial_ranks(c.bare) for c in run.parts.values() if c.tuner is not None)
     frozen = run.step == run.max_steps - run.settings["adalora"][2]
     if run.main and (frozen or (run.step + 1) % max(1, run.max_steps // 10) == 0):
+        total = sum(adalora.initial_ranks(c.bare) for c in run.parts.values() if c.tuner is not None)
         log.info("AdaLoRA step %d: %d of %d ranks active%s", run.step + 1, active, total,
                  " (final ranks from here on)" if frozen else "")
 
@@ -705,7 +705,7 @@ def save_final(run: Run) -> Path:
         total = sum(adalora.initial_ranks(p.bare) for p in run.parts.values())
         log.info("AdaLoRA: saved %d layers at their final ranks (%d to %d, %d in all, from %d); %d layers pruned to "
                  "rank 0 left out", len(ranks), min(ranks), max(ranks), sum(ranks), total,
-                 sum(1 for p in run.parts.values() for _ in adalora._layers(p.bare)) - len(ranks))
+                 sum(1 for p in run.parts.values() for _ in adalora.layers(p.bare)) - len(ranks))
     if c.lora_type == "dora":
         log.warning("DoRA: %s holds LyCORIS's per-output-channel dora_scale, which LyCORIS and kohya's tools apply "
                     "exactly and ComfyUI/Forge closely; A1111's built-in loader reads dora_scale per input channel and "
