@@ -48,7 +48,7 @@ def load_pipeline(loras=(), base=None, scheduler: str = "dpm++", device=None, dt
 
     specs = [parse_spec(s) for s in loras]
     read = [(formats.load_lora(p, allow_pickle=allow_pickle), w) for p, w in specs]
-    base = base or _base_from(read)
+    base = base or base_from(read)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(dtype, device)
     pipe = load_base(base, dtype, allow_pickle=allow_pickle)
@@ -58,7 +58,7 @@ def load_pipeline(loras=(), base=None, scheduler: str = "dpm++", device=None, dt
     return pipe.to(device)
 
 
-def _base_from(read) -> str:
+def base_from(read) -> str:
     if not read:
         raise UserError("no base model: pass base=/--base or at least one LoRA whose model card names it")
     lora = read[0][0]
@@ -332,6 +332,28 @@ def grid(images, cols: int | None = None, scale: int = 1):
 
 
 # ---------------------------------------------------------------- what each PNG records
+
+def write_images(pipe, images, out, prompt: str, negative_prompt, seed: int, steps: int, guidance: float,
+                 scheduler: str, fused: bool = False, loras: list | None = None) -> list[Path]:
+    """Save `generate`'s images (image i drawn with seed+i) as out/NNNNN-SEED.png, numbered on from what `out`
+    holds, each carrying its parameters; `loras` (default: the pipeline's active ones) as recorded."""
+    from . import models
+    from .io import save_image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    nums = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
+    start = max(nums, default=-1) + 1
+    if loras is None:
+        loras = [{"name": n, **v} for n, v in pipe.__dict__.get("sdlora_adapters", {}).items()]
+    paths = []
+    for i, im in enumerate(images):
+        params = image_params(prompt, negative_prompt, seed + i, steps, guidance, im, scheduler, pipe.sdlora_base,
+                              loras, fused, precision=models.precision_name(pipe.unet.dtype))
+        paths.append(out / f"{start + i:05d}-{seed + i}.png")
+        save_image(im, paths[-1], pnginfo=png_info(params))
+    return paths
+
 
 def image_params(prompt: str, negative_prompt, seed: int, steps: int, guidance: float, image, scheduler: str,
                  base: str, loras: list, fused: bool = False, **extra) -> dict:

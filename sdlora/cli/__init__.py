@@ -14,11 +14,11 @@ from ..errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import generate, tools, train
+    from . import generate, tools, train, ui
 
     p = argparse.ArgumentParser(prog="sdlora", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (train, generate, tools):
+    for module in (train, generate, tools, ui):
         module.register(sub)
     return p
 

@@ -1,12 +1,8 @@
 """`sdlora generate` and `sdlora fuse`: images from a base model with stacked LoRAs, or the LoRAs baked in."""
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
-from .. import models
 from ..errors import UserError
-from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, load_pipeline
+from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, load_pipeline, write_images
 from .tools import SAVE_PRECISIONS
 
 
@@ -46,7 +42,6 @@ def _generate_cli(args):
     import secrets
 
     from ..io import save_image
-    from ..pipeline import image_params, png_info
 
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
@@ -58,26 +53,13 @@ def _generate_cli(args):
     pipe.set_progress_bar_config(desc=f"generating {args.num_images} image(s)")
     images = generate(pipe, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
                       args.width, args.height, args.num_images)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = _next_index(out)
-    loras = [{"name": n, **v} for n, v in pipe.__dict__.get("sdlora_adapters", {}).items()]
-    for i, im in enumerate(images):
-        params = image_params(args.prompt, args.negative_prompt, seed + i, args.steps, args.guidance, im,
-                              args.scheduler, pipe.sdlora_base, loras, args.fuse,
-                              precision=models.precision_name(pipe.unet.dtype))
-        path = out / f"{start + i:05d}-{seed + i}.png"
-        save_image(im, path, pnginfo=png_info(params))
-        print(path)
+    paths = write_images(pipe, images, args.out, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
+                         args.scheduler, args.fuse)
+    print("\n".join(map(str, paths)))
     if len(images) > 1:
-        path = out / f"{start:05d}-grid.png"
+        path = paths[0].with_name(paths[0].name.split("-")[0] + "-grid.png")
         save_image(grid(images), path)
         print(path)
-
-
-def _next_index(out: Path) -> int:
-    nums = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
-    return max(nums, default=-1) + 1
 
 
 def _fuse_cli(args):

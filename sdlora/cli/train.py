@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from ..errors import UserError
 from ..lora.inject import UNET_TARGETS
@@ -179,10 +180,12 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--hub_model_id", default=None)
 
 
-def run(args, make_recipe) -> int:
+def run(args, make_recipe, on_start=None, **hooks) -> int:
     """What both recipes do after parsing: check, claim the output folder, read data, train, share.
 
-    Every problem the user can fix surfaces before any model is loaded, as one line on stderr.
+    Every problem the user can fix surfaces before any model is loaded, as one line on stderr, and leaves no
+    output folder behind that this run made. `on_start(config)` is called once the folder is held and the data
+    read, before any model loads; `hooks` go to the training loop (`on_step`, `should_stop`; the UI uses them).
     """
     from ..output import hub
     from ..training import outdir
@@ -192,18 +195,46 @@ def run(args, make_recipe) -> int:
 
     token = hub.resolve_token(args.hub_token)
     setup_logging(token)
+    made = _first_missing(Path(args.output_dir)) if args.output_dir else None
     try:
         config = check(args, token)
         # One process per run holds the folder: the one that writes (rank 0 under `accelerate launch`).
         with outdir.claim(config.output_dir, config.resume_from_checkpoint, holder=int(os.environ.get("RANK", "0")) == 0):
             recipe = make_recipe(args, config)
-            path = train(config, recipe)
+            if on_start:
+                on_start(config)
+            path = train(config, recipe, **hooks)
             if path is not None and config.push_to_hub:
                 hub.push(config.output_dir, config.hub_model_id, token)
     except UserError as e:
+        if made is not None:
+            _remove_empty(Path(args.output_dir), made)
         print(f"error: {hub.redact(str(e), token)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of `folder`'s path that does not exist yet (what this run would create), or None."""
+    folder = folder.expanduser().absolute()
+    missing = None
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            return missing
+        missing = p
+    return missing
+
+
+def _remove_empty(folder: Path, up_to: Path):
+    """Remove `folder` and its parents up to `up_to`, each only while empty (a failed run made them)."""
+    folder = folder.expanduser().absolute()
+    for p in [folder, *folder.parents]:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == up_to:
+            return
 
 
 def _train_cli(args):

@@ -228,6 +228,16 @@ def check(args, token: str | None = None) -> TrainConfig:
     return TrainConfig(**given, **resolved)
 
 
+def sizing(args, token: str | None = None) -> tuple[str, int, Bucketing]:
+    """(family, resolution, bucketing) for the parsed flags, from the base's config files only (the UI's data
+    preview shows the bucket table a run would use)."""
+    base = models.resolve_base(args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
+    pipeline_class, unet_config, vae_config = models.base_configs(base, args.revision, args.cache_dir)
+    family = _check_family(args, pipeline_class, unet_config)
+    resolution = args.resolution or default_resolution(family, unet_config, vae_config)
+    return family, resolution, _bucketing(args, resolution, models.size_multiple(unet_config, vae_config))
+
+
 def _check_family(args, pipeline_class: str | None, unet_config: dict) -> str:
     """The base's family from its config files, and the flags that family cannot use."""
     family = models.family_of(unet_config, pipeline_class)

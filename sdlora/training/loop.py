@@ -108,9 +108,11 @@ class Run:
                 for n in self.text_encoders]
 
 
-def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
-    """Train and save; returns the weights file (None on other processes than the main one).
-    `on_step(step, logs)` is called after every optimizer step (benchmarks use it)."""
+def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -> Path | None:
+    """Train and save; returns the weights file (None on other processes than the main one, and after a stop).
+    `on_step(step, logs)` is called after every optimizer step (benchmarks and the UI use it; `logs` also
+    carries `max_steps`). When `should_stop()` turns true, the run saves a checkpoint at the step it is on and
+    returns None, so `--resume_from_checkpoint latest` continues it exactly (the UI's Stop)."""
     from tqdm.auto import tqdm
 
     run = setup(config, recipe)
@@ -134,7 +136,7 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
             logs["s_per_step"], t_last = now - t_last, now
             run.accelerator.log(logs, step=run.step)
             if on_step:
-                on_step(run.step, logs)
+                on_step(run.step, dict(logs, max_steps=run.max_steps))
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
                             **({"val_loss": f"{logs['val_loss']:.4f}"} if "val_loss" in logs else {}))
@@ -147,6 +149,13 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None) -> Path | None:
                 run.accelerator.wait_for_everyone()
             if samples.due(config, run.step, epoch_before, run.epoch, last=run.step == run.max_steps):
                 samples.take(run)
+            if should_stop and should_stop() and run.step < run.max_steps:
+                if not (config.checkpointing_steps and run.step % config.checkpointing_steps == 0):
+                    save_checkpoint(run)
+                log.info("stopped at step %d of %d; --resume_from_checkpoint latest continues it", run.step,
+                         run.max_steps)
+                run.accelerator.end_training()
+                return None
     run.accelerator.wait_for_everyone()
     _phase("save")
     path = save_final(run) if run.main else None

@@ -1,0 +1,252 @@
+"""Training runs the UI starts, stops and follows: child processes of their own, found again by their output folder.
+
+A run's state lives in its output folder, not in the UI: the lock file names the process holding the folder, and
+the worker's `progress.jsonl` and `train.log` hold the steps, losses and the last error. So a page reopened, or a
+UI restarted, shows a running job as it is. No Gradio here: the tests drive this module directly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from ..training.outdir import LOCK_NAME
+from .worker import LOG, PROGRESS, PROMPTS_ENV, STARTED, logs_dir
+
+
+@dataclass
+class Job:
+    """A run this UI process started: its child, and what the child said before it took over its folder."""
+    output_dir: Path
+    proc: subprocess.Popen
+    command: list[str]
+    said: list[str] = field(default_factory=list)  # the child's output while on the pipe
+    started: bool = False  # the child holds its folder and writes to its log from now on
+    ended: threading.Event = field(default_factory=threading.Event)  # the child exited before it started
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+_jobs: dict[Path, Job] = {}
+_lock = threading.Lock()
+
+
+def _key(output_dir) -> Path:
+    return Path(output_dir).expanduser().absolute()
+
+
+def command(recipe: str, flags: list[str]) -> list[str]:
+    """The command line a run is, as a user would type it (the scripts' own flags)."""
+    from ..cli.train import RECIPES
+
+    return [f"{RECIPES[recipe]}.py", *flags]
+
+
+def start(recipe: str, flags: list[str], output_dir, sample_prompts: str | None = None) -> Job:
+    """Start a run in a child process; a UserError when this folder's run is already going."""
+    key = _key(output_dir)
+    with _lock:
+        job = _jobs.get(key)
+        pid = job.proc.pid if job and job.alive() else holder(key)
+        if pid:
+            raise UserError(f"--output_dir {output_dir} is in use by another sdlora run (pid {pid}); wait for it to "
+                            "finish, stop it, or choose another --output_dir")
+        env = dict(os.environ, TQDM_MININTERVAL="10", PYTHONUNBUFFERED="1")
+        env.pop(PROMPTS_ENV, None)
+        if sample_prompts and sample_prompts.strip():
+            env[PROMPTS_ENV] = sample_prompts
+        proc = subprocess.Popen([sys.executable, "-m", "sdlora.ui.worker", recipe, *flags], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, text=True, errors="replace")
+        job = Job(key, proc, command(recipe, flags))
+        _jobs[key] = job
+    threading.Thread(target=_read_pipe, args=(job,), daemon=True).start()
+    return job
+
+
+def _read_pipe(job: Job):
+    for line in job.proc.stdout:
+        if line.rstrip() == STARTED:
+            job.started = True
+        elif line.strip():
+            job.said.append(line.rstrip())
+    job.proc.stdout.close()
+    if not job.started:
+        job.proc.wait()
+        job.ended.set()
+    else:
+        threading.Thread(target=job.proc.wait, daemon=True).start()  # reap it: a zombie would look alive
+
+
+def holder(output_dir) -> int | None:
+    """The pid of the live process holding `output_dir` (any sdlora run: the UI's or one from a terminal)."""
+    try:
+        info = json.loads((_key(output_dir) / LOCK_NAME).read_text() or "{}")
+        pid = int(info["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid
+
+
+def stop(output_dir) -> str:
+    """Ask the run holding `output_dir` to stop: it saves a checkpoint at its current step, then exits."""
+    key = _key(output_dir)
+    job = _jobs.get(key)
+    pid = job.proc.pid if job and job.alive() else holder(key)
+    if not pid:
+        raise UserError(f"no run is going in {output_dir}")
+    os.kill(pid, signal.SIGTERM)
+    return f"stopping the run in {output_dir} (pid {pid}): it saves a checkpoint at the step it is on; Resume continues it"
+
+
+def one_line_error(lines: list[str]) -> str | None:
+    """The scripts' one-line error among a child's output lines (the last `error: …`, argparse's included)."""
+    for line in reversed(lines):
+        if line.startswith("error: ") or ": error: " in line:
+            return line[line.index("error: "):]
+    return None
+
+
+@dataclass
+class State:
+    running: bool = False
+    starting: bool = False  # the child is checking flags and data (still on its pipe)
+    step: int = 0
+    max_steps: int | None = None
+    s_per_step: float | None = None
+    lr: float | None = None
+    loss: list = field(default_factory=list)  # [(step, loss)]
+    val_loss: list = field(default_factory=list)  # [(step, validation loss)]
+    samples: list = field(default_factory=list)  # newest first
+    error: str | None = None
+    finished: bool = False
+    stopped: bool = False
+    weights: Path | None = None
+    command: list | None = None
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.s_per_step is None or self.max_steps is None:
+            return None
+        return max(self.max_steps - self.step, 0) * self.s_per_step
+
+    def line(self) -> str:
+        """One status line: what the run is doing, or how it ended."""
+        if self.error:
+            return self.error
+        if self.starting:
+            return "starting: checking the flags and the data, then loading the models"
+        parts = []
+        if self.max_steps:
+            parts.append(f"step {self.step}/{self.max_steps}")
+        if self.s_per_step is not None:
+            parts.append(f"{self.s_per_step:.3f} s/step")
+        if self.running and self.eta_s is not None:
+            parts.append(f"ETA {_clock(self.eta_s)}")
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:.2e}")
+        if self.loss:
+            parts.append(f"loss {self.loss[-1][1]:.4f}")
+        if self.val_loss:
+            parts.append(f"val loss {self.val_loss[-1][1]:.4f}")
+        head = "running" if self.running else "finished" if self.finished else "stopped" if self.stopped else \
+            "interrupted (Resume continues from its last checkpoint)" if self.loss else "no run yet"
+        if self.running and not self.loss:
+            head = "running: loading the models"
+        tail = f" · wrote {self.weights}" if self.finished and self.weights else ""
+        return f"{head}" + (": " + " · ".join(parts) if parts else "") + tail
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def state(output_dir, logging_dir: str = "logs", samples: int = 12) -> State:
+    """What the run in `output_dir` is doing or did, read from the folder (and from the child, while it checks)."""
+    key = _key(output_dir)
+    st = State()
+    job = _jobs.get(key)
+    if job is not None and not job.started:
+        st.command = job.command
+        if not job.ended.is_set():
+            st.starting = True
+        else:
+            st.error = one_line_error(job.said) or (job.said[-1] if job.said else f"the run exited ({job.proc.returncode})")
+        return st
+    st.running = bool(job and job.alive()) or holder(key) is not None
+    records, last_end, started = _progress(logs_dir(key, logging_dir) / PROGRESS)
+    by_step = {}
+    for r in records:
+        if "step" in r:
+            by_step[r["step"]] = r  # a resumed run writes its steps again from the checkpoint on
+    for s in sorted(by_step):
+        r = by_step[s]
+        if "loss" in r:
+            st.loss.append((s, r["loss"]))
+        if "val_loss" in r:
+            st.val_loss.append((s, r["val_loss"]))
+    if by_step:
+        last = by_step[max(by_step)]
+        st.step, st.max_steps, st.lr = last["step"], last.get("max_steps"), last.get("lr")
+        recent = [by_step[s].get("s_per_step") for s in sorted(by_step)[-20:]]
+        recent = [x for x in recent if x is not None]
+        st.s_per_step = sum(recent) / len(recent) if recent else None
+    if started:
+        st.command = started.get("command")
+    if last_end and not st.running:
+        st.stopped = bool(last_end.get("stopped"))
+        st.finished = last_end.get("rc") == 0 and not st.stopped
+        if last_end.get("rc") not in (0, None):
+            st.error = one_line_error(_tail(logs_dir(key, logging_dir) / LOG)) or \
+                f"the run failed; see {logs_dir(key, logging_dir) / LOG}"
+    weights = key / "pytorch_lora_weights.safetensors"
+    st.weights = weights if weights.exists() else None
+    folder = key / "samples"
+    if folder.is_dir():
+        pngs = [p for p in folder.glob("*.png") if not p.name.endswith("_grid.png")]
+        st.samples = sorted(pngs, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)[:samples]
+    return st
+
+
+def _progress(path: Path):
+    """(records, the last end event after the last start, the last start event)."""
+    records, start_event, end_event = [], None, None
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return records, None, None
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line being written as we read
+        if r.get("event") == "start":
+            start_event, end_event = r, None
+        elif r.get("event") == "end":
+            end_event = r
+        else:
+            records.append(r)
+    return records, end_event, start_event
+
+
+def _tail(path: Path, size: int = 16384) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - size))
+            return f.read().decode(errors="replace").replace("\r", "\n").splitlines()
+    except OSError:
+        return []
+
+
+def shown(cmd: list[str] | None) -> str:
+    return shlex.join(cmd) if cmd else ""

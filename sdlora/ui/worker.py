@@ -1,0 +1,93 @@
+"""The child process a UI training run lives in: the recipe's own parse, check and run, nothing else.
+
+`python -m sdlora.ui.worker RECIPE FLAGS…` is started by `jobs.start` in a session of its own, with its output on
+a pipe. Until the output folder is held and the data read, what it prints (the scripts' one-line errors) reaches
+the UI through that pipe and nothing is left on disk. Then it moves its output to `<logging_dir>/train.log` in the
+output folder and lets go of the pipe, so a browser closed or a UI restarted leaves the run going; the UI follows
+it through `progress.jsonl` beside the log. SIGTERM (the UI's Stop) saves a checkpoint at the current step.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LOG = "train.log"
+PROGRESS = "progress.jsonl"
+STARTED = "sdlora-ui: started"  # the last line on the pipe: the folder is held, the log file takes over
+PROMPTS_ENV = "SDLORA_UI_SAMPLE_PROMPTS"  # prompts typed in the UI: a file the worker writes and deletes
+
+
+def logs_dir(output_dir: Path, logging_dir: str = "logs") -> Path:
+    return Path(output_dir) / logging_dir
+
+
+def main(argv=None) -> int:
+    from ..cli import train as common
+    from ..errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe, flags = argv[0], argv[1:]
+    mod = importlib.import_module(common.RECIPES[recipe])
+    prompts_file = None
+    if text := os.environ.pop(PROMPTS_ENV, None):
+        fd, prompts_file = tempfile.mkstemp(prefix="sdlora-ui-prompts-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        flags += ["--sample_prompts", prompts_file]
+    stop, progress = [], []
+
+    def before_start(*_):  # Stop before the folder is held: end the way any other one-line error ends
+        raise UserError("stopped before training started")
+
+    def on_start(config):
+        folder = logs_dir(config.output_dir, config.logging_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        print(STARTED, flush=True)
+        sys.stderr.flush()
+        os.dup2(fd, 1)  # from here on the pipe is closed: the UI reads the log and the progress file
+        os.dup2(fd, 2)
+        os.close(fd)
+        progress.append(open(folder / PROGRESS, "a", buffering=1))
+        _write(progress, event="start", pid=os.getpid(), command=[recipe, *_public(flags, prompts_file)])
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+
+    def on_step(step, logs):
+        _write(progress, step=step, **{k: v if isinstance(v, int) else float(v) for k, v in logs.items()
+                                       if math.isfinite(float(v))})
+
+    signal.signal(signal.SIGTERM, before_start)
+    rc = 1
+    try:
+        rc = common.run(mod.parse_args(flags), mod.make_recipe, on_start=on_start, on_step=on_step,
+                        should_stop=lambda: bool(stop))
+    finally:
+        if prompts_file:
+            os.unlink(prompts_file)
+        _write(progress, event="end", rc=rc, stopped=bool(stop))
+    return rc
+
+
+def _public(flags: list[str], prompts_file: str | None) -> list[str]:
+    """The flags as the log records them: no token, and the prompts typed in the UI rather than a temp path."""
+    out, hide = [], False
+    for f in flags:
+        out.append("***" if hide else "<prompts typed in the UI>" if f == prompts_file else f)
+        hide = f == "--hub_token"
+    return out
+
+
+def _write(progress: list, **record):
+    if progress:
+        progress[0].write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
