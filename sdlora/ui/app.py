@@ -151,7 +151,10 @@ def poll(output_dir, shown_samples):
         return "", gr.skip(), gr.skip(), shown_samples
     st = jobs.state(output_dir.strip())
     rows = [(s, v, "loss") for s, v in st.loss] + [(s, v, "validation loss") for s, v in st.val_loss]
-    plot = pd.DataFrame(rows, columns=["step", "loss", "curve"])  # (a column named "value" draws nothing)
+    # Typed columns, and no frame until there is a point: the chart keeps the axis types of the first frame it gets,
+    # and an empty frame's columns would make them categorical. (A column named "value" draws nothing.)
+    plot = pd.DataFrame(rows, columns=["step", "loss", "curve"]).astype({"step": int, "loss": float, "curve": str}) \
+        if rows else gr.skip()
     samples = [str(p) for p in st.samples]
     gallery = gr.skip() if samples == shown_samples else [(_served(p), Path(p).name) for p in samples]
     return st.line(), plot, gallery, samples
@@ -266,7 +269,8 @@ def build() -> gr.Blocks:
             images = gr.Gallery(label="Images and captions", columns=8, height=220, elem_id="train_images")
             with gr.Row():
                 bucket_table = gr.Dataframe(headers=["bucket", "images"], label="Buckets", interactive=False)
-                skipped = gr.Dataframe(headers=["file", "why it is skipped"], label="Skipped files", interactive=False)
+                skipped = gr.Dataframe(headers=["file", "why it is skipped"], label="Skipped files", interactive=False,
+                                       elem_id="train_skipped")
             with gr.Row():
                 lora_type = gr.Dropdown(["lora", "dora", "loha", "lokr", "adalora"], value="lora", label="LoRA type")
                 mixed_precision = gr.Dropdown(["default", "no", "fp16", "bf16"], value="default",

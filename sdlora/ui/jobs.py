@@ -207,8 +207,9 @@ def state(output_dir, logging_dir: str = "logs", samples: int = 12) -> State:
         st.stopped = bool(last_end.get("stopped"))
         st.finished = last_end.get("rc") == 0 and not st.stopped
         if last_end.get("rc") not in (0, None):
-            st.error = one_line_error(_tail(logs_dir(key, logging_dir) / LOG)) or \
-                f"the run failed; see {logs_dir(key, logging_dir) / LOG}"
+            tail = [line for line in _tail(logs_dir(key, logging_dir) / LOG) if line.strip()]
+            st.error = one_line_error(tail) or \
+                f"error: the run failed ({tail[-1].strip() if tail else 'no output'}); see {logs_dir(key, logging_dir) / LOG}"
     weights = key / "pytorch_lora_weights.safetensors"
     st.weights = weights if weights.exists() else None
     folder = key / "samples"

@@ -1,0 +1,153 @@
+"""`sdlora ui` in a real browser: headless Chromium (Debian's package) driven by Playwright against the UI on the
+tiny model. Trains 20 steps from the form, watches the loss plot and a sample appear, generates with the trained
+LoRA (before/after at one seed), and puts bad input through the form. Needs `pip install -e ".[test,ui]"
+playwright` and /usr/bin/chromium; CI installs both and fails if this file is skipped. With SDLORA_UI_SCREENSHOTS
+set to a folder, the screenshots of both tabs (the README's) are written there."""
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import PY, make_images
+
+CHROMIUM = os.environ.get("SDLORA_CHROMIUM", "/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(
+    not (importlib.util.find_spec("gradio") and importlib.util.find_spec("playwright") and Path(CHROMIUM).exists()),
+    reason="needs the ui extra, playwright and Chromium (pip install -e '.[test,ui]' playwright; apt install chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ui(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "ui.log", "w")
+    proc = subprocess.Popen([PY, "-m", "sdlora.cli", "ui", "--port", str(port)], cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None, (tmp_path / "ui.log").read_text()
+            time.sleep(0.25)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def page(ui):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        page.goto(ui)
+        page.wait_for_selector("#train_start")
+        yield page
+        browser.close()
+
+
+def fill(page, elem: str, value):
+    page.locator(f"#{elem}").locator("textarea, input").first.fill(str(value))
+
+
+def shot(page, name: str):
+    folder = os.environ.get("SDLORA_UI_SCREENSHOTS")
+    if folder:
+        page.screenshot(path=str(Path(folder) / name), full_page=True)
+
+
+def test_train_and_generate_in_the_browser(page, tmp_path):
+    """On the bundled sdlora-tiny, the base model the form starts with."""
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    status, notice = page.locator("#train_status"), page.locator("#train_notice")
+    out = tmp_path / "my-lora"
+    expect(page.locator("#train_base textarea, #train_base input").first).to_have_value("sdlora-tiny")
+    fill(page, "train_output", out)
+    fill(page, "train_resolution", 32)
+
+    # Bad data folders: the script's one-line error, and no output folder left behind.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.bin").write_bytes(b"\x00\x01")
+    for data, said in [(tmp_path / "nope", "not a folder"), (tmp_path / "notes", "no readable image found")]:
+        fill(page, "train_data", data)
+        page.click("#train_start")
+        expect(status).to_contain_text(f"error: --train_data_dir {data}: {said}", timeout=60000)
+        assert len(status.inner_text().strip().splitlines()) == 1 and not out.exists()
+
+    data = make_images(tmp_path / "data", n=4)
+    Image.new("RGB", (40, 24), "red").save(data / "wide.png")
+    (data / "wide.txt").write_text("a red rectangle")
+    (data / "broken.png").write_bytes(b"not a png")
+    fill(page, "train_data", data)
+    page.click("#train_preview")
+    expect(page.locator("#train_summary")).to_contain_text("5 image(s) at 32 px", timeout=60000)
+    expect(page.locator("#train_summary")).to_contain_text("1 file(s) skipped")
+    assert page.locator("#train_images img").count() == 5
+    expect(page.locator("#train_skipped")).to_contain_text("broken.png")
+
+    fill(page, "train_max_train_steps", 20)
+    fill(page, "train_sample_every_n_steps", 10)
+    fill(page, "train_seed", 0)
+    fill(page, "train_prompts", "a red square --w 32 --h 32 --s 4 --d 1")
+    page.click("#train_start")
+    expect(notice).to_contain_text("started: train_text_to_image_lora.py", timeout=30000)
+    page.click("#train_start")  # the same run again while it goes: refused
+    expect(notice).to_contain_text(f"error: --output_dir {out} is in use by another sdlora run", timeout=30000)
+    expect(status).to_contain_text("finished: step 20/20", timeout=180000)
+    expect(page.locator("#train_samples img").first).to_be_visible(timeout=10000)
+    expect(page.locator("#train_loss canvas, #train_loss svg").first).to_be_visible(timeout=10000)
+    assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "samples" / "step000020_00.png").exists()
+    page.wait_for_timeout(1000)
+    shot(page, "ui-train.png")
+
+    page.get_by_role("tab", name="Generate").click()
+    fill(page, "gen_lora1", out)
+    fill(page, "gen_prompt", "a red square")
+    fill(page, "gen_steps", 6)
+    fill(page, "gen_width", 32)
+    fill(page, "gen_height", 32)
+    fill(page, "gen_out", tmp_path / "images")
+    page.click("#gen_go")
+    g_status = page.locator("#gen_status")
+    expect(g_status).to_contain_text("wrote", timeout=120000)
+    before, after = sorted((tmp_path / "images").glob("*.png"))
+    assert page.locator("#gen_gallery img").count() >= 2
+    import json
+
+    meta = [json.loads(Image.open(p).text["sdlora"]) for p in (before, after)]
+    assert meta[0]["seed"] == meta[1]["seed"] == 0 and meta[0]["loras"] == [] and meta[1]["loras"]
+    assert Image.open(before).tobytes() != Image.open(after).tobytes()  # the LoRA changed the image, same seed
+    page.wait_for_timeout(500)
+    shot(page, "ui-generate.png")
+
+    # A LoRA for another model (its layers have other shapes): one line, nothing written.
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    wrong = {k: torch.zeros(v.shape[0], v.shape[1] + 8) if "lora.down" in k else v for k, v in weights.items()}
+    (tmp_path / "other").mkdir()
+    save_file(wrong, tmp_path / "other" / "pytorch_lora_weights.safetensors")
+    fill(page, "gen_lora1", tmp_path / "other")
+    page.click("#gen_go")
+    expect(g_status).to_contain_text("error: ", timeout=60000)
+    assert len(g_status.inner_text().strip().splitlines()) == 1
+    assert sorted((tmp_path / "images").glob("*.png")) == [before, after]
+    shutil.rmtree(tmp_path / "other")

@@ -1,0 +1,101 @@
+"""The UI's training runs without a browser: real worker processes on the tiny model (sdlora/ui/jobs.py, worker.py),
+and `sdlora ui`'s refusal to listen beyond this machine without a login. No Gradio needed."""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+from conftest import PY, make_images
+
+from sdlora.errors import UserError
+from sdlora.ui import jobs
+
+
+def flags(model, data, out, *more):
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+            "--resolution", "32", "--report_to", "none", "--seed", "0", *more]
+
+
+def wait(out, until, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout:
+        st = jobs.state(out)
+        if until(st):
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; last state: {st.line()}")
+
+
+def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, tiny_model):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.bin").write_bytes(b"\x00not an image")
+    cases = {"missing": tmp_path / "nope", "junk": tmp_path / "junk"}
+    outs = {k: tmp_path / f"runs-{k}" / "out" for k in cases}
+    for k, data in cases.items():  # both children check at once
+        jobs.start("text-to-image", flags(tiny_model, data, outs[k]), outs[k])
+    for k in cases:
+        st = wait(outs[k], lambda s: not s.starting)
+        assert st.error.startswith(f"error: --train_data_dir {cases[k]}")
+        assert "\n" not in st.error and not st.running
+        assert not outs[k].parent.exists()  # the run made both folders, the run removed both
+
+
+def test_run_survives_the_ui_stops_with_a_checkpoint_and_resumes(tmp_path, tiny_model):
+    data, out = make_images(tmp_path / "data"), tmp_path / "run"
+    run = flags(tiny_model, data, out, "--max_train_steps", "400", "--checkpointing_steps", "1000",
+                "--sample_every_n_steps", "3")
+    prompts = "a red square --w 32 --h 32 --s 2\n"
+    job = jobs.start("text-to-image", run, out, sample_prompts=prompts)
+    with pytest.raises(UserError, match="in use by another sdlora run"):
+        jobs.start("text-to-image", run, out)  # the same run twice: refused before any process starts
+    st = wait(out, lambda s: s.step >= 5 or s.error)
+    assert st.running and st.max_steps == 400 and st.loss and st.s_per_step > 0 and st.lr == pytest.approx(1e-4)
+    # A restarted UI knows nothing in memory: the folder alone says a run is going, and what it did.
+    jobs._jobs.clear()
+    st = wait(out, lambda s: s.samples)
+    assert st.running and st.samples[0].parent == out / "samples"
+    with pytest.raises(UserError, match=f"pid {job.proc.pid}"):
+        jobs.start("text-to-image", run, out)
+    jobs.stop(out)
+    st = wait(out, lambda s: not s.running)
+    assert st.stopped and not st.finished and not st.error and st.step < 400
+    assert (out / f"checkpoint-{st.step}").is_dir() and not (out / "pytorch_lora_weights.safetensors").exists()
+    stopped_at = st.step
+    resume = ["--checkpointing_steps", "1000", "--resume_from_checkpoint", "latest"]
+    jobs.start("text-to-image", run + ["--rank", "8"] + resume, out, sample_prompts=prompts)  # not the run that wrote the checkpoint
+    st = wait(out, lambda s: not s.starting and not s.running)
+    assert st.error.startswith("error: ") and "rank" in st.error and "\n" not in st.error
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-%d" % stopped_at, "logs", "samples"]
+    jobs.start("text-to-image", run[:run.index("--max_train_steps")] + ["--max_train_steps", str(stopped_at + 3),
+               "--checkpointing_steps", "1000", "--resume_from_checkpoint", "latest"], out)
+    st = wait(out, lambda s: not s.starting and not s.running)
+    assert st.finished and st.step == stopped_at + 3 and st.weights == out / "pytorch_lora_weights.safetensors"
+    steps = [json.loads(line).get("step") for line in (out / "logs" / "progress.jsonl").read_text().splitlines()]
+    assert steps.count(stopped_at + 1) == 1  # the resumed run went on from the checkpoint's step
+
+
+def test_crash_after_the_run_started_is_one_line(tmp_path, tiny_model):
+    """A run that dies with a traceback once it holds its folder (a text encoder that cannot load) is shown as its
+    last line, with where the log is."""
+    data, out = make_images(tmp_path / "data"), tmp_path / "run"
+    broken = tmp_path / "model"
+    subprocess.run(["cp", "-r", str(tiny_model), str(broken)], check=True)
+    for f in (broken / "text_encoder").glob("*.safetensors"):
+        f.write_bytes(b"not safetensors")
+    jobs.start("text-to-image", flags(broken, data, out, "--max_train_steps", "2"), out)
+    st = wait(out, lambda s: not s.starting and not s.running)
+    assert st.error.startswith("error: the run failed (") and "header" in st.error and "\n" not in st.error
+    assert str(out / "logs" / "train.log") in st.error
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 listens beyond this machine: give --auth"),
+    (["--host", "192.168.1.5", "--auth", "nopassword"], "--auth: expected USER:PASSWORD"),
+    (["--host", "::", "--auth-file", "/nonexistent/pw"], "--auth-file /nonexistent/pw: can't read it"),
+])
+def test_ui_refuses_to_listen_beyond_this_machine_without_a_login(argv, message):
+    r = subprocess.run([PY, "-m", "sdlora.cli", "ui", *argv], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "nopassword" not in r.stderr
