@@ -151,3 +151,14 @@ def test_train_and_generate_in_the_browser(page, tmp_path):
     assert len(g_status.inner_text().strip().splitlines()) == 1
     assert sorted((tmp_path / "images").glob("*.png")) == [before, after]
     shutil.rmtree(tmp_path / "other")
+
+    # Tools: inspect the trained LoRA, convert it to the ComfyUI / A1111 (kohya) file.
+    page.get_by_role("tab", name="Tools").click()
+    fill(page, "tool_file", out)
+    page.get_by_role("button", name="Inspect").click()
+    result = page.locator("#tool_result")
+    expect(result).to_contain_text("base model:     sdlora-tiny", timeout=30000)
+    fill(page, "tool_out", tmp_path / "comfy.safetensors")
+    page.get_by_role("button", name="Convert").click()
+    expect(result).to_contain_text("converted diffusers -> kohya", timeout=30000)
+    assert (tmp_path / "comfy.safetensors").exists()

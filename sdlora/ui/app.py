@@ -162,7 +162,8 @@ def poll(output_dir, shown_samples):
 
 def last_output_dir():
     """The folder of the run this UI started last (so a reopened page shows it), else the form's default."""
-    return str(next(reversed(jobs._jobs))) if jobs._jobs else gr.skip()
+    folder = jobs.latest()
+    return str(folder) if folder else gr.skip()
 
 
 # ---------------------------------------------------------------- Generate tab
@@ -225,8 +226,7 @@ def run_tool(*argv) -> str:
             cli_main([str(a) for a in argv if a is not None and a != ""])
         except SystemExit:
             pass
-    text = out.getvalue().strip()
-    return jobs.one_line_error(text.splitlines()) if "error: " in text and "\n" not in text.strip() else text
+    return out.getvalue().strip()
 
 
 def tool_inspect(file):

@@ -72,6 +72,11 @@ def start(recipe: str, flags: list[str], output_dir, sample_prompts: str | None 
     return job
 
 
+def latest() -> Path | None:
+    """The output folder of the run this UI process started last."""
+    return next(reversed(_jobs), None)
+
+
 def _read_pipe(job: Job):
     for line in job.proc.stdout:
         if line.rstrip() == STARTED:
