@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sdlora.cli import train as common
 from sdlora.data import captions, class_images, masks
-from sdlora.data.sources import dataset_label, rows_from_folder, rows_from_images, split_heldout
+from sdlora.data.sources import check_caption, dataset_label, rows_from_folder, rows_from_images, split_heldout
 from sdlora.data.trainset import TrainSet, heldout_set
 from sdlora.errors import UserError
 from sdlora.models import fast_precision, torch_dtype
@@ -88,6 +88,8 @@ def check_flags(args):
                         "SD1.x validation is text-to-image: use --validation_prompt")
     if args.repeats < 1 or args.sample_batch_size < 1:
         raise UserError("--repeats and --sample_batch_size must be >= 1")
+    for flag in ("instance_prompt", "class_prompt"):
+        check_caption(getattr(args, flag) or "", f"--{flag}")
     warning = class_images.identifier_warning(args.instance_prompt, args.class_prompt)
     if warning:
         log.warning(warning)

@@ -6,6 +6,7 @@ from conftest import make_images
 from helpers import T2I, fast_flags, recipe_error, run
 from PIL import Image
 
+import train_dreambooth_lora as db
 import train_text_to_image_lora as t2i
 
 
@@ -131,3 +132,21 @@ def test_dora_with_pissa_is_refused_before_loading(tiny_model, tmp_path, capsys,
     msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, init_lora_weights="olora",
                                                lora_type="dora"))
     assert "--init_lora_weights olora can't be used with --lora_type dora" in msg
+
+
+@pytest.mark.parametrize("case", ["caption file", "instance caption file", "instance prompt"])
+def test_caption_far_too_long_is_one_line(tiny_model, tmp_path, capsys, no_model_loads, case):
+    """A 50 MB one-word caption (a wrong file) is refused naming the file or flag, before the tokenizer gets it."""
+    data = make_images(tmp_path / "d", n=2)
+    with open(data / "img1.txt", "wb") as f:
+        f.truncate(50 * 2**20)  # sparse: 50 MB without writing it
+    out = tmp_path / "o"
+    if case == "caption file":
+        msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data))
+    else:
+        captions = case == "instance caption file"
+        msg = recipe_error(capsys, db, fast_flags(tiny_model, out, instance_data_dir=data, instance_captions=captions,
+                                                  instance_prompt="a sks square" if captions else "sks " * 20_000))
+    expect = "--instance_prompt: 80,000 characters" if case == "instance prompt" else \
+        f"{data / 'img1.txt'}: 52,428,800 bytes"
+    assert msg.startswith(f"error: {expect}, too long for a caption"), msg

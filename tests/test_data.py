@@ -357,3 +357,59 @@ def test_image_that_breaks_the_decoder_is_skipped(tmp_path, caplog):
         good, skipped = scan_folder(tmp_path)
     assert list(good) == [tmp_path / "a.png"] and skipped[0][0] == tmp_path / "broken.png"
     assert "unreadable image (broken PNG file" in caplog.text
+
+
+def test_caption_file_too_long_is_refused_before_it_is_read(tmp_path):
+    """A 50 MB one-word caption (a wrong file) is one line naming it, not gigabytes in the tokenizer; the file is
+    never read into memory. A long but real caption (under 64 KiB) still loads."""
+    import tracemalloc
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("tag, " * 12000)  # 60,000 bytes: kohya-style tag lists can be long
+    assert rows_from_folder(tmp_path)[0].caption.startswith("tag, tag")
+    with open(tmp_path / "a.txt", "wb") as f:
+        f.write(b"a" * 1000)
+        f.truncate(50 * 2**20)  # sparse: 50 MB without writing it
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError) as e:
+            rows_from_folder(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value).startswith(f"{tmp_path / 'a.txt'}: 52,428,800 bytes, too long for a caption"), e.value
+    assert peak < 5 * 2**20, peak
+
+
+@pytest.mark.parametrize("meta,text,line", [
+    ("metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n{"file_name": "b.png", "text": "%s"}\n', 2),
+    ("metadata.csv", "file_name,text\na.png,x\nb.png,%s\n", 3),
+])
+def test_metadata_caption_too_long_names_its_line(tmp_path, meta, text, line):
+    for n in "ab":
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{n}.png")
+    (tmp_path / meta).write_text(text % ("a" * 100_000))
+    with pytest.raises(UserError, match=rf"^{tmp_path / meta}, line {line}: 100,000 characters, too long for a caption"):
+        rows_from_folder(tmp_path)
+
+
+@pytest.mark.parametrize("meta,text,expect", [
+    ("metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n{"file_name": "b.png", "text": "y"}\n'
+                       '{"file_name": "./a.png", "text": "z"}\n', r"line 3: './a.png' already has a row \(line 1\)"),
+    ("metadata.csv", "file_name,text\nb.png,y\nb.png,y\n", r"line 3: 'b.png' already has a row \(line 2\)"),
+])
+def test_duplicate_file_name_rows_are_an_error(tmp_path, meta, text, expect):
+    """Each image is one row: a second row would train it twice per epoch without a word."""
+    for n in "ab":
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{n}.png")
+    (tmp_path / meta).write_text(text)
+    with pytest.raises(UserError, match=rf"^{tmp_path / meta}, {expect}; keep one row per image"):
+        rows_from_folder(tmp_path)
+
+
+def test_both_metadata_files_is_an_error(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "from jsonl"}\n')
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,from csv\n")
+    with pytest.raises(UserError, match=rf"^{tmp_path}: both metadata.jsonl and metadata.csv are there; keep one"):
+        rows_from_folder(tmp_path)

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 SIDE_FILES = {".txt", ".caption", ".jsonl", ".json", ".csv", ".md", ".npz"}
 # kohya's repeat folders: the images under `10_sks dog` count 10 times per epoch.
 REPEAT_FOLDER = re.compile(r"^(-?[0-9]+)_(.+)$")  # a negative N is matched to be refused
+# Text encoders read 77 (CLIP) to 512 (T5) tokens. A caption of 64 KiB is no caption but a wrong file (a log, a
+# dump, a --caption_extension that matches something else), and tokenizing megabytes of it can take gigabytes:
+# refused, not cut, since cutting would train on that wrong file. Characters for texts, bytes for caption files.
+MAX_CAPTION = 64 * 1024
 
 
 @dataclass
@@ -128,17 +132,38 @@ def repeat_folders(images, folder: Path, what: str) -> dict[Path, tuple[int, str
     return out
 
 
-def _read_text(path: Path, root: Path, what: str) -> str:
-    """A caption or metadata file's text (a UTF-8 BOM is fine), or a one-line UserError saying why not."""
+def long_caption(n: int, unit: str = "characters") -> str | None:
+    """Why a caption `n` characters (or bytes) long is refused, or None when it is not too long."""
+    if n <= MAX_CAPTION:
+        return None
+    return f"{n:,} {unit}, too long for a caption (over {MAX_CAPTION // 1024} KiB; text encoders read 77-512 tokens)"
+
+
+def check_caption(cap, where: str) -> None:
+    """A caption (text or list of texts) no longer than MAX_CAPTION, else a UserError starting with `where`."""
+    for text in cap if isinstance(cap, list) else [cap]:
+        why = long_caption(len(text)) if isinstance(text, str) else None
+        if why:
+            raise UserError(f"{where}: {why}; shorten it")
+
+
+def _read_text(path: Path, root: Path, what: str, limit: int | None = None) -> str:
+    """A caption or metadata file's text (a UTF-8 BOM is fine), or a one-line UserError saying why not.
+    With `limit`, a file over `limit` bytes is refused before it is read into memory."""
     why = link_problem(path, root, what)
     if why is None and not path.is_file():
         why = "a folder, not a text file" if path.is_dir() else "not a regular file"
     if why:
         raise UserError(f"{path}: {why}")
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # read one byte past the limit: a file that grows, or reports no size (/proc), is caught too
+            data = f.read() if limit is None else f.read(limit + 1) if size <= limit else b""
     except OSError as e:
         raise UserError(f"{path}: can't read it ({e.strerror}); check its permissions") from None
+    if limit is not None and (size > limit or len(data) > limit):
+        raise UserError(f"{path}: {long_caption(max(size, len(data)), 'bytes')}; is it the right file?")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -200,9 +225,14 @@ def rows_from_folder(folder: Path, caption_column: str = "text", allow_empty_cap
     repeats = repeat_folders(good, folder, what)
     root = folder.resolve()
     real = {p: Path(os.path.realpath(p)) for p in good}
-    meta = next((folder / m for m in ("metadata.jsonl", "metadata.csv")
-                 if (folder / m).exists() or (folder / m).is_symlink()), None)
+    metas = [folder / m for m in ("metadata.jsonl", "metadata.csv")
+             if (folder / m).exists() or (folder / m).is_symlink()]
+    if len(metas) > 1:  # as `datasets`' imagefolder: using one would silently drop the other's captions
+        raise UserError(f"{folder}: both metadata.jsonl and metadata.csv are there; keep one (move or rename the "
+                        f"other) so each image has one caption source")
+    meta = metas[0] if metas else None
     captions: dict[Path, str | list[str]] = {}
+    first_line: dict[Path, int] = {}
     if meta is not None:
         records = _read_metadata(meta, root, what)
         columns = sorted({k for _, r in records for k in r})
@@ -221,7 +251,17 @@ def rows_from_folder(folder: Path, caption_column: str = "text", allow_empty_cap
             if not _is_caption(cap):
                 raise UserError(f"{meta}, line {n}: caption '{caption_column}' should be text or a list of texts "
                                 f"(got {_show(cap)}); put it in quotes")
+            check_caption(cap, f"{meta}, line {n}")
             target = Path(os.path.realpath(meta.parent / fn))
+            if target in first_line and target in known:
+                # A second row would train the image twice per epoch (or, with another caption, means "either of
+                # these"): say how to write what was meant instead of guessing. Rows that train nothing are named
+                # as skipped below, each time.
+                lists = f" (several captions go in a list: \"{caption_column}\": [\"…\", \"…\"])" \
+                    if meta.suffix == ".jsonl" else ""
+                raise UserError(f"{meta}, line {n}: {fn!r} already has a row (line {first_line[target]}); keep one "
+                                f"row per image{lists}")
+            first_line[target] = n
             if target in known:
                 captions[target] = "" if cap is None else cap
             elif target not in named:  # nothing is read here: only images scan_folder found get captions
@@ -237,7 +277,7 @@ def rows_from_folder(folder: Path, caption_column: str = "text", allow_empty_cap
         cap = captions.get(real[p])
         txt = p.with_name(p.stem + ext)
         if cap is None:
-            cap = _read_text(txt, root, what).strip() if txt.exists() or txt.is_symlink() else None
+            cap = _read_text(txt, root, what, MAX_CAPTION).strip() if txt.exists() or txt.is_symlink() else None
         n, folder_caption, repeat_folder = repeats[p]
         if cap is None:
             cap = folder_caption  # kohya's DreamBooth-style folders: the name is the caption
@@ -305,6 +345,7 @@ def rows_from_datasets(name: str, config: str | None, image_column: str | None, 
         if not _is_caption(cap):
             raise UserError(f"--dataset_name {name}: row {i}: --caption_column '{caption_column}' holds {_show(cap)}; "
                             f"it should hold text or lists of texts")
+        check_caption(cap, f"--dataset_name {name}: row {i}")
         rows.append(Row(_DatasetImage(ds, image_column, i), cap or "", f"{name}[{i}]"))
     return rows
 
