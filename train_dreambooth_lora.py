@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sdlora.cli import train as common
+from sdlora.cli.parser import Parser
 from sdlora.data import captions, class_images, masks
 from sdlora.data.sources import check_caption, dataset_label, rows_from_folder, rows_from_images, split_heldout
 from sdlora.data.trainset import TrainSet, heldout_set
@@ -32,7 +33,7 @@ log = logging.getLogger("sdlora")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
     g = p.add_argument_group("DreamBooth")
     g.add_argument("--instance_data_dir", required=True,

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sdlora.cli import train as common
+from sdlora.cli.parser import Parser
 from sdlora.data import captions, masks
 from sdlora.data.sources import dataset_label, rows_from_datasets, rows_from_folder, split_heldout
 from sdlora.data.trainset import TrainSet, heldout_set
@@ -24,7 +25,7 @@ from sdlora.training.loop import Recipe
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="a `datasets` id or a local dataset folder")

@@ -40,3 +40,49 @@ def test_defaults_match_the_reference_where_users_rely_on_them():
     assert (a.learning_rate, a.rank, a.lora_alpha, a.lr_scheduler, a.save_precision) == (1e-4, 4, None, "constant", "fp32")
     b = db.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"])
     assert (b.prior_loss_weight, b.num_class_images, b.output_dir) == (1.0, 100, "lora-dreambooth-model")
+
+
+T2I_NEEDS = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
+DB_NEEDS = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
+
+
+def _usage_error(capsys, parse, argv) -> str:
+    """argparse's exit: status 2 and exactly one line on stderr, which is returned."""
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+def test_typo_flag_is_one_line_naming_the_flag_meant(capsys):
+    """Not 67 lines of usage: the unknown flag, and the one it is closest to."""
+    assert _usage_error(capsys, t2i.parse_args, T2I_NEEDS + ["--learning_rat", "1e-3"]) == \
+        "error: unrecognized argument --learning_rat; did you mean --learning_rate? (--help lists all flags)"
+    assert _usage_error(capsys, db.parse_args, DB_NEEDS + ["--with_prior_preservaton"]) == \
+        "error: unrecognized argument --with_prior_preservaton; did you mean --with_prior_preservation? " \
+        "(--help lists all flags)"
+    # other usage errors are one line too
+    assert "--rank: invalid int value: 'four'" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS + ["--rank", "four"])
+    assert "exactly one of --dataset_name or --train_data_dir" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS[:2])
+
+
+@pytest.mark.parametrize("parse,argv", [(t2i.parse_args, T2I_NEEDS), (db.parse_args, DB_NEEDS)])
+def test_abbreviated_flags_are_refused(capsys, parse, argv):
+    """argparse would take --learning_rat for --learning_rate; then a flag added later could change what an old
+    command means. Only whole flag names are accepted, each named with the flag it abbreviates."""
+    assert _usage_error(capsys, parse, argv + ["--max_train_step", "5", "--learning_rat=1e-3"]) == \
+        "error: unrecognized arguments --max_train_step (did you mean --max_train_steps?), --learning_rat=1e-3 " \
+        "(did you mean --learning_rate?) (--help lists all flags)"
+
+
+def test_sdlora_cli_refuses_abbreviations_in_one_line(capsys):
+    """`sdlora` and its subcommands: a subcommand's unknown flag is matched against that subcommand's flags;
+    `sdlora train` hands its flags to the recipe's own parser."""
+    from sdlora.cli import main
+
+    assert _usage_error(capsys, main, ["inspect", "x.safetensors", "--jso"]) == \
+        "error: unrecognized argument --jso; did you mean --json? (--help lists all flags)"
+    assert _usage_error(capsys, main, ["train", "text-to-image", *T2I_NEEDS, "--learning_rat", "1"]).startswith(
+        "error: unrecognized argument --learning_rat; did you mean --learning_rate?")
+    assert "invalid choice: 'inspekt'" in _usage_error(capsys, main, ["inspekt", "x.safetensors"])

@@ -15,9 +15,10 @@ from ..errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     from . import generate, tools, train, ui
+    from .parser import Parser
 
-    p = argparse.ArgumentParser(prog="sdlora", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="sdlora", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)  # one-line errors in each subcommand
     for module in (train, generate, tools, ui):
         module.register(sub)
     return p
