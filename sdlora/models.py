@@ -59,20 +59,22 @@ def fast_precision(device) -> str:
     return "bf16" if torch.device(device).type == "cpu" and native_bf16() else "fp32"
 
 
-def precision_note(mixed_precision: str | None, device) -> str:
-    """Which precision a run computes in and why, for the log: the CPU's bf16 support decides what to advise."""
+def precision_note(mixed_precision: str | None, device, chosen: bool = False) -> str:
+    """Which precision a run computes in and why, for the log: the CPU's bf16 support decides what to advise.
+    fp32 `chosen` with --mixed_precision no gets no advice to change it (it was a choice, not a default)."""
     import torch
 
     mp = mixed_precision if mixed_precision in ("fp16", "bf16") else "no"
+    advise = mp == "no" and not chosen
     if torch.device(device).type == "cuda":
         return f"{'fp32' if mp == 'no' else mp} on the GPU" + ("; --mixed_precision fp16 or bf16 is faster and "
-                                                               "halves the frozen weights' memory" if mp == "no" else "")
+                                                               "halves the frozen weights' memory" if advise else "")
     native = native_bf16()
     if mp == "bf16":
         return f"bf16 on the CPU ({native} computes it natively)" if native else \
             "bf16 on the CPU, emulated (no native bf16 on this CPU: --mixed_precision no is likely faster)"
     return "fp32 on the CPU" + (f"; this CPU has {native}: --mixed_precision bf16 trains about 2x faster in 60% of "
-                                "the memory (SD-sized models)" if native else "")
+                                "the memory (SD-sized models)" if native and advise else "")
 
 
 ASSETS = Path(__file__).parent / "assets"

@@ -154,6 +154,20 @@ def test_precision_note_says_why(monkeypatch):
     assert models.precision_note("no", "cpu") == "fp32 on the CPU"
 
 
+def test_fp32_chosen_on_purpose_gets_no_bf16_advice(tiny_model, tmp_path, capsys, monkeypatch):
+    """--mixed_precision no is a choice: the log states fp32 without advising bf16 on every start, on a CPU where
+    it would advise it to a run that chose nothing (accelerate's default)."""
+    from sdlora import models
+
+    monkeypatch.setattr(models, "native_bf16", lambda: "AVX512-BF16")
+    assert "--mixed_precision bf16 trains about 2x faster" in models.precision_note("no", "cpu")  # not chosen
+    data = make_images(tmp_path / "d", n=1)
+    assert t2i.main(fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, max_train_steps=1,
+                               train_batch_size=1, mixed_precision="no")) == 0
+    err = capsys.readouterr().err
+    assert "precision: fp32 on the CPU; LoRA parameters in float32" in err and "2x faster" not in err, err[-3000:]
+
+
 def test_compile_trains_the_same_lora(tiny_model, tmp_path, monkeypatch):
     """--compile runs the training steps through torch.compile (dynamo traces the peft-wrapped UNet) and saves the
     same LoRA, with the same keys, as an uncompiled run. The eager backend keeps dynamo's tracing but skips

@@ -77,6 +77,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # speed and memory
     mixed_precision: str | None = None
+    precision_chosen: bool = False  # --mixed_precision given: the log states it, without advice against it
     gradient_checkpointing: bool = False
     enable_xformers_memory_efficient_attention: bool = False
     compile: bool = False
@@ -216,7 +217,8 @@ def check(args, token: str | None = None) -> TrainConfig:
     resolved = dict(base=base, base_name=args.pretrained_model_name_or_path, family=family, output_dir=output_dir,
                     pretrained_vae_model_name_or_path=vae or None, resolution=resolution,
                     lora_alpha=alpha, target_modules=targets, report_to=report_to,
-                    mixed_precision=mixed_precision, bucketing=bucketing,
+                    mixed_precision=mixed_precision, precision_chosen=args.mixed_precision is not None,
+                    bucketing=bucketing,
                     mask_dir=Path(args.mask_dir) if args.mask_dir else None,
                     validation_data_dir=Path(args.validation_data_dir) if args.validation_data_dir else None,
                     latents_cache_dir=latents_cache_dir,

@@ -285,8 +285,9 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
             log.info("resumed from %s at step %d", ckpt.path, step)
     if main:
         params = [p for c in parts.values() for p in c.params]
+        note = models.precision_note(accelerator.mixed_precision, device, config.precision_chosen)
         log.info("precision: %s; LoRA parameters in %s, frozen weights in %s (mixed precision: %s)",
-                 models.precision_note(accelerator.mixed_precision, device), str(params[0].dtype).replace("torch.", ""),
+                 note, str(params[0].dtype).replace("torch.", ""),
                  str(weight_dtype).replace("torch.", ""), accelerator.mixed_precision)
         accelerator.init_trackers("sdlora", config=config.tracker_config())
         log.info("training %s LoRA: %d rows, %d trainable params, %d steps (%d epochs), batch %d x %d accum x %d procs",
