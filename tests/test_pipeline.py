@@ -292,3 +292,12 @@ def test_generate_flags_are_snake_case_with_dashed_aliases(lora_dir, tmp_path, c
     assert sorted(p.name for p in out.iterdir()) == ["00000-5.png", "00000-grid.png", "00001-6.png"]
     assert Image.open(out / "00001-6.png").size == (40, 48)
     assert json.loads(Image.open(out / "00001-6.png").text["sdlora"])["negative_prompt"] == "blue"
+
+
+def test_fuse_replaces_an_existing_out_folder_only_with_overwrite(lora_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["fuse", "--lora", str(lora_dir), "--out", str(mine)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {mine}: exists; choose another name or pass --overwrite"
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
