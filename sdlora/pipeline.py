@@ -8,6 +8,7 @@ with exactly the scale it was saved with; `set_adapters` applies the user's weig
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from pathlib import Path
 
@@ -23,24 +24,40 @@ PIPELINES = {"sdxl": "StableDiffusionXLPipeline"}
 
 
 def parse_spec(spec) -> tuple[str, float]:
-    """'path[:weight]' (or (path, weight)) -> (path, weight); a Windows drive colon is not a weight."""
+    """'path[:weight]' (or (path, weight)) -> (path, weight); a Windows drive colon is not a weight. A weight
+    that is not a finite number (nan, inf) is a one-line error: it would draw noise or black images."""
     if isinstance(spec, (tuple, list)):
-        return str(spec[0]), float(spec[1])
+        return str(spec[0]), lora_weight(spec[1], spec[0])
     spec = str(spec)
     head, sep, tail = spec.rpartition(":")
     if sep and head and not re.fullmatch(r"[A-Za-z]", head):
         try:
-            return head, float(tail)
+            weight = float(tail)
         except ValueError:
             pass
+        else:
+            return head, lora_weight(weight, head)
     return spec, 1.0
 
 
+def lora_weight(weight, source) -> float:
+    """A LoRA's weight as a float: finite, else a one-line UserError naming the LoRA."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"{source}:{weight}: the LoRA's weight must be a finite number (e.g. {source}:0.8)")
+    return value
+
+
 def load_pipeline(loras=(), base=None, scheduler: str = "dpm++", device=None, dtype=None,
-                  allow_pickle: bool = False):
+                  allow_pickle: bool = False, width=None, height=None):
     """A StableDiffusion(XL)Pipeline from `base` (or the first LoRA's card/metadata) with `loras` stacked.
 
     loras: paths/Hub ids, 'path:weight' strings or (path, weight) pairs; each becomes a named adapter.
+    width/height: the image size that will be asked for, checked against the base's configs (`check_size`)
+    before any weights load.
     """
     if isinstance(loras, (str, Path)):
         loras = [loras]
@@ -49,6 +66,11 @@ def load_pipeline(loras=(), base=None, scheduler: str = "dpm++", device=None, dt
     specs = [parse_spec(s) for s in loras]
     read = [(formats.load_lora(p, allow_pickle=allow_pickle), w) for p, w in specs]
     base = base or base_from(read)
+    if width is not None or height is not None:
+        from .models import base_configs, resolve_base
+
+        _, unet_config, vae_config = base_configs(resolve_base(str(base), flag="base model"))
+        check_size(width, height, unet_config, vae_config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(dtype, device)
     pipe = load_base(base, dtype, allow_pickle=allow_pickle)
@@ -139,7 +161,8 @@ def set_scheduler(pipe, name: str):
 
 def add_loras(pipe, loras):
     """Stack [(Lora | path, weight)] onto `pipe` as named adapters; all are checked before any is applied."""
-    loras = [(formats.load_lora(lo) if not isinstance(lo, formats.Lora) else lo, float(w)) for lo, w in loras]
+    loras = [(lo, lora_weight(w, getattr(lo, "source", lo))) for lo, w in loras]
+    loras = [(formats.load_lora(lo) if not isinstance(lo, formats.Lora) else lo, w) for lo, w in loras]
     for lora, _ in loras:
         check_fits(pipe, lora)
     registry = pipe.__dict__.setdefault("sdlora_adapters", {})
@@ -272,11 +295,51 @@ def _lora_components(pipe):
 
 # ---------------------------------------------------------------- generation
 
+# diffusers' Stable Diffusion pipelines refuse a side that is not a multiple of 8 (their check_inputs), whatever
+# the VAE; the UNet itself takes any latent size (it resizes on the way up).
+PIPELINE_MULTIPLE = 8
+# Sides up to this many times the base's own size are allowed: far beyond what these models draw well, and still
+# within what attention memory allows on a large GPU; a typo such as 1000000 is refused before anything loads.
+MAX_SIZE_FACTOR = 8
+
+
+def size_limits(unet_config: dict, vae_config: dict) -> tuple[int, int | None]:
+    """(the multiple each image side must be, the largest side or None if unknown) for a base: the VAE's pixels per
+    latent pixel (2 per block after the first) and diffusers' multiple of 8; at most MAX_SIZE_FACTOR x the base's
+    own size (the UNet's sample_size in latent pixels x the VAE's factor, diffusers' default size)."""
+    from .models import vae_factor
+
+    try:
+        factor = vae_factor(vae_config)
+    except (KeyError, TypeError):  # an unusual layout: loading it reports the real problem
+        return PIPELINE_MULTIPLE, None
+    own = unet_config.get("sample_size")
+    own = max(own) if isinstance(own, (list, tuple)) and own else own
+    return math.lcm(PIPELINE_MULTIPLE, factor), MAX_SIZE_FACTOR * own * factor if isinstance(own, int) else None
+
+
+def check_size(width, height, unet_config: dict, vae_config: dict):
+    """A one-line UserError naming --width/--height unless each given side is a positive multiple of the base's
+    pixel multiple and at most its largest side (`size_limits`)."""
+    multiple, largest = size_limits(unet_config, vae_config)
+    for flag, side in (("--width", width), ("--height", height)):
+        if side is None:
+            continue
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1 or side % multiple:
+            near = max(multiple, round(side / multiple) * multiple) if isinstance(side, (int, float)) else multiple
+            raise UserError(f"{flag} {side}: must be a positive multiple of {multiple} for this base model "
+                            f"(e.g. {near})")
+        if largest and side > largest:
+            raise UserError(f"{flag} {side}: too large for this base model; at most {largest} ({MAX_SIZE_FACTOR}x "
+                            f"its own size of {largest // MAX_SIZE_FACTOR})")
+
+
 def generate(pipe, prompt: str, negative_prompt: str | None = None, seed: int = 0, steps: int = 25,
              guidance: float = 7.5, width=None, height=None, num_images: int = 1):
     """Images for `prompt`; image i uses seed+i, so any one can be reproduced alone."""
     import torch
 
+    check_size(width, height, dict(pipe.unet.config), dict(pipe.vae.config))
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
     out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                width=width, height=height, num_images_per_prompt=num_images, generator=gens)
@@ -340,19 +403,32 @@ def write_images(pipe, images, out, prompt: str, negative_prompt, seed: int, ste
     from . import models
     from .io import save_image
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    nums = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
-    start = max(nums, default=-1) + 1
+    paths, _ = image_paths(out, seed, len(images))
+    Path(out).mkdir(parents=True, exist_ok=True)
     if loras is None:
         loras = [{"name": n, **v} for n, v in pipe.__dict__.get("sdlora_adapters", {}).items()]
-    paths = []
-    for i, im in enumerate(images):
+    for i, (path, im) in enumerate(zip(paths, images)):
         params = image_params(prompt, negative_prompt, seed + i, steps, guidance, im, scheduler, pipe.sdlora_base,
                               loras, fused, precision=models.precision_name(pipe.unet.dtype))
-        paths.append(out / f"{start + i:05d}-{seed + i}.png")
-        save_image(im, paths[-1], pnginfo=png_info(params))
+        save_image(im, path, pnginfo=png_info(params))
     return paths
+
+
+def image_paths(out, seed: int, n: int) -> tuple[list[Path], Path]:
+    """The names `write_images` gives n images drawn from `seed` in `out`, out/NNNNN-SEED.png numbered on from what
+    it holds, and their grid's (out/NNNNN-grid.png); a one-line error, before anything is drawn, where `out` is
+    not a folder or a name is taken."""
+    out = Path(out)
+    folder = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
+    if not folder.is_dir():
+        raise UserError(f"--out {out}: {folder} exists and is a file, not a folder; choose another name")
+    nums = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
+    start = max(nums, default=-1) + 1
+    paths, grid_path = [out / f"{start + i:05d}-{seed + i}.png" for i in range(n)], out / f"{start:05d}-grid.png"
+    for path in paths + [grid_path] * (n > 1):
+        if path.exists() or path.is_symlink():  # numbering on makes this a race with another writer
+            raise UserError(f"{path} exists; choose another --out folder")
+    return paths, grid_path
 
 
 def image_params(prompt: str, negative_prompt, seed: int, steps: int, guidance: float, image, scheduler: str,

@@ -381,3 +381,29 @@ def test_text_encoder_keys_use_the_classic_spelling_under_any_transformers(pipe,
     assert all(k.startswith("base_model.model.text_model.encoder.layers.") for k in te)
     cfg = json.loads((tmp_path / "p" / "text_encoder" / "adapter_config.json").read_text())
     assert all(t.startswith("encoder.layers.") for t in cfg["target_modules"])
+
+
+@pytest.mark.parametrize("fmt, edit, said", [
+    ("diffusers", lambda m: m | {"unet.r": 16, "unet.lora_alpha": 16}, "r=16"),  # 4x the strength, silently
+    ("diffusers", lambda m: m | {"unet.rank_pattern": {k: 8 if "ff.net" in k else v  # the rank-2 layer
+                                                       for k, v in m["unet.rank_pattern"].items()}}, "r=8"),
+    ("peft", lambda c: c | {"r": 16}, "r=16"),
+], ids=["diffusers-r", "diffusers-rank_pattern", "peft-r"])
+def test_a_config_rank_that_contradicts_the_weights_is_refused(pipe, tmp_path, capsys, fmt, edit, said):
+    """peft (and so diffusers' loader) builds each layer at its config's r and then cannot load other-rank weights;
+    sdlora would otherwise apply alpha / (the weights' rank) instead of alpha / r. One line naming the file."""
+    lora = rich_lora(pipe)
+    file = formats.save_lora(lora, tmp_path / fmt, fmt)
+    assert_same_deltas(lora, formats.load_lora(file))  # as written (rank_pattern for ranks 2 and 3): loads
+    if fmt == "diffusers":
+        tensors, meta = load_file(file), formats._read_tensors(file, False)[1]
+        meta["lora_adapter_metadata"] = json.dumps(edit(json.loads(meta["lora_adapter_metadata"])))
+        save_file(tensors, file, meta)
+    else:
+        cfg = file.parent / "adapter_config.json"
+        cfg.write_text(json.dumps(edit(json.loads(cfg.read_text()))))
+    from sdlora.cli import main
+
+    assert main(["inspect", str(file.parent)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: {file}: its ") and said in err and "weights have rank" in err

@@ -405,3 +405,26 @@ def test_adalora_file_holds_each_layers_final_rank_and_peft_change(tiny_model, t
     for name, change in want.items():
         torch.testing.assert_close(plain.unet.get_submodule(name.split(".", 1)[1]).get_delta_weight("a"), change,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_lokr_headers_describe_the_tensors_and_inspect_agrees(tiny_model, tmp_path, capsys):
+    """A LoKr layer is written at scale 1 (alpha/r folded into lokr_w1): its kohya alpha tensors hold its rank, and
+    both files' ss_network_alpha say so (not the training alpha), as does `sdlora inspect`."""
+    from diffusers import UNet2DConditionModel
+
+    from sdlora.cli import main
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    config = inject.lora_config(2, 1.0, ["to_q", "to_v"], kind="lokr")  # w2 low-rank (rank 2), alpha/r = 1/2
+    for p in inject.add_lora(unet, config):
+        p.data += 0.1
+    diffusers_file, kohya_file = tmp_path / "pytorch_lora_weights.safetensors", tmp_path / "k.safetensors"
+    weights.save(diffusers_file, {"unet": (unet, config, None)}, {**_info(2, 1), "lora_type": "lokr"})
+    weights.save_kohya(kohya_file, *read_lora(diffusers_file))
+    raw, meta = read_lora(kohya_file)
+    assert {float(t) for k, t in raw.items() if k.endswith(".alpha")} == {2.0}
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("2", "2")
+    assert (read_lora(diffusers_file)[1]["ss_network_dim"], read_lora(diffusers_file)[1]["ss_network_alpha"]) == ("2", "2")
+    assert main(["inspect", str(kohya_file), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["ranks"] == [2] and d["alphas"] == [2.0] and d["metadata"]["ss_network_alpha"] == "2"

@@ -228,3 +228,76 @@ def test_default_precision_is_the_fast_path_and_loads_half_weights_exactly(tiny_
         theirs = cls.from_pretrained(str(tiny_model), subfolder=name, torch_dtype=torch.bfloat16).state_dict()
         ours = getattr(pipe, name).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--out", "{file}"], "--out {file}: {file} exists and is a file, not a folder; choose another name"),
+    (["--width", "33"], "--width 33: must be a positive multiple of 8 for this base model (e.g. 32)"),
+    (["--height", "0"], "--height 0: must be a positive multiple of 8"),
+    (["--width", "1000000"], "--width 1000000: too large for this base model; at most 256 (8x its own size of 32)"),
+    (["--lora", "{lora}:nan"], "{lora}:nan: the LoRA's weight must be a finite number"),
+    (["--lora", "{lora}:-inf"], "{lora}:-inf: the LoRA's weight must be a finite number"),
+], ids=["out-is-a-file", "width-33", "height-0", "width-1000000", "weight-nan", "weight-inf"])
+def test_generate_refuses_bad_out_size_and_weight_before_loading(lora_dir, tmp_path, monkeypatch, capsys, argv, said):
+    import sdlora.pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("the base model was loaded before the problem was reported")
+    monkeypatch.setattr(sdlora.pipeline, "load_base", boom)
+    (tmp_path / "file").write_text("mine")
+    fill = {"{file}": str(tmp_path / "file"), "{lora}": str(lora_dir)}
+    argv, said = ([fill.get(a, a).replace("{lora}", str(lora_dir)) for a in argv],
+                  said.replace("{file}", fill["{file}"]).replace("{lora}", str(lora_dir)))
+    assert main(["generate", "p", "--lora", str(lora_dir), "--out", str(tmp_path / "imgs"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: {said}"), err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_mistyped_local_lora_path_is_never_sent_to_the_hub(lora_dir, tmp_path, monkeypatch, capsys):
+    asked = []
+
+    def hub(repo):  # the Hub, stubbed: never a real request
+        asked.append(repo)
+        return formats.resolve_file(lora_dir)
+    monkeypatch.setattr(formats, "_from_hub", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    for spec in ("demo/nope", "./nope", "../nope", "demo/nope.safetensors", "user/nope.safetensors", "a/b/c", "a\\b"):
+        assert main(["generate", "p", "--lora", spec]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"error: {spec}: no such LoRA file or folder"), err
+        if spec == "demo/nope":
+            assert "(demo exists here, so this names a local path, not a Hub id)" in err
+    assert asked == []
+    assert formats.load_lora("someone/style").modules and asked == ["someone/style"]  # a Hub id still goes there
+
+
+def test_generate_flags_are_snake_case_with_dashed_aliases(lora_dir, tmp_path, capsys):
+    from sdlora.cli import build_parser
+
+    parse = build_parser().parse_args
+    snake = parse(["generate", "p", "--negative_prompt", "n", "--num_images", "3", "--allow_pickle"])
+    dashed = parse(["generate", "p", "--negative-prompt", "n", "--num-images", "3", "--allow-pickle"])
+    assert vars(snake) == vars(dashed) and (snake.negative_prompt, snake.num_images, snake.allow_pickle) == ("n", 3, True)
+    assert parse(["generate", "p"]).num_images == 1
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = capsys.readouterr().out
+    assert "--negative_prompt" in shown and "--num_images" in shown and "--negative-prompt" not in shown
+    # any multiple of 8 within the limit draws, not only the UNet's own multiple (32 here)
+    out = tmp_path / "imgs"
+    assert main(["generate", "p", "--lora", str(lora_dir), "--num_images", "2", "--negative_prompt", "blue",
+                 "--width", "40", "--height", "48", "--steps", "1", "--seed", "5", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000-5.png", "00000-grid.png", "00001-6.png"]
+    assert Image.open(out / "00001-6.png").size == (40, 48)
+    assert json.loads(Image.open(out / "00001-6.png").text["sdlora"])["negative_prompt"] == "blue"
+
+
+def test_fuse_replaces_an_existing_out_folder_only_with_overwrite(lora_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["fuse", "--lora", str(lora_dir), "--out", str(mine)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {mine}: exists; choose another name or pass --overwrite"
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -133,3 +133,26 @@ def test_extract_recovers_a_known_difference(tiny_model, tmp_path, capsys):
     low, kept = extract(tiny_model, tmp_path / "tuned", rank=1, text_encoder=False)
     assert all(n.startswith("unet.") for n in low.modules) and all(0.5 < k < 1 for k in kept.values())
     assert resize(got, 1)[1].keys() == got.modules.keys()
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "{in}", "{out}", "--to", "diffusers"],
+    ["resize", "{in}", "{out}", "--rank", "1"],
+    ["merge", "{in}", "{in}:0.5", "{out}"],
+], ids=["convert", "resize", "merge"])
+def test_tools_replace_an_existing_output_only_with_overwrite(lora_file, tmp_path, argv, capsys):
+    out = tmp_path / "mine.safetensors"
+    out.write_bytes(b"the user's own file")
+    args = [a.replace("{in}", str(lora_file)).replace("{out}", str(out)) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out} exists; choose another name or pass --overwrite"
+    assert out.read_bytes() == b"the user's own file"
+    assert main([*args, "--overwrite"]) == 0
+    assert formats.load_lora(out).modules and sorted(p.name for p in tmp_path.iterdir()) == ["in", "mine.safetensors"]
+    # a folder output where a file is: one line, nothing written (even with --overwrite)
+    args = [a.replace("{in}", str(lora_file)).replace("{out}", str(out.with_suffix(""))) for a in argv]
+    out.rename(out.with_suffix(""))
+    assert main([*args, "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {out.with_suffix('')} exists and is a file, not a folder; "
+                                               "choose another name (a name ending in .safetensors writes a single file)")

@@ -1,9 +1,21 @@
 """`sdlora generate` and `sdlora fuse`: images from a base model with stacked LoRAs, or the LoRAs baked in."""
 from __future__ import annotations
 
+import argparse
+
 from ..errors import UserError
-from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, load_pipeline, write_images
+from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, image_paths, load_pipeline, write_images
 from .tools import SAVE_PRECISIONS
+
+
+def _flag(s, name: str, **kw):
+    """--name in snake_case, the spelling every sdlora command documents; --name-with-dashes stays accepted, hidden
+    from --help."""
+    s.add_argument(f"--{name}", **kw)
+    if "_" in name:
+        alias = {k: v for k, v in kw.items() if k in ("action", "type", "choices", "nargs")}
+        s.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                       **alias)
 
 
 def register(sub):
@@ -12,29 +24,32 @@ def register(sub):
     s.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="LoRA folder, .safetensors file or Hub id, with an optional weight (repeatable)")
     s.add_argument("--base", help="base model (default: the first LoRA's base_model)")
-    s.add_argument("--negative-prompt")
+    _flag(s, "negative_prompt")
     s.add_argument("--seed", type=int, help="image i uses seed+i (default: random)")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=7.5)
-    s.add_argument("--width", type=int, help="default: the base model's own size (e.g. 512 for SD 1.5, 1024 for SDXL)")
+    s.add_argument("--width", type=int, help="default: the base model's own size (e.g. 512 for SD 1.5, 1024 for "
+                   "SDXL); a multiple of 8, at most 8x that size")
     s.add_argument("--height", type=int, help="default: the base model's own size")
-    s.add_argument("--num-images", type=int, default=1)
+    _flag(s, "num_images", type=int, default=1)
     s.add_argument("--fuse", action="store_true", help="bake the LoRAs into the weights (faster sampling)")
     s.add_argument("--scheduler", default="dpm++", choices=[k for k in SCHEDULERS if k != "keep"])
     s.add_argument("--device")
     s.add_argument("--dtype", choices=list(SAVE_PRECISIONS))
-    s.add_argument("--allow-pickle", action="store_true",
-                   help="allow .bin/.pt/.ckpt LoRAs and .bin base weights (they can run code)")
-    s.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
+    _flag(s, "allow_pickle", action="store_true",
+          help="allow .bin/.pt/.ckpt LoRAs and .bin base weights (they can run code)")
+    s.add_argument("--out", default="outputs", help="folder for the PNGs, numbered on from what it holds "
+                   "(default: outputs)")
     s.set_defaults(func=_generate_cli)
 
     s = sub.add_parser("fuse", help="write a full diffusers pipeline with LoRAs merged into its weights")
     s.add_argument("--base")
     s.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]")
     s.add_argument("--dtype", choices=list(SAVE_PRECISIONS))
-    s.add_argument("--allow-pickle", action="store_true",
-                   help="allow .bin/.pt/.ckpt LoRAs and .bin base weights (they can run code)")
+    _flag(s, "allow_pickle", action="store_true",
+          help="allow .bin/.pt/.ckpt LoRAs and .bin base weights (they can run code)")
     s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     s.set_defaults(func=_fuse_cli)
 
 
@@ -44,27 +59,33 @@ def _generate_cli(args):
     from ..io import save_image
 
     if args.num_images < 1 or args.steps < 1:
-        raise UserError("--num-images and --steps must be at least 1")
+        raise UserError("--num_images and --steps must be at least 1")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    image_paths(args.out, seed, args.num_images)  # --out a file, or a name taken: said before anything loads
     pipe = load_pipeline(args.lora, base=args.base, scheduler=args.scheduler, device=args.device,
-                         dtype=args.dtype, allow_pickle=args.allow_pickle)
+                         dtype=args.dtype, allow_pickle=args.allow_pickle, width=args.width, height=args.height)
     if args.fuse and pipe.get_active_adapters():
         fuse_loras(pipe, unload=True)  # merged weights, no LoRA layers: base-model speed
     pipe.set_progress_bar_config(desc=f"generating {args.num_images} image(s)")
     images = generate(pipe, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
                       args.width, args.height, args.num_images)
+    _, grid_path = image_paths(args.out, seed, len(images))
     paths = write_images(pipe, images, args.out, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
                          args.scheduler, args.fuse)
     print("\n".join(map(str, paths)))
     if len(images) > 1:
-        path = paths[0].with_name(paths[0].name.split("-")[0] + "-grid.png")
-        save_image(grid(images), path)
-        print(path)
+        save_image(grid(images), grid_path)
+        print(grid_path)
 
 
 def _fuse_cli(args):
+    from pathlib import Path
+
     from ..io import atomic_dir
 
+    out = Path(args.out)
+    if out.exists() and not (out.is_dir() and (args.overwrite or not any(out.iterdir()))):
+        raise UserError(f"--out {out}: exists; choose another name" + (" or pass --overwrite" if out.is_dir() else ""))
     pipe = load_pipeline(args.lora, base=args.base, scheduler="keep", device="cpu",
                          dtype=args.dtype or "fp32", allow_pickle=args.allow_pickle)
     fuse_loras(pipe, unload=True)

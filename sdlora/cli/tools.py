@@ -57,6 +57,7 @@ def _inspect_cli(args):
 
 def _convert_cli(args):
     _guard(args.out, args.input)
+    formats.check_output(args.out, args.to, args.overwrite)
     lora = formats.load_lora(args.input, allow_pickle=args.allow_pickle)
     file = formats.save_lora(lora, args.out, args.to, args.dtype)
     print(f"converted {lora.format} -> {args.to}: {file}")
@@ -77,6 +78,7 @@ def _print_kept(kept: dict):
 def _resize_cli(args):
     _guard(args.out, args.input)
     lora = formats.load_lora(args.input, allow_pickle=args.allow_pickle)
+    formats.check_output(args.out, args.to or lora.format, args.overwrite)
     small, kept = resize(lora, args.rank)
     file = formats.save_lora(small, args.out, args.to or lora.format, args.dtype)
     print(f"share of each layer's Frobenius norm kept at rank {args.rank}:")
@@ -91,6 +93,7 @@ def _merge_cli(args):
     specs = [parse_spec(s) for s in specs]
     _guard(out, *[p for p, _ in specs])
     loras = [(formats.load_lora(p, allow_pickle=args.allow_pickle), w) for p, w in specs]
+    formats.check_output(out, args.to or loras[0][0].format, args.overwrite)
     merged, kept = merge(loras, args.rank)
     file = formats.save_lora(merged, out, args.to or loras[0][0].format, args.dtype)
     if args.rank:
@@ -102,6 +105,7 @@ def _merge_cli(args):
 
 def _extract_cli(args):
     _guard(args.out, args.base, args.tuned)
+    formats.check_output(args.out, args.to, args.overwrite)
     lora, kept = extract(args.base, args.tuned, args.rank, text_encoder=not args.unet_only,
                          allow_pickle=args.allow_pickle)
     file = formats.save_lora(lora, args.out, args.to, args.dtype)
@@ -124,6 +128,7 @@ def register(sub):
                        help="output format" + ("" if to_required else " (default: the input's)"))
         s.add_argument("--dtype", choices=list(SAVE_PRECISIONS), help="cast the LoRA weights on write")
         s.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt/.ckpt inputs (they can run code)")
+        s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     s = sub.add_parser("convert", help="convert a LoRA between diffusers, kohya (A1111/ComfyUI) and peft formats")
     s.add_argument("input")

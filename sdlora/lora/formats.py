@@ -128,9 +128,24 @@ def resolve_file(source) -> Path:
                         f"adapter_model.safetensors or a single *.safetensors), found {len(files)}")
     if p.is_file():
         return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).endswith(".safetensors"):
-        return _from_hub(str(source))
-    raise UserError(f"{source}: no such LoRA file or folder (expected a .safetensors file, a folder or a Hub id)")
+    source = str(source)
+    if looks_like_hub_id(source):
+        return _from_hub(source)
+    why = ""
+    if _HUB_ID.fullmatch(source) and Path(source.split("/")[0]).exists():  # `demo/nope` beside a demo/ folder
+        why = f" ({source.split('/')[0]} exists here, so this names a local path, not a Hub id)"
+    raise UserError(f"{source}: no such LoRA file or folder{why}; expected a .safetensors file, a folder or a Hub id")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """`user/repo`, and nothing that reads as a local path: a mistyped path must say "no such file", never go to the
+    Hub. A path has more than one separator, a backslash, a leading . or ~, a weights-file suffix, or a first
+    component that exists here (`demo/nope` beside a `demo/` folder)."""
+    return bool(_HUB_ID.fullmatch(source)) and not source.lower().endswith((".safetensors", *PICKLE_SUFFIXES)) \
+        and not Path(source.split("/")[0]).exists()
 
 
 def _from_hub(repo: str) -> Path:
@@ -256,6 +271,7 @@ def parse(tensors: dict, metadata: dict | None = None, source: str = "<memory>",
         down, up, mag = slot.get("down"), slot.get("up"), slot.get("magnitude")
         _check_weights(source, name, down, up)
         magnitude = _check_magnitude(source, name, mag, up.shape[0], fmt) if mag is not None else None
+        alphas.check_rank(name, "lora", down.shape[0])
         modules[name] = _check_scale(source, name, Module(down, up, alphas(name, down.shape[0]), magnitude))
     for name in padding:  # zero padding written by _pad_text_encoder
         if name in modules and not modules[name].up.any() and not modules[name].down.any():
@@ -378,6 +394,7 @@ def _product(source, name, slot, alphas, fmt):
     if not torch.isfinite(change).all():
         raise UserError(f"{where} has NaN/Inf weights or a weight change that overflows float32; the file is damaged "
                         "(retrain or re-export it)")
+    alphas.check_rank(name, kind, rank)
     alpha, scale = alphas(name, rank), None
     if kind == "lokr" and fmt == "peft" and alpha is not None and alphas.rank(name):
         scale = alpha / alphas.rank(name)  # peft's rule: alpha / its configured r, even with both factors full
@@ -515,8 +532,11 @@ def _alphas(fmt, tensors, metadata, peft_config, source="<memory>"):
                                 f"{str(t.dtype).replace('torch.', '')}; expected one number")
             name = _kohya_name(*m.groups()) if fmt == "kohya" else canonical(*m.groups())
             table[name] = _positive(t.float().item(), f"alpha {_show(k)}", source)
-    if fmt == "kohya":
-        return lambda name, r: table.get(name, None if r is None else float(r))
+    if fmt == "kohya":  # kohya's loaders read alpha from the tensors and r from their shapes: no config to check
+        def kohya(name, r):
+            return table.get(name, None if r is None else float(r))
+        kohya.rank = kohya.check_rank = lambda *a: None
+        return kohya
     configs, what = {}, "lora_adapter_metadata header"
     if fmt == "diffusers" and metadata.get("lora_adapter_metadata"):
         packed = _json(metadata["lora_adapter_metadata"], what, source)
@@ -552,7 +572,20 @@ def _alphas(fmt, tensors, metadata, peft_config, source="<memory>"):
         cfg = configs.get(comp) or {}
         value = _pattern(cfg.get("rank_pattern"), path)
         return cfg.get("r") if value is None else value
-    alpha.rank = rank
+
+    def check_rank(name, kind, r):
+        """A config whose r (or rank_pattern) contradicts a LoRA/LoHa layer's weights is refused: alpha / r would
+        differ by the factor between them (peft, and so diffusers' loader, refuse such a file: its layers are
+        built at the configured r, and the weights do not fit them). LoKr's r is no rank of its factors."""
+        cfg = configs.get(name.split(".", 1)[0])
+        if kind == "lokr" or not cfg or str(cfg.get("peft_type") or "LORA").upper() != kind.upper():
+            return
+        want = rank(name)
+        if want is not None and float(want) != r:
+            raise UserError(f"{source}: its {what} says r={want:g} for layer "
+                            f"{_show(name)}, but its weights have rank {r}; the strength alpha/r is ambiguous, so "
+                            "the file is refused (re-export it, or fix r / rank_pattern in its config)")
+    alpha.rank, alpha.check_rank = rank, check_rank
     return alpha
 
 
@@ -609,6 +642,32 @@ def save_lora(lora: Lora, out, fmt: str, dtype: str | None = None) -> Path:
     return file
 
 
+def output_files(out, fmt: str) -> list[Path]:
+    """The files `save_lora(…, out, fmt)` may write (a peft folder: each text encoder's part in its subfolder too;
+    a model card is only ever added where none exists)."""
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        return [out]
+    if fmt != "peft":
+        return [out / ("lora.safetensors" if fmt == "kohya" else WEIGHTS_NAME)]
+    return [d / n for d in (out, *(out / c for c in TEXT_ENCODERS)) for n in (WEIGHT_NAMES[1], "adapter_config.json")]
+
+
+def check_output(out, fmt: str, overwrite: bool = False):
+    """Before any work: a one-line error where `save_lora` would replace an existing file (unless `overwrite`) or
+    could not write at all (a file where its folder goes, a folder where its file goes)."""
+    out = Path(out)
+    for file in output_files(out, fmt):
+        folder = next(p for p in file.parents if p.exists() or p.is_symlink())
+        if not folder.is_dir():
+            raise UserError(f"{folder} exists and is a file, not a folder; choose another name (a name ending in "
+                            ".safetensors writes a single file)")
+        if file.is_dir():
+            raise UserError(f"{file} exists and is a folder; choose another name")
+        if (file.exists() or file.is_symlink()) and not overwrite:
+            raise UserError(f"{file} exists; choose another name or pass --overwrite")
+
+
 def _cast(tensors, dtype):
     return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and v.dim() else v) for k, v in tensors.items()}
 
@@ -618,8 +677,7 @@ def _to_kohya(lora):
 
     # One alpha for the whole file (the most common): diffusers' kohya loader ignores per-layer alphas of
     # attention layers, so other layers' scale is folded into `up` instead. The product is unchanged.
-    plain = [m for m in lora.modules.values() if m.kind == "lora"]
-    common = collections.Counter(m.alpha for m in plain).most_common(1)[0][0] if plain else 1.0
+    common = _common_alpha(lora)
     xl = _lora_family(lora)[0] == "sdxl"  # kohya names SDXL's first text encoder lora_te1_, with or without the second
     prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
     unet = _kohya_unet_paths(lora, xl)
@@ -629,7 +687,7 @@ def _to_kohya(lora):
         key = prefix[comp] + (unet[path] if comp == "unet" else path).replace(".", "_")
         if m.kind != "lora":  # LyCORIS's own keys; LoKr at scale 1 (fold_scale), which alpha = its rank says
             out.update({f"{key}.{k}": v for k, v in m.factors.items()})
-            out[key + ".alpha"] = torch.tensor(float(m.alpha if m.kind == "loha" else m.rank or 1))
+            out[key + ".alpha"] = torch.tensor(_kohya_alpha(m, common))
             if m.magnitude is not None:
                 out[key + ".dora_scale"] = m.magnitude
             continue
@@ -639,8 +697,7 @@ def _to_kohya(lora):
         if m.magnitude is not None:  # LyCORIS >= 3.2's output-axis layout, which ComfyUI/Forge tell from its shape
             out[key + ".dora_scale"] = m.magnitude.reshape(-1, *[1] * (m.down.dim() - 1))
     padded = _pad_text_encoder(lora, out, prefix, common)
-    ranks = collections.Counter(m.rank for m in lora.modules.values() if m.rank)
-    extra = {"ss_network_dim": str(ranks.most_common(1)[0][0] if ranks else 1), "ss_network_alpha": f"{common:g}"}
+    extra = network_header(lora)
     kinds = {m.kind for m in lora.modules.values()} - {"lora"}
     if kinds:  # what LyCORIS's and kohya's tools read to rebuild the network
         extra |= {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": kinds.pop()})}
@@ -650,6 +707,27 @@ def _to_kohya(lora):
 
 
 _PADDING_KEY = "sdlora_zero_modules"
+
+
+def _common_alpha(lora) -> float:
+    plain = [m for m in lora.modules.values() if m.kind == "lora"]
+    return collections.Counter(m.alpha for m in plain).most_common(1)[0][0] if plain else 1.0
+
+
+def _kohya_alpha(m, common: float) -> float:
+    """A layer's alpha tensor in kohya's layout: the file's common alpha (a plain layer's own scale is folded into
+    up), LoHa's own, and a LoKr layer's rank: it is kept at scale 1 (fold_scale), 1 where it has no rank."""
+    return float(common if m.kind == "lora" else m.alpha if m.kind == "loha" else m.rank or 1)
+
+
+def network_header(lora) -> dict[str, str]:
+    """kohya's ss_network_dim / ss_network_alpha, describing the tensors kohya's layout holds: the most common rank
+    and the most common alpha tensor (a LoKr file's alpha is its rank, its scale being folded into lokr_w1)."""
+    ranks = collections.Counter(m.rank for m in lora.modules.values() if m.rank)
+    common = _common_alpha(lora)
+    alphas = collections.Counter(_kohya_alpha(m, common) for m in lora.modules.values())
+    return {"ss_network_dim": str(ranks.most_common(1)[0][0] if ranks else 1),
+            "ss_network_alpha": f"{alphas.most_common(1)[0][0]:g}"}
 
 
 def _kohya_unet_paths(lora, xl: bool) -> dict[str, str]:

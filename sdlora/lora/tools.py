@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 def describe(lora: Lora, path=None) -> dict:
     mods = lora.modules.values()
     ranks = collections.Counter(m.rank for m in mods if m.rank)
-    alphas = collections.Counter(m.alpha for m in mods if m.alpha is not None)
+    # a LoKr layer kept at scale 1 (alpha folded into lokr_w1) has alpha = its rank, as its file's header says
+    alphas = collections.Counter(m.alpha if m.alpha is not None else m.rank for m in mods if m.alpha or m.rank)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for m in mods
                      for t in ((m.down, m.up) if m.kind == "lora" else m.factors.values())})
     per_comp = collections.Counter(n.split(".", 1)[0] for n in lora.modules)

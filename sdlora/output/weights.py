@@ -99,12 +99,14 @@ def kohya_name(output_dir) -> str:
 def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
     """Write the LoRA of `parts` ({"unet": (model, LoraConfig, initial weights or None), "text_encoder": …}) to
     `path`; returns the state dict and header written. `info` holds the training facts `header` records."""
-    sd, configs, packed = {}, {}, {}
+    sd, configs, packed, products = {}, {}, {}, {}
     for component, (model, config, initial) in parts.items():
         kind = str(config.peft_type.value)
         if kind in ("LOHA", "LOKR", "ADALORA"):  # written from sdlora's own form of the layers (formats)
             mods = adalora.modules(model, component, dtype) if kind == "ADALORA" else \
                 inject.product_modules(model, component, dtype)
+            if kind != "ADALORA":
+                products.update(mods)
             tensors, extra = formats.diffusers_tensors(formats.Lora(mods))
             sd.update(tensors)
             packed.update(json.loads(extra.get("lora_adapter_metadata", "{}")))
@@ -112,6 +114,8 @@ def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
         sd.update(inject.lora_state_dict(model, component, dtype, initial))
         configs[component] = inject.file_config(config, converted=initial is not None)
     meta = {"format": "pt", **header(info)}
+    if products:  # LoKr layers are written at scale 1 (alpha folded into lokr_w1): the header says what they hold
+        meta.update(formats.network_header(formats.Lora(products)))
     if configs or packed:
         meta["lora_adapter_metadata"] = inject.adapter_metadata(configs, packed)
     save_safetensors(sd, path, meta)
