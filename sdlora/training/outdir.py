@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import TMP_NAME
+from ..io import TMP_NAME, remove_dir
 from ..lora.formats import WEIGHTS_NAME
 from ..output.weights import kohya_name
 from . import manifest
@@ -118,7 +118,10 @@ def claim(config, holder: bool = True):
         if holder:
             remove_leftovers(output_dir, record)
             record.prune()
-        check(config, record)
+        for old in check(config, record) if holder else ():
+            log.info("removing %s of an earlier run (%s)", old.name, FLAG)
+            remove_dir(old)
+            record.forget(old.name)
         yield
     finally:
         if lock is not None:
@@ -128,21 +131,24 @@ def claim(config, holder: bool = True):
 FLAG = "--overwrite_output_dir"
 
 
-def check(config, record: manifest.Manifest):
+def check(config, record: manifest.Manifest) -> list[Path]:
     """Refuse a folder of someone else's (a new run), an earlier run's output (a new run without the flag) and any
-    name this run would write that is not sdlora's (always)."""
+    name this run would write that is not sdlora's (always). Returns sdlora's own earlier checkpoints, which a new
+    run with the flag replaces (they would pass for this run's with --resume_from_checkpoint latest)."""
     out, resume, again = config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir
-    inputs = {Path(p).absolute() for p in config.inputs}
+    inputs = [Path(p).absolute() for p in config.inputs]
     entries = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, manifest.NAME)
-                     and not TMP_NAME.fullmatch(p.name) and (out / p.name).absolute() not in inputs)
+                     and not TMP_NAME.fullmatch(p.name)
+                     and not any(i == p.absolute() or p.absolute() in i.parents for i in inputs))
     theirs = [n for n in entries if not record.owns(n)]
     earlier = list_checkpoints(out)
     old = "" if record.found or not (earlier or WEIGHTS_NAME in entries) else \
         f" (an sdlora version older than its record of the files it writes, {manifest.NAME}, made them)"
-    if earlier and not resume:
+    if earlier and not resume and (not again or not all(record.owns(p.name) for p in earlier)):
         more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
-        raise UserError(f"--output_dir {out} holds checkpoints of an earlier run ({earlier[-1].name}{more}): "
-                        "continue it with --resume_from_checkpoint latest, or choose another --output_dir")
+        raise UserError(f"--output_dir {out} holds checkpoints of an earlier run ({earlier[-1].name}{more}){old}: "
+                        "continue it with --resume_from_checkpoint latest, or choose another --output_dir"
+                        + (f" (or pass {FLAG} to start over: they are deleted)" if record.found and not again else ""))
     if theirs and not resume and not again:
         raise UserError(f"--output_dir {out} holds files sdlora did not write ({_some(theirs)}){old}: choose a new or "
                         f"empty --output_dir, or pass {FLAG} to write beside them (sdlora never changes them)")
@@ -158,6 +164,7 @@ def check(config, record: manifest.Manifest):
     if lora and not resume and not again:
         raise UserError(f"--output_dir {out} holds the LoRA of an earlier sdlora run ({_some(lora)}): pass {FLAG} "
                         "to replace it, or choose another --output_dir")
+    return [] if resume else earlier
 
 
 def _names_written(config) -> list[str]:
