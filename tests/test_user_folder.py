@@ -77,16 +77,21 @@ def test_with_the_flag_the_users_files_stay_byte_identical(tiny_model, tmp_path,
     # a README.md the user edited after the run is theirs now: a later run refuses to replace it
     (out / "README.md").write_text("# my notes on this LoRA\n")
     no_loads(monkeypatch)
-    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4,
-                                               checkpointing_steps=2, resume_from_checkpoint="latest"))
+    again = fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4, checkpointing_steps=2)
+    msg = recipe_error(capsys, t2i, again + ["--resume_from_checkpoint", "latest"])
     assert "README.md is not sdlora's (or changed since it wrote them)" in msg, msg
     (out / "README.md").unlink()
-    (out / "photo.png").unlink()
-    (out / "notes.tmp").unlink()
+    msg = recipe_error(capsys, t2i, again)
+    assert "holds checkpoints of an earlier run (checkpoint-4)" in msg and "--overwrite_output_dir to start over" in msg
+    # starting over: sdlora's own checkpoint is deleted before any model loads, the user's files stay
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        run_recipe(t2i.parse_args(again + ["--overwrite_output_dir"]), t2i.make_recipe)
+    assert not (out / "checkpoint-4").exists() and {k: v for k, v in snapshot(out).items() if k in before} == before
+    for name in ("photo.png", "notes.tmp"):
+        (out / name).unlink()
     shutil.rmtree(out / ".backup.tmp")
-    shutil.rmtree(out / "checkpoint-4")
     shutil.rmtree(out / "checkpoint-3")
-    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data))  # only sdlora's LoRA left
+    msg = recipe_error(capsys, t2i, again)  # only sdlora's LoRA left
     assert f"holds the LoRA of an earlier sdlora run ({WEIGHTS}, mine.safetensors): pass --overwrite_output_dir" in msg
 
 
