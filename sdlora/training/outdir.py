@@ -23,7 +23,7 @@ from ..lora.formats import WEIGHTS_NAME
 from ..output.weights import kohya_name
 from . import manifest
 from .checkpoint import NAME as CHECKPOINT_NAME
-from .checkpoint import list_checkpoints
+from .checkpoint import find, list_checkpoints
 
 try:
     import fcntl
@@ -118,10 +118,12 @@ def claim(config, holder: bool = True):
         if holder:
             remove_leftovers(output_dir, record)
             record.prune()
-        for old in check(config, record) if holder else ():
-            log.info("removing %s of an earlier run (%s)", old.name, FLAG)
-            remove_dir(old)
-            record.forget(old.name)
+            for old in check(config, record):
+                log.info("removing %s of an earlier run (%s)", old.name, FLAG)
+                remove_dir(old)
+                record.forget(old.name)
+        elif config.resume_from_checkpoint or not config.overwrite_output_dir:
+            check(config, record)  # the same answer as the holder's (who may be deleting checkpoints otherwise)
         yield
     finally:
         if lock is not None:
@@ -146,15 +148,16 @@ def check(config, record: manifest.Manifest) -> list[Path]:
         f" (an sdlora version older than its record of the files it writes, {manifest.NAME}, made them)"
     if earlier and not resume and (not again or not all(record.owns(p.name) for p in earlier)):
         more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
+        over = f", start over with {FLAG} (they are deleted first)" if record.found and not again else ""
         raise UserError(f"--output_dir {out} holds checkpoints of an earlier run ({earlier[-1].name}{more}){old}: "
-                        "continue it with --resume_from_checkpoint latest, or choose another --output_dir"
-                        + (f" (or pass {FLAG} to start over: they are deleted)" if record.found and not again else ""))
+                        f"continue it with --resume_from_checkpoint latest{over}, or choose another --output_dir")
     if theirs and not resume and not again:
         raise UserError(f"--output_dir {out} holds files sdlora did not write ({_some(theirs)}){old}: choose a new or "
                         f"empty --output_dir, or pass {FLAG} to write beside them (sdlora never changes them)")
     clash = [n for n in _names_written(config) if (out / n).exists() or (out / n).is_symlink()]
-    clash += [n for n in entries if CHECKPOINT_NAME.match(n) and config.checkpointing_steps
-              and int(n.split("-")[1]) % config.checkpointing_steps == 0]
+    every, start = config.checkpointing_steps, _resumed_step(out, resume)
+    clash += [n for n in entries if (m := CHECKPOINT_NAME.match(n)) and every and int(m[1]) > start
+              and int(m[1]) % every == 0]  # the checkpoints this run saves (a Stop's aside: see checkpoint.save)
     clash = sorted({n for n in clash if not record.owns(n)})
     if clash:
         raise UserError(f"--output_dir {out}: {_some(clash)} {'is' if len(clash) == 1 else 'are'} not sdlora's (or "
@@ -165,6 +168,13 @@ def check(config, record: manifest.Manifest) -> list[Path]:
         raise UserError(f"--output_dir {out} holds the LoRA of an earlier sdlora run ({_some(lora)}): pass {FLAG} "
                         "to replace it, or choose another --output_dir")
     return [] if resume else earlier
+
+
+def _resumed_step(out: Path, resume: str | None) -> int:
+    """The step of the checkpoint a resume starts from (its folder's name), else 0."""
+    found = find(out, resume) if resume else None
+    m = found and CHECKPOINT_NAME.match(found.name)
+    return int(m[1]) if m else 0
 
 
 def _names_written(config) -> list[str]:
