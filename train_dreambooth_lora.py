@@ -28,6 +28,7 @@ from sdlora.errors import UserError
 from sdlora.models import fast_precision, torch_dtype
 from sdlora.training.config import TrainConfig
 from sdlora.training.loop import Recipe
+from sdlora.training.manifest import Manifest
 
 log = logging.getLogger("sdlora")
 
@@ -106,6 +107,7 @@ def class_rows(args, config: TrainConfig):
     folder = Path(args.class_data_dir) if args.class_data_dir else out.parent / f"{out.name}-class-images"
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.is_main_process:
+        Manifest(out).will_make(folder)  # the UI's <output>/class-images: sdlora's when this run makes it
         precision = args.prior_generation_precision or fast_precision(state.device)
         class_images.generate(config.base, folder, args.class_prompt, args.num_class_images, config.resolution,
                               args.sample_batch_size, args.seed or 0, torch_dtype(precision), state.device,

@@ -87,7 +87,8 @@ def train_and_measure(kind: str, rank: int, seed: int, a, base: str) -> dict:
            "--resolution", "32", "--center_crop", "--train_batch_size", "8", "--max_train_steps", str(a.steps),
            "--learning_rate", a.lr, "--rank", str(rank), "--lora_type", kind, "--target_modules", TARGETS,
            "--lr_scheduler", "cosine", "--snr_gamma", "5", "--checkpointing_steps", str(a.steps + 1),
-           "--seed", str(seed), "--report_to", "none", "--output_dir", str(out / "lora")]
+           "--seed", str(seed), "--report_to", "none", "--output_dir", str(out / "lora"),
+           "--overwrite_output_dir"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(out / "train.log", "w") as log:
         if subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:

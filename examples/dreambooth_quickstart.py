@@ -72,7 +72,7 @@ def train(base: str, out: Path, a, seed: int = 0, prior: bool = True, class_dir:
            "--resolution", "32", "--train_batch_size", str(a.batch_size), "--max_train_steps", str(a.steps),
            "--learning_rate", a.lr, "--rank", a.rank, "--lr_scheduler", a.lr_scheduler, "--seed", str(seed),
            "--checkpointing_steps", "100000", "--report_to", "none", "--mixed_precision", a.mixed_precision,
-           "--output_dir", str(out)]
+           "--output_dir", str(out), "--overwrite_output_dir"]
     if a.target_modules:
         cmd += ["--target_modules", a.target_modules]
     if a.train_text_encoder:

@@ -84,7 +84,7 @@ def main():
            "--rank", a.rank, "--target_modules", a.target_modules, "--lr_scheduler", "cosine", "--snr_gamma", "5",
            "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1", "--seed", "0",
            "--validation_prompt", PROMPTS[0], "--num_validation_images", "2", "--validation_epochs", "1000",
-           "--mixed_precision", a.mixed_precision, "--output_dir", str(lora_dir)]
+           "--mixed_precision", a.mixed_precision, "--output_dir", str(lora_dir), "--overwrite_output_dir"]
     print("$", shlex.join(["python", *map(os.path.relpath, cmd[1:2]), *cmd[2:]]))
     # One torch thread: this model's ops are too small to split, and on the 2-core CPU one thread
     # trained faster than two (8.3 vs 7.5 steps/s at batch 8).  OMP_NUM_THREADS, if set, wins.

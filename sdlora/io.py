@@ -13,21 +13,17 @@ import errno
 import io
 import json
 import os
+import re
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import UserError
 
-# Hidden names this module writes (".<name>.<random>.tmp"); `remove_leftovers` may delete them.
-TMP_SUFFIX = ".tmp"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# Hidden names this module writes, ".<name>.<16 hex>.sdlora-tmp": the marker proves a leftover is sdlora's, so
+# `outdir.remove_leftovers` deletes these and nothing else (a user's ".backup.tmp" is not one of them).
+TMP_SUFFIX = ".sdlora-tmp"
+TMP_NAME = re.compile(r"\..+\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))
 
 
 def _mb(n: int) -> str:
@@ -67,11 +63,9 @@ def atomic_path(path: str | os.PathLike, replace: bool = True):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+    tmp = new_tmp(path)
     try:
-        yield Path(tmp)
+        yield tmp
         if replace:
             os.replace(tmp, path)
         else:
@@ -147,8 +141,23 @@ def save_image(image, path, pnginfo=None):
     write_bytes(path, png_bytes(image, pnginfo))
 
 
-def _hidden_tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+def tmp_name(path: Path) -> Path:
+    """A hidden, unique name beside `path` that matches TMP_NAME."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}{TMP_SUFFIX}")
+
+
+def new_tmp(path: Path, folder: bool = False) -> Path:
+    """Create an empty file (or folder) under a fresh `tmp_name`; its mode follows the umask."""
+    while True:
+        tmp = tmp_name(path)
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -156,12 +165,11 @@ def atomic_dir(path: str | os.PathLike):
     """Yield a temp directory; on success it replaces `path` (an old `path` is removed only then)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    tmp = new_tmp(path, folder=True)
     try:
         yield tmp
         if path.exists():
-            old = _hidden_tmp(path)  # a unique name: two writers never fight over one ".old"
+            old = tmp_name(path)  # a unique name: two writers never fight over one ".old"
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -187,6 +195,6 @@ def write_folder(path, files: dict[str, bytes]):
 
 def remove_dir(path: Path):
     """Delete a folder so that an interruption never leaves it half-deleted under its own name."""
-    gone = _hidden_tmp(path)
+    gone = tmp_name(path)
     os.replace(path, gone)
     shutil.rmtree(gone, ignore_errors=True)

@@ -71,7 +71,7 @@ def test_unwritable_output_dir(tiny_model, tmp_path, capsys, no_model_loads):
     data = make_images(tmp_path / "d", n=1)
     (tmp_path / "file").write_text("x")
     msg = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "file" / "out", train_data_dir=data))
-    assert "--output_dir" in msg and "not writable" in msg
+    assert f"--output_dir {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file, not a folder" in msg
 
 
 @pytest.mark.parametrize("extra,expect", [

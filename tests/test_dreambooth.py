@@ -41,7 +41,7 @@ def test_prior_preservation_with_text_encoder_lora(tiny_model, tmp_path):
     assert any("lora_A" in n for n, _ in pipe.text_encoder.named_parameters())
     assert any("lora_A" in n for n, _ in pipe.unet.named_parameters())
     # a second run with the same class folder generates nothing
-    r2 = run(DREAMBOOTH, _flags(tiny_model, out, inst, max_train_steps=1))
+    r2 = run(DREAMBOOTH, _flags(tiny_model, out, inst, max_train_steps=1, overwrite_output_dir=True))
     assert "already holds 3, generating none" in r2.stderr
     # instance and prior losses are logged separately
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -69,7 +69,7 @@ def test_class_generation_resumes_after_interruption(tiny_model, tmp_path):
     part = tmp_path / "part"
     with pytest.raises(Killed):
         dreambooth.generate(str(tiny_model), part, on_image=kill_after_three, **kw)
-    assert len(list(part.glob("class-*.png"))) == 3 and not list(part.glob("*.tmp"))
+    assert len(list(part.glob("class-*.png"))) == 3 and not list(part.glob("*.sdlora-tmp"))
     assert dreambooth.generate(str(tiny_model), part, **kw) == 2  # only the missing ones
     assert dreambooth.generate(str(tiny_model), part, **kw) == 0
     for p in sorted(full.iterdir()):

@@ -80,27 +80,28 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tiny_model, tmp_pat
 
 def test_leftovers_of_killed_runs_are_cleaned_and_latest_skips_incomplete_ones(tiny_model, tmp_path, data):
     out = tmp_path / "o"
-    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4, checkpointing_steps=2))
-    # What kills at different moments leave behind (names as sdlora and safetensors write them) ...
-    (out / ".checkpoint-6.k2j3h4.tmp").mkdir()
-    (out / ".checkpoint-6.k2j3h4.tmp" / "optimizer.pt").write_bytes(b"half")
-    (out / ".README.md.x8y9.tmp").write_text("half a card")
-    (out / ".tmpAb3dE9").write_bytes(b"safetensors' own temp file")
-    (out / "samples").mkdir()
-    (out / "samples" / ".latest_0.png.abc.tmp").write_bytes(b"png")
-    (out / "checkpoint-8").mkdir()  # a prune or write that stopped half-way: no state.json
-    (out / "checkpoint-8" / "unet_lora.safetensors").write_bytes(b"partial")
-    # ... and what is the user's and must stay
-    (out / "checkpoint-9").mkdir()
-    (out / "checkpoint-9" / "my-notes.txt").write_text("mine")
-    (out / "notes.tmp").write_text("mine too")
+    run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4, checkpointing_steps=2,
+                        validation_prompt="a red square", num_validation_images=1))
+    # What kills at different moments leave behind: names with sdlora's temp marker ...
+    (out / ".checkpoint-6.0123456789abcdef.sdlora-tmp").mkdir()
+    (out / ".checkpoint-6.0123456789abcdef.sdlora-tmp" / "optimizer.pt").write_bytes(b"half")
+    (out / ".README.md.00112233445566ff.sdlora-tmp").write_text("half a card")
+    (out / "samples" / ".latest_0.png.aabbccddeeff0011.sdlora-tmp").write_bytes(b"png")
+    # ... and what sdlora cannot prove it wrote (older versions' temp names too), which stays
+    theirs = {".README.md.x8y9.tmp": "half a card?", ".tmpAb3dE9": "safetensors' temp file?", "notes.tmp": "mine",
+              "checkpoint-7/unet_lora.safetensors": "partial?", "checkpoint-9/my-notes.txt": "mine"}
+    for name, text in theirs.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(text)
     r = run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6, checkpointing_steps=2,
                             resume_from_checkpoint="latest"))
     assert f"resumed from {out / 'checkpoint-4'} at step 4" in r.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-9", "notes.tmp",
-                     "o.safetensors", WEIGHTS, "samples"], names
-    assert list((out / "samples").iterdir()) == [] and (out / "checkpoint-9" / "my-notes.txt").exists()
+    assert names == [".README.md.x8y9.tmp", ".sdlora-files.json", ".tmpAb3dE9", "README.md", "checkpoint-2",
+                     "checkpoint-4", "checkpoint-6", "checkpoint-7", "checkpoint-9", "notes.tmp", "o.safetensors",
+                     WEIGHTS, "samples"], names
+    assert not [p for p in (out / "samples").iterdir() if p.name.startswith(".")]
+    assert all((out / name).read_text() == text for name, text in theirs.items())
 
 
 def test_killed_run_resumed_equals_an_uninterrupted_one(tiny_model, tmp_path, data):
@@ -191,7 +192,7 @@ def test_disk_full_mid_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_mo
     _fail_writes_under(monkeypatch, ".checkpoint-4.")
     msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6, checkpointing_steps=2))
     assert str(out / "checkpoint-4") in msg and "disk is full" in msg and "it needs" in msg, msg
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # no temp folder, no half checkpoint
+    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", "checkpoint-2"]  # no temp, no half one
     assert json.loads((out / "checkpoint-2" / "state.json").read_text())["global_step"] == 2
     assert load_file(str(out / "checkpoint-2" / "unet_lora.safetensors"))
 
@@ -201,10 +202,11 @@ def test_disk_full_at_the_final_save_keeps_the_earlier_weights(tiny_model, tmp_p
     run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=1))
     before = (out / WEIGHTS).read_bytes()
     _fail_writes_under(monkeypatch, f".{WEIGHTS}.")
-    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, seed=5))
+    msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, seed=5,
+                                                overwrite_output_dir=True))
     assert str(out / WEIGHTS) in msg and "disk is full" in msg
     assert (out / WEIGHTS).read_bytes() == before
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in out.iterdir() if p.name.endswith(sdlora.io.TMP_SUFFIX)]
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
@@ -278,5 +280,5 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing_broken(tiny_model,
     msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6,
                                                 checkpointing_steps=1, learning_rate=1e30, max_grad_norm=0))
     assert "training diverged at step" in msg and "the last checkpoint is checkpoint-1" in msg
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # no NaN checkpoint, no NaN weights
+    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", "checkpoint-1"]  # nothing NaN saved
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint-1" / "unet_lora.safetensors")).values())

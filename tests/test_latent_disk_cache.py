@@ -48,7 +48,7 @@ def test_second_run_reuses_every_entry_and_all_write_the_ram_caches_lora(tiny_mo
     first = run(T2I, _flags(tiny_model, tmp_path / "a" / "o", data, cache), SOURCE_DATE_EPOCH=EPOCH)
     assert _counts(first) == (0, 4, 4) and f"({cache})" in first.stderr
     assert len(_entries(cache)) == 4 and (cache / "CACHEDIR.TAG").exists()
-    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in cache.rglob("*") if p.name.endswith(sdlora.io.TMP_SUFFIX)]
     second = run(T2I, _flags(tiny_model, tmp_path / "b" / "o", data, cache), SOURCE_DATE_EPOCH=EPOCH)
     assert _counts(second) == (4, 4, 0)
     run(T2I, fast_flags(tiny_model, tmp_path / "c" / "o", train_data_dir=data), SOURCE_DATE_EPOCH=EPOCH)  # RAM
@@ -172,7 +172,7 @@ def test_two_runs_building_the_same_entries_at_once(tiny_model, tmp_path, data):
             for x in "ab"]
     assert [p.wait(timeout=600) for p in runs] == [0, 0], (tmp_path / "a.log").read_text()[-2000:]
     assert (tmp_path / "a/o" / WEIGHTS).read_bytes() == (tmp_path / "b/o" / WEIGHTS).read_bytes()
-    assert len(_entries(cache)) == 4 and not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+    assert len(_entries(cache)) == 4 and not [p for p in cache.rglob("*") if p.name.endswith(sdlora.io.TMP_SUFFIX)]
 
 
 def test_after_setup_no_latent_is_in_memory(tiny_model, tmp_path, data):
@@ -235,7 +235,7 @@ def test_disk_full_while_caching_is_one_line(tiny_model, tmp_path, data, capsys,
     monkeypatch.setattr(sdlora.io, "write_file", write)
     msg = recipe_error(capsys, t2i, _flags(tiny_model, tmp_path / "o", data, cache))
     assert str(cache) in msg and "disk is full" in msg and "choose another --latents_cache_dir" in msg, msg
-    assert not _entries(cache) and not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+    assert not _entries(cache) and not [p for p in cache.rglob("*") if p.name.endswith(sdlora.io.TMP_SUFFIX)]
 
 
 def test_first_writer_wins_and_a_writer_never_leaves_a_half_file(tmp_path):

@@ -86,7 +86,7 @@ def test_checkpoints_logs_and_progress(trained):
     assert list((out / "logs").rglob("events.out.tfevents*")), "no tensorboard event file"
     assert "cached VAE latents of 6 images and text embeddings of 6 captions" in r.stderr
     assert "loss=" in r.stderr and "lr=" in r.stderr and ("it/s" in r.stderr or "s/it" in r.stderr)
-    assert not list(out.rglob("*.tmp")), "temp files left behind"
+    assert not list(out.rglob("*.sdlora-tmp")), "temp files left behind"
 
 
 def test_checkpoints_total_limit_prunes(tiny_model, tmp_path):

@@ -39,6 +39,10 @@ def add_training_args(p: argparse.ArgumentParser):
     """Flags both scripts share; each script then sets its own defaults with `p.set_defaults`."""
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default=None)
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="run in an --output_dir that already holds files: an earlier sdlora run's LoRA, card and "
+                        "samples there are replaced; files sdlora did not write are left as they are (one named like "
+                        "a file the run writes stops it before it starts)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--resolution", type=int, default=None,
                    help="default: 512, or an SDXL base's own size (1024 for SDXL 1.0)")
@@ -199,7 +203,7 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
     try:
         config = check(args, token)
         # One process per run holds the folder: the one that writes (rank 0 under `accelerate launch`).
-        with outdir.claim(config.output_dir, config.resume_from_checkpoint, holder=int(os.environ.get("RANK", "0")) == 0):
+        with outdir.claim(config, holder=int(os.environ.get("RANK", "0")) == 0):
             recipe = make_recipe(args, config)
             if on_start:
                 on_start(config)
@@ -227,7 +231,10 @@ def _first_missing(folder: Path) -> Path | None:
 
 def _remove_empty(folder: Path, up_to: Path):
     """Remove `folder` and its parents up to `up_to`, each only while empty (a failed run made them)."""
+    from ..training.manifest import remove_if_alone
+
     folder = folder.expanduser().absolute()
+    remove_if_alone(folder)  # the record of a run that wrote nothing
     for p in [folder, *folder.parents]:
         try:
             p.rmdir()

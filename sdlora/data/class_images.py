@@ -31,7 +31,7 @@ def missing_names(folder: Path, wanted: int) -> list[str]:
     """Names to generate so `folder` holds `wanted` readable images (user-supplied ones count)."""
     have = existing_images(folder)
     need = wanted - len(have)
-    taken = {p.name for p in have}
+    taken = {p.name for p in folder.iterdir()} if folder.is_dir() else set()  # an unreadable file is still not ours
     names, i = [], 0
     while len(names) < need:
         name = f"class-{i:05d}.png"

@@ -17,12 +17,10 @@ import torch
 
 from ..errors import UserError
 from ..io import remove_dir, safetensors_bytes, torch_bytes, write_folder
+from .manifest import Manifest
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^checkpoint-(\d+)$")
-# Everything `save` may put in a checkpoint folder (outdir.remove_leftovers deletes nothing else).
-FILES = {f"{c}_{what}.safetensors" for c in ("unet", "text_encoder", "text_encoder_2") for what in ("lora", "adalora")} \
-    | {"optimizer.pt", "scheduler.pt", "scaler.pt", "state.json"}
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -66,9 +64,15 @@ def _is_adalora(model) -> bool:
 
 
 def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, scaler, seed: int, settings: dict,
-         total_limit: int | None, best_val_loss: list | None = None, extra: dict | None = None) -> Path:
+         total_limit: int | None, best_val_loss: list | None = None, extra: dict | None = None) -> Path | None:
     """Write checkpoint-`step` (serialised in memory first, so a full disk fails before anything moves). `extra`:
-    {component: tensors} of AdaLoRA's rank-allocator state."""
+    {component: tensors} of AdaLoRA's rank-allocator state. Returns None, writing nothing, where a folder of that
+    name is not sdlora's (see outdir.check); prunes only checkpoints sdlora's record lists."""
+    final = output_dir / f"checkpoint-{step}"
+    record = Manifest(output_dir)
+    if final.exists() and not record.owns(final.name):
+        log.warning("%s: not saved, a folder of that name that sdlora did not write is in the way", final)
+        return None
     files = {}
     for name, model in models.items():
         files[f"{name}_lora.safetensors"] = safetensors_bytes(lora_weights(model))
@@ -82,13 +86,14 @@ def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, sca
     if best_val_loss:
         state["best_val_loss"] = best_val_loss  # [loss, step]: a resumed run still reports the lowest one
     files["state.json"] = json.dumps(state, indent=2, sort_keys=True).encode()
-    final = output_dir / f"checkpoint-{step}"
+    record.will_make(final)
     write_folder(final, files)
     # Prune only after the new checkpoint is complete, so a crash never leaves fewer than the limit.
     if total_limit:
-        for old in list_checkpoints(output_dir)[:-total_limit]:
+        for old in [p for p in list_checkpoints(output_dir) if record.owns(p.name)][:-total_limit]:
             log.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old.name, total_limit)
             remove_dir(old)
+            record.forget(old.name)
     return final
 
 

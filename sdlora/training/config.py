@@ -9,11 +9,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .. import models, quantize
+from .. import io, models, quantize
 from ..data.buckets import Bucketing
 from ..errors import UserError
 from . import diskcache, prompts
@@ -36,6 +35,8 @@ class TrainConfig:
     zero_terminal_snr: bool = False
     # the run
     output_dir: Path
+    overwrite_output_dir: bool = False  # write beside files sdlora did not write, and over its own earlier output
+    inputs: tuple[Path, ...] = ()  # folders and files the flags name to read (or cache into): not the output's
     logging_dir: str = "logs"
     seed: int | None = None  # None: a random seed, drawn and recorded by the loop
     resume_from_checkpoint: str | None = None
@@ -223,11 +224,17 @@ def check(args, token: str | None = None) -> TrainConfig:
                     validation_data_dir=Path(args.validation_data_dir) if args.validation_data_dir else None,
                     latents_cache_dir=latents_cache_dir,
                     sample_prompts=sample_prompts, sample_prompts_file=args.sample_prompts,
+                    inputs=tuple(Path(v) for k in _INPUTS if (v := getattr(args, k, None))),
                     hub_model_id=args.hub_model_id or (output_dir.resolve().name if args.push_to_hub else None))
     # Every other field is the flag of the same name; knobs only one script has keep their defaults.
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
              if f.name not in resolved and hasattr(args, f.name)}
     return TrainConfig(**given, **resolved)
+
+
+# Flags naming what a run reads (or caches into): inside --output_dir they are the user's, not files in the way.
+_INPUTS = ("train_data_dir", "instance_data_dir", "class_data_dir", "validation_data_dir", "mask_dir", "sample_prompts",
+           "latents_cache_dir")
 
 
 def sizing(args, token: str | None = None) -> tuple[str, int, Bucketing]:
@@ -410,9 +417,14 @@ def _check_compiler(cuda: bool):
 
 
 def check_writable(folder: Path, flag: str = "--output_dir"):
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            raise UserError(f"{flag} {folder} is a file; give a folder (a new one, or an empty one of yours)" if p == folder
+                            else f"{flag} {folder}: {p} is a file, not a folder; choose another {flag}")
+        if p.exists():
+            break
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        io.new_tmp(folder / "write-test").unlink()  # sdlora's temp name: never taken for a file of the user's
     except OSError as e:
         raise UserError(f"{flag} {folder}: not writable ({e.strerror}); choose another folder") from None

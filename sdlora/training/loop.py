@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..lora import adalora, inject
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
-from . import checkpoint, conditioning, diskcache, heldout, losses, samples, validation
+from . import checkpoint, conditioning, diskcache, heldout, losses, manifest, samples, validation
 from .caches import Caches, all_captions, latent_mask, plan
 from .config import TrainConfig, adalora_schedule
 
@@ -289,6 +289,8 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
         log.info("precision: %s; LoRA parameters in %s, frozen weights in %s (mixed precision: %s)",
                  note, str(params[0].dtype).replace("torch.", ""),
                  str(weight_dtype).replace("torch.", ""), accelerator.mixed_precision)
+        if config.report_to != "none":
+            manifest.Manifest(config.output_dir).will_make(config.output_dir / config.logging_dir)
         accelerator.init_trackers("sdlora", config=config.tracker_config())
         log.info("training %s LoRA: %d rows, %d trainable params, %d steps (%d epochs), batch %d x %d accum x %d procs",
                  recipe.kind, len(recipe.data.rows), sum(p.numel() for p in params), max_steps, num_epochs,
@@ -657,7 +659,8 @@ def save_checkpoint(run: Run):
                                run.optimizer, run.lr_scheduler, getattr(run.accelerator, "scaler", None), run.seed,
                                run.settings, run.config.checkpoints_total_limit, run.best_val_loss,
                                {k: adalora.state(c.tuner) for k, c in run.parts.items() if c.tuner is not None})
-        log.info("saved %s", path)
+        if path:
+            log.info("saved %s", path)
 
 
 def _public_name(model: str) -> str:
@@ -707,6 +710,8 @@ def save_final(run: Run) -> Path:
                           f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
     }
     path = c.output_dir / WEIGHTS_NAME
+    record, written = manifest.Manifest(c.output_dir), (WEIGHTS_NAME, kohya_file.name, "README.md")
+    record.will_write(*written)  # only sdlora's own files are replaced
     sd, meta = weights.save(path, {k: (p.bare, p.lora_config, p.initial) for k, p in run.parts.items()}, info,
                             models.torch_dtype(c.save_precision))
     weights.save_kohya(kohya_file, sd, meta)
@@ -721,6 +726,7 @@ def save_final(run: Run) -> Path:
                     "exactly and ComfyUI/Forge closely; A1111's built-in loader reads dora_scale per input channel and "
                     "gets it wrong. diffusers and sdlora apply both files exactly", kohya_file.name)
     modelcard.write(c.output_dir, info, recipe.card_front, recipe.card_settings)
+    record.wrote(*written)
     reader = "for sdlora's loader: diffusers cannot read LoHa/LoKr" if c.lora_type in ("loha", "lokr") else "for diffusers"
     log.info("saved %s (%d tensors, %d parameters, %.2f MB; %s), %s (the same LoRA for ComfyUI, "
              "A1111/Forge and kohya's tools) and README.md", path, len(sd), inject.count_params(sd),

@@ -14,6 +14,7 @@ from .. import pipeline
 from ..io import png_bytes, write_bytes
 from ..output import weights
 from .config import TrainConfig
+from .manifest import Manifest
 from .validation import sampling
 
 log = logging.getLogger("sdlora")
@@ -55,6 +56,7 @@ def write_round(run) -> list[Path]:
     # The LoRA under the name A1111/ComfyUI give its kohya file; no path, so the PNGs don't depend on where the run is.
     lora = [{"name": Path(weights.kohya_name(c.output_dir)).stem, "weight": 1.0}]
     digits = max(2, len(str(len(images) - 1)))
+    Manifest(c.output_dir).will_make(out)
     paths = []
     for i, (p, seed, img) in enumerate(zip(c.sample_prompts, seeds, images)):
         params = pipeline.image_params(p.prompt, p.negative or None, seed, p.steps, p.guidance, img, SCHEDULER,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import models, pipeline
 from ..io import png_bytes, write_bytes
+from .manifest import Manifest
 
 log = logging.getLogger("sdlora")
 
@@ -95,6 +96,7 @@ def validate(run) -> list[dict]:
         images = pipeline.sample(pipe, [c.validation_prompt] * n, [run.seed + i for i in range(n)], batch=1,
                                  encode=encode, width=c.resolution, height=c.resolution)
     out = Path(c.output_dir) / "samples"
+    Manifest(c.output_dir).will_make(out)
     for i, img in enumerate(images):
         png = png_bytes(img)  # encoded once, written under both names
         write_bytes(out / f"epoch{run.epoch:04d}_{i}.png", png)

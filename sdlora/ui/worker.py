@@ -47,7 +47,10 @@ def main(argv=None) -> int:
         raise UserError("stopped before training started")
 
     def on_start(config):
+        from ..training.manifest import Manifest
+
         folder = logs_dir(config.output_dir, config.logging_dir)
+        Manifest(config.output_dir).will_make(folder)  # recorded as sdlora's before it exists
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         print(STARTED, flush=True)
