@@ -1,10 +1,12 @@
 """Ctrl+C (SIGINT) and SIGTERM during a run (sdlora/training/interrupt.py): a stop at a random step saves a
 checkpoint that resumes bit for bit, a second signal exits at once, a stop before training leaves nothing behind.
-Real signals to real training processes on the tiny model; the resumes and the reference run in-process."""
+Real signals: to training processes (exit status, output), and to this process where the moment must be exact."""
+import contextlib
 import os
 import random
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -14,6 +16,7 @@ from helpers import fast_flags, read_lora, start
 from PIL import Image
 
 import train_text_to_image_lora as t2i
+from sdlora.cli.train import run
 from sdlora.training import checkpoint
 from sdlora.training.caches import Caches
 
@@ -91,29 +94,50 @@ def test_a_signal_at_a_random_step_saves_a_checkpoint_that_resumes_bit_identical
     assert all(torch.equal(resumed[k], reference[k]) for k in reference), f"stopped at step {step}"
 
 
-def test_a_second_sigint_exits_at_once_and_leaves_no_half_written_file(tiny_model, data, tmp_path):
-    out, log = tmp_path / "o", tmp_path / "run.log"
-    prompts = tmp_path / "prompts.txt"
+def test_a_second_sigint_exits_at_once_and_leaves_no_half_written_file(tiny_model, data, tmp_path, capsys):
+    out, prompts = tmp_path / "o", tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 32 --h 32 --s 100\n")
-    # Sampling every 2 steps: a slow stretch between a step and the check for a stop, for both signals to land in.
-    proc = start(fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=10**6, checkpointing_steps=1,
-                            sample_prompts=prompts, sample_every_n_steps=2), log)
-    _wait(proc, log, lambda text: "at step 2" in text)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.1)  # the first is handled (it only asks to stop after this step), then comes the second
-    proc.send_signal(signal.SIGINT)
-    rc = _finish(proc)
-    text = log.read_text(errors="replace")
-    assert rc == 130 and "Traceback" not in text, text[-3000:]
-    assert [line for line in text.splitlines() if "interrupted" in line] == [
+    argv = fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=10**6, checkpointing_steps=1,
+                      sample_prompts=prompts, sample_every_n_steps=2)
+
+    again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+
+    def on_step(step, logs):
+        if step == 2:  # Ctrl+C: the run would stop after this step's checkpoint and samples; Ctrl+C again in those
+            os.kill(os.getpid(), signal.SIGINT)
+            again.start()
+    with _guarded(signal.SIGINT):
+        try:
+            rc = run(t2i.parse_args(argv), t2i.make_recipe, on_step=on_step)
+        finally:
+            again.cancel()
+    err = capsys.readouterr().err
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    done = checkpoint.list_checkpoints(out)
+    assert [p.name for p in done] in (["checkpoint-1"], ["checkpoint-1", "checkpoint-2"])  # nothing after step 2
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
         "interrupted again (SIGINT): stopped at once, without saving the step it was on; "
-        "--resume_from_checkpoint latest continues from checkpoint-2"]
-    # It stopped in step 2's samples: the checkpoints before are whole, nothing later was saved, no temp file stays.
-    assert sorted(p.name for p in out.iterdir() if p.name != "samples") == ["checkpoint-1", "checkpoint-2"]
-    for n in (1, 2):
-        assert checkpoint.read(out / f"checkpoint-{n}", ["unet"]).step == n
+        f"--resume_from_checkpoint latest continues from {done[-1].name}"]
+    # Whatever it was writing when it stopped (checkpoint-2, a sample), nothing half-written stays, no temp file.
+    assert sorted(p.name for p in out.iterdir() if p.name != "samples") == [p.name for p in done]
+    for c in done:
+        assert checkpoint.read(c, ["unet"]).step == int(c.name.split("-")[1])
     for png in (out / "samples").glob("*"):
         assert png.name.startswith("step000002_") and Image.open(png).verify() is None
+
+
+@contextlib.contextmanager
+def _guarded(sig):
+    """Without a handler of the run's own, `sig` fails the test instead of ending (or interrupting) pytest; the run
+    puts this one back when it ends."""
+    def unhandled(*_):
+        raise AssertionError(f"the run left {sig.name} to the handler it found")
+    before = signal.signal(sig, unhandled)
+    try:
+        yield
+        assert signal.getsignal(sig) is unhandled
+    finally:
+        signal.signal(sig, before)
 
 
 def test_sigterm_while_caching_stops_at_once_and_leaves_no_folder(tiny_model, data, tmp_path, monkeypatch, capsys):
@@ -125,14 +149,8 @@ def test_sigterm_while_caching_stops_at_once_and_leaves_no_folder(tiny_model, da
         return real(self, *a, **kw)
     monkeypatch.setattr(Caches, "build_latents", build_latents)
 
-    def unhandled(*_):
-        raise AssertionError("the run left SIGTERM to the handler it found")
-    before = signal.signal(signal.SIGTERM, unhandled)
-    try:
+    with _guarded(signal.SIGTERM):
         rc = t2i.main(fast_flags(tiny_model, out, train_data_dir=data))
-        assert signal.getsignal(signal.SIGTERM) is unhandled  # the run put back the handler it found
-    finally:
-        signal.signal(signal.SIGTERM, before)
     err = capsys.readouterr().err
     assert rc == 143 and "Traceback" not in err, err[-3000:]
     assert err.splitlines()[-1] == "stopped (SIGTERM) before training started (during caching latents and text " \

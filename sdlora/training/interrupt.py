@@ -15,6 +15,7 @@ from __future__ import annotations
 import _thread
 import signal
 import threading
+from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # The exit status of a run a signal stopped: what a shell reports for a process that signal ended (128 + its
@@ -70,18 +71,25 @@ class Interrupts:
         self._previous: dict = {}
         self._world: int | None = None
 
-    def __enter__(self) -> Interrupts:
+    def install(self) -> Interrupts:
         global _active
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         self._outer, _active = _active, self
         return self
 
-    def __exit__(self, *exc):
+    def restore(self):
+        """Put back the handlers found at `install`."""
         global _active
         _active = self._outer
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def __enter__(self) -> Interrupts:
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.restore()
 
     @property
     def exit_code(self) -> int | None:
@@ -141,10 +149,12 @@ class Interrupts:
         return check
 
 
-def describe(e: Stopped, checkpoints: list, output_dir=None) -> str:
-    """The one line a run stopped by `e` ends with; `checkpoints`: the complete ones in its output folder."""
-    resume = f"--resume_from_checkpoint latest continues from {checkpoints[-1].name}" if checkpoints \
-        else "nothing to resume"
+def describe(e: Stopped, output_dir: Path | None) -> str:
+    """The one line a run that `e` stopped ends with."""
+    from .checkpoint import list_checkpoints
+
+    done = list_checkpoints(output_dir) if output_dir else []
+    resume = f"--resume_from_checkpoint latest continues from {done[-1].name}" if done else "nothing to resume"
     if e.again:
         return f"interrupted again ({e.name}): stopped at once, without saving the step it was on; {resume}"
     if e.phase == "push":
