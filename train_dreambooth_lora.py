@@ -26,6 +26,7 @@ from sdlora.data.sources import check_caption, dataset_label, rows_from_folder, 
 from sdlora.data.trainset import TrainSet, heldout_set
 from sdlora.errors import UserError
 from sdlora.models import fast_precision, torch_dtype
+from sdlora.training import interrupt
 from sdlora.training.config import TrainConfig
 from sdlora.training.loop import Recipe
 from sdlora.training.manifest import Manifest
@@ -109,10 +110,12 @@ def class_rows(args, config: TrainConfig):
     if state.is_main_process:
         Manifest(out).will_make(folder)  # the UI's <output>/class-images: sdlora's when this run makes it
         precision = args.prior_generation_precision or fast_precision(state.device)
+        interrupt.entered("class images")  # a stop here ends the run at once; the images made so far stay
         class_images.generate(config.base, folder, args.class_prompt, args.num_class_images, config.resolution,
                               args.sample_batch_size, args.seed or 0, torch_dtype(precision), state.device,
                               revision=config.revision, variant=config.variant, cache_dir=config.cache_dir,
                               allow_pickle=config.allow_pickle)
+        interrupt.entered("start")
     state.wait_for_everyone()
     rows = rows_from_images(folder, args.class_prompt, "--class_data_dir", kohya_repeats=False)
     return rows[: args.num_class_images], folder

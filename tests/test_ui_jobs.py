@@ -2,6 +2,7 @@
 and `sdlora ui`'s refusal to listen beyond this machine without a login. No Gradio needed."""
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -73,6 +74,22 @@ def test_run_survives_the_ui_stops_with_a_checkpoint_and_resumes(tmp_path, tiny_
     assert st.finished and st.step == stopped_at + 3 and st.weights == out / "pytorch_lora_weights.safetensors"
     steps = [json.loads(line).get("step") for line in (out / "logs" / "progress.jsonl").read_text().splitlines()]
     assert steps.count(stopped_at + 1) == 1  # the resumed run went on from the checkpoint's step
+
+
+def test_stop_while_the_run_loads_ends_it_there(tmp_path, tiny_model):
+    """Stop before the first step (loading the models, caching 100 latents): the run ends at once, shown as stopped,
+    with nothing to resume — not after caching and a first step."""
+    data, out = make_images(tmp_path / "data", n=100), tmp_path / "run"
+    jobs.start("text-to-image", flags(tiny_model, data, out, "--max_train_steps", "5"), out)
+    st = wait(out, lambda s: not s.starting)  # it holds its folder: next it loads the models
+    assert st.running and not st.error and st.line() == "running: loading the models"
+    jobs.stop(out)
+    st = wait(out, lambda s: not s.running)
+    assert st.stopped and not st.finished and not st.error and st.step == 0, st.line()
+    assert st.line() == "stopped before training started"
+    assert sorted(p.name for p in out.iterdir()) == ["logs"]  # no checkpoint, no weights: only the UI's log
+    last = (out / "logs" / "train.log").read_text().splitlines()[-1]
+    assert re.fullmatch(r"stopped \(SIGTERM\) before training started \(during [a-zA-Z ]+\); nothing to resume", last)
 
 
 def test_crash_after_the_run_started_is_one_line(tmp_path, tiny_model):

@@ -190,9 +190,12 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
     Every problem the user can fix surfaces before any model is loaded, as one line on stderr, and leaves no
     output folder behind that this run made. `on_start(config)` is called once the folder is held and the data
     read, before any model loads; `hooks` go to the training loop (`on_step`, `should_stop`; the UI uses them).
+    Ctrl+C / SIGTERM (training/interrupt.py): once training runs, the run stops after its step with a checkpoint,
+    before that at once; one line says so, and the exit status is 130 / 143 (128 + the signal's number, as a shell
+    reports a process those signals ended).
     """
     from ..output import hub
-    from ..training import outdir
+    from ..training import interrupt, outdir
     from ..training.config import check
     from ..training.loop import train
     from . import setup_logging
@@ -200,6 +203,7 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
     token = hub.resolve_token(args.hub_token)
     setup_logging(token)
     made = _first_missing(Path(args.output_dir)) if args.output_dir else None
+    signals = interrupt.Interrupts().install()
     try:
         config = check(args, token)
         # One process per run holds the folder: the one that writes (rank 0 under `accelerate launch`).
@@ -207,15 +211,38 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
             recipe = make_recipe(args, config)
             if on_start:
                 on_start(config)
-            path = train(config, recipe, **hooks)
+            path = train(config, recipe, **dict(hooks, should_stop=signals.polled(hooks.get("should_stop"))))
+            if signals.signum:
+                return _interrupted(signals, config)
             if path is not None and config.push_to_hub:
+                interrupt.entered("push")
                 hub.push(config.output_dir, config.hub_model_id, token)
     except UserError as e:
         if made is not None:
             _remove_empty(Path(args.output_dir), made)
         print(f"error: {hub.redact(str(e), token)}", file=sys.stderr)
         return 2
+    except interrupt.Stopped as e:  # before training started, while uploading, or a second signal
+        if made is not None:
+            _remove_empty(Path(args.output_dir), made)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(interrupt.describe(e, Path(args.output_dir) if args.output_dir else None), file=sys.stderr)
+        return e.exit_code
+    finally:
+        signals.restore()
     return 0
+
+
+def _interrupted(signals, config) -> int:
+    """The exit status of a run a signal came to once training ran: the loop stopped it at a step (and said so),
+    or it came after the last step, so the run finished (only the upload is skipped)."""
+    if signals.stopped:
+        return signals.exit_code
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        print(f"interrupted ({signals.name}) as the run ended: its LoRA is saved in {config.output_dir}"
+              f"{'; not uploaded to the hub' if config.push_to_hub else ''}", file=sys.stderr)
+    return signals.exit_code if config.push_to_hub and main else 0
 
 
 def _first_missing(folder: Path) -> Path | None:

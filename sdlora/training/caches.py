@@ -13,6 +13,7 @@ import torch
 
 from ..data.trainset import TrainSet
 from ..errors import UserError
+from . import interrupt
 from .conditioning import Text
 from .diskcache import LatentStore
 
@@ -87,6 +88,7 @@ class Caches:
         # batch, so the entries are the latents a RAM-cached run of these rows and batch size computes.
         for b, ids in tqdm([(b, ids) for b, ids in runs if todo.intersection(ids)], desc="caching latents",
                            disable=not progress):
+            interrupt.check()  # a stop the signal handler could not raise (one that landed in a __del__)
             px, m = zip(*[data.load_row(r, seed, epoch=0) for r in ids])
             post = vae.encode(torch.stack(px).to(device, dtype)).latent_dist.parameters.float().cpu()
             if store is None:

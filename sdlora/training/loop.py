@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..lora import adalora, inject
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
-from . import checkpoint, conditioning, diskcache, heldout, losses, manifest, samples, validation
+from . import checkpoint, conditioning, diskcache, heldout, interrupt, losses, manifest, samples, validation
 from .caches import Caches, all_captions, latent_mask, plan
 from .config import TrainConfig, adalora_schedule
 
@@ -111,8 +111,9 @@ class Run:
 def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -> Path | None:
     """Train and save; returns the weights file (None on other processes than the main one, and after a stop).
     `on_step(step, logs)` is called after every optimizer step (benchmarks and the UI use it; `logs` also
-    carries `max_steps`). When `should_stop()` turns true, the run saves a checkpoint at the step it is on and
-    returns None, so `--resume_from_checkpoint latest` continues it exactly (the UI's Stop)."""
+    carries `max_steps`). When `should_stop()` turns true (a string: why, for the log line), the run saves a
+    checkpoint at the step it is on and returns None, so `--resume_from_checkpoint latest` continues it exactly
+    (Ctrl+C and SIGTERM through cli.train.run, the UI's Stop). Every process calls it after every step."""
     from tqdm.auto import tqdm
 
     run = setup(config, recipe)
@@ -123,6 +124,7 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -
             log.info("validation loss before training: %.5f", v)
             run.accelerator.log({"val_loss": v}, step=0)
     _phase("train")
+    stopped = None
     # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
     with tqdm(total=run.max_steps, initial=run.step, desc="steps", disable=not run.main, dynamic_ncols=True) as bar:
         t_last = time.perf_counter()
@@ -149,13 +151,11 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -
                 run.accelerator.wait_for_everyone()
             if samples.due(config, run.step, epoch_before, run.epoch, last=run.step == run.max_steps):
                 samples.take(run)
-            if should_stop and should_stop() and run.step < run.max_steps:
-                if not (config.checkpointing_steps and run.step % config.checkpointing_steps == 0):
-                    save_checkpoint(run)
-                log.info("stopped at step %d of %d; --resume_from_checkpoint latest continues it", run.step,
-                         run.max_steps)
-                run.accelerator.end_training()
-                return None
+            if should_stop and (why := should_stop()) and run.step < run.max_steps:
+                stopped = why if isinstance(why, str) else "stopped"
+                break
+    if stopped:  # after the bar has ended its line
+        return _stop(run, stopped)
     run.accelerator.wait_for_everyone()
     _phase("save")
     path = save_final(run) if run.main else None
@@ -167,8 +167,24 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -
 
 
 def _phase(name: str):
-    """Mark where a run is, at debug level: benchmarks/train_step.py reads these to report memory and time per phase."""
+    """Mark where a run is, at debug level: benchmarks/train_step.py reads these to report memory and time per phase.
+    A signal before "train" stops the run at once, from "train" on after the step it is on (interrupt.py)."""
+    interrupt.entered(name)
     log.debug("phase: %s", name)
+
+
+def _stop(run: Run, why: str) -> None:
+    """Save checkpoint-N at the step the run is on (unless it just saved one) and say so in one line."""
+    every = run.config.checkpointing_steps
+    path = run.config.output_dir / f"checkpoint-{run.step}"
+    if not (every and run.step % every == 0):
+        path = save_checkpoint(run, announce=False)
+    if run.main and path:
+        log.info("%s at step %d of %d: saved %s; --resume_from_checkpoint latest continues it", why, run.step,
+                 run.max_steps, path)
+    elif run.main:  # checkpoint.save skipped it: a folder of the user's has that name (it logged why)
+        log.info("%s at step %d of %d: no checkpoint saved", why, run.step, run.max_steps)
+    run.accelerator.end_training()
 
 
 def _val_loss_due(every: int | None, run: Run, epoch_before: int) -> bool:
@@ -652,15 +668,17 @@ def _step_generator(seed: int, micro: int, rank: int) -> torch.Generator:
 
 # ---------------------------------------------------------------- saving
 
-def save_checkpoint(run: Run):
+def save_checkpoint(run: Run, announce: bool = True) -> Path | None:
     run.accelerator.wait_for_everyone()
+    path = None
     if run.main:
         path = checkpoint.save(run.config.output_dir, run.step, {k: c.bare for k, c in run.parts.items()},
                                run.optimizer, run.lr_scheduler, getattr(run.accelerator, "scaler", None), run.seed,
                                run.settings, run.config.checkpoints_total_limit, run.best_val_loss,
                                {k: adalora.state(c.tuner) for k, c in run.parts.items() if c.tuner is not None})
-        if path:
+        if path and announce:
             log.info("saved %s", path)
+    return path
 
 
 def _public_name(model: str) -> str:

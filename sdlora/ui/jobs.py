@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..training.interrupt import EXIT_CODES
 from ..training.outdir import LOCK_NAME
 from .worker import LOG, PROGRESS, PROMPTS_ENV, STARTED, logs_dir
 
@@ -103,14 +104,16 @@ def holder(output_dir) -> int | None:
 
 
 def stop(output_dir) -> str:
-    """Ask the run holding `output_dir` to stop: it saves a checkpoint at its current step, then exits."""
+    """Ask the run holding `output_dir` to stop (SIGTERM): training, it saves a checkpoint at its current step and
+    exits; still loading or caching, it exits at once."""
     key = _key(output_dir)
     job = _jobs.get(key)
     pid = job.proc.pid if job and job.alive() else holder(key)
     if not pid:
         raise UserError(f"no run is going in {output_dir}")
     os.kill(pid, signal.SIGTERM)
-    return f"stopping the run in {output_dir} (pid {pid}): it saves a checkpoint at the step it is on; Resume continues it"
+    return f"stopping the run in {output_dir} (pid {pid}): a training run saves a checkpoint at the step it is on " \
+           "(Resume continues it); one still loading stops at once"
 
 
 def one_line_error(lines: list[str]) -> str | None:
@@ -163,7 +166,8 @@ class State:
             parts.append(f"loss {self.loss[-1][1]:.4f}")
         if self.val_loss:
             parts.append(f"val loss {self.val_loss[-1][1]:.4f}")
-        head = "running" if self.running else "finished" if self.finished else "stopped" if self.stopped else \
+        head = "running" if self.running else "finished" if self.finished else \
+            ("stopped" if self.loss else "stopped before training started") if self.stopped else \
             "interrupted (Resume continues from its last checkpoint)" if self.loss else "no run yet"
         if self.running and not self.loss:
             head = "running: loading the models"
@@ -185,6 +189,8 @@ def state(output_dir, logging_dir: str = "logs", samples: int = 12) -> State:
         st.command = job.command
         if not job.ended.is_set():
             st.starting = True
+        elif job.proc.returncode in EXIT_CODES.values():  # Stop while it was checking: nothing was made
+            st.stopped = True
         else:
             st.error = one_line_error(job.said) or (job.said[-1] if job.said else f"the run exited ({job.proc.returncode})")
         return st
@@ -211,7 +217,7 @@ def state(output_dir, logging_dir: str = "logs", samples: int = 12) -> State:
     if last_end and not st.running:
         st.stopped = bool(last_end.get("stopped"))
         st.finished = last_end.get("rc") == 0 and not st.stopped
-        if last_end.get("rc") not in (0, None):
+        if last_end.get("rc") not in (0, None) and not st.stopped:
             tail = [line for line in _tail(logs_dir(key, logging_dir) / LOG) if line.strip()]
             st.error = one_line_error(tail) or \
                 f"error: the run failed ({tail[-1].strip() if tail else 'no output'}); see {logs_dir(key, logging_dir) / LOG}"

@@ -4,7 +4,8 @@
 a pipe. Until the output folder is held and the data read, what it prints (the scripts' one-line errors) reaches
 the UI through that pipe and nothing is left on disk. Then it moves its output to `<logging_dir>/train.log` in the
 output folder and lets go of the pipe, so a browser closed or a UI restarted leaves the run going; the UI follows
-it through `progress.jsonl` beside the log. SIGTERM (the UI's Stop) saves a checkpoint at the current step.
+it through `progress.jsonl` beside the log. SIGTERM (the UI's Stop) is handled as in a terminal
+(training/interrupt.py): while training it saves a checkpoint at the current step, before that it stops at once.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ LOG = "train.log"
 PROGRESS = "progress.jsonl"
 STARTED = "sdlora-ui: started"  # the last line on the pipe: the folder is held, the log file takes over
 PROMPTS_ENV = "SDLORA_UI_SAMPLE_PROMPTS"  # prompts typed in the UI: a file the worker writes and deletes
+STOPPED_RC = 128 + signal.SIGTERM  # the exit status of a run the UI's Stop ended (as interrupt.EXIT_CODES says)
 
 
 def logs_dir(output_dir: Path, logging_dir: str = "logs") -> Path:
@@ -29,8 +31,10 @@ def logs_dir(output_dir: Path, logging_dir: str = "logs") -> Path:
 
 
 def main(argv=None) -> int:
+    # Stop while the recipe's imports load (before the run's own handlers): end as a stopped run, at once.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(STOPPED_RC))
     from ..cli import train as common
-    from ..errors import UserError
+    from ..training.interrupt import EXIT_CODES
 
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe, flags = argv[0], argv[1:]
@@ -41,10 +45,7 @@ def main(argv=None) -> int:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         flags += ["--sample_prompts", prompts_file]
-    stop, progress = [], []
-
-    def before_start(*_):  # Stop before the folder is held: end the way any other one-line error ends
-        raise UserError("stopped before training started")
+    progress = []
 
     def on_start(config):
         from ..training.manifest import Manifest
@@ -60,21 +61,18 @@ def main(argv=None) -> int:
         os.close(fd)
         progress.append(open(folder / PROGRESS, "a", buffering=1))
         _write(progress, event="start", pid=os.getpid(), command=[recipe, *_public(flags, prompts_file)])
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
 
     def on_step(step, logs):
         _write(progress, step=step, **{k: v if isinstance(v, int) else float(v) for k, v in logs.items()
                                        if math.isfinite(float(v))})
 
-    signal.signal(signal.SIGTERM, before_start)
     rc = 1
     try:
-        rc = common.run(mod.parse_args(flags), mod.make_recipe, on_start=on_start, on_step=on_step,
-                        should_stop=lambda: bool(stop))
+        rc = common.run(mod.parse_args(flags), mod.make_recipe, on_start=on_start, on_step=on_step)
     finally:
         if prompts_file:
             os.unlink(prompts_file)
-        _write(progress, event="end", rc=rc, stopped=bool(stop))
+        _write(progress, event="end", rc=rc, stopped=rc in EXIT_CODES.values())
     return rc
 
 
