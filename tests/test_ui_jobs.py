@@ -87,7 +87,8 @@ def test_stop_while_the_run_loads_ends_it_there(tmp_path, tiny_model):
     st = wait(out, lambda s: not s.running)
     assert st.stopped and not st.finished and not st.error and st.step == 0, st.line()
     assert st.line() == "stopped before training started"
-    assert sorted(p.name for p in out.iterdir()) == ["logs"]  # no checkpoint, no weights: only the UI's log
+    # no checkpoint, no weights: only the UI's log (and sdlora's record of having written it)
+    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", "logs"]
     last = (out / "logs" / "train.log").read_text().splitlines()[-1]
     assert re.fullmatch(r"stopped \(SIGTERM\) before training started \(during [a-zA-Z ]+\); nothing to resume", last)
 
