@@ -84,10 +84,11 @@ def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, varia
     import diffusers
     import torch
 
-    from . import models
+    from . import basecheck, models
     from .models import base_configs, family_of, resolve_base
 
     base = resolve_base(str(base), revision, cache_dir, flag="base model")  # short names such as sdlora-tiny
+    basecheck.check(base, variant=variant)  # a damaged file is one line naming it, before any weights load
     pipeline_class, unet_config, _ = base_configs(base, revision, cache_dir)
     cls = getattr(diffusers, PIPELINES.get(family_of(unet_config, pipeline_class), "StableDiffusionPipeline"))
     with quiet():
@@ -103,7 +104,7 @@ def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, varia
         except Exception as e:
             reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
             raise UserError(f"{base}: could not load the base model ({reason}); "
-                            + (formats.PICKLE_BASE_HINT if "safetensors" in reason and not allow_pickle else
+                            + (formats.PICKLE_BASE_HINT if models.no_safetensors(reason) and not allow_pickle else
                                "expected a diffusers Stable Diffusion folder or Hub id")) from None
 
 
@@ -277,10 +278,35 @@ def generate(pipe, prompt: str, negative_prompt: str | None = None, seed: int = 
     """Images for `prompt`; image i uses seed+i, so any one can be reproduced alone."""
     import torch
 
+    width, height = image_size(pipe, width, height)
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
     out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                width=width, height=height, num_images_per_prompt=num_images, generator=gens)
     return out.images
+
+
+def image_size(pipe, width=None, height=None) -> tuple[int, int]:
+    """(width, height) to draw at: each as given, else the base's own size (its UNet's sample_size x the VAE's
+    downsampling; diffusers defaults the two only when both are missing), checked against the base's multiple."""
+    from . import models
+
+    own = pipe.unet.config.sample_size
+    own_h, own_w = (own, own) if isinstance(own, int) else own
+    width, height = width or own_w * pipe.vae_scale_factor, height or own_h * pipe.vae_scale_factor
+    check_sides(width, height, pipe.vae.config)
+    return width, height
+
+
+def check_sides(width, height, vae_config) -> None:
+    """--width/--height (None: the base's own) against the multiple the base draws in (models.sample_multiple)."""
+    from . import models
+
+    multiple = models.sample_multiple(vae_config)
+    for flag, v in (("--width", width), ("--height", height)):
+        if v is not None and (v < 1 or v % multiple):
+            raise UserError(f"{flag} {v}: this base draws sides in multiples of {multiple} (its VAE's downsampling "
+                            f"{models.vae_factor(vae_config)}, and diffusers' 8); use "
+                            f"{max(multiple, round(v / multiple) * multiple)}")
 
 
 def sample(pipe, prompts, seeds, steps: int = 25, guidance: float = 7.5, batch: int = 8, encode=None,

@@ -170,13 +170,14 @@ def _text_config(**kw):
                           pad_token_id=vocab_size - 1, **kw)
 
 
-def build(arch: str = "tiny", seed: int = 0) -> dict:
+def build(arch: str = "tiny", seed: int = 0, **changes) -> dict:
     """{"unet", "vae", "text_encoder"[, "text_encoder_2"]} with random weights for a named architecture
-    (under `with torch.device("meta"):` nothing is allocated)."""
+    (under `with torch.device("meta"):` nothing is allocated). `changes`: config values to change per part, e.g.
+    vae=dict(block_out_channels=...) (tests build bases of other shapes with it)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = ARCHS[arch]
+    cfg = {part: {**kw, **changes.get(part, {})} for part, kw in ARCHS[arch].items()}
     torch.manual_seed(seed)
     parts = {"unet": UNet2DConditionModel(**cfg["unet"]), "vae": AutoencoderKL(**cfg["vae"]),
              "text_encoder": CLIPTextModel(_text_config(**cfg["text"]))}
@@ -193,13 +194,13 @@ def build_components(arch: str = "tiny", seed: int = 0):
     return parts["unet"], parts["vae"], parts["text_encoder"]
 
 
-def make_tiny(out_dir: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
+def make_tiny(out_dir: str | Path, arch: str = "tiny", seed: int = 0, **changes) -> Path:
     """Write a pipeline folder that `from_pretrained(out_dir)` loads: a StableDiffusionPipeline, or a
-    StableDiffusionXLPipeline for the SDXL architectures."""
+    StableDiffusionXLPipeline for the SDXL architectures. `changes`: as for `build`."""
     from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out = Path(out_dir)
-    parts = build(arch, seed)
+    parts = build(arch, seed, **changes)
     tokenizer = write_tokenizer(out / "tokenizer")
     if is_xl(arch):
         pipe = StableDiffusionXLPipeline(

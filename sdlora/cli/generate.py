@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, load_pipeline, write_images
+from ..pipeline import SCHEDULERS, check_sides, fuse_loras, generate, grid, load_pipeline, write_images
 from .tools import SAVE_PRECISIONS
 
 
@@ -46,6 +46,14 @@ def _generate_cli(args):
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    if args.base and (args.width or args.height):  # the sizes against the base's config files, before it loads
+        from .. import basecheck, models
+
+        base = models.resolve_base(args.base, flag="--base")
+        basecheck.check(base)
+        vae = models.base_configs(base)[2]
+        if vae:  # unreadable (a Hub base): loading it reports why
+            check_sides(args.width or None, args.height or None, vae)
     pipe = load_pipeline(args.lora, base=args.base, scheduler=args.scheduler, device=args.device,
                          dtype=args.dtype, allow_pickle=args.allow_pickle)
     if args.fuse and pipe.get_active_adapters():
