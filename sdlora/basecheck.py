@@ -43,15 +43,14 @@ def check(base: str, vae: str | None = None, variant: str | None = None) -> None
     index = _index(root)
     unet = _config(root / "unet" / "config.json", "unet")
     vae_dir = Path(vae) if vae else root / "vae"
-    vae_config = None if vae and not vae_dir.is_dir() else _config(vae_dir / "config.json", "vae")  # a Hub VAE: as base
+    vae_config = None if vae and not vae_dir.is_dir() else _config(vae_dir / "config.json", "vae")  # None: a Hub id
     xl = models.family_of(unet, index.get("_class_name")) == "sdxl"
     encoders = models.TEXT_ENCODERS if xl else models.TEXT_ENCODERS[:1]
     texts = {n: _config(root / n / "config.json", "text_encoder") for n in encoders}
     for n, te in texts.items():
         _tokenizer(root / n.replace("text_encoder", "tokenizer"), root / n / "config.json", te)
     _config(root / "scheduler" / "scheduler_config.json", None)
-    if vae_config is not None:
-        _fits(root, unet, vae_config, texts, xl)
+    _fits(root, unet, vae_config, texts, xl)
     parts = [("unet", unet, root / "unet", variant), *[(n, c, root / n, variant) for n, c in texts.items()]]
     if vae_config is not None:  # a separate VAE loads without the base's variant
         parts.append(("vae", vae_config, vae_dir, None if vae else variant))
@@ -123,7 +122,8 @@ def _tokenizer(folder: Path, te_path: Path, te: dict) -> None:
     if not folder.is_dir():
         raise UserError(f"{folder}: missing, and the base needs its tokenizer; re-download the model or copy the "
                         f"whole folder")
-    if not (folder / "tokenizer.json").exists() and not all((folder / f).exists() for f in ("vocab.json", "merges.txt")):
+    if not (folder / "tokenizer.json").exists() and not all((folder / f).exists()
+                                                            for f in ("vocab.json", "merges.txt")):
         raise UserError(f"{folder}: no tokenizer.json (or vocab.json and merges.txt); re-download the model")
     for name in ("tokenizer.json", "vocab.json", "special_tokens_map.json"):
         if (folder / name).exists():
@@ -136,21 +136,22 @@ def _tokenizer(folder: Path, te_path: Path, te: dict) -> None:
                         f"{positions}")
 
 
-def _fits(root: Path, unet: dict, vae: dict, texts: dict, xl: bool) -> None:
-    """The UNet takes what the VAE and the text encoders give it."""
+def _fits(root: Path, unet: dict, vae: dict | None, texts: dict, xl: bool) -> None:
+    """The UNet takes what the VAE (None: not known here) and the text encoders give it."""
     where = root / "unet" / "config.json"
-    latents = vae["latent_channels"]
-    for key in ("in_channels", "out_channels"):
-        if unet[key] != latents:
-            raise UserError(f"{where}: {key} is {unet[key]}, but the VAE's latents have {latents} channels "
-                            f"(latent_channels); sdlora trains text-to-image UNets on the VAE's latents (an "
+    for key in ("in_channels", "out_channels") if vae else ():
+        if unet[key] != vae["latent_channels"]:
+            raise UserError(f"{where}: {key} is {unet[key]}, but the VAE's latents have {vae['latent_channels']} "
+                            f"channels (latent_channels); sdlora trains text-to-image UNets on the VAE's latents (an "
                             f"inpainting base is not one)")
     width = sum(te["hidden_size"] for te in texts.values())
-    if isinstance(unet.get("cross_attention_dim"), int) and unet["cross_attention_dim"] != width:
+    # (a UNet that projects the text first, encoder_hid_dim, takes other widths)
+    if isinstance(unet["cross_attention_dim"], int) and unet["encoder_hid_dim"] is None \
+            and unet["cross_attention_dim"] != width:
         raise UserError(f"{where}: cross_attention_dim is {unet['cross_attention_dim']}, but the text encoder"
                         f"{'s give' if xl else ' gives'} {width} (hidden_size); the UNet and text encoders come "
                         f"from different models")
-    side = _side(unet, vae)
+    side = max(_flatten(unet["sample_size"])) * models.vae_factor(vae) if vae and unet["sample_size"] else 0
     if side > MAX_SIDE:
         raise UserError(f"{where}: sample_size {unet['sample_size']} makes {side} px images, more than {MAX_SIDE}; "
                         f"{_FIX}")
@@ -162,10 +163,6 @@ def _fits(root: Path, unet: dict, vae: dict, texts: dict, xl: bool) -> None:
                             f"{unet['projection_class_embeddings_input_dim']}, but SDXL's {SDXL_TIME_IDS} time ids "
                             f"x addition_time_embed_dim {unet['addition_time_embed_dim']} + the pooled text "
                             f"({pooled}) make {want}; the UNet is not an SDXL base UNet this pipeline can condition")
-
-
-def _side(unet: dict, vae: dict) -> int:
-    return max(_flatten(unet["sample_size"])) * models.vae_factor(vae) if unet["sample_size"] else 0
 
 
 def _weights_fit(name: str, config: dict, folder: Path, variant: str | None) -> None:

@@ -269,6 +269,12 @@ def sample_multiple(vae_config: dict) -> int:
     return math.lcm(vae_factor(vae_config), 8)
 
 
+def multiples_near(value: int, multiple: int) -> str:
+    """The multiples of `multiple` either side of `value`, for an error's advice: "32 or 40"."""
+    below = value // multiple * multiple
+    return f"{below} or {below + multiple}" if below > 0 else str(multiple)
+
+
 def no_safetensors(reason: str) -> bool:
     """Whether a load error says the component has no safetensors file (so pickle weights are all there is and
     --allow_pickle is the advice), not that its safetensors file is damaged."""

@@ -306,7 +306,7 @@ def check_sides(width, height, vae_config) -> None:
         if v is not None and (v < 1 or v % multiple):
             raise UserError(f"{flag} {v}: this base draws sides in multiples of {multiple} (its VAE's downsampling "
                             f"{models.vae_factor(vae_config)}, and diffusers' 8); use "
-                            f"{max(multiple, round(v / multiple) * multiple)}")
+                            f"{models.multiples_near(v, multiple)}")
 
 
 def sample(pipe, prompts, seeds, steps: int = 25, guidance: float = 7.5, batch: int = 8, encode=None,

@@ -170,14 +170,13 @@ def _text_config(**kw):
                           pad_token_id=vocab_size - 1, **kw)
 
 
-def build(arch: str = "tiny", seed: int = 0, **changes) -> dict:
+def build(arch: str = "tiny", seed: int = 0) -> dict:
     """{"unet", "vae", "text_encoder"[, "text_encoder_2"]} with random weights for a named architecture
-    (under `with torch.device("meta"):` nothing is allocated). `changes`: config values to change per part, e.g.
-    vae=dict(block_out_channels=...) (tests build bases of other shapes with it)."""
+    (under `with torch.device("meta"):` nothing is allocated)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = {part: {**kw, **changes.get(part, {})} for part, kw in ARCHS[arch].items()}
+    cfg = ARCHS[arch]
     torch.manual_seed(seed)
     parts = {"unet": UNet2DConditionModel(**cfg["unet"]), "vae": AutoencoderKL(**cfg["vae"]),
              "text_encoder": CLIPTextModel(_text_config(**cfg["text"]))}
@@ -194,13 +193,13 @@ def build_components(arch: str = "tiny", seed: int = 0):
     return parts["unet"], parts["vae"], parts["text_encoder"]
 
 
-def make_tiny(out_dir: str | Path, arch: str = "tiny", seed: int = 0, **changes) -> Path:
+def make_tiny(out_dir: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
     """Write a pipeline folder that `from_pretrained(out_dir)` loads: a StableDiffusionPipeline, or a
-    StableDiffusionXLPipeline for the SDXL architectures. `changes`: as for `build`."""
+    StableDiffusionXLPipeline for the SDXL architectures."""
     from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out = Path(out_dir)
-    parts = build(arch, seed, **changes)
+    parts = build(arch, seed)
     tokenizer = write_tokenizer(out / "tokenizer")
     if is_xl(arch):
         pipe = StableDiffusionXLPipeline(

@@ -245,7 +245,8 @@ def _base_sizes(args, base: str, vae: str | None) -> tuple[str, int, Bucketing, 
     family = _check_family(args, pipeline_class, unet_config)
     _check_token_length(args, base)
     resolution = _resolution(args, unet_config, vae_config)
-    bucketing = _bucketing(args, resolution, models.vae_factor(vae_config), models.size_multiple(unet_config, vae_config))
+    bucketing = _bucketing(args, resolution, models.vae_factor(vae_config),
+                           models.size_multiple(unet_config, vae_config))
     return family, resolution, bucketing, unet_config, vae_config
 
 
@@ -295,20 +296,17 @@ def _resolution(args, unet_config: dict, vae_config: dict) -> int:
         return own
     if args.resolution % factor:
         raise UserError(f"--resolution must be a multiple of {factor}, the VAE's downsampling (got {args.resolution}); "
-                        f"e.g. {_nearest(args.resolution, factor)}")
+                        f"use {models.multiples_near(args.resolution, factor)}")
     multiple = models.sample_multiple(vae_config)
     if args.validation_prompt and args.resolution % multiple:
         raise UserError(f"--resolution {args.resolution}: --validation_prompt samples at it, and diffusers' pipelines "
-                        f"draw sides in multiples of {multiple}; use {_nearest(args.resolution, multiple)}")
+                        f"draw sides in multiples of {multiple}; use "
+                        f"{models.multiples_near(args.resolution, multiple)}")
     if own and args.resolution > 2 * own:  # each step costs the square of the ratio; the base draws best at its own
         log.warning("--resolution %d is %.0fx this base's own size (%d px, its UNet's sample_size x the VAE's %d): "
                     "each step costs about %.0fx as much; the base was trained at %d px", args.resolution,
                     args.resolution / own, own, factor, (args.resolution / own) ** 2, own)
     return args.resolution
-
-
-def _nearest(value: int, multiple: int) -> int:
-    return max(multiple, round(value / multiple) * multiple)
 
 
 def _check_token_length(args, base: str):

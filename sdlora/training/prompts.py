@@ -107,8 +107,8 @@ def _number(key: str, name: str, value: str, where: str, multiple: int):
         return g
     n = int(value) if re.fullmatch(r"\d+", value) else None
     if key in ("width", "height") and (n is None or n == 0 or n % multiple):
-        raise UserError(f"{where}: --{name} must be a positive multiple of {multiple} (got '{value}'), "
-                        f"e.g. --{name} {max(multiple, round((n or 512) / multiple) * multiple)}")
+        raise UserError(f"{where}: --{name} must be a positive multiple of {multiple} (got '{value}'), e.g. --{name} "
+                        f"{max(multiple, (n or 512) // multiple * multiple)}")
     if key == "steps" and (n is None or not 1 <= n <= MAX_STEPS):
         raise UserError(f"{where}: --{name} must be a whole number from 1 to {MAX_STEPS} (got '{value}')")
     if key == "seed" and (n is None or n >= 2**63):
