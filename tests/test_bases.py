@@ -136,6 +136,18 @@ def test_a_base_with_a_4x_pixel_multiple_trains_with_and_without_buckets(x4_base
     assert read_lora(out / "pytorch_lora_weights.safetensors")[1]["modelspec.resolution"] == "16x16"
 
 
+@pytest.mark.parametrize("extra,expect", [
+    ({"resolution": 17}, "--resolution must be a multiple of 2, the VAE's downsampling (got 17); use 16 or 18"),
+    ({"resolution": 20, "validation_prompt": "a cat"}, "--resolution 20: --validation_prompt draws images at it, and "
+     "diffusers' pipelines draw sides in multiples of 8; give --resolution 16 or 24"),
+    ({"bucket_reso_steps": 3}, "--bucket_reso_steps must be a multiple of 2, the VAE's downsampling (got 3); use 4"),
+])
+def test_sizes_are_checked_against_the_bases_own_factor(x4_base, tmp_path, capsys, no_model_loads, extra, expect):
+    data = make_images(tmp_path / "d", n=1)
+    line = recipe_error(capsys, t2i, fast_flags(x4_base, tmp_path / "o", train_data_dir=data, **extra))
+    assert line == f"error: {expect}"
+
+
 def test_the_bundled_model_trains_at_its_own_32px_and_logs_the_plan_and_pace(tmp_path, capsys):
     data = make_images(tmp_path / "d", n=2)
     out = tmp_path / "o"

@@ -289,24 +289,24 @@ def default_resolution(unet_config: dict, vae_config: dict) -> int | None:
 def _resolution(args, unet_config: dict, vae_config: dict) -> int:
     """--resolution, a multiple of the base's VAE factor (latents have whole sides), or the base's own size."""
     own, factor = default_resolution(unet_config, vae_config), models.vae_factor(vae_config)
-    if args.resolution is None:
-        if own is None:
-            raise UserError(f"--resolution: the base {args.pretrained_model_name_or_path} has no sample_size in its "
-                            f"unet/config.json to take its own size from; give --resolution")
-        return own
-    if args.resolution % factor:
-        raise UserError(f"--resolution must be a multiple of {factor}, the VAE's downsampling (got {args.resolution}); "
-                        f"use {models.multiples_near(args.resolution, factor)}")
+    resolution = args.resolution or own
+    if resolution is None:
+        raise UserError(f"--resolution: the base {args.pretrained_model_name_or_path} has no sample_size in its "
+                        f"unet/config.json to take its own size from; give --resolution")
+    if resolution % factor:
+        raise UserError(f"--resolution must be a multiple of {factor}, the VAE's downsampling (got {resolution}); "
+                        f"use {models.multiples_near(resolution, factor)}")
     multiple = models.sample_multiple(vae_config)
-    if args.validation_prompt and args.resolution % multiple:
-        raise UserError(f"--resolution {args.resolution}: --validation_prompt samples at it, and diffusers' pipelines "
-                        f"draw sides in multiples of {multiple}; use "
-                        f"{models.multiples_near(args.resolution, multiple)}")
-    if own and args.resolution > 2 * own:  # each step costs the square of the ratio; the base draws best at its own
+    drawn = [f for f in ("validation_prompt", "with_prior_preservation") if getattr(args, f, None)]  # class images
+    if drawn and resolution % multiple:
+        raise UserError(f"--resolution {resolution}: --{drawn[0]} draws images at it, and diffusers' pipelines "
+                        f"draw sides in multiples of {multiple}; give --resolution "
+                        f"{models.multiples_near(resolution, multiple)}")
+    if args.resolution and own and args.resolution > 2 * own:  # each step costs the square of the ratio; the base draws best at its own
         log.warning("--resolution %d is %.0fx this base's own size (%d px, its UNet's sample_size x the VAE's %d): "
                     "each step costs about %.0fx as much; the base was trained at %d px", args.resolution,
                     args.resolution / own, own, factor, (args.resolution / own) ** 2, own)
-    return args.resolution
+    return resolution
 
 
 def _check_token_length(args, base: str):
