@@ -288,8 +288,6 @@ def generate(pipe, prompt: str, negative_prompt: str | None = None, seed: int = 
 def image_size(pipe, width=None, height=None) -> tuple[int, int]:
     """(width, height) to draw at: each as given, else the base's own size (its UNet's sample_size x the VAE's
     downsampling; diffusers defaults the two only when both are missing), checked against the base's multiple."""
-    from . import models
-
     own = pipe.unet.config.sample_size
     own_h, own_w = (own, own) if isinstance(own, int) else own
     width, height = width or own_w * pipe.vae_scale_factor, height or own_h * pipe.vae_scale_factor

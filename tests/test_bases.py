@@ -148,6 +148,16 @@ def test_sizes_are_checked_against_the_bases_own_factor(x4_base, tmp_path, capsy
     assert line == f"error: {expect}"
 
 
+def test_a_token_length_past_the_text_encoders_positions_is_one_line(tiny_model, tmp_path, capsys, no_model_loads):
+    import train_dreambooth_lora as db
+
+    inst = make_images(tmp_path / "i", n=1, captions=False)
+    line = recipe_error(capsys, db, fast_flags(tiny_model, tmp_path / "o", instance_data_dir=inst, instance_prompt="sks",
+                                               tokenizer_max_length=100))
+    assert line == "error: --tokenizer_max_length 100: the base's text encoder takes at most 77 tokens " \
+                   "(max_position_embeddings); use 77 or less"
+
+
 def test_the_bundled_model_trains_at_its_own_32px_and_logs_the_plan_and_pace(tmp_path, capsys):
     data = make_images(tmp_path / "d", n=2)
     out = tmp_path / "o"

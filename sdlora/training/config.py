@@ -302,7 +302,7 @@ def _resolution(args, unet_config: dict, vae_config: dict) -> int:
         raise UserError(f"--resolution {resolution}: --{drawn[0]} draws images at it, and diffusers' pipelines "
                         f"draw sides in multiples of {multiple}; give --resolution "
                         f"{models.multiples_near(resolution, multiple)}")
-    if args.resolution and own and args.resolution > 2 * own:  # each step costs the square of the ratio; the base draws best at its own
+    if args.resolution and own and args.resolution > 2 * own:  # a step costs the square of the ratio
         log.warning("--resolution %d is %.0fx this base's own size (%d px, its UNet's sample_size x the VAE's %d): "
                     "each step costs about %.0fx as much; the base was trained at %d px", args.resolution,
                     args.resolution / own, own, factor, (args.resolution / own) ** 2, own)

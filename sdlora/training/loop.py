@@ -171,7 +171,7 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -
 
 class Pace:
     """The measured time per optimizer step (its own time: sampling and checkpoints are not in it) and the time
-    left at that pace, logged once after the first steps: PACE_STEPS of them, or fewer that took PACE_SECONDS."""
+    left at that pace, logged once after the first steps: STEPS of them, or fewer that took SECONDS."""
     STEPS, SECONDS = 3, 10.0
 
     def __init__(self, main: bool):
