@@ -259,7 +259,7 @@ def vae_factor(vae_config: dict) -> int:
 
 def size_multiple(unet_config: dict, vae_config: dict) -> int:
     """The pixel multiple an image side should be for a base (its `base_configs`): the VAE's downsampling times
-    the UNet's (8 x 8 = 64 for every SD1.x/2.x/XL checkpoint; smaller for tiny test models)."""
+    the UNet's (8 x 8 = 64 for SD 1.x/2.x, 8 x 4 = 32 for SDXL; 16 for sdlora-tiny)."""
     return vae_factor(vae_config) * 2 ** (len(unet_config["down_block_types"]) - 1)
 
 
