@@ -6,6 +6,9 @@ a one-line error, not a traceback after minutes of loading. torch is imported la
 """
 from __future__ import annotations
 
+import functools
+import json
+import math
 import re
 from pathlib import Path
 
@@ -148,21 +151,50 @@ def family_of(unet_config, pipeline_class: str | None = None) -> str:
     return "sd2" if unet_config.get("use_linear_projection") else "sd1"
 
 
-def base_configs(base: str, revision=None, cache_dir=None) -> tuple[str | None, dict, dict]:
+def base_configs(base: str, revision=None, cache_dir=None, vae: str | None = None) -> tuple[str | None, dict, dict]:
     """(pipeline class from model_index.json, UNet config, VAE config) of a base, each read once for every
-    check before loading: config files only. Missing pieces are None / {} (an unusual layout: loading reports it)."""
+    check before loading: config files only, with the model classes' defaults filled in. `vae`: a separate VAE
+    (--pretrained_vae_model_name_or_path) whose config replaces the base's. Missing pieces are None / {} (an
+    unusual layout: loading reports it)."""
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
-    def read(load, **kw):
+    def read(load, where=base, **kw):
         try:
-            return load(base, revision=revision, cache_dir=cache_dir, **kw)
+            return load(where, cache_dir=cache_dir, **kw)
         except Exception:
             return {}
 
-    index = read(DiffusionPipeline.load_config)
-    unet = read(UNet2DConditionModel.load_config, subfolder="unet")
-    vae = read(AutoencoderKL.load_config, subfolder="vae")
-    return index.get("_class_name"), dict(unet), dict(vae)
+    index = read(DiffusionPipeline.load_config, revision=revision)
+    unet = read(UNet2DConditionModel.load_config, subfolder="unet", revision=revision)
+    vae = read(AutoencoderKL.load_config, vae) if vae else \
+        read(AutoencoderKL.load_config, subfolder="vae", revision=revision)
+    return index.get("_class_name"), with_defaults(UNet2DConditionModel, unet), with_defaults(AutoencoderKL, vae)
+
+
+def with_defaults(cls, config) -> dict:
+    """A diffusers model's config as the model is built from it: the class's defaults where the file says nothing
+    (a VAE config without block_out_channels is one block, factor 1, not SD's 8). {} stays {} (unreadable)."""
+    import inspect
+
+    if not config:
+        return {}
+    init = inspect.signature(cls.__init__).parameters.items()
+    return {**{k: p.default for k, p in init if p.default is not p.empty}, **config}
+
+
+def meta_unet(unet_config: dict):
+    """An empty UNet built on the meta device from its config (no memory), shared by the checks that read its
+    layers: building an SD-sized one takes about a second."""
+    return _meta_unet(json.dumps(unet_config, sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=2)
+def _meta_unet(config_json: str):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(json.loads(config_json))
 
 
 def family(base: str, revision=None, cache_dir=None) -> str:
@@ -200,13 +232,11 @@ def check_targets(base: str, unet_config: dict, targets: list[str], linear_only:
     that. Checked on an empty meta-device UNet built from the config (`base_configs`), so a typo costs
     milliseconds instead of a traceback after the models load."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     if not unet_config:  # an unusual layout: loading it reports the real problem
         return
     try:
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(unet_config)
+        unet = meta_unet(unet_config)
     except Exception:  # an unusual UNet: loading it reports the real problem
         return
     layers = dict(unet.named_modules())
@@ -224,18 +254,33 @@ def check_targets(base: str, unet_config: dict, targets: list[str], linear_only:
 
 
 def vae_factor(vae_config: dict) -> int:
-    """How many pixels one latent pixel covers along a side: 8 for every real SD VAE (2 per down block after the
-    first). KeyError/TypeError on an unusual config."""
+    """How many pixels one latent pixel covers along a side (2 per down block after the first: 8 for every real
+    SD VAE, 4 for the bundled tiny ones), as diffusers' pipelines compute it. KeyError on an empty config."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def size_multiple(unet_config: dict, vae_config: dict) -> int:
     """The pixel multiple an image side should be for a base (its `base_configs`): the VAE's downsampling times
-    the UNet's (8 x 8 = 64 for every SD1.x/2.x/XL checkpoint; smaller for tiny test models). 64 if unknown."""
-    try:
-        return vae_factor(vae_config) * 2 ** (len(unet_config["down_block_types"]) - 1)
-    except (KeyError, TypeError):  # an unusual layout: loading it reports the real problem
-        return 64
+    the UNet's (8 x 8 = 64 for SD 1.x/2.x, 8 x 4 = 32 for SDXL; 16 for sdlora-tiny)."""
+    return vae_factor(vae_config) * 2 ** (len(unet_config["down_block_types"]) - 1)
+
+
+def sample_multiple(vae_config: dict) -> int:
+    """The multiple an image drawn through diffusers' SD pipelines must have per side: the VAE's downsampling,
+    and 8, which those pipelines require whatever the VAE (their check_inputs)."""
+    return math.lcm(vae_factor(vae_config), 8)
+
+
+def multiples_near(value: int, multiple: int) -> str:
+    """The multiples of `multiple` either side of `value`, for an error's advice: "32 or 40"."""
+    below = value // multiple * multiple
+    return f"{below} or {below + multiple}" if below > 0 else str(multiple)
+
+
+def no_safetensors(reason: str) -> bool:
+    """Whether a load error says the component has no safetensors file (so pickle weights are all there is and
+    --allow_pickle is the advice), not that its safetensors file is damaged."""
+    return "no file named" in reason and ".safetensors" in reason
 
 
 def _load(cls, base, subfolder, allow_pickle, **kw):
@@ -256,7 +301,8 @@ def _load(cls, base, subfolder, allow_pickle, **kw):
             return cls.from_pretrained(base, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kw)
     except (OSError, EnvironmentError, ValueError) as e:
         msg = str(e).splitlines()[0][:300]
-        hint = "; pass --allow_pickle to load .bin weights you trust" if "safetensors" in msg.lower() else ""
+        hint = "; pass --allow_pickle to load .bin weights you trust" if no_safetensors(msg) else \
+            "; if a weights file is damaged (a partial download), re-download it" if "safetensors" in msg else ""
         raise UserError(f"{base}{'/' + subfolder if subfolder else ''}: could not load ({msg}){hint}") from None
 
 

@@ -67,10 +67,14 @@ def load_pipeline(loras=(), base=None, scheduler: str = "dpm++", device=None, dt
     read = [(formats.load_lora(p, allow_pickle=allow_pickle), w) for p, w in specs]
     base = base or base_from(read)
     if width is not None or height is not None:
+        from . import basecheck
         from .models import base_configs, resolve_base
 
-        _, unet_config, vae_config = base_configs(resolve_base(str(base), flag="base model"))
-        check_size(width, height, unet_config, vae_config)
+        local = resolve_base(str(base), flag="base model")
+        basecheck.check(local)  # a damaged config is one line naming it, not a failed size check
+        _, unet_config, vae_config = base_configs(local)
+        if vae_config:  # unreadable (a Hub base not cached): loading it reports why
+            check_size(width, height, unet_config, vae_config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(dtype, device)
     pipe = load_base(base, dtype, allow_pickle=allow_pickle)
@@ -106,10 +110,11 @@ def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, varia
     import diffusers
     import torch
 
-    from . import models
+    from . import basecheck, models
     from .models import base_configs, family_of, resolve_base
 
     base = resolve_base(str(base), revision, cache_dir, flag="base model")  # short names such as sdlora-tiny
+    basecheck.check(base, variant=variant)  # a damaged file is one line naming it, before any weights load
     pipeline_class, unet_config, _ = base_configs(base, revision, cache_dir)
     cls = getattr(diffusers, PIPELINES.get(family_of(unet_config, pipeline_class), "StableDiffusionPipeline"))
     with quiet():
@@ -125,7 +130,7 @@ def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, varia
         except Exception as e:
             reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
             raise UserError(f"{base}: could not load the base model ({reason}); "
-                            + (formats.PICKLE_BASE_HINT if "safetensors" in reason and not allow_pickle else
+                            + (formats.PICKLE_BASE_HINT if models.no_safetensors(reason) and not allow_pickle else
                                "expected a diffusers Stable Diffusion folder or Hub id")) from None
 
 
@@ -304,31 +309,33 @@ MAX_SIZE_FACTOR = 8
 
 
 def size_limits(unet_config: dict, vae_config: dict) -> tuple[int, int | None]:
-    """(the multiple each image side must be, the largest side or None if unknown) for a base: the VAE's pixels per
-    latent pixel (2 per block after the first) and diffusers' multiple of 8; at most MAX_SIZE_FACTOR x the base's
-    own size (the UNet's sample_size in latent pixels x the VAE's factor, diffusers' default size)."""
-    from .models import vae_factor
+    """(the multiple each image side must be, the largest side or None if unknown) for a base: the VAE's
+    downsampling and diffusers' 8 (`models.sample_multiple`); at most MAX_SIZE_FACTOR x the base's own size (the
+    UNet's sample_size in latent pixels x the VAE's factor, diffusers' default size)."""
+    from .models import sample_multiple, vae_factor
 
     try:
-        factor = vae_factor(vae_config)
+        multiple, factor = sample_multiple(vae_config), vae_factor(vae_config)
     except (KeyError, TypeError):  # an unusual layout: loading it reports the real problem
         return PIPELINE_MULTIPLE, None
     own = unet_config.get("sample_size")
     own = max(own) if isinstance(own, (list, tuple)) and own else own
-    return math.lcm(PIPELINE_MULTIPLE, factor), MAX_SIZE_FACTOR * own * factor if isinstance(own, int) else None
+    return multiple, MAX_SIZE_FACTOR * own * factor if isinstance(own, int) else None
 
 
 def check_size(width, height, unet_config: dict, vae_config: dict):
     """A one-line UserError naming --width/--height unless each given side is a positive multiple of the base's
     pixel multiple and at most its largest side (`size_limits`)."""
+    from .models import multiples_near
+
     multiple, largest = size_limits(unet_config, vae_config)
     for flag, side in (("--width", width), ("--height", height)):
         if side is None:
             continue
         if isinstance(side, bool) or not isinstance(side, int) or side < 1 or side % multiple:
-            near = max(multiple, round(side / multiple) * multiple) if isinstance(side, (int, float)) else multiple
-            raise UserError(f"{flag} {side}: must be a positive multiple of {multiple} for this base model "
-                            f"(e.g. {near})")
+            near = multiples_near(side, multiple) if isinstance(side, int) else str(multiple)
+            raise UserError(f"{flag} {side}: must be a positive multiple of {multiple} for this base model (its "
+                            f"VAE's downsampling and diffusers' 8); use {near}")
         if largest and side > largest:
             raise UserError(f"{flag} {side}: too large for this base model; at most {largest} ({MAX_SIZE_FACTOR}x "
                             f"its own size of {largest // MAX_SIZE_FACTOR})")
@@ -339,11 +346,21 @@ def generate(pipe, prompt: str, negative_prompt: str | None = None, seed: int = 
     """Images for `prompt`; image i uses seed+i, so any one can be reproduced alone."""
     import torch
 
-    check_size(width, height, dict(pipe.unet.config), dict(pipe.vae.config))
+    width, height = image_size(pipe, width, height)
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
     out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                width=width, height=height, num_images_per_prompt=num_images, generator=gens)
     return out.images
+
+
+def image_size(pipe, width=None, height=None) -> tuple[int, int]:
+    """(width, height) to draw at: each as given, else the base's own size (its UNet's sample_size x the VAE's
+    downsampling; diffusers defaults the two only when both are missing), checked against the base's multiple."""
+    own = pipe.unet.config.sample_size
+    own_h, own_w = (own, own) if isinstance(own, int) else own
+    width, height = width or own_w * pipe.vae_scale_factor, height or own_h * pipe.vae_scale_factor
+    check_size(width, height, dict(pipe.unet.config), dict(pipe.vae.config))
+    return width, height
 
 
 def sample(pipe, prompts, seeds, steps: int = 25, guidance: float = 7.5, batch: int = 8, encode=None,

@@ -78,7 +78,7 @@ def test_unwritable_output_dir(tiny_model, tmp_path, capsys, no_model_loads):
     ({"mixed_precision": "fp16"}, "fp16 needs a CUDA GPU"),
     ({"enable_xformers_memory_efficient_attention": True}, "xformers"),
     ({"use_8bit_adam": True}, "bitsandbytes"),
-    ({"resolution": 30}, "multiple of 8"),
+    ({"resolution": 30}, "--resolution must be a multiple of 4, the VAE's downsampling"),  # the tiny VAE's 4
     ({"rank": 0}, "--rank must be >= 1"),
     ({"hub_token": "hf_secret_value", "report_to": "wandb"}, None),
     ({"target_modules": " , "}, "--target_modules is empty"),

@@ -59,7 +59,7 @@ def test_settings_that_leave_no_bucket_are_one_line(tiny_model, tmp_path, capsys
     data = make_images(tmp_path / "d", n=2)
     for flags, msg in ((["--min_bucket_reso", "1024", "--max_bucket_reso", "2048"], "leave no bucket"),
                        (["--min_bucket_reso", "96", "--max_bucket_reso", "48"], "larger than --max_bucket_reso"),
-                       (["--bucket_reso_steps", "12"], "multiple of 8"),
+                       (["--bucket_reso_steps", "6"], "must be a multiple of 4, the VAE's downsampling"),
                        (["--bucket_reso_steps", "0"], "--bucket_reso_steps must be >= 1")):
         line = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=data) + flags)
         assert msg in line, line

@@ -232,7 +232,7 @@ def test_default_precision_is_the_fast_path_and_loads_half_weights_exactly(tiny_
 
 @pytest.mark.parametrize("argv, said", [
     (["--out", "{file}"], "--out {file}: {file} exists and is a file, not a folder; choose another name"),
-    (["--width", "33"], "--width 33: must be a positive multiple of 8 for this base model (e.g. 32)"),
+    (["--width", "33"], "--width 33: must be a positive multiple of 8 for this base model (its VAE's downsampling and diffusers' 8); use 32 or 40"),
     (["--height", "0"], "--height 0: must be a positive multiple of 8"),
     (["--width", "1000000"], "--width 1000000: too large for this base model; at most 256 (8x its own size of 32)"),
     (["--lora", "{lora}:nan"], "{lora}:nan: the LoRA's weight must be a finite number"),

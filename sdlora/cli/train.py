@@ -45,7 +45,8 @@ def add_training_args(p: argparse.ArgumentParser):
                         "a file the run writes stops it before it starts)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--resolution", type=int, default=None,
-                   help="default: 512, or an SDXL base's own size (1024 for SDXL 1.0)")
+                   help="default: the base's own size, its UNet's sample_size x the VAE's downsampling (512 for "
+                        "SD 1.5, 1024 for SDXL, 32 for sdlora-tiny)")
     g.add_argument("--center_crop", action="store_true", help="centre crops (default: random crops, as diffusers)")
     g.add_argument("--random_crop", action="store_true", help="kohya's flag: random crops, the default here")
     g.add_argument("--random_flip", "--flip_aug", action="store_true", help="flip half the images (--flip_aug: kohya)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..models import TEXT_CLASSES, TEXT_ENCODERS
+from ..models import TEXT_CLASSES, TEXT_ENCODERS, no_safetensors
 from . import formats
 from .formats import Lora, Module
 
@@ -171,6 +171,6 @@ def _component(model, comp, allow_pickle: bool = False):
         if comp != "unet" and not (Path(str(model)) / comp).exists() and Path(str(model)).exists():
             return None
         reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        hint = formats.PICKLE_BASE_HINT if "safetensors" in reason and not allow_pickle else \
+        hint = formats.PICKLE_BASE_HINT if no_safetensors(reason) and not allow_pickle else \
             "expected a diffusers Stable Diffusion folder or Hub id"
         raise UserError(f"{model}: could not load its {comp} ({reason}); {hint}") from None

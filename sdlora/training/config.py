@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .. import io, models, quantize
+from .. import basecheck, io, models, quantize
 from ..data.buckets import Bucketing
 from ..errors import UserError
 from . import diskcache, prompts
@@ -41,7 +41,7 @@ class TrainConfig:
     seed: int | None = None  # None: a random seed, drawn and recorded by the loop
     resume_from_checkpoint: str | None = None
     # data and batches
-    resolution: int = 512  # resolved: the flag, else 512 (SD 1.x/2.x) or the SDXL base's own size
+    resolution: int = 512  # resolved: the flag, else the base's own size (UNet sample_size x VAE factor)
     center_crop: bool = False
     random_flip: bool = False
     train_batch_size: int = 1
@@ -165,8 +165,6 @@ def check(args, token: str | None = None) -> TrainConfig:
     _positive("checkpoints_total_limit", args.checkpoints_total_limit)
     if args.random_crop and args.center_crop:
         raise UserError("--random_crop and --center_crop contradict each other; keep one (random is the default)")
-    if args.resolution and args.resolution % 8:
-        raise UserError(f"--resolution must be a multiple of 8 (got {args.resolution})")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be > 0 (got {args.learning_rate})")
     if not 0 <= args.lora_dropout < 1:
@@ -207,13 +205,10 @@ def check(args, token: str | None = None) -> TrainConfig:
         vae=True)
     if vae:
         _check_vae(args.pretrained_vae_model_name_or_path, vae, args.cache_dir)
-    pipeline_class, unet_config, vae_config = models.base_configs(base, args.revision, args.cache_dir)
-    family = _check_family(args, pipeline_class, unet_config)
-    resolution = args.resolution or default_resolution(family, unet_config, vae_config)
-    sample_prompts = _check_sampling(args, resolution)
+    family, resolution, bucketing, unet_config, vae_config = _base_sizes(args, base, vae)
+    sample_prompts = _check_sampling(args, resolution, models.sample_multiple(vae_config))
     models.check_targets(base, unet_config, list(targets),
                          None if args.init_lora_weights == "gaussian" else f"--init_lora_weights {args.init_lora_weights}")
-    bucketing = _bucketing(args, resolution, models.size_multiple(unet_config, vae_config))
 
     resolved = dict(base=base, base_name=args.pretrained_model_name_or_path, family=family, output_dir=output_dir,
                     pretrained_vae_model_name_or_path=vae or None, resolution=resolution,
@@ -241,10 +236,27 @@ def sizing(args, token: str | None = None) -> tuple[str, int, Bucketing]:
     """(family, resolution, bucketing) for the parsed flags, from the base's config files only (the UI's data
     preview shows the bucket table a run would use)."""
     base = models.resolve_base(args.pretrained_model_name_or_path, args.revision, args.cache_dir, token)
-    pipeline_class, unet_config, vae_config = models.base_configs(base, args.revision, args.cache_dir)
+    vae = args.pretrained_vae_model_name_or_path and models.resolve_base(
+        args.pretrained_vae_model_name_or_path, None, args.cache_dir, token, "--pretrained_vae_model_name_or_path",
+        vae=True)
+    return _base_sizes(args, base, vae)[:3]
+
+
+def _base_sizes(args, base: str, vae: str | None) -> tuple[str, int, Bucketing, dict, dict]:
+    """(family, resolution, bucketing, UNet config, VAE config): the base's files checked (basecheck), then the
+    sizes the flags ask for checked against the ones the base's configs give, not SD's."""
+    basecheck.check(base, vae or None, args.variant)
+    pipeline_class, unet_config, vae_config = models.base_configs(base, args.revision, args.cache_dir, vae or None)
+    if not unet_config or not vae_config:  # a Hub base whose configs did not download: its sizes are unknown
+        raise UserError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: its "
+                        f"{'unet' if not unet_config else 'vae'}/config.json could not be read; check the model id "
+                        f"and your connection, or download it and give its folder")
     family = _check_family(args, pipeline_class, unet_config)
-    resolution = args.resolution or default_resolution(family, unet_config, vae_config)
-    return family, resolution, _bucketing(args, resolution, models.size_multiple(unet_config, vae_config))
+    _check_token_length(args, base)
+    resolution = _resolution(args, unet_config, vae_config)
+    bucketing = _bucketing(args, resolution, models.vae_factor(vae_config),
+                           models.size_multiple(unet_config, vae_config))
+    return family, resolution, bucketing, unet_config, vae_config
 
 
 def _check_family(args, pipeline_class: str | None, unet_config: dict) -> str:
@@ -273,27 +285,69 @@ def _check_vae(name: str, path: str, cache_dir) -> None:
                         f"(AutoencoderKL); give the VAE's folder")
 
 
-def default_resolution(family: str, unet_config: dict, vae_config: dict) -> int:
-    """512 for SD 1.x/2.x (diffusers' SD scripts' default); an SDXL base's own size (1024 for SDXL 1.0,
-    as diffusers' SDXL scripts default to), from its UNet's sample size times the VAE's downsampling."""
-    if family != "sdxl":
-        return 512
+def default_resolution(unet_config: dict, vae_config: dict) -> int | None:
+    """The base's own image size: its UNet's sample size times the VAE's downsampling (512 for SD 1.5, 768 for
+    SD 2.x 768-v, 1024 for SDXL 1.0, 32 for sdlora-tiny), as diffusers' pipelines draw by default. None when the
+    UNet config has no sample size."""
+    size = unet_config.get("sample_size")
+    if isinstance(size, (list, tuple)):  # [height, width]: the longer side
+        size = max(size)
+    return size * models.vae_factor(vae_config) if isinstance(size, int) and size > 0 else None
+
+
+def _resolution(args, unet_config: dict, vae_config: dict) -> int:
+    """--resolution, a multiple of the base's VAE factor (latents have whole sides), or the base's own size."""
+    own, factor = default_resolution(unet_config, vae_config), models.vae_factor(vae_config)
+    resolution = args.resolution or own
+    if resolution is None:
+        raise UserError(f"--resolution: the base {args.pretrained_model_name_or_path} has no sample_size in its "
+                        f"unet/config.json to take its own size from; give --resolution")
+    if resolution % factor:
+        raise UserError(f"--resolution must be a multiple of {factor}, the VAE's downsampling (got {resolution}); "
+                        f"use {models.multiples_near(resolution, factor)}")
+    multiple = models.sample_multiple(vae_config)
+    drawn = [f for f in ("validation_prompt", "with_prior_preservation") if getattr(args, f, None)]  # class images
+    if drawn and resolution % multiple:
+        raise UserError(f"--resolution {resolution}: --{drawn[0]} draws images at it, and diffusers' pipelines "
+                        f"draw sides in multiples of {multiple}; give --resolution "
+                        f"{models.multiples_near(resolution, multiple)}")
+    if args.resolution and own and args.resolution > 2 * own:  # a step costs the square of the ratio
+        log.warning("--resolution %d is %.0fx this base's own size (%d px, its UNet's sample_size x the VAE's %d): "
+                    "each step costs about %.0fx as much; the base was trained at %d px", args.resolution,
+                    args.resolution / own, own, factor, (args.resolution / own) ** 2, own)
+    return resolution
+
+
+def _check_token_length(args, base: str):
+    """DreamBooth's --tokenizer_max_length against the tokens the base's text encoder takes (its position
+    embeddings): more would index past them at the first step."""
+    length = getattr(args, "tokenizer_max_length", None)
+    if not length:
+        return
+    _positive("tokenizer_max_length", length)
+    from transformers import CLIPTextConfig
+
     try:
-        return unet_config["sample_size"] * models.vae_factor(vae_config)
-    except (KeyError, TypeError):
-        return 1024
+        limit = CLIPTextConfig.from_pretrained(base, subfolder="text_encoder", revision=args.revision,
+                                               cache_dir=args.cache_dir).max_position_embeddings
+    except Exception:  # unreadable: loading reports it
+        return
+    if length > limit:
+        raise UserError(f"--tokenizer_max_length {length}: the base's text encoder takes at most {limit} tokens "
+                        f"(max_position_embeddings); use {limit} or less")
 
 
-def _bucketing(args, resolution: int, multiple: int) -> Bucketing:
+def _bucketing(args, resolution: int, factor: int, multiple: int) -> Bucketing:
     """The bucket settings, checked: a setting that leaves no bucket is an error here, before any model loads.
-    `multiple`: the base's pixel multiple, the default step."""
+    `factor`: the base's VAE downsampling, which a side must be a multiple of; `multiple`: the base's pixel multiple
+    (VAE x UNet downsampling), the default step."""
     if args.no_bucket and args.enable_bucket:
         raise UserError("--no_bucket and --enable_bucket contradict each other; keep one (buckets are the default)")
     step = args.bucket_reso_steps or multiple
     for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
         _positive(name, getattr(args, name))
-    if step % 8:
-        raise UserError(f"--bucket_reso_steps must be a multiple of 8, the VAE's downsampling (got {step}); "
+    if step % factor:
+        raise UserError(f"--bucket_reso_steps must be a multiple of {factor}, the VAE's downsampling (got {step}); "
                         f"use {multiple}")
     if step % multiple:
         log.warning("--bucket_reso_steps %d is not a multiple of %d (this model's VAE x UNet downsampling); "
@@ -350,8 +404,9 @@ def _check_latents_cache(args) -> Path | None:
     return folder
 
 
-def _check_sampling(args, resolution: int) -> tuple[prompts.SamplePrompt, ...]:
-    """The --sample_prompts file, read and checked now, so a bad line never stops a run half-way."""
+def _check_sampling(args, resolution: int, multiple: int) -> tuple[prompts.SamplePrompt, ...]:
+    """The --sample_prompts file, read and checked now, so a bad line never stops a run half-way; `multiple`: what
+    a sampled side must be a multiple of (models.sample_multiple)."""
     _positive("sample_every_n_steps", args.sample_every_n_steps)
     _positive("sample_every_n_epochs", args.sample_every_n_epochs)
     if not args.sample_prompts:
@@ -359,7 +414,7 @@ def _check_sampling(args, resolution: int) -> tuple[prompts.SamplePrompt, ...]:
             if getattr(args, flag):
                 raise UserError(f"--{flag} needs --sample_prompts FILE, the prompts to sample (one per line)")
         return ()
-    return prompts.read(args.sample_prompts, resolution)
+    return prompts.read(args.sample_prompts, resolution, multiple)
 
 
 def _check_report_to(report_to: str, hub_token: str | None) -> str:

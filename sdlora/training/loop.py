@@ -128,9 +128,12 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -
     # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
     with tqdm(total=run.max_steps, initial=run.step, desc="steps", disable=not run.main, dynamic_ncols=True) as bar:
         t_last = time.perf_counter()
+        pace = Pace(run.main)
         while run.step < run.max_steps:
             epoch_before = run.epoch
+            t_step = time.perf_counter()
             logs = optimizer_step(run)
+            pace.add(time.perf_counter() - t_step, run.max_steps - run.step)
             check_finite(run, logs)
             if _val_loss_due(config.validation_loss_steps, run, epoch_before) and (v := validation_loss(run)) is not None:
                 logs["val_loss"] = v
@@ -164,6 +167,32 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -
         log.info("lowest validation loss %.5f at step %d (of %d)", *run.best_val_loss, run.max_steps)
     run.accelerator.end_training()
     return path
+
+
+class Pace:
+    """The measured time per optimizer step (its own time: sampling and checkpoints are not in it) and the time
+    left at that pace, logged once after the first steps: STEPS of them, or fewer that took SECONDS."""
+    STEPS, SECONDS = 3, 10.0
+
+    def __init__(self, main: bool):
+        self.times, self.done = [], not main
+
+    def add(self, seconds: float, left: int):
+        self.times.append(seconds)
+        if self.done or (len(self.times) < self.STEPS and sum(self.times) < self.SECONDS):
+            return
+        self.done = True
+        if left:
+            per = sum(self.times[1:] or self.times) / len(self.times[1:] or self.times)  # the first warms up
+            log.info("pace: %.2f s/step over the first %d steps; about %s for the remaining %d steps (sampling and "
+                     "checkpoints not counted)", per, len(self.times), _duration(per * left), left)
+
+
+def _duration(seconds: float) -> str:
+    """'2 h 05 min', '7 min 03 s', '12 s'."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def _phase(name: str):
@@ -230,6 +259,10 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
     # ceil(N * batches / accumulation) optimizer steps, not N * ceil(batches / accumulation).
     max_steps = config.max_train_steps or math.ceil(config.num_train_epochs * sampler.batches_per_epoch / ga)
     num_epochs = math.ceil(max_steps * ga / sampler.batches_per_epoch)
+    if main:  # before any model loads: a plan the user did not mean (hours of steps) can be stopped now
+        log.info("plan: %d steps (%d epochs) at %d px%s, batch %d x %d accum x %d procs; the time per step is logged "
+                 "after the first steps", max_steps - step, num_epochs, config.resolution,
+                 f", resuming at step {step} of {max_steps}" if step else "", config.train_batch_size, ga, world)
     lr = config.learning_rate * (ga * config.train_batch_size * world if config.scale_lr else 1)
     settings = run_settings(config, recipe, world, max_steps, lr)
     if config.lora_type == "adalora":  # a schedule with no room to prune fails here, before any model loads

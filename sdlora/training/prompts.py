@@ -35,8 +35,9 @@ class SamplePrompt:
     seed: int | None = None  # None: the run's seed + this prompt's index, the same in every round
 
 
-def read(path, resolution: int) -> tuple[SamplePrompt, ...]:
-    """The prompts of a --sample_prompts file, or a one-line UserError naming the file (and line)."""
+def read(path, resolution: int, multiple: int = 8) -> tuple[SamplePrompt, ...]:
+    """The prompts of a --sample_prompts file, or a one-line UserError naming the file (and line). `multiple`:
+    what a side must be a multiple of for the base (models.sample_multiple: 8 for every SD VAE)."""
     path = Path(path)
     if path.suffix.lower() in (".json", ".toml"):
         raise UserError(f"--sample_prompts {path}: only the text format is read (one prompt per line, with "
@@ -54,7 +55,7 @@ def read(path, resolution: int) -> tuple[SamplePrompt, ...]:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise UserError(f"{path}, line {line}: not UTF-8 text; save it as UTF-8") from None
-    prompts = tuple(parse_line(line, resolution, f"{path}, line {n}")
+    prompts = tuple(parse_line(line, resolution, f"{path}, line {n}", multiple)
                     for n, line in enumerate(text.splitlines(), 1) if not _skipped(line))
     if not prompts:
         raise UserError(f"--sample_prompts {path}: no prompts in it (blank lines and lines starting with # are "
@@ -67,8 +68,9 @@ def _skipped(line: str) -> bool:
     return not line.strip() or line.strip().startswith("#")
 
 
-def parse_line(line: str, resolution: int, where: str = "prompt") -> SamplePrompt:
-    """'a cat --n blurry --w 512 …' -> SamplePrompt; width and height default to `resolution`."""
+def parse_line(line: str, resolution: int, where: str = "prompt", multiple: int = 8) -> SamplePrompt:
+    """'a cat --n blurry --w 512 …' -> SamplePrompt; width and height default to `resolution`, and are multiples
+    of `multiple`."""
     prompt, *options = (" " + line.strip()).split(" --")  # a line that starts with an option has no prompt
     prompt = prompt.strip()
     if not prompt:
@@ -84,14 +86,17 @@ def parse_line(line: str, resolution: int, where: str = "prompt") -> SamplePromp
             raise UserError(f"{where}: --{name} is given twice; keep one")
         if not value:
             raise UserError(f"{where}: --{name} needs a value, e.g. --{name} {_EXAMPLE[key]}")
-        given[key] = value if key == "negative" else _number(key, name, value, where)
+        given[key] = value if key == "negative" else _number(key, name, value, where, multiple)
+    if resolution % multiple and not ("width" in given and "height" in given):
+        raise UserError(f"{where}: samples at --resolution {resolution} without --w and --h, but this base's images "
+                        f"are drawn in multiples of {multiple}; give --w and --h")
     return SamplePrompt(prompt=prompt, **{"width": resolution, "height": resolution, **given})
 
 
 _EXAMPLE = {"negative": "blurry", "width": "512", "height": "512", "steps": "20", "guidance": "7.5", "seed": "42"}
 
 
-def _number(key: str, name: str, value: str, where: str):
+def _number(key: str, name: str, value: str, where: str, multiple: int):
     if key == "guidance":
         try:
             g = float(value)
@@ -101,8 +106,9 @@ def _number(key: str, name: str, value: str, where: str):
             raise UserError(f"{where}: --{name} must be a number >= 0 (got '{value}'), e.g. --{name} 7.5")
         return g
     n = int(value) if re.fullmatch(r"\d+", value) else None
-    if key in ("width", "height") and (n is None or n == 0 or n % 8):
-        raise UserError(f"{where}: --{name} must be a positive multiple of 8 (got '{value}'), e.g. --{name} 512")
+    if key in ("width", "height") and (n is None or n == 0 or n % multiple):
+        raise UserError(f"{where}: --{name} must be a positive multiple of {multiple} (got '{value}'), e.g. --{name} "
+                        f"{max(multiple, (n or 512) // multiple * multiple)}")
     if key == "steps" and (n is None or not 1 <= n <= MAX_STEPS):
         raise UserError(f"{where}: --{name} must be a whole number from 1 to {MAX_STEPS} (got '{value}')")
     if key == "seed" and (n is None or n >= 2**63):

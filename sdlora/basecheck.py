@@ -1,0 +1,254 @@
+"""A base model folder checked file by file before any weights load, so each fault is one line naming the file.
+
+Cheap: the JSON files, each safetensors file's header (never its tensors), and each model built on the meta device
+from its config to count the weights the config asks for. What loading would hit later as a traceback (a tokenizer
+without its length, a config with negative or absurd sizes, a truncated weights file, a UNet that does not fit its
+VAE or text encoder) is reported here instead. Hub ids are not checked (loading reports their faults); folders are.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from . import models
+from .errors import UserError
+
+# The pipeline classes whose components sdlora loads (model_index.json's _class_name); the img2img ones have the
+# same components as their text-to-image pipeline.
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
+             "StableDiffusionXLImg2ImgPipeline")
+# SDXL's added-time conditioning: original size, crop corner, target size (conditioning.py) as its 6 time ids.
+SDXL_TIME_IDS = 6
+MAX_SIDE = 16384  # a default image side (sample_size x VAE factor) past this is a damaged config, not a model
+# Sizes a config holds as positive whole numbers (or lists of them), where it has them (None: not used).
+SIZES = {
+    "unet": ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+             "cross_attention_dim", "attention_head_dim", "num_attention_heads", "transformer_layers_per_block",
+             "norm_num_groups", "addition_time_embed_dim", "projection_class_embeddings_input_dim"),
+    "vae": ("sample_size", "in_channels", "out_channels", "latent_channels", "block_out_channels",
+            "layers_per_block", "norm_num_groups"),
+    "text_encoder": ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                     "max_position_embeddings", "projection_dim"),
+}
+_FIX = "re-download the model or fix the file"
+
+
+def check(base: str, vae: str | None = None, variant: str | None = None) -> None:
+    """Raise a one-line UserError naming the first bad file of a local base folder (a Hub id passes unchecked).
+    `vae`: a separate VAE folder used instead of the base's (its config.json and weights at its top)."""
+    root = Path(base)
+    if not root.is_dir():
+        return
+    index = _index(root)
+    unet = _config(root / "unet" / "config.json", "unet")
+    vae_dir = Path(vae) if vae else root / "vae"
+    vae_config = None if vae and not vae_dir.is_dir() else _config(vae_dir / "config.json", "vae")  # None: a Hub id
+    xl = models.family_of(unet, index.get("_class_name")) == "sdxl"
+    encoders = models.TEXT_ENCODERS if xl else models.TEXT_ENCODERS[:1]
+    texts = {n: _config(root / n / "config.json", "text_encoder") for n in encoders}
+    for n, te in texts.items():
+        _tokenizer(root / n.replace("text_encoder", "tokenizer"), root / n / "config.json", te)
+    _config(root / "scheduler" / "scheduler_config.json", None)
+    _fits(root, unet, vae_config, texts, xl)
+    parts = [("unet", unet, root / "unet", variant), *[(n, c, root / n, variant) for n, c in texts.items()]]
+    if vae_config is not None:  # a separate VAE loads without the base's variant
+        parts.append(("vae", vae_config, vae_dir, None if vae else variant))
+    for name, config, folder, v in parts:
+        _weights_fit(name, config, folder, v)
+
+
+def _index(root: Path) -> dict:
+    """model_index.json, which names the pipeline (absent: a bare component layout, loading decides)."""
+    path = root / "model_index.json"
+    if not path.exists():
+        return {}
+    index = _json(path)
+    cls = index.get("_class_name")
+    if cls not in PIPELINES:
+        raise UserError(f"{path}: names {'pipeline ' + repr(cls) if cls else 'no pipeline (_class_name)'}, which "
+                        f"sdlora does not train or sample; it takes Stable Diffusion 1.x/2.x and SDXL bases "
+                        f"(StableDiffusionPipeline, StableDiffusionXLPipeline)")
+    return index
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {_FIX.replace('fix the file', 'copy the whole folder')}") from None
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not valid JSON"
+        raise UserError(f"{path}: {why}; {_FIX}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object; {_FIX}")
+    return data
+
+
+def _config(path: Path, kind: str | None) -> dict:
+    """A component's config as its model is built from it (the class's defaults for what the file leaves out), its
+    sizes positive whole numbers; `kind` (a key of SIZES) says which model."""
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent}: missing, and the base needs its {path.parent.name}; re-download the model "
+                        f"or copy the whole folder")
+    config = _json(path)
+    if kind == "text_encoder":
+        from transformers import CLIPTextConfig
+
+        config = {**CLIPTextConfig().to_dict(), **config}
+    elif kind:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        config = models.with_defaults(UNet2DConditionModel if kind == "unet" else AutoencoderKL, config)
+    for key in SIZES.get(kind, ()):
+        value = config.get(key)
+        flat = list(_flatten(value))
+        if value is not None and not (flat and all(type(v) is int and v > 0 for v in flat)):
+            raise UserError(f"{path}: {key} is {json.dumps(value)[:60]}, not a positive whole number; {_FIX}")
+    return config
+
+
+def _flatten(value):
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flatten(v)
+    else:
+        yield value
+
+
+def _tokenizer(folder: Path, te_path: Path, te: dict) -> None:
+    """Its files parse, and its length fits the text encoder's position embeddings (the token length the base
+    was trained with: a tokenizer without one pads to 10^30 tokens)."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: missing, and the base needs its tokenizer; re-download the model or copy the "
+                        f"whole folder")
+    if not (folder / "tokenizer.json").exists() and not all((folder / f).exists()
+                                                            for f in ("vocab.json", "merges.txt")):
+        raise UserError(f"{folder}: no tokenizer.json (or vocab.json and merges.txt); re-download the model")
+    for name in ("tokenizer.json", "vocab.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            _json(folder / name)
+    config = _json(folder / "tokenizer_config.json")
+    length, positions = config.get("model_max_length"), te["max_position_embeddings"]
+    if type(length) is not int or not 0 < length <= positions:
+        raise UserError(f"{folder / 'tokenizer_config.json'}: model_max_length is {json.dumps(length)}, but the text "
+                        f"encoder takes up to {positions} tokens ({te_path} max_position_embeddings); set it to "
+                        f"{positions}")
+
+
+def _fits(root: Path, unet: dict, vae: dict | None, texts: dict, xl: bool) -> None:
+    """The UNet takes what the VAE (None: not known here) and the text encoders give it."""
+    where = root / "unet" / "config.json"
+    for key in ("in_channels", "out_channels") if vae else ():
+        if unet[key] != vae["latent_channels"]:
+            raise UserError(f"{where}: {key} is {unet[key]}, but the VAE's latents have {vae['latent_channels']} "
+                            f"channels (latent_channels); sdlora trains text-to-image UNets on the VAE's latents (an "
+                            f"inpainting base is not one)")
+    width = sum(te["hidden_size"] for te in texts.values())
+    # (a UNet that projects the text first, encoder_hid_dim, takes other widths)
+    if isinstance(unet["cross_attention_dim"], int) and unet["encoder_hid_dim"] is None \
+            and unet["cross_attention_dim"] != width:
+        raise UserError(f"{where}: cross_attention_dim is {unet['cross_attention_dim']}, but the text encoder"
+                        f"{'s give' if xl else ' gives'} {width} (hidden_size); the UNet and text encoders come "
+                        f"from different models")
+    side = max(_flatten(unet["sample_size"])) * models.vae_factor(vae) if vae and unet["sample_size"] else 0
+    if side > MAX_SIDE:
+        raise UserError(f"{where}: sample_size {unet['sample_size']} makes {side} px images, more than {MAX_SIDE}; "
+                        f"{_FIX}")
+    if xl:
+        pooled = texts["text_encoder_2"]["projection_dim"]
+        want = SDXL_TIME_IDS * (unet["addition_time_embed_dim"] or 0) + pooled
+        if unet["projection_class_embeddings_input_dim"] != want:
+            raise UserError(f"{where}: projection_class_embeddings_input_dim is "
+                            f"{unet['projection_class_embeddings_input_dim']}, but SDXL's {SDXL_TIME_IDS} time ids "
+                            f"x addition_time_embed_dim {unet['addition_time_embed_dim']} + the pooled text "
+                            f"({pooled}) make {want}; the UNet is not an SDXL base UNet this pipeline can condition")
+
+
+def _weights_fit(name: str, config: dict, folder: Path, variant: str | None) -> None:
+    """Each safetensors file the component loads opens, and holds at least the weights its config asks for."""
+    files = _weights_files(folder, variant)
+    if not files:  # pickle weights or none: the loader says which, and when --allow_pickle is needed
+        return
+    held = sum(_elements(f) for f in files)
+    wanted = _parameters(name, config, folder)
+    if held < wanted:
+        raise UserError(f"{files[0] if len(files) == 1 else folder}: holds {held:,} weights, but "
+                        f"{folder / 'config.json'} describes a {name} of {wanted:,}: they are not one model; {_FIX}")
+
+
+def _weights_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors file (or shards) diffusers/transformers would read, as they name them."""
+    for stem in ("diffusion_pytorch_model", "model"):
+        single = folder / (f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors")
+        if single.exists():
+            return [single]
+        names = [f"{stem}.safetensors.index.{variant}.json", f"{stem}.{variant}.safetensors.index.json"] \
+            if variant else [f"{stem}.safetensors.index.json"]
+        for index in (folder / n for n in names):
+            if index.exists():
+                shards = _json(index).get("weight_map")
+                if not isinstance(shards, dict) or not shards:
+                    raise UserError(f"{index}: no weight_map of shards; {_FIX}")
+                return [folder / s for s in dict.fromkeys(map(str, shards.values()))]
+    return []
+
+
+def _elements(path: Path) -> int:
+    """How many weights a safetensors file holds, from its header; a damaged file is one line naming it."""
+    def damaged(why):
+        return UserError(f"{path}: a damaged safetensors file ({why}); re-download it (a partial or interrupted "
+                         f"download leaves such a file)")
+    try:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise damaged(f"{size} bytes, shorter than its header")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100 << 20):  # safetensors caps the header at 100 MB
+                raise damaged("its header length is garbage")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing, though its index names it; re-download the model") from None
+    except OSError as e:
+        raise UserError(f"{path}: can't read it ({e.strerror})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise damaged("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise damaged("its header is not a JSON object")
+    total, end = 0, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape, (begin, stop) = [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise damaged(f"tensor {name!r} has no shape or offsets") from None
+        total, end = total + math.prod(shape), max(end, stop)
+    if 8 + n + end > size:
+        raise damaged(f"truncated: {size:,} bytes, its header describes {8 + n + end:,}")
+    return total
+
+
+def _parameters(name: str, config: dict, folder: Path) -> int:
+    """How many weights the model `config` describes, counted on a model built on the meta device (no memory)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            if name == "unet":
+                model = models.meta_unet(config)
+            elif name == "vae":
+                from diffusers import AutoencoderKL
+
+                model = AutoencoderKL.from_config(config)
+            else:
+                import transformers
+
+                cls = getattr(transformers, models.TEXT_CLASSES[name])
+                model = cls(transformers.CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
+    except Exception as e:  # what the loader would raise, as a traceback, after the other models loaded
+        why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{folder / 'config.json'}: no {name} can be built from it ({why}); {_FIX}") from None
+    return sum(p.numel() for p in model.parameters())
