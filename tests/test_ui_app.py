@@ -1,18 +1,16 @@
-"""`sdlora ui` without a browser: real HTTP against `sdlora ui` processes (which requests it answers, what its login
+"""`sdlora ui` without a browser: real HTTP against `sdlora ui`'s server (which requests it answers, what its login
 page shows a stranger), and the Train and Tools callbacks in-process on real folders. Needs the ui extra (Gradio);
 CI runs this file in its ui step, with the browser test."""
 import http.client
 import importlib.util
 import json
-import os
 import socket
-import subprocess
 import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import PY, make_images
+from conftest import make_images
 
 pytestmark = pytest.mark.skipif(not importlib.util.find_spec("gradio"),
                                 reason="needs the ui extra (pip install -e '.[test,ui]')")
@@ -62,7 +60,7 @@ def uis(tmp_path_factory):
         threading.Thread(target=s.run, daemon=True).start()
         servers[name] = port, s
     for port, s in servers.values():
-        for _ in range(240):
+        for _ in range(600):
             if s.started:
                 break
             time.sleep(0.05)
@@ -153,7 +151,8 @@ def form(data, out, extra=""):
     """do_start's arguments after `resume`: the Train form with the recipe's own defaults (blank main flags)."""
     from sdlora.ui.app import MAIN_FLAGS
 
-    return ["text-to-image", "sdlora-tiny", str(data), "", str(out), "lora", "default", extra, "", *[""] * len(MAIN_FLAGS)]
+    return ["text-to-image", "sdlora-tiny", str(data), "", str(out), "lora", "default", extra, "",
+            *[""] * len(MAIN_FLAGS)]
 
 
 def test_start_checks_the_form_then_turns_itself_off_while_the_run_goes(app, tmp_path):

@@ -86,4 +86,4 @@ def _ui_cli(args):
     app = server(args.host, args.port, auth, args.allowed_host)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"sdlora ui on http://{shown}:{args.port} (Ctrl+C stops the UI; training runs keep going)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
