@@ -145,6 +145,12 @@ def test_poll_serves_only_the_runs_own_samples_and_clears_another_runs_curve(app
 
     line, plot, gallery, shown, *_ = app.poll(str(tmp_path / "new-run"), shown)
     assert line == "no run yet" and plot is None and gallery == []
+    line, plot, *_ = app.poll(str(run), {})
+    assert list(plot["loss"]) == [0.5, 0.4]
+    with open(run / "logs" / "progress.jsonl", "a") as f:  # a new run in the same folder, loading its models
+        f.write(json.dumps({"event": "start", "pid": 1, "command": ["text-to-image", "--seed", "1"]}) + "\n")
+    line, plot, *_ = app.poll(str(run), {"rows": [(1, 0.5, "loss"), (2, 0.4, "loss")]})
+    assert plot is None
 
 
 def form(data, out, extra=""):

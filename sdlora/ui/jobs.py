@@ -237,9 +237,7 @@ def state(output_dir, logging_dir: str = "logs", samples: int = 12) -> State:
     st.planned = next((r for r in current if r.get("event") == "plan"), None)
     if st.running:  # the last step or phase record says what it does now (a step record: training)
         st.phase = next((r.get("phase", "training") for r in reversed(current) if "step" in r or "phase" in r), None)
-    by_step = {}
-    for r in records:
-        by_step[r["step"]] = r  # a resumed run writes its steps again from the checkpoint on
+    by_step = {r["step"]: r for r in records}
     for s in sorted(by_step):
         r = by_step[s]
         if "loss" in r:
@@ -274,8 +272,11 @@ def state(output_dir, logging_dir: str = "logs", samples: int = 12) -> State:
 
 
 def _progress(path: Path):
-    """(the step records, the records since the last start, the last end event after it, the last start event)."""
-    records, current, start_event, end_event = [], [], None, None
+    """(the step records, the records since the last start, the last end event after it, the last start event).
+
+    The step records are the current run's: a new run in the folder drops the earlier ones when it starts, a resumed
+    one those from the step it resumes at on (it writes them again)."""
+    records, current, start_event, end_event, resumed = [], [], None, None, False
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -287,11 +288,15 @@ def _progress(path: Path):
             continue  # a line being written as we read
         if r.get("event") == "start":
             start_event, end_event, current = r, None, []
+            resumed = any(str(a).startswith("--resume_from_checkpoint") for a in r.get("command") or [])
+            records = records if resumed else []
         elif r.get("event") == "end":
             end_event = r
         else:
             current.append(r)
             if "step" in r:
+                if resumed:
+                    records, resumed = [x for x in records if x["step"] < r["step"]], False
                 records.append(r)
     return records, current, end_event, start_event
 
