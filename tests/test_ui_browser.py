@@ -54,7 +54,7 @@ def page(ui):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        page = browser.new_page(viewport={"width": 1366, "height": 768})  # a laptop screen
         page.goto(ui)
         page.wait_for_selector("#train_start")
         yield page
@@ -63,6 +63,17 @@ def page(ui):
 
 def fill(page, elem: str, value):
     page.locator(f"#{elem}").locator("textarea, input").first.fill(str(value))
+
+
+def in_view(page, *elems):
+    """The elements are on screen with the page scrolled to the top, at 1366×768 and at 1920×1080."""
+    from playwright.sync_api import expect
+
+    for size in ({"width": 1920, "height": 1080}, {"width": 1366, "height": 768}):
+        page.set_viewport_size(size)
+        page.evaluate("window.scrollTo(0, 0)")
+        for e in elems:
+            expect(page.locator(f"#{e}")).to_be_in_viewport(ratio=1)
 
 
 def shot(page, name: str):
@@ -90,6 +101,7 @@ def test_train_and_generate_in_the_browser(page, tmp_path):
         page.click("#train_start")
         expect(status).to_contain_text(f"error: --train_data_dir {data}: {said}", timeout=60000)
         assert len(status.inner_text().strip().splitlines()) == 1 and not out.exists()
+    in_view(page, "train_start", "train_stop", "train_status")
 
     data = make_images(tmp_path / "data", n=4)
     Image.new("RGB", (40, 24), "red").save(data / "wide.png")
@@ -108,14 +120,18 @@ def test_train_and_generate_in_the_browser(page, tmp_path):
     fill(page, "train_prompts", "a red square --w 32 --h 32 --s 4 --d 1")
     page.click("#train_start")
     expect(notice).to_contain_text("started: train_text_to_image_lora.py", timeout=30000)
-    page.click("#train_start")  # the same run again while it goes: refused
-    expect(notice).to_contain_text(f"error: --output_dir {out} is in use by another sdlora run", timeout=30000)
+    expect(page.locator("#train_start")).to_be_disabled()  # while the run goes
     expect(status).to_contain_text("finished: step 20/20", timeout=180000)
+    expect(page.locator("#train_start")).to_be_enabled()
     expect(page.locator("#train_samples img").first).to_be_visible(timeout=10000)
-    expect(page.locator("#train_loss canvas, #train_loss svg").first).to_be_visible(timeout=10000)
+    expect(page.locator("#train_loss svg.marks")).to_be_visible(timeout=10000)  # the chart (Vega, as SVG)
     assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "samples" / "step000020_00.png").exists()
     page.wait_for_timeout(1000)
     shot(page, "ui-train.png")
+    fill(page, "train_output", tmp_path / "new-run")  # a folder without a run: not the last run's curve
+    expect(status).to_have_text("no run yet", timeout=10000)
+    expect(page.locator("#train_loss svg.marks")).to_have_count(0, timeout=10000)
+    expect(page.locator("#train_samples img")).to_have_count(0)
 
     page.get_by_role("tab", name="Generate").click()
     fill(page, "gen_lora1", out)
@@ -134,6 +150,7 @@ def test_train_and_generate_in_the_browser(page, tmp_path):
     meta = [json.loads(Image.open(p).text["sdlora"]) for p in (before, after)]
     assert meta[0]["seed"] == meta[1]["seed"] == 0 and meta[0]["loras"] == [] and meta[1]["loras"]
     assert Image.open(before).tobytes() != Image.open(after).tobytes()  # the LoRA changed the image, same seed
+    in_view(page, "gen_go", "gen_status", "gen_gallery")
     page.wait_for_timeout(500)
     shot(page, "ui-generate.png")
 
@@ -162,3 +179,5 @@ def test_train_and_generate_in_the_browser(page, tmp_path):
     page.get_by_role("button", name="Convert").click()
     expect(result).to_contain_text("converted diffusers -> kohya", timeout=30000)
     assert (tmp_path / "comfy.safetensors").exists()
+    page.get_by_role("button", name="Convert").click()  # again: the file is there now
+    expect(result).to_contain_text(f"error: {tmp_path / 'comfy.safetensors'} already exists", timeout=30000)

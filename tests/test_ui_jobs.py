@@ -3,6 +3,7 @@ and `sdlora ui`'s refusal to listen beyond this machine without a login. No Grad
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import PY, make_images
 
 from sdlora.errors import UserError
+from sdlora.training.outdir import LOCK_NAME
 from sdlora.ui import jobs
 
 
@@ -18,13 +20,13 @@ def flags(model, data, out, *more):
             "--resolution", "32", "--report_to", "none", "--seed", "0", *more]
 
 
-def wait(out, until, timeout=120):
+def wait(out, until, timeout=120, pause=0.2):
     t = time.time()
     while time.time() - t < timeout:
         st = jobs.state(out)
         if until(st):
             return st
-        time.sleep(0.2)
+        time.sleep(pause)
     raise AssertionError(f"timed out; last state: {st.line()}")
 
 
@@ -42,25 +44,52 @@ def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, tiny_model):
         assert not outs[k].parent.exists()  # the run made both folders, the run removed both
 
 
+def live_process():
+    return subprocess.Popen(["sleep", "3600"])
+
+
 def test_run_survives_the_ui_stops_with_a_checkpoint_and_resumes(tmp_path, tiny_model):
     data, out = make_images(tmp_path / "data"), tmp_path / "run"
     run = flags(tiny_model, data, out, "--max_train_steps", "400", "--checkpointing_steps", "1000",
                 "--sample_every_n_steps", "3")
     prompts = "a red square --w 32 --h 32 --s 2\n"
+    # The lock a killed (kill -9) run left, naming a pid that is in use again: it blocks nothing.
+    out.mkdir()
+    other = live_process()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "started": "then"}))
     job = jobs.start("text-to-image", run, out, sample_prompts=prompts)
     with pytest.raises(UserError, match="in use by another sdlora run"):
         jobs.start("text-to-image", run, out)  # the same run twice: refused before any process starts
+    st = wait(out, lambda s: s.planned or s.error)  # as soon as the run has read its data
+    assert st.planned["max_steps"] == 400 and st.planned["resolution"] == 32 and st.planned["images"] == 4
+    assert st.loss or "planned: 400 steps at 32 px" in st.line()
     st = wait(out, lambda s: s.step >= 5 or s.error)
     assert st.running and st.max_steps == 400 and st.loss and st.s_per_step > 0 and st.lr == pytest.approx(1e-4)
+    assert f"ETA {jobs._clock(st.eta_s)}" in st.line()
     # A restarted UI knows nothing in memory: the folder alone says a run is going, and what it did.
     jobs._jobs.clear()
     st = wait(out, lambda s: s.samples)
     assert st.running and st.samples[0].parent == out / "samples"
+    # A link put in samples/ (to any file of the user's) is not one of the run's samples: never shown nor served.
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"the user's private file")
+    (out / "samples" / "zzz.png").symlink_to(secret)
+    assert all(not p.is_symlink() for p in jobs.state(out).samples)
+    (out / "samples" / "zzz.png").unlink()
+    st = wait(out, lambda s: s.phase == "sampling" or not s.running, pause=0.02)
+    assert st.line().startswith(f"running, sampling…: step {st.step}/400")
     with pytest.raises(UserError, match=f"pid {job.proc.pid}"):
         jobs.start("text-to-image", run, out)
     jobs.stop(out)
     st = wait(out, lambda s: not s.running)
     assert st.stopped and not st.finished and not st.error and st.step < 400
+    assert other.poll() is None
+    other.kill()
+    # s/step is the optimizer step's own time: the sampling after a step is not counted in the next one.
+    records = [json.loads(line) for line in (out / "logs" / "progress.jsonl").read_text().splitlines()]
+    sampled = [(b["time"] - a["time"], c["s_per_step"]) for a, b, c in zip(records, records[1:], records[2:])
+               if a.get("phase") == "sampling" and b.get("phase") == "training" and "step" in c]
+    assert sampled and all(step < sampling for sampling, step in sampled), sampled
     assert (out / f"checkpoint-{st.step}").is_dir() and not (out / "pytorch_lora_weights.safetensors").exists()
     stopped_at = st.step
     resume = ["--checkpointing_steps", "1000", "--resume_from_checkpoint", "latest"]
@@ -101,10 +130,37 @@ def test_crash_after_the_run_started_is_one_line(tmp_path, tiny_model):
     subprocess.run(["cp", "-r", str(tiny_model), str(broken)], check=True)
     for f in (broken / "text_encoder").glob("*.safetensors"):
         f.write_bytes(b"not safetensors")
-    jobs.start("text-to-image", flags(broken, data, out, "--max_train_steps", "2"), out)
+    jobs.start("text-to-image", flags(broken, data, out, "--num_train_epochs", "3", "--train_batch_size", "2"), out)
     st = wait(out, lambda s: not s.starting and not s.running)
     assert st.error.startswith("error: the run failed (") and "header" in st.error and "\n" not in st.error
     assert str(out / "logs" / "train.log") in st.error
+    assert st.planned["max_steps"] == 6  # planned before the models load: 3 epochs of 4 images in batches of 2
+
+
+def test_stop_signals_only_a_run_that_holds_its_folder(tmp_path):
+    """A lock file naming a pid is not enough: Stop signals a process only while it holds the folder's lock and is
+    an sdlora run. Neither a lock no one holds (left by a kill -9, or forged) nor one held by another program."""
+    out, victim = tmp_path / "out", live_process()
+    out.mkdir()
+    lock = out / LOCK_NAME
+    lock.write_text(json.dumps({"pid": victim.pid, "host": socket.gethostname(), "started": "then"}))
+    with pytest.raises(UserError, match=f"no run is going in {out}"):
+        jobs.stop(out)  # no one holds the lock
+    holding = subprocess.Popen([PY, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                                "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                                str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holding.stdout.readline() == "held\n"
+        for pid in (victim.pid, holding.pid):  # held, by a program that is not sdlora, whichever pid it names
+            lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "then"}))
+            assert jobs.holder(out) is None
+            with pytest.raises(UserError, match="no run is going"):
+                jobs.stop(out)
+        time.sleep(0.2)
+        assert victim.poll() is None and holding.poll() is None
+    finally:
+        victim.kill()
+        holding.kill()
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -20,6 +20,10 @@ def register(sub):
     s.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (visible to other users in `ps`; "
                    "prefer --auth-file)")
     s.add_argument("--auth-file", metavar="FILE", help="a file with USER:PASSWORD lines, each a login")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME[:PORT]",
+                   help="also answer requests addressed to this host name (e.g. a reverse proxy's; repeatable). "
+                   "By default only the --host address, localhost, 127.0.0.1 and [::1] at --port are: a request "
+                   "for any other name, or from another site's page, is refused")
     s.set_defaults(func=_ui_cli)
 
 
@@ -66,7 +70,20 @@ def _ui_cli(args):
         import gradio  # noqa: F401
     except ImportError:
         raise UserError('sdlora ui needs Gradio: pip install "sdlora[ui]"') from None
-    from ..ui.app import build, theme
+    import socket
 
-    print(f"sdlora ui on http://{args.host}:{args.port} (Ctrl+C stops the UI; training runs keep going)", flush=True)
-    build().launch(server_name=args.host, server_port=args.port, auth=auth or None, theme=theme(), quiet=True)
+    import uvicorn
+
+    from ..ui.app import server
+
+    try:  # a port in use is one line before the UI is built, not uvicorn's log
+        with socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else
+                                  socket.AF_INET):
+            pass
+    except OSError as e:
+        raise UserError(f"--port {args.port}: can't listen on {args.host}:{args.port} ({e.strerror}); choose another "
+                        "--port or --host") from None
+    app = server(args.host, args.port, auth, args.allowed_host)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"sdlora ui on http://{shown}:{args.port} (Ctrl+C stops the UI; training runs keep going)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)

@@ -108,18 +108,29 @@ class Run:
                 for n in self.text_encoders]
 
 
-def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -> Path | None:
+def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None, on_phase=None) -> Path | None:
     """Train and save; returns the weights file (None on other processes than the main one, and after a stop).
     `on_step(step, logs)` is called after every optimizer step (benchmarks and the UI use it; `logs` also
-    carries `max_steps`). When `should_stop()` turns true (a string: why, for the log line), the run saves a
-    checkpoint at the step it is on and returns None, so `--resume_from_checkpoint latest` continues it exactly
-    (Ctrl+C and SIGTERM through cli.train.run, the UI's Stop). Every process calls it after every step."""
+    carries `max_steps`; `s_per_step` is the step's own time). When `should_stop()` turns true (a string: why, for
+    the log line), the run saves a checkpoint at the step it is on and returns None, so `--resume_from_checkpoint
+    latest` continues it exactly (Ctrl+C and SIGTERM through cli.train.run, the UI's Stop). Every process calls it
+    after every step. `on_phase(name)` is called when the run turns to "training", "validating", "sampling" or
+    "saving" (the UI shows what a run does between steps)."""
     from tqdm.auto import tqdm
+
+    doing = [None]
+
+    def phase(name):
+        if on_phase and doing[0] != name:
+            doing[0] = name
+            on_phase(name)
 
     run = setup(config, recipe)
     if config.sample_prompts and config.sample_at_first:
+        phase("sampling")
         samples.take(run)
     if recipe.heldout and run.step == 0:  # where the validation loss starts, before any training
+        phase("validating")
         if (v := validation_loss(run)) is not None:
             log.info("validation loss before training: %.5f", v)
             run.accelerator.log({"val_loss": v}, step=0)
@@ -127,18 +138,19 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -
     stopped = None
     # `with`: the bar ends its line even when a save fails, so the error starts on a line of its own
     with tqdm(total=run.max_steps, initial=run.step, desc="steps", disable=not run.main, dynamic_ncols=True) as bar:
-        t_last = time.perf_counter()
         pace = Pace(run.main)
         while run.step < run.max_steps:
             epoch_before = run.epoch
+            phase("training")
             t_step = time.perf_counter()
             logs = optimizer_step(run)
             pace.add(time.perf_counter() - t_step, run.max_steps - run.step)
             check_finite(run, logs)
-            if _val_loss_due(config.validation_loss_steps, run, epoch_before) and (v := validation_loss(run)) is not None:
-                logs["val_loss"] = v
-            now = time.perf_counter()
-            logs["s_per_step"], t_last = now - t_last, now
+            logs["s_per_step"] = time.perf_counter() - t_step  # the step alone: not the sampling and saving after it
+            if _val_loss_due(config.validation_loss_steps, run, epoch_before):
+                phase("validating")
+                if (v := validation_loss(run)) is not None:
+                    logs["val_loss"] = v
             run.accelerator.log(logs, step=run.step)
             if on_step:
                 on_step(run.step, dict(logs, max_steps=run.max_steps))
@@ -146,21 +158,26 @@ def train(config: TrainConfig, recipe: Recipe, on_step=None, should_stop=None) -
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
                             **({"val_loss": f"{logs['val_loss']:.4f}"} if "val_loss" in logs else {}))
             if config.checkpointing_steps and run.step % config.checkpointing_steps == 0:
+                phase("saving")
                 save_checkpoint(run)
             new_epoch = run.epoch > epoch_before and run.epoch % config.validation_epochs == 0
             if config.validation_prompt and (new_epoch or run.step == run.max_steps):
+                phase("sampling")
                 if run.main:
                     run.samples = validation.validate(run)
                 run.accelerator.wait_for_everyone()
             if samples.due(config, run.step, epoch_before, run.epoch, last=run.step == run.max_steps):
+                phase("sampling")
                 samples.take(run)
             if should_stop and (why := should_stop()) and run.step < run.max_steps:
                 stopped = why if isinstance(why, str) else "stopped"
                 break
     if stopped:  # after the bar has ended its line
+        phase("saving")
         return _stop(run, stopped)
     run.accelerator.wait_for_everyone()
     _phase("save")
+    phase("saving")
     path = save_final(run) if run.main else None
     _phase("done")
     if run.best_val_loss and run.main:  # the last line: where to look for the best checkpoint

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import secrets
 import shlex
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -84,11 +86,19 @@ def _error(e: Exception) -> str:
 def _served(path) -> str:
     """A copy of `path` in Gradio's own temp folder, which is what the page may fetch: Gradio serves only that
     (and the working directory), while data and output folders can be anywhere. Byte for byte, so a downloaded
-    PNG keeps its parameters."""
+    PNG keeps its parameters. Only a regular file that is not a link: a link someone put in a run's folder could
+    point at any of the user's files."""
     from gradio.utils import get_upload_folder
 
-    folder = Path(tempfile.mkdtemp(dir=get_upload_folder()))
-    return str(shutil.copy2(path, folder / Path(path).name))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with open(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path}: not a regular file")
+        os.makedirs(get_upload_folder(), exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=get_upload_folder()))
+        with open(folder / Path(path).name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return str(folder / Path(path).name)
 
 
 def _thumbnail(path, size: int = 256):
@@ -103,10 +113,9 @@ def _thumbnail(path, size: int = 256):
 
 def do_preview(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, *main):
     try:
-        flags = train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
-                            *main)
-        args = _parse(recipe, flags)
-        p = preview(recipe, args)
+        flags = _flags_for(recipe, False, output_dir, base, data_dir, instance_prompt, output_dir, lora_type,
+                           mixed_precision, extra, *main)
+        p = preview(recipe, _parse(recipe, flags))
     except UserError as e:
         return [], [], [], _error(e)
     return [(_thumbnail(f), c) for f, c in p.images], [list(b) for b in p.buckets], [list(s) for s in p.skipped], p.summary
@@ -119,21 +128,45 @@ def _parse(recipe: str, flags: list) -> object:
         with contextlib.redirect_stderr(err):
             return _recipe(recipe).parse_args(flags)
     except SystemExit:
-        raise UserError(jobs.one_line_error(err.getvalue().splitlines()) or err.getvalue().strip()) from None
+        line = jobs.one_line_error(err.getvalue().splitlines()) or err.getvalue().strip()
+        raise UserError(line.removeprefix("error: ")) from None  # shown as `error: …`, like every other error
+
+
+def _flags_for(recipe, resume, output_dir, *form) -> list:
+    """The form as flags, checked by the recipe's own parser before any process starts."""
+    flags = train_flags(recipe, *form)
+    if resume:
+        flags += ["--resume_from_checkpoint", "latest"]
+    args = _parse(recipe, flags)  # a usage error shows at once
+    # The UI finds a run by its Output folder and follows it in <folder>/logs: a folder from "more flags" would
+    # run where the page does not look (and Stop could not reach it).
+    if Path(args.output_dir).expanduser().absolute() != Path(output_dir.strip()).expanduser().absolute():
+        raise UserError(f"more flags: --output_dir {args.output_dir}: the run's folder is the Output folder field "
+                        f"({output_dir.strip()}); set it there")
+    default = recipe_defaults(recipe)["logging_dir"]
+    if args.logging_dir != default:
+        raise UserError(f"more flags: --logging_dir {args.logging_dir}: the UI follows a run in its Output folder's "
+                        f"{default}/; leave the flag out")
+    return flags
 
 
 def do_start(resume, recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, prompts,
              *main):
+    """What Start (or Resume) did, and the buttons: Start and Resume off while the run goes, Stop on."""
     try:
-        flags = train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
-                            *main)
-        if resume:
-            flags += ["--resume_from_checkpoint", "latest"]
-        _parse(recipe, flags)  # a usage error shows at once, before any process starts
+        flags = _flags_for(recipe, resume, output_dir, base, data_dir, instance_prompt, output_dir, lora_type,
+                           mixed_precision, extra, *main)
         job = jobs.start(recipe, flags, output_dir.strip(), prompts)
     except UserError as e:
-        return _error(e)
-    return "started: " + jobs.shown(job.command)
+        return _error(e), *_buttons(None)
+    return "started: " + jobs.shown(job.command), *_buttons(True)
+
+
+def _buttons(running):
+    """Start, Resume and Stop as they fit a run going (True), not going (False) or unchanged (None)."""
+    if running is None:
+        return gr.skip(), gr.skip(), gr.skip()
+    return gr.update(interactive=not running), gr.update(interactive=not running), gr.update(interactive=running)
 
 
 def do_stop(output_dir):
@@ -143,21 +176,30 @@ def do_stop(output_dir):
         return _error(e)
 
 
-def poll(output_dir, shown_samples):
-    """The run's status line, loss plot and newest samples (the gallery only when it changed)."""
+def poll(output_dir, shown):
+    """The run's status line, loss plot and newest samples (plot and gallery only when they changed, and cleared for
+    a folder without a run), what the page now shows, and the buttons."""
     import pandas as pd
 
     if not str(output_dir or "").strip():
-        return "", gr.skip(), gr.skip(), shown_samples
+        return "", gr.skip(), gr.skip(), shown, *_buttons(None)
     st = jobs.state(output_dir.strip())
     rows = [(s, v, "loss") for s, v in st.loss] + [(s, v, "validation loss") for s, v in st.val_loss]
-    # Typed columns, and no frame until there is a point: the chart keeps the axis types of the first frame it gets,
-    # and an empty frame's columns would make them categorical. (A column named "value" draws nothing.)
-    plot = pd.DataFrame(rows, columns=["step", "loss", "curve"]).astype({"step": int, "loss": float, "curve": str}) \
-        if rows else gr.skip()
     samples = [str(p) for p in st.samples]
-    gallery = gr.skip() if samples == shown_samples else [(_served(p), Path(p).name) for p in samples]
-    return st.line(), plot, gallery, samples
+    # Typed columns, and no frame until there is a point: the chart keeps the axis types of the first frame it gets,
+    # and an empty frame's columns would make them categorical. (A column named "value" draws nothing.) None clears
+    # the chart: a new run, a failed one, or another folder shows no other run's curve.
+    plot = gr.skip() if rows == shown.get("rows") else None if not rows else \
+        pd.DataFrame(rows, columns=["step", "loss", "curve"]).astype({"step": int, "loss": float, "curve": str})
+    gallery = gr.skip() if samples == shown.get("samples") else [x for x in map(_served_sample, samples) if x]
+    return st.line(), plot, gallery, {"rows": rows, "samples": samples}, *_buttons(st.running or st.starting)
+
+
+def _served_sample(path):
+    try:
+        return _served(path), Path(path).name
+    except (OSError, UserError):
+        return None  # gone, or replaced by a link since the folder was read
 
 
 def last_output_dir():
@@ -233,72 +275,92 @@ def tool_inspect(file):
     return run_tool("inspect", (file or "").strip())
 
 
+def _new_output(out) -> str | None:
+    """The one-line refusal of an output that is already there (a file, or a folder with files in it): the Tools
+    tab writes new files only, and says so rather than replacing one silently."""
+    p = Path(str(out or "").strip()).expanduser()
+    if str(out or "").strip() and (p.is_symlink() or (p.exists() and not (p.is_dir() and not any(p.iterdir())))):
+        return (f"error: {str(out).strip()} already exists: the UI writes only new files; choose a new output path "
+                "(or delete it first)")
+    return None
+
+
 def tool_convert(file, out, to):
-    return run_tool("convert", (file or "").strip(), (out or "").strip(), "--to", to)
+    return _new_output(out) or run_tool("convert", (file or "").strip(), (out or "").strip(), "--to", to)
 
 
 def tool_resize(file, out, rank):
-    return run_tool("resize", (file or "").strip(), (out or "").strip(), "--rank", int(rank or 0))
+    return _new_output(out) or run_tool("resize", (file or "").strip(), (out or "").strip(), "--rank", int(rank or 0))
 
 
 def tool_merge(files, out, rank):
     items = [line.strip() for line in (files or "").splitlines() if line.strip()]
-    return run_tool("merge", *items, (out or "").strip(), *(["--rank", int(rank)] if rank else []))
+    return _new_output(out) or run_tool("merge", *items, (out or "").strip(), *(["--rank", int(rank)] if rank else []))
 
 
 # ---------------------------------------------------------------- layout
 
 def build() -> gr.Blocks:
+    """Each tab in two columns: the form on the left; the buttons, the run's status and the results on the right,
+    at the top, so they are in view without scrolling on a laptop screen (1366×768)."""
     t2i = recipe_defaults("text-to-image")
     with gr.Blocks(title="sdlora") as demo:
         gr.Markdown("## sdlora: train and use Stable Diffusion LoRAs")
         with gr.Tab("Train", id="train"):
-            with gr.Row():
-                base = gr.Textbox("sdlora-tiny", label="Base model", info="sdlora-tiny (bundled), a local diffusers "
-                                  "folder or a Hub id", elem_id="train_base")
-                recipe = gr.Radio(list(RECIPES), value="text-to-image", label="Recipe", elem_id="train_recipe")
-            with gr.Row():
-                data_dir = gr.Textbox(label="Data folder", info="images with .txt captions or metadata.jsonl "
-                                      "(DreamBooth: the subject's photos)", elem_id="train_data")
-                instance_prompt = gr.Textbox(label="Instance prompt (DreamBooth)", placeholder="a photo of sks dog",
-                                             visible=False, elem_id="train_instance_prompt")
-                output_dir = gr.Textbox("lora-output", label="Output folder", info="everything the run writes goes "
-                                        "here", elem_id="train_output")
-            preview_btn = gr.Button("Preview data", elem_id="train_preview")
-            summary = gr.Markdown(elem_id="train_summary")
-            images = gr.Gallery(label="Images and captions", columns=8, height=220, elem_id="train_images")
-            with gr.Row():
-                bucket_table = gr.Dataframe(headers=["bucket", "images"], label="Buckets", interactive=False)
-                skipped = gr.Dataframe(headers=["file", "why it is skipped"], label="Skipped files", interactive=False,
-                                       elem_id="train_skipped")
-            with gr.Row():
-                lora_type = gr.Dropdown(["lora", "dora", "loha", "lokr", "adalora"], value="lora", label="LoRA type")
-                mixed_precision = gr.Dropdown(["default", "no", "fp16", "bf16"], value="default",
-                                              label="Mixed precision")
-                main = [_flag_box(n, t2i) for n in MAIN_FLAGS[:5]]
-            with gr.Row():
-                main += [_flag_box(n, t2i) for n in MAIN_FLAGS[5:]]
-            prompts = gr.Textbox(label="Sample prompts", lines=2, elem_id="train_prompts",
-                                 info="one per line, with kohya's options (--n negative, --s steps, --l guidance, "
-                                 "--w/--h size, --d seed); sampled every sample_every_n_steps, and at the end")
-            with gr.Accordion("All flags", open=False):
-                extra = gr.Textbox(label="More flags", elem_id="train_extra",
-                                   placeholder="--random_flip --lr_scheduler cosine --train_text_encoder")
-                flag_help = gr.Code(recipe_help("text-to-image"), label="The recipe's flags", language=None)
-            with gr.Row():
-                start = gr.Button("Start", variant="primary", elem_id="train_start")
-                stop = gr.Button("Stop", elem_id="train_stop")
-                resume = gr.Button("Resume", elem_id="train_resume")
-            notice = gr.Markdown(elem_id="train_notice")  # what a button did (the status line below is live)
-            status = gr.Markdown(elem_id="train_status")
-            with gr.Row():
-                plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="train_loss",
-                                   height=260)
-                samples = gr.Gallery(label="Samples (newest first)", columns=4, height=260, elem_id="train_samples")
-            shown = gr.State([])
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    with gr.Row():
+                        base = gr.Textbox("sdlora-tiny", label="Base model", info="sdlora-tiny (bundled), a local "
+                                          "diffusers folder or a Hub id", elem_id="train_base")
+                        recipe = gr.Radio(list(RECIPES), value="text-to-image", label="Recipe", elem_id="train_recipe")
+                    with gr.Row():
+                        data_dir = gr.Textbox(label="Data folder", info="images with .txt captions or metadata.jsonl "
+                                              "(DreamBooth: the subject's photos)", elem_id="train_data")
+                        instance_prompt = gr.Textbox(label="Instance prompt (DreamBooth)",
+                                                     placeholder="a photo of sks dog", visible=False,
+                                                     elem_id="train_instance_prompt")
+                        output_dir = gr.Textbox("lora-output", label="Output folder", info="everything the run "
+                                                "writes goes here", elem_id="train_output")
+                    with gr.Row():
+                        lora_type = gr.Dropdown(["lora", "dora", "loha", "lokr", "adalora"], value="lora",
+                                                label="LoRA type", min_width=100)
+                        mixed_precision = gr.Dropdown(["default", "no", "fp16", "bf16"], value="default",
+                                                      label="Mixed precision", min_width=100)
+                        main = [_flag_box(n, t2i) for n in MAIN_FLAGS[:2]]
+                    for row in (MAIN_FLAGS[2:6], MAIN_FLAGS[6:]):
+                        with gr.Row():
+                            main += [_flag_box(n, t2i) for n in row]
+                    prompts = gr.Textbox(label="Sample prompts", lines=2, elem_id="train_prompts",
+                                         info="one per line, with kohya's options (--n negative, --s steps, --l "
+                                         "guidance, --w/--h size, --d seed); sampled every sample_every_n_steps, "
+                                         "and at the end")
+                    with gr.Accordion("All flags", open=False):
+                        extra = gr.Textbox(label="More flags", elem_id="train_extra",
+                                           placeholder="--random_flip --lr_scheduler cosine --train_text_encoder")
+                        flag_help = gr.Code(recipe_help("text-to-image"), label="The recipe's flags", language=None)
+                    preview_btn = gr.Button("Preview data", elem_id="train_preview")
+                    summary = gr.Markdown(elem_id="train_summary")
+                    images = gr.Gallery(label="Images and captions", columns=8, height=220, elem_id="train_images")
+                    with gr.Row():
+                        bucket_table = gr.Dataframe(headers=["bucket", "images"], label="Buckets", interactive=False)
+                        skipped = gr.Dataframe(headers=["file", "why it is skipped"], label="Skipped files",
+                                               interactive=False, elem_id="train_skipped")
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        start = gr.Button("Start", variant="primary", elem_id="train_start", min_width=80)
+                        stop = gr.Button("Stop", elem_id="train_stop", interactive=False, min_width=80)
+                        resume = gr.Button("Resume", elem_id="train_resume", min_width=80)
+                    status = gr.Markdown(elem_id="train_status")  # live
+                    notice = gr.Markdown(elem_id="train_notice")  # what a button did
+                    plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="train_loss",
+                                       height=240)
+                    samples = gr.Gallery(label="Samples (newest first)", columns=4, height=240,
+                                         elem_id="train_samples")
+            shown = gr.State({})
             timer = gr.Timer(1.0)
 
         form = [recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra]
+        buttons = [start, resume, stop]
 
         def on_recipe(name):
             d = recipe_defaults(name)
@@ -306,45 +368,53 @@ def build() -> gr.Blocks:
 
         recipe.change(on_recipe, recipe, [instance_prompt, flag_help, *main])
         preview_btn.click(do_preview, [*form, *main], [images, bucket_table, skipped, summary])
-        start.click(lambda *a: do_start(False, *a), [*form, prompts, *main], notice)
-        resume.click(lambda *a: do_start(True, *a), [*form, prompts, *main], notice)
+        start.click(lambda *a: do_start(False, *a), [*form, prompts, *main], [notice, *buttons])
+        resume.click(lambda *a: do_start(True, *a), [*form, prompts, *main], [notice, *buttons])
         stop.click(do_stop, output_dir, notice)
-        timer.tick(poll, [output_dir, shown], [status, plot, samples, shown], show_progress="hidden")
+        timer.tick(poll, [output_dir, shown], [status, plot, samples, shown, *buttons], show_progress="hidden")
         demo.load(last_output_dir, None, output_dir)
 
         with gr.Tab("Generate", id="generate"):
-            with gr.Row():
-                g_base = gr.Textbox("sdlora-tiny", label="Base model", info="blank: the first LoRA's base model",
-                                    elem_id="gen_base")
-                g_out = gr.Textbox("outputs", label="Output folder", elem_id="gen_out")
-            slots = []
-            for i in range(LORA_SLOTS):
-                with gr.Row():
-                    slots.append(gr.Textbox(label=f"LoRA {i + 1}", placeholder="a LoRA folder, .safetensors file or "
-                                            "Hub id", elem_id=f"gen_lora{i + 1}", scale=4))
-                    slots.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", elem_id=f"gen_weight{i + 1}"))
-            g_prompt = gr.Textbox(label="Prompt", elem_id="gen_prompt")
-            g_negative = gr.Textbox(label="Negative prompt", elem_id="gen_negative")
-            with gr.Row():
-                g_seed = gr.Number(0, label="Seed (-1: random)", precision=0, elem_id="gen_seed")
-                g_steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="gen_steps")
-                g_guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="gen_guidance")
-                g_width = gr.Number(None, label="Width (blank: the model's)", precision=0, elem_id="gen_width")
-                g_height = gr.Number(None, label="Height (blank: the model's)", precision=0, elem_id="gen_height")
-                g_sched = gr.Dropdown([k for k in pipeline.SCHEDULERS if k != "keep"], value="dpm++",
-                                      label="Scheduler")
-                g_mode = gr.Radio(["on", "off", "before/after"], value="before/after", label="LoRAs",
-                                  elem_id="gen_mode")
-            g_go = gr.Button("Generate", variant="primary", elem_id="gen_go")
-            g_status = gr.Markdown(elem_id="gen_status")
-            g_gallery = gr.Gallery(label="Images", columns=4, height=260, elem_id="gen_gallery")
-            g_files = gr.File(label="Download (PNG with its parameters)", file_count="multiple", elem_id="gen_files")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    with gr.Row():
+                        g_base = gr.Textbox("sdlora-tiny", label="Base model", info="blank: the first LoRA's base "
+                                            "model", elem_id="gen_base")
+                        g_out = gr.Textbox("outputs", label="Output folder", elem_id="gen_out")
+                    g_prompt = gr.Textbox(label="Prompt", elem_id="gen_prompt")
+                    g_negative = gr.Textbox(label="Negative prompt", elem_id="gen_negative")
+                    slots = []
+                    for i in range(LORA_SLOTS):
+                        with gr.Row():
+                            slots.append(gr.Textbox(label=f"LoRA {i + 1}", placeholder="a LoRA folder, .safetensors "
+                                                    "file or Hub id", elem_id=f"gen_lora{i + 1}", scale=4))
+                            slots.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="weight",
+                                                   elem_id=f"gen_weight{i + 1}"))
+                    with gr.Row():
+                        g_seed = gr.Number(0, label="Seed (-1: random)", precision=0, elem_id="gen_seed", min_width=120)
+                        g_steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="gen_steps")
+                        g_guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="gen_guidance")
+                    with gr.Row():
+                        g_width = gr.Number(None, label="Width (blank: the model's)", precision=0,
+                                            elem_id="gen_width", min_width=120)
+                        g_height = gr.Number(None, label="Height (blank: the model's)", precision=0,
+                                             elem_id="gen_height", min_width=120)
+                        g_sched = gr.Dropdown([k for k in pipeline.SCHEDULERS if k != "keep"], value="dpm++",
+                                              label="Scheduler", min_width=120)
+                        g_mode = gr.Radio(["on", "off", "before/after"], value="before/after", label="LoRAs",
+                                          elem_id="gen_mode")
+                with gr.Column(scale=2):
+                    g_go = gr.Button("Generate", variant="primary", elem_id="gen_go")
+                    g_status = gr.Markdown(elem_id="gen_status")
+                    g_gallery = gr.Gallery(label="Images", columns=2, height=300, elem_id="gen_gallery")
+                    g_files = gr.File(label="Download (PNG with its parameters)", file_count="multiple",
+                                      elem_id="gen_files")
         g_go.click(do_generate, [g_base, g_prompt, g_negative, g_seed, g_steps, g_guidance, g_width, g_height,
                                  g_sched, g_mode, g_out, *slots], [g_gallery, g_files, g_status])
 
         with gr.Tab("Tools", id="tools"):
             t_file = gr.Textbox(label="LoRA file or folder", elem_id="tool_file")
-            t_out = gr.Textbox(label="Output file or folder", elem_id="tool_out")
+            t_out = gr.Textbox(label="Output file or folder (a new one: the UI replaces nothing)", elem_id="tool_out")
             with gr.Row():
                 t_to = gr.Dropdown(list(formats.FORMATS), value="kohya", label="Convert to (kohya: ComfyUI/A1111)")
                 t_rank = gr.Number(None, label="Rank (resize; merge: optional SVD rank)", precision=0)
@@ -357,7 +427,24 @@ def build() -> gr.Blocks:
         b_convert.click(tool_convert, [t_file, t_out, t_to], t_result)
         b_resize.click(tool_resize, [t_file, t_out, t_rank], t_result)
         b_merge.click(tool_merge, [t_merge, t_out, t_rank], t_result)
+    for fn in demo.fns.values():
+        # The page calls its functions by index; none is an API: no description of them to anyone, the login page
+        # included (Gradio embeds the API description in every page it serves).
+        fn.api_visibility = "private"
     return demo
+
+
+def server(host: str, port: int, auth=None, allowed_hosts=()):
+    """The UI as an ASGI app for uvicorn: Gradio mounted at /, inside the Host/Origin check (sdlora/ui/guard.py),
+    which has to be the outermost layer: Gradio's own CORS layer answers preflight requests itself."""
+    from fastapi import FastAPI
+
+    from .guard import Allowed, HostGuard
+
+    allowed = Allowed(host, port, list(allowed_hosts))  # a bad --allowed-host fails before the UI is built
+    app = gr.mount_gradio_app(FastAPI(), build(), path="/", server_name=host, server_port=port, auth=auth or None,
+                              theme=theme(), footer_links=["gradio", "settings"])
+    return HostGuard(app, allowed)
 
 
 def _shown(default) -> str:
@@ -367,7 +454,7 @@ def _shown(default) -> str:
 def _flag_box(name: str, defaults: dict):
     """A main flag as text: blank leaves it to the script (as leaving the flag out would)."""
     return gr.Textbox(_shown(defaults[name]), label=f"--{name}", placeholder="script default", max_lines=1,
-                      elem_id=f"train_{name}", min_width=120)
+                      elem_id=f"train_{name}", min_width=100)
 
 
 def theme():

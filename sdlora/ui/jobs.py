@@ -10,15 +10,17 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cli.train import RECIPES
 from ..errors import UserError
 from ..training.interrupt import EXIT_CODES
-from ..training.outdir import LOCK_NAME
+from ..training.outdir import LOCK_NAME, fcntl
 from .worker import LOG, PROGRESS, PROMPTS_ENV, STARTED, logs_dir
 
 
@@ -46,8 +48,6 @@ def _key(output_dir) -> Path:
 
 def command(recipe: str, flags: list[str]) -> list[str]:
     """The command line a run is, as a user would type it (the scripts' own flags)."""
-    from ..cli.train import RECIPES
-
     return [f"{RECIPES[recipe]}.py", *flags]
 
 
@@ -93,14 +93,52 @@ def _read_pipe(job: Job):
 
 
 def holder(output_dir) -> int | None:
-    """The pid of the live process holding `output_dir` (any sdlora run: the UI's or one from a terminal)."""
+    """The pid of the sdlora run holding `output_dir` (the UI's or one from a terminal), or None.
+
+    Only a lock that is really held names a run: the kernel drops a flock when its holder exits, so a lock file
+    nobody holds (left by a kill -9, or written by hand) names no one, whatever pid it says, and the pid must still
+    be an sdlora process, so that Stop never signals another program that got the pid since."""
+    path = _key(output_dir) / LOCK_NAME
     try:
-        info = json.loads((_key(output_dir) / LOCK_NAME).read_text() or "{}")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                pass  # held: a run has the folder
+            else:
+                return None  # we got it, so no run holds it (closing the file lets go again)
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
         pid = int(info["pid"])
+        if info.get("host", socket.gethostname()) != socket.gethostname():
+            return None  # a run on another machine (a shared folder): not one this UI can signal
         os.kill(pid, 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return pid
+    finally:
+        os.close(fd)
+    return pid if _is_sdlora(pid) else None
+
+
+_SDLORA_ARGS = {"sdlora", *RECIPES.values()}
+
+
+def _is_sdlora(pid: int) -> bool:
+    """Whether process `pid` runs sdlora (a recipe script, `sdlora train`, the UI's worker): its command line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no /proc (macOS): the held lock is all there is to go on
+    except OSError:
+        return False
+    for a in argv[:4]:  # the interpreter, `-m`, then the module or script (or accelerate's launcher and it)
+        name = Path(a).name.removesuffix(".py")
+        if name in _SDLORA_ARGS or a.startswith("sdlora."):
+            return True
+    return False
 
 
 def stop(output_dir) -> str:
@@ -140,6 +178,8 @@ class State:
     stopped: bool = False
     weights: Path | None = None
     command: list | None = None
+    planned: dict | None = None  # {"max_steps", "resolution", "images"} once the run has read its data
+    phase: str | None = None  # what a running run does now: "training", or between steps "sampling", "saving", …
 
     @property
     def eta_s(self) -> float | None:
@@ -154,6 +194,8 @@ class State:
         if self.starting:
             return "starting: checking the flags and the data, then loading the models"
         parts = []
+        if self.planned and not self.loss:
+            parts.append(f"planned: {self.planned['max_steps']} steps at {self.planned['resolution']} px")
         if self.max_steps:
             parts.append(f"step {self.step}/{self.max_steps}")
         if self.s_per_step is not None:
@@ -169,8 +211,10 @@ class State:
         head = "running" if self.running else "finished" if self.finished else \
             ("stopped" if self.loss else "stopped before training started") if self.stopped else \
             "interrupted (Resume continues from its last checkpoint)" if self.loss else "no run yet"
-        if self.running and not self.loss:
-            head = "running: loading the models"
+        if self.running and self.phase not in (None, "training"):
+            head = f"running, {self.phase}…"
+        elif self.running and not self.loss:
+            head = "running: the first step" if self.phase == "training" else "running: loading the models"
         tail = f" · wrote {self.weights}" if self.finished and self.weights else ""
         return f"{head}" + (": " + " · ".join(parts) if parts else "") + tail
 
@@ -195,11 +239,11 @@ def state(output_dir, logging_dir: str = "logs", samples: int = 12) -> State:
             st.error = one_line_error(job.said) or (job.said[-1] if job.said else f"the run exited ({job.proc.returncode})")
         return st
     st.running = bool(job and job.alive()) or holder(key) is not None
-    records, last_end, started = _progress(logs_dir(key, logging_dir) / PROGRESS)
-    by_step = {}
-    for r in records:
-        if "step" in r:
-            by_step[r["step"]] = r  # a resumed run writes its steps again from the checkpoint on
+    records, current, last_end, started = _progress(logs_dir(key, logging_dir) / PROGRESS)
+    st.planned = next((r for r in current if r.get("event") == "plan"), None)
+    if st.running:  # the last step or phase record says what it does now (a step record: training)
+        st.phase = next((r.get("phase", "training") for r in reversed(current) if "step" in r or "phase" in r), None)
+    by_step = {r["step"]: r for r in records}
     for s in sorted(by_step):
         r = by_step[s]
         if "loss" in r:
@@ -209,8 +253,9 @@ def state(output_dir, logging_dir: str = "logs", samples: int = 12) -> State:
     if by_step:
         last = by_step[max(by_step)]
         st.step, st.max_steps, st.lr = last["step"], last.get("max_steps"), last.get("lr")
-        recent = [by_step[s].get("s_per_step") for s in sorted(by_step)[-20:]]
-        recent = [x for x in recent if x is not None]
+        # The optimizer steps' own time; a run's first step (warm-up) only while it is the only one.
+        recent = [r["s_per_step"] for r in records if "s_per_step" in r and not r.get("first")][-20:] or \
+            [r["s_per_step"] for r in records if "s_per_step" in r][-1:]
         st.s_per_step = sum(recent) / len(recent) if recent else None
     if started:
         st.command = started.get("command")
@@ -224,31 +269,42 @@ def state(output_dir, logging_dir: str = "logs", samples: int = 12) -> State:
     weights = key / "pytorch_lora_weights.safetensors"
     st.weights = weights if weights.exists() else None
     folder = key / "samples"
-    if folder.is_dir():
-        pngs = [p for p in folder.glob("*.png") if not p.name.endswith("_grid.png")]
+    if folder.is_dir() and not folder.is_symlink():
+        # Only the files the run wrote: a link placed there (to any file of the user's) is never served.
+        pngs = [p for p in folder.glob("*.png") if not p.name.endswith("_grid.png") and not p.is_symlink()
+                and p.is_file()]
         st.samples = sorted(pngs, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)[:samples]
     return st
 
 
 def _progress(path: Path):
-    """(records, the last end event after the last start, the last start event)."""
-    records, start_event, end_event = [], None, None
+    """(the step records, the records since the last start, the last end event after it, the last start event).
+
+    The step records are the current run's: a new run in the folder drops the earlier ones when it starts, a resumed
+    one those from the step it resumes at on (it writes them again)."""
+    records, current, start_event, end_event, resumed = [], [], None, None, False
     try:
         text = path.read_text(errors="replace")
     except OSError:
-        return records, None, None
+        return records, current, None, None
     for line in text.splitlines():
         try:
             r = json.loads(line)
         except ValueError:
             continue  # a line being written as we read
         if r.get("event") == "start":
-            start_event, end_event = r, None
+            start_event, end_event, current = r, None, []
+            resumed = any(str(a).startswith("--resume_from_checkpoint") for a in r.get("command") or [])
+            records = records if resumed else []
         elif r.get("event") == "end":
             end_event = r
         else:
-            records.append(r)
-    return records, end_event, start_event
+            current.append(r)
+            if "step" in r:
+                if resumed:
+                    records, resumed = [x for x in records if x["step"] < r["step"]], False
+                records.append(r)
+    return records, current, end_event, start_event
 
 
 def _tail(path: Path, size: int = 16384) -> list[str]:

@@ -45,7 +45,11 @@ def main(argv=None) -> int:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         flags += ["--sample_prompts", prompts_file]
-    progress = []
+    progress, made, stepped = [], [], []
+
+    def make_recipe(args, config):  # the recipe as it is made, for the plan `on_start` records
+        made.append(mod.make_recipe(args, config))
+        return made[-1]
 
     def on_start(config):
         from ..training.manifest import Manifest
@@ -61,19 +65,38 @@ def main(argv=None) -> int:
         os.close(fd)
         progress.append(open(folder / PROGRESS, "a", buffering=1))
         _write(progress, event="start", pid=os.getpid(), command=[recipe, *_public(flags, prompts_file)])
+        _write(progress, event="plan", max_steps=planned_steps(config, made[-1].data), resolution=config.resolution,
+               images=len(made[-1].data.rows))
 
     def on_step(step, logs):
-        _write(progress, step=step, **{k: v if isinstance(v, int) else float(v) for k, v in logs.items()
-                                       if math.isfinite(float(v))})
+        record = {k: v if isinstance(v, int) else float(v) for k, v in logs.items() if math.isfinite(float(v))}
+        if not stepped:  # this process's first step (warm-up): the UI's s/step leaves it out once there are more
+            stepped.append(step)
+            record["first"] = True
+        _write(progress, step=step, **record)
+
+    def on_phase(name):
+        _write(progress, phase=name)
 
     rc = 1
     try:
-        rc = common.run(mod.parse_args(flags), mod.make_recipe, on_start=on_start, on_step=on_step)
+        rc = common.run(mod.parse_args(flags), make_recipe, on_start=on_start, on_step=on_step, on_phase=on_phase)
     finally:
         if prompts_file:
             os.unlink(prompts_file)
         _write(progress, event="end", rc=rc, stopped=rc in EXIT_CODES.values())
     return rc
+
+
+def planned_steps(config, data) -> int:
+    """The optimizer steps the run will make, counted as the training loop's `setup` counts them (one process,
+    as the UI runs it), known before any model loads."""
+    from ..data.trainset import StreamSampler
+
+    if config.max_train_steps:
+        return config.max_train_steps
+    sampler = StreamSampler(len(data), config.train_batch_size, 0, keys=[data.key(i) for i in range(len(data))])
+    return math.ceil(config.num_train_epochs * sampler.batches_per_epoch / config.gradient_accumulation_steps)
 
 
 def _public(flags: list[str], prompts_file: str | None) -> list[str]:

@@ -1,0 +1,200 @@
+"""`sdlora ui` without a browser: real HTTP against `sdlora ui`'s server (which requests it answers, what its login
+page shows a stranger), and the Train and Tools callbacks in-process on real folders. Needs the ui extra (Gradio);
+CI runs this file in its ui step, with the browser test."""
+import http.client
+import importlib.util
+import json
+import socket
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from conftest import make_images
+
+pytestmark = pytest.mark.skipif(not importlib.util.find_spec("gradio"),
+                                reason="needs the ui extra (pip install -e '.[test,ui]')")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port, method, path, headers=None, body=None):
+    """(status, headers with lower-case names, text); `headers` may name any Host, as a browser's would."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(method, path, body, {"Host": f"127.0.0.1:{port}", **(headers or {})})
+    r = conn.getresponse()
+    out = r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode(errors="replace")
+    conn.close()
+    return out
+
+
+def lora_file(path: Path) -> Path:
+    """A small real LoRA file (diffusers keys) the Tools can read and convert."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.randn(4, 8),
+               "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.randn(8, 4)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uis(tmp_path_factory):
+    """`sdlora ui`'s server as the command builds it, in this process (one Gradio import for the file): the default
+    one (127.0.0.1, no login) and one with a login."""
+    import threading
+
+    import uvicorn
+
+    from sdlora.ui.app import server
+
+    servers = {}
+    for name, auth in {"open": None, "login": [("ann", "secret")]}.items():
+        port = free_port()
+        s = uvicorn.Server(uvicorn.Config(server("127.0.0.1", port, auth), host="127.0.0.1", port=port,
+                                          log_level="warning"))
+        threading.Thread(target=s.run, daemon=True).start()
+        servers[name] = port, s
+    for port, s in servers.values():
+        for _ in range(600):
+            if s.started:
+                break
+            time.sleep(0.05)
+    yield {name: port for name, (port, _) in servers.items()}
+    for _, s in servers.values():
+        s.should_exit = True
+
+
+def test_requests_for_other_host_names_or_from_other_sites_are_refused(uis, tmp_path):
+    """DNS rebinding: a page at evil.example points its name at 127.0.0.1 and posts to the UI as if it were its own
+    site. Refused with a 403 before anything runs, as are another site's posts and preflights by the UI's own
+    address; the UI's own page makes the same call and it runs."""
+    port = uis["open"]
+    src, out = lora_file(tmp_path / "in.safetensors"), tmp_path / "out.safetensors"
+    body = json.dumps({"data": [str(src), str(out), "kohya"]})
+    call = "/gradio_api/call/tool_convert"
+    js = {"Content-Type": "application/json"}
+    for headers in ({"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"},
+                    {"Host": f"evil.example:{port}"},
+                    {"Origin": f"http://evil.example:{port}"},
+                    {"Origin": "null"}):
+        status, got, text = request(port, "POST", call, {**js, **headers}, body)
+        assert status == 403 and "sdlora ui:" in text, (headers, status, text)
+        assert "access-control-allow-origin" not in got
+    status, got, _ = request(port, "OPTIONS", call, {"Origin": f"http://evil.example:{port}",
+                                                  "Access-Control-Request-Method": "POST"})
+    assert status == 403 and "access-control-allow-origin" not in got
+    time.sleep(1)
+    assert not out.exists()
+
+    own = f"http://localhost:{port}"
+    status, got, text = request(port, "POST", call, {**js, "Host": f"localhost:{port}", "Origin": own}, body)
+    assert status == 200 and got["access-control-allow-origin"] == own
+    status, _, text = request(port, "GET", f"{call}/{json.loads(text)['event_id']}", {"Host": f"localhost:{port}"})
+    assert "converted diffusers -> kohya" in text and out.exists()
+
+
+def test_login_page_tells_a_stranger_nothing_of_the_api(uis):
+    port = uis["login"]
+    status, _, page = request(port, "GET", "/?all_endpoints=true")
+    assert status == 200 and "window.gradio_api_info" in page
+    assert "tool_convert" not in page and "do_start" not in page and "train_start" not in page
+    status, got, _ = request(port, "POST", "/login", {"Content-Type": "application/x-www-form-urlencoded"},
+                          urllib.parse.urlencode({"username": "ann", "password": "secret"}))
+    assert status == 200
+    cookie = "; ".join(c.split(";")[0] for c in got["set-cookie"].split(", ") if "=" in c.split(";")[0])
+    status, _, page = request(port, "GET", "/", {"Cookie": cookie})
+    assert status == 200 and "train_start" in page  # logged in: the app itself
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "served"))
+    from sdlora.ui import app
+
+    return app
+
+
+def test_poll_serves_only_the_runs_own_samples_and_clears_another_runs_curve(app, tmp_path):
+    """A link in a run's samples/ folder (to any file of the user's) is never copied where the page can fetch it;
+    a folder without a run shows no loss curve, not the one shown before; Start is on when no run goes."""
+    run = tmp_path / "run"
+    make_images(run / "samples", n=1)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the user's private file")
+    (run / "samples" / "leak.png").symlink_to(secret)
+    (run / "samples" / "dir.png").symlink_to(tmp_path)
+    (run / "logs").mkdir()
+    # what the worker writes (sdlora/ui/worker.py): two steps of a run that has ended
+    (run / "logs" / "progress.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"event": "start", "pid": 1}, {"step": 1, "loss": 0.5, "max_steps": 2, "s_per_step": 0.1, "first": True},
+        {"step": 2, "loss": 0.4, "max_steps": 2, "s_per_step": 0.1}, {"event": "end", "rc": 0}]) + "\n")
+
+    line, plot, gallery, shown, start, resume, stop = app.poll(str(run), {})
+    assert line.startswith("finished: step 2/2") and list(plot["loss"]) == [0.5, 0.4]
+    assert [name for _, name in gallery] == ["img0.png"]
+    served = [p for p in (tmp_path / "served").rglob("*") if p.is_file()]
+    assert len(served) == 1 and all(p.read_bytes() != secret.read_bytes() for p in served)
+    assert start["interactive"] and resume["interactive"] and not stop["interactive"]
+    with pytest.raises(OSError):
+        app._served(run / "samples" / "leak.png")
+
+    line, plot, gallery, shown, *_ = app.poll(str(tmp_path / "new-run"), shown)
+    assert line == "no run yet" and plot is None and gallery == []
+    line, plot, *_ = app.poll(str(run), {})
+    assert list(plot["loss"]) == [0.5, 0.4]
+    with open(run / "logs" / "progress.jsonl", "a") as f:  # a new run in the same folder, loading its models
+        f.write(json.dumps({"event": "start", "pid": 1, "command": ["text-to-image", "--seed", "1"]}) + "\n")
+    line, plot, *_ = app.poll(str(run), {"rows": [(1, 0.5, "loss"), (2, 0.4, "loss")]})
+    assert plot is None
+
+
+def form(data, out, extra=""):
+    """do_start's arguments after `resume`: the Train form with the recipe's own defaults (blank main flags)."""
+    from sdlora.ui.app import MAIN_FLAGS
+
+    return ["text-to-image", "sdlora-tiny", str(data), "", str(out), "lora", "default", extra, "",
+            *[""] * len(MAIN_FLAGS)]
+
+
+def test_start_checks_the_form_then_turns_itself_off_while_the_run_goes(app, tmp_path):
+    from sdlora.ui import jobs
+
+    data, out = make_images(tmp_path / "data"), tmp_path / "out"
+    notice, *buttons = app.do_start(False, *form(data, out, "--resolution abc"))
+    assert notice.startswith("error: argument --resolution: invalid int value") and "error: error" not in notice
+    # A folder typed in "more flags" would run where the page does not look, out of Stop's reach.
+    notice, *_ = app.do_start(False, *form(data, out, f"--output_dir {tmp_path / 'elsewhere'}"))
+    assert notice.startswith("error: more flags: --output_dir") and "Output folder" in notice
+    notice, *_ = app.do_start(False, *form(data, out, "--logging_dir mine"))
+    assert notice.startswith("error: more flags: --logging_dir")
+    assert not (tmp_path / "elsewhere").exists() and jobs._key(out) not in jobs._jobs
+
+    notice, start, resume, stop = app.do_start(False, *form(data, out, "--max_train_steps 1"))
+    assert notice.startswith("started: ") and not start["interactive"] and not resume["interactive"]
+    assert stop["interactive"]
+    line, _, _, _, start, _, stop = app.poll(str(out), {})
+    assert line.startswith("starting") and not start["interactive"] and stop["interactive"]
+    assert app.do_stop(str(out)).startswith("stopping the run")
+    t = time.time()
+    while line.startswith("starting") and time.time() - t < 60:
+        time.sleep(0.1)
+        line, _, _, _, start, _, stop = app.poll(str(out), {})
+    assert not line.startswith("starting") and start["interactive"] and not stop["interactive"]
+
+
+def test_tools_refuse_an_output_that_exists(app, tmp_path):
+    src, out = lora_file(tmp_path / "in.safetensors"), tmp_path / "kohya.safetensors"
+    assert app.tool_convert(str(src), str(out), "kohya").startswith("converted diffusers -> kohya")
+    before = out.read_bytes()
+    said = app.tool_convert(str(src), str(out), "diffusers")
+    assert said == (f"error: {out} already exists: the UI writes only new files; choose a new output path "
+                    "(or delete it first)")
+    assert out.read_bytes() == before
+    assert app.tool_resize(str(src), str(out), 2).startswith(f"error: {out} already exists")
+    (tmp_path / "empty").mkdir()  # a new, empty folder is a new output
+    assert app.tool_convert(str(src), str(tmp_path / "empty"), "kohya").startswith("converted")
