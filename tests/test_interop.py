@@ -51,15 +51,20 @@ def kohya_file(out):
 
 
 def trained_deltas(out, alpha, rank) -> dict:
-    """{kohya module name: up @ down * alpha / rank} from the diffusers file's raw tensors and the run's flags."""
+    """{kohya module name: up @ down * alpha / rank} from the diffusers file's raw tensors, which hold alpha / rank
+    folded into up (its header says alpha = rank for every component)."""
     sd = load_file(out / "pytorch_lora_weights.safetensors")
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        packed = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert all(packed[f"{c}.lora_alpha"] == packed[f"{c}.r"] == rank for c in ("unet", "text_encoder") if f"{c}.r" in packed)
     pairs = {}
     for k, t in sd.items():
-        m = re.fullmatch(r"(unet|text_encoder)\.(.+?)\.(?:lora\.(down|up)|lora_(A|B))\.weight", k)
-        comp, path, which = m.group(1), m.group(2), m.group(3) or {"A": "down", "B": "up"}[m.group(4)]
+        m = re.fullmatch(r"(unet|text_encoder)\.(.+?)(?:_lora\.|\.lora\.|\.lora_linear_layer\.)(down|up)\.weight", k)
+        comp, path, which = m.groups()
+        path = path.replace(".processor.to_out", ".to_out.0").replace(".processor.", ".")
         name = ("lora_unet_" if comp == "unet" else "lora_te_") + path.replace(".", "_")
         pairs.setdefault(name, {})[which] = t.float()
-    return {n: (p["up"].flatten(1) @ p["down"].flatten(1)) * (alpha / rank) for n, p in pairs.items()}
+    return {n: p["up"].flatten(1) @ p["down"].flatten(1) for n, p in pairs.items()}
 
 
 def test_both_files_are_written_and_named_for_the_run(trained):

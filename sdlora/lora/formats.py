@@ -603,6 +603,9 @@ def save_lora(lora: Lora, out, fmt: str, dtype: str | None = None) -> Path:
         return _save_peft(lora, out, meta, cast)
     file = out if out.suffix == ".safetensors" else out / ("lora.safetensors" if fmt == "kohya" else WEIGHTS_NAME)
     tensors, extra = (_to_kohya if fmt == "kohya" else diffusers_tensors)(lora)
+    if fmt == "diffusers":  # the spelling ComfyUI reads too, scale folded into the weights (shared_layout)
+        from .shared_layout import to_shared
+        tensors, extra = to_shared(tensors, {**meta, **extra}, str(file))
     save_safetensors(_cast(tensors, cast), file, {**meta, **extra})
     if lora.base_model and out.suffix != ".safetensors" and not (out / "README.md").exists():
         write_minimal(out, lora.base_model)
