@@ -63,7 +63,11 @@ def test_outputs_load_in_unmodified_diffusers(trained, tiny_model, caplog):
 
 
 def test_file_format_and_metadata(trained, tiny_model):
-    out, _ = trained
+    out, r = trained
+    # the end of the run says which loader applies which file whole (sdlora inspect's table, one line per file)
+    assert ("pytorch_lora_weights.safetensors: read whole, at its scale, by diffusers, ComfyUI, Forge; partially or "
+            "rescaled by A1111 (none of 32 layers), kohya (none of 32 layers)") in r.stderr
+    assert "out.safetensors: read whole, at its scale, by diffusers, ComfyUI, Forge, A1111, kohya" in r.stderr
     sd, meta = read_lora(out / "pytorch_lora_weights.safetensors")
     # diffusers' attention-processor names, which ComfyUI's loader also maps (shared_layout)
     assert all(re.fullmatch(r"unet\..+\.processor\.to_(q|k|v|out)_lora\.(down|up)\.weight", k) for k in sd), sorted(sd)

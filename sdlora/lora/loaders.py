@@ -357,3 +357,11 @@ def advice(lora: formats.Lora) -> str:
         return "the kohya layout (sdlora convert --to kohya) is what ComfyUI, A1111/Forge and LyCORIS read whole"
     return ("sdlora convert writes a layout each reads whole: --to kohya for ComfyUI, A1111/Forge and kohya's tools, "
             "--to diffusers for diffusers and ComfyUI")
+
+
+def where(readings: list[Reading]) -> str:
+    """One clause for a log line: the loaders that read the file whole at its scale, and how the others fall short."""
+    whole = [r.loader for r in readings if r.exact]
+    short = (warning([r for r in readings if not r.exact]) or "").removeprefix("loads partially or rescaled in ")
+    text = f"read whole, at its scale, by {', '.join(whole)}" if whole else "read whole by no known loader"
+    return text + (f"; partially or rescaled by {short}" if short else "")

@@ -17,8 +17,8 @@ in its name ("Invalid LoRA checkpoint"). So each layer's alpha / rank is folded 
 `lora_adapter_metadata` header says alpha = rank: every loader then applies scale 1 to the same product,
 which is the trained change (ComfyUI with no alpha uses 1.0). DoRA magnitudes keep peft's key (diffusers reads
 it; ComfyUI reads only LyCORIS's ``dora_scale``, which diffusers drops with a warning, so ComfyUI applies a DoRA
-layer's direction without its magnitude — `sdlora inspect` says so). LoHa/LoKr layers keep LyCORIS' names
-(diffusers reads neither).
+layer's direction without its magnitude — `sdlora inspect` says so). LoHa/LoKr layers keep LyCORIS' factor names
+and alpha tensors (diffusers reads neither) under the same layer names, so ComfyUI reads them whole too.
 """
 from __future__ import annotations
 
@@ -60,8 +60,11 @@ def to_shared(tensors: dict, header: dict, source: str = "<memory>") -> tuple[di
         out[down_key], out[up_key] = m.down, up
         if m.magnitude is not None:
             out[f"{comp}.{path}.{formats.magnitude_key(comp)}"] = formats.peft_magnitude(m)
-    if products:  # LyCORIS' names and alphas, as formats writes them
-        out.update(formats.diffusers_tensors(formats.Lora(products))[0])
+    if products:  # LyCORIS' factor names and alphas (which diffusers cannot read anyway) under ComfyUI's layer names
+        for key, t in formats.diffusers_tensors(formats.Lora(products))[0].items():
+            comp, rest = key.split(".", 1)
+            path, _, what = rest.rpartition(".")
+            out[f"{comp}.{unet_stem(path) if comp == 'unet' else path}.{what}"] = t
     return out, _unit_alphas(header, {n.split(".", 1)[0] for n, m in lora.modules.items() if m.kind == "lora"})
 
 
