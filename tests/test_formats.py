@@ -51,17 +51,28 @@ def assert_same_deltas(a: Lora, b: Lora, tol=1e-6):
         assert torch.allclose(m.delta(), b.modules[name].delta(), atol=tol), name
 
 
+def safe_metadata(file) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return f.metadata()
+
+
 def test_trainer_file_is_read_with_alpha_and_base_from_the_card(tiny_model, tmp_path):
     from sdlora.testing import demo_lora
 
     file = demo_lora(tmp_path / "lora", base=tiny_model, rank=4, alpha=8)
     lora = formats.load_lora(tmp_path / "lora")
     assert lora.format == "diffusers" and lora.base_model == str(tiny_model)
-    assert len(lora.modules) == 32 and {m.alpha for m in lora.modules.values()} == {8.0}
+    # alpha 8 / rank 4 travels folded into the up weights (shared_layout), so the file says alpha = rank
+    assert len(lora.modules) == 32 and {m.alpha for m in lora.modules.values()} == {4.0}
     raw = load_file(file)
     name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     m = lora.modules[name]
-    assert torch.equal(m.down, raw[name + ".lora.down.weight"]) and m.rank == 4
+    stem = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
+    assert torch.equal(m.down, raw[stem + ".down.weight"]) and m.rank == 4
+    assert json.loads(safe_metadata(file)["lora_adapter_metadata"])["unet.lora_alpha"] == 4
+    assert safe_metadata(file)["ss_network_alpha"] == "8"  # the trained alpha, as kohya's tools record it
     # the card wins, but ss_sd_model_name alone is enough
     (tmp_path / "lora" / "README.md").unlink()
     assert formats.load_lora(file).base_model == str(tiny_model)

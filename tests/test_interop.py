@@ -51,15 +51,20 @@ def kohya_file(out):
 
 
 def trained_deltas(out, alpha, rank) -> dict:
-    """{kohya module name: up @ down * alpha / rank} from the diffusers file's raw tensors and the run's flags."""
+    """{kohya module name: up @ down * alpha / rank} from the diffusers file's raw tensors, which hold alpha / rank
+    folded into up (its header says alpha = rank for every component)."""
     sd = load_file(out / "pytorch_lora_weights.safetensors")
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        packed = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert all(packed[f"{c}.lora_alpha"] == packed[f"{c}.r"] == rank for c in ("unet", "text_encoder") if f"{c}.r" in packed)
     pairs = {}
     for k, t in sd.items():
-        m = re.fullmatch(r"(unet|text_encoder)\.(.+?)\.(?:lora\.(down|up)|lora_(A|B))\.weight", k)
-        comp, path, which = m.group(1), m.group(2), m.group(3) or {"A": "down", "B": "up"}[m.group(4)]
+        m = re.fullmatch(r"(unet|text_encoder)\.(.+?)(?:_lora\.|\.lora\.|\.lora_linear_layer\.)(down|up)\.weight", k)
+        comp, path, which = m.groups()
+        path = path.replace(".processor.to_out", ".to_out.0").replace(".processor.", ".")
         name = ("lora_unet_" if comp == "unet" else "lora_te_") + path.replace(".", "_")
         pairs.setdefault(name, {})[which] = t.float()
-    return {n: (p["up"].flatten(1) @ p["down"].flatten(1)) * (alpha / rank) for n, p in pairs.items()}
+    return {n: p["up"].flatten(1) @ p["down"].flatten(1) for n, p in pairs.items()}
 
 
 def test_both_files_are_written_and_named_for_the_run(trained):
@@ -81,6 +86,61 @@ def test_kohya_file_loads_whole_in_lycoris_at_the_trained_scale(trained, tiny_mo
         got = loaded[name].get_diff_weight()[0].float().flatten(1)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), name
     assert max(w.abs().max().item() for w in expected.values()) > 1e-3  # a LoRA that does something
+
+
+def kohya_deltas(out) -> dict:
+    """{kohya module name: up @ down * alpha / rank} from the kohya file (alpha in its tensors)."""
+    sd = load_file(kohya_file(out))
+    return {k[:-len(".lora_down.weight")]: sd[k.replace("lora_down", "lora_up")].float().flatten(1)
+            @ v.float().flatten(1) * (float(sd[k.replace("lora_down.weight", "alpha")]) / v.shape[0])
+            for k, v in sd.items() if k.endswith(".lora_down.weight")}
+
+
+def comfyui_patches(file, pipe):
+    """({kohya module name: weight change}, keys not loaded) as ComfyUI's comfy/lora.py applies `file` to an SD 1.x
+    model: its key map (`model_lora_keys_unet`: `lora_unet_<diffusers path>`, and `unet.<diffusers path>` with
+    ".to_" spelled ".processor.to_" and to_out.0 as to_out; `model_lora_keys_clip`: `lora_te_text_model_…` and
+    `text_encoder.text_model.encoder.layers.<i>.<q/k/v/out_proj, mlp.fc1/fc2>`), `load_lora`'s weight suffixes,
+    and `<name>.alpha` (absent: scale 1.0). Built here from the live modules, independently of sdlora.lora.loaders."""
+    sd = load_file(file)
+    key_map = {}
+    for n, m in pipe.unet.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            d = n.replace(".to_", ".processor.to_")
+            d = d[:-2] if d.endswith(".to_out.0") else d
+            for x in ("lora_unet_" + n.replace(".", "_"), "unet." + d):
+                key_map[x] = "lora_unet_" + n.replace(".", "_")
+    for i in range(pipe.text_encoder.config.num_hidden_layers):
+        for c in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
+            name = f"lora_te_text_model_encoder_layers_{i}_{c.replace('.', '_')}"
+            key_map[name] = key_map[f"text_encoder.text_model.encoder.layers.{i}.{c}"] = name
+    suffixes = [(".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+                (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
+                (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight")]
+    patches, loaded = {}, set()
+    for x, target in key_map.items():
+        for up, down in suffixes:
+            if x + up in sd:
+                alpha = sd.get(x + ".alpha")
+                scale = float(alpha) / sd[x + down].shape[0] if alpha is not None else 1.0
+                patches[target] = sd[x + up].float().flatten(1) @ sd[x + down].float().flatten(1) * scale
+                loaded |= {x + up, x + down, x + ".alpha"}
+                break
+    return patches, set(sd) - loaded
+
+
+def test_both_files_load_whole_in_comfyui_at_the_trained_scale(trained, tiny_model):
+    """The issue's trap: ComfyUI read 0 of the diffusers file's UNet layers (peft's names) and no alpha from it."""
+    from diffusers import StableDiffusionPipeline
+
+    _, out, _, _ = trained
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    want = kohya_deltas(out)
+    for file in (out / "pytorch_lora_weights.safetensors", kohya_file(out)):
+        patches, not_loaded = comfyui_patches(file, pipe)
+        assert not not_loaded, sorted(not_loaded)[:3]  # ComfyUI logs "lora key not loaded: <key>" for each
+        assert sorted(patches) == sorted(want), file.name
+        assert all(torch.allclose(patches[n], want[n], rtol=1e-5, atol=1e-7) for n in want), file.name
 
 
 def test_sdlora_reads_the_kohya_file_at_the_trained_scale(trained):

@@ -7,6 +7,7 @@ from helpers import fast_flags, read_lora, recipe_error
 
 import train_text_to_image_lora as t2i
 from sdlora import quantize
+from sdlora.lora import formats
 from sdlora.training import loop
 
 bnb = pytest.importorskip("bitsandbytes", reason="--quantize_base needs bitsandbytes: pip install -e \".[test,bnb]\" (CI runs these tests in a step of its own)")
@@ -46,7 +47,7 @@ def test_quantized_runs_train_lora_in_fp32_and_save_the_unquantized_runs_layout(
     n_linear = sum(type(m) is torch.nn.Linear for m in plain_unet.modules() if not hasattr(m, "lora_A")) - \
         sum(len(m.lora_A) + len(m.lora_B) for m in plain_unet.modules() if hasattr(m, "lora_A"))
     plain, _ = read_lora(plain_path)
-    layers = {k.rsplit(".lora", 1)[0] for k in plain}
+    layers = set(formats.load_lora(plain_path).modules)  # whatever the keys' spelling (shared_layout)
     for q, layer, kind, ratio in (("int8", peft_bnb.Linear8bitLt, bnb.nn.Linear8bitLt, 4),
                                   ("nf4", peft_bnb.Linear4bit, bnb.nn.Linear4bit, 7)):
         path, unet, losses = runs[q]
@@ -74,7 +75,7 @@ def test_quantized_runs_train_lora_in_fp32_and_save_the_unquantized_runs_layout(
         applied = {f"unet.{n}": m for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
         assert applied.keys() == layers
         name = sorted(layers)[0]
-        torch.testing.assert_close(applied[name].lora_B["default_0"].weight, sd[f"{name}.lora.up.weight"])
+        torch.testing.assert_close(applied[name].lora_B["default_0"].weight, formats.load_lora(path).modules[name].up)
 
 
 def test_quantized_resume_is_exact_and_checked(tiny_model, tmp_path, monkeypatch, capsys):

@@ -9,6 +9,8 @@ import torch
 from conftest import make_images
 from helpers import T2I, fast_flags, front_matter, read_lora, run
 
+from sdlora.lora import formats
+
 
 def _generate(pipe, prompt="a red square on a blue background"):
     g = torch.Generator().manual_seed(0)
@@ -47,25 +49,35 @@ def test_outputs_load_in_unmodified_diffusers(trained, tiny_model, caplog):
     assert n_layers == len(lora_layers) > 0
     after = _generate(pipe)
     assert np.abs(after - before).max() > 1e-4, "LoRA did not change the images"
-    # alpha=8, rank=4: diffusers must apply scale alpha/r = 2 (read from the file's metadata).
+    # alpha=8, rank=4: the file carries scale alpha/r = 2 folded into its up weights (so ComfyUI, which reads no
+    # alpha from it, applies it too); diffusers applies exactly the kohya file's up @ down * alpha / r.
     attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
-    assert attn.scaling["default_0"] == pytest.approx(2.0)
+    assert attn.scaling["default_0"] == pytest.approx(1.0)
+    kohya, _ = read_lora(out / "out.safetensors")
+    k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    want = kohya[k + ".lora_up.weight"] @ kohya[k + ".lora_down.weight"] * kohya[k + ".alpha"] / 4
+    assert float(kohya[k + ".alpha"]) == 8 and torch.allclose(attn.get_delta_weight("default_0"), want, atol=1e-6)
     pipe.unload_lora_weights()
     assert torch.equal(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight, w0)
     assert np.array_equal(_generate(pipe), before), "unload_lora_weights did not restore the base images"
 
 
 def test_file_format_and_metadata(trained, tiny_model):
-    out, _ = trained
+    out, r = trained
+    # the end of the run says which loader applies which file whole (sdlora inspect's table, one line per file)
+    assert ("pytorch_lora_weights.safetensors: read whole, at its scale, by diffusers, ComfyUI, Forge; partially or "
+            "rescaled by A1111 (none of 32 layers), kohya (none of 32 layers)") in r.stderr
+    assert "out.safetensors: read whole, at its scale, by diffusers, ComfyUI, Forge, A1111, kohya" in r.stderr
     sd, meta = read_lora(out / "pytorch_lora_weights.safetensors")
-    assert all(k.startswith("unet.") and (".lora.down.weight" in k or ".lora.up.weight" in k) for k in sd)
+    # diffusers' attention-processor names, which ComfyUI's loader also maps (shared_layout)
+    assert all(re.fullmatch(r"unet\..+\.processor\.to_(q|k|v|out)_lora\.(down|up)\.weight", k) for k in sd), sorted(sd)
     assert all(v.dtype == torch.float32 for v in sd.values())
     assert meta["ss_sd_model_name"] == str(tiny_model)
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
     assert meta["ss_steps"] == "6" and meta["ss_resolution"] == "(32, 32)" and meta["ss_learning_rate"] == "0.001"
     assert "data" in meta["ss_dataset_dirs"] and meta["sdlora_version"]
     assert meta["sdlora_target_modules"] == "to_q,to_k,to_v,to_out.0"
-    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 8
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 4  # = rank: alpha 8 is in the weights
 
 
 def test_model_card(trained, tiny_model):
@@ -128,7 +140,7 @@ def test_resume_is_exact(tiny_model, tmp_path, variant):
         active, total = [int(a) for a, _ in logged], 24 * 4  # 24 layers (to_q, to_v, conv1) x --adalora_init_r 4
         assert len(active) >= 3 and active[0] == total and active[-1] == total // 2, whole.stderr[-3000:]
         assert active == sorted(active, reverse=True) and "(final ranks from here on)" in whole.stderr
-        ranks = [v.shape[0] for k, v in full.items() if k.endswith("lora_A.weight")]
+        ranks = [v.shape[0] for k, v in full.items() if k.endswith("lora.down.weight")]
         assert sum(ranks) == total // 2 and len(set(ranks)) > 1  # an average of --rank 2, spread unevenly
         assert "AdaLoRA: saved" in whole.stderr and "layers at their final ranks" in whole.stderr
     elif variant.get("lora_type") in ("loha", "lokr"):  # LyCORIS's factors and network name in the kohya file
@@ -155,8 +167,7 @@ def test_targets_beyond_attention_load_whole(tiny_model, tmp_path):
     out = tmp_path / "o"
     run(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2,
                         target_modules="to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.2"))
-    sd, _ = read_lora(out / "pytorch_lora_weights.safetensors")
-    saved_layers = {k.rsplit(".lora", 1)[0] for k in sd}
+    saved_layers = set(formats.load_lora(out / "pytorch_lora_weights.safetensors").modules)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     pipe.load_lora_weights(str(out))
     applied = {f"unet.{n}" for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}

@@ -31,7 +31,9 @@ def test_inspect_reports_the_file(tiny_model, tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["format"] == "diffusers" and d["base_model"] == str(tiny_model)
     assert d["architecture"] == "SD 1.x (cross-attention dim 32)"  # the tiny base: SD 1.x layout, narrow
-    assert d["ranks"] == [4] and d["alphas"] == [8.0] and d["target_modules"] == 32
+    # alpha 8 / rank 4 is folded into the up weights (so ComfyUI applies it too): the file says alpha = rank
+    assert d["ranks"] == [4] and d["alphas"] == [4.0] and d["target_modules"] == 32
+    assert d["metadata"]["ss_network_alpha"] == "8"
     assert d["parameters"] == sum(t.numel() for t in load_file(file).values())
     assert d["dtype"] == ["float32"] and d["size_bytes"] == file.stat().st_size
     assert d["metadata"]["ss_network_dim"] == "4"

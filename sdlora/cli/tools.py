@@ -50,9 +50,23 @@ def _guard(out, *inputs):
 
 
 def _inspect_cli(args):
+    from dataclasses import asdict
+
+    from ..lora import loaders
+
     path = formats.resolve_file(args.file)
-    d = describe(formats.load_lora(args.file, allow_pickle=args.allow_pickle), path)
-    print(json.dumps(d, indent=2)) if args.json else _print_description(d)
+    lora = formats.load_lora(args.file, allow_pickle=args.allow_pickle)
+    d = describe(lora, path)
+    readings = loaders.read_file(path, lora, args.allow_pickle)
+    if args.json:
+        print(json.dumps({**d, "loaders": [asdict(r) for r in readings]}, indent=2))
+        return
+    _print_description(d)
+    print("loaders (from their key conventions):")
+    for line in loaders.summary(readings):
+        print("  " + line)
+    if (warning := loaders.warning(readings)):
+        print(f"warning: {path.name} {warning}; " + loaders.advice(lora))
 
 
 def _convert_cli(args):

@@ -471,14 +471,20 @@ def _swap_prefix(path: str, pairs, reverse: bool = False) -> str:
 _OLD_DIFFUSERS = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 
 
+def _unprocessor(path: str) -> str:
+    """A UNet path in diffusers' attention-processor spelling (`….processor.to_out`, shared_layout's LoHa/LoKr
+    names) as the module path."""
+    return re.sub(r"\.processor\.to_out$", ".to_out.0", path).replace(".processor.to_", ".to_")
+
+
 def _diffusers_pairs(tensors, source):
     pairs = {}
     for k, t in tensors.items():
         if k.endswith(".alpha"):
             continue
         if f := re.fullmatch(rf"(unet|text_encoder|text_encoder_2)\.(.+)\.({_FACTORS}|dora_scale)", k):  # LoHa/LoKr
-            _add(pairs, canonical(f.group(1), f.group(2)), "magnitude" if f.group(3) == "dora_scale" else f.group(3),
-                 t, k, source)
+            _add(pairs, canonical(f.group(1), _unprocessor(f.group(2))),
+                 "magnitude" if f.group(3) == "dora_scale" else f.group(3), t, k, source)
             continue
         m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+?)\.(?:lora_linear_layer\.|lora\.)?"
                          r"(?:(down|up|lora_A|lora_B)(?:\.\w+)?\.weight|(lora_magnitude_vector)(?:\.weight)?)", k)
@@ -530,7 +536,7 @@ def _alphas(fmt, tensors, metadata, peft_config, source="<memory>"):
             if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
                 raise UserError(f"{source}: alpha {_show(k)} has shape {list(t.shape)} and dtype "
                                 f"{str(t.dtype).replace('torch.', '')}; expected one number")
-            name = _kohya_name(*m.groups()) if fmt == "kohya" else canonical(*m.groups())
+            name = _kohya_name(*m.groups()) if fmt == "kohya" else canonical(m.group(1), _unprocessor(m.group(2)))
             table[name] = _positive(t.float().item(), f"alpha {_show(k)}", source)
     if fmt == "kohya":  # kohya's loaders read alpha from the tensors and r from their shapes: no config to check
         def kohya(name, r):
@@ -636,6 +642,9 @@ def save_lora(lora: Lora, out, fmt: str, dtype: str | None = None) -> Path:
         return _save_peft(lora, out, meta, cast)
     file = out if out.suffix == ".safetensors" else out / ("lora.safetensors" if fmt == "kohya" else WEIGHTS_NAME)
     tensors, extra = (_to_kohya if fmt == "kohya" else diffusers_tensors)(lora)
+    if fmt == "diffusers":  # the spelling ComfyUI reads too, scale folded into the weights (shared_layout)
+        from .shared_layout import to_shared
+        tensors, extra = to_shared(tensors, {**meta, **extra}, str(file))
     save_safetensors(_cast(tensors, cast), file, {**meta, **extra})
     if lora.base_model and out.suffix != ".safetensors" and not (out / "README.md").exists():
         write_minimal(out, lora.base_model)

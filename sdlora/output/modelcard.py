@@ -73,6 +73,7 @@ LoRA weights for {_named(info)}, trained with sdlora {__version__}.
 {_snippet(info, prompt)}
 In ComfyUI, A1111/Forge, kohya's tools or on Civitai use `{info.get("kohya_file") or "the kohya file"}`, the same
 LoRA in kohya's layout: copy it into `ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/`.{_trigger(info)}
+{_diffusers_file_elsewhere(info)}
 
 ## Training settings
 
@@ -80,6 +81,17 @@ LoRA in kohya's layout: copy it into `ComfyUI/models/loras/` or `stable-diffusio
 |---|---|
 {rows}
 {samples}"""
+
+
+def _diffusers_file_elsewhere(info: dict) -> str:
+    """What the other loaders make of pytorch_lora_weights.safetensors (sdlora.lora.loaders, shared_layout)."""
+    kind = info.get("lora_type", "lora")
+    if kind in ("loha", "lokr"):
+        return ("`pytorch_lora_weights.safetensors` is for sdlora's loader (ComfyUI and Forge read it too); A1111 and "
+                "kohya's tools read none of it.\n")
+    dora = ", but without its DoRA magnitudes," if kind == "dora" else ""
+    return (f"`pytorch_lora_weights.safetensors` loads whole in ComfyUI and Forge too{dora} (its alpha is folded into "
+            "the weights); A1111 and kohya's tools read none of it.\n")
 
 
 def _named(info: dict) -> str:

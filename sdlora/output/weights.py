@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..io import save_safetensors
-from ..lora import adalora, formats, inject
+from ..lora import adalora, formats, inject, shared_layout
 
 
 def header(info: dict) -> dict[str, str]:
@@ -98,7 +98,8 @@ def kohya_name(output_dir) -> str:
 
 def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
     """Write the LoRA of `parts` ({"unet": (model, LoraConfig, initial weights or None), "text_encoder": …}) to
-    `path`; returns the state dict and header written. `info` holds the training facts `header` records."""
+    `path`; returns its state dict and header in diffusers' own layout (what `save_kohya` takes), which the file holds
+    respelled by `shared_layout`. `info` holds the training facts `header` records."""
     sd, configs, packed, products = {}, {}, {}, {}
     for component, (model, config, initial) in parts.items():
         kind = str(config.peft_type.value)
@@ -118,7 +119,9 @@ def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
         meta.update(formats.network_header(formats.Lora(products)))
     if configs or packed:
         meta["lora_adapter_metadata"] = inject.adapter_metadata(configs, packed)
-    save_safetensors(sd, path, meta)
+    # on disk in the spelling ComfyUI reads too (alpha folded into the weights); the kohya file is made from sd
+    tensors, header_ = shared_layout.to_shared(sd, meta, str(path))
+    save_safetensors(tensors, path, header_)
     return sd, meta
 
 

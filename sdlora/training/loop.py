@@ -25,7 +25,7 @@ import torch
 from .. import models, quantize
 from ..data.trainset import StreamSampler, TrainSet, loader
 from ..errors import UserError
-from ..lora import adalora, inject
+from ..lora import adalora, formats, inject, loaders
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
 from . import checkpoint, conditioning, diskcache, heldout, interrupt, losses, manifest, samples, validation
@@ -790,13 +790,16 @@ def save_final(run: Run) -> Path:
                  "rank 0 left out", len(ranks), min(ranks), max(ranks), sum(ranks), total,
                  sum(1 for p in run.parts.values() for _ in adalora.layers(p.bare)) - len(ranks))
     if c.lora_type == "dora":
-        log.warning("DoRA: %s holds LyCORIS's per-output-channel dora_scale, which LyCORIS and kohya's tools apply "
-                    "exactly and ComfyUI/Forge closely; A1111's built-in loader reads dora_scale per input channel and "
-                    "gets it wrong. diffusers and sdlora apply both files exactly", kohya_file.name)
+        log.warning("DoRA: %s holds LyCORIS's per-output-channel dora_scale, which LyCORIS applies exactly and "
+                    "ComfyUI/Forge closely; A1111's built-in loader reads dora_scale per input channel and gets it "
+                    "wrong, and diffusers drops it (it warns). diffusers applies %s exactly, sdlora both files",
+                    kohya_file.name, path.name)
     modelcard.write(c.output_dir, info, recipe.card_front, recipe.card_settings)
     record.wrote(*written)
     reader = "for sdlora's loader: diffusers cannot read LoHa/LoKr" if c.lora_type in ("loha", "lokr") else "for diffusers"
     log.info("saved %s (%d tensors, %d parameters, %.2f MB; %s), %s (the same LoRA for ComfyUI, "
              "A1111/Forge and kohya's tools) and README.md", path, len(sd), inject.count_params(sd),
              path.stat().st_size / 1e6, reader, kohya_file.name)
+    for f in (path, kohya_file):  # which loader applies which file whole (sdlora inspect's table, in one line each)
+        log.info("%s: %s", f.name, loaders.where(loaders.read_file(f, formats.load_lora(f))))
     return path
