@@ -222,7 +222,7 @@ def _elements(path: Path) -> int:
         if name == "__metadata__":
             continue
         try:
-            shape, (begin, stop) = [int(d) for d in info["shape"]], info["data_offsets"]
+            shape, (_, stop) = [int(d) for d in info["shape"]], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise damaged(f"tensor {name!r} has no shape or offsets") from None
         total, end = total + math.prod(shape), max(end, stop)

@@ -51,9 +51,8 @@ def make_images(folder: Path, n: int = 4, size: int = 32, captions: bool = True,
     return folder
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Fail the test if any model weights are loaded (or class images generated) before the error."""
+def forbid_model_loads(monkeypatch):
+    """From here on, fail the test if any model weights are loaded (or class images generated)."""
     import sdlora.data.class_images
     import sdlora.models
 
@@ -62,6 +61,12 @@ def no_model_loads(monkeypatch):
     for name in ("load_tokenizer", "load_text_encoder", "load_vae", "load_unet", "load_noise_scheduler"):
         monkeypatch.setattr(sdlora.models, name, boom)
     monkeypatch.setattr(sdlora.data.class_images, "generate", boom)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if any model weights are loaded (or class images generated) before the error."""
+    forbid_model_loads(monkeypatch)
 
 
 @pytest.fixture

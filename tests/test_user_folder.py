@@ -5,11 +5,9 @@ import json
 import shutil
 
 import pytest
-from conftest import make_images
+from conftest import forbid_model_loads, make_images
 from helpers import fast_flags, recipe_error
 
-import sdlora.data.class_images
-import sdlora.models
 import train_text_to_image_lora as t2i
 from sdlora.cli.train import run as run_recipe
 
@@ -30,21 +28,13 @@ def snapshot(out):
     return {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in out.rglob("*")}
 
 
-def no_loads(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the problem was reported")
-    for name in ("load_tokenizer", "load_text_encoder", "load_vae", "load_unet", "load_noise_scheduler"):
-        monkeypatch.setattr(sdlora.models, name, boom)
-    monkeypatch.setattr(sdlora.data.class_images, "generate", boom)
-
-
 def test_a_users_folder_is_refused_and_a_name_clash_even_with_the_flag(tiny_model, tmp_path, capsys, monkeypatch):
     data, out = make_images(tmp_path / "d", n=2), tmp_path / "mine"
     users_folder(out)
     (out / "README.md").write_text("# my project\n")
     (out / WEIGHTS).write_bytes(b"an earlier LoRA of mine")
     before = snapshot(out)
-    no_loads(monkeypatch)
+    forbid_model_loads(monkeypatch)
     flags = fast_flags(tiny_model, out, train_data_dir=data)
     msg = recipe_error(capsys, t2i, flags)
     assert f"--output_dir {out} holds files sdlora did not write (.backup.tmp, README.md, checkpoint-3 and 3 more)" \
@@ -76,7 +66,7 @@ def test_with_the_flag_the_users_files_stay_byte_identical(tiny_model, tmp_path,
 
     # a README.md the user edited after the run is theirs now: a later run refuses to replace it
     (out / "README.md").write_text("# my notes on this LoRA\n")
-    no_loads(monkeypatch)
+    forbid_model_loads(monkeypatch)
     again = fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=4, checkpointing_steps=2)
     msg = recipe_error(capsys, t2i, again + ["--resume_from_checkpoint", "latest"])
     assert "README.md is not sdlora's (or changed since it wrote them)" in msg, msg
