@@ -194,7 +194,7 @@ class State:
         if self.starting:
             return "starting: checking the flags and the data, then loading the models"
         parts = []
-        if self.planned and not self.loss:
+        if self.planned and not self.loss and self.running:
             parts.append(f"planned: {self.planned['max_steps']} steps at {self.planned['resolution']} px")
         if self.max_steps:
             parts.append(f"step {self.step}/{self.max_steps}")
