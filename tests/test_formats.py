@@ -418,3 +418,21 @@ def test_a_config_rank_that_contradicts_the_weights_is_refused(pipe, tmp_path, c
     assert main(["inspect", str(file.parent)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"error: {file}: its ") and said in err and "weights have rank" in err
+
+
+def test_a_peft_config_with_use_rslora_is_read_at_peft_scale(pipe, tmp_path):
+    """A foreign peft folder trained with use_rslora: peft scales by alpha/sqrt(r), not alpha/r; sdlora's loader (and
+    so inspect, convert and generate) must apply the strength peft does."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = rich_lora(pipe)
+    file = formats.save_lora(lora, tmp_path / "peft", "peft")
+    for cfg in file.parent.rglob("adapter_config.json"):  # the UNet's, and the text encoder's subfolder
+        cfg.write_text(json.dumps(json.loads(cfg.read_text()) | {"use_rslora": True}))
+    read = formats.load_lora(file)
+    for name, m in lora.modules.items():
+        tiny = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)),
+                              LoraConfig(r=m.rank, lora_alpha=m.alpha, use_rslora=True, target_modules=["0"]))
+        peft_scale = tiny.base_model.model[0].scaling["default"]
+        got = read.modules[name]
+        assert got.alpha / got.rank == pytest.approx(peft_scale), name

@@ -569,8 +569,10 @@ def _alphas(fmt, tensors, metadata, peft_config, source="<memory>"):
             return table[name]
         if not cfg or key not in cfg:
             return None if r is None else float(r)
-        value = _pattern(cfg.get("alpha_pattern"), path)
-        return float(cfg[key] if value is None else value)
+        value = float(cfg[key] if (value := _pattern(cfg.get("alpha_pattern"), path)) is None else value)
+        if cfg.get("use_rslora") and key == "lora_alpha" and r:  # peft scales by alpha/sqrt(r): the same as alpha' / r
+            return value * math.sqrt(r)
+        return value
 
     def rank(name):
         """The configured r (peft's LoKr divides alpha by it even when both factors are full)."""
