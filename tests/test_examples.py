@@ -31,7 +31,7 @@ def test_dreambooth_quickstart_trains_and_writes_its_grid(tmp_path):
 
     with safe_open(lora / "pytorch_lora_weights.safetensors", "pt") as f:  # the recipe: UNet convs and text encoder
         keys = list(f.keys())
-    assert any(k.startswith("text_encoder.") for k in keys) and any(".conv1.lora_A" in k for k in keys)
+    assert any(k.startswith("text_encoder.") for k in keys) and any(".conv1.lora.down" in k for k in keys)
     card = (lora / "README.md").read_text()
     assert "instance_prompt: a sks square" in card and "| prior preservation | True |" in card
     assert "| instance captions | True |" in card
