@@ -274,7 +274,7 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
                             start=step * ga, keys=[data.key(i) for i in range(len(data))])
     # Epochs count micro-batches: the stream runs on across epoch boundaries, so N epochs are
     # ceil(N * batches / accumulation) optimizer steps, not N * ceil(batches / accumulation).
-    max_steps = config.max_train_steps or math.ceil(config.num_train_epochs * sampler.batches_per_epoch / ga)
+    max_steps = total_steps(config, sampler.batches_per_epoch)
     num_epochs = math.ceil(max_steps * ga / sampler.batches_per_epoch)
     if main:  # before any model loads: a plan the user did not mean (hours of steps) can be stopped now
         log.info("plan: %d steps (%d epochs) at %d px%s, batch %d x %d accum x %d procs; the time per step is logged "
@@ -372,6 +372,12 @@ def setup(config: TrainConfig, recipe: Recipe) -> Run:
                cache_latents=cache_latents, parts=parts, optimizer=optimizer, lr_scheduler=lr_scheduler,
                sampler=sampler, batches=iter(batches), max_steps=max_steps, num_epochs=num_epochs, step=step,
                heldout_cache=held, best_val_loss=best)
+
+
+def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """The optimizer steps a run makes: --max_train_steps, else its epochs' micro-batches over the accumulation."""
+    return config.max_train_steps or math.ceil(config.num_train_epochs * batches_per_epoch /
+                                               config.gradient_accumulation_steps)
 
 
 def _noise_scheduler(config: TrainConfig, main: bool):

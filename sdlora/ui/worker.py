@@ -89,14 +89,15 @@ def main(argv=None) -> int:
 
 
 def planned_steps(config, data) -> int:
-    """The optimizer steps the run will make, counted as the training loop's `setup` counts them (one process,
-    as the UI runs it), known before any model loads."""
+    """The optimizer steps the run will make (`loop.total_steps` over one process's batches, as the UI runs it),
+    known before any model loads."""
     from ..data.trainset import StreamSampler
+    from ..training.loop import total_steps
 
     if config.max_train_steps:
         return config.max_train_steps
     sampler = StreamSampler(len(data), config.train_batch_size, 0, keys=[data.key(i) for i in range(len(data))])
-    return math.ceil(config.num_train_epochs * sampler.batches_per_epoch / config.gradient_accumulation_steps)
+    return total_steps(config, sampler.batches_per_epoch)
 
 
 def _public(flags: list[str], prompts_file: str | None) -> list[str]:
