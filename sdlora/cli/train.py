@@ -208,7 +208,7 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
     try:
         config = check(args, token)
         # One process per run holds the folder: the one that writes (rank 0 under `accelerate launch`).
-        with outdir.claim(config, holder=int(os.environ.get("RANK", "0")) == 0):
+        with outdir.claim(config, holder=_is_main()):
             recipe = make_recipe(args, config)
             if on_start:
                 on_start(config)
@@ -226,7 +226,7 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
     except interrupt.Stopped as e:  # before training started, while uploading, or a second signal
         if made is not None:
             _remove_empty(Path(args.output_dir), made)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _is_main():
             print(interrupt.describe(e, Path(args.output_dir) if args.output_dir else None), file=sys.stderr)
         return e.exit_code
     finally:
@@ -239,11 +239,16 @@ def _interrupted(signals, config) -> int:
     or it came after the last step, so the run finished (only the upload is skipped)."""
     if signals.stopped:
         return signals.exit_code
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = _is_main()
     if main:
         print(f"interrupted ({signals.name}) as the run ended: its LoRA is saved in {config.output_dir}"
               f"{'; not uploaded to the hub' if config.push_to_hub else ''}", file=sys.stderr)
     return signals.exit_code if config.push_to_hub and main else 0
+
+
+def _is_main() -> bool:
+    """Whether this is the process that holds the folder and speaks (rank 0 under `accelerate launch`)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _first_missing(folder: Path) -> Path | None:
