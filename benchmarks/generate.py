@@ -56,7 +56,7 @@ def main(argv=None):
     args.size = args.size or (32 if args.arch == "tiny" else 256)
     torch.set_num_threads(args.threads)
 
-    from sdlora.pipeline import add_loras, fuse_loras
+    from sdlora.pipeline import Adapters, fuse_loras
     from sdlora.testing import demo_lora
 
     with tempfile.TemporaryDirectory() as d:
@@ -70,10 +70,11 @@ def main(argv=None):
                   "build_s": round(build_s, 2), "lora_file_bytes": files[0].stat().st_size}
         ips = {"base": images_per_s(pipe, args, "base")}
         t = time.perf_counter()
-        add_loras(pipe, [(files[0], 0.8)])
+        adapters = Adapters(pipe)
+        adapters.add([(files[0], 0.8)])
         result["lora_load_s"] = round(time.perf_counter() - t, 4)
         ips["1_lora_unfused"] = images_per_s(pipe, args, "1_lora_unfused")
-        add_loras(pipe, [(f, 0.5) for f in files[1:]])
+        adapters.add([(f, 0.5) for f in files[1:]])
         ips["3_loras_unfused"] = images_per_s(pipe, args, "3_loras_unfused")
         t = time.perf_counter()
         fuse_loras(pipe, unload=True)  # what `generate --fuse` does: merged weights, no LoRA layers left

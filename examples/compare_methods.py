@@ -96,9 +96,9 @@ def train_and_measure(kind: str, rank: int, seed: int, a, base: str) -> dict:
     s = json.loads(stats.read_text())
     weights = out / "lora" / formats.WEIGHTS_NAME
     pipe = quickstart.load_base_pipeline(base)
-    from sdlora import add_loras
+    from sdlora import Adapters
 
-    add_loras(pipe, [(str(out / "lora"), 1.0)])  # sdlora's loader: LoHa/LoKr too
+    Adapters(pipe).add([(str(out / "lora"), 1.0)])  # sdlora's loader: LoHa/LoKr too
     m = quickstart.measure(quickstart.generate(pipe, quickstart.PROMPTS, guidance=3.0, per_prompt=a.per_prompt))
     lora = formats.load_lora(weights)
     return {"type": kind, "rank": rank, "seed": seed, **m,

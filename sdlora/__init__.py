@@ -16,7 +16,7 @@ from .errors import UserError  # noqa: E402,F401
 # diffusers >= 0.36 renamed torch_dtype to dtype; we pass the name every supported version knows.
 warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
 
-_PIPELINE = ("load_pipeline", "generate", "sample", "grid", "fuse_loras", "unfuse_loras", "add_loras")
+_PIPELINE = ("load_pipeline", "load_adapters", "Adapters", "generate", "sample", "grid", "fuse_loras", "unfuse_loras")
 
 
 def __getattr__(name):

@@ -143,7 +143,7 @@ def test_mlp_only_text_encoder_lora_loads_in_diffusers_and_sdlora(tiny_model, pi
     (zero out_proj padding) and sdlora's own loader get the exact weight change in anyway."""
     from diffusers import StableDiffusionPipeline
 
-    from sdlora.pipeline import add_loras
+    from sdlora.pipeline import Adapters
 
     layers = [(n, r, a) for n, r, a in LAYERS if n.endswith("mlp.fc1")]
     lora = rich_lora(pipe, layers=layers)
@@ -156,7 +156,7 @@ def test_mlp_only_text_encoder_lora_loads_in_diffusers_and_sdlora(tiny_model, pi
         if load == "diffusers":
             fresh.load_lora_weights(str(kohya), adapter_name="k")
         else:
-            add_loras(fresh, [(kohya, 1.0)])
+            Adapters(fresh).add([(kohya, 1.0)])
         layer = fresh.text_encoder.get_submodule(formats.live_path("text_encoder", name.split(".", 1)[1]))
         adapter = next(iter(layer.lora_A))
         assert torch.allclose(layer.get_delta_weight(adapter), lora.modules[name].delta(), atol=1e-6), load

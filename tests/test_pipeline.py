@@ -17,9 +17,10 @@ from sdlora.errors import UserError
 from sdlora import models
 from sdlora.lora import formats
 from sdlora.pipeline import (
-    add_loras,
+    Adapters,
     fuse_loras,
     grid,
+    load_adapters,
     load_base,
     load_pipeline,
     parse_spec,
@@ -53,10 +54,12 @@ def test_parse_spec():
 def test_load_pipeline_takes_base_from_card_and_uses_dpm(lora_dir, tiny_model):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = load_pipeline([f"{lora_dir}:0.6"], device="cpu")
+    adapters = load_adapters([f"{lora_dir}:0.6"], device="cpu")
+    pipe = adapters.pipe
     assert type(pipe) is StableDiffusionPipeline and isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
-    assert pipe.sdlora_base == str(tiny_model)
-    assert pipe.get_active_adapters() == ["style"] and pipe.sdlora_adapters["style"]["weight"] == 0.6
+    assert adapters.base == str(tiny_model)
+    assert pipe.get_active_adapters() == ["style"] and adapters.loaded["style"]["weight"] == 0.6
+    assert not [k for k in vars(pipe) if k.startswith("sdlora")]  # sdlora's records live in `adapters`
     plain = _images(load_pipeline([], base=tiny_model, device="cpu"))
     assert abs(_images(pipe) - plain).max() > 1e-2
 
@@ -84,7 +87,7 @@ def test_stacking_is_exact(tiny_model):
     base = {n: getattr(pipe, n.split(".")[0]).get_submodule(formats.live_path(*n.split(".", 1))) for n in l1.modules}
     weights = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
                for n, m in base.items()}
-    add_loras(pipe, [(l1, 0.7), (l2, -1.3)])
+    Adapters(pipe).add([(l1, 0.7), (l2, -1.3)])
     assert len(pipe.get_active_adapters()) == 2
     for name in base:
         layer = getattr(pipe, name.split(".")[0]).get_submodule(formats.live_path(*name.split(".", 1)))
@@ -103,11 +106,11 @@ def test_stacking_is_exact(tiny_model):
 def test_fused_matches_unfused_and_unfusing_restores_base_exactly(lora_dir, tiny_model):
     pipe = load_base(tiny_model)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    add_loras(pipe, [(rich_lora(pipe, seed=3), 0.8), (formats.load_lora(lora_dir), 0.5)])
+    Adapters(pipe).add([(rich_lora(pipe, seed=3), 0.8), (formats.load_lora(lora_dir), 0.5)])
     unfused = _images(pipe)
-    fuse_loras(pipe)
+    originals = fuse_loras(pipe)
     assert abs(_images(pipe) - unfused).max() <= 1e-4
-    unfuse_loras(pipe)
+    unfuse_loras(pipe, originals)
     pipe.unload_lora_weights()
     after = pipe.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -124,13 +127,14 @@ def test_other_architectures_are_refused_and_nothing_is_applied(tiny_model, lora
     sd15 = tmp_path / "sd15.safetensors"  # right key names, SD1.5 widths (cross-attention 768)
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     save_file({f"{name}.lora_down.weight": torch.ones(4, 768), f"{name}.lora_up.weight": torch.ones(32, 4)}, str(sd15))
+    adapters = Adapters(pipe)
     for bad, found in [(sdxl, "SDXL"), (sd15, "SD 1.x")]:
         with pytest.raises(UserError) as e:
-            add_loras(pipe, [(lora_dir, 1.0), (bad, 1.0)])  # the good one first: it must not stay applied
+            adapters.add([(lora_dir, 1.0), (bad, 1.0)])  # the good one first: it must not stay applied
         msg = str(e.value)
         assert str(bad) in msg and f"LoRA for {found}" in msg and "cross-attention dim 32" in msg, msg
     assert "768" in msg and "[32, 32]" in msg
-    assert not getattr(pipe.unet, "peft_config", None) and not pipe.__dict__.get("sdlora_adapters")
+    assert not getattr(pipe.unet, "peft_config", None) and not adapters.loaded
 
 
 def test_generate_cli_writes_pngs_with_parameters_and_a_grid(lora_dir, tiny_model, tmp_path):

@@ -20,9 +20,10 @@ from sdlora.lora import formats
 from sdlora.lora.formats import Lora, Module
 from sdlora.pipeline import (
     COMPONENTS,
-    add_loras,
+    Adapters,
     fuse_loras,
     generate,
+    load_adapters,
     load_base,
     load_pipeline,
     sample,
@@ -107,9 +108,10 @@ def test_xl_base_loads_as_an_xl_pipeline_that_stacks_fuses_and_unfuses_loras(xl_
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
     plain = load_pipeline([], base=sdxl_model, device="cpu", dtype="fp32")  # exact comparisons below: fp32
-    pipe = load_pipeline([f"{xl_lora}:0.8"], device="cpu", dtype="fp32")  # the base comes from the LoRA's card
+    adapters = load_adapters([f"{xl_lora}:0.8"], device="cpu", dtype="fp32")  # the base comes from the LoRA's card
+    pipe = adapters.pipe
     assert type(pipe) is StableDiffusionXLPipeline and isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
-    assert pipe.sdlora_base == str(sdxl_model)
+    assert adapters.base == str(sdxl_model)
     assert pipe.get_list_adapters() == {c: ["xl_style"] for c in COMPONENTS}
     for p in (plain, pipe):
         p.set_progress_bar_config(disable=True)
@@ -127,9 +129,9 @@ def test_xl_base_loads_as_an_xl_pipeline_that_stacks_fuses_and_unfuses_loras(xl_
                                                      negative_prompts=negs)))
 
     base = _state(plain)
-    fuse_loras(pipe)
+    originals = fuse_loras(pipe)
     assert np.abs(_array(generate(pipe, "a red square", seed=3, steps=2, num_images=2)) - _array(images)).max() <= 1
-    unfuse_loras(pipe)
+    unfuse_loras(pipe, originals)
     pipe.unload_lora_weights()
     after = _state(pipe)
     assert all(torch.equal(base[c][k], after[c][k]) for c in COMPONENTS for k in base[c])
@@ -140,11 +142,12 @@ def test_a_lora_for_another_family_is_refused_naming_both(xl_lora, tiny_model, s
     sd1, xl = "SD 1.x (cross-attention dim 32)", "SDXL (cross-attention dim 64)"
     for base, lora, made_for, found in [(sdxl_model, sd1_lora, sd1, xl), (tiny_model, xl_lora, xl, sd1)]:
         pipe = load_base(base)
+        adapters = Adapters(pipe)
         with pytest.raises(UserError) as e:
-            add_loras(pipe, [(lora, 1.0)])
+            adapters.add([(lora, 1.0)])
         msg = str(e.value)
         assert f"LoRA for {made_for} does not fit the base model ({found}): " in msg and "\n" not in msg, msg
-        assert not pipe.get_list_adapters() and not pipe.__dict__.get("sdlora_adapters")
+        assert not pipe.get_list_adapters() and not adapters.loaded
 
 
 def test_sdxl_kohya_names_are_kohyas_original_unet_names(tmp_path):

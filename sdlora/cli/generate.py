@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, image_paths, load_pipeline, write_images
+from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, image_paths, load_adapters, write_images
 from .tools import SAVE_PRECISIONS
 
 
@@ -62,15 +62,16 @@ def _generate_cli(args):
         raise UserError("--num_images and --steps must be at least 1")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     image_paths(args.out, seed, args.num_images)  # --out a file, or a name taken: said before anything loads
-    pipe = load_pipeline(args.lora, base=args.base, scheduler=args.scheduler, device=args.device,
-                         dtype=args.dtype, allow_pickle=args.allow_pickle, width=args.width, height=args.height)
+    adapters = load_adapters(args.lora, base=args.base, scheduler=args.scheduler, device=args.device,
+                             dtype=args.dtype, allow_pickle=args.allow_pickle, width=args.width, height=args.height)
+    pipe = adapters.pipe
     if args.fuse and pipe.get_active_adapters():
         fuse_loras(pipe, unload=True)  # merged weights, no LoRA layers: base-model speed
     pipe.set_progress_bar_config(desc=f"generating {args.num_images} image(s)")
     images = generate(pipe, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
                       args.width, args.height, args.num_images)
     _, grid_path = image_paths(args.out, seed, len(images))
-    paths = write_images(pipe, images, args.out, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
+    paths = write_images(adapters, images, args.out, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
                          args.scheduler, args.fuse)
     print("\n".join(map(str, paths)))
     if len(images) > 1:
@@ -86,9 +87,9 @@ def _fuse_cli(args):
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and (args.overwrite or not any(out.iterdir()))):
         raise UserError(f"--out {out}: exists; choose another name" + (" or pass --overwrite" if out.is_dir() else ""))
-    pipe = load_pipeline(args.lora, base=args.base, scheduler="keep", device="cpu",
-                         dtype=args.dtype or "fp32", allow_pickle=args.allow_pickle)
-    fuse_loras(pipe, unload=True)
+    adapters = load_adapters(args.lora, base=args.base, scheduler="keep", device="cpu",
+                             dtype=args.dtype or "fp32", allow_pickle=args.allow_pickle)
+    fuse_loras(adapters.pipe, unload=True)
     with atomic_dir(args.out) as tmp:
-        pipe.save_pretrained(str(tmp))
-    print(f"wrote a fused pipeline ({', '.join(pipe.sdlora_adapters)} into {pipe.sdlora_base}) to {args.out}")
+        adapters.pipe.save_pretrained(str(tmp))
+    print(f"wrote a fused pipeline ({', '.join(adapters.loaded)} into {adapters.base}) to {args.out}")
