@@ -112,16 +112,16 @@ def test_login_page_tells_a_stranger_nothing_of_the_api(uis):
 
 
 @pytest.fixture
-def app(tmp_path, monkeypatch):
+def served_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "served"))
-    from sdlora.ui import app
-
-    return app
 
 
-def test_poll_serves_only_the_runs_own_samples_and_clears_another_runs_curve(app, tmp_path):
+def test_poll_serves_only_the_runs_own_samples_and_clears_another_runs_curve(served_dir, tmp_path):
     """A link in a run's samples/ folder (to any file of the user's) is never copied where the page can fetch it;
     a folder without a run shows no loss curve, not the one shown before; Start is on when no run goes."""
+    from sdlora.ui import files
+    from sdlora.ui.train_tab import poll
+
     run = tmp_path / "run"
     make_images(run / "samples", n=1)
     secret = tmp_path / "secret.txt"
@@ -134,67 +134,69 @@ def test_poll_serves_only_the_runs_own_samples_and_clears_another_runs_curve(app
         {"event": "start", "pid": 1}, {"step": 1, "loss": 0.5, "max_steps": 2, "s_per_step": 0.1, "first": True},
         {"step": 2, "loss": 0.4, "max_steps": 2, "s_per_step": 0.1}, {"event": "end", "rc": 0}]) + "\n")
 
-    line, plot, gallery, shown, start, resume, stop = app.poll(str(run), {})
+    line, plot, gallery, shown, start, resume, stop = poll(str(run), {})
     assert line.startswith("finished: step 2/2") and list(plot["loss"]) == [0.5, 0.4]
     assert [name for _, name in gallery] == ["img0.png"]
     served = [p for p in (tmp_path / "served").rglob("*") if p.is_file()]
     assert len(served) == 1 and all(p.read_bytes() != secret.read_bytes() for p in served)
     assert start["interactive"] and resume["interactive"] and not stop["interactive"]
     with pytest.raises(OSError):
-        app._served(run / "samples" / "leak.png")
+        files.served(run / "samples" / "leak.png")
 
-    line, plot, gallery, shown, *_ = app.poll(str(tmp_path / "new-run"), shown)
+    line, plot, gallery, shown, *_ = poll(str(tmp_path / "new-run"), shown)
     assert line == "no run yet" and plot is None and gallery == []
-    line, plot, *_ = app.poll(str(run), {})
+    line, plot, *_ = poll(str(run), {})
     assert list(plot["loss"]) == [0.5, 0.4]
     with open(run / "logs" / "progress.jsonl", "a") as f:  # a new run in the same folder, loading its models
         f.write(json.dumps({"event": "start", "pid": 1, "command": ["text-to-image", "--seed", "1"]}) + "\n")
-    line, plot, *_ = app.poll(str(run), {"rows": [(1, 0.5, "loss"), (2, 0.4, "loss")]})
+    line, plot, *_ = poll(str(run), {"rows": [(1, 0.5, "loss"), (2, 0.4, "loss")]})
     assert plot is None
 
 
 def form(data, out, extra=""):
     """do_start's arguments after `resume`: the Train form with the recipe's own defaults (blank main flags)."""
-    from sdlora.ui.app import MAIN_FLAGS
+    from sdlora.ui.train_tab import MAIN_FLAGS
 
     return ["text-to-image", "sdlora-tiny", str(data), "", str(out), "lora", "default", extra, "",
             *[""] * len(MAIN_FLAGS)]
 
 
-def test_start_checks_the_form_then_turns_itself_off_while_the_run_goes(app, tmp_path):
+def test_start_checks_the_form_then_turns_itself_off_while_the_run_goes(served_dir, tmp_path):
     from sdlora.ui import jobs
+    from sdlora.ui.train_tab import do_start, do_stop, poll
 
     data, out = make_images(tmp_path / "data"), tmp_path / "out"
-    notice, *buttons = app.do_start(False, *form(data, out, "--resolution abc"))
+    notice, *buttons = do_start(False, *form(data, out, "--resolution abc"))
     assert notice.startswith("error: argument --resolution: invalid int value") and "error: error" not in notice
     # A folder typed in "more flags" would run where the page does not look, out of Stop's reach.
-    notice, *_ = app.do_start(False, *form(data, out, f"--output_dir {tmp_path / 'elsewhere'}"))
+    notice, *_ = do_start(False, *form(data, out, f"--output_dir {tmp_path / 'elsewhere'}"))
     assert notice.startswith("error: more flags: --output_dir") and "Output folder" in notice
-    notice, *_ = app.do_start(False, *form(data, out, "--logging_dir mine"))
+    notice, *_ = do_start(False, *form(data, out, "--logging_dir mine"))
     assert notice.startswith("error: more flags: --logging_dir")
-    assert not (tmp_path / "elsewhere").exists() and jobs._key(out) not in jobs._jobs
+    assert not (tmp_path / "elsewhere").exists() and jobs.folder_key(out) not in jobs.launched
 
-    notice, start, resume, stop = app.do_start(False, *form(data, out, "--max_train_steps 1"))
+    notice, start, resume, stop = do_start(False, *form(data, out, "--max_train_steps 1"))
     assert notice.startswith("started: ") and not start["interactive"] and not resume["interactive"]
     assert stop["interactive"]
-    line, _, _, _, start, _, stop = app.poll(str(out), {})
+    line, _, _, _, start, _, stop = poll(str(out), {})
     assert line.startswith("starting") and not start["interactive"] and stop["interactive"]
-    assert app.do_stop(str(out)).startswith("stopping the run")
+    assert do_stop(str(out)).startswith("stopping the run")
     t = time.time()
     while line.startswith("starting") and time.time() - t < 60:
         time.sleep(0.1)
-        line, _, _, _, start, _, stop = app.poll(str(out), {})
+        line, _, _, _, start, _, stop = poll(str(out), {})
     assert not line.startswith("starting") and start["interactive"] and not stop["interactive"]
 
 
-def test_tools_refuse_an_output_that_exists(app, tmp_path):
+def test_tools_refuse_an_output_that_exists(tmp_path):
+    from sdlora.ui.tools_tab import tool_convert, tool_resize
     src, out = lora_file(tmp_path / "in.safetensors"), tmp_path / "kohya.safetensors"
-    assert app.tool_convert(str(src), str(out), "kohya").startswith("converted diffusers -> kohya")
+    assert tool_convert(str(src), str(out), "kohya").startswith("converted diffusers -> kohya")
     before = out.read_bytes()
-    said = app.tool_convert(str(src), str(out), "diffusers")
+    said = tool_convert(str(src), str(out), "diffusers")
     assert said == (f"error: {out} already exists: the UI writes only new files; choose a new output path "
                     "(or delete it first)")
     assert out.read_bytes() == before
-    assert app.tool_resize(str(src), str(out), 2).startswith(f"error: {out} already exists")
+    assert tool_resize(str(src), str(out), 2).startswith(f"error: {out} already exists")
     (tmp_path / "empty").mkdir()  # a new, empty folder is a new output
-    assert app.tool_convert(str(src), str(tmp_path / "empty"), "kohya").startswith("converted")
+    assert tool_convert(str(src), str(tmp_path / "empty"), "kohya").startswith("converted")

@@ -65,9 +65,9 @@ def test_run_survives_the_ui_stops_with_a_checkpoint_and_resumes(tmp_path, tiny_
     assert st.loss or "planned: 400 steps at 32 px" in st.line()
     st = wait(out, lambda s: s.step >= 5 or s.error)
     assert st.running and st.max_steps == 400 and st.loss and st.s_per_step > 0 and st.lr == pytest.approx(1e-4)
-    assert f"ETA {jobs._clock(st.eta_s)}" in st.line()
+    assert f"ETA {jobs.clock(st.eta_s)}" in st.line()
     # A restarted UI knows nothing in memory: the folder alone says a run is going, and what it did.
-    jobs._jobs.clear()
+    jobs.launched.clear()
     st = wait(out, lambda s: s.samples)
     assert st.running and st.samples[0].parent == out / "samples"
     # A link put in samples/ (to any file of the user's) is not one of the run's samples: never shown nor served.

@@ -38,11 +38,11 @@ class Job:
         return self.proc.poll() is None
 
 
-_jobs: dict[Path, Job] = {}
+launched: dict[Path, Job] = {}  # the runs this UI process started, by output folder
 _lock = threading.Lock()
 
 
-def _key(output_dir) -> Path:
+def folder_key(output_dir) -> Path:
     return Path(output_dir).expanduser().absolute()
 
 
@@ -53,9 +53,9 @@ def command(recipe: str, flags: list[str]) -> list[str]:
 
 def start(recipe: str, flags: list[str], output_dir, sample_prompts: str | None = None) -> Job:
     """Start a run in a child process; a UserError when this folder's run is already going."""
-    key = _key(output_dir)
+    key = folder_key(output_dir)
     with _lock:
-        job = _jobs.get(key)
+        job = launched.get(key)
         pid = job.proc.pid if job and job.alive() else holder(key)
         if pid:
             raise UserError(f"--output_dir {output_dir} is in use by another sdlora run (pid {pid}); wait for it to "
@@ -68,14 +68,14 @@ def start(recipe: str, flags: list[str], output_dir, sample_prompts: str | None 
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, text=True, errors="replace")
         job = Job(key, proc, command(recipe, flags))
-        _jobs[key] = job
+        launched[key] = job
     threading.Thread(target=_read_pipe, args=(job,), daemon=True).start()
     return job
 
 
 def latest() -> Path | None:
     """The output folder of the run this UI process started last."""
-    return next(reversed(_jobs), None)
+    return next(reversed(launched), None)
 
 
 def _read_pipe(job: Job):
@@ -98,7 +98,7 @@ def holder(output_dir) -> int | None:
     Only a lock that is really held names a run: the kernel drops a flock when its holder exits, so a lock file
     nobody holds (left by a kill -9, or written by hand) names no one, whatever pid it says, and the pid must still
     be an sdlora process, so that Stop never signals another program that got the pid since."""
-    path = _key(output_dir) / LOCK_NAME
+    path = folder_key(output_dir) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
@@ -144,8 +144,8 @@ def _is_sdlora(pid: int) -> bool:
 def stop(output_dir) -> str:
     """Ask the run holding `output_dir` to stop (SIGTERM): training, it saves a checkpoint at its current step and
     exits; still loading or caching, it exits at once."""
-    key = _key(output_dir)
-    job = _jobs.get(key)
+    key = folder_key(output_dir)
+    job = launched.get(key)
     pid = job.proc.pid if job and job.alive() else holder(key)
     if not pid:
         raise UserError(f"no run is going in {output_dir}")
@@ -201,7 +201,7 @@ class State:
         if self.s_per_step is not None:
             parts.append(f"{self.s_per_step:.3f} s/step")
         if self.running and self.eta_s is not None:
-            parts.append(f"ETA {_clock(self.eta_s)}")
+            parts.append(f"ETA {clock(self.eta_s)}")
         if self.lr is not None:
             parts.append(f"lr {self.lr:.2e}")
         if self.loss:
@@ -219,16 +219,16 @@ class State:
         return f"{head}" + (": " + " · ".join(parts) if parts else "") + tail
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def state(output_dir, logging_dir: str = "logs", samples: int = 12) -> State:
     """What the run in `output_dir` is doing or did, read from the folder (and from the child, while it checks)."""
-    key = _key(output_dir)
+    key = folder_key(output_dir)
     st = State()
-    job = _jobs.get(key)
+    job = launched.get(key)
     if job is not None and not job.started:
         st.command = job.command
         if not job.ended.is_set():
