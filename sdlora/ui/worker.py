@@ -58,7 +58,8 @@ def main(argv=None) -> int:
         Manifest(config.output_dir).will_make(folder)  # recorded as sdlora's before it exists
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        print(STARTED, flush=True)
+        sys.stdout.write(STARTED + "\n")
+        sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(fd, 1)  # from here on the pipe is closed: the UI reads the log and the progress file
         os.dup2(fd, 2)
