@@ -69,11 +69,11 @@ class Adapters:
         taken = set(self.loaded) | {a for names in pipe.get_list_adapters().values() for a in names}
         try:
             for lora, weight in loras:
-                name = adapter_name(lora.source, taken)
+                name = _adapter_name(lora.source, taken)
                 added.append(name)
                 taken.add(name)
                 with quiet():
-                    pipe.load_lora_weights(peft_dict(lora, pipe), adapter_name=name)
+                    pipe.load_lora_weights(_peft_dict(lora, pipe), adapter_name=name)
                 self.loaded[name] = {"path": lora.source, "weight": weight, "format": lora.format}
         except Exception as e:
             for name in added:  # undo this call's adapters, including one that failed half-way
@@ -99,7 +99,7 @@ class Adapters:
         return [{"name": n, **v} for n, v in self.loaded.items()]
 
 
-def adapter_name(source: str, taken) -> str:
+def _adapter_name(source: str, taken) -> str:
     """The adapter name for a LoRA: its file stem (its folder's name for a standard weights file), made unique."""
     p = Path(source)
     stem = p.parent.name if p.name in formats.WEIGHT_NAMES else p.stem
@@ -114,7 +114,7 @@ def adapter_name(source: str, taken) -> str:
     return name
 
 
-def peft_dict(lora: formats.Lora, pipe) -> dict:
+def _peft_dict(lora: formats.Lora, pipe) -> dict:
     """Keys diffusers loads as-is (formats.diffusers_keys); alpha/rank is folded into B so the adapter's own
     scale is 1. LoHa/LoKr layers, which diffusers cannot read, go in as the plain LoRA with exactly their change
     (lycoris.Product.as_lora)."""
