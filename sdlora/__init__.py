@@ -7,11 +7,12 @@ The public API is what these names and the documented modules export; everything
     pipe = load_pipeline(["my-lora:0.8"])              # base model from the LoRA's card
     images = sample(pipe, ["a photo of sks dog"] * 4, seeds=[0, 1, 2, 3])
 """
-__version__ = "0.1.0"
-
 import warnings
 
+from . import version
 from .errors import UserError  # noqa: E402,F401
+
+__version__ = version.__version__
 
 # diffusers >= 0.36 renamed torch_dtype to dtype; we pass the name every supported version knows.
 warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)

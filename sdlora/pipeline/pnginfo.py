@@ -48,7 +48,7 @@ def image_paths(out, seed: int, n: int) -> tuple[list[Path], Path]:
 def image_params(prompt: str, negative_prompt, seed: int, steps: int, guidance: float, image, scheduler: str,
                  base: str, loras: list, fused: bool = False, **extra) -> dict:
     """The parameters an image was drawn with, as `sdlora generate` and training samples record them."""
-    from .. import __version__
+    from ..version import __version__
 
     return {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps, "guidance": guidance,
             "width": image.width, "height": image.height, "scheduler": scheduler, "base": base, "loras": loras,
