@@ -4,7 +4,6 @@ the output folders named in the form."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import os
 import secrets
@@ -19,9 +18,9 @@ import gradio as gr
 
 from .. import pipeline
 from ..cli import main as cli_main
-from ..cli.train import RECIPES
 from ..errors import UserError
 from ..lora import formats
+from ..recipes import RECIPES
 from . import jobs
 from .preview import preview
 
@@ -34,7 +33,7 @@ THEME_FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=
 
 
 def _recipe(name: str):
-    return importlib.import_module(RECIPES[name])
+    return RECIPES[name]
 
 
 def recipe_defaults(name: str) -> dict:

@@ -9,7 +9,6 @@ it through `progress.jsonl` beside the log. SIGTERM (the UI's Stop) is handled a
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -33,12 +32,13 @@ def logs_dir(output_dir: Path, logging_dir: str = "logs") -> Path:
 def main(argv=None) -> int:
     # Stop while the recipe's imports load (before the run's own handlers): end as a stopped run, at once.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(STOPPED_RC))
-    from ..cli import train as common
+    from ..cli.run import run
+    from ..recipes import RECIPES
     from ..training.interrupt import EXIT_CODES
 
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe, flags = argv[0], argv[1:]
-    mod = importlib.import_module(common.RECIPES[recipe])
+    mod = RECIPES[recipe]
     prompts_file = None
     if text := os.environ.pop(PROMPTS_ENV, None):
         fd, prompts_file = tempfile.mkstemp(prefix="sdlora-ui-prompts-", suffix=".txt")
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
     rc = 1
     try:
-        rc = common.run(mod.parse_args(flags), make_recipe, on_start=on_start, on_step=on_step, on_phase=on_phase)
+        rc = run(mod.parse_args(flags), make_recipe, on_start=on_start, on_step=on_step, on_phase=on_phase)
     finally:
         if prompts_file:
             os.unlink(prompts_file)
