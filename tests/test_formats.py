@@ -407,7 +407,7 @@ def test_a_config_rank_that_contradicts_the_weights_is_refused(pipe, tmp_path, c
     file = formats.save_lora(lora, tmp_path / fmt, fmt)
     assert_same_deltas(lora, formats.load_lora(file))  # as written (rank_pattern for ranks 2 and 3): loads
     if fmt == "diffusers":
-        tensors, meta = load_file(file), formats._read_tensors(file, False)[1]
+        tensors, meta = load_file(file), formats.read_tensors(file, False)[1]
         meta["lora_adapter_metadata"] = json.dumps(edit(json.loads(meta["lora_adapter_metadata"])))
         save_file(tensors, file, meta)
     else:
