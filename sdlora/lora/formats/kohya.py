@@ -137,8 +137,9 @@ def _pad_text_encoder(lora, out, prefix, alpha) -> list[str]:
         layer = re.search(r"layers\.(\d+)\.", path)
         name = f"text_model.encoder.layers.{layer.group(1) if layer else 0}.self_attn.out_proj"
         key = prefix[comp] + name.replace(".", "_")
-        out[key + ".lora_down.weight"] = torch.zeros(1, hidden, dtype=m.down.dtype)
-        out[key + ".lora_up.weight"] = torch.zeros(hidden, 1, dtype=m.up.dtype)
+        down, up = (m.down, m.up) if m.kind == "lora" else [next(iter(m.factors.values()))] * 2  # LoHa/LoKr: a factor's dtype
+        out[key + ".lora_down.weight"] = torch.zeros(1, hidden, dtype=down.dtype)
+        out[key + ".lora_up.weight"] = torch.zeros(hidden, 1, dtype=up.dtype)
         out[key + ".alpha"] = torch.tensor(float(alpha))
         padded.append(f"{comp}.{name}")
     return padded
