@@ -64,7 +64,7 @@ def test_trainer_file_is_read_with_alpha_and_base_from_the_card(tiny_model, tmp_
     file = demo_lora(tmp_path / "lora", base=tiny_model, rank=4, alpha=8)
     lora = formats.load_lora(tmp_path / "lora")
     assert lora.format == "diffusers" and lora.base_model == str(tiny_model)
-    # alpha 8 / rank 4 travels folded into the up weights (shared_layout), so the file says alpha = rank
+    # alpha 8 / rank 4 travels folded into the up weights (formats.to_shared), so the file says alpha = rank
     assert len(lora.modules) == 32 and {m.alpha for m in lora.modules.values()} == {4.0}
     raw = load_file(file)
     name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

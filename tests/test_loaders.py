@@ -1,4 +1,4 @@
-"""`sdlora inspect`'s per-loader table (sdlora/lora/loaders.py) and the diffusers file's layout (shared_layout).
+"""`sdlora inspect`'s per-loader table (sdlora/lora/loaders.py) and the diffusers file's layout (formats.to_shared).
 
 diffusers is installed, so its row is checked against what `load_lora_weights` really does to a tiny pipeline.
 ComfyUI, A1111/Forge and kohya's scripts are not installable from a registry: their rows are checked against the

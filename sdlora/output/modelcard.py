@@ -79,7 +79,7 @@ LoRA in kohya's layout: copy it into `ComfyUI/models/loras/` or `stable-diffusio
 
 
 def _diffusers_file_elsewhere(info: dict) -> str:
-    """What the other loaders make of pytorch_lora_weights.safetensors (sdlora.lora.loaders, shared_layout)."""
+    """What the other loaders make of pytorch_lora_weights.safetensors (sdlora.lora.loaders, formats.to_shared)."""
     kind = info.get("lora_type", "lora")
     if kind in ("loha", "lokr"):
         return ("`pytorch_lora_weights.safetensors` is for sdlora's loader (ComfyUI and Forge read it too); A1111 and "

@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 
 from ...errors import UserError
+from .checks import show
 from .families import lora_family
 from .files import write_weights
 from .names import KOHYA_KEY, KOHYA_PREFIX, PADDING_KEY, XL_KOHYA_PREFIX, kohya_name, sgm_pairs, swap_prefix
 from .peftconfig import Alphas
 from .reading import FACTORS, add, alpha_table, assemble
-from .checks import show
 
 NAME = "kohya"
 CONFIG_FILE = None  # alpha travels in the tensors
@@ -112,12 +112,12 @@ def _unet_paths(lora, xl: bool) -> dict[str, str]:
     """{diffusers path: the path kohya names it by} for the UNet layers: an SDXL LoRA's in the original-UNet names
     kohya's sd-scripts use, when every layer has one (diffusers' loader drops the original names from a file that
     mixes both spellings); other families' (and any other SDXL file's) unchanged."""
-    paths_ = list(lora.component("unet"))
+    unet = list(lora.component("unet"))
     if xl:
-        sgm = {p: swap_prefix(p, sgm_pairs(), reverse=True) for p in paths_}
-        if all(sgm[p] != p for p in paths_):
+        sgm = {p: swap_prefix(p, sgm_pairs(), reverse=True) for p in unet}
+        if all(sgm[p] != p for p in unet):
             return sgm
-    return {p: p for p in paths_}
+    return {p: p for p in unet}
 
 
 def _pad_text_encoder(lora, out, prefix, alpha) -> list[str]:

@@ -62,9 +62,9 @@ def write(lora, out: Path, header: dict, dtype) -> Path:
     first = None
     for comp in comps:
         mods = lora.component(comp)
-        paths_ = {config_path(comp, p): m for p, m in mods.items()}
+        targets = {config_path(comp, p): m for p, m in mods.items()}
         plain = all(m.kind == "lora" for m in mods.values())
-        cfg = peft_config_dict(paths_) if plain else lycoris_config_dict(paths_, lora.source)
+        cfg = peft_config_dict(targets) if plain else lycoris_config_dict(targets, lora.source)
         folder = out if comp == comps[0] else out / comp
         file = out if out.suffix == ".safetensors" else folder / PEFT_WEIGHTS_NAME
         save_safetensors(cast(_tensors(mods, plain), dtype), file, {**header, "adapter_config": json.dumps(cfg)})
