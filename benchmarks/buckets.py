@@ -27,7 +27,7 @@ def measure(a, data: Path) -> dict:
     """One training run in this process; the step times the loop reports, and what it logged."""
     import logging
 
-    import train_text_to_image_lora as t2i
+    from sdlora.recipes import text_to_image as t2i
     from sdlora.training.config import check
     from sdlora.training.loop import train
 

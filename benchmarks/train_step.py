@@ -128,7 +128,7 @@ def trainer_run(a, extra: list[str]):
     """(args, TrainConfig, recipe) of a benchmark run of the real trainer: 8 random images at --resolution in a fresh
     temporary folder, the benchmark's batch / steps / precision / rank, plus `extra` flags; with a `Phases` handler
     on sdlora's log, which it returns too."""
-    import train_text_to_image_lora as t2i
+    from sdlora.recipes import text_to_image as t2i
     from PIL import Image
 
     from sdlora.training.config import check

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .lora import inject
+from .lora import card, inject
 from .lora.formats import WEIGHTS_NAME
 from .models import architecture
-from .output import modelcard, weights
+from .output import weights
 
 
 def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = None, targets=inject.UNET_TARGETS,
@@ -47,7 +47,7 @@ def demo_lora(out, base=None, unet=None, rank: int = 4, alpha: float | None = No
         recurse_remove_peft_layers(model)
         del model.peft_config
     if base is not None:
-        modelcard.write_minimal(Path(out), str(base), "demo LoRA")
+        card.write_minimal(Path(out), str(base), "demo LoRA")
     return file
 
 

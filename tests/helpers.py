@@ -70,9 +70,9 @@ def front_matter(readme: Path) -> dict:
 
 
 def recipe_error(capsys, recipe, argv) -> str:
-    """Run a recipe module (train_text_to_image_lora / train_dreambooth_lora) in-process; assert it exits 2
+    """Run a recipe module (sdlora.recipes.text_to_image / dreambooth) in-process; assert it exits 2
     with exactly one `error:` line and no traceback; return that line."""
-    from sdlora.cli.train import run as run_recipe
+    from sdlora.cli.run import run as run_recipe
 
     rc = run_recipe(recipe.parse_args(argv), recipe.make_recipe)
     err = capsys.readouterr().err

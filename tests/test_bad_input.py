@@ -6,8 +6,8 @@ from conftest import make_images
 from helpers import T2I, fast_flags, recipe_error, run
 from PIL import Image
 
-import train_dreambooth_lora as db
-import train_text_to_image_lora as t2i
+from sdlora.recipes import dreambooth as db
+from sdlora.recipes import text_to_image as t2i
 
 
 def test_mixed_folder_trains_on_good_images(tiny_model, tmp_path):

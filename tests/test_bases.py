@@ -9,9 +9,9 @@ from conftest import make_images
 from helpers import fast_flags, read_lora, recipe_error
 from PIL import Image
 
-import train_text_to_image_lora as t2i
+from sdlora.recipes import text_to_image as t2i
 from sdlora.cli import main as cli
-from sdlora.cli.train import run as run_recipe
+from sdlora.cli.run import run as run_recipe
 
 
 def _edit(path, **changes):
@@ -149,7 +149,7 @@ def test_sizes_are_checked_against_the_bases_own_factor(x4_base, tmp_path, capsy
 
 
 def test_a_token_length_past_the_text_encoders_positions_is_one_line(tiny_model, tmp_path, capsys, no_model_loads):
-    import train_dreambooth_lora as db
+    from sdlora.recipes import dreambooth as db
 
     inst = make_images(tmp_path / "i", n=1, captions=False)
     line = recipe_error(capsys, db, fast_flags(tiny_model, tmp_path / "o", instance_data_dir=inst, instance_prompt="sks",

@@ -9,7 +9,7 @@ import torch
 from conftest import make_images
 from helpers import DREAMBOOTH, ROOT, T2I, env, fast_flags, read_lora, recipe_error, run
 
-import train_text_to_image_lora as t2i
+from sdlora.recipes import text_to_image as t2i
 from sdlora.data.buckets import Bucketing, kept
 from sdlora.errors import UserError
 from sdlora.testing import PHOTO_SHAPES, photo_folder

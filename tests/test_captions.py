@@ -8,8 +8,8 @@ import pytest
 from helpers import T2I, fast_flags, read_lora, recipe_error, run
 from PIL import Image
 
-import train_dreambooth_lora as db
-import train_text_to_image_lora as t2i
+from sdlora.recipes import dreambooth as db
+from sdlora.recipes import text_to_image as t2i
 from sdlora.data.buckets import Bucketing
 from sdlora.data.captions import CaptionOps
 from sdlora.data.sources import Row, rows_from_folder, scan_folder

@@ -4,8 +4,8 @@ import torch
 from conftest import make_images
 from helpers import DREAMBOOTH, fast_flags, front_matter, read_lora, recipe_error, run
 
-import train_dreambooth_lora as db
-from sdlora.cli.train import run as run_recipe
+from sdlora.recipes import dreambooth as db
+from sdlora.cli.run import run as run_recipe
 from sdlora.data import class_images as dreambooth
 from sdlora.training.losses import group_loss
 

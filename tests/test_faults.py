@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import sdlora.io
 import sdlora.models
 import sdlora.output.hub
-import train_text_to_image_lora as t2i
+from sdlora.recipes import text_to_image as t2i
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 

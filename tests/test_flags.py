@@ -1,8 +1,8 @@
 """Both scripts accept diffusers' flags with the same names, so existing tutorials run unchanged."""
 import pytest
 
-import train_dreambooth_lora as db
-import train_text_to_image_lora as t2i
+from sdlora.recipes import dreambooth as db
+from sdlora.recipes import text_to_image as t2i
 
 DIFFUSERS_T2I = """pretrained_model_name_or_path revision variant dataset_name dataset_config_name train_data_dir
 image_column caption_column max_train_samples cache_dir output_dir seed resolution center_crop random_flip

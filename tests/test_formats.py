@@ -64,7 +64,7 @@ def test_trainer_file_is_read_with_alpha_and_base_from_the_card(tiny_model, tmp_
     file = demo_lora(tmp_path / "lora", base=tiny_model, rank=4, alpha=8)
     lora = formats.load_lora(tmp_path / "lora")
     assert lora.format == "diffusers" and lora.base_model == str(tiny_model)
-    # alpha 8 / rank 4 travels folded into the up weights (shared_layout), so the file says alpha = rank
+    # alpha 8 / rank 4 travels folded into the up weights (formats.to_shared), so the file says alpha = rank
     assert len(lora.modules) == 32 and {m.alpha for m in lora.modules.values()} == {4.0}
     raw = load_file(file)
     name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -407,7 +407,7 @@ def test_a_config_rank_that_contradicts_the_weights_is_refused(pipe, tmp_path, c
     file = formats.save_lora(lora, tmp_path / fmt, fmt)
     assert_same_deltas(lora, formats.load_lora(file))  # as written (rank_pattern for ranks 2 and 3): loads
     if fmt == "diffusers":
-        tensors, meta = load_file(file), formats._read_tensors(file, False)[1]
+        tensors, meta = load_file(file), formats.read_tensors(file, False)[1]
         meta["lora_adapter_metadata"] = json.dumps(edit(json.loads(meta["lora_adapter_metadata"])))
         save_file(tensors, file, meta)
     else:

@@ -15,8 +15,8 @@ from conftest import make_images
 from helpers import fast_flags, read_lora, start
 from PIL import Image
 
-import train_text_to_image_lora as t2i
-from sdlora.cli.train import run
+from sdlora.recipes import text_to_image as t2i
+from sdlora.cli.run import run
 from sdlora.training import checkpoint
 from sdlora.training.caches import Caches
 

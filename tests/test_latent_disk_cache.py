@@ -15,7 +15,7 @@ from helpers import T2I, fast_flags, read_lora, recipe_error, run, start, wait_f
 from PIL import Image
 
 import sdlora.io
-import train_text_to_image_lora as t2i
+from sdlora.recipes import text_to_image as t2i
 from sdlora.testing import subject_on_noise
 from sdlora.training import diskcache
 
@@ -68,7 +68,7 @@ def test_changed_content_or_settings_are_encoded_again_a_moved_or_touched_folder
                                                                                         capsys):
     from diffusers import AutoencoderKL
 
-    from sdlora.cli.train import run as run_recipe
+    from sdlora.cli.run import run as run_recipe
 
     cache = tmp_path / "cache"
 

@@ -1,4 +1,4 @@
-"""`sdlora inspect`'s per-loader table (sdlora/lora/loaders.py) and the diffusers file's layout (shared_layout).
+"""`sdlora inspect`'s per-loader table (sdlora/lora/loaders.py) and the diffusers file's layout (formats.to_shared).
 
 diffusers is installed, so its row is checked against what `load_lora_weights` really does to a tiny pipeline.
 ComfyUI, A1111/Forge and kohya's scripts are not installable from a registry: their rows are checked against the
@@ -196,7 +196,7 @@ def test_each_loaders_names_on_hand_made_files(sdxl_model, tmp_path):
             out |= {f"{stem}.lora_down.weight": m.down, f"{stem}.lora_up.weight": m.up, f"{stem}.alpha": torch.tensor(4.0)}
         return out
 
-    ldm = lambda p: formats._swap_prefix(p, formats._sgm_pairs(), reverse=True)  # noqa: E731
+    ldm = lambda p: formats.swap_prefix(p, formats.sgm_pairs(), reverse=True)  # noqa: E731
     # kohya's own SDXL spelling: original UNet names, lora_te1_. A1111 patches SDXL's OpenCLIP attention only with
     # all of q/k/v/out, so the lone v_proj is skipped there. diffusers cannot tell the text encoders' kohya keys'
     # type without an out_proj key, and refuses the file.

@@ -8,7 +8,7 @@ from conftest import make_images
 from helpers import T2I, fast_flags, recipe_error, run
 from PIL import Image, ImageDraw
 
-import train_text_to_image_lora as t2i
+from sdlora.recipes import text_to_image as t2i
 from sdlora.data import masks
 from sdlora.data.buckets import Bucketing
 from sdlora.data.sources import rows_from_folder, split_heldout

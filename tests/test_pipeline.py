@@ -16,6 +16,7 @@ from sdlora.cli import main
 from sdlora.errors import UserError
 from sdlora import models
 from sdlora.lora import formats
+from sdlora.lora.formats import files as lora_files
 from sdlora.pipeline import (
     Adapters,
     fuse_loras,
@@ -264,7 +265,7 @@ def test_a_mistyped_local_lora_path_is_never_sent_to_the_hub(lora_dir, tmp_path,
     def hub(repo):  # the Hub, stubbed: never a real request
         asked.append(repo)
         return formats.resolve_file(lora_dir)
-    monkeypatch.setattr(formats, "_from_hub", hub)
+    monkeypatch.setattr(lora_files, "from_hub", hub)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").mkdir()
     for spec in ("demo/nope", "./nope", "../nope", "demo/nope.safetensors", "user/nope.safetensors", "a/b/c", "a\\b"):

@@ -5,7 +5,7 @@ import torch
 from conftest import make_images
 from helpers import fast_flags, read_lora, recipe_error
 
-import train_text_to_image_lora as t2i
+from sdlora.recipes import text_to_image as t2i
 from sdlora import quantize
 from sdlora.lora import formats
 from sdlora.training import loop

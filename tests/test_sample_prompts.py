@@ -9,7 +9,7 @@ from conftest import make_images
 from helpers import T2I, fast_flags, read_lora, recipe_error, run
 from PIL import Image
 
-import train_text_to_image_lora as t2i
+from sdlora.recipes import text_to_image as t2i
 from sdlora.errors import UserError
 from sdlora.training.prompts import SamplePrompt, parse_line, read
 from sdlora.training.samples import due

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import make_images
 from helpers import DREAMBOOTH, ROOT, T2I, env, fast_flags, read_lora, recipe_error, run
 
-import train_text_to_image_lora as t2i
+from sdlora.recipes import text_to_image as t2i
 from sdlora.testing import photo_folder
 from sdlora.training import conditioning
 
@@ -229,7 +229,7 @@ def test_pretrained_vae_changes_the_latents(sdxl_model, tmp_path):
 
 
 def test_sdxl_refuses_sd1_only_tokenizer_flags(sdxl_model, tmp_path, capsys, no_model_loads):
-    import train_dreambooth_lora as db
+    from sdlora.recipes import dreambooth as db
 
     inst = make_images(tmp_path / "i", n=2, size=64, captions=False)
     msg = recipe_error(capsys, db, _xl_flags(sdxl_model, tmp_path / "o", instance_data_dir=inst, instance_prompt="sks",

@@ -9,8 +9,8 @@ from conftest import make_images
 from helpers import ROOT, T2I, env, fast_flags, read_lora, run
 
 import sdlora.output.hub
-import train_text_to_image_lora as t2i
-from sdlora.cli.train import run as run_recipe
+from sdlora.recipes import text_to_image as t2i
+from sdlora.cli.run import run as run_recipe
 
 
 def _up_norm(path):
@@ -177,7 +177,7 @@ def test_compile_trains_the_same_lora(tiny_model, tmp_path, monkeypatch):
 
     import torch._dynamo
 
-    import train_text_to_image_lora as t2i
+    from sdlora.recipes import text_to_image as t2i
     from sdlora.training.config import check
     from sdlora.training.loop import train
 

@@ -200,3 +200,26 @@ def test_tools_refuse_an_output_that_exists(tmp_path):
     assert tool_resize(str(src), str(out), 2).startswith(f"error: {out} already exists")
     (tmp_path / "empty").mkdir()  # a new, empty folder is a new output
     assert tool_convert(str(src), str(tmp_path / "empty"), "kohya").startswith("converted")
+
+
+def test_dreambooth_preview_shows_the_captions_the_run_trains_on(tmp_path):
+    """The preview's rows are the recipe's own: with --instance_captions each photo shows its own caption (the
+    instance prompt where it has none), without it every photo shows the instance prompt."""
+    from sdlora.recipes import RECIPES
+    from sdlora.ui.preview import preview
+    from sdlora.ui.train_tab import MAIN_FLAGS, checked_flags
+
+    data, out = make_images(tmp_path / "data", n=3), tmp_path / "out"
+    (data / "img2.txt").unlink()
+    form = ["sdlora-tiny", str(data), "a photo of sks square", str(out), "lora", "default"]
+    shown = {}
+    for extra in ("--instance_captions", ""):
+        flags = checked_flags("dreambooth", False, str(out), *form, extra, *[""] * len(MAIN_FLAGS))
+        args = RECIPES["dreambooth"].parse_args(flags)
+        shown[extra] = [(Path(f).name, caption) for f, caption in preview("dreambooth", args).images]
+        assert [(Path(r.image).name, r.caption) for r in RECIPES["dreambooth"].rows(args)] == shown[extra]
+    assert shown["--instance_captions"] == [("img0.png", "a red square on a blue background"),
+                                           ("img1.png", "a blue square on a green background"),
+                                           ("img2.png", "a photo of sks square")]
+    assert shown[""] == [(f"img{i}.png", "a photo of sks square") for i in range(3)]
+    assert not out.exists()

@@ -8,8 +8,8 @@ import pytest
 from conftest import forbid_model_loads, make_images
 from helpers import fast_flags, recipe_error
 
-import train_text_to_image_lora as t2i
-from sdlora.cli.train import run as run_recipe
+from sdlora.recipes import text_to_image as t2i
+from sdlora.cli.run import run as run_recipe
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 

@@ -32,7 +32,8 @@ import collections
 import re
 from dataclasses import dataclass, field
 
-from . import formats, shared_layout
+from ..models import TEXT_CLASSES
+from . import formats
 from .lycoris import KEYS as LYCORIS_KEYS
 
 _CLIP = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
@@ -101,18 +102,18 @@ class Reading:
 def read_by_loaders(tensors: dict, header: dict, lora: formats.Lora) -> list[Reading]:
     """Each known loader's reading of a file's `tensors` (raw keys) and `header`; `lora` is sdlora's reading of it
     (the layers, and the scale each was made for)."""
-    fam = formats._lora_family(lora)[0] or "sd1"
+    fam = formats.lora_family(lora)[0] or "sd1"
     return [_diffusers(tensors, header, lora, fam)] + [_by_names(ld, tensors, lora, fam) for ld in LOADERS]
 
 
 def _names(loader: str, comp: str, path: str, fam: str) -> list[str]:
     """The names `loader`'s key map gives the layer `comp`.`path` of a `fam` model ([] when it has none)."""
     under = path.replace(".", "_")
-    ldm = formats._swap_prefix(path, formats._sgm_pairs(), reverse=True) if fam == "sdxl" else path
+    ldm = formats.swap_prefix(path, formats.sgm_pairs(), reverse=True) if fam == "sdxl" else path
     ldm = ldm.replace(".", "_") if ldm != path else None  # original-UNet names: known for SDXL only
     if comp == "unet":
         if loader in ("comfyui", "forge"):
-            stem = shared_layout.unet_stem(path)
+            stem = formats.unet_stem(path)
             out = [f"lora_unet_{under}", f"unet.{stem}", stem, f"lycoris_{under}"] if _COMFY_UNET.fullmatch(path) else []
             return out + ([f"lora_unet_{ldm}"] if ldm else [])
         if loader == "a1111":  # its SD 1.x block arithmetic puts SDXL's first upsampler in the wrong block
@@ -227,7 +228,7 @@ def _diffusers(tensors: dict, header: dict, lora, fam: str) -> Reading:
         if comp == "unet":
             forms = [(f"unet.{path}", ".lora_A.weight")]
             if not peft_first:
-                stem = shared_layout.unet_stem(path)
+                stem = formats.unet_stem(path)
                 forms += [(f"unet.{path}", ".lora.down.weight"), (f"unet.{stem}", "_lora.down.weight")]
                 if not path.endswith("to_out.0"):  # ".processor." goes, but to_out keeps no ".0"
                     forms.append((f"unet.{stem}", ".lora.down.weight"))
@@ -284,7 +285,7 @@ def _diffusers_kohya(r: Reading, tensors: dict, header: dict, lora, fam: str) ->
         # peft's alpha_pattern reaches UNet layers outside attention, and text-encoder MLPs when the installed
         # transformers names them text_model.… as the pattern does; the rest get the most common alpha
         keeps_own = (not re.search(r"\.to_(q|k|v|out)", path) if comp == "unet" else
-                     "mlp" in path and formats._clip_has_text_model(formats.TEXT_CLASSES[comp]))
+                     "mlp" in path and formats.clip_has_text_model(TEXT_CLASSES[comp]))
         alpha = float(own) if keeps_own and own is not None else common.get(group, m.rank)
         _count(r, alpha / m.rank, m.alpha / m.rank)
         r.no_magnitude += m.magnitude is not None
@@ -347,7 +348,7 @@ def _g(x: float) -> str:
 
 def read_file(path, lora: formats.Lora, allow_pickle: bool = False) -> list[Reading]:
     """`read_by_loaders` for the weights file at `path` (as `formats.resolve_file` found it)."""
-    tensors, header = formats._read_tensors(path, allow_pickle)
+    tensors, header = formats.read_tensors(path, allow_pickle)
     return read_by_loaders(tensors, header, lora)
 
 

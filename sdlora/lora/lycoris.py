@@ -59,7 +59,7 @@ class Product:
         f = self.factors
         if self.kind == "loha":
             return f["hada_w1_a"].shape[1 if "hada_t1" in f else 0]
-        return self._side("lokr_w1", 0) * self._side("lokr_w2", 0)
+        return self.factor_side("lokr_w1", 0) * self.factor_side("lokr_w2", 0)
 
     @property
     def in_features(self) -> int:
@@ -67,9 +67,9 @@ class Product:
         f = self.factors
         if self.kind == "loha":
             return f["hada_w1_b"].shape[1] * (math.prod(f["hada_t1"].shape[2:]) if "hada_t1" in f else 1)
-        return self._side("lokr_w1", 1) * self._side("lokr_w2", 1)
+        return self.factor_side("lokr_w1", 1) * self.factor_side("lokr_w2", 1)
 
-    def _side(self, w: str, axis: int) -> int:
+    def factor_side(self, w: str, axis: int) -> int:
         """A LoKr factor's rows (axis 0) or flattened columns (1), read off whichever form it is stored in."""
         f = self.factors
         if w in f:

@@ -1,4 +1,4 @@
-"""The model card (README.md) beside a LoRA: written on every run, read back for the base model.
+"""The model card (README.md) of a training run (sdlora.lora.card reads a card's base model back).
 
 Front matter through huggingface_hub's `ModelCardData` (what the Hub parses), so `base_model`, tags
 and the widget are valid YAML whatever the prompts contain.
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..io import write_text
+from ..lora.card import front_matter
 
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "lora"]
 XL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers", "lora"]  # diffusers' SDXL scripts'
@@ -17,12 +18,6 @@ XL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-imag
 
 def _xl(info: dict) -> bool:
     return str(info.get("family") or "").startswith("SDXL")
-
-
-def _front_matter(**fields) -> str:
-    from huggingface_hub import ModelCardData
-
-    return f"---\n{ModelCardData(**fields).to_yaml()}\n---\n"
 
 
 QUANTIZED = {"int8": "8-bit LLM.int8()", "nf4": "4-bit NF4"}  # --quantize_base, as the card says it
@@ -63,7 +58,7 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
     if info.get("samples"):
         samples = "\n## Samples\n\n" + "\n".join(f"![{s['prompt']}]({s['path']})  \n*{s['prompt']}*" for s in info["samples"]) + "\n"
     prompt = info.get("example_prompt") or "a photo"
-    return f"""{_front_matter(**front)}
+    return f"""{front_matter(**front)}
 # {title}
 
 LoRA weights for {_named(info)}, trained with sdlora {__version__}.
@@ -84,7 +79,7 @@ LoRA in kohya's layout: copy it into `ComfyUI/models/loras/` or `stable-diffusio
 
 
 def _diffusers_file_elsewhere(info: dict) -> str:
-    """What the other loaders make of pytorch_lora_weights.safetensors (sdlora.lora.loaders, shared_layout)."""
+    """What the other loaders make of pytorch_lora_weights.safetensors (sdlora.lora.loaders, formats.to_shared)."""
     kind = info.get("lora_type", "lora")
     if kind in ("loha", "lokr"):
         return ("`pytorch_lora_weights.safetensors` is for sdlora's loader (ComfyUI and Forge read it too); A1111 and "
@@ -142,24 +137,3 @@ def write(output_dir: Path, info: dict, front_extra: dict | None = None, setting
     path = Path(output_dir) / "README.md"
     write_text(path, render(info, front_extra, settings_extra))
     return path
-
-
-def write_minimal(folder: Path, base_model: str, title: str = "") -> Path:
-    """A card that only names the base model, for LoRAs sdlora converts or makes up (so loaders find the base)."""
-    path = Path(folder) / "README.md"
-    write_text(path, _front_matter(base_model=base_model, tags=["lora", "sdlora"]) + (f"# {title}\n" if title else ""))
-    return path
-
-
-def base_model_of(card: Path) -> str | None:
-    """The `base_model` a card's front matter names (the first, if it lists several), else None."""
-    from huggingface_hub import metadata_load
-
-    try:
-        meta = metadata_load(card) if Path(card).is_file() else None
-    except Exception:  # noqa: BLE001 - an unreadable or malformed card only costs the base-model hint
-        return None
-    value = (meta or {}).get("base_model")
-    if isinstance(value, list):
-        value = value[0] if value else None
-    return str(value).strip().splitlines()[0] if isinstance(value, (str, int, float)) and str(value).strip() else None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..io import save_safetensors
-from ..lora import adalora, formats, inject, shared_layout
+from ..lora import adalora, formats, inject
 
 
 def header(info: dict) -> dict[str, str]:
@@ -99,7 +99,7 @@ def kohya_name(output_dir) -> str:
 def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
     """Write the LoRA of `parts` ({"unet": (model, LoraConfig, initial weights or None), "text_encoder": …}) to
     `path`; returns its state dict and header in diffusers' own layout (what `save_kohya` takes), which the file holds
-    respelled by `shared_layout`. `info` holds the training facts `header` records."""
+    respelled by `formats.to_shared`. `info` holds the training facts `header` records."""
     sd, configs, packed, products = {}, {}, {}, {}
     for component, (model, config, initial) in parts.items():
         kind = str(config.peft_type.value)
@@ -120,7 +120,7 @@ def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
     if configs or packed:
         meta["lora_adapter_metadata"] = inject.adapter_metadata(configs, packed)
     # on disk in the spelling ComfyUI reads too (alpha folded into the weights); the kohya file is made from sd
-    tensors, header_ = shared_layout.to_shared(sd, meta, str(path))
+    tensors, header_ = formats.to_shared(sd, meta, str(path))
     save_safetensors(tensors, path, header_)
     return sd, meta
 

@@ -17,8 +17,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli.train import RECIPES
 from ..errors import UserError
+from ..recipes import RECIPES
 from ..training.interrupt import EXIT_CODES
 from ..training.outdir import LOCK_NAME, fcntl
 from .worker import LOG, PROGRESS, PROMPTS_ENV, STARTED, logs_dir
@@ -48,7 +48,7 @@ def folder_key(output_dir) -> Path:
 
 def command(recipe: str, flags: list[str]) -> list[str]:
     """The command line a run is, as a user would type it (the scripts' own flags)."""
-    return [f"{RECIPES[recipe]}.py", *flags]
+    return [f"{RECIPES[recipe].SCRIPT}.py", *flags]
 
 
 def start(recipe: str, flags: list[str], output_dir, sample_prompts: str | None = None) -> Job:
@@ -123,7 +123,7 @@ def holder(output_dir) -> int | None:
     return pid if _is_sdlora(pid) else None
 
 
-_SDLORA_ARGS = {"sdlora", *RECIPES.values()}
+_SDLORA_ARGS = {"sdlora", *(m.SCRIPT for m in RECIPES.values())}
 
 
 def _is_sdlora(pid: int) -> bool:

@@ -1,6 +1,6 @@
 """What a training run would read from its data folder, shown before it starts: images with their captions, the
-bucket table, and the files that would be skipped and why. Read with the recipes' own readers, so a folder the
-run would refuse gives the run's own one-line error here."""
+bucket table, and the files that would be skipped and why. The rows are the recipe's own (`rows`), so a folder the
+run would refuse gives the run's own one-line error here, and each image shows the caption the run trains on."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import buckets as bucketing
-from ..data.sources import rows_from_folder, rows_from_images, scan_folder
+from ..data.sources import scan_folder
+from ..recipes import RECIPES
 from ..training.config import sizing
 
 
@@ -23,20 +24,16 @@ class Preview:
 
 def preview(recipe: str, args, limit: int = 24) -> Preview:
     """The data a run with these parsed recipe flags would train on; raises the run's UserError."""
-    what, folder = ("--instance_data_dir", args.instance_data_dir) if recipe == "dreambooth" else \
-        ("--train_data_dir", args.train_data_dir)
-    folder = Path(folder)
+    what = RECIPES[recipe].DATA_FLAG
+    folder = Path(getattr(args, what.removeprefix("--")))
     quiet = logging.getLogger("sdlora.data.sources")
-    level, quiet.level = quiet.level, logging.ERROR  # the skipped files are listed, not logged
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the skipped files are listed, not logged
     try:
-        good, skipped = scan_folder(folder, what, getattr(args, "caption_extension", ".txt"))
-        if recipe == "dreambooth":
-            rows = rows_from_images(folder, args.instance_prompt, what)
-        else:
-            rows = rows_from_folder(folder, args.caption_column, args.allow_empty_captions,
-                                    caption_extension=args.caption_extension)
+        _, skipped = scan_folder(folder, what, getattr(args, "caption_extension", ".txt"))
+        rows = RECIPES[recipe].rows(args)
     finally:
-        quiet.level = level
+        quiet.setLevel(level)
     _, resolution, b = sizing(args)
     table = b.table()
     sizes = [r.size for r in rows]

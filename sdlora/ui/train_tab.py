@@ -2,16 +2,13 @@
 and Start / Stop / Resume of a run in its own process (jobs.py), followed through its output folder."""
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
 import shlex
 from pathlib import Path
 
 import gradio as gr
 
-from ..cli.train import RECIPES
 from ..errors import UserError
+from ..recipes import RECIPES
 from . import jobs
 from .files import served_sample, thumbnail
 from .preview import preview
@@ -19,37 +16,28 @@ from .preview import preview
 # The main flags on the form; each starts at the selected recipe's own default (None: blank, the script decides).
 MAIN_FLAGS = ["resolution", "max_train_steps", "num_train_epochs", "learning_rate", "rank", "train_batch_size",
               "seed", "checkpointing_steps", "validation_split", "sample_every_n_steps"]
-DATA_FLAG = {"text-to-image": "--train_data_dir", "dreambooth": "--instance_data_dir"}
-
-
-def _recipe(name: str):
-    return importlib.import_module(RECIPES[name])
 
 
 def recipe_defaults(name: str) -> dict:
-    """The recipe's own defaults (what its parser gives when only the required flags are passed)."""
-    need = ["--pretrained_model_name_or_path", "x", DATA_FLAG[name], "x"]
-    if name == "dreambooth":
-        need += ["--instance_prompt", "x"]
-    return vars(_recipe(name).parse_args(need))
+    """The recipe's own defaults of the main flags and --logging_dir, from its parser."""
+    p = RECIPES[name].parser()
+    return {dest: p.get_default(dest) for dest in [*MAIN_FLAGS, "logging_dir"]}
 
 
 def recipe_help(name: str) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        _recipe(name).parse_args(["--help"])
-    return out.getvalue()
+    return RECIPES[name].parser().format_help()
+
+
+def _usage_error(message: str):
+    raise UserError(message)  # shown as `error: …`, like every other error
 
 
 def parse_flags(recipe: str, flags: list):
-    """The recipe's own argparse; its usage errors become one line."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return _recipe(recipe).parse_args(flags)
-    except SystemExit:
-        line = jobs.one_line_error(err.getvalue().splitlines()) or err.getvalue().strip()
-        raise UserError(line.removeprefix("error: ")) from None  # shown as `error: …`, like every other error
+    """The recipe's own parser on the form's flags; a usage error is a UserError (the script would print it and
+    exit)."""
+    p = RECIPES[recipe].parser()
+    p.error = _usage_error
+    return p.parse_args(flags)
 
 
 def train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, *main) -> list:
@@ -57,10 +45,10 @@ def train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, 
     if not str(base or "").strip():
         raise UserError("--pretrained_model_name_or_path: give a base model (sdlora-tiny, a folder or a Hub id)")
     if not str(data_dir or "").strip():
-        raise UserError(f"{DATA_FLAG[recipe]}: give the folder of training images")
+        raise UserError(f"{RECIPES[recipe].DATA_FLAG}: give the folder of training images")
     if not str(output_dir or "").strip():
         raise UserError("--output_dir: give the folder the run writes to")
-    flags = ["--pretrained_model_name_or_path", base.strip(), DATA_FLAG[recipe], data_dir.strip(),
+    flags = ["--pretrained_model_name_or_path", base.strip(), RECIPES[recipe].DATA_FLAG, data_dir.strip(),
              "--output_dir", output_dir.strip(), "--lora_type", lora_type]
     if recipe == "dreambooth":
         flags += ["--instance_prompt", instance_prompt or ""]
@@ -73,6 +61,8 @@ def train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, 
         more = shlex.split(extra or "")
     except ValueError as e:
         raise UserError(f"more flags: {e}; check the quotes") from None
+    if {"-h", "--help"} & set(more):  # argparse would print the help and exit
+        raise UserError("more flags: --help: the recipe's flags are listed under All flags")
     if recipe == "dreambooth" and "--with_prior_preservation" in more and "--class_data_dir" not in more:
         # the script's default sits beside the output folder; the UI keeps everything inside it
         more += ["--class_data_dir", f"{output_dir.strip()}/class-images"]

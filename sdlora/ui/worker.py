@@ -1,4 +1,4 @@
-"""The child process a UI training run lives in: the recipe's own parse, check and run, nothing else.
+"""The child process a UI training run lives in: the recipe's own `main` (parse, check, run), nothing else.
 
 `python -m sdlora.ui.worker RECIPE FLAGS…` is started by `jobs.start` in a session of its own, with its output on
 a pipe. Until the output folder is held and the data read, what it prints (the scripts' one-line errors) reaches
@@ -9,7 +9,6 @@ it through `progress.jsonl` beside the log. SIGTERM (the UI's Stop) is handled a
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -33,25 +32,21 @@ def logs_dir(output_dir: Path, logging_dir: str = "logs") -> Path:
 def main(argv=None) -> int:
     # Stop while the recipe's imports load (before the run's own handlers): end as a stopped run, at once.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(STOPPED_RC))
-    from ..cli import train as common
+    from ..recipes import RECIPES
     from ..training.interrupt import EXIT_CODES
 
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe, flags = argv[0], argv[1:]
-    mod = importlib.import_module(common.RECIPES[recipe])
+    mod = RECIPES[recipe]
     prompts_file = None
     if text := os.environ.pop(PROMPTS_ENV, None):
         fd, prompts_file = tempfile.mkstemp(prefix="sdlora-ui-prompts-", suffix=".txt")
         with os.fdopen(fd, "w") as f:
             f.write(text)
         flags += ["--sample_prompts", prompts_file]
-    progress, made, stepped = [], [], []
+    progress, stepped = [], []
 
-    def make_recipe(args, config):  # the recipe as it is made, for the plan `on_start` records
-        made.append(mod.make_recipe(args, config))
-        return made[-1]
-
-    def on_start(config):
+    def on_start(config, made):  # the folder is held and the data read (`made`: the recipe's Recipe)
         from ..training.manifest import Manifest
 
         folder = logs_dir(config.output_dir, config.logging_dir)
@@ -66,8 +61,8 @@ def main(argv=None) -> int:
         os.close(fd)
         progress.append(open(folder / PROGRESS, "a", buffering=1))
         _write(progress, event="start", pid=os.getpid(), command=[recipe, *_public(flags, prompts_file)])
-        _write(progress, event="plan", max_steps=planned_steps(config, made[-1].data), resolution=config.resolution,
-               images=len(made[-1].data.rows))
+        _write(progress, event="plan", max_steps=planned_steps(config, made.data), resolution=config.resolution,
+               images=len(made.data.rows))
 
     def on_step(step, logs):
         record = {k: v if isinstance(v, int) else float(v) for k, v in logs.items() if math.isfinite(float(v))}
@@ -81,7 +76,7 @@ def main(argv=None) -> int:
 
     rc = 1
     try:
-        rc = common.run(mod.parse_args(flags), make_recipe, on_start=on_start, on_step=on_step, on_phase=on_phase)
+        rc = mod.main(flags, on_start=on_start, on_step=on_step, on_phase=on_phase)
     finally:
         if prompts_file:
             os.unlink(prompts_file)

@@ -1,0 +1,101 @@
+"""Train a Stable Diffusion LoRA on image–caption pairs.
+
+Same flags as diffusers' examples/text_to_image/train_text_to_image_lora.py, plus
+--train_text_encoder, --lora_alpha, --target_modules, --save_precision and --no_cache.
+
+    python train_text_to_image_lora.py --pretrained_model_name_or_path sdlora-tiny \
+        --train_data_dir examples/data/pokemon_style --resolution 32 --output_dir out
+
+Reads top to bottom: flags -> data -> the shared training loop (sdlora/training/loop.py).
+Also installed with the package: `sdlora train text-to-image …` runs this file's `main`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..cli import flags
+from ..cli.parser import Parser
+from ..cli.run import run
+from ..data import captions, masks
+from ..data.sources import Row, dataset_label, rows_from_datasets, rows_from_folder, split_heldout
+from ..data.trainset import TrainSet, heldout_set
+from ..errors import UserError
+from ..training.config import TrainConfig
+from ..training.loop import Recipe
+
+SCRIPT = "train_text_to_image_lora"  # the top-level script that runs `main` (the UI names runs by it)
+DATA_FLAG = "--train_data_dir"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The recipe's flags, with its own defaults."""
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flags.add_model_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="a `datasets` id or a local dataset folder")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None,
+                   help="folder of images with metadata.jsonl/metadata.csv, or with same-name .txt captions; "
+                        "images in an N_name sub-folder count N times per epoch (kohya)")
+    g.add_argument("--caption_extension", default=".txt",
+                   help="the same-name caption files' extension in --train_data_dir, e.g. .caption")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--allow_empty_captions", action="store_true", help="train on images that have no caption")
+    flags.add_training_args(p)
+    # Batch 1 at 512 px fits 11 GB-class GPUs (raise it, or --gradient_accumulation_steps, with more memory).
+    p.set_defaults(output_dir="sd-model-finetuned-lora", train_batch_size=1, num_train_epochs=100)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed flags; a usage error (one line, exit status 2) when they name no data or two sources."""
+    p = parser()
+    args = p.parse_args(argv)
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        p.error("give exactly one of --dataset_name or --train_data_dir")
+    return args
+
+
+def rows(args: argparse.Namespace) -> list[Row]:
+    """The training images with their captions, as the run reads them (before any are held out): the folder's or
+    the data set's, the first --max_train_samples of them."""
+    if args.train_data_dir:
+        found = rows_from_folder(Path(args.train_data_dir), args.caption_column, args.allow_empty_captions,
+                                 caption_extension=args.caption_extension)
+    else:
+        found = rows_from_datasets(args.dataset_name, args.dataset_config_name, args.image_column,
+                                   args.caption_column, args.cache_dir, args.allow_empty_captions)
+    if args.max_train_samples is not None:
+        if args.max_train_samples < 1:
+            raise UserError("--max_train_samples must be >= 1")
+        found = found[: args.max_train_samples]
+    return found
+
+
+def make_recipe(args: argparse.Namespace, config: TrainConfig) -> Recipe:
+    """Text-to-image: every row is an example (N of them from an N_name folder) in the single loss group."""
+    ops = captions.from_args(args)
+    train = rows(args)
+    desc = dataset_label(args.train_data_dir or args.dataset_name)
+    captions.check_keep_tokens(ops, train)
+    train, held = split_heldout(train, config.validation_split)
+    if config.validation_data_dir:
+        held = rows_from_folder(config.validation_data_dir, args.caption_column, args.allow_empty_captions,
+                                what="--validation_data_dir", caption_extension=args.caption_extension)
+    if config.masked_loss:
+        masks.attach(train + held, config.mask_dir,
+                     [args.train_data_dir and Path(args.train_data_dir), config.validation_data_dir])
+    examples = [[i] for i, r in enumerate(train) for _ in range(r.repeats)]
+    data = TrainSet(train, examples, [0] * len(train), config.resolution, config.center_crop, config.random_flip,
+                    config.bucketing, captions=ops)
+    return Recipe(kind="text-to-image", data=data, dataset_desc=desc,
+                  heldout=heldout_set(held, config.resolution, config.bucketing))
+
+
+def main(argv=None, **hooks) -> int:
+    """The script: parse `argv` (default: the command line), check, train; the exit status. `hooks` go to
+    `cli.run.run` (`on_start`, `on_step`, `should_stop`, …; the UI uses them)."""
+    return run(parse_args(argv), make_recipe, **hooks)
