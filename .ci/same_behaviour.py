@@ -21,8 +21,10 @@ dotted key such as peft's "unet.peft_version" is matched by its last part):
   in .sdlora-files.json (they hash the metadata's date); the work folder's and the tree's absolute paths become
   <WORK> and <TREE>, and "sdlora X.Y.Z" in text becomes "sdlora <VERSION>".
 
-Every run is single-threaded (OMP_NUM_THREADS=1, fp32, fixed seeds) so that it reproduces on any CPU; runs go two at
-a time (--jobs). A quiet 2-core CPU takes about 3 minutes.
+Every run is single-threaded (OMP_NUM_THREADS=1, fp32, fixed seeds, no GPU) so that it reproduces from run to run;
+runs go two at a time (--jobs). A quiet 2-core CPU takes about 3 minutes. The committed golden file was recorded on
+this project's 2-core Intel Xeon; another CPU (other SIMD kernels) may round differently: record its own golden file
+from the start commit there.
 """
 from __future__ import annotations
 
