@@ -16,8 +16,6 @@ lazily so the `sdlora` command starts fast.
 """
 from __future__ import annotations
 
-import importlib.util
-
 from .errors import UserError
 
 MODES = ("none", "int8", "nf4")  # --quantize_base's choices
@@ -32,23 +30,34 @@ def check(mode: str, cuda: bool) -> None:
         return
     if mode not in MODES:
         raise UserError(f"--quantize_base {mode}: unknown; expected one of {', '.join(MODES)}")
-    if importlib.util.find_spec("bitsandbytes") is None:
+    installed = bnb_version()
+    if installed is None:
         raise UserError(f"--quantize_base {mode} needs bitsandbytes: pip install bitsandbytes")
     if cuda:
         return
-    from importlib.metadata import version
-
     from packaging.version import Version
 
-    if Version(version("bitsandbytes")) < Version(CPU_BNB):
+    if Version(installed) < Version(CPU_BNB):
         raise UserError(f"--quantize_base {mode} on CPU needs bitsandbytes >= {CPU_BNB} (installed: "
-                        f"{version('bitsandbytes')}): pip install -U bitsandbytes; or train on a CUDA GPU")
-    if not _avx2():
+                        f"{installed}): pip install -U bitsandbytes; or train on a CUDA GPU")
+    if not has_avx2():
         raise UserError(f"--quantize_base {mode} on this CPU: bitsandbytes' CPU backend needs an x86-64 CPU with "
                         f"AVX2; use a CUDA GPU, or --quantize_base none")
 
 
-def _avx2() -> bool:
+def bnb_version() -> str | None:
+    """bitsandbytes' version, or None when it isn't installed (diffusers reads the package metadata first, so an
+    absent package costs no import)."""
+    from diffusers.utils import is_bitsandbytes_available
+
+    if not is_bitsandbytes_available():
+        return None
+    import bitsandbytes
+
+    return bitsandbytes.__version__
+
+
+def has_avx2() -> bool:
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):

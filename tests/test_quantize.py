@@ -11,7 +11,7 @@ from sdlora.lora import formats
 from sdlora.training import loop
 
 bnb = pytest.importorskip("bitsandbytes", reason="--quantize_base needs bitsandbytes: pip install -e \".[test,bnb]\" (CI runs these tests in a step of its own)")
-if not torch.cuda.is_available() and not quantize._avx2():
+if not torch.cuda.is_available() and not quantize.has_avx2():
     pytest.skip("bitsandbytes' CPU backend needs an x86-64 CPU with AVX2", allow_module_level=True)
 
 
@@ -110,9 +110,6 @@ def test_sampling_on_an_avx512_bf16_cpu_leaves_the_4bit_weights_as_training_read
 
 
 def test_quantize_mistakes_are_one_line_before_loading(tiny_model, tmp_path, capsys, monkeypatch, no_model_loads):
-    import importlib.metadata
-    import importlib.util
-
     data = make_images(tmp_path / "d", n=1)
 
     def error(**over):
@@ -126,15 +123,13 @@ def test_quantize_mistakes_are_one_line_before_loading(tiny_model, tmp_path, cap
         assert "--lora_type dora can't be used with --quantize_base int8 on CPU" in \
             error(quantize_base="int8", lora_type="dora", target_modules="to_q")
         with monkeypatch.context() as m:
-            m.setattr(quantize, "_avx2", lambda: False)
+            m.setattr(quantize, "has_avx2", lambda: False)
             assert "bitsandbytes' CPU backend needs an x86-64 CPU with AVX2" in error(quantize_base="nf4")
         with monkeypatch.context() as m:
-            m.setattr(importlib.metadata, "version", lambda name: "0.45.5")
+            m.setattr(quantize, "bnb_version", lambda: "0.45.5")
             assert "--quantize_base int8 on CPU needs bitsandbytes >= 0.48 (installed: 0.45.5)" in \
                 error(quantize_base="int8")
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
-                        find_spec(name, *a))
+    monkeypatch.setattr(quantize, "bnb_version", lambda: None)
     assert "--quantize_base nf4 needs bitsandbytes: pip install bitsandbytes" in error(quantize_base="nf4")
     with pytest.raises(SystemExit):  # argparse: one of none, int8, nf4
         t2i.parse_args(fast_flags(tiny_model, tmp_path / "o", train_data_dir=data, quantize_base="int4"))
