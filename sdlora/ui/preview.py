@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..data import buckets as bucketing
 from ..data.sources import rows_from_folder, rows_from_images, scan_folder
-from ..training.config import sizing
+from ..training.checks import sizing
+from ..training.config import from_flags
 
 
 @dataclass
@@ -37,7 +38,8 @@ def preview(recipe: str, args, limit: int = 24) -> Preview:
                                     caption_extension=args.caption_extension)
     finally:
         quiet.level = level
-    _, resolution, b = sizing(args)
+    _, resolution, b = sizing(from_flags(vars(args)),
+                              prior_preservation=bool(getattr(args, "with_prior_preservation", False)))
     table = b.table()
     sizes = [r.size for r in rows]
     assigned = [b.assign(s, table) for s in sizes]
