@@ -6,7 +6,6 @@ unknown target layer is one line naming the flag.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import replace
@@ -317,12 +316,13 @@ def _check_sampling(c: TrainConfig, resolution: int, multiple: int) -> tuple[pro
 
 
 def _check_report_to(report_to: str, hub_token: str | None) -> str:
+    from accelerate.utils import is_tensorboard_available, is_wandb_available  # metadata lookups, no imports
+
     if report_to == "all":
-        report_to = "tensorboard" if importlib.util.find_spec("wandb") is None else "all"
-    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        report_to = "tensorboard" if not is_wandb_available() else "all"
+    if report_to == "wandb" and not is_wandb_available():
         raise UserError("--report_to wandb needs the wandb package: pip install wandb (or use --report_to tensorboard)")
-    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None \
-            and importlib.util.find_spec("tensorboardX") is None:
+    if report_to == "tensorboard" and not is_tensorboard_available():
         raise UserError("--report_to tensorboard needs tensorboard: pip install tensorboard (or --report_to none)")
     if hub_token and report_to in ("wandb", "all"):
         raise UserError("--hub_token together with --report_to wandb would expose the token in wandb's logged "
@@ -337,7 +337,9 @@ def _check_devices(c: TrainConfig, mixed_precision: str | None):
     if mixed_precision == "fp16" and not cuda:
         raise UserError("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
     if c.enable_xformers_memory_efficient_attention:
-        if importlib.util.find_spec("xformers") is None:
+        from diffusers.utils import is_xformers_available
+
+        if not is_xformers_available():
             raise UserError("--enable_xformers_memory_efficient_attention: xformers is not installed "
                             "(pip install xformers, CUDA only); PyTorch's SDPA attention is used by default")
         if not cuda:
@@ -352,7 +354,9 @@ def _check_devices(c: TrainConfig, mixed_precision: str | None):
         raise UserError("--lora_type dora can't be used with --quantize_base int8 on CPU (peft's DoRA breaks "
                         "bitsandbytes' 8-bit layers there); use --quantize_base nf4")
     if c.use_8bit_adam:
-        if importlib.util.find_spec("bitsandbytes") is None:
+        from accelerate.utils import is_bnb_available
+
+        if not is_bnb_available():
             raise UserError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes; needs a CUDA GPU)")
         if not cuda:
             raise UserError("--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit optimizers); drop the flag on CPU")
@@ -364,7 +368,9 @@ def _check_compiler(cuda: bool):
     import shutil
 
     if cuda:
-        if importlib.util.find_spec("triton") is None:
+        from accelerate.utils import is_triton_available
+
+        if not is_triton_available():
             raise UserError("--compile: torch.compile needs Triton on a GPU (pip install triton); drop the flag")
     elif not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise UserError("--compile: torch.compile needs a C++ compiler on CPU (e.g. apt-get install g++); drop the flag")
