@@ -11,6 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
+def pytest_addoption(parser, pluginmanager):
+    """pyproject's addopts run the suite in parallel (`--numprocesses auto --dist loadfile`: pytest-xdist, from the
+    test extra). Where pytest-xdist is missing (an older venv, `-p no:xdist`), accept those two flags and run in one
+    process."""
+    if not pluginmanager.has_plugin("xdist"):
+        parser.addoption("--numprocesses", dest="numprocesses", default=None, help="(needs pytest-xdist)")
+        parser.addoption("--dist", dest="dist", default="no", help="(needs pytest-xdist)")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A StableDiffusionPipeline folder with random weights (tiny SD1.x architecture)."""

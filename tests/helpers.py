@@ -1,5 +1,6 @@
 """Run the training scripts the way a user does: as subprocesses, offline."""
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,20 @@ def fast_flags(model, out, **over):
             continue
         argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
     return argv
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: two-process runs in parallel test workers must not share one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(script, argv, mixed_precision="no") -> list[str]:
+    """The command of `accelerate launch --num_processes 2` (DDP over gloo on the CPU) running `script`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), str(script), *argv]
 
 
 def run(script, argv, check=True, timeout=600, **env_extra):

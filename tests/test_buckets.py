@@ -2,12 +2,11 @@
 mixed photo shapes — buckets, caching, exact resume, DDP and DreamBooth."""
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import make_images
-from helpers import DREAMBOOTH, ROOT, T2I, env, fast_flags, read_lora, recipe_error, run
+from helpers import DREAMBOOTH, ROOT, T2I, accelerate_launch, env, fast_flags, read_lora, recipe_error, run
 
 from sdlora.recipes import text_to_image as t2i
 from sdlora.data.buckets import Bucketing, kept
@@ -116,9 +115,7 @@ def test_resume_with_buckets_random_crops_and_caption_ops_is_exact(tiny_model, t
 def test_two_processes_with_buckets_write_one_lora(tiny_model, tmp_path):
     data = photo_folder(tmp_path / "photos")
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29553",
-           str(T2I), *fast_flags(tiny_model, out, train_data_dir=data, resolution=64, max_train_steps=3)]
+    cmd = accelerate_launch(T2I, fast_flags(tiny_model, out, train_data_dir=data, resolution=64, max_train_steps=3))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 procs" in r.stderr and r.stderr.count("aspect-ratio buckets") == 1

@@ -2,13 +2,12 @@
 LoRA on both encoders, diffusers' SDXL file layout, kohya's lora_te1_/lora_te2_ keys, exact resume and DDP."""
 import logging
 import subprocess
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 from conftest import make_images
-from helpers import DREAMBOOTH, ROOT, T2I, env, fast_flags, read_lora, recipe_error, run
+from helpers import DREAMBOOTH, ROOT, T2I, accelerate_launch, env, fast_flags, read_lora, recipe_error, run
 
 from sdlora.recipes import text_to_image as t2i
 from sdlora.testing import photo_folder
@@ -176,9 +175,8 @@ def test_sdxl_resume_is_exact_with_both_text_encoders(sdxl_model, tmp_path):
 def test_sdxl_two_processes_write_one_lora(sdxl_model, tmp_path):
     data = make_images(tmp_path / "d", n=4, size=64)
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-           str(T2I), *_xl_flags(sdxl_model, out, train_data_dir=data, max_train_steps=2, train_text_encoder=True)]
+    cmd = accelerate_launch(T2I, _xl_flags(sdxl_model, out, train_data_dir=data, max_train_steps=2,
+                                           train_text_encoder=True))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 procs" in r.stderr

@@ -305,11 +305,20 @@ def _config_defaults() -> dict[str, object]:
 
 
 def test_no_argparse_default_repeating_config():
-    """A training flag with an explicit default equal to TrainConfig's: the default belongs to the config alone.
-    (default=None is argparse's "not given", not a repeat.)"""
+    """A training flag whose explicit default (add_argument's default=, or set_defaults) equals TrainConfig's: the
+    default belongs to the config alone. (default=None is argparse's "not given", not a repeat.)"""
     defaults, rows = _config_defaults(), []
     for path in [p for p in PKG_FILES if p.relative_to(PKG).parts[0] == "cli"] + RECIPES:
         for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "set_defaults":
+                for k in node.keywords:  # p.set_defaults(num_train_epochs=1): a recipe's own default, unless equal
+                    try:
+                        value = ast.literal_eval(k.value)
+                    except ValueError:
+                        continue
+                    if k.arg in defaults and value is not None and value == defaults[k.arg]:
+                        rows.append(f"{_rel(path)}:{node.lineno} set_defaults({k.arg}={value!r})")
+                continue
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr == "add_argument"):
                 continue

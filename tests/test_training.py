@@ -6,7 +6,7 @@ import time
 
 import torch
 from conftest import make_images
-from helpers import ROOT, T2I, env, fast_flags, read_lora, run
+from helpers import ROOT, T2I, accelerate_launch, env, fast_flags, read_lora, run
 
 import sdlora.output.hub
 from sdlora.recipes import text_to_image as t2i
@@ -44,10 +44,8 @@ def test_accelerate_launch_precision_and_two_processes(tiny_model, tmp_path):
     """`accelerate launch --mixed_precision bf16 --num_processes 2`: DDP over gloo, one set of outputs."""
     data = make_images(tmp_path / "d", n=4)
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", "29517",
-           str(T2I), *fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2, checkpointing_steps=1,
-                                 checkpoints_total_limit=1)]
+    cmd = accelerate_launch(T2I, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=2,
+                                            checkpointing_steps=1, checkpoints_total_limit=1), mixed_precision="bf16")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 procs" in r.stderr and "frozen weights in bfloat16" in r.stderr
