@@ -29,6 +29,7 @@ def measure(a, data: Path) -> dict:
 
     import train_text_to_image_lora as t2i
     from sdlora.training.config import check
+    from sdlora.training.hooks import Hooks
     from sdlora.training.loop import train
 
     lines = []
@@ -44,7 +45,7 @@ def measure(a, data: Path) -> dict:
     config = check(args)
     recipe = t2i.make_recipe(args, config)
     times = []
-    train(config, recipe, on_step=lambda step, logs: times.append(logs["s_per_step"]))
+    train(config, recipe, Hooks(on_step=lambda step, logs: times.append(logs["s_per_step"])))
     px = [b[0] * b[1] for b in (recipe.data.buckets[r] for r in recipe.data.used_rows())]
     log = "\n".join(lines)
     kept = re.search(r"([\d.]+)% of each image's area kept", log)
