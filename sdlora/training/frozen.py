@@ -19,6 +19,7 @@ log = logging.getLogger("sdlora")
 
 @dataclass
 class Frozen:
+    """The models a run does not train, and whether caching released the VAE / text encoders."""
     tokenizers: list  # one per text encoder, in conditioning order
     noise_scheduler: object
     # "text_encoder"[, "text_encoder_2"] -> the frozen encoder (None once released on CPU, or when trained)

@@ -14,10 +14,12 @@ import torch
 from .. import models, quantize
 from ..data.trainset import StreamSampler, TrainSet, loader
 from ..lora import adalora
-from . import checkpoint, conditioning, diskcache, frozen, heldout, interrupt, manifest, resume, trainable
+from . import checkpoint, conditioning, diskcache, heldout, interrupt, manifest, resume, trainable
 from .caches import Caches, all_captions
 from .caches import plan as cache_plan
 from .config import TrainConfig
+from .frozen import Frozen
+from .frozen import load as load_frozen
 from .hooks import Hooks
 from .run import Recipe, Run
 
@@ -49,23 +51,23 @@ def setup(config: TrainConfig, recipe: Recipe, hooks: Hooks | None = None) -> Ru
     accelerator, weight_dtype = make_accelerator(config)
     plan = plan_run(config, recipe, accelerator)
     mark("load text encoders and VAE")
-    models_ = frozen.load(config, accelerator.device, weight_dtype, accelerator.is_main_process)
+    frozen = load_frozen(config, accelerator.device, weight_dtype, accelerator.is_main_process)
     mark("cache")
-    caches, held = build_caches(config, recipe, accelerator, models_, plan.seed)
+    caches, held = build_caches(config, recipe, accelerator, frozen, plan.seed)
     mark("load UNet")
     unet = load_unet(config, accelerator, weight_dtype)
-    trained = trainable.build(config, accelerator, unet, models_.text_encoders, plan.lr, plan.max_steps)
-    models_.text_encoders = {n: None if n in trained.parts else te for n, te in models_.text_encoders.items()}
+    trained = trainable.build(config, accelerator, unet, frozen.text_encoders, plan.lr, plan.max_steps)
+    frozen.text_encoders = {n: None if n in trained.parts else te for n, te in frozen.text_encoders.items()}
     if hooks and hooks.on_trainable:
         hooks.on_trainable(trained.parts)
     best = resume_state(plan, trained, accelerator)
     start_logging(config, recipe, accelerator, trained, weight_dtype, plan)
-    batches = loader(recipe.data, plan.seed, plan.sampler, pixels=not models_.latents_cached,
-                     workers=0 if models_.latents_cached else config.dataloader_num_workers)
+    batches = loader(recipe.data, plan.seed, plan.sampler, pixels=not frozen.latents_cached,
+                     workers=0 if frozen.latents_cached else config.dataloader_num_workers)
     for c in trained.parts.values():
         c.module.train()
     return Run(config=config, recipe=recipe, accelerator=accelerator, seed=plan.seed, settings=plan.settings,
-               weight_dtype=weight_dtype, frozen=models_, caches=caches, parts=trained.parts,
+               weight_dtype=weight_dtype, frozen=frozen, caches=caches, parts=trained.parts,
                optimizer=trained.optimizer, lr_scheduler=trained.lr_scheduler, sampler=plan.sampler,
                batches=iter(batches), max_steps=plan.max_steps, num_epochs=plan.num_epochs, step=plan.step,
                heldout_cache=held, best_val_loss=best)
@@ -123,12 +125,12 @@ def plan_run(config: TrainConfig, recipe: Recipe, accelerator) -> Plan:
     return Plan(ckpt, seed, step, sampler, max_steps, num_epochs, lr, settings)
 
 
-def build_caches(config: TrainConfig, recipe: Recipe, accelerator, models_: frozen.Frozen, seed: int):
+def build_caches(config: TrainConfig, recipe: Recipe, accelerator, frozen: Frozen, seed: int):
     """Encode once (latents, text embeddings, the held-out images), then the VAE / text encoders leave the
     training device. Returns (the caches, the held-out images' latents or None)."""
     main, device, data = accelerator.is_main_process, accelerator.device, recipe.data
     caches, (cache_latents, cache_text, why_not) = Caches(), cache_plan(config, data)
-    vae, vae_dtype = models_.vae, models_.vae_dtype
+    vae, vae_dtype = frozen.vae, frozen.vae_dtype
     store = diskcache.LatentStore(config.latents_cache_dir, diskcache.vae_id(vae)) \
         if cache_latents and config.cache_latents_to_disk else None
     # On disk, the main process encodes first and the others find its entries.
@@ -137,17 +139,17 @@ def build_caches(config: TrainConfig, recipe: Recipe, accelerator, models_: froz
             caches.build_latents(data, seed, vae, device, vae_dtype, config.train_batch_size, main, store)
     held = recipe.heldout and heldout.encode(recipe.heldout, vae, device, vae_dtype, config.train_batch_size)
     if cache_latents:
-        models_.vae, models_.latents_cached = models.release(vae, device), True
+        frozen.vae, frozen.latents_cached = models.release(vae, device), True
     if cache_text:
-        tes, tokenizers = list(models_.text_encoders.values()), models_.tokenizers
+        tes, tokenizers = list(frozen.text_encoders.values()), frozen.tokenizers
         caches.build_embeds(all_captions(data) + (heldout.captions(recipe.heldout) if held else []),
                             lambda texts: conditioning.encode(tes, tokenizers, texts, recipe.max_length,
                                                               recipe.use_attention_mask))
     if main:
         _log_caches(data, caches, cache_latents, cache_text, why_not, store, held)
     if cache_text:
-        models_.text_encoders = {n: models.release(te, device) for n, te in models_.text_encoders.items()}
-        models_.text_cached = True
+        frozen.text_encoders = {n: models.release(te, device) for n, te in frozen.text_encoders.items()}
+        frozen.text_cached = True
     return caches, held
 
 
