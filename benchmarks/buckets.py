@@ -29,6 +29,7 @@ def measure(a, data: Path) -> dict:
 
     from sdlora.recipes import text_to_image as t2i
     from sdlora.cli.flags import train_config
+    from sdlora.training.hooks import Hooks
     from sdlora.training.loop import train
 
     lines = []
@@ -44,7 +45,7 @@ def measure(a, data: Path) -> dict:
     config = train_config(args)
     recipe = t2i.make_recipe(args, config)
     times = []
-    train(config, recipe, on_step=lambda step, logs: times.append(logs["s_per_step"]))
+    train(config, recipe, Hooks(on_step=lambda step, logs: times.append(logs["s_per_step"])))
     px = [b[0] * b[1] for b in (recipe.data.buckets[r] for r in recipe.data.used_rows())]
     log = "\n".join(lines)
     kept = re.search(r"([\d.]+)% of each image's area kept", log)

@@ -36,18 +36,14 @@ def measure(a) -> dict:
 
     from sdlora import quantize
     from sdlora.training import loop
+    from sdlora.training.hooks import Hooks
 
     config, recipe, phases = trainer_run(a, ["--quantize_base", a.only] +
                                          ["--gradient_checkpointing"] * a.gradient_checkpointing)
     held, times = {}, []
-    trainable = loop._trainable
-
-    def keep(config, accelerator, unet, *rest, **kw):
-        held["unet"] = unet
-        return trainable(config, accelerator, unet, *rest, **kw)
-    loop._trainable = keep
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loop.train(config, recipe, on_step=lambda step, logs: times.append(logs["s_per_step"]))
+    loop.train(config, recipe, Hooks(on_step=lambda step, logs: times.append(logs["s_per_step"]),
+                                     on_trainable=lambda parts: held.update(unet=parts["unet"].bare)))
     unet = held["unet"]
     frozen = [t for t in unet.parameters() if not t.requires_grad]
     phases.emit(logging.makeLogRecord({"msg": "phase: end"}))  # the last phase's peak

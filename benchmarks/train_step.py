@@ -153,12 +153,13 @@ def trainer_run(a, extra: list[str]):
 
 
 def measure_trainer(a) -> dict:
+    from sdlora.training.hooks import Hooks
     from sdlora.training.loop import train
 
     config, recipe, phases = trainer_run(a, ["--gradient_checkpointing"] * a.gradient_checkpointing +
                                          ["--no_cache"] * a.no_cache + ["--compile"] * a.compile)
     times = []
-    train(config, recipe, on_step=lambda step, logs: times.append(logs["s_per_step"]))
+    train(config, recipe, Hooks(on_step=lambda step, logs: times.append(logs["s_per_step"])))
     phases.result.pop("start", None)
     phases.result.pop("done", None)
     on_cpu = torch.device(a.device).type == "cpu"

@@ -33,16 +33,17 @@ sys.path.insert(0, str(ROOT / "examples"))
 TYPES = ["lora", "dora", "loha", "lokr", "adalora"]
 TARGETS = "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_out.0,conv1,conv2"  # the quick start's
 
-# Runs the trainer in this child process and records when its phases start and its peak RSS.
+# Runs the trainer in this child process and records when its phases start (the loop's on_phase hook) and its
+# peak RSS.
 WRAP = r"""
 import atexit, json, resource, runpy, sys, time
-import sdlora.training.loop as loop
-out, marks, phase = sys.argv.pop(1), {}, loop._phase
-loop._phase = lambda name: (marks.__setitem__(name, time.perf_counter()), phase(name))  # the loop's phase marks
+from sdlora.cli.train import run
+out, marks = sys.argv.pop(1), {}
 atexit.register(lambda: open(out, "w").write(json.dumps(
     {"marks": marks, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})))
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+script = runpy.run_path(sys.argv[1])  # the recipe's parse_args and make_recipe, without running its main
+sys.exit(run(script["parse_args"](sys.argv[2:]), script["make_recipe"],
+             on_phase=lambda name: marks.setdefault(name, time.perf_counter())))
 """
 
 
@@ -104,7 +105,7 @@ def train_and_measure(kind: str, rank: int, seed: int, a, base: str) -> dict:
     return {"type": kind, "rank": rank, "seed": seed, **m,
             "file_params": sum(x.parameters() for x in lora.modules.values()),
             "file_mb": weights.stat().st_size / 1e6,
-            "s_per_step": (s["marks"]["save"] - s["marks"]["train"]) / a.steps, "peak_rss_mb": s["peak_rss_mb"]}
+            "s_per_step": (s["marks"]["saving"] - s["marks"]["training"]) / a.steps, "peak_rss_mb": s["peak_rss_mb"]}
 
 
 def main():

@@ -177,7 +177,7 @@ def test_two_runs_building_the_same_entries_at_once(tiny_model, tmp_path, data):
 
 def test_after_setup_no_latent_is_in_memory(tiny_model, tmp_path, data):
     from sdlora.cli.flags import train_config
-    from sdlora.training.loop import setup
+    from sdlora.training.setup import setup
 
     def tensors(obj, seen=()):
         if isinstance(obj, torch.Tensor):

@@ -9,6 +9,7 @@ from sdlora.recipes import text_to_image as t2i
 from sdlora import quantize
 from sdlora.lora import formats
 from sdlora.training import loop
+from sdlora.training.hooks import Hooks
 
 bnb = pytest.importorskip("bitsandbytes", reason="--quantize_base needs bitsandbytes: pip install -e \".[test,bnb]\" (CI runs these tests in a step of its own)")
 if not torch.cuda.is_available() and not quantize.has_avx2():
@@ -20,15 +21,11 @@ def _train(tiny_model, out, data, monkeypatch, **over):
     from sdlora.cli.flags import train_config
 
     held, losses = {}, []
-    trainable = loop._trainable
-
-    def keep(config, accelerator, unet, *a, **k):
-        held["unet"] = unet
-        return trainable(config, accelerator, unet, *a, **k)
-    monkeypatch.setattr(loop, "_trainable", keep)
+    hooks = Hooks(on_step=lambda step, logs: losses.append(logs["loss"]),
+                  on_trainable=lambda parts: held.update(unet=parts["unet"].bare))
     args = t2i.parse_args(fast_flags(tiny_model, out, train_data_dir=data, **over))
     config = train_config(args)
-    path = loop.train(config, t2i.make_recipe(args, config), on_step=lambda step, logs: losses.append(logs["loss"]))
+    path = loop.train(config, t2i.make_recipe(args, config), hooks)
     return path, held["unet"], losses
 
 

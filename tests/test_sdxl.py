@@ -270,12 +270,12 @@ def test_samples_decode_in_the_vaes_own_dtype_under_autocast(sdxl_model):
     """SDXL's VAE stays fp32 under fp16; the sampler's autocast must not run its decode in half precision."""
     from diffusers import AutoencoderKL
 
-    from sdlora.training.validation import _decode_in_vae_dtype
+    from sdlora.training.validation import decode_in_vae_dtype
 
     vae = AutoencoderKL.from_pretrained(str(sdxl_model), subfolder="vae")
     z = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
     want = vae.decode(z.float()).sample
-    with torch.autocast("cpu", dtype=torch.bfloat16), _decode_in_vae_dtype(vae, "cpu"):
+    with torch.autocast("cpu", dtype=torch.bfloat16), decode_in_vae_dtype(vae, "cpu"):
         got = vae.decode(z).sample
     assert got.dtype == torch.float32 and torch.equal(got, want)
     assert "decode" not in vars(vae)  # the class's own method again afterwards
@@ -302,10 +302,10 @@ def test_resume_refuses_a_flag_the_checkpoint_ran_without():
     import pytest
 
     from sdlora.errors import UserError
-    from sdlora.training.loop import _check_resume
+    from sdlora.training.resume import check
 
     ckpt = SimpleNamespace(settings={"rank": 4}, seed=0, path="out/checkpoint-2")
     config = SimpleNamespace(seed=None)
-    _check_resume(config, ckpt, {"rank": 4}, main=True)
+    check(config, ckpt, {"rank": 4}, main=True)
     with pytest.raises(UserError, match="zero_terminal_snr false -> true"):
-        _check_resume(config, ckpt, {"rank": 4, "zero_terminal_snr": True}, main=True)
+        check(config, ckpt, {"rank": 4, "zero_terminal_snr": True}, main=True)

@@ -69,6 +69,7 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
     """
     from ..output import hub
     from ..training import interrupt, outdir
+    from ..training.hooks import Hooks
     from ..training.loop import train
 
     token = hub.resolve_token(args.hub_token)
@@ -82,7 +83,7 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
             recipe = make_recipe(args, config)
             if on_start:
                 on_start(config, recipe)
-            path = train(config, recipe, **dict(hooks, should_stop=signals.polled(hooks.get("should_stop"))))
+            path = train(config, recipe, Hooks(**dict(hooks, should_stop=signals.polled(hooks.get("should_stop")))))
             if signals.signum:
                 return _interrupted(signals, config)
             if path is not None and config.push_to_hub:

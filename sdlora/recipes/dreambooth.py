@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..models import fast_precision, torch_dtype
 from ..training import interrupt
 from ..training.config import TrainConfig
-from ..training.loop import Recipe
+from ..training.run import Recipe
 from ..training.manifest import Manifest
 
 log = logging.getLogger("sdlora")

@@ -22,7 +22,7 @@ from ..data.sources import Row, dataset_label, rows_from_datasets, rows_from_fol
 from ..data.trainset import TrainSet, heldout_set
 from ..errors import UserError
 from ..training.config import TrainConfig
-from ..training.loop import Recipe
+from ..training.run import Recipe
 
 SCRIPT = "train_text_to_image_lora"  # the top-level script that runs `main` (the UI names runs by it)
 DATA_FLAG = "--train_data_dir"

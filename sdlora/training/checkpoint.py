@@ -121,38 +121,11 @@ def read(path: Path, components: list[str]) -> Checkpoint:
     from safetensors.torch import load_file
 
     state_file = path / "state.json"
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{state_file}: unreadable ({type(e).__name__}); the checkpoint is damaged — resume from "
-                        "another checkpoint-N or delete this one") from None
-    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or state["global_step"] < 0 \
-            or not isinstance(state.get("seed"), int) or not isinstance(state.get("settings", {}), dict):
-        raise UserError(f"{state_file}: missing or malformed global_step/seed/settings; the checkpoint is damaged — "
-                        "resume from another checkpoint-N or delete this one")
+    state = _read_state(state_file)
     settings = state.get("settings")
     if settings is None:
         settings = {k: state[k] for k in _OLD_KEYS if k in state}
-    rank = settings.get("rank")
-
-    lora = {}
-    for name in components:
-        f = path / f"{name}_lora.safetensors"
-        if not f.is_file():
-            raise UserError(f"{path}: has no {f.name}; it was saved with different --train_text_encoder settings")
-        try:
-            sd = load_file(str(f))
-        except Exception as e:  # truncated, garbage header, …
-            raise UserError(f"{f}: unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
-                            "the checkpoint is damaged — resume from another checkpoint-N or delete this one") from None
-        for k, v in sd.items():
-            dims = (1, 4) if "lora_magnitude_vector" in k else (2, 4)  # DoRA magnitudes: [out], conv [1, out, 1, 1]
-            if not v.is_floating_point() or v.dim() not in dims or not torch.isfinite(v).all():
-                raise UserError(f"{f}: tensor {k} is not a finite LoRA weight; the checkpoint is damaged")
-            if rank is not None and "lora_A" in k and v.shape[0] != rank and settings.get("lora_type") != "adalora":
-                raise UserError(f"{f}: LoRA rank {v.shape[0]} but {state_file.name} says rank {rank}; "
-                                "the checkpoint is damaged or mixed from two runs")
-        lora[name] = sd
+    lora = {name: _read_lora(path, name, settings, state_file) for name in components}
     extra = {}
     for name in components:
         f = path / f"{name}_adalora.safetensors"
@@ -162,6 +135,52 @@ def read(path: Path, components: list[str]) -> Checkpoint:
             except Exception as e:
                 raise UserError(f"{f}: unreadable ({type(e).__name__}); the checkpoint is damaged — resume from "
                                 "another checkpoint-N or delete this one") from None
+    blobs = _read_states(path)
+    best = state.get("best_val_loss")
+    best = best if isinstance(best, list) and len(best) == 2 and all(isinstance(v, (int, float)) for v in best) else None
+    return Checkpoint(path, state["global_step"], state["seed"], settings, lora,
+                      blobs["optimizer.pt"], blobs["scheduler.pt"], blobs["scaler.pt"], best, extra)
+
+
+def _read_state(state_file: Path) -> dict:
+    """state.json: the step, the seed and the settings of the run that wrote it, checked for their types."""
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{state_file}: unreadable ({type(e).__name__}); the checkpoint is damaged — resume from "
+                        "another checkpoint-N or delete this one") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or state["global_step"] < 0 \
+            or not isinstance(state.get("seed"), int) or not isinstance(state.get("settings", {}), dict):
+        raise UserError(f"{state_file}: missing or malformed global_step/seed/settings; the checkpoint is damaged — "
+                        "resume from another checkpoint-N or delete this one")
+    return state
+
+
+def _read_lora(path: Path, name: str, settings: dict, state_file: Path) -> dict:
+    """One trained model's LoRA weights: finite float tensors of the recorded rank."""
+    from safetensors.torch import load_file
+
+    rank = settings.get("rank")
+    f = path / f"{name}_lora.safetensors"
+    if not f.is_file():
+        raise UserError(f"{path}: has no {f.name}; it was saved with different --train_text_encoder settings")
+    try:
+        sd = load_file(str(f))
+    except Exception as e:  # truncated, garbage header, …
+        raise UserError(f"{f}: unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+                        "the checkpoint is damaged — resume from another checkpoint-N or delete this one") from None
+    for k, v in sd.items():
+        dims = (1, 4) if "lora_magnitude_vector" in k else (2, 4)  # DoRA magnitudes: [out], conv [1, out, 1, 1]
+        if not v.is_floating_point() or v.dim() not in dims or not torch.isfinite(v).all():
+            raise UserError(f"{f}: tensor {k} is not a finite LoRA weight; the checkpoint is damaged")
+        if rank is not None and "lora_A" in k and v.shape[0] != rank and settings.get("lora_type") != "adalora":
+            raise UserError(f"{f}: LoRA rank {v.shape[0]} but {state_file.name} says rank {rank}; "
+                            "the checkpoint is damaged or mixed from two runs")
+    return sd
+
+
+def _read_states(path: Path) -> dict:
+    """{"optimizer.pt", "scheduler.pt", "scaler.pt" (None without one): the saved state dict}."""
     blobs = {}
     for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
         f = path / name
@@ -175,10 +194,7 @@ def read(path: Path, components: list[str]) -> Checkpoint:
                             "another checkpoint-N or delete this one") from None
         if not isinstance(blobs[name], dict):
             raise UserError(f"{f}: not a saved state; the checkpoint is damaged")
-    best = state.get("best_val_loss")
-    best = best if isinstance(best, list) and len(best) == 2 and all(isinstance(v, (int, float)) for v in best) else None
-    return Checkpoint(path, state["global_step"], state["seed"], settings, lora,
-                      blobs["optimizer.pt"], blobs["scheduler.pt"], blobs["scaler.pt"], best, extra)
+    return blobs
 
 
 def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:

@@ -27,17 +27,17 @@ def captions(data: TrainSet) -> list[str]:
 
 
 @torch.no_grad()
-def loss(run, predict) -> float:
-    """Mean validation loss of the current LoRA; `predict(lat, noise, t, captions, geometry, mask)` is the training
-    step's per-sample loss, given the bare (un-wrapped) models. Main process only."""
-    data, cache, device = run.recipe.heldout, run.heldout_cache, run.accelerator.device
-    num = run.noise_scheduler.config.num_train_timesteps
-    t = torch.tensor([int((k + 0.5) * num / TIMESTEPS) for k in range(TIMESTEPS)], device=device)
+def loss(data: TrainSet, cache: Caches, predict, num_train_timesteps: int, vae_scale: float, device,
+         parts: dict) -> float:
+    """Mean validation loss of the current LoRA over `data`'s held-out images (their latents in `cache`);
+    `predict(lat, noise, t, captions, geometry, mask)` is the training step's per-sample loss, given the bare
+    (un-wrapped) models; `parts`: the trained models, put in eval mode meanwhile. Main process only."""
+    t = torch.tensor([int((k + 0.5) * num_train_timesteps / TIMESTEPS) for k in range(TIMESTEPS)], device=device)
     caps, total = captions(data), []
-    with eval_mode(run):
+    with eval_mode(parts):
         for r in data.used_rows():
             post, mask = cache.latent_batch([r])
-            lat = (post.chunk(2, dim=1)[0] * run.vae_scale).repeat(TIMESTEPS, 1, 1, 1).to(device)
+            lat = (post.chunk(2, dim=1)[0] * vae_scale).repeat(TIMESTEPS, 1, 1, 1).to(device)
             noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(r)).to(device)
             mask = None if mask is None else mask.repeat(TIMESTEPS, 1, 1, 1).to(device)
             geometry = torch.tensor([data.layout(r, 0, 0).geometry()]).repeat(TIMESTEPS, 1)

@@ -15,7 +15,7 @@ from ..io import png_bytes, write_bytes
 from ..output import weights
 from .config import TrainConfig
 from .manifest import Manifest
-from .validation import sampling
+from .validation import Sampling, sampling
 
 log = logging.getLogger("sdlora")
 SCHEDULER = "dpm++"  # what `pipeline.assemble` samples with, under `sdlora generate`'s name for it
@@ -36,20 +36,13 @@ def due(config: TrainConfig, step: int, epochs_before: int, epochs: int, last: b
     return by_steps or by_epochs
 
 
-def take(run):
-    """One round on the main process; the others wait for it."""
-    if run.main:
-        write_round(run)
-    run.accelerator.wait_for_everyone()
-
-
-def write_round(run) -> list[Path]:
-    """Sample every prompt at the current step; returns the PNGs written, the grid last."""
-    c, step = run.config, run.step
+def write_round(s: Sampling, step: int) -> list[Path]:
+    """Sample every prompt at the current step; returns the PNGs written, the grid last. Main process only."""
+    c = s.config
     out = Path(c.output_dir) / "samples"
     log.info("sampling %d prompt(s) from %s at step %d", len(c.sample_prompts), c.sample_prompts_file, step)
-    seeds = [p.seed if p.seed is not None else run.seed + i for i, p in enumerate(c.sample_prompts)]
-    with sampling(run) as (pipe, encode):
+    seeds = [p.seed if p.seed is not None else s.seed + i for i, p in enumerate(c.sample_prompts)]
+    with sampling(s) as (pipe, encode):
         images = [pipeline.sample(pipe, [p.prompt], [seed], p.steps, p.guidance, batch=1, encode=encode,
                                   width=p.width, height=p.height, negative_prompts=[p.negative])[0]
                   for p, seed in zip(c.sample_prompts, seeds)]
@@ -65,7 +58,7 @@ def write_round(run) -> list[Path]:
         write_bytes(paths[-1], png_bytes(img, pipeline.png_info(params)))
     paths.append(out / f"step{step:06d}_grid.png")
     write_bytes(paths[-1], png_bytes(pipeline.grid(images)))
-    for tracker in run.accelerator.trackers:
+    for tracker in s.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
 

@@ -85,10 +85,10 @@ def main(argv=None) -> int:
 
 
 def planned_steps(config, data) -> int:
-    """The optimizer steps the run will make (`loop.total_steps` over one process's batches, as the UI runs it),
+    """The optimizer steps the run will make (`setup.total_steps` over one process's batches, as the UI runs it),
     known before any model loads."""
     from ..data.trainset import StreamSampler
-    from ..training.loop import total_steps
+    from ..training.setup import total_steps
 
     if config.max_train_steps:
         return config.max_train_steps

@@ -1,0 +1,128 @@
+"""What a finished run records about itself: `RunSummary`, the one source of the model card's facts and the
+LoRA files' safetensors header (output/modelcard.py and output/weights.py read `RunSummary.facts()`)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .. import models
+from ..data.trainset import TrainSet
+from ..lora import inject
+from .run import Recipe, Run
+
+log = logging.getLogger("sdlora")
+
+
+@dataclass
+class RunSummary:
+    """The facts of a finished run, each under the name the card and the header read it by (None: not shown)."""
+    base_model: str  # a Hub id, or a local folder's name when pushing (a card must not carry a local path)
+    base_model_in_front_matter: bool
+    base_is_local: bool
+    kind: str  # "text-to-image" or "dreambooth"
+    rank: int  # as the file records them (inject.file_rank_alpha)
+    alpha: float
+    rslora: bool | None
+    lora_type: str
+    init: str | None  # a non-default --init_lora_weights
+    target_modules: list
+    train_text_encoder: bool
+    steps: int
+    epochs: int
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    lr_scheduler: str
+    resolution: int
+    mixed_precision: str
+    save_precision: str
+    seed: int
+    dataset: str
+    num_images: int
+    samples: list  # [{"prompt", "path"}] of the latest validation images
+    repo_id: str | None
+    extra_tags: list
+    example_prompt: str | None
+    trigger_phrase: str | None
+    title: str
+    kohya_file: str
+    architecture: str
+    prediction_type: str
+    family: str
+    buckets: str | None
+    masked_loss: bool | None
+    caption_ops: str | None
+    dataset_dirs: dict | None
+    repeat_folders: str | None
+    vae: str | None
+    zero_terminal_snr: bool | None
+    quantize_base: str | None
+    best_val_loss: str | None
+
+    def facts(self) -> dict:
+        """The summary as the {name: value} the model card and the header take."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def summarize(run: Run, kohya_file: str) -> RunSummary:
+    """The summary of `run` as it ends (main process)."""
+    c, recipe, data = run.config, run.recipe, run.recipe.data
+    base = c.base_name
+    # The Hub validates base_model as a repo id, and a pushed card or header must not carry a local path.
+    local_base = Path(base).expanduser().exists() and base not in models.BUNDLED
+    if c.push_to_hub and local_base:
+        log.warning("model card: base_model left out of the front matter (%s is a local path, not a Hub id)", base)
+        base = Path(base).expanduser().resolve().name
+    prediction = run.frozen.noise_scheduler.config.prediction_type
+    repeated = sum(r.repeats > 1 for r in data.rows)
+    rank, alpha = inject.file_rank_alpha(c.rank, c.lora_alpha, c.use_rslora, c.init_lora_weights != "gaussian")
+    return RunSummary(
+        base_model=base, base_model_in_front_matter=not (c.push_to_hub and local_base), base_is_local=local_base,
+        kind=recipe.kind, rank=rank, alpha=alpha, rslora=c.use_rslora or None, lora_type=c.lora_type,
+        init=c.init_lora_weights if c.init_lora_weights != "gaussian" else None,
+        target_modules=list(c.target_modules), train_text_encoder=c.train_text_encoder, steps=run.step,
+        epochs=run.num_epochs, train_batch_size=c.train_batch_size,
+        gradient_accumulation_steps=c.gradient_accumulation_steps, learning_rate=c.learning_rate,
+        lr_scheduler=c.lr_scheduler, resolution=c.resolution, mixed_precision=run.accelerator.mixed_precision,
+        save_precision=c.save_precision, seed=run.seed, dataset=recipe.dataset_desc, num_images=len(data.rows),
+        samples=run.samples, repo_id=c.hub_model_id if c.push_to_hub else None, extra_tags=recipe.extra_tags,
+        example_prompt=c.validation_prompt or recipe.trigger_phrase, trigger_phrase=recipe.trigger_phrase,
+        title=c.output_dir.resolve().name, kohya_file=kohya_file,
+        architecture=models.architecture(run.parts["unet"].bare.config, prediction, c.family),
+        prediction_type=prediction, family=models.describe(c.family, prediction),
+        buckets=_bucket_summary(data), masked_loss=c.masked_loss or None,
+        caption_ops=data.caption_ops.describe() if data.caption_ops else None, dataset_dirs=_dataset_dirs(recipe),
+        repeat_folders=repeated and f"{repeated} images in N_name folders ({len(data)} examples per epoch)",
+        vae=c.pretrained_vae_model_name_or_path and _public_name(c.pretrained_vae_model_name_or_path),
+        zero_terminal_snr=c.zero_terminal_snr or None,
+        quantize_base=c.quantize_base if c.quantize_base != "none" else None,
+        best_val_loss=(f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
+                       f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
+    )
+
+
+def _public_name(model: str) -> str:
+    """A Hub id as given; a local folder by its name (a card or header must not carry a local path)."""
+    return Path(model).expanduser().resolve().name if Path(model).expanduser().exists() else model
+
+
+def _bucket_summary(data: TrainSet) -> str | None:
+    """The model card's line on buckets; None (no line) when every image trained at the square size."""
+    counts = data.bucket_report()[0]
+    if not data.bucketing.enabled or list(counts) in ([], [(data.resolution, data.resolution)]):
+        return None
+    return ", ".join(f"{w}x{h} ({n})" for (w, h), n in counts.items())
+
+
+def _dataset_dirs(recipe: Recipe) -> dict | None:
+    """kohya's ss_dataset_dirs with each N_name folder and its repeats (None, the one-folder form, without any)."""
+    rows = [r for r, g in zip(recipe.data.rows, recipe.data.groups) if g == 0]
+    if all(r.repeats == 1 for r in rows):
+        return None
+    dirs: dict = {}
+    for r in rows:
+        d = dirs.setdefault(r.repeat_folder if r.repeats > 1 else recipe.dataset_desc,
+                            {"n_repeats": r.repeats, "img_count": 0})
+        d["img_count"] += 1
+    return dirs
