@@ -28,7 +28,7 @@ def measure(a, data: Path) -> dict:
     import logging
 
     from sdlora.recipes import text_to_image as t2i
-    from sdlora.training.config import check
+    from sdlora.cli.flags import train_config
     from sdlora.training.loop import train
 
     lines = []
@@ -41,7 +41,7 @@ def measure(a, data: Path) -> dict:
             str(a.batch), "--max_train_steps", str(a.warmup + a.steps), "--report_to", "none", "--seed", "0",
             "--checkpointing_steps", "1000000", "--center_crop"]
     args = t2i.parse_args(argv)
-    config = check(args)
+    config = train_config(args)
     recipe = t2i.make_recipe(args, config)
     times = []
     train(config, recipe, on_step=lambda step, logs: times.append(logs["s_per_step"]))

@@ -131,7 +131,7 @@ def trainer_run(a, extra: list[str]):
     from sdlora.recipes import text_to_image as t2i
     from PIL import Image
 
-    from sdlora.training.config import check
+    from sdlora.cli.flags import train_config
 
     data = Path(tempfile.mkdtemp(prefix="bench-data-"))
     g = torch.Generator().manual_seed(0)
@@ -144,7 +144,7 @@ def trainer_run(a, extra: list[str]):
             str(a.batch), "--max_train_steps", str(a.warmup + a.steps), "--report_to", "none", "--seed", "0",
             "--checkpointing_steps", "1000000", "--mixed_precision", a.precision, "--rank", str(a.rank), *extra]
     args = t2i.parse_args(argv)
-    config = check(args)
+    config = train_config(args)
     phases = Phases()
     sdlora_log = logging.getLogger("sdlora")
     sdlora_log.addHandler(phases)

@@ -174,11 +174,11 @@ def test_the_bundled_model_trains_at_its_own_32px_and_logs_the_plan_and_pace(tmp
 
 
 def test_a_resolution_far_above_the_bases_own_is_warned(tmp_path, caplog):
-    from sdlora.training.config import check
+    from sdlora.cli.flags import train_config
 
     data = make_images(tmp_path / "d", n=1)
     with caplog.at_level(logging.WARNING, "sdlora"):
-        assert check(t2i.parse_args(fast_flags("sdlora-tiny", tmp_path / "o", train_data_dir=data,
+        assert train_config(t2i.parse_args(fast_flags("sdlora-tiny", tmp_path / "o", train_data_dir=data,
                                                resolution=512))).resolution == 512
     assert "--resolution 512 is 16x this base's own size (32 px" in caplog.text
 

@@ -134,7 +134,7 @@ def test_warning_is_logged_by_the_script(tiny_model, tmp_path, capsys, no_model_
 
 
 def test_instance_captions_give_each_photo_its_own_prompt(tiny_model, tmp_path, caplog):
-    from sdlora.training.config import check
+    from sdlora.cli.flags import train_config
 
     inst = make_images(tmp_path / "inst", n=3)  # kohya .txt captions without the identifier
     (inst / "img0.txt").write_text("a photo of sks square on a blue background")
@@ -142,7 +142,7 @@ def test_instance_captions_give_each_photo_its_own_prompt(tiny_model, tmp_path, 
 
     def captions(**over):
         args = db.parse_args(_flags(tiny_model, tmp_path / "o", inst, with_prior_preservation=False, **over))
-        return sorted(r.caption for r in db.make_recipe(args, check(args)).data.rows)
+        return sorted(r.caption for r in db.make_recipe(args, train_config(args)).data.rows)
 
     assert captions() == ["a photo of sks square"] * 3  # diffusers' behaviour: captions ignored
     with caplog.at_level("WARNING", logger="sdlora"):

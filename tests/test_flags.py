@@ -86,3 +86,72 @@ def test_sdlora_cli_refuses_abbreviations_in_one_line(capsys):
     assert _usage_error(capsys, main, ["train", "text-to-image", *T2I_NEEDS, "--learning_rat", "1"]).startswith(
         "error: unrecognized argument --learning_rat; did you mean --learning_rate?")
     assert "invalid choice: 'inspekt'" in _usage_error(capsys, main, ["inspekt", "x.safetensors"])
+
+
+@pytest.mark.parametrize("recipe", [t2i, db])
+def test_every_flag_has_help(recipe):
+    """Each flag says what it does in --help (a setting's help is declared beside its default)."""
+    bare = [a.option_strings[0] for a in recipe.parser()._actions if a.option_strings and not (a.help or "").strip()]
+    assert not bare, bare
+
+
+def _defaults_of_settings(tree, settings: dict) -> list[tuple[str, bool]]:
+    """(flag, same as the declared default) for each `add_argument("--x", default=...)` whose flag is a TrainConfig
+    setting's (`settings`: flag -> declared default)."""
+    import ast
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            flags = [a.value.lstrip("-") for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            dest = next((getattr(k.value, "value", None) for k in node.keywords if k.arg == "dest"),
+                        flags[0] if flags else None)
+            default = next((k.value for k in node.keywords if k.arg == "default"), None)
+            if dest in settings and default is not None:
+                same = isinstance(default, ast.Constant) and default.value == settings[dest]
+                found.append((dest, same))
+    return found
+
+
+def test_no_flag_repeats_a_settings_default():
+    """A TrainConfig setting's default is declared once, in the field; the recipes' flags are made from it
+    (cli/flags.py), and no other command repeats it."""
+    import ast
+    from dataclasses import fields
+    from pathlib import Path
+
+    from sdlora.training.config import TrainConfig, flag_name
+
+    root = Path(__file__).resolve().parents[1]
+    settings = {flag_name(f): f.default for f in fields(TrainConfig) if flag_name(f)}
+    training = [*root.joinpath("sdlora/recipes").glob("*.py"), *root.glob("train_*.py"),
+                *(root / "sdlora/cli" / f for f in ("flags.py", "run.py", "train.py"))]
+    repeated = {}
+    for p in [*root.joinpath("sdlora").rglob("*.py"), *root.glob("train_*.py")]:
+        found = _defaults_of_settings(ast.parse(p.read_text()), settings)
+        if bad := [d for d, same in found if same or p in training]:
+            repeated[str(p.relative_to(root))] = bad
+    assert not repeated, repeated
+
+
+@pytest.mark.parametrize("recipe", [t2i, db])
+def test_recipe_defaults_change_a_setting(recipe):
+    """A recipe's DEFAULTS name settings and differ from their declared defaults (never a second copy of one)."""
+    from sdlora.training.config import default_of
+
+    same = {k: v for k, v in recipe.DEFAULTS.items() if default_of(k) == v}
+    assert not same, same
+    parsed = recipe.parser().parse_args(T2I_NEEDS if recipe is t2i else DB_NEEDS)
+    assert all(getattr(parsed, k) == v for k, v in recipe.DEFAULTS.items())
+
+
+def test_settings_are_tagged_for_resume_card_and_header():
+    """The settings a checkpoint, the model card and the file header record are listed from the declaration."""
+    from sdlora.training.config import MUST_MATCH, OPTIONAL, fields_tagged
+
+    resume = fields_tagged("resume")
+    assert {k for k, v in resume.items() if v == OPTIONAL} == \
+        {"pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder", "quantize_base"}
+    assert {"rank", "learning_rate", "resolution", "bucketing"} <= {k for k, v in resume.items() if v == MUST_MATCH}
+    assert fields_tagged("header")["rank"] == "ss_network_dim"
+    assert fields_tagged("card")["lr_scheduler"] == "LR scheduler"

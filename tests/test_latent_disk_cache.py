@@ -176,7 +176,7 @@ def test_two_runs_building_the_same_entries_at_once(tiny_model, tmp_path, data):
 
 
 def test_after_setup_no_latent_is_in_memory(tiny_model, tmp_path, data):
-    from sdlora.training.config import check
+    from sdlora.cli.flags import train_config
     from sdlora.training.loop import setup
 
     def tensors(obj, seen=()):
@@ -190,7 +190,7 @@ def test_after_setup_no_latent_is_in_memory(tiny_model, tmp_path, data):
 
     def caches(out, **over):
         args = t2i.parse_args(fast_flags(tiny_model, out, train_data_dir=data, **over))
-        config = check(args)
+        config = train_config(args)
         return setup(config, t2i.make_recipe(args, config)).caches
     ram = caches(tmp_path / "ram")
     disk = caches(tmp_path / "disk", cache_latents_to_disk=True, latents_cache_dir=tmp_path / "cache")

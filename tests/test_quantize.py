@@ -17,7 +17,7 @@ if not torch.cuda.is_available() and not quantize.has_avx2():
 
 def _train(tiny_model, out, data, monkeypatch, **over):
     """An in-process run; returns (weights file, the trained UNet as the loop held it, each step's loss)."""
-    from sdlora.training.config import check
+    from sdlora.cli.flags import train_config
 
     held, losses = {}, []
     trainable = loop._trainable
@@ -27,7 +27,7 @@ def _train(tiny_model, out, data, monkeypatch, **over):
         return trainable(config, accelerator, unet, *a, **k)
     monkeypatch.setattr(loop, "_trainable", keep)
     args = t2i.parse_args(fast_flags(tiny_model, out, train_data_dir=data, **over))
-    config = check(args)
+    config = train_config(args)
     path = loop.train(config, t2i.make_recipe(args, config), on_step=lambda step, logs: losses.append(logs["loss"]))
     return path, held["unet"], losses
 

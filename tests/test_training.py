@@ -178,7 +178,7 @@ def test_compile_trains_the_same_lora(tiny_model, tmp_path, monkeypatch):
     import torch._dynamo
 
     from sdlora.recipes import text_to_image as t2i
-    from sdlora.training.config import check
+    from sdlora.cli.flags import train_config
     from sdlora.training.loop import train
 
     data = make_images(tmp_path / "d", n=4)
@@ -190,7 +190,7 @@ def test_compile_trains_the_same_lora(tiny_model, tmp_path, monkeypatch):
         argv = fast_flags(tiny_model, tmp_path / f"o{compiled}", train_data_dir=data, max_train_steps=3,
                           compile=compiled)
         args = t2i.parse_args(argv)
-        config = check(args)
+        config = train_config(args)
         out[compiled] = read_lora(train(config, t2i.make_recipe(args, config)))[0]
         assert (torch._dynamo.utils.counters["frames"]["ok"] > 0) == compiled
     assert out[True].keys() == out[False].keys()

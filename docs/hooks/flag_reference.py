@@ -6,44 +6,10 @@ Each recipe is an object with `.parser()` returning its argparse parser; `sdlora
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from sdlora.recipes import RECIPES  # each recipe module builds its own parser
 
 MARKER = "<!-- generated: flag tables -->"
-
-
-class _ScriptRecipe:
-    """Today's recipe: a top-level script whose parse_args() builds its parser and parses at once. Its parser is
-    taken at the moment it would parse (sdlora.cli.parser.Parser.parse_args is swapped out for that call)."""
-
-    def __init__(self, module: str):
-        self.module = module
-
-    def parser(self) -> argparse.ArgumentParser:
-        from sdlora.cli.parser import Parser
-
-        class Built(Exception):
-            pass
-
-        def grab(parser, *args, **kwargs):
-            raise Built(parser)
-
-        real, Parser.parse_args = Parser.parse_args, grab
-        try:
-            importlib.import_module(self.module).parse_args([])
-        except Built as built:
-            return built.args[0]
-        finally:
-            Parser.parse_args = real
-        raise RuntimeError(f"{self.module}.parse_args() built no sdlora Parser")
-
-
-def today_recipes() -> dict:
-    return {"text-to-image": _ScriptRecipe("train_text_to_image_lora"),
-            "dreambooth": _ScriptRecipe("train_dreambooth_lora")}
-
-
-# The one line to change when the recipes move: `from sdlora.recipes import RECIPES`.
-RECIPES = today_recipes()
 
 
 def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:

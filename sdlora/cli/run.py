@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from .flags import train_config
 
 
 class RedactToken(logging.Filter):
@@ -68,7 +69,6 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
     """
     from ..output import hub
     from ..training import interrupt, outdir
-    from ..training.config import check
     from ..training.loop import train
 
     token = hub.resolve_token(args.hub_token)
@@ -76,7 +76,7 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
     made = _first_missing(Path(args.output_dir)) if args.output_dir else None
     signals = interrupt.Interrupts().install()
     try:
-        config = check(args, token)
+        config = train_config(args, token)
         # One process per run holds the folder: the one that writes (rank 0 under `accelerate launch`).
         with outdir.claim(config, holder=_is_main()):
             recipe = make_recipe(args, config)

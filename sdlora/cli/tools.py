@@ -48,25 +48,25 @@ def register(sub):
         s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     s = sub.add_parser("convert", help="convert a LoRA between diffusers, kohya (A1111/ComfyUI) and peft formats")
-    s.add_argument("input")
-    s.add_argument("out")
+    s.add_argument("input", help="the LoRA file or folder to convert (any of the three layouts)")
+    s.add_argument("out", help="the file or folder to write")
     common(s, to_required=True)
     s.set_defaults(func=_convert_cli)
 
     s = sub.add_parser("extract", help="a LoRA approximating the difference between two models (plain LoRA/LoCon "
                        "layers)")
-    s.add_argument("--base", required=True)
-    s.add_argument("--tuned", required=True)
-    s.add_argument("--rank", type=int, required=True)
+    s.add_argument("--base", required=True, help="the original model (diffusers folder, Hub id or bundled name)")
+    s.add_argument("--tuned", required=True, help="the fine-tuned model of the same architecture")
+    s.add_argument("--rank", type=int, required=True, help="the LoRA's rank (higher: closer to the difference)")
     s.add_argument("--unet-only", action="store_true", help="ignore text-encoder differences")
-    s.add_argument("out")
+    s.add_argument("out", help="the LoRA file or folder to write")
     common(s, to_default="diffusers")
     s.set_defaults(func=_extract_cli)
 
     s = sub.add_parser("inspect", help="show a LoRA file's format, base, architecture, ranks and metadata")
-    s.add_argument("file")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--allow-pickle", action="store_true")
+    s.add_argument("file", help="a LoRA file or folder, or a Hub id")
+    s.add_argument("--json", action="store_true", help="print the description as JSON")
+    s.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt/.ckpt inputs (they can run code)")
     s.set_defaults(func=_inspect_cli)
 
     s = sub.add_parser("merge", help="merge weighted LoRAs into one: A[:w] B[:w] … OUT (plain LoRA/LoCon files; not "
@@ -77,18 +77,18 @@ def register(sub):
     s.set_defaults(func=_merge_cli)
 
     s = sub.add_parser("resize", help="reduce a LoRA's rank by SVD (plain LoRA/LoCon files; not DoRA, LoHa or LoKr)")
-    s.add_argument("input")
-    s.add_argument("out")
-    s.add_argument("--rank", type=int, required=True)
+    s.add_argument("input", help="the LoRA file or folder to resize")
+    s.add_argument("out", help="the file or folder to write")
+    s.add_argument("--rank", type=int, required=True, help="the new rank (at most the file's)")
     common(s)
     s.set_defaults(func=_resize_cli)
 
     s = sub.add_parser("make-tiny", help="write a pipeline with random weights: tiny SD1.x/2.x/XL layouts for "
                                          "tests, or SD 1.5's / SDXL's real architecture for benchmarks")
-    s.add_argument("dir")
+    s.add_argument("dir", help="the folder to write the pipeline to")
     s.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sd2-tiny", "sdxl-tiny", "sdxl"],
                    help="tiny: SD 1.x layout (default); sd15: SD 1.5's configs (~4 GB); sd2-tiny: SD 2.x layout, "
                         "v-prediction; sdxl-tiny: SDXL layout (two text encoders); sdxl: SDXL base 1.0's "
                         "configs (~13.5 GB in fp32)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="the random weights' seed")
     s.set_defaults(func=_make_tiny_cli)

@@ -16,7 +16,7 @@ def register(sub):
     s = sub.add_parser("ui", help="a local web UI: train, generate, LoRA tools (needs pip install \"sdlora[ui]\")")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only); any other needs --auth")
-    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--port", type=int, default=7860, help="the port to serve on")
     s.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (visible to other users in `ps`; "
                    "prefer --auth-file)")
     s.add_argument("--auth-file", metavar="FILE", help="a file with USER:PASSWORD lines, each a login")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,14 +18,24 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 
+def _flag(default, flag: str, help: str):
+    """A field that is the flag --`flag` (sdlora/cli/flags.py makes it from this default and help)."""
+    return field(default=default, metadata={"flag": flag, "help": help})
+
+
 @dataclass(frozen=True)
 class CaptionOps:
-    shuffle: bool = False
-    keep_tokens: int = 0  # leading tags that stay in place (ignored where keep_tokens_separator splits the caption)
-    keep_tokens_separator: str = ""  # text before it stays fixed; after a second one, a fixed suffix
-    dropout_rate: float = 0.0  # whole caption -> ""
-    tag_dropout_rate: float = 0.0  # each flexible tag
-    separator: str = ","
+    shuffle: bool = _flag(False, "shuffle_caption", "shuffle the caption's tags every step")
+    # leading tags that stay in place (ignored where keep_tokens_separator splits the caption)
+    keep_tokens: int = _flag(0, "keep_tokens", "the first N tags stay in place (not shuffled or dropped)")
+    # text before it stays fixed; after a second one, a fixed suffix
+    keep_tokens_separator: str = _flag("", "keep_tokens_separator", "in captions that contain it, what comes before "
+                                       "it stays in place (so does what comes after a second one); e.g. '|||'")
+    dropout_rate: float = _flag(0.0, "caption_dropout_rate",  # whole caption -> ""
+                                "train on an empty caption this often, e.g. 0.05")
+    tag_dropout_rate: float = _flag(0.0, "caption_tag_dropout_rate",  # each flexible tag
+                                    "drop each tag not kept in place this often, e.g. 0.1")
+    separator: str = _flag(",", "caption_separator", "what separates tags (default: %(default)s)")
 
     @property
     def varies(self) -> bool:
@@ -73,19 +83,15 @@ class CaptionOps:
         return ", ".join(fixed + flex + suffix)
 
 
-def from_args(args) -> CaptionOps | None:
-    """The caption flags, checked (one line each); None when none of them changes a caption."""
-    for flag in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-        v = getattr(args, flag)
+def checked(ops: CaptionOps) -> CaptionOps | None:
+    """The caption settings (as the flags gave them), checked (one line each); None when none changes a caption."""
+    for flag, v in (("caption_dropout_rate", ops.dropout_rate), ("caption_tag_dropout_rate", ops.tag_dropout_rate)):
         if not 0 <= v < 1:
             raise UserError(f"--{flag} must be in [0, 1) (got {v}); e.g. 0.1 drops one in ten")
-    if args.keep_tokens < 0:
-        raise UserError(f"--keep_tokens must be >= 0 (got {args.keep_tokens}): how many leading tags stay in place")
-    if not args.caption_separator:
+    if ops.keep_tokens < 0:
+        raise UserError(f"--keep_tokens must be >= 0 (got {ops.keep_tokens}): how many leading tags stay in place")
+    if not ops.separator:
         raise UserError("--caption_separator is empty; give the text between tags, e.g. ','")
-    ops = CaptionOps(shuffle=args.shuffle_caption, keep_tokens=args.keep_tokens,
-                     keep_tokens_separator=args.keep_tokens_separator, dropout_rate=args.caption_dropout_rate,
-                     tag_dropout_rate=args.caption_tag_dropout_rate, separator=args.caption_separator)
     if (ops.keep_tokens or ops.keep_tokens_separator) and not ops.varies:
         log.warning("--keep_tokens / --keep_tokens_separator do nothing without --shuffle_caption or "
                     "--caption_tag_dropout_rate")

@@ -36,6 +36,8 @@ log = logging.getLogger("sdlora")
 
 SCRIPT = "train_dreambooth_lora"  # the top-level script that runs `main` (the UI names runs by it)
 DATA_FLAG = "--instance_data_dir"
+DEFAULTS = {"output_dir": "lora-dreambooth-model", "train_batch_size": 4, "learning_rate": 5e-4,
+            "validation_epochs": 50}  # settings whose default differs here from TrainConfig's
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,24 +58,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--caption_extension", default=".txt", help="with --instance_captions (default: %(default)s)")
     g.add_argument("--class_data_dir", default=None, help="default: <output_dir>-class-images, beside the output")
     g.add_argument("--class_prompt", default=None, help="e.g. 'a photo of a dog'")
-    g.add_argument("--with_prior_preservation", action="store_true")
-    g.add_argument("--prior_loss_weight", type=float, default=1.0)
-    g.add_argument("--num_class_images", type=int, default=100)
+    g.add_argument("--with_prior_preservation", action="store_true",
+                   help="also train on images of the class (--class_prompt), made by the base model if missing, so "
+                        "the model keeps what the class looks like")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="the class images' loss weight")
+    g.add_argument("--num_class_images", type=int, default=100,
+                   help="class images to train with; missing ones are generated")
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
     g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
                    help="default: fp16 on a GPU, bf16 on a CPU with native bf16, fp32 otherwise")
-    g.add_argument("--pre_compute_text_embeddings", action="store_true",
-                   help="encode the prompts once and release the text encoder (automatic when it is frozen)")
-    g.add_argument("--tokenizer_max_length", type=int, default=None)
-    g.add_argument("--text_encoder_use_attention_mask", action="store_true")
+    flags.add_settings(g, "pre_compute_text_embeddings", "tokenizer_max_length", "text_encoder_use_attention_mask")
     g.add_argument("--validation_images", nargs="+", default=None,
                    help="image inputs for image-conditioned pipelines; not used by SD1.x text-to-image")
     g.add_argument("--repeats", type=int, default=1,
                    help="how often each instance image appears per epoch (times its N_name folder's N)")
-    g.add_argument("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
+    flags.add_settings(g, "text_encoder_lr")
     flags.add_training_args(p)
-    p.set_defaults(output_dir="lora-dreambooth-model", train_batch_size=4, num_train_epochs=1, learning_rate=5e-4,
-                   validation_epochs=50)
+    flags.set_defaults(p, DEFAULTS)
     return p
 
 
@@ -91,7 +92,7 @@ def check_flags(args):
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise UserError("--pre_compute_text_embeddings freezes the text encoder; it can't be used with "
                         "--train_text_encoder")
-    ops = captions.from_args(args)
+    ops = flags.caption_ops(args)
     if ops and ops.varies and args.pre_compute_text_embeddings:
         raise UserError("--pre_compute_text_embeddings encodes each prompt once; it can't be used with "
                         "--shuffle_caption or --caption_tag_dropout_rate, which change the prompt every step")

@@ -26,6 +26,8 @@ from ..training.loop import Recipe
 
 SCRIPT = "train_text_to_image_lora"  # the top-level script that runs `main` (the UI names runs by it)
 DATA_FLAG = "--train_data_dir"
+# Settings whose default differs here from TrainConfig's (batch 1, its default, fits 11 GB-class GPUs at 512 px).
+DEFAULTS = {"output_dir": "sd-model-finetuned-lora", "num_train_epochs": 100}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,19 +36,20 @@ def parser() -> argparse.ArgumentParser:
     flags.add_model_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="a `datasets` id or a local dataset folder")
-    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--dataset_config_name", default=None, help="the `datasets` configuration of --dataset_name")
     g.add_argument("--train_data_dir", default=None,
                    help="folder of images with metadata.jsonl/metadata.csv, or with same-name .txt captions; "
                         "images in an N_name sub-folder count N times per epoch (kohya)")
     g.add_argument("--caption_extension", default=".txt",
                    help="the same-name caption files' extension in --train_data_dir, e.g. .caption")
-    g.add_argument("--image_column", default="image")
-    g.add_argument("--caption_column", default="text")
-    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--image_column", default="image", help="--dataset_name's image column (default: %(default)s)")
+    g.add_argument("--caption_column", default="text",
+                   help="the caption column of --dataset_name or of the folder's metadata.jsonl/.csv "
+                        "(default: %(default)s)")
+    g.add_argument("--max_train_samples", type=int, default=None, help="train on the first N images only")
     g.add_argument("--allow_empty_captions", action="store_true", help="train on images that have no caption")
     flags.add_training_args(p)
-    # Batch 1 at 512 px fits 11 GB-class GPUs (raise it, or --gradient_accumulation_steps, with more memory).
-    p.set_defaults(output_dir="sd-model-finetuned-lora", train_batch_size=1, num_train_epochs=100)
+    flags.set_defaults(p, DEFAULTS)
     return p
 
 
@@ -77,7 +80,7 @@ def rows(args: argparse.Namespace) -> list[Row]:
 
 def make_recipe(args: argparse.Namespace, config: TrainConfig) -> Recipe:
     """Text-to-image: every row is an example (N of them from an N_name folder) in the single loss group."""
-    ops = captions.from_args(args)
+    ops = flags.caption_ops(args)
     train = rows(args)
     desc = dataset_label(args.train_data_dir or args.dataset_name)
     captions.check_keep_tokens(ops, train)

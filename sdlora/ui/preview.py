@@ -10,7 +10,8 @@ from pathlib import Path
 from ..data import buckets as bucketing
 from ..data.sources import scan_folder
 from ..recipes import RECIPES
-from ..training.config import sizing
+from ..training.checks import sizing
+from ..training.config import from_flags
 
 
 @dataclass
@@ -34,7 +35,8 @@ def preview(recipe: str, args, limit: int = 24) -> Preview:
         rows = RECIPES[recipe].rows(args)
     finally:
         quiet.setLevel(level)
-    _, resolution, b = sizing(args)
+    _, resolution, b = sizing(from_flags(vars(args)),
+                              prior_preservation=bool(getattr(args, "with_prior_preservation", False)))
     table = b.table()
     sizes = [r.size for r in rows]
     assigned = [b.assign(s, table) for s in sizes]
