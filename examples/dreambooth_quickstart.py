@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import shapes  # the example data's generator and detectors (beside this script)
-from eval_prompt_following import load_base_pipeline
+from eval_prompt_following import Progress, load_base_pipeline
 from sdlora import grid, sample
 from sdlora.logs import no_progress_bars
 
@@ -96,16 +96,16 @@ def train(base: str, out: Path, a, seed: int = 0, prior: bool = True, class_dir:
     return out
 
 
-def draw(pipe, prompts, per_prompt: int, guidance: float, first_seed: int = 100):
+def draw(pipe, prompts, per_prompt: int, guidance: float, first_seed: int = 100, on_batch=None):
     """per_prompt images of each prompt, image i from seed first_seed + i: in the grid's order (prompts side by side)."""
     texts = [t for _ in range(per_prompt) for t in prompts]
     seeds = [first_seed + i for i in range(len(texts))]
-    return sample(pipe, texts, seeds, 20, guidance, batch=len(prompts) * 2)
+    return sample(pipe, texts, seeds, 20, guidance, batch=len(prompts) * 2, on_batch=on_batch)
 
 
-def draw_both(pipe, per_prompt: int, guidance: float, first_seed: int = 100):
+def draw_both(pipe, per_prompt: int, guidance: float, first_seed: int = 100, on_batch=None):
     """(subject-prompt images, class-prompt images), the same seeds for both."""
-    return [draw(pipe, ps, per_prompt, guidance, first_seed) for ps in (SUBJECT_PROMPTS, CLASS_PROMPTS)]
+    return [draw(pipe, ps, per_prompt, guidance, first_seed, on_batch) for ps in (SUBJECT_PROMPTS, CLASS_PROMPTS)]
 
 
 def measure(subject, cls, base_cls) -> dict:
@@ -148,10 +148,11 @@ def main():
     t_train = time.time() - t0
 
     pipe = load_base_pipeline(base)
-    before = draw_both(pipe, a.per_prompt, a.guidance)
+    progress = Progress(2 * len(SUBJECT_PROMPTS + CLASS_PROMPTS) * a.per_prompt, "evaluating (base, then base + LoRA)")
+    before = draw_both(pipe, a.per_prompt, a.guidance, on_batch=progress)
     with no_progress_bars():  # transformers draws one for the text encoder's LoRA
         pipe.load_lora_weights(str(lora_dir))
-    after = draw_both(pipe, a.per_prompt, a.guidance)
+    after = draw_both(pipe, a.per_prompt, a.guidance, on_batch=progress)
     b, m = measure(before[0], before[1], before[1]), measure(after[0], after[1], before[1])
 
     from PIL import Image

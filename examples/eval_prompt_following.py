@@ -36,6 +36,22 @@ def load_base_pipeline(model: str = "sdlora-tiny"):
     return pipe
 
 
+class Progress:
+    """`sample`'s on_batch over several calls: prints "evaluating: 24/192 images, ~2 min left" after each batch,
+    so a long evaluation on CPU is not silent."""
+
+    def __init__(self, total: int, what: str = "evaluating"):
+        self.total, self.what, self.before, self.t0 = total, what, 0, time.time()
+
+    def __call__(self, done: int, total: int):  # done of this call's total
+        n, spent = self.before + done, time.time() - self.t0
+        if done == total:
+            self.before += total
+        left = spent / n * (self.total - n)
+        left = f"~{left / 60:.0f} min left" if left >= 90 else f"~{left:.0f} s left"
+        print(f"{self.what}: {n}/{self.total} images, " + (left if n < self.total else f"{spent:.0f} s"), flush=True)
+
+
 def prompt_specs(split: str = "heldout", per_prompt: int = 4, seed: int = 0) -> list[dict]:
     """One spec per image: shape, colour, bg, prompt, seed."""
     pairs = list(shapes.HELD_OUT_PAIRS)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import shapes  # the example data's generator and detectors (beside this script)
-from eval_prompt_following import load_base_pipeline
+from eval_prompt_following import Progress, load_base_pipeline
 from sdlora import grid, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +33,10 @@ SPECS = [{"shape": sh, "colour": c, "bg": b} for c, b in shapes.HELD_OUT_PAIRS f
 PROMPTS = [shapes.caption(s["shape"], s["colour"], s["bg"]) for s in SPECS]
 
 
-def generate(pipe, prompts, seed=0, steps=20, guidance=3.0, per_prompt=1):
+def generate(pipe, prompts, seed=0, steps=20, guidance=3.0, per_prompt=1, on_batch=None):
     """per_prompt images for each prompt, image j of prompt i from seed seed + 1000 * j + i."""
     seeds = [seed + 1000 * j + i for j in range(per_prompt) for i in range(len(prompts))]
-    return sample(pipe, list(prompts) * per_prompt, seeds, steps, guidance, batch=len(prompts))
+    return sample(pipe, list(prompts) * per_prompt, seeds, steps, guidance, batch=len(prompts), on_batch=on_batch)
 
 
 def measure(images) -> dict:
@@ -93,9 +93,10 @@ def main():
         sys.exit(1)  # the trainer has printed what was wrong; a traceback here would only bury it
 
     pipe = load_base_pipeline(base)
-    before = generate(pipe, PROMPTS, guidance=a.guidance, per_prompt=a.per_prompt)
+    progress = Progress(2 * len(PROMPTS) * a.per_prompt, "evaluating (base, then base + LoRA)")
+    before = generate(pipe, PROMPTS, guidance=a.guidance, per_prompt=a.per_prompt, on_batch=progress)
     pipe.load_lora_weights(str(lora_dir))
-    after = generate(pipe, PROMPTS, guidance=a.guidance, per_prompt=a.per_prompt)
+    after = generate(pipe, PROMPTS, guidance=a.guidance, per_prompt=a.per_prompt, on_batch=progress)
     path = out / "before_after.png"
     grid(before[:24:3] + after[:24:3], cols=8, scale=4).save(path)
     b, f = measure(before), measure(after)
@@ -109,6 +110,9 @@ def main():
     print(f"model card:  {lora_dir / 'README.md'}")
     print(f"before/after (top: base, bottom: base + LoRA; same prompts and seeds): {path}")
     print(f"total time:  {time.time() - t0:.0f} s")
+    nxt = ["sdlora", "generate", PROMPTS[0], "--lora", str(lora_dir), "--guidance", f"{a.guidance:g}", "--seed", "0",
+           "--num_images", "4", "--out", str(out / "generated")]
+    print(f"\nnext, draw with the LoRA at the guidance measured above:\n  {shlex.join(nxt)}")
 
 
 if __name__ == "__main__":

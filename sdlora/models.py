@@ -83,6 +83,10 @@ def precision_note(mixed_precision: str | None, device, chosen: bool = False) ->
 ASSETS = Path(__file__).parent / "assets"
 # Short names for models shipped inside the package.
 BUNDLED = {"sdlora-tiny": ASSETS / "tiny-sd", "sdlora-tiny-xl": ASSETS / "tiny-sdxl"}
+# The guidance each bundled model was measured at (it follows held-out prompts best there, and a style LoRA shows;
+# docs/tiny-model.md), and the usual default for real bases (diffusers' own).
+BUNDLED_GUIDANCE = {"sdlora-tiny": 3.0, "sdlora-tiny-xl": 3.0}
+GUIDANCE = 7.5
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -122,6 +126,15 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
     except Exception as e:  # network errors of every kind
         raise UserError(f"{flag} {name}: could not reach the Hub ({type(e).__name__}); give a local path") from None
     return name
+
+
+def default_guidance(base: str) -> float:
+    """The guidance to sample `base` at when none is given: a bundled model's measured one (by its short name or
+    its folder), else GUIDANCE."""
+    for name, path in BUNDLED.items():
+        if str(base) == name or Path(base).expanduser().resolve() == path.resolve():
+            return BUNDLED_GUIDANCE[name]
+    return GUIDANCE
 
 
 # The base model families sdlora knows, as `family` names them, and how the log and model card say them.

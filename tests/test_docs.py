@@ -32,7 +32,7 @@ UNDOCUMENTED = {cmd: set(flags.split()) for cmd, flags in {
         "--checkpointing_steps --checkpoints_total_limit --report_to --validation_prompt "
         "--num_validation_images --validation_epochs --push_to_hub --hub_model_id",
     "sdlora generate":
-        "--negative_prompt --steps --guidance --num_images --scheduler --device --dtype",
+        "--negative_prompt --steps --num_images --scheduler --device --dtype",
     "sdlora fuse":
         "--base --lora --dtype --out",
     "sdlora extract":

@@ -169,6 +169,26 @@ def test_generate_cli_writes_pngs_with_parameters_and_a_grid(lora_dir, tiny_mode
             assert abs(a - np.asarray(Image.open(out / "00001-43.png"), dtype=float)).max() <= 1
 
 
+def test_generate_defaults_to_the_guidance_the_bundled_model_was_measured_at(tmp_path):
+    """sdlora-tiny without --guidance samples at 3 (what its demo was measured at), and a command line with
+    bitsandbytes installed stays free of its CPU-kernel notice; an explicit --guidance wins."""
+    out = tmp_path / "imgs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([PY, "-m", "sdlora.cli", "generate", "a red square", "--base", "sdlora-tiny", "--steps", "1",
+                        "--seed", "1", "--out", str(out)], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(Image.open(out / "00000-1.png").text["sdlora"])["guidance"] == 3
+    assert "CFG scale: 3," in Image.open(out / "00000-1.png").text["parameters"]
+    assert "gemm_4bit_forward" not in r.stderr and "publisher trust" not in r.stderr
+    assert main(["generate", "a red square", "--base", "sdlora-tiny", "--steps", "1", "--seed", "1",
+                 "--guidance", "5.5", "--out", str(out)]) == 0
+    assert json.loads(Image.open(out / "00001-1.png").text["sdlora"])["guidance"] == 5.5
+    # by its folder too; any other base: diffusers' usual 7.5
+    assert models.default_guidance(str(models.BUNDLED["sdlora-tiny-xl"])) == models.BUNDLED_GUIDANCE["sdlora-tiny-xl"]
+    assert models.default_guidance("runwayml/stable-diffusion-v1-5") == models.default_guidance(tmp_path) == 7.5
+
+
 def test_grid_of_mixed_sizes_centres_each_image_in_the_largest_cell():
     red, blue = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (48, 16), (0, 0, 255))
     sheet = grid([red, blue])
@@ -199,6 +219,16 @@ def test_sample_takes_negative_prompts(tiny_model):
         return encode_prompts(pipe.text_encoder, pipe.tokenizer, texts)
     assert np.array_equal(draw(None, encode), plain)
     assert np.array_equal(draw(["a blue square", ""], encode), negative)
+
+
+def test_sample_reports_each_batch_and_draws_the_same_images(tiny_model):
+    pipe = load_pipeline([], base=tiny_model, device="cpu")
+    calls = []
+    with_progress = sample(pipe, ["a red square"] * 5, list(range(5)), steps=2, batch=2,
+                           on_batch=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    plain = sample(pipe, ["a red square"] * 5, list(range(5)), steps=2, batch=2)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(with_progress, plain))
 
 
 def test_fuse_cli_writes_a_loadable_pipeline(lora_dir, tiny_model, tmp_path):
@@ -297,6 +327,7 @@ def test_generate_flags_are_snake_case_with_dashed_aliases(lora_dir, tmp_path, c
     assert sorted(p.name for p in out.iterdir()) == ["00000-5.png", "00000-grid.png", "00001-6.png"]
     assert Image.open(out / "00001-6.png").size == (40, 48)
     assert json.loads(Image.open(out / "00001-6.png").text["sdlora"])["negative_prompt"] == "blue"
+    assert json.loads(Image.open(out / "00001-6.png").text["sdlora"])["guidance"] == 7.5  # not a bundled base
 
 
 def test_fuse_replaces_an_existing_out_folder_only_with_overwrite(lora_dir, tmp_path, capsys):

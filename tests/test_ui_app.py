@@ -202,6 +202,28 @@ def test_tools_refuse_an_output_that_exists(tmp_path):
     assert tool_convert(str(src), str(tmp_path / "empty"), "kohya").startswith("converted")
 
 
+def test_dreambooth_class_images_go_where_the_command_line_puts_them(tmp_path):
+    """The UI passes no class folder of its own: the recipe's default applies (as for `sdlora train dreambooth`),
+    and one given under more flags is passed on."""
+    from sdlora.recipes import RECIPES
+    from sdlora.ui.train_tab import MAIN_FLAGS, checked_flags
+
+    data, out = make_images(tmp_path / "data", n=2), tmp_path / "out"
+    form = ["sdlora-tiny", str(data), "a photo of sks square", str(out), "lora", "default"]
+    prior = "--with_prior_preservation --class_prompt 'a square'"
+    flags = checked_flags("dreambooth", False, str(out), *form, prior, *[""] * len(MAIN_FLAGS))
+    assert "--class_data_dir" not in flags
+    cli = RECIPES["dreambooth"].parse_args(["--pretrained_model_name_or_path", "sdlora-tiny", "--instance_data_dir",
+                                            str(data), "--instance_prompt", "a photo of sks square", "--output_dir",
+                                            str(out), "--with_prior_preservation", "--class_prompt", "a square"])
+    assert RECIPES["dreambooth"].parse_args(flags).class_data_dir == cli.class_data_dir is None
+    mine = str(tmp_path / "classes")
+    flags = checked_flags("dreambooth", False, str(out), *form, f"{prior} --class_data_dir {mine}",
+                          *[""] * len(MAIN_FLAGS))
+    assert RECIPES["dreambooth"].parse_args(flags).class_data_dir == mine
+    assert not out.exists()
+
+
 def test_dreambooth_preview_shows_the_captions_the_run_trains_on(tmp_path):
     """The preview's rows are the recipe's own: with --instance_captions each photo shows its own caption (the
     instance prompt where it has none), without it every photo shows the instance prompt."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from ..models import BUNDLED_GUIDANCE, GUIDANCE, default_guidance
 from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, image_paths, load_adapters, write_images
 from .tools import SAVE_PRECISIONS
 
@@ -27,7 +28,9 @@ def register(sub):
     _flag(s, "negative_prompt")
     s.add_argument("--seed", type=int, help="image i uses seed+i (default: random)")
     s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--guidance", type=float, default=7.5)
+    bundled = ", ".join(f"{g:g} for {name}" for name, g in BUNDLED_GUIDANCE.items())
+    s.add_argument("--guidance", type=float, help=f"classifier-free guidance; default: {bundled} (the guidance "
+                   f"these bundled models were measured at), {GUIDANCE:g} for other bases")
     s.add_argument("--width", type=int, help="default: the base model's own size (e.g. 512 for SD 1.5, 1024 for "
                    "SDXL); a multiple of 8, at most 8x that size")
     s.add_argument("--height", type=int, help="default: the base model's own size")
@@ -67,11 +70,12 @@ def _generate_cli(args):
     pipe = adapters.pipe
     if args.fuse and pipe.get_active_adapters():
         fuse_loras(pipe, unload=True)  # merged weights, no LoRA layers: base-model speed
+    guidance = args.guidance if args.guidance is not None else default_guidance(adapters.base)
     pipe.set_progress_bar_config(desc=f"generating {args.num_images} image(s)")
-    images = generate(pipe, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
+    images = generate(pipe, args.prompt, args.negative_prompt, seed, args.steps, guidance,
                       args.width, args.height, args.num_images)
     _, grid_path = image_paths(args.out, seed, len(images))
-    paths = write_images(adapters, images, args.out, args.prompt, args.negative_prompt, seed, args.steps, args.guidance,
+    paths = write_images(adapters, images, args.out, args.prompt, args.negative_prompt, seed, args.steps, guidance,
                          args.scheduler, args.fuse)
     print("\n".join(map(str, paths)))
     if len(images) > 1:

@@ -63,10 +63,7 @@ def train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, 
         raise UserError(f"more flags: {e}; check the quotes") from None
     if {"-h", "--help"} & set(more):  # argparse would print the help and exit
         raise UserError("more flags: --help: the recipe's flags are listed under All flags")
-    if recipe == "dreambooth" and "--with_prior_preservation" in more and "--class_data_dir" not in more:
-        # the script's default sits beside the output folder; the UI keeps everything inside it
-        more += ["--class_data_dir", f"{output_dir.strip()}/class-images"]
-    return flags + more
+    return flags + more  # no --class_data_dir: the recipe's own default applies, as on the command line
 
 
 def checked_flags(recipe, resume, output_dir, *form) -> list:
