@@ -27,8 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+ROOT = Path(__file__).resolve().parents[1]  # quickstart.py is imported from beside this script (sys.path[0])
 
 TYPES = ["lora", "dora", "loha", "lokr", "adalora"]
 TARGETS = "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_out.0,conv1,conv2"  # the quick start's
@@ -36,14 +35,12 @@ TARGETS = "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_o
 # Runs the trainer in this child process and records when its phases start (the loop's on_phase hook) and its
 # peak RSS.
 WRAP = r"""
-import atexit, json, resource, runpy, sys, time
-from sdlora.cli.train import run
+import atexit, json, resource, sys, time
+from sdlora.recipes import text_to_image
 out, marks = sys.argv.pop(1), {}
 atexit.register(lambda: open(out, "w").write(json.dumps(
     {"marks": marks, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})))
-script = runpy.run_path(sys.argv[1])  # the recipe's parse_args and make_recipe, without running its main
-sys.exit(run(script["parse_args"](sys.argv[2:]), script["make_recipe"],
-             on_phase=lambda name: marks.setdefault(name, time.perf_counter())))
+sys.exit(text_to_image.main(sys.argv[1:], on_phase=lambda name: marks.setdefault(name, time.perf_counter())))
 """
 
 
@@ -83,8 +80,7 @@ def train_and_measure(kind: str, rank: int, seed: int, a, base: str) -> dict:
     out = Path(a.out) / f"{kind}-seed{seed}"
     stats = out / "trainer_stats.json"
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", WRAP, str(stats), str(ROOT / "train_text_to_image_lora.py"),
-           "--pretrained_model_name_or_path", base, "--train_data_dir", str(ROOT / "examples/data/pokemon"),
+    cmd = [sys.executable, "-c", WRAP, str(stats), "--pretrained_model_name_or_path", base, "--train_data_dir", str(ROOT / "examples/data/pokemon"),
            "--resolution", "32", "--center_crop", "--train_batch_size", "8", "--max_train_steps", str(a.steps),
            "--learning_rate", a.lr, "--rank", str(rank), "--lora_type", kind, "--target_modules", TARGETS,
            "--lr_scheduler", "cosine", "--snr_gamma", "5", "--checkpointing_steps", str(a.steps + 1),
