@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import checkpoint
-from .config import TrainConfig, adalora_schedule
+from .config import OPTIONAL as OPTIONAL_TAG
+from .config import TrainConfig, adalora_schedule, default_of, fields_tagged
 from .trainable import trained_names
 
 log = logging.getLogger("sdlora")
@@ -17,46 +18,45 @@ log = logging.getLogger("sdlora")
 # LR schedules whose value at step s depends on the total number of steps.
 DECAYING = {"linear", "cosine", "cosine_with_restarts", "polynomial"}
 
-# Settings recorded only when they differ from these defaults (a missing one means the default, see `check`).
-OPTIONAL = {"pretrained_vae_model_name_or_path": None, "zero_terminal_snr": False,
-            "adam_weight_decay_text_encoder": None, "quantize_base": "none"}
+# The settings a resumed run must share with its checkpoint are the config fields tagged resume= (config.py); a
+# "optional" one is recorded only when it differs from its default, so a checkpoint from before that flag existed
+# matches a run without it.
+OPTIONAL = {name: default_of(name) for name, tag in fields_tagged("resume").items() if tag == OPTIONAL_TAG}
 
 
 def settings(config: TrainConfig, recipe, world: int, max_steps: int, lr: float) -> dict:
-    """Everything that must be the same for a resumed run to continue the one that wrote the checkpoint."""
-    base = config.base_name
-    if Path(base).expanduser().exists():
-        base = str(Path(base).expanduser().resolve())
+    """Everything that must be the same for a resumed run to continue the one that wrote the checkpoint: the tagged
+    fields, as this run resolved them, and the facts of the data and processes."""
     c = config
-    s = {
-        "base_model": base, "revision": c.revision, "variant": c.variant,
-        "rank": c.rank, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout, "use_rslora": c.use_rslora,
-        "init_lora_weights": c.init_lora_weights, "lora_type": c.lora_type,
-        "target_modules": list(c.target_modules), "train_text_encoder": c.train_text_encoder,
-        "learning_rate": lr, "text_encoder_lr": c.text_encoder_lr or lr, "lr_scheduler": c.lr_scheduler,
-        "lr_warmup_steps": c.lr_warmup_steps, "lr_num_cycles": c.lr_num_cycles, "lr_power": c.lr_power,
-        "use_8bit_adam": c.use_8bit_adam, "adam_beta1": c.adam_beta1, "adam_beta2": c.adam_beta2,
-        "adam_weight_decay": c.adam_weight_decay, "adam_epsilon": c.adam_epsilon, "max_grad_norm": c.max_grad_norm,
-        "train_batch_size": c.train_batch_size, "gradient_accumulation_steps": c.gradient_accumulation_steps,
-        "num_processes": world, "resolution": c.resolution, "center_crop": c.center_crop,
-        "random_flip": c.random_flip, "noise_offset": c.noise_offset, "snr_gamma": c.snr_gamma,
-        "prediction_type": c.prediction_type, "loss_weights": recipe.group_weights,
-        "tokenizer_max_length": recipe.max_length, "text_encoder_use_attention_mask": recipe.use_attention_mask,
-        "num_rows": len(recipe.data.rows), "data": recipe.data.digest(), "bucketing": asdict(c.bucketing),
-        "masked_loss": c.masked_loss,
-        "captions": asdict(recipe.data.caption_ops) if recipe.data.caption_ops else None,
-    }
+    resolved = {  # fields whose value the run works out (or records in a portable form)
+        "base_name": _local(c.base_name),
+        "pretrained_vae_model_name_or_path": _local(c.pretrained_vae_model_name_or_path),
+        "learning_rate": lr, "text_encoder_lr": c.text_encoder_lr or lr, "target_modules": list(c.target_modules),
+        "bucketing": asdict(c.bucketing) if c.bucketing else None, "tokenizer_max_length": recipe.max_length,
+        "text_encoder_use_attention_mask": recipe.use_attention_mask}
+    s = {}
+    for name, tag in fields_tagged("resume").items():
+        if tag == OPTIONAL_TAG and getattr(c, name) == OPTIONAL[name]:
+            continue
+        s[RECORDED_AS.get(name, name)] = resolved[name] if name in resolved else getattr(c, name)
+    s.update(num_processes=world, loss_weights=recipe.group_weights, num_rows=len(recipe.data.rows),
+             data=recipe.data.digest(),
+             captions=asdict(recipe.data.caption_ops) if recipe.data.caption_ops else None)
     if c.lr_scheduler in DECAYING:
         s["max_train_steps"] = max_steps
-    for k, default in OPTIONAL.items():
-        if getattr(c, k) != default:  # only when used: a checkpoint from before these flags matches a run without
-            s[k] = getattr(c, k)
-    vae = s.get("pretrained_vae_model_name_or_path")
-    if vae and Path(vae).expanduser().exists():  # a local VAE folder, wherever the run is resumed from
-        s["pretrained_vae_model_name_or_path"] = str(Path(vae).expanduser().resolve())
     if c.lora_type == "adalora":  # a schedule with no room to prune fails here, before any model loads
         s["adalora"] = list(adalora_schedule(c, max_steps)) + [c.adalora_delta_t]
     return s
+
+
+RECORDED_AS = {"base_name": "base_model"}  # the name checkpoints have always stored it under
+
+
+def _local(path: str | None) -> str | None:
+    """A local folder as an absolute path (the same wherever the run is resumed from); a Hub id as it is."""
+    if path and Path(path).expanduser().exists():
+        return str(Path(path).expanduser().resolve())
+    return path
 
 
 def check(config: TrainConfig, ckpt, settings: dict, main: bool):
