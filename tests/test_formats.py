@@ -436,3 +436,14 @@ def test_a_peft_config_with_use_rslora_is_read_at_peft_scale(pipe, tmp_path):
         peft_scale = tiny.base_model.model[0].scaling["default"]
         got = read.modules[name]
         assert got.alpha / got.rank == pytest.approx(peft_scale), name
+
+
+def test_kohya_file_is_named_after_the_folder_and_never_a_generic_name(tmp_path):
+    """ComfyUI and A1111 keep every LoRA in one folder and show the file's name: a run in `demo/lora` must not write
+    `lora.safetensors` (nor `<lora:lora:1>` in its PNGs) that the next run in some other `lora` folder collides with."""
+    from sdlora.output.weights import kohya_name
+
+    assert kohya_name(tmp_path / "pokemon-style") == "pokemon-style.safetensors"
+    assert kohya_name(tmp_path / "demo" / "lora") == "demo-lora.safetensors"
+    assert kohya_name(tmp_path / "pokemon" / "outputs" / "lora") == "pokemon-outputs-lora.safetensors"
+    assert kohya_name(tmp_path / "pytorch_lora_weights") == "pytorch_lora_weights_kohya.safetensors"

@@ -125,7 +125,7 @@ def test_training_writes_sample_rounds_and_reruns_identically(tiny_model, tmp_pa
                        "a blue square --s 3 --l 5\n")
     flags = dict(train_data_dir=data, max_train_steps=4, sample_prompts=prompts, sample_every_n_steps=2,
                  report_to="tensorboard", seed=11)
-    first, second = tmp_path / "a" / "lora", tmp_path / "b" / "lora"
+    first, second = tmp_path / "a" / "shapes", tmp_path / "b" / "shapes"
     run(T2I, fast_flags(tiny_model, first, **flags))
     rounds = [f"step{s:06d}_{n}.png" for s in (2, 4) for n in ("00", "01", "grid")]
     assert sorted(p.name for p in (first / "samples").iterdir()) == rounds
@@ -139,8 +139,8 @@ def test_training_writes_sample_rounds_and_reruns_identically(tiny_model, tmp_pa
             ("a red square", "blurry, dark", 7, 3, 7.5)
         assert (pb["prompt"], pb["negative_prompt"], pb["seed"], pb["guidance"]) == ("a blue square", None, 12, 5)
         assert (pa["width"], pa["height"], pa["step"], pb["step"]) == (48, 32, step, step)
-        assert pa["base"] == str(tiny_model) and pa["loras"] == [{"name": "lora", "weight": 1.0}]
-        assert a.text["parameters"] == (f"a red square <lora:lora:1>\nNegative prompt: blurry, dark\nSteps: 3, "
+        assert pa["base"] == str(tiny_model) and pa["loras"] == [{"name": "shapes", "weight": 1.0}]
+        assert a.text["parameters"] == (f"a red square <lora:shapes:1>\nNegative prompt: blurry, dark\nSteps: 3, "
                                         f"Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 7, Size: 48x32, Model: {tiny_model}")
     events = EventAccumulator(str(first / "logs" / "sdlora")).Reload()
     assert [e.step for e in events.Images("samples/00")] == [2, 4]

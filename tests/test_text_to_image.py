@@ -10,6 +10,7 @@ from conftest import make_images
 from helpers import T2I, fast_flags, front_matter, read_lora, run
 
 from sdlora.lora import formats
+from sdlora.output.weights import kohya_name
 
 
 def _generate(pipe, prompt="a red square on a blue background"):
@@ -53,7 +54,7 @@ def test_outputs_load_in_unmodified_diffusers(trained, tiny_model, caplog):
     # alpha from it, applies it too); diffusers applies exactly the kohya file's up @ down * alpha / r.
     attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     assert attn.scaling["default_0"] == pytest.approx(1.0)
-    kohya, _ = read_lora(out / "out.safetensors")
+    kohya, _ = read_lora(out / kohya_name(out))  # the folder is named "out": <its parent>-out.safetensors
     k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     want = kohya[k + ".lora_up.weight"] @ kohya[k + ".lora_down.weight"] * kohya[k + ".alpha"] / 4
     assert float(kohya[k + ".alpha"]) == 8 and torch.allclose(attn.get_delta_weight("default_0"), want, atol=1e-6)
@@ -67,9 +68,9 @@ def test_file_format_and_metadata(trained, tiny_model):
     # the end of the run says which loader applies which file whole (sdlora inspect's table, one line per file)
     assert ("pytorch_lora_weights.safetensors: read whole, at its scale, by diffusers, ComfyUI, Forge; partially or "
             "rescaled by A1111 (none of 32 layers), kohya (none of 32 layers)") in r.stderr
-    assert "out.safetensors: read whole, at its scale, by diffusers, ComfyUI, Forge, A1111, kohya" in r.stderr
+    assert f"{kohya_name(out)}: read whole, at its scale, by diffusers, ComfyUI, Forge, A1111, kohya" in r.stderr
     sd, meta = read_lora(out / "pytorch_lora_weights.safetensors")
-    # diffusers' attention-processor names, which ComfyUI's loader also maps (shared_layout)
+    # diffusers' attention-processor names, which ComfyUI's loader also maps (formats.to_shared)
     assert all(re.fullmatch(r"unet\..+\.processor\.to_(q|k|v|out)_lora\.(down|up)\.weight", k) for k in sd), sorted(sd)
     assert all(v.dtype == torch.float32 for v in sd.values())
     assert meta["ss_sd_model_name"] == str(tiny_model)

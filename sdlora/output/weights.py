@@ -90,9 +90,22 @@ def build_date() -> str:
     return when.date().isoformat()
 
 
+# Folder names many runs share: a kohya file named after one alone (`lora.safetensors`, `<lora:lora:1>` in a
+# prompt) would collide with every other run's in ComfyUI's or A1111's one LoRA folder.
+GENERIC_NAMES = {"lora", "loras", "out", "output", "outputs", "model", "models", "result", "results", "run", "runs",
+                 "checkpoint", "checkpoints", "weights", "adapter", "tmp", "temp", "latest"}
+
+
 def kohya_name(output_dir) -> str:
-    """The second file's name: the output folder's, which ComfyUI and A1111 show as the LoRA's name."""
-    name = Path(output_dir).resolve().name or "lora"
+    """The second file's name: the output folder's, which ComfyUI and A1111 show as the LoRA's name; a generic folder
+    name (lora, output, …) is prefixed with its parents' names up to one that is not (demo/lora: demo-lora)."""
+    folder = Path(output_dir).resolve()
+    parts = [folder.name or "lora"]
+    for parent in folder.parents:
+        if parts[0].lower() not in GENERIC_NAMES or not parent.name:
+            break
+        parts.insert(0, parent.name)
+    name = "-".join(parts)
     return f"{name}_kohya.safetensors" if f"{name}.safetensors" == formats.WEIGHTS_NAME else f"{name}.safetensors"
 
 
