@@ -85,6 +85,7 @@ def test_model_card(trained, tiny_model):
     out, _ = trained
     fm = front_matter(out / "README.md")
     assert fm["base_model"] == str(tiny_model) and fm["library_name"] == "diffusers"
+    assert fm["license"] == "creativeml-openrail-m"  # an SD 1.x base whose folder has no card of its own
     text = (out / "README.md").read_text()
     for tag in ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "lora"]:
         assert f"- {tag}\n" in text

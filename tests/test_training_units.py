@@ -81,3 +81,18 @@ def test_resume_check(tmp_path):
     with pytest.raises(UserError) as e:
         resume.check(changed, ckpt, resume.settings(changed, recipe, 1, 4, changed.learning_rate), main=True)
     assert "rank 4 -> 8" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_card_licence_is_the_bases(tmp_path):
+    """A LoRA is a derivative of its base: its card carries the base's licence (docs/license.md)."""
+    from sdlora.training.summary import base_license
+
+    assert base_license("sdlora-tiny", None, "sd1") == "apache-2.0"  # trained by this project: its LICENSE
+    own = tmp_path / "base"
+    own.mkdir()
+    (own / "README.md").write_text("---\nlicense: mit\ntags:\n- x\n---\n# a base\n")
+    assert base_license(str(own), str(own), "sd1") == "mit"
+    (own / "README.md").write_text("# a card without front matter\n")
+    assert base_license(str(own), str(own), "sdxl") == "openrail++"
+    assert base_license("runwayml/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5", "sd1") == \
+        "creativeml-openrail-m"

@@ -26,13 +26,18 @@ def write_minimal(folder: Path, base_model: str, title: str = "") -> Path:
 
 def base_model_of(card: Path) -> str | None:
     """The `base_model` a card's front matter names (the first, if it lists several), else None."""
+    return card_field(card, "base_model")
+
+
+def card_field(card: Path, key: str) -> str | None:
+    """A one-line value of a card's front matter (the first, if it lists several), else None."""
     from huggingface_hub import metadata_load
 
     try:
         meta = metadata_load(card) if Path(card).is_file() else None
-    except Exception:  # noqa: BLE001 - an unreadable or malformed card only costs the base-model hint
+    except Exception:  # noqa: BLE001 - an unreadable or malformed card only costs the hint
         return None
-    value = (meta or {}).get("base_model")
+    value = (meta or {}).get(key)
     if isinstance(value, list):
         value = value[0] if value else None
     return str(value).strip().splitlines()[0] if isinstance(value, (str, int, float)) and str(value).strip() else None

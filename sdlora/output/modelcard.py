@@ -26,7 +26,7 @@ QUANTIZED = {"int8": "8-bit LLM.int8()", "nf4": "4-bit NF4"}  # --quantize_base,
 def render(info: dict, front_extra: dict | None = None, settings_extra: dict | None = None) -> str:
     """A training run's card: front matter, how to load it, the settings table, the latest samples."""
     front = dict(base_model=info["base_model"] if info.get("base_model_in_front_matter", True) else None,
-                 library_name="diffusers", license=info.get("license", "creativeml-openrail-m"),
+                 library_name="diffusers", license=info.get("license") or "creativeml-openrail-m",
                  tags=(XL_TAGS if _xl(info) else TAGS) + info.get("extra_tags", []), **(front_extra or {}))
     if info.get("samples"):
         front["widget"] = [{"text": s["prompt"], "output": {"url": s["path"]}} for s in info["samples"]]

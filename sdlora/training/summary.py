@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import models
 from ..data.trainset import TrainSet
-from ..lora import inject
+from ..lora import card, inject
 from .run import Recipe, Run
 
 log = logging.getLogger("sdlora")
@@ -59,6 +59,7 @@ class RunSummary:
     zero_terminal_snr: bool | None
     quantize_base: str | None
     best_val_loss: str | None
+    license: str  # the base model's (a LoRA is a derivative of it): base_license
 
     def facts(self) -> dict:
         """The summary as the {name: value} the model card and the header take."""
@@ -99,7 +100,23 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
         quantize_base=c.quantize_base if c.quantize_base != "none" else None,
         best_val_loss=(f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
                        f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
+        license=base_license(c.base_name, c.base, c.family),
     )
+
+
+# The licences the Stable Diffusion bases are released under, for a base whose own card can't be read (a Hub id's
+# card is not downloaded with its weights): SD 1.x CreativeML Open RAIL-M, SD 2.x and SDXL Open RAIL++-M.
+FAMILY_LICENSE = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
+BUNDLED_LICENSE = "apache-2.0"  # the bundled models were trained by this project's scripts: its LICENSE
+
+
+def base_license(name: str, folder: str | None, family: str) -> str:
+    """The licence for the card of a LoRA trained on this base: the bundled models' own, else the `license` in
+    the base folder's model card, else its family's."""
+    if name in models.BUNDLED:
+        return BUNDLED_LICENSE
+    own = card.card_field(Path(folder) / "README.md", "license") if folder and Path(folder).is_dir() else None
+    return own or FAMILY_LICENSE.get(family, FAMILY_LICENSE["sd1"])
 
 
 def _public_name(model: str) -> str:
