@@ -19,26 +19,30 @@ def _flag(s, name: str, **kw):
                        **alias)
 
 
+DTYPE_HELP = "the weights' precision (default: fp16 on a CUDA GPU, bf16 on a CPU that computes it natively, else fp32)"
+
+
 def register(sub):
     s = sub.add_parser("generate", help="generate images with a base model and stacked LoRAs")
-    s.add_argument("prompt")
+    s.add_argument("prompt", help="what to draw")
     s.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="LoRA folder, .safetensors file or Hub id, with an optional weight (repeatable)")
     s.add_argument("--base", help="base model (default: the first LoRA's base_model)")
-    _flag(s, "negative_prompt")
+    _flag(s, "negative_prompt", help="what to steer away from")
     s.add_argument("--seed", type=int, help="image i uses seed+i (default: random)")
-    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     bundled = ", ".join(f"{g:g} for {name}" for name, g in BUNDLED_GUIDANCE.items())
     s.add_argument("--guidance", type=float, help=f"classifier-free guidance; default: {bundled} (the guidance "
                    f"these bundled models were measured at), {GUIDANCE:g} for other bases")
     s.add_argument("--width", type=int, help="default: the base model's own size (e.g. 512 for SD 1.5, 1024 for "
                    "SDXL); a multiple of 8, at most 8x that size")
     s.add_argument("--height", type=int, help="default: the base model's own size")
-    _flag(s, "num_images", type=int, default=1)
+    _flag(s, "num_images", type=int, default=1, help="images to draw, seeds --seed, --seed+1, … (default: 1)")
     s.add_argument("--fuse", action="store_true", help="bake the LoRAs into the weights (faster sampling)")
-    s.add_argument("--scheduler", default="dpm++", choices=[k for k in SCHEDULERS if k != "keep"])
-    s.add_argument("--device")
-    s.add_argument("--dtype", choices=list(SAVE_PRECISIONS))
+    s.add_argument("--scheduler", default="dpm++", choices=[k for k in SCHEDULERS if k != "keep"],
+                   help="dpm++: DPMSolverMultistepScheduler (default); dpm++-karras: with Karras sigmas")
+    s.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: a CUDA GPU if there is one)")
+    s.add_argument("--dtype", choices=list(SAVE_PRECISIONS), help=DTYPE_HELP)
     _flag(s, "allow_pickle", action="store_true",
           help="allow .bin/.pt/.ckpt LoRAs and .bin base weights (they can run code)")
     s.add_argument("--out", default="outputs", help="folder for the PNGs, numbered on from what it holds "
@@ -46,12 +50,13 @@ def register(sub):
     s.set_defaults(func=_generate_cli)
 
     s = sub.add_parser("fuse", help="write a full diffusers pipeline with LoRAs merged into its weights")
-    s.add_argument("--base")
-    s.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]")
-    s.add_argument("--dtype", choices=list(SAVE_PRECISIONS))
+    s.add_argument("--base", help="base model (default: the first LoRA's base_model)")
+    s.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]",
+                   help="LoRA folder, .safetensors file or Hub id, with an optional weight (repeatable)")
+    s.add_argument("--dtype", choices=list(SAVE_PRECISIONS), help=DTYPE_HELP)
     _flag(s, "allow_pickle", action="store_true",
           help="allow .bin/.pt/.ckpt LoRAs and .bin base weights (they can run code)")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="the folder to write the fused pipeline to")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     s.set_defaults(func=_fuse_cli)
 
