@@ -1,6 +1,6 @@
 """Ctrl+C (SIGINT) and SIGTERM during a training run: stop at a step that resumes exactly, or at once.
 
-`Interrupts` is what `cli.train.run` wraps a run in: it handles both signals for the run and puts the handlers
+`Interrupts` is what `cli.run.run` wraps a run in: it handles both signals for the run and puts the handlers
 before it back afterwards. Until the loop starts training (checking, reading the data, generating class images,
 loading models, caching) nothing could be resumed and a model load cannot be polled, so a signal raises `Stopped`
 wherever the run is. Once training runs, the first signal only asks to stop: the loop calls `requested()` after

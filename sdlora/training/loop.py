@@ -27,7 +27,7 @@ def train(config: TrainConfig, recipe: Recipe, hooks: Hooks | None = None) -> Pa
     """Train and save; returns the weights file (None on other processes than the main one, and after a stop).
     `hooks` (hooks.py) follow the run step by step and can stop it: a stop saves a checkpoint at the step the
     run is on, so `--resume_from_checkpoint latest` continues it exactly (Ctrl+C and SIGTERM through
-    cli.train.run, the UI's Stop)."""
+    cli.run.run, the UI's Stop)."""
     hooks = hooks or Hooks()
     phase = _phases(hooks.on_phase)
     run = setup(config, recipe, hooks)
