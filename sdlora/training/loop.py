@@ -51,8 +51,20 @@ def train(config: TrainConfig, recipe: Recipe, hooks: Hooks | None = None) -> Pa
     mark("done")
     if run.best_val_loss and run.main:  # the last line: where to look for the best checkpoint
         log.info("lowest validation loss %.5f at step %d (of %d)", *run.best_val_loss, run.max_steps)
-    run.accelerator.end_training()
+    _finish(run)
     return path
+
+
+def _finish(run: Run) -> None:
+    """End the trackers and the process group, with the DDP-wrapped models freed first. Freed after the group
+    is destroyed, a DDP module tears the gloo group down in its own destructor, which joins the group's worker
+    thread while holding the GIL: a worker still finishing the last barrier (it needs the GIL) hangs that process
+    for ever (seen once, 2 CPU processes under load, accelerate 1.0). Freed before, the group is shut down by
+    destroy_process_group, which waits for pending work first."""
+    accelerator = run.accelerator
+    run.parts.clear()
+    accelerator.free_memory()
+    accelerator.end_training()
 
 
 def _phases(on_phase):
