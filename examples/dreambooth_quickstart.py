@@ -34,6 +34,7 @@ import shapes  # the example data's generator and detectors (beside this script)
 from eval_prompt_following import Progress, load_base_pipeline
 from sdlora import grid, sample
 from sdlora.logs import no_progress_bars
+from sdlora.output.weights import kohya_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples/data/dreambooth"
@@ -170,7 +171,7 @@ def main():
     print(f"  class drift (class prompt, mean |diff|/255):   {0:5.3f} -> {m['class_drift']:5.3f}")
     print(f"  subject leak (subject in class prompt):      {b['subject_leak']:5.0%} -> {m['subject_leak']:5.0%}")
     print(f"\nLoRA:        {lora_dir / 'pytorch_lora_weights.safetensors'}  (diffusers)")
-    print(f"             {lora_dir / (lora_dir.name + '.safetensors')}  (the same LoRA for ComfyUI / A1111 / Forge)")
+    print(f"             {lora_dir / kohya_name(lora_dir)}  (the same LoRA for ComfyUI / A1111 / Forge)")
     print(f"grid:        {path}  (rows: the photos; base, base + LoRA on '{SUBJECT_PROMPTS[0]}' ...; "
           f"base, base + LoRA on '{shapes.CLASS_PROMPT}')")
     print(f"total time:  {time.time() - t0:.0f} s (training {t_train:.0f} s)")

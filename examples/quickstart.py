@@ -25,6 +25,7 @@ from pathlib import Path
 import shapes  # the example data's generator and detectors (beside this script)
 from eval_prompt_following import Progress, load_base_pipeline
 from sdlora import grid, sample
+from sdlora.output.weights import kohya_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +107,7 @@ def main():
     print(f"  right shape colour:              {b['colour']:6.0%} -> {f['colour']:6.0%}")
     print(f"  right background colour:         {b['bg']:6.0%} -> {f['bg']:6.0%}")
     print(f"\nLoRA:        {lora_dir / 'pytorch_lora_weights.safetensors'}  (diffusers)")
-    print(f"             {lora_dir / (lora_dir.name + '.safetensors')}  (the same LoRA for ComfyUI / A1111 / Forge)")
+    print(f"             {lora_dir / kohya_name(lora_dir)}  (the same LoRA for ComfyUI / A1111 / Forge)")
     print(f"model card:  {lora_dir / 'README.md'}")
     print(f"before/after (top: base, bottom: base + LoRA; same prompts and seeds): {path}")
     print(f"total time:  {time.time() - t0:.0f} s")

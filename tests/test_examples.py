@@ -1,9 +1,17 @@
 """The README's main command and the DreamBooth evaluation run end to end (tiny budgets)."""
 import subprocess
 import sys
+from pathlib import Path
 
 from helpers import ROOT, env
 from PIL import Image
+
+
+def assert_printed_kohya_file_exists(stdout: str):
+    """The summary names the kohya-layout file the run wrote (folder `lora`: <its parent>-lora.safetensors)."""
+    (line,) = [x for x in stdout.splitlines() if "(the same LoRA for ComfyUI" in x]
+    path = Path(line.split()[0])
+    assert path.is_file() and path.name != "lora.safetensors", line
 
 
 def test_quickstart_trains_and_writes_before_after(tmp_path):
@@ -13,6 +21,7 @@ def test_quickstart_trains_and_writes_before_after(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert "base_model:" in (tmp_path / "lora" / "README.md").read_text()
+    assert_printed_kohya_file_exists(r.stdout)
     grid = Image.open(tmp_path / "before_after.png")
     assert grid.size == (8 * 32 * 4, 2 * 32 * 4)
     for line in ("in the new style (detector):", "right shape colour:", "right background colour:"):
@@ -40,6 +49,7 @@ def test_dreambooth_quickstart_trains_and_writes_its_grid(tmp_path):
     assert grid.size == (8 * 32 * 4, 5 * 32 * 4)  # the photos, then base / LoRA rows of subject and class prompts
     for line in ("subject fidelity", "prompt fidelity", "class drift", "subject leak"):
         assert line in r.stdout, r.stdout
+    assert_printed_kohya_file_exists(r.stdout)
     assert "lack the identifier" not in r.stderr  # every shipped caption names the subject
     assert "Loading weights" not in r.stderr
 
