@@ -36,7 +36,7 @@ class Frozen:
         where caching put them afterwards. `skip`: the encoders being trained (the run's own, with their LoRA)."""
         c = config
         load = dict(revision=c.revision, variant=c.variant, cache_dir=c.cache_dir, allow_pickle=c.allow_pickle,
-                    dtype=dtype)
+                    dtype=dtype, base_config=c.base_config)
         vae = (self.vae or models.load_vae(c.base, **{**load, "dtype": self.vae_dtype},
                                            vae=c.pretrained_vae_model_name_or_path)).to(device)
         tes = {n: (te or models.load_text_encoder(c.base, **load, subfolder=n)).to(device)
@@ -50,11 +50,14 @@ class Frozen:
 
 
 def load(config: TrainConfig, device, weight_dtype: torch.dtype, main: bool) -> Frozen:
-    """The tokenizers, noise schedule, text encoders and VAE, frozen on `device`."""
+    """The tokenizers, noise schedule, text encoders and VAE, frozen on `device` (a single-file base's tokenizers and
+    schedule from its --base_config)."""
     load = dict(revision=config.revision, cache_dir=config.cache_dir)
-    frozen = dict(load, variant=config.variant, allow_pickle=config.allow_pickle, dtype=weight_dtype)
+    frozen = dict(load, variant=config.variant, allow_pickle=config.allow_pickle, dtype=weight_dtype,
+                  base_config=config.base_config)
     names = conditioning.text_encoder_names(config.family)
-    tokenizers = [models.load_tokenizer(config.base, **load, subfolder=n.replace("text_encoder", "tokenizer"))
+    tokenizers = [models.load_tokenizer(config.base_config or config.base, **load,
+                                        subfolder=n.replace("text_encoder", "tokenizer"))
                   for n in names]
     noise_scheduler = noise_schedule(config, main)
     text_encoders = {n: models.load_text_encoder(config.base, **frozen, subfolder=n).to(device).requires_grad_(False)
@@ -66,7 +69,7 @@ def load(config: TrainConfig, device, weight_dtype: torch.dtype, main: bool) -> 
 def noise_schedule(config: TrainConfig, main: bool):
     """The base's noise schedule (DDPM), its prediction type overridden by --prediction_type, and rescaled to
     zero terminal SNR with --zero_terminal_snr; logged with the base's family."""
-    sched = models.load_noise_scheduler(config.base, config.revision, config.cache_dir)
+    sched = models.load_noise_scheduler(config.base_config or config.base, config.revision, config.cache_dir)
     own = sched.config.prediction_type
     if config.prediction_type:
         sched.register_to_config(prediction_type=config.prediction_type)
@@ -75,7 +78,9 @@ def noise_schedule(config: TrainConfig, main: bool):
     if main:  # the loss target follows the scheduler config (losses.target), as the base was trained
         override = f"; --prediction_type {config.prediction_type} overrides its scheduler's {own}" \
             if config.prediction_type and config.prediction_type != own else ""
-        log.info("base model: %s%s", models.describe(config.family, sched.config.prediction_type), override)
+        log.info("base model: %s%s%s", models.describe(config.family, sched.config.prediction_type), override,
+                 f" ({config.prediction_type or own}{', zero terminal SNR' * config.zero_terminal_snr}: the "
+                 f"checkpoint says so by {config.base_why})" if config.base_why else "")
         if config.zero_terminal_snr and sched.config.prediction_type != "v_prediction":
             log.warning("--zero_terminal_snr with %s prediction: at the last timestep there is no signal left to "
                         "predict noise from; it is meant for v-prediction (--prediction_type v_prediction)",

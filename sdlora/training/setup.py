@@ -183,7 +183,7 @@ def _log_buckets(data: TrainSet):
 def load_unet(config: TrainConfig, accelerator, weight_dtype: torch.dtype):
     """The frozen UNet on the training device; with --quantize_base its Linear layers in bitsandbytes' int8/NF4."""
     load = dict(revision=config.revision, cache_dir=config.cache_dir, variant=config.variant,
-                allow_pickle=config.allow_pickle, dtype=weight_dtype)
+                allow_pickle=config.allow_pickle, dtype=weight_dtype, base_config=config.base_config)
     if config.quantize_base == "none":
         unet = models.load_unet(config.base, **load)
     else:  # before LoRA injection: peft wraps the quantized layers in its bnb LoRA layers

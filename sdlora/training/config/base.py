@@ -8,10 +8,17 @@ from .declare import MUST_MATCH, OPTIONAL, setting
 
 @dataclass(frozen=True, kw_only=True)
 class BaseSettings:
-    base_name: str | None = setting(help="Hub id, local diffusers folder, or 'sdlora-tiny' (the bundled tiny model)",
+    base_name: str | None = setting(help="Hub id, local diffusers folder, a single-file checkpoint (.safetensors, local "
+                                         "or a Hub file path such as owner/repo/model.safetensors), or 'sdlora-tiny' "
+                                         "(the bundled tiny model)",
                                     flag="pretrained_model_name_or_path", required=True, resume=MUST_MATCH,
                                     card="base model", header="ss_sd_model_name")
-    base: str | None = None  # resolved: a loadable folder or Hub id
+    base: str | None = None  # resolved: a loadable folder or Hub id, or a single-file checkpoint's local path
+    base_config: str | None = setting(
+        help="for a single-file base: a diffusers folder or Hub id of the same family whose configs and tokenizers "
+             "it loads with (only those files are read; default: the repo diffusers picks, which needs the Hub)",
+        metavar="DIR_OR_ID")  # resolved: the folder or Hub id the configs are read from (None for a folder base)
+    base_why: str | None = None  # resolved: what in a single file set the prediction type / zero terminal SNR
     family: str = "sd1"  # resolved from the base's config files: "sd1", "sd2" or "sdxl" (models.family_of)
     revision: str | None = setting(help="the base model's revision on the Hub (a branch, tag or commit)",
                                    resume=MUST_MATCH)
