@@ -145,3 +145,27 @@ def original_state(folder: str | Path, family: str, dtype: torch.dtype | None = 
         items = (openclip_items if layout == "openclip" else clip_items)(_read(folder / sub / "model.safetensors"))
         out.update((prefix + k, t) for k, t in items)
     return {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous() for k, t in out.items()}
+
+
+def write(base: str, out: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False,
+          markers: tuple[str, ...] = ()) -> tuple[Path, str]:
+    """Write a diffusers SD folder (or a bundled name) as one original-layout .safetensors checkpoint; returns
+    (the file, the family). `markers`: ComfyUI's "v_pred" / "ztsnr" marker keys to add (empty tensors)."""
+    from safetensors.torch import save_file
+
+    from .. import io, models
+    from ..errors import UserError
+
+    folder = models.resolve_base(str(base), flag="base")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"{out}: name the checkpoint to write *.safetensors")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: exists; choose another name or pass --overwrite")
+    family = models.family(folder)
+    state = original_state(folder, family, dtype)
+    state.update((m, torch.tensor([])) for m in markers)
+    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": models.architecture({}, family_=family)}
+    with io.atomic_path(out) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return out, family

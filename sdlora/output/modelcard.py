@@ -32,7 +32,8 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
         front["widget"] = [{"text": s["prompt"], "output": {"url": s["path"]}} for s in info["samples"]]
     title = info.get("title") or f"LoRA for {info['base_model']}"
     settings = {
-        "base model": info["base_model"], "base model family": info.get("family"), "kind": info.get("kind"), "rank": info["rank"], "alpha": info["alpha"],
+        "base model": info["base_model"] + (f" (sha256 {info['base_sha256']})" if info.get("base_sha256") else ""),
+        "base model family": info.get("family"), "kind": info.get("kind"), "rank": info["rank"], "alpha": info["alpha"],
         "LoRA type": info.get("lora_type") if info.get("lora_type", "lora") != "lora" else None,
         "rsLoRA": info.get("rslora") and f"yes: scale alpha/sqrt(rank), recorded as alpha {info['alpha']:g}",
         "LoRA init": info.get("init") and f"{info['init']}: saved as the change from the unmodified base "

@@ -26,6 +26,8 @@ def header(info: dict) -> dict[str, str]:
     """Training facts for the file header (safetensors metadata values must be strings)."""
     meta = {
         "ss_sd_model_name": info["base_model"],
+        "ss_sd_model_hash": info.get("base_legacy_hash"),  # a single-file base's hashes (bases.hashes)
+        "ss_new_sd_model_hash": info.get("base_sha256"),
         # kohya's names for the base family, which A1111-style viewers filter on
         "ss_base_model_version": base_model_version(info.get("architecture"), info.get("prediction_type")),
         "ss_v2": str("-v2-" in str(info.get("architecture"))),  # kohya's str(bool): "True" / "False"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .. import models
+from ..bases import hashes
 from ..data.trainset import TrainSet
 from ..lora import card, inject
 from .run import Recipe, Run
@@ -60,6 +61,8 @@ class RunSummary:
     quantize_base: str | None
     best_val_loss: str | None
     license: str  # the base model's (a LoRA is a derivative of it): base_license
+    base_sha256: str | None = None  # a single-file base's sha256 and old A1111 hash (bases.hashes)
+    base_legacy_hash: str | None = None
 
     def facts(self) -> dict:
         """The summary as the {name: value} the model card and the header take."""
@@ -72,7 +75,10 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
     base = c.base_name
     # The Hub validates base_model as a repo id, and a pushed card or header must not carry a local path.
     local_base = Path(base).expanduser().exists() and base not in models.BUNDLED
-    if c.push_to_hub and local_base:
+    base_hashes = hashes.of(c.base) if c.base_config else {}
+    if base_hashes:  # a single-file checkpoint: named by its file name, as kohya's ss_sd_model_name names it
+        base = Path(c.base).name
+    elif c.push_to_hub and local_base:
         log.warning("model card: base_model left out of the front matter (%s is a local path, not a Hub id)", base)
         base = Path(base).expanduser().resolve().name
     prediction = run.frozen.noise_scheduler.config.prediction_type
@@ -101,6 +107,7 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
         best_val_loss=(f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
                        f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
         license=base_license(c.base_name, c.base, c.family),
+        base_sha256=base_hashes.get("sha256"), base_legacy_hash=base_hashes.get("legacy"),
     )
 
 
