@@ -296,17 +296,12 @@ def no_safetensors(reason: str) -> bool:
     return "no file named" in reason and ".safetensors" in reason
 
 
-def _load(cls, base, subfolder, allow_pickle, base_config=None, **kw):
+def _load(cls, base, subfolder, allow_pickle, **kw):
     import torch
 
     from .logs import no_progress_bars
 
     kw = {k: (torch.float32 if v is None and k in ("dtype", "torch_dtype") else v) for k, v in kw.items()}
-    if base_config:  # a single-file checkpoint: its configs in base_config (bases.load)
-        from .bases import load
-
-        return load.component(cls, base, subfolder or "vae", base_config, kw.get("torch_dtype", kw.get("dtype")),
-                              allow_pickle, kw.get("cache_dir"))
     try:
         if kw.get("torch_dtype") in (torch.float16, torch.bfloat16):  # diffusers models: no fp32 copy on the way
             from . import streamload
@@ -334,30 +329,29 @@ def load_tokenizer(base, revision=None, cache_dir=None, subfolder: str = "tokeni
 
 
 def load_text_encoder(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False,
-                      subfolder: str = "text_encoder", base_config=None):
+                      subfolder: str = "text_encoder"):
     """A CLIP text encoder; SDXL's second one (`text_encoder_2`) with its projection, whose pooled output
     conditions the UNet."""
     import transformers
 
-    return _load(getattr(transformers, TEXT_CLASSES[subfolder]), base, subfolder, allow_pickle, base_config,
-                 revision=revision, variant=variant, cache_dir=cache_dir, dtype=dtype)
+    return _load(getattr(transformers, TEXT_CLASSES[subfolder]), base, subfolder, allow_pickle, revision=revision,
+                 variant=variant, cache_dir=cache_dir, dtype=dtype)
 
 
-def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False, vae=None,
-             base_config=None):
+def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False, vae=None):
     """The base's VAE, or `vae` (a folder or Hub id holding only a VAE, e.g. SDXL's fp16-fix VAE)."""
     from diffusers import AutoencoderKL
 
     if vae:
         return _load(AutoencoderKL, vae, None, allow_pickle, cache_dir=cache_dir, torch_dtype=dtype)
-    return _load(AutoencoderKL, base, "vae", allow_pickle, base_config, revision=revision, variant=variant,
+    return _load(AutoencoderKL, base, "vae", allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, torch_dtype=dtype)
 
 
-def load_unet(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False, base_config=None):
+def load_unet(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False):
     from diffusers import UNet2DConditionModel
 
-    return _load(UNet2DConditionModel, base, "unet", allow_pickle, base_config, revision=revision, variant=variant,
+    return _load(UNet2DConditionModel, base, "unet", allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, torch_dtype=dtype)
 
 

@@ -78,7 +78,7 @@ def load_unet(base: str, mode: str, device, dtype, revision=None, variant=None, 
     import torch
     from diffusers import UNet2DConditionModel
 
-    from . import models, streamload
+    from . import streamload
 
     files = None if base_config else streamload.weights_files(base, "unet", variant, revision, cache_dir)
     if files is not None:
@@ -116,8 +116,10 @@ def load_unet(base: str, mode: str, device, dtype, revision=None, variant=None, 
             _flag(model, mode)
             model.register_to_config(_name_or_path=str(base))
             return model.eval(), len(linears)
-    model = models.load_unet(base, revision=revision, variant=variant, cache_dir=cache_dir, dtype=dtype,
-                             allow_pickle=allow_pickle, base_config=base_config)
+    from .bases import load
+
+    model = load.part("unet", base, base_config, revision=revision, variant=variant, cache_dir=cache_dir, dtype=dtype,
+                      allow_pickle=allow_pickle)
     return model, quantize_linears(model, mode, device, dtype)
 
 

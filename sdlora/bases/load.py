@@ -142,6 +142,28 @@ def component(cls, path, part: str, configs: str, dtype, allow_pickle: bool = Fa
             raise UserError(f"{path}: could not load its {part} with {FLAG} {configs} ({why})") from None
 
 
+def part(name: str, base, base_config=None, subfolder=None, **kw):
+    """A base's UNet, VAE or text encoder (`name`: "unet", "vae", "text_encoder"): `models.load_*` for a folder or
+    Hub id (and a separate --pretrained_vae_model_name_or_path), `component` for a single-file checkpoint."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from .. import models
+
+    name = subfolder or name
+    if not base_config or kw.get("vae"):
+        if name == "unet":
+            return models.load_unet(base, **kw)
+        if name == "vae":
+            return models.load_vae(base, **kw)
+        return models.load_text_encoder(base, **kw, subfolder=name)
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}.get(name) or \
+        getattr(transformers, models.TEXT_CLASSES[name])
+    return component(cls, base, name, base_config, kw.get("dtype") or torch.float32, kw.get("allow_pickle", False),
+                     kw.get("cache_dir"))
+
+
 def for_pipeline(base, base_config=None, allow_pickle=False, revision=None, cache_dir=None) -> tuple | None:
     """(local file, configs folder or id, family) when `base` is a single-file checkpoint, else None (and
     base_config with a folder base is one line)."""

@@ -41,7 +41,7 @@ def add_model_args(p: argparse.ArgumentParser):
     add_settings(g, "base_name", "base_config", "revision", "variant", "cache_dir", "allow_pickle", "prediction_type",
                  "pretrained_vae_model_name_or_path", "zero_terminal_snr")
     g.add_argument("--v_parameterization", dest="prediction_type", action="store_const", const="v_prediction",
-                   default=argparse.SUPPRESS, help="kohya's name for --prediction_type v_prediction")
+                   help="kohya's name for --prediction_type v_prediction")
 
 
 def add_training_args(p: argparse.ArgumentParser):

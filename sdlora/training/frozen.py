@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import models
+from ..bases import load as bases
 from . import conditioning
 from .config import TrainConfig
 
@@ -37,9 +38,9 @@ class Frozen:
         c = config
         load = dict(revision=c.revision, variant=c.variant, cache_dir=c.cache_dir, allow_pickle=c.allow_pickle,
                     dtype=dtype, base_config=c.base_config)
-        vae = (self.vae or models.load_vae(c.base, **{**load, "dtype": self.vae_dtype},
-                                           vae=c.pretrained_vae_model_name_or_path)).to(device)
-        tes = {n: (te or models.load_text_encoder(c.base, **load, subfolder=n)).to(device)
+        vae = (self.vae or bases.part("vae", c.base, **{**load, "dtype": self.vae_dtype},
+                                      vae=c.pretrained_vae_model_name_or_path)).to(device)
+        tes = {n: (te or bases.part(n, c.base, **load)).to(device)
                for n, te in self.text_encoders.items() if n not in skip}
         try:
             yield vae, tes
@@ -60,7 +61,7 @@ def load(config: TrainConfig, device, weight_dtype: torch.dtype, main: bool) -> 
                                         subfolder=n.replace("text_encoder", "tokenizer"))
                   for n in names]
     noise_scheduler = noise_schedule(config, main)
-    text_encoders = {n: models.load_text_encoder(config.base, **frozen, subfolder=n).to(device).requires_grad_(False)
+    text_encoders = {n: bases.part(n, config.base, **frozen).to(device).requires_grad_(False)
                      for n in names}
     vae = load_vae(config, frozen, weight_dtype).to(device).requires_grad_(False)
     return Frozen(tokenizers, noise_scheduler, text_encoders, vae, vae.dtype, vae.config.scaling_factor)
@@ -92,7 +93,7 @@ def load_vae(config: TrainConfig, frozen: dict, weight_dtype):
     """--pretrained_vae_model_name_or_path or the base's VAE (its dtype: the one it encodes in). SDXL's own VAE
     overflows in fp16 (its config says force_upcast), so it stays fp32 there, as in diffusers' SDXL scripts."""
     maybe_upcast = config.family == "sdxl" and weight_dtype == torch.float16
-    vae = models.load_vae(config.base, **{**frozen, "dtype": torch.float32 if maybe_upcast else weight_dtype},
+    vae = bases.part("vae", config.base, **{**frozen, "dtype": torch.float32 if maybe_upcast else weight_dtype},
                           vae=config.pretrained_vae_model_name_or_path)
     if maybe_upcast and not vae.config.get("force_upcast", True):  # an fp16-safe VAE (the fp16-fix one)
         vae = vae.to(weight_dtype)

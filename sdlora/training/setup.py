@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import models, quantize
+from ..bases import load as bases
 from ..data.trainset import StreamSampler, TrainSet, loader
 from ..lora import adalora
 from . import checkpoint, conditioning, diskcache, heldout, interrupt, manifest, resume, trainable
@@ -185,7 +186,7 @@ def load_unet(config: TrainConfig, accelerator, weight_dtype: torch.dtype):
     load = dict(revision=config.revision, cache_dir=config.cache_dir, variant=config.variant,
                 allow_pickle=config.allow_pickle, dtype=weight_dtype, base_config=config.base_config)
     if config.quantize_base == "none":
-        unet = models.load_unet(config.base, **load)
+        unet = bases.part("unet", config.base, **load)
     else:  # before LoRA injection: peft wraps the quantized layers in its bnb LoRA layers
         unet, n = quantize.load_unet(config.base, config.quantize_base, accelerator.device, **load)
         if accelerator.is_main_process:
