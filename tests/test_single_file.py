@@ -57,11 +57,27 @@ def _train(script, base, out, data, *extra, **over):
                                ["--instance_data_dir", str(data), "--instance_prompt", "a sks square"]))
 
 
+@pytest.fixture(scope="module")
+def runs(files, data, tmp_path_factory):
+    """{(family, script): output folder trained from the single file}, trained once; the folder-trained twin
+    beside it as <name>-folder."""
+    done = {}
+
+    def trained(family, script):
+        if (family, script) not in done:
+            path, folder = files[family]
+            out = tmp_path_factory.mktemp("runs") / "file"
+            _train(script, path, out, data, "--base_config", folder, learning_rate=0.05)
+            _train(script, folder, out.with_name("folder"), data, learning_rate=0.05)
+            done[family, script] = out
+        return done[family, script]
+    return trained
+
+
 @pytest.mark.parametrize("family,script", [("sd1", T2I), ("sdxl", T2I), ("sd1", DREAMBOOTH)])
-def test_a_single_file_trains_the_same_lora_as_its_folder(files, data, tmp_path, family, script):
-    path, folder = files[family]
-    r = _train(script, path, tmp_path / "file", data, "--base_config", folder)
-    _train(script, folder, tmp_path / "folder", data)
+def test_a_single_file_trains_the_same_lora_as_its_folder(files, runs, family, script):
+    path, _ = files[family]
+    tmp_path = runs(family, script).parent
     a, meta = read_lora(tmp_path / "file" / "pytorch_lora_weights.safetensors")
     b, _ = read_lora(tmp_path / "folder" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
@@ -103,14 +119,14 @@ def test_generate_from_the_file_draws_the_folders_image(files):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_an_unmodified_diffusers_pipeline_loads_the_file_and_the_lora(files, data, tmp_path):
+def test_an_unmodified_diffusers_pipeline_loads_the_file_and_the_lora(files, runs):
     """Held-out loader: diffusers' own StableDiffusionPipeline.from_single_file, then the LoRA a file-based run wrote."""
     from diffusers import StableDiffusionPipeline
 
     from sdlora import models
 
     path, folder = files["sd1"]
-    _train(T2I, path, tmp_path / "o", data, "--base_config", folder, learning_rate=0.05)
+    out = runs("sd1", T2I)
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=models.resolve_base(folder),
                                                     local_files_only=True, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
@@ -119,7 +135,7 @@ def test_an_unmodified_diffusers_pipeline_loads_the_file_and_the_lora(files, dat
         return pipe("a red square", num_inference_steps=2, width=32, height=32,
                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     before = draw()
-    pipe.load_lora_weights(str(tmp_path / "o"))
+    pipe.load_lora_weights(str(out))
     assert pipe.get_active_adapters() and not np.allclose(before, draw())
 
 
