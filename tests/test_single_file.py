@@ -148,7 +148,7 @@ def _bad(tmp_path, name, content):
 @pytest.mark.parametrize("case,expect", [
     ("not", "not a checkpoint"), ("lora", "this is a LoRA"), ("truncated", "truncated"),
     ("unknown", "unknown architecture"), ("pickle", "--allow_pickle"), ("offline", "--base_config DIR_OR_ID"),
-    ("wrong_family", "SDXL checkpoint")])
+    ("wrong_family", "SDXL checkpoint"), ("clip_skip_xl", "--clip_skip is not used with an SDXL base")])
 def test_bad_single_files_are_one_line_before_any_weights_load(files, tmp_path, capsys, no_model_loads, case,
                                                                 expect):
     from safetensors.torch import save_file
@@ -170,7 +170,49 @@ def test_bad_single_files_are_one_line_before_any_weights_load(files, tmp_path, 
         torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(1)}}, str(base))
     elif case == "wrong_family":
         base = files["sdxl"][0]
+    elif case == "clip_skip_xl":
+        base, base_config = files["sdxl"][0], ["--base_config", "sdlora-tiny-xl", "--clip_skip", "2"]
     else:
         base = sd1
     msg = recipe_error(capsys, t2i, fast_flags(base, tmp_path / "o", train_data_dir=tmp_path) + base_config)
     assert expect in msg, msg
+
+
+# ---------------------------------------------------------------- clip skip (kohya/A1111's meaning)
+
+def test_clip_skip_2_is_diffusers_clip_skip_1_and_changes_the_conditioning():
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora import models
+
+    pipe = StableDiffusionPipeline.from_pretrained(models.resolve_base("sdlora-tiny"), safety_checker=None)
+    prompt = ["a red square on a blue background"]
+    ours = models.encode_prompts(pipe.text_encoder, pipe.tokenizer, prompt, clip_skip=2)
+    # diffusers 0.42's clip_skip path reads text_encoder.text_model.final_layer_norm, which transformers >= 5.6's
+    # flattened CLIPTextModel no longer has: give it that name (outside the module tree) to run its code unchanged
+    object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)
+    with torch.no_grad():
+        theirs = pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=1)[0]
+    last = models.encode_prompts(pipe.text_encoder, pipe.tokenizer, prompt)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert not torch.allclose(ours, last)
+    torch.testing.assert_close(models.encode_prompts(pipe.text_encoder, pipe.tokenizer, prompt, clip_skip=1), last)
+    from sdlora.pipeline import generate
+
+    pipe.set_progress_bar_config(disable=True)
+    at = {n: np.asarray(generate(pipe, prompt[0], steps=2, width=32, height=32, clip_skip=n)[0]) for n in (1, 2)}
+    assert not np.array_equal(at[1], at[2])
+
+
+def test_clip_skip_trains_differently_is_recorded_and_generate_applies_it(files, runs, data, tmp_path):
+    from sdlora.pipeline import load_adapters
+
+    _, folder = files["sd1"]
+    out = tmp_path / "skip"
+    _train(T2I, folder, out, data, "--clip_skip", "2", learning_rate=0.05)
+    a, meta = read_lora(out / "pytorch_lora_weights.safetensors")
+    b, _ = read_lora(runs("sd1", T2I).with_name("folder") / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the same run at clip skip 1
+    assert meta["ss_clip_skip"] == "2" and read_lora(out / "skip.safetensors")[1]["ss_clip_skip"] == "2"
+    assert "| clip skip | 2 |" in (out / "README.md").read_text()
+    assert load_adapters([str(out)], base=folder, device="cpu", dtype="fp32").clip_skip == 2

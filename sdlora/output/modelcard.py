@@ -48,7 +48,7 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
         "aspect-ratio buckets": info.get("buckets"), "masked loss": info.get("masked_loss"),
         "caption operations": info.get("caption_ops"), "repeat folders": info.get("repeat_folders") or None,
         "lowest validation loss": info.get("best_val_loss"),
-        "VAE": info.get("vae"), "zero terminal SNR": info.get("zero_terminal_snr"),
+        "VAE": info.get("vae"), "clip skip": info.get("clip_skip"), "zero terminal SNR": info.get("zero_terminal_snr"),
         "quantized base": info.get("quantize_base") and f"{info['quantize_base']}: trained over the UNet's Linear "
                                                         f"weights in bitsandbytes' {QUANTIZED[info['quantize_base']]}; "
                                                         f"apply it to the full-precision base",

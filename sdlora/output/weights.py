@@ -28,6 +28,7 @@ def header(info: dict) -> dict[str, str]:
         "ss_sd_model_name": info["base_model"],
         "ss_sd_model_hash": info.get("base_legacy_hash"),  # a single-file base's hashes (bases.hashes)
         "ss_new_sd_model_hash": info.get("base_sha256"),
+        "ss_clip_skip": info.get("clip_skip"),  # kohya's: the N-th last text-encoder layer
         # kohya's names for the base family, which A1111-style viewers filter on
         "ss_base_model_version": base_model_version(info.get("architecture"), info.get("prediction_type")),
         "ss_v2": str("-v2-" in str(info.get("architecture"))),  # kohya's str(bool): "True" / "False"

@@ -84,7 +84,7 @@ def _check_flags(c: TrainConfig) -> tuple[str, ...]:
     if not targets:
         raise UserError("--target_modules is empty; e.g. --target_modules to_q,to_k,to_v,to_out.0")
     for name in ("resolution", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank",
-                 "num_validation_images", "validation_epochs"):  # (resolution None: the base's default)
+                 "num_validation_images", "validation_epochs", "clip_skip"):  # (None: the default)
         _positive(name, getattr(c, name))
     _positive("max_train_steps", c.max_train_steps)
     _positive("checkpointing_steps", c.checkpointing_steps)
@@ -168,7 +168,7 @@ def _check_family(c: TrainConfig, pipeline_class: str | None, unet_config: dict)
     family = models.family_of(unet_config, pipeline_class)
     if family == "sdxl":
         # SDXL conditions on two encoders' full 77-token sequences (diffusers' SDXL scripts have neither flag)
-        for flag in ("tokenizer_max_length", "text_encoder_use_attention_mask"):
+        for flag in ("tokenizer_max_length", "text_encoder_use_attention_mask", "clip_skip"):
             if getattr(c, flag):
                 raise UserError(f"--{flag} is not used with an SDXL base ({c.base_name}); "
                                 f"drop it")

@@ -145,7 +145,7 @@ def build_caches(config: TrainConfig, recipe: Recipe, accelerator, frozen: Froze
         tes, tokenizers = list(frozen.text_encoders.values()), frozen.tokenizers
         caches.build_embeds(all_captions(data) + (heldout.captions(recipe.heldout) if held else []),
                             lambda texts: conditioning.encode(tes, tokenizers, texts, recipe.max_length,
-                                                              recipe.use_attention_mask))
+                                                              recipe.use_attention_mask, config.clip_skip))
     if main:
         _log_caches(data, caches, cache_latents, cache_text, why_not, store, held)
     if cache_text:

@@ -63,6 +63,7 @@ class RunSummary:
     license: str  # the base model's (a LoRA is a derivative of it): base_license
     base_sha256: str | None = None  # a single-file base's sha256 and old A1111 hash (bases.hashes)
     base_legacy_hash: str | None = None
+    clip_skip: int | None = None  # --clip_skip (header ss_clip_skip, card "clip skip": its setting's tags)
 
     def facts(self) -> dict:
         """The summary as the {name: value} the model card and the header take."""
@@ -107,7 +108,7 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
         best_val_loss=(f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
                        f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
         license=base_license(c.base_name, c.base, c.family),
-        base_sha256=base_hashes.get("sha256"), base_legacy_hash=base_hashes.get("legacy"),
+        base_sha256=base_hashes.get("sha256"), base_legacy_hash=base_hashes.get("legacy"), clip_skip=c.clip_skip,
     )
 
 

@@ -29,6 +29,10 @@ class BaseSettings:
     prediction_type: str | None = setting(
         help="default: the base's scheduler config (v_prediction for SD 2.x 768-v bases)",
         choices=["epsilon", "v_prediction"], resume=MUST_MATCH)
+    clip_skip: int | None = setting(
+        help="condition on the N-th last text-encoder layer (kohya's and A1111's clip skip: 1 is the last, 2 the one "
+             "before, which most SD 1.x anime finetunes expect); SD 1.x/2.x; recorded for generate and samples",
+        resume=OPTIONAL, card="clip skip", header="ss_clip_skip")
     pretrained_vae_model_name_or_path: str | None = setting(  # resolved: a loadable folder or Hub id
         help="a VAE to train with instead of the base's, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE "
              "overflows in fp16, so it is kept in fp32 otherwise)", resume=OPTIONAL, card="VAE", header="ss_vae_name")
