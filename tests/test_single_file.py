@@ -91,9 +91,27 @@ def test_a_single_file_trains_the_same_lora_as_its_folder(files, runs, family, s
     assert str(path.parent) not in (tmp_path / "file" / "README.md").read_text()
 
 
+def test_a_pickle_checkpoint_loads_only_with_the_opt_in_and_quantize_base_takes_a_file(files, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from sdlora import models, quantize
+
+    path, folder = files["sd1"]
+    folder = models.resolve_base(folder)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(str(path))}, str(ckpt))
+    assert detect.read(ckpt, allow_pickle=True).family == "sd1"
+    got = load.component(UNet2DConditionModel, ckpt, "unet", folder, torch.float32, allow_pickle=True).state_dict()
+    want = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    unet, n = quantize.load_unet(str(path), "int8", "cpu", torch.float32, base_config=folder)
+    assert n > 0 and quantize.quantized_linears(unet) == n
+
+
 def test_a_v_pred_marked_file_trains_on_the_velocity_with_no_flag(files, data, tmp_path):
-    """The sd2 file is marked with ComfyUI's v_pred key and trained with an epsilon --base_config (the SD 1.x-style
-    DDPM config of the same layout is not at hand, so the folder's own config is overridden to epsilon)."""
+    """The SD 2.x file is marked with ComfyUI's v_pred key and trained with --base_config configs whose scheduler says
+    epsilon: the marker decides, and the LoRA is the one the v-prediction SD 2.x folder trains."""
     import json
     import shutil
 
@@ -106,6 +124,10 @@ def test_a_v_pred_marked_file_trains_on_the_velocity_with_no_flag(files, data, t
     assert "SD 2.x (v-prediction)" in r.stderr and "its v_pred key" in r.stderr, r.stderr[-2000:]
     _, meta = read_lora(tmp_path / "o" / "o.safetensors")
     assert meta["modelspec.prediction_type"] == "v"
+    # and it is the LoRA the SD 2.x folder (a v-prediction scheduler) trains
+    _train(T2I, folder, tmp_path / "folder", data)
+    a, b = (read_lora(tmp_path / d / "pytorch_lora_weights.safetensors")[0] for d in ("o", "folder"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 def test_generate_from_the_file_draws_the_folders_image(files):

@@ -115,6 +115,9 @@ def state(path: str | Path, part: str, dtype, allow_pickle: bool = False) -> dic
     path = Path(path)
     want = PREFIXES[part]
     if path.suffix.lower() in detect.PICKLE:
+        if not allow_pickle:
+            raise UserError(f"{path}: a pickle checkpoint, which can run code when loaded; pass --allow_pickle if you "
+                            f"trust it")
         tensors = detect.pickle_state(path, "--pretrained_model_name_or_path")
         return {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items() if k.startswith(want)}
     return dict(streamload.iter_cast(path, dtype, want=lambda k: k.startswith(want)))
