@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import models
 from ..data.trainset import TrainSet
 from ..lora import card, inject
-from ..output.facts import RunSummary
+from ..output.facts import RunSummary, own_settings
 from .run import Recipe, Run
 
 log = logging.getLogger("sdlora")
@@ -48,7 +48,7 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
         quantize_base=c.quantize_base if c.quantize_base != "none" else None,
         best_val_loss=(f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
                        f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
-        license=base_license(c.base_name, c.base, c.family),
+        license=base_license(c.base_name, c.base, c.family), settings={n: getattr(c, n) for n in own_settings()},
     )
 
 
