@@ -2,7 +2,7 @@
 """Peak CPU memory of loading a base in bf16 from a diffusers folder against the same weights as one single-file
 checkpoint (original layout): the UNet, VAE and text encoder(s), as a bf16 training run loads them.
 
-Modes, each in its own process (its own peak RSS, ru_maxrss):
+Modes, each in its own process (its own peak RSS: VmHWM):
   folder       sdlora's folder load (models.load_*: safetensors read and cast one tensor at a time)
   single-file  sdlora's single-file load (bases.load.part: each component's tensors read and cast one at a time,
                handed to diffusers' from_single_file / its CLIP loader)
@@ -56,6 +56,15 @@ def build(arch: str, work: Path) -> tuple[Path, Path]:
     return folder, file
 
 
+def peak_rss_mb() -> int:
+    """This process's peak resident memory: the kernel's VmHWM, which is this program's own (getrusage's ru_maxrss
+    carries the parent's peak across fork and exec, and the parent built the model)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def load(mode: str, folder: str, file: str) -> dict:
     import torch
 
@@ -77,7 +86,7 @@ def load(mode: str, folder: str, file: str) -> dict:
         parts = [bases.part(n, base, config, dtype=dtype) for n in names]
     seconds = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
-    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    return {"peak_rss_mb": peak_rss_mb(),
             "weights_mb": round(weights / 2**20), "seconds": round(seconds, 1)}
 
 
