@@ -2,7 +2,8 @@
 """Peak CPU memory of loading a base in bf16 from a diffusers folder against the same weights as one single-file
 checkpoint (original layout): the UNet, VAE and text encoder(s), as a bf16 training run loads them.
 
-Modes, each in its own process (its own peak RSS: VmHWM):
+Modes, each in its own process (its own peak RSS: VmHWM, after every weight has been read once, so that
+memory-mapped weights count as they will once training touches them):
   folder       sdlora's folder load (models.load_*: safetensors read and cast one tensor at a time)
   single-file  sdlora's single-file load (bases.load.part: each component's tensors read and cast one at a time,
                handed to diffusers' from_single_file / its CLIP loader)
@@ -85,6 +86,10 @@ def load(mode: str, folder: str, file: str) -> dict:
         base, config = (file, folder) if mode == "single-file" else (folder, None)
         parts = [bases.part(n, base, config, dtype=dtype) for n in names]
     seconds = time.perf_counter() - t0
+    with torch.no_grad():  # read every weight once, as training does: memory-mapped weights become resident
+        for m in parts:
+            for p in m.parameters():
+                p.sum()
     weights = sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
     return {"peak_rss_mb": peak_rss_mb(),
             "weights_mb": round(weights / 2**20), "seconds": round(seconds, 1)}

@@ -17,6 +17,7 @@ Written from the published key-name facts of the two layouts, not from a convers
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -167,5 +168,8 @@ def write(base: str, out: str | Path, dtype: torch.dtype | None = None, overwrit
     state.update((m, torch.tensor([])) for m in markers)
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": models.architecture({}, family_=family)}
     with io.atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        save_file(state, str(tmp), metadata=meta)  # streamed to disk (io.save_safetensors builds it in memory)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; the mode follows the umask, as sdlora's files
     return out, family
