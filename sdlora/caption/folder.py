@@ -97,17 +97,14 @@ def plan(folder, extension: str = ".txt", mode: str = "skip", recursive: bool = 
 
 
 def leftovers(plan_: Plan) -> list[Path]:
-    """Temp files that an earlier, killed run left beside the captions this plan writes (sdlora/io.py names them
+    """Temp files that an earlier, killed run left beside the folder's captions (sdlora/io.py names them
     `.<caption name>.<16 hex>.sdlora-tmp`): removed before the run starts, so a rerun leaves the folder clean."""
     from ..io import TMP_NAME
 
-    names: dict[Path, set[str]] = {}
-    for item in plan_.items:
-        names.setdefault(item.caption.parent, set()).add(item.caption.name)
     found = []
-    for parent, captions in names.items():
+    for parent in sorted({p.parent for p, _ in plan_.skipped} | {item.image.parent for item in plan_.items}):
         with os.scandir(parent) as entries:
             # ".a.txt.0123456789abcdef.sdlora-tmp" -> "a.txt"
             found += [Path(e.path) for e in entries
-                      if TMP_NAME.fullmatch(e.name) and e.name[1:].rsplit(".", 2)[0] in captions]
+                      if TMP_NAME.fullmatch(e.name) and e.name[1:].rsplit(".", 2)[0].endswith(plan_.extension)]
     return sorted(found)

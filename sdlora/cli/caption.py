@@ -50,7 +50,7 @@ def _caption_cli(args):
     from tqdm.auto import tqdm
 
     from ..caption import folder, models
-    from ..caption.run import Wording, caption_folder
+    from ..caption.run import Summary, Wording, caption_folder
     from ..caption.wd14 import TagOptions
 
     if args.max_length is not None and args.max_length < 1:
@@ -64,7 +64,7 @@ def _caption_cli(args):
     device, dtype = models.device_and_precision(args.device, args.dtype)
     plan = folder.plan(args.dir, args.caption_extension, mode, args.recursive)
     if not plan.items:
-        print(f"nothing to caption in {args.dir}: {len(plan.skipped)} file(s) skipped (see above)", file=sys.stderr)
+        print(f"nothing to caption in {args.dir}; " + Summary(skipped=plan.skipped).text(), file=sys.stderr)
         return 0
     what = models.FAMILIES[source.family]
     print(f"{what} {args.model} on {device}" + ("" if source.family == "wd14" else f" in {dtype}") +
