@@ -183,3 +183,13 @@ def test_a_killed_run_leaves_whole_captions_and_a_rerun_finishes(blip, tmp_path)
     after = captions(data)
     assert len(after) == 150 and all(after[k] == v for k, v in before.items())  # carried on, kept what was there
     assert not leftover.exists()
+
+
+def test_a_chat_vlm_answers_the_prompt_and_only_the_answer_is_written(tmp_path):
+    model = random_models.vlm(tmp_path / "vlm")
+    data = make_images(tmp_path / "data", n=3, captions=False)
+    assert main(["caption", str(data), "--model", str(model), "--prompt", "Describe it.", "--max_length", "5",
+                 "--batch_size", "2", "--prefix", "sks"]) == 0
+    for text in captions(data).values():
+        words = text.removeprefix("sks, ").split()
+        assert 1 <= len(words) <= 5 and set(words) <= set(random_models.WORDS), text  # no prompt, no template

@@ -141,3 +141,42 @@ def _tag_head(vit, n):
             return torch.sigmoid(self.head(self.vit(pixel_values=x).last_hidden_state.mean(1)) * 4)
 
     return TagHead()
+
+
+def vlm(out, seed: int = 0) -> Path:
+    """A tiny chat VLM (LLaVA layout: CLIP vision tower, Llama decoder, a chat template), for the chat path that
+    Qwen2-VL / Qwen2.5-VL take too (their processors need torchvision, which the tests go without)."""
+    import torch
+    from transformers import CLIPImageProcessorPil, GPT2Tokenizer, LlavaConfig, LlavaForConditionalGeneration, \
+        LlavaProcessor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    special = ["<|im_start|>", "<|im_end|>", "<image>"]
+    vocab = _bpe_vocab(["\u0120" + w for w in WORDS] + special, 0)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    tok = GPT2Tokenizer(str(out / "vocab.json"), str(out / "merges.txt"), eos_token="<|im_end|>", pad_token="<pad>",
+                        bos_token="<s>", unk_token="<unk>", additional_special_tokens=special,
+                        extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
+                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    processor = LlavaProcessor(CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                               tok, patch_size=8, vision_feature_select_strategy="default", chat_template=template,
+                               image_token="<image>", num_additional_image_tokens=1)
+    text = dict(model_type="llama", vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"])
+    vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision,
+                                                      image_token_id=vocab["<image>"], vision_feature_layer=-1,
+                                                      vision_feature_select_strategy="default"))
+    words = {vocab["\u0120" + w] for w in WORDS} | {vocab["<|im_end|>"]}
+    model.generation_config.min_new_tokens = 2  # random weights: say some words, end when they like
+    model.generation_config.suppress_tokens = [i for i in range(len(vocab)) if i not in words]
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
