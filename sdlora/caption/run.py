@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.images import read_image
+from ..errors import UserError
 from ..io import write_text
 from .folder import Plan, leftovers
 from .tags import compose, frequency, merged
@@ -58,8 +59,6 @@ def caption_folder(plan: Plan, captioner, wording: Wording = Wording(), batch_si
     """Caption `plan.items` with `captioner` (a list of images -> a list of captions); `on_batch(done, total)` after
     each batch. An empty caption from the model is skipped, not written."""
     if batch_size < 1:
-        from ..errors import UserError
-
         raise UserError(f"--batch_size {batch_size}: must be at least 1")
     summary = Summary(skipped=list(plan.skipped), dry_run=dry_run)
     if not dry_run:
