@@ -87,9 +87,16 @@ def plan(folder, extension: str = ".txt", mode: str = "skip", recursive: bool = 
         elif item.caption.exists() or item.caption.is_symlink():
             why = _existing(item, mode, root)
         claimed[item.caption] = p
-        out.skipped.append((p, why)) if why else out.items.append(item)
+        if why:
+            out.skipped.append((p, why))
+        else:
+            out.items.append(item)
     for p, why in out.skipped:
         log.warning("skipping %s: %s", p, why)
+    for meta in (folder / "metadata.jsonl", folder / "metadata.csv"):
+        if meta.exists():
+            log.warning("%s: the trainer reads the captions of the images it lists from it, not from %s files",
+                        meta, ext)
     if not out.items and not out.skipped:
         hint = f"; its {subfolders} sub-folder(s) are read with --recursive" if subfolders else ""
         raise UserError(f"{folder}: no image in it (PNG/JPEG/WebP…){hint}")
