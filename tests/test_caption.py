@@ -104,7 +104,8 @@ def test_kohya_repeat_folders_with_recursive(blip, tmp_path):
 
     with pytest.raises(UserError, match=r"no image in it .*1 sub-folder\(s\) are read with --recursive"):
         folder.plan(data)
-    assert main(["caption", str(data), "--model", str(blip), "--recursive", "--prefix", "sks dog", "--max_length", "8"]) == 0
+    assert main(["caption", str(data), "--model", str(blip), "--recursive", "--prefix", "sks dog",
+                 "--max_length", "8"]) == 0
     rows = rows_from_folder(data)
     assert len(rows) == 2 and all(r.repeats == 10 and r.caption.startswith("sks dog, ") for r in rows)
 
@@ -147,7 +148,7 @@ def test_tagger_options_are_kohyas():
     t.options = TagOptions(0.5, 0.9, frozenset({"solo"}), remove_underscore=True, character_first=True, rating=True)
     assert t.caption(probs) == "general, kirby, 1girl, ^_^"
     t.options = TagOptions(0.35, 0.75, frozenset({"long hair"}), remove_underscore=True, separator=" ")
-    assert t.caption(probs) == "kirby 1girl hatsune_miku ^_^ solo simple background".replace("hatsune_miku", "hatsune miku")
+    assert t.caption(probs) == "kirby 1girl hatsune miku ^_^ solo simple background"
 
 
 def test_tag_edits():
@@ -164,7 +165,7 @@ def test_a_killed_run_leaves_whole_captions_and_a_rerun_finishes(blip, tmp_path)
 
     data = tmp_path / "data"
     data.mkdir()
-    for i in range(150):
+    for i in range(60):
         Image.new("RGB", (32, 32), (i, 255 - i, 0)).save(data / f"{i:03d}.png")
     leftover = data / ".000.txt.0123456789abcdef.sdlora-tmp"  # what a kill inside a write leaves
     cmd = [PY, "-m", "sdlora.cli", "caption", str(data), "--model", str(blip), "--prefix", "sks", "--max_length", "8"]
@@ -176,12 +177,12 @@ def test_a_killed_run_leaves_whole_captions_and_a_rerun_finishes(blip, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = captions(data)
-    assert 0 < len(before) < 150  # killed mid-run
+    assert 0 < len(before) < 60  # killed mid-run
     assert all(t.startswith("sks, ") and t.endswith("\n") and len(t) > 6 for t in before.values())
     leftover.write_text("sks, half a cap")
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     after = captions(data)
-    assert len(after) == 150 and all(after[k] == v for k, v in before.items())  # carried on, kept what was there
+    assert len(after) == 60 and all(after[k] == v for k, v in before.items())  # carried on, kept what was there
     assert not leftover.exists()
 
 

@@ -59,7 +59,8 @@ def blip(out, size: str = "tiny", seed: int = 0) -> Path:
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     words += [f"w{i}" for i in range(max(0, c["vocab"] - len(words) - 1))] + ["[DEC]"]
     (out / "vocab.txt").write_text("\n".join(words) + "\n")
-    tok = BertTokenizer(str(out / "vocab.txt"), bos_token="[DEC]", model_max_length=c["text"]["max_position_embeddings"])
+    tok = BertTokenizer(str(out / "vocab.txt"), bos_token="[DEC]",
+                        model_max_length=c["text"]["max_position_embeddings"])
     text = dict(c["text"], vocab_size=len(words), bos_token_id=tok.bos_token_id, pad_token_id=0,
                 sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id)
     torch.manual_seed(seed)
@@ -82,8 +83,8 @@ def florence2(out, size: str = "tiny", seed: int = 0) -> Path:
     vocab = _bpe_vocab(["\u0120" + w for w in WORDS] + ["<image>"], c["vocab"])
     (out / "vocab.json").write_text(json.dumps(vocab))
     (out / "merges.txt").write_text("#version: 0.2\n")
-    tok = BartTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), extra_special_tokens={"image_token": "<image>"},
-                        model_max_length=c["text"]["max_position_embeddings"])
+    tok = BartTokenizer(str(out / "vocab.json"), str(out / "merges.txt"),
+                        extra_special_tokens={"image_token": "<image>"}, model_max_length=c["text"]["max_position_embeddings"])
     text = dict(c["text"], vocab_size=len(vocab), bos_token_id=0, pad_token_id=1, eos_token_id=2,
                 decoder_start_token_id=2, forced_eos_token_id=2)
     torch.manual_seed(seed)

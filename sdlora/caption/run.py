@@ -12,7 +12,7 @@ from ..data.images import read_image
 from ..errors import UserError
 from ..io import write_text
 from .folder import Plan, leftovers
-from .tags import compose, frequency, merged
+from .tags import SEPARATOR, compose, frequency, merged
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Summary:
 class Wording:
     prefix: str = ""  # e.g. a trigger word
     suffix: str = ""
-    separator: str = ", "
+    separator: str = SEPARATOR
 
 
 def _load(item, skipped):

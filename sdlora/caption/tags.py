@@ -5,22 +5,24 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+SEPARATOR = ", "  # what joins the tags sdlora writes (kohya's taggers write the same)
+
 
 def split_tags(text: str, separator: str = ",") -> list[str]:
     """The caption's tags, stripped, empty ones left out (as kohya's trainers split them)."""
     return [t.strip() for t in text.split(separator.strip() or separator) if t.strip()]
 
 
-def join_tags(tags: Iterable[str], separator: str = ", ") -> str:
+def join_tags(tags: Iterable[str], separator: str = SEPARATOR) -> str:
     return separator.join(t for t in tags if t)
 
 
-def compose(caption: str, prefix: str = "", suffix: str = "", separator: str = ", ") -> str:
+def compose(caption: str, prefix: str = "", suffix: str = "", separator: str = SEPARATOR) -> str:
     """prefix, caption, suffix joined by the separator; an empty part is left out."""
     return join_tags((prefix.strip(), caption.strip(), suffix.strip()), separator)
 
 
-def merged(existing: str, new: str, separator: str = ", ") -> str:
+def merged(existing: str, new: str, separator: str = SEPARATOR) -> str:
     """--append: the existing caption, then each tag of `new` that it does not have yet."""
     have = split_tags(existing, separator)
     seen = set(have)
@@ -29,7 +31,7 @@ def merged(existing: str, new: str, separator: str = ", ") -> str:
 
 
 def edit(text: str, add: Iterable[str] = (), remove: Iterable[str] = (), replace: dict[str, str] | None = None,
-         separator: str = ", ") -> str:
+         separator: str = SEPARATOR) -> str:
     """A caption with tags replaced (old -> new), removed, then added at the end where missing; the order of the
     others is kept, and a tag that a replacement duplicates is kept once."""
     replace, gone = replace or {}, set(remove)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .tags import join_tags, no_underscores
+from .tags import SEPARATOR, join_tags, no_underscores
 
 # selected_tags.csv's category column
 GENERAL, CHARACTER, RATING = 0, 4, 9
@@ -25,7 +25,7 @@ class TagOptions:
     remove_underscore: bool = False
     character_first: bool = False
     rating: bool = False
-    separator: str = ", "
+    separator: str = SEPARATOR
 
     def check(self):
         for flag, v in (("general_threshold", self.general_threshold),

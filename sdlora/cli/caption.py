@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ..caption.tags import SEPARATOR
+from ..caption.wd14 import TagOptions
 from ..errors import UserError
 
 
@@ -22,7 +24,8 @@ def register(sub):
                       "there are not repeated)")
     s.add_argument("--caption_extension", default=".txt", help="the caption files' extension (default: .txt, what "
                    "the trainers read)")
-    s.add_argument("--caption_separator", default=", ", help="what joins the prefix, tags and suffix (default: ', ')")
+    s.add_argument("--caption_separator", default=SEPARATOR,
+                   help="what joins the prefix, tags and suffix (default: '%(default)s')")
     s.add_argument("--recursive", action="store_true", help="caption sub-folders too (kohya's 10_name repeat folders)")
     s.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default: 1)")
     s.add_argument("--dry_run", action="store_true", help="print what would be written; write nothing")
@@ -34,9 +37,10 @@ def register(sub):
     s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="captioners' precision (default: fp16 on a "
                    "CUDA GPU, bf16 on a CPU that computes it natively, else fp32; taggers run their ONNX file as is)")
     t = s.add_argument_group("WD14 tagger (kohya's tag_images_by_wd14_tagger.py options)")
-    t.add_argument("--general_threshold", type=float, default=0.35, help="keep general tags this likely (default: 0.35)")
-    t.add_argument("--character_threshold", type=float, default=0.85,
-                   help="keep character tags this likely (default: 0.85)")
+    t.add_argument("--general_threshold", type=float, default=TagOptions.general_threshold,
+                   help="keep general tags this likely (default: %(default)s)")
+    t.add_argument("--character_threshold", type=float, default=TagOptions.character_threshold,
+                   help="keep character tags this likely (default: %(default)s)")
     t.add_argument("--undesired_tags", default="", help="comma-separated tags never written")
     t.add_argument("--remove_underscore", action="store_true",
                    help="long_hair -> long hair (tags longer than 3 characters, so ^_^ stays)")
@@ -51,7 +55,6 @@ def _caption_cli(args):
 
     from ..caption import folder, models
     from ..caption.run import Summary, Wording, caption_folder
-    from ..caption.wd14 import TagOptions
 
     if args.max_length is not None and args.max_length < 1:
         raise UserError(f"--max_length {args.max_length}: must be at least 1")
