@@ -291,24 +291,46 @@ def test_no_print_outside_cli():
 
 
 def _config_defaults() -> dict[str, object]:
-    """TrainConfig's fields with a literal default."""
-    tree = _tree(PKG / "training" / "config.py")
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
+    """TrainConfig's fields with a literal default, from every settings group of sdlora/training/config/: a plain
+    `name: T = 1` or a `setting(1, ...)` / `setting(default=1, ...)` field."""
     out = {}
-    for stmt in cls.body:
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None:
-            try:
-                out[stmt.target.id] = ast.literal_eval(stmt.value)
-            except ValueError:
-                pass  # field(default_factory=...) and the like
+    for path in _py_files(PKG / "training" / "config"):
+        for cls in (n for n in _tree(path).body if isinstance(n, ast.ClassDef)):
+            for stmt in cls.body:
+                if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value):
+                    continue
+                value = stmt.value
+                if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "setting":
+                    value = next((k.value for k in value.keywords if k.arg == "default"),
+                                 value.args[0] if value.args else ast.Constant(None))
+                try:
+                    out[stmt.target.id] = ast.literal_eval(value)
+                except ValueError:
+                    pass  # field(default_factory=...), a name such as tuple(UNET_TARGETS), and the like
     return out
+
+
+def _recipe_defaults(path: Path, tree: ast.AST):
+    """(line, key, value) of each literal item of a module-level `DEFAULTS = {...}` (a recipe's own defaults)."""
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "DEFAULTS" for t in node.targets)
+                and isinstance(node.value, ast.Dict)):
+            for k, v in zip(node.value.keys, node.value.values):
+                try:
+                    yield node.lineno, ast.literal_eval(k), ast.literal_eval(v)
+                except ValueError:
+                    continue
 
 
 def test_no_argparse_default_repeating_config():
     """A training flag whose explicit default (add_argument's default=, or set_defaults) equals TrainConfig's: the
     default belongs to the config alone. (default=None is argparse's "not given", not a repeat.)"""
     defaults, rows = _config_defaults(), []
-    for path in [p for p in PKG_FILES if p.relative_to(PKG).parts[0] == "cli"] + RECIPES:
+    assert {"learning_rate", "rank", "train_batch_size"} <= defaults.keys(), "the config's defaults were not found"
+    for path in [p for p in PKG_FILES if p.relative_to(PKG).parts[0] in ("cli", "recipes")] + RECIPES:
+        for line, key, value in _recipe_defaults(path, _tree(path)):
+            if key in defaults and value is not None and value == defaults[key]:
+                rows.append(f"{_rel(path)}:{line} DEFAULTS[{key!r}] = {value!r}")
         for node in ast.walk(_tree(path)):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "set_defaults":
                 for k in node.keywords:  # p.set_defaults(num_train_epochs=1): a recipe's own default, unless equal

@@ -1,4 +1,4 @@
-"""The flags both recipes share, made from the settings' declarations (training/config.py's TrainConfig,
+"""The flags both recipes share, made from the settings' declarations (training/config/'s TrainConfig,
 data/captions.py's CaptionOps): a flag's default, help, type and choices are written there, once; here is only
 which group shows it, in which order, and the few flags that are no setting."""
 from __future__ import annotations

@@ -18,7 +18,7 @@ log = logging.getLogger("sdlora")
 # LR schedules whose value at step s depends on the total number of steps.
 DECAYING = {"linear", "cosine", "cosine_with_restarts", "polynomial"}
 
-# The settings a resumed run must share with its checkpoint are the config fields tagged resume= (config.py); a
+# The settings a resumed run must share with its checkpoint are the config fields tagged resume= (config/); a
 # "optional" one is recorded only when it differs from its default, so a checkpoint from before that flag existed
 # matches a run without it.
 OPTIONAL = {name: default_of(name) for name, tag in fields_tagged("resume").items() if tag == OPTIONAL_TAG}
