@@ -118,7 +118,7 @@ def test_florence2_captions(tmp_path):
         assert 1 <= len(text.split()) <= 6
 
 
-@pytest.mark.parametrize("case", ["no folder", "not a model", "timm only", "remote code", "no images"])
+@pytest.mark.parametrize("case", ["no folder", "not a model", "timm only", "remote code", "no images", "hub offline"])
 def test_bad_model_or_folder_is_one_line(case, blip, tmp_path, capsys):
     data = make_images(tmp_path / "data", n=1, captions=False)
     model = tmp_path / "m"
@@ -131,8 +131,8 @@ def test_bad_model_or_folder_is_one_line(case, blip, tmp_path, capsys):
         model, data = blip, tmp_path / "m"
     said = {"no folder": "no such folder, and not a valid Hub model id", "not a model": "no config.json",
             "timm only": "a timm tagger without model.onnx", "remote code": "trust_remote_code",
-            "no images": "no image in it"}[case]
-    arg = str(tmp_path / "nothing/") if case == "no folder" else str(model)
+            "no images": "no image in it", "hub offline": "not a local folder and the Hub is unreachable"}[case]
+    arg = {"no folder": str(tmp_path / "nothing/"), "hub offline": "someone/some-captioner"}.get(case, str(model))
     assert main(["caption", str(data), "--model", arg]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and said in err, err
@@ -194,3 +194,13 @@ def test_a_chat_vlm_answers_the_prompt_and_only_the_answer_is_written(tmp_path):
     for text in captions(data).values():
         words = text.removeprefix("sks, ").split()
         assert 1 <= len(words) <= 5 and set(words) <= set(random_models.WORDS), text  # no prompt, no template
+
+
+def test_another_caption_extension_is_what_the_trainer_reads_with_it(tagger, tmp_path):
+    data = make_images(tmp_path / "data", n=2, captions=False)
+    assert main(["caption", str(data), "--model", str(tagger), "--caption_extension", "caption",
+                 "--general_threshold", "0.01", "--prefix", "sks"]) == 0
+    assert not list(data.glob("*.txt")) and len(list(data.glob("*.caption"))) == 2
+    rows = rows_from_folder(data, caption_extension=".caption")
+    assert [r.caption for r in rows] == [(data / f"img{i}.caption").read_text().strip() for i in range(2)]
+    assert all(r.caption.startswith("sks, ") for r in rows)
