@@ -40,7 +40,9 @@ def test_blip_writes_one_caption_per_image_with_the_prefix_and_the_trainer_reads
     assert sorted(written) == ["img0.txt", "img1.txt", "img2.txt"]
     for text in written.values():
         assert text.startswith("sks dog, ") and text.endswith(", photo\n") and len(text) > len("sks dog, , photo\n")
-    assert "wrote 3 caption(s), skipped 0 file(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "wrote 3 caption(s), skipped 0 file(s)" in err and "BLIP " in err and " on cpu in " in err
+    assert "3/3 [" in err and ("img/s]" in err or "s/img]" in err)  # the progress bar: rate and time left
     rows = rows_from_folder(data)
     assert {Path(r.image).stem + ".txt": r.caption for r in rows} == {k: v.strip() for k, v in written.items()}
     assert not [p for p in data.iterdir() if p.name.startswith(".")]  # no temp file left
