@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..caption.captioners import MAX_LENGTHS, PROMPTS
 from ..caption.tags import SEPARATOR
 from ..caption.wd14 import TagOptions
 from ..errors import UserError
@@ -29,10 +30,10 @@ def register(sub):
     s.add_argument("--recursive", action="store_true", help="caption sub-folders too (kohya's 10_name repeat folders)")
     s.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default: 1)")
     s.add_argument("--dry_run", action="store_true", help="print what would be written; write nothing")
-    s.add_argument("--prompt", help="the text given with each image: Florence-2's task (default <DETAILED_CAPTION>), "
-                   "a VLM's instruction, or the start of a BLIP caption (default: none)")
-    s.add_argument("--max_length", type=int, help="new tokens per caption at most (default: 75 for BLIP, 128 for "
-                   "Florence-2 and VLMs)")
+    s.add_argument("--prompt", help=f"the text given with each image: Florence-2's task (default "
+                   f"{PROMPTS['florence2']}), a VLM's instruction, or the start of a BLIP caption (default: none)")
+    s.add_argument("--max_length", type=int, help=f"new tokens per caption at most (default: {MAX_LENGTHS['blip']} "
+                   f"for BLIP, {MAX_LENGTHS['florence2']} for Florence-2, {MAX_LENGTHS['vlm']} for VLMs)")
     s.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: a CUDA GPU if there is one)")
     s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="captioners' precision (default: fp16 on a "
                    "CUDA GPU, bf16 on a CPU that computes it natively, else fp32; taggers run their ONNX file as is)")
