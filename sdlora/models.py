@@ -318,8 +318,8 @@ def load_text_encoder(base, revision=None, variant=None, cache_dir=None, dtype=N
     conditions the UNet."""
     import transformers
 
-    return _load(getattr(transformers, TEXT_CLASSES[subfolder]), base, subfolder, allow_pickle, revision=revision, variant=variant,
-                 cache_dir=cache_dir, dtype=dtype)
+    return _load(getattr(transformers, TEXT_CLASSES[subfolder]), base, subfolder, allow_pickle, revision=revision,
+                 variant=variant, cache_dir=cache_dir, dtype=dtype)
 
 
 def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False, vae=None):
@@ -351,11 +351,15 @@ def tokenize(tokenizer, captions: list[str], max_length: int | None = None):
 
 
 def encode_prompts(text_encoder, tokenizer, captions: list[str], max_length: int | None = None,
-                   use_attention_mask: bool = False):
-    """CLIP last hidden states for `captions`, as SD1.x conditions its UNet."""
+                   use_attention_mask: bool = False, clip_skip: int | None = None):
+    """CLIP last hidden states for `captions`, as SD1.x conditions its UNet; with `clip_skip` N > 1 the N-th last
+    layer's, through the final layer norm (kohya/A1111; diffusers' pipelines call it clip_skip N - 1)."""
     tok = tokenize(tokenizer, captions, max_length)
     device = next(text_encoder.parameters()).device
     mask = tok.attention_mask.to(device) if use_attention_mask else None
+    if clip_skip and clip_skip > 1:
+        hidden = text_encoder(tok.input_ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states
+        return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden[-clip_skip])
     return text_encoder(tok.input_ids.to(device), attention_mask=mask, return_dict=False)[0]
 
 

@@ -151,9 +151,11 @@ def test_settings_are_tagged_for_resume_card_and_header():
 
     resume = fields_tagged("resume")
     assert {k for k, v in resume.items() if v == OPTIONAL} == \
-        {"pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder", "quantize_base"}
+        {"pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder", "quantize_base",
+         "clip_skip"}
     assert {"rank", "learning_rate", "resolution", "bucketing"} <= {k for k, v in resume.items() if v == MUST_MATCH}
     assert fields_tagged("header")["rank"] == "ss_network_dim"
+    assert fields_tagged("header")["clip_skip"] == "ss_clip_skip" and fields_tagged("card")["clip_skip"] == "clip skip"
     assert fields_tagged("card")["lr_scheduler"] == "LR scheduler"
 
 
@@ -163,7 +165,7 @@ def _full_facts() -> dict:
 
     from sdlora.output.facts import RunSummary
 
-    values = dict(base_model="org/base", family="SD 1.x", kind="text-to-image", rank=4, alpha=8.0, lora_type="dora",
+    values = dict(base_model="org/base", base_sha256="ab" * 32, base_legacy_hash="12345678", family="SD 1.x", kind="text-to-image", rank=4, alpha=8.0, lora_type="dora",
                   rslora=True, init="pissa", target_modules=["to_q", "to_k"], train_text_encoder=True, steps=10,
                   epochs=2, train_batch_size=2, gradient_accumulation_steps=3, learning_rate=1e-4,
                   lr_scheduler="cosine", resolution=512, mixed_precision="bf16", save_precision="fp16",
@@ -172,7 +174,7 @@ def _full_facts() -> dict:
                   vae="org/vae", zero_terminal_snr=True, quantize_base="nf4", dataset_dirs={"d": {"n_repeats": 2}},
                   architecture="stable-diffusion-v1", prediction_type="epsilon", title="t", trigger_phrase="sks",
                   extra_tags=["x"], base_model_in_front_matter=True, base_is_local=False, samples=[], repo_id=None,
-                  example_prompt="a cat", kohya_file="t.safetensors", license="openrail", settings={})
+                  example_prompt="a cat", kohya_file="t.safetensors", license="openrail", settings={"clip_skip": 2})
     assert set(values) == {f.name for f in fields(RunSummary)}, "a RunSummary fact without a value here"
     return RunSummary(**values).facts()
 
@@ -216,10 +218,11 @@ def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monke
     extra = {"card": {"gradient_checkpointing": "gradient checkpointing"},
              "header": {"gradient_checkpointing": "ss_gradient_checkpointing"}}
     monkeypatch.setattr(facts, "fields_tagged", lambda tag: real(tag) | extra.get(tag, {}))
-    assert facts.own_settings() == ["gradient_checkpointing"]
+    assert facts.own_settings() == ["clip_skip", "gradient_checkpointing"]
     info = {**_full_facts(), "gradient_checkpointing": True}
     card = modelcard.render(info)
     assert card.index("| quantized base |") < card.index("| gradient checkpointing | True |")
     assert weights.header(info)["ss_gradient_checkpointing"] == "True"  # kohya's str(bool)
-    off = facts.RunSummary(**{**{k: v for k, v in _full_facts().items()}, "settings": {"gradient_checkpointing": False}})
+    off = facts.RunSummary(**{**{k: v for k, v in _full_facts().items() if k != "clip_skip"},
+                              "settings": {"gradient_checkpointing": False}})
     assert "gradient_checkpointing" not in off.facts()

@@ -37,8 +37,11 @@ def _add(group, f: Field):
 
 
 def add_model_args(p: argparse.ArgumentParser):
-    add_settings(p.add_argument_group("model"), "base_name", "revision", "variant", "cache_dir", "allow_pickle",
-                 "prediction_type", "pretrained_vae_model_name_or_path", "zero_terminal_snr")
+    g = p.add_argument_group("model")
+    add_settings(g, "base_name", "base_config", "revision", "variant", "cache_dir", "allow_pickle", "prediction_type",
+                 "pretrained_vae_model_name_or_path", "zero_terminal_snr", "clip_skip")
+    g.add_argument("--v_parameterization", dest="prediction_type", action="store_const", const="v_prediction",
+                   help="kohya's name for --prediction_type v_prediction")
 
 
 def add_training_args(p: argparse.ArgumentParser):

@@ -34,9 +34,27 @@ def _extract_cli(args):
 def _make_tiny_cli(args):
     from ..tiny import is_xl, make_tiny
 
+    if args.single_file:
+        import tempfile
+
+        from ..bases import ldm
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out, family = ldm.write(make_tiny(tmp, arch=args.arch, seed=args.seed), args.dir)
+        print(f"wrote a {args.arch}-architecture single-file checkpoint (original layout, random weights) to {out}")
+        return
     out = make_tiny(args.dir, arch=args.arch, seed=args.seed)
     kind = "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"
     print(f"wrote a {args.arch}-architecture {kind} (random weights) to {out}")
+
+
+def _convert_base_cli(args):
+    from ..bases import ldm
+    from ..models import FAMILIES, torch_dtype
+
+    out, family = ldm.write(args.base, args.out, torch_dtype(args.dtype) if args.dtype else None, args.overwrite,
+                            ("v_pred",) * args.v_pred + ("ztsnr",) * args.ztsnr)
+    print(f"wrote {args.base} ({FAMILIES[family]}) as a single-file checkpoint to {out}")
 
 
 def register(sub):
@@ -91,4 +109,16 @@ def register(sub):
                         "v-prediction; sdxl-tiny: SDXL layout (two text encoders); sdxl: SDXL base 1.0's "
                         "configs (~13.5 GB in fp32)")
     s.add_argument("--seed", type=int, default=0, help="the random weights' seed")
+    s.add_argument("--single-file", action="store_true", help="write one original-layout .safetensors checkpoint "
+                   "(as A1111/ComfyUI/Civitai files are) to DIR (a *.safetensors name) instead of a folder")
     s.set_defaults(func=_make_tiny_cli)
+
+    s = sub.add_parser("convert-base", help="write a diffusers base model (folder, bundled name) as one "
+                       "original-layout .safetensors checkpoint, as A1111/ComfyUI/Civitai files are")
+    s.add_argument("base", help="a diffusers SD 1.x/2.x/XL folder or bundled name (sdlora-tiny, sdlora-tiny-xl)")
+    s.add_argument("out", help="the *.safetensors file to write")
+    s.add_argument("--dtype", choices=list(SAVE_PRECISIONS), help="cast the weights on write (default: as stored)")
+    s.add_argument("--v-pred", action="store_true", help="add ComfyUI's v_pred marker key (a v-prediction model)")
+    s.add_argument("--ztsnr", action="store_true", help="add ComfyUI's ztsnr marker key (zero terminal SNR)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    s.set_defaults(func=_convert_base_cli)

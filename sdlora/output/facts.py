@@ -24,6 +24,9 @@ def fact(card: str | None = None, header: str | tuple = (), setting: str | None 
 class RunSummary:
     """The facts of a finished run, in the card's row order (a None value leaves its row and keys out)."""
     base_model: str = fact(setting="base_name")  # a Hub id, or a local folder's name when pushing (never a path)
+    # a single-file base's hashes as A1111/Civitai match a LoRA to its base (bases.hashes; kohya's keys)
+    base_sha256: str | None = fact(card="base model sha256", header="ss_new_sd_model_hash")
+    base_legacy_hash: str | None = fact(header="ss_sd_model_hash")
     family: str = fact(card="base model family")
     kind: str = fact(card="kind", header="ss_training_comment")  # "text-to-image" or "dreambooth"
     rank: int = fact(setting="rank")  # rank and alpha as the file records them (inject.file_rank_alpha)

@@ -56,6 +56,7 @@ class Adapters:
         self.pipe = pipe
         self.base = base
         self.loaded: dict[str, dict] = {}
+        self.clip_skip: int | None = None  # the first LoRA's recorded clip skip (ss_clip_skip), to draw with
 
     def add(self, loras) -> list[str]:
         """Stack [(Lora | path, weight)] as named adapters; all are checked before any is applied, and a failure
@@ -75,6 +76,8 @@ class Adapters:
                 with quiet():
                     pipe.load_lora_weights(_peft_dict(lora, pipe), adapter_name=name)
                 self.loaded[name] = {"path": lora.source, "weight": weight, "format": lora.format}
+                if self.clip_skip is None and str(lora.metadata.get("ss_clip_skip", "")).isdigit():
+                    self.clip_skip = int(lora.metadata["ss_clip_skip"])
         except Exception as e:
             for name in added:  # undo this call's adapters, including one that failed half-way
                 self.loaded.pop(name, None)

@@ -124,7 +124,7 @@ def class_rows(args, config: TrainConfig):
         class_images.generate(config.base, folder, args.class_prompt, args.num_class_images, config.resolution,
                               args.sample_batch_size, args.seed or 0, torch_dtype(precision), state.device,
                               revision=config.revision, variant=config.variant, cache_dir=config.cache_dir,
-                              allow_pickle=config.allow_pickle)
+                              allow_pickle=config.allow_pickle, base_config=config.base_config)
         interrupt.entered("start")
     state.wait_for_everyone()
     rows = rows_from_images(folder, args.class_prompt, "--class_data_dir", kohya_repeats=False)

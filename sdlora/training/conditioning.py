@@ -43,10 +43,11 @@ class Text:
 
 
 def encode(encoders: list, tokenizers: list, captions: list[str], max_length: int | None = None,
-           use_attention_mask: bool = False) -> Text:
-    """The prompt conditioning from one text encoder (SD 1.x/2.x) or two (SDXL)."""
+           use_attention_mask: bool = False, clip_skip: int | None = None) -> Text:
+    """The prompt conditioning from one text encoder (SD 1.x/2.x, at --clip_skip) or two (SDXL)."""
     if len(encoders) == 1:
-        return Text(models.encode_prompts(encoders[0], tokenizers[0], captions, max_length, use_attention_mask))
+        return Text(models.encode_prompts(encoders[0], tokenizers[0], captions, max_length, use_attention_mask,
+                                          clip_skip))
     hidden = []
     for te, tok in zip(encoders, tokenizers):
         ids = models.tokenize(tok, captions, max_length).input_ids.to(next(te.parameters()).device)

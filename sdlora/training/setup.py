@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import models, quantize
+from ..bases import load as bases
 from ..data.trainset import StreamSampler, TrainSet, loader
 from ..lora import adalora
 from . import checkpoint, conditioning, diskcache, heldout, interrupt, manifest, resume, trainable
@@ -144,7 +145,7 @@ def build_caches(config: TrainConfig, recipe: Recipe, accelerator, frozen: Froze
         tes, tokenizers = list(frozen.text_encoders.values()), frozen.tokenizers
         caches.build_embeds(all_captions(data) + (heldout.captions(recipe.heldout) if held else []),
                             lambda texts: conditioning.encode(tes, tokenizers, texts, recipe.max_length,
-                                                              recipe.use_attention_mask))
+                                                              recipe.use_attention_mask, config.clip_skip))
     if main:
         _log_caches(data, caches, cache_latents, cache_text, why_not, store, held)
     if cache_text:
@@ -183,9 +184,9 @@ def _log_buckets(data: TrainSet):
 def load_unet(config: TrainConfig, accelerator, weight_dtype: torch.dtype):
     """The frozen UNet on the training device; with --quantize_base its Linear layers in bitsandbytes' int8/NF4."""
     load = dict(revision=config.revision, cache_dir=config.cache_dir, variant=config.variant,
-                allow_pickle=config.allow_pickle, dtype=weight_dtype)
+                allow_pickle=config.allow_pickle, dtype=weight_dtype, base_config=config.base_config)
     if config.quantize_base == "none":
-        unet = models.load_unet(config.base, **load)
+        unet = bases.part("unet", config.base, **load)
     else:  # before LoRA injection: peft wraps the quantized layers in its bnb LoRA layers
         unet, n = quantize.load_unet(config.base, config.quantize_base, accelerator.device, **load)
         if accelerator.is_main_process:

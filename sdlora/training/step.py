@@ -66,7 +66,7 @@ def predict_loss(run: Run, lat, noise, t, captions: list[str], geometry, mask, b
         text = run.caches.embeddings(captions)
     else:
         text = conditioning.encode(run.encoders(bare), run.frozen.tokenizers, captions, run.recipe.max_length,
-                                   run.recipe.use_attention_mask)
+                                   run.recipe.use_attention_mask, run.config.clip_skip)
     unet = run.parts["unet"].bare if bare else run.parts["unet"].module
     with run.accelerator.autocast():
         pred = unet(noisy.to(dtype), t, text.embeds.to(device, dtype), return_dict=False,

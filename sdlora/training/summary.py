@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from .. import models
+from ..bases import hashes
 from ..data.trainset import TrainSet
 from ..lora import card, inject
 from ..output.facts import RunSummary, own_settings
@@ -20,7 +21,10 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
     base = c.base_name
     # The Hub validates base_model as a repo id, and a pushed card or header must not carry a local path.
     local_base = Path(base).expanduser().exists() and base not in models.BUNDLED
-    if c.push_to_hub and local_base:
+    base_hashes = hashes.of(c.base) if c.base_config else {}
+    if base_hashes:  # a single-file checkpoint: named by its file name, as kohya's ss_sd_model_name names it
+        base = Path(c.base).name
+    elif c.push_to_hub and local_base:
         log.warning("model card: base_model left out of the front matter (%s is a local path, not a Hub id)", base)
         base = Path(base).expanduser().resolve().name
     prediction = run.frozen.noise_scheduler.config.prediction_type
@@ -28,6 +32,7 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
     rank, alpha = inject.file_rank_alpha(c.rank, c.lora_alpha, c.use_rslora, c.init_lora_weights != "gaussian")
     return RunSummary(
         base_model=base, base_model_in_front_matter=not (c.push_to_hub and local_base), base_is_local=local_base,
+        base_sha256=base_hashes.get("sha256"), base_legacy_hash=base_hashes.get("legacy"),
         kind=recipe.kind, rank=rank, alpha=alpha, rslora=c.use_rslora or None, lora_type=c.lora_type,
         init=c.init_lora_weights if c.init_lora_weights != "gaussian" else None,
         target_modules=list(c.target_modules), train_text_encoder=c.train_text_encoder, steps=run.step,
