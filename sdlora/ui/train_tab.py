@@ -13,6 +13,7 @@ from . import jobs
 from .files import served_sample, thumbnail
 from .preview import preview
 
+BASE_CONFIG_INFO = "--base_config: blank for a folder or Hub id, or to let diffusers fetch a single file's configs"
 # The main flags on the form; each starts at the selected recipe's own default (None: blank, the script decides).
 MAIN_FLAGS = ["resolution", "max_train_steps", "num_train_epochs", "learning_rate", "rank", "train_batch_size",
               "seed", "checkpointing_steps", "validation_split", "sample_every_n_steps"]
@@ -40,16 +41,20 @@ def parse_flags(recipe: str, flags: list):
     return p.parse_args(flags)
 
 
-def train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, *main) -> list:
+def train_flags(recipe, base, base_config, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
+                *main) -> list:
     """The form as the recipe's command-line flags (blank fields are left to the script)."""
     if not str(base or "").strip():
-        raise UserError("--pretrained_model_name_or_path: give a base model (sdlora-tiny, a folder or a Hub id)")
+        raise UserError("--pretrained_model_name_or_path: give a base model (sdlora-tiny, a folder, a Hub id or a "
+                        "single-file checkpoint)")
     if not str(data_dir or "").strip():
         raise UserError(f"{RECIPES[recipe].DATA_FLAG}: give the folder of training images")
     if not str(output_dir or "").strip():
         raise UserError("--output_dir: give the folder the run writes to")
     flags = ["--pretrained_model_name_or_path", base.strip(), RECIPES[recipe].DATA_FLAG, data_dir.strip(),
              "--output_dir", output_dir.strip(), "--lora_type", lora_type]
+    if str(base_config or "").strip():  # a single file's configs; the recipe refuses it beside a folder base
+        flags += ["--base_config", base_config.strip()]
     if recipe == "dreambooth":
         flags += ["--instance_prompt", instance_prompt or ""]
     if mixed_precision and mixed_precision != "default":
@@ -86,10 +91,11 @@ def checked_flags(recipe, resume, output_dir, *form) -> list:
 
 # ---------------------------------------------------------------- callbacks
 
-def do_preview(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, *main):
+def do_preview(recipe, base, base_config, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
+               *main):
     try:
-        flags = checked_flags(recipe, False, output_dir, base, data_dir, instance_prompt, output_dir, lora_type,
-                              mixed_precision, extra, *main)
+        flags = checked_flags(recipe, False, output_dir, base, base_config, data_dir, instance_prompt, output_dir,
+                              lora_type, mixed_precision, extra, *main)
         p = preview(recipe, parse_flags(recipe, flags))
     except UserError as e:
         return [], [], [], f"error: {e}"
@@ -97,12 +103,12 @@ def do_preview(recipe, base, data_dir, instance_prompt, output_dir, lora_type, m
         p.summary
 
 
-def do_start(resume, recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, prompts,
-             *main):
+def do_start(resume, recipe, base, base_config, data_dir, instance_prompt, output_dir, lora_type, mixed_precision,
+             extra, prompts, *main):
     """What Start (or Resume) did, and the buttons: Start and Resume off while the run goes, Stop on."""
     try:
-        flags = checked_flags(recipe, resume, output_dir, base, data_dir, instance_prompt, output_dir, lora_type,
-                              mixed_precision, extra, *main)
+        flags = checked_flags(recipe, resume, output_dir, base, base_config, data_dir, instance_prompt, output_dir,
+                              lora_type, mixed_precision, extra, *main)
         job = jobs.start(recipe, flags, output_dir.strip(), prompts)
     except UserError as e:
         return f"error: {e}", *buttons(None)
@@ -166,7 +172,10 @@ def _form_column() -> dict:
     c = {}
     with gr.Row():
         c["base"] = gr.Textbox("sdlora-tiny", label="Base model", info="sdlora-tiny (bundled), a local diffusers "
-                               "folder or a Hub id", elem_id="train_base")
+                               "folder, a Hub id or a single-file .safetensors checkpoint", elem_id="train_base")
+        c["base_config"] = gr.Textbox(label="Base configs (for a single file, offline)", placeholder="a diffusers "
+                                      "folder or Hub id of its family", info=BASE_CONFIG_INFO,
+                                      elem_id="train_base_config")
         c["recipe"] = gr.Radio(list(RECIPES), value="text-to-image", label="Recipe", elem_id="train_recipe")
     with gr.Row():
         c["data_dir"] = gr.Textbox(label="Data folder", info="images with .txt captions or metadata.jsonl "
@@ -230,7 +239,7 @@ def build_train_tab(demo: gr.Blocks):
                 r = _run_column()
         shown = gr.State({})
         timer = gr.Timer(1.0)
-    form = [f[k] for k in ("recipe", "base", "data_dir", "instance_prompt", "output_dir", "lora_type",
+    form = [f[k] for k in ("recipe", "base", "base_config", "data_dir", "instance_prompt", "output_dir", "lora_type",
                            "mixed_precision", "extra")]
     main, run_buttons = f["main"], [r["start"], r["resume"], r["stop"]]
     f["recipe"].change(_on_recipe, f["recipe"], [f["instance_prompt"], f["flag_help"], *main])
