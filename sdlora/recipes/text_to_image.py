@@ -17,6 +17,7 @@ from pathlib import Path
 from ..cli import flags
 from ..cli.parser import Parser
 from ..cli.run import run
+from . import configfile
 from ..data import captions, masks
 from ..data.sources import Row, dataset_label, rows_from_datasets, rows_from_folder, split_heldout
 from ..data.trainset import TrainSet, heldout_set
@@ -48,7 +49,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     g.add_argument("--max_train_samples", type=int, default=None, help="train on the first N images only")
     g.add_argument("--allow_empty_captions", action="store_true", help="train on images that have no caption")
+    flags.add_settings(g, "text_encoder_lr")
     flags.add_training_args(p)
+    configfile.add_args(p)
     flags.set_defaults(p, DEFAULTS)
     return p
 
@@ -56,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """The parsed flags; a usage error (one line, exit status 2) when they name no data or two sources."""
     p = parser()
-    args = p.parse_args(argv)
+    args = configfile.parse(p, argv, "text-to-image")
     if (args.dataset_name is None) == (args.train_data_dir is None):
         p.error("give exactly one of --dataset_name or --train_data_dir")
     return args
@@ -101,4 +104,5 @@ def make_recipe(args: argparse.Namespace, config: TrainConfig) -> Recipe:
 def main(argv=None, **hooks) -> int:
     """The script: parse `argv` (default: the command line), check, train; the exit status. `hooks` go to
     `cli.run.run` (`on_start`, `on_step`, `should_stop`, …; the UI uses them)."""
-    return run(parse_args(argv), make_recipe, **hooks)
+    args = parse_args(argv)
+    return run(args, make_recipe, settings=configfile.run_settings(parser(), args), **hooks)
