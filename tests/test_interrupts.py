@@ -85,7 +85,7 @@ def test_a_signal_at_a_random_step_saves_a_checkpoint_that_resumes_bit_identical
     step = int(m.group(1))
     assert at <= step < STEPS and m.group(2) == str(out / f"checkpoint-{step}")
     # no weights, no temp files (beside sdlora's record of what it wrote)
-    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", f"checkpoint-{step}"]
+    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", f"checkpoint-{step}", "sdlora-config.toml"]
     assert checkpoint.read(out / f"checkpoint-{step}", ["unet"]).step == step
 
     assert t2i.main(fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=STEPS,
@@ -120,7 +120,8 @@ def test_a_second_sigint_exits_at_once_and_leaves_no_half_written_file(tiny_mode
         "interrupted again (SIGINT): stopped at once, without saving the step it was on; "
         f"--resume_from_checkpoint latest continues from {done[-1].name}"]
     # Whatever it was writing when it stopped (checkpoint-2, a sample), nothing half-written stays, no temp file.
-    assert sorted(p.name for p in out.iterdir() if p.name != "samples") == [".sdlora-files.json"] + [p.name for p in done]
+    assert sorted(p.name for p in out.iterdir() if p.name != "samples") == \
+        [".sdlora-files.json"] + [p.name for p in done] + ["sdlora-config.toml"]
     for c in done:
         assert checkpoint.read(c, ["unet"]).step == int(c.name.split("-")[1])
     for png in (out / "samples").glob("*"):

@@ -152,9 +152,10 @@ def _first_missing(folder: Path) -> Path | None:
 def _remove_empty(folder: Path, up_to: Path):
     """Remove `folder` and its parents up to `up_to`, each only while empty (a failed run made them)."""
     from ..training.manifest import remove_if_alone
+    from ..training.runconfig import NAME
 
     folder = folder.expanduser().absolute()
-    remove_if_alone(folder)  # the record of a run that wrote nothing
+    remove_if_alone(folder, also=(NAME,))  # the record (and settings) of a run that wrote nothing else
     for p in [folder, *folder.parents]:
         try:
             p.rmdir()

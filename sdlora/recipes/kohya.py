@@ -122,6 +122,8 @@ def _special(key: str, v, values: dict, recipe: str):
         return {"use_8bit_adam": v}
     if key == "output_name":  # kohya writes output_dir/output_name.safetensors; sdlora names that file by its folder
         return {"output_name": v}
+    if key == "dataset_config" and recipe == "dreambooth":
+        return "dataset_config: the text-to-image recipe reads kohya's dataset files (is_reg subsets included)"
     if key == "train_data_dir" and recipe == "dreambooth":
         return {"instance_data_dir": v}
     return None
