@@ -63,6 +63,8 @@ def file_values(p: argparse.ArgumentParser, pre, recipe: str) -> dict:
     """The settings the files give (dest -> value, checked), layered: the run folder's, the preset's, the file's."""
     layers = {}
     if pre.preset:
+        if (made_for := presets.about(pre.preset)["recipe"]) != recipe:
+            raise UserError(f"--preset {pre.preset} is for `sdlora train {made_for}`, not {recipe}")
         layers.update(read(p, presets.path(pre.preset), "--preset", recipe))
     if pre.config_file and pre.output_config is not True:
         layers.update(read(p, pre.config_file, "--config_file", recipe))

@@ -24,8 +24,22 @@ def path(name: str) -> Path:
 
 
 def about(name: str) -> dict:
-    """{"about": the opening comment's first line, "label": its `# label:` value (e.g. "8 GB"), or ""}."""
-    lines = path(name).read_text(encoding="utf-8").splitlines()
-    comment = [line[1:].strip() for line in lines if line.startswith("#")]
-    label = next((c.split(":", 1)[1].strip() for c in comment if c.lower().startswith("label:")), "")
-    return {"about": comment[0] if comment else "", "label": label}
+    """The preset's opening comment: {"about": its first line, and its `# key: value` lines ("label": the GPU memory it
+    is meant for, e.g. "8 GB"; "recipe": text-to-image or dreambooth; "arch": sd15 or sdxl)}."""
+    info = {"about": "", "label": "", "recipe": "text-to-image", "arch": "sd15"}
+    for line in path(name).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        text = line[1:].strip()
+        key, _, value = text.partition(":")
+        if key in info and key != "about" and value:
+            info[key] = value.strip()
+        elif not info["about"]:
+            info["about"] = text
+    return info
+
+
+def label_bytes(label: str) -> int:
+    """A label's memory in bytes ("8 GB" -> 8e9: GPU makers' gigabytes)."""
+    number, _, unit = label.partition(" ")
+    return int(float(number) * {"GB": 1e9, "GiB": 2**30}[unit.strip() or "GB"])
