@@ -55,6 +55,7 @@ def parse(p: argparse.ArgumentParser, argv=None, recipe: str = "") -> argparse.N
     except UserError as e:
         p.error(str(e))
     if pre.output_config:
+        pre.recipe = recipe
         _output_config(p, args, pre)
     return args
 
@@ -185,14 +186,14 @@ PATHS = ("output_dir", "train_data_dir", "instance_data_dir", "class_data_dir", 
          "pretrained_vae_model_name_or_path", "dataset_name")
 
 
-def run_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+def run_settings(p: argparse.ArgumentParser, args: argparse.Namespace, script: str) -> str:
     """The TOML a run writes into its folder: `dumps`, with local paths made absolute."""
     values = dict(vars(args))
     for k in PATHS:
         v = values.get(k)
         if isinstance(v, str) and (k == "output_dir" or Path(v).expanduser().exists()):
             values[k] = str(Path(v).expanduser().absolute())
-    return dumps(p, argparse.Namespace(**values), p.prog)
+    return dumps(p, argparse.Namespace(**values), script)
 
 
 def dumps(p: argparse.ArgumentParser, args: argparse.Namespace, script: str) -> str:
@@ -204,7 +205,9 @@ def dumps(p: argparse.ArgumentParser, args: argparse.Namespace, script: str) -> 
 def _output_config(p: argparse.ArgumentParser, args: argparse.Namespace, pre):
     """--output_config: the file (never over an existing one), or standard output; then exit."""
     target = pre.output_config if pre.output_config is not True else pre.config_file
-    text = dumps(p, args, p.prog)
+    from . import RECIPES  # the recipes import this module
+
+    text = dumps(p, args, f"{RECIPES[pre.recipe].SCRIPT}.py" if pre.recipe in RECIPES else p.prog)
     if not target:
         sys.stdout.write(text)
         p.exit(0)

@@ -146,4 +146,4 @@ def main(argv=None, **hooks) -> int:
     """The script: parse `argv` (default: the command line), check, train; the exit status. `hooks` go to
     `cli.run.run` (`on_start`, `on_step`, `should_stop`, …; the UI uses them)."""
     args = parse_args(argv)
-    return run(args, make_recipe, settings=configfile.run_settings(parser(), args), **hooks)
+    return run(args, make_recipe, settings=configfile.run_settings(parser(), args, f"{SCRIPT}.py"), **hooks)
