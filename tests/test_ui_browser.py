@@ -208,6 +208,7 @@ def test_config_file_form_survives_a_reload_and_resumes_exactly(page, tmp_path):
     expect(notice).to_contain_text(f"loaded {cfg}", timeout=30000)
     shown = {"train_data": str(data), "train_output": str(out), "train_max_train_steps": "40", "train_seed": "3",
              "train_resolution": "32", "train_lora_alpha": "2"}
+    page.get_by_role("button", name="Advanced").click()  # the labelled advanced fields
     for elem, v in shown.items():
         assert value(page, elem) == v, elem
     page.click("#train_start")
@@ -217,6 +218,7 @@ def test_config_file_form_survives_a_reload_and_resumes_exactly(page, tmp_path):
     page.reload()
     page.wait_for_selector("#train_start")
     expect(page.locator("#train_output textarea, #train_output input").first).to_have_value(str(out), timeout=30000)
+    page.get_by_role("button", name="Advanced").click()
     for elem, v in shown.items():
         assert value(page, elem) == v, elem
     page.click("#train_stop")
