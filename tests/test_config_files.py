@@ -86,6 +86,7 @@ def test_kohya_config_file_trains_the_flags_lora_and_output_config_reproduces_it
     with pytest.raises(SystemExit) as e:
         t2i.parse_args(["--config_file", str(kohya), "--report_to", "none", "--output_config", str(resolved)])
     assert e.value.code == 0 and not (tmp_path / "k2").exists()
+    assert resolved.read_text().startswith("# train_text_to_image_lora.py settings")
     again = tomllib.loads(resolved.read_text())
     assert again["rank"] == 4 and again["lora_type"] == "loha" and "unet_lr" not in again  # sdlora's names
     assert t2i.main(["--config_file", str(resolved), "--output_dir", str(tmp_path / "k2")]) == 0

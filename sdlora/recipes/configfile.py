@@ -45,8 +45,9 @@ def _pre_parser() -> argparse.ArgumentParser:
     return pre
 
 
-def parse(p: argparse.ArgumentParser, argv=None, recipe: str = "") -> argparse.Namespace:
-    """`p.parse_args` over the files' settings and then `argv`; a bad file is a usage error (one line)."""
+def parse(p: argparse.ArgumentParser, argv=None, recipe: str = "", script: str = "") -> argparse.Namespace:
+    """`p.parse_args` over the files' settings and then `argv`; a bad file is a usage error (one line). `script`:
+    the recipe's script, named in what --output_config writes."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = _pre_parser().parse_known_args(argv)[0]
     try:
@@ -55,8 +56,7 @@ def parse(p: argparse.ArgumentParser, argv=None, recipe: str = "") -> argparse.N
     except UserError as e:
         p.error(str(e))
     if pre.output_config:
-        pre.recipe = recipe
-        _output_config(p, args, pre)
+        _output_config(p, args, pre, script or p.prog)
     return args
 
 
@@ -202,12 +202,10 @@ def dumps(p: argparse.ArgumentParser, args: argparse.Namespace, script: str) -> 
                                  f"--config_file, or resume the run from its folder (flags given beside it win)")
 
 
-def _output_config(p: argparse.ArgumentParser, args: argparse.Namespace, pre):
+def _output_config(p: argparse.ArgumentParser, args: argparse.Namespace, pre, script: str):
     """--output_config: the file (never over an existing one), or standard output; then exit."""
     target = pre.output_config if pre.output_config is not True else pre.config_file
-    from . import RECIPES  # the recipes import this module
-
-    text = dumps(p, args, f"{RECIPES[pre.recipe].SCRIPT}.py" if pre.recipe in RECIPES else p.prog)
+    text = dumps(p, args, script)
     if not target:
         sys.stdout.write(text)
         p.exit(0)

@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return configfile.parse(parser(), argv, "dreambooth")
+    return configfile.parse(parser(), argv, "dreambooth", f"{SCRIPT}.py")
 
 
 def check_flags(args):

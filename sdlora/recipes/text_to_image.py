@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """The parsed flags; a usage error (one line, exit status 2) when they name no data or two sources."""
     p = parser()
-    args = configfile.parse(p, argv, "text-to-image")
+    args = configfile.parse(p, argv, "text-to-image", f"{SCRIPT}.py")
     if sum(x is not None for x in (args.dataset_name, args.train_data_dir, args.dataset_config)) != 1:
         p.error("give exactly one of --dataset_name, --train_data_dir or --dataset_config")
     if args.dataset_config:
