@@ -192,8 +192,7 @@ def test_disk_full_mid_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_mo
     _fail_writes_under(monkeypatch, ".checkpoint-4.")
     msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6, checkpointing_steps=2))
     assert str(out / "checkpoint-4") in msg and "disk is full" in msg and "it needs" in msg, msg
-    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", "checkpoint-2",
-                                                     "sdlora-config.toml"]  # no temp, no half one
+    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", "checkpoint-2"]  # no temp, no half one
     assert json.loads((out / "checkpoint-2" / "state.json").read_text())["global_step"] == 2
     assert load_file(str(out / "checkpoint-2" / "unet_lora.safetensors"))
 
@@ -281,6 +280,5 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing_broken(tiny_model,
     msg = recipe_error(capsys, t2i, fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=6,
                                                 checkpointing_steps=1, learning_rate=1e30, max_grad_norm=0))
     assert "training diverged at step" in msg and "the last checkpoint is checkpoint-1" in msg
-    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", "checkpoint-1",
-                                                     "sdlora-config.toml"]  # nothing NaN saved
+    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", "checkpoint-1"]  # nothing NaN saved
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint-1" / "unet_lora.safetensors")).values())
