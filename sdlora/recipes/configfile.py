@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import sys
 from pathlib import Path
 
@@ -73,8 +74,20 @@ def file_values(p: argparse.ArgumentParser, pre, recipe: str) -> dict:
         folder = run_folder(pre.resume_from_checkpoint, pre.output_dir or layers.get("output_dir"))
         saved = folder / RUN_CONFIG if folder else None
         if saved and saved.is_file():
-            layers = {**read(p, saved, "--resume_from_checkpoint: the run's settings", recipe), **layers}
+            layers = {**_gone_prompts(read(p, saved, "--resume_from_checkpoint: the run's settings", recipe)),
+                      **layers}
     return layers
+
+
+def _gone_prompts(values: dict) -> dict:
+    """A run's settings without a sample-prompts file that is gone (the web UI's prompts live in a temporary file):
+    the resume samples nothing rather than failing; said in one warning."""
+    prompts = values.get("sample_prompts")
+    if prompts and not Path(prompts).exists():
+        logging.getLogger("sdlora").warning("the run's --sample_prompts %s is gone: resuming without sample prompts "
+                                            "(give --sample_prompts FILE to sample)", prompts)
+        return {k: v for k, v in values.items() if k != "sample_prompts"}
+    return values
 
 
 def run_folder(resume: str, output_dir) -> Path | None:
