@@ -79,6 +79,9 @@ def file_values(p: argparse.ArgumentParser, pre, recipe: str) -> dict:
     return layers
 
 
+SAMPLING = ("sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")
+
+
 def _gone_prompts(values: dict) -> dict:
     """A run's settings without a sample-prompts file that is gone (the web UI's prompts live in a temporary file):
     the resume samples nothing rather than failing; said in one warning."""
@@ -86,7 +89,7 @@ def _gone_prompts(values: dict) -> dict:
     if prompts and not Path(prompts).exists():
         logging.getLogger("sdlora").warning("the run's --sample_prompts %s is gone: resuming without sample prompts "
                                             "(give --sample_prompts FILE to sample)", prompts)
-        return {k: v for k, v in values.items() if k != "sample_prompts"}
+        return {k: v for k, v in values.items() if k not in SAMPLING}
     return values
 
 
