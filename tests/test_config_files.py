@@ -144,6 +144,12 @@ def test_file_values_are_checked_as_flags_and_the_command_line_wins(tmp_path, ca
     args = t2i.parse_args(["--config_file", str(cfg), "--rank", "16"])
     assert (args.rank, args.learning_rate, args.random_flip, args.target_modules, args.seed) == \
         (16, 3e-4, True, "to_q,to_v", 7)
+    # kohya's output_name names the run's folder (so its kohya file), LyCORIS's algo=lokr is --lora_type lokr
+    cfg.write_text(base + 'output_dir = "runs"\noutput_name = "mine"\nnetwork_module = "lycoris.kohya"\n'
+                          'network_args = ["algo=lokr"]\nnetwork_dim = 8\n')
+    args = t2i.parse_args(["--config_file", str(cfg)])
+    assert (args.output_dir, args.lora_type, args.rank, args.train_text_encoder, args.caption_extension) == \
+        ("runs/mine", "lokr", 8, True, ".caption")  # kohya's defaults for its own files
     # DreamBooth: kohya's train_data_dir is the instance folder
     cfg.write_text(base + 'instance_prompt = "a sks dog"\n')
     assert db.parse_args(["--config_file", str(cfg)]).instance_data_dir == "d"
