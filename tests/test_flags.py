@@ -64,7 +64,7 @@ def test_typo_flag_is_one_line_naming_the_flag_meant(capsys):
         "(--help lists all flags)"
     # other usage errors are one line too
     assert "--rank: invalid int value: 'four'" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS + ["--rank", "four"])
-    assert "exactly one of --dataset_name or --train_data_dir" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS[:2])
+    assert "exactly one of --dataset_name, --train_data_dir or --dataset_config" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS[:2])
 
 
 @pytest.mark.parametrize("parse,argv", [(t2i.parse_args, T2I_NEEDS), (db.parse_args, DB_NEEDS)])

@@ -167,7 +167,17 @@ def _log_caches(data: TrainSet, caches: Caches, cache_latents: bool, cache_text:
 
 
 def _log_buckets(data: TrainSet):
-    """The bucket table and how much of the images it keeps, against a square crop."""
+    """The bucket table and how much of the images it keeps, against a square crop (one table per dataset of a
+    --dataset_config)."""
+    if data.parts:
+        for i in sorted({p.dataset for p in data.parts}):
+            counts, kept, _ = data.bucket_report(i)
+            sizing = next(p.bucketing for p in data.parts if p.dataset == i)
+            names = ", ".join(p.name.split(": ", 1)[1] for p in data.parts if p.dataset == i)
+            log.info("dataset %d (%s) at %d px, %s (w x h: images): %s; %.1f%% of each image's area kept", i + 1,
+                     names, sizing.resolution, "buckets" if sizing.enabled else "square crops",
+                     ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts.items()), 100 * kept)
+        return
     counts, kept, square = data.bucket_report()
     if not counts:  # `datasets` rows with --no_bucket: their sizes are only known as they load
         log.info("square %dx%d crops (--no_bucket)", data.resolution, data.resolution)
