@@ -32,10 +32,11 @@ def _extract_cli(args):
 
 
 def _make_tiny_cli(args):
-    from ..tiny import is_xl, make_tiny
+    from ..tiny import SD3_NAMES, is_xl, make_tiny
 
     out = make_tiny(args.dir, arch=args.arch, seed=args.seed)
-    kind = "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"
+    kind = "StableDiffusion3Pipeline" if args.arch in SD3_NAMES else \
+        "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"
     print(f"wrote a {args.arch}-architecture {kind} (random weights) to {out}")
 
 
@@ -83,12 +84,14 @@ def register(sub):
     common(s)
     s.set_defaults(func=_resize_cli)
 
-    s = sub.add_parser("make-tiny", help="write a pipeline with random weights: tiny SD1.x/2.x/XL layouts for "
-                                         "tests, or SD 1.5's / SDXL's real architecture for benchmarks")
+    s = sub.add_parser("make-tiny", help="write a pipeline with random weights: tiny SD1.x/2.x/XL/SD3 layouts for "
+                                         "tests, or SD 1.5's / SDXL's / SD3.5's real architecture for benchmarks")
     s.add_argument("dir", help="the folder to write the pipeline to")
-    s.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sd2-tiny", "sdxl-tiny", "sdxl"],
+    s.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sd2-tiny", "sdxl-tiny", "sdxl", "sd3",
+                                                             "sd35-medium", "sd35-large"],
                    help="tiny: SD 1.x layout (default); sd15: SD 1.5's configs (~4 GB); sd2-tiny: SD 2.x layout, "
                         "v-prediction; sdxl-tiny: SDXL layout (two text encoders); sdxl: SDXL base 1.0's "
-                        "configs (~13.5 GB in fp32)")
+                        "configs (~13.5 GB in fp32); sd3: SD3.5 Medium's layout at tiny size (MMDiT, three text "
+                        "encoders); sd35-medium / sd35-large: their published configs (~30 / ~65 GB in fp32)")
     s.add_argument("--seed", type=int, default=0, help="the random weights' seed")
     s.set_defaults(func=_make_tiny_cli)
