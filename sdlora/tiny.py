@@ -156,10 +156,6 @@ ARCHS = {
 }
 
 
-# Stable Diffusion 3 / 3.5 architectures, built by sdlora/tiny_sd3.py (its SD3_ARCHS).
-SD3_NAMES = ("sd3", "sd35-medium", "sd35-large")
-
-
 def is_xl(arch: str) -> bool:
     """Whether a named architecture is SDXL's (two text encoders, a StableDiffusionXLPipeline)."""
     return "text_2" in ARCHS[arch]
@@ -199,15 +195,11 @@ def build_components(arch: str = "tiny", seed: int = 0):
 
 
 def make_tiny(out_dir: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
-    """Write a pipeline folder that `from_pretrained(out_dir)` loads: a StableDiffusionPipeline, a
-    StableDiffusionXLPipeline for the SDXL architectures, or a StableDiffusion3Pipeline for `SD3_NAMES`."""
+    """Write a pipeline folder that `from_pretrained(out_dir)` loads: a StableDiffusionPipeline, or a
+    StableDiffusionXLPipeline for the SDXL architectures (SD3's: tiny_sd3.make_sd3)."""
     from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out = Path(out_dir)
-    if arch in SD3_NAMES:  # Stable Diffusion 3 / 3.5: sdlora/tiny_sd3.py
-        from .tiny_sd3 import make_sd3
-
-        return make_sd3(out, arch, seed)
     parts = build(arch, seed)
     tokenizer = write_tokenizer(out / "tokenizer")
     if is_xl(arch):

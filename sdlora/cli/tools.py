@@ -32,11 +32,14 @@ def _extract_cli(args):
 
 
 def _make_tiny_cli(args):
-    from ..tiny import SD3_NAMES, is_xl, make_tiny
+    from ..tiny import is_xl, make_tiny
+    from ..tiny_sd3 import SD3_ARCHS, make_sd3
 
-    out = make_tiny(args.dir, arch=args.arch, seed=args.seed)
-    kind = "StableDiffusion3Pipeline" if args.arch in SD3_NAMES else \
-        "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"
+    if args.arch in SD3_ARCHS:
+        out, kind = make_sd3(args.dir, arch=args.arch, seed=args.seed), "StableDiffusion3Pipeline"
+    else:
+        out = make_tiny(args.dir, arch=args.arch, seed=args.seed)
+        kind = "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"
     print(f"wrote a {args.arch}-architecture {kind} (random weights) to {out}")
 
 
