@@ -282,3 +282,21 @@ def test_load_pipeline_keeps_the_sd3_bases_flow_match_scheduler(sd3_model):
     assert type(ours).__name__ == "StableDiffusion3Pipeline"
     assert type(ours.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert np.array_equal(_images(ours), _images(_pipe(sd3_model)))
+
+
+def test_sdloras_loader_draws_what_diffusers_draws_with_an_sd3_lora(sd3_model, tmp_path, caplog):
+    import numpy as np
+    from helpers import T2I, fast_flags, run
+
+    from sdlora.pipeline import load_pipeline
+
+    out = tmp_path / "o"
+    run(T2I, fast_flags(sd3_model, out, train_data_dir=ROOT / "examples/data/pokemon", max_train_samples=4,
+                        train_text_encoder=True, max_train_steps=2, rank=2, lora_alpha=4))
+    theirs = _pipe(sd3_model)
+    before = _images(theirs)
+    _loads_whole(theirs, out, caplog)
+    ours = load_pipeline([str(out)], base=str(sd3_model), device="cpu", dtype="fp32")
+    drawn = _images(ours)
+    assert np.abs(drawn - before).max() > 1e-4
+    assert np.abs(drawn - _images(theirs)).max() <= 1e-5

@@ -26,7 +26,7 @@ def family_name(key: str, dim: int | None) -> str:
     (CLIP ViT-L, OpenCLIP ViT-H, SDXL's two encoders side by side), e.g. tiny test models."""
     from ...models import FAMILIES, WIDTHS
 
-    return FAMILIES[key] if dim in (None, WIDTHS[key]) else f"{FAMILIES[key]} (cross-attention dim {dim})"
+    return FAMILIES[key] if dim in (None, WIDTHS.get(key)) else f"{FAMILIES[key]} (cross-attention dim {dim})"
 
 
 def lora_family(lora: Lora) -> tuple[str | None, int | None]:
