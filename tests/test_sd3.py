@@ -209,7 +209,11 @@ def test_sd3_text_to_image_with_text_encoders_loads_in_diffusers(sd3_model, tmp_
                             train_text_encoder=True, max_train_steps=3))
     assert r.stderr.count("base model: SD3.5 Medium") == 1
     meta = safe_open(out / "pytorch_lora_weights.safetensors", "pt").metadata()
-    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora" and meta["ss_base_model_version"] == "sd3_m"
+    assert meta["sdlora_target_modules"] == ",".join(sd3base.TRANSFORMER_TARGETS)
+    from sdlora import toolkit
+
+    assert "architecture:   SD3" in toolkit.inspect_file(str(out), False)
     pipe = _pipe(sd3_model)
     before = _images(pipe)
     sd = _loads_whole(pipe, out, caplog)

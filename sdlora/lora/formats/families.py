@@ -34,6 +34,8 @@ def lora_family(lora: Lora) -> tuple[str | None, int | None]:
     UNet layers, else its text-encoder width, else kohya's ss_base_model_version header."""
     from ...models import FAMILY_BY_WIDTH, family_of
 
+    if any(n.startswith("transformer.") for n in lora.modules):  # an MMDiT: SD3 / 3.5 (diffusers' SD3 layout)
+        return "sd3", None
     config = _unet_config(lora)
     if config:
         return family_of(config), config["cross_attention_dim"]
