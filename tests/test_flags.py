@@ -175,7 +175,7 @@ def _full_facts() -> dict:
                   vae="org/vae", zero_terminal_snr=True, quantize_base="nf4", dataset_dirs={"d": {"n_repeats": 2}},
                   architecture="stable-diffusion-v1", prediction_type="epsilon", title="t", trigger_phrase="sks",
                   extra_tags=["x"], base_model_in_front_matter=True, base_is_local=False, samples=[], repo_id=None,
-                  example_prompt="a cat", kohya_file="t.safetensors", license="openrail")
+                  example_prompt="a cat", kohya_file="t.safetensors", license="openrail", settings={})
     assert set(values) == {f.name for f in fields(RunSummary)}, "a RunSummary fact without a value here"
     return RunSummary(**values).facts()
 
@@ -189,9 +189,9 @@ def test_card_rows_and_header_keys_come_from_the_declarations():
     from sdlora.training.config import fields_tagged
 
     labels, keys = facts.card_labels(), facts.header_keys()
-    settings = {f.metadata["setting"] for f in fields(facts.RunSummary)} - {None}
-    # every tagged setting is a fact of the summary, so a tag alone puts a setting on the card / in the header
-    assert set(fields_tagged("card")) <= settings and set(fields_tagged("header")) <= settings
+    settings = {f.metadata.get("setting") for f in fields(facts.RunSummary)} - {None}
+    # every tagged setting is on the card / in the header: as a fact, or as itself (facts.own_settings)
+    assert set(fields_tagged("card")) <= settings | set(labels) and set(fields_tagged("header")) <= settings | set(keys)
     assert labels["rank"] == fields_tagged("card")["rank"] and keys["resolution"] == fields_tagged("header")["resolution"]
     info = _full_facts()
     card = modelcard.render(info)
@@ -207,3 +207,22 @@ def test_card_rows_and_header_keys_come_from_the_declarations():
     # a fact left empty leaves its row and key out
     quiet = modelcard.render({**info, "quantize_base": None}), weights.header({**info, "quantize_base": None})
     assert "| quantized base |" not in quiet[0] and "sdlora_quantize_base" not in quiet[1]
+
+
+def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monkeypatch):
+    """A setting given card=/header= tags (here gradient_checkpointing, as if declared so) is on the card and in the
+    header as it was set, after the facts, with no line in output/facts.py; None or False leaves it out."""
+    from sdlora.output import facts, modelcard, weights
+    from sdlora.training import config
+
+    real = config.fields_tagged
+    extra = {"card": {"gradient_checkpointing": "gradient checkpointing"},
+             "header": {"gradient_checkpointing": "ss_gradient_checkpointing"}}
+    monkeypatch.setattr(facts, "fields_tagged", lambda tag: real(tag) | extra.get(tag, {}))
+    assert facts.own_settings() == ["gradient_checkpointing"]
+    info = {**_full_facts(), "gradient_checkpointing": True}
+    card = modelcard.render(info)
+    assert card.index("| quantized base |") < card.index("| gradient checkpointing | True |")
+    assert weights.header(info)["ss_gradient_checkpointing"] == "True"  # kohya's str(bool)
+    off = facts.RunSummary(**{**{k: v for k, v in _full_facts().items()}, "settings": {"gradient_checkpointing": False}})
+    assert "gradient_checkpointing" not in off.facts()

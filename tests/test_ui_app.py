@@ -245,3 +245,13 @@ def test_dreambooth_preview_shows_the_captions_the_run_trains_on(tmp_path):
                                            ("img2.png", "a photo of sks square")]
     assert shown[""] == [(f"img{i}.png", "a photo of sks square") for i in range(3)]
     assert not out.exists()
+
+
+def test_generate_guidance_starts_at_the_bases_own():
+    """The Generate tab's Guidance follows the base, as `sdlora generate` without --guidance does: the bundled
+    model's measured guidance, else diffusers' usual 7.5."""
+    from sdlora import models
+    from sdlora.ui.generate_tab import guidance_for
+
+    assert guidance_for("sdlora-tiny") == models.BUNDLED_GUIDANCE["sdlora-tiny"] != models.GUIDANCE
+    assert guidance_for("org/some-model") == guidance_for("") == models.GUIDANCE

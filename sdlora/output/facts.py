@@ -3,14 +3,16 @@ the model card's settings table and its keys in the LoRA files' safetensors head
 
 A fact that is a training setting says so (`fact(setting="rank")`) and takes its label and keys from that
 setting's declaration (the card=/header= tags of its field in sdlora/training/config/); the other facts declare
-theirs here. The card (modelcard.py) and the header (weights.py) iterate these declarations, in this order, and
-format a value only where it needs more than `str`; training/summary.py fills a RunSummary at the end of a run.
+theirs here. A tagged setting no fact names needs no line here: it is recorded as it was set (`settings`), after
+the facts, and left out while None or False. The card (modelcard.py) and the header (weights.py) iterate these
+declarations, in this order, and format a value only where it needs more than `str`; training/summary.py fills a
+RunSummary at the end of a run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..training.config import tags_of
+from ..training.config import fields_tagged, tags_of
 
 
 def fact(card: str | None = None, header: str | tuple = (), setting: str | None = None):
@@ -66,10 +68,18 @@ class RunSummary:
     example_prompt: str | None = fact()
     kohya_file: str = fact()
     license: str = fact()  # the base model's (a LoRA is a derivative of it): summary.base_license
+    settings: dict = field(default_factory=dict)  # {name: value} of the tagged settings no fact names (own_settings)
 
     def facts(self) -> dict:
         """The summary as the {name: value} the model card and the header take."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
+        return values | {k: v for k, v in self.settings.items() if v is not None and v is not False}
+
+
+def own_settings() -> list[str]:
+    """The settings with a card= or header= tag that no fact names, in declaration order."""
+    named = {f.metadata.get("setting") for f in fields(RunSummary)}
+    return [n for n in fields_tagged("card") | fields_tagged("header") if n not in named]
 
 
 def _declared(f, tag: str):
@@ -79,10 +89,12 @@ def _declared(f, tag: str):
 
 def card_labels() -> dict[str, str]:
     """{fact: its row label in the card's settings table}, in the table's order."""
-    return {f.name: label for f in fields(RunSummary) if (label := _declared(f, "card"))}
+    labels = {f.name: label for f in fields(RunSummary) if "card" in f.metadata and (label := _declared(f, "card"))}
+    return labels | {n: label for n in own_settings() if (label := fields_tagged("card").get(n))}
 
 
 def header_keys() -> dict[str, tuple[str, ...]]:
     """{fact: the safetensors header keys it is written under}."""
-    keys = {f.name: _declared(f, "header") or () for f in fields(RunSummary)}
+    keys = {f.name: _declared(f, "header") or () for f in fields(RunSummary) if "header" in f.metadata}
+    keys |= {n: fields_tagged("header").get(n) or () for n in own_settings()}
     return {name: (k,) if isinstance(k, str) else tuple(k) for name, k in keys.items() if k}

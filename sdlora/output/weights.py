@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from ..io import save_safetensors
 from ..lora import adalora, formats, inject
-from .facts import header_keys
+from .facts import header_keys, own_settings
 
 
 # How a fact reads under each of its header keys where its value alone does not say it (None: no key); kohya's
@@ -47,10 +47,19 @@ HEADER_TEXT = {
 }
 
 
+def _as_is(value, info: dict):
+    return value
+
+
+def _kohya(value, info: dict):
+    return None if value is None else str(value)
+
+
 def header(info: dict) -> dict[str, str]:
     """The training facts (`info`: RunSummary.facts(), or any part of it) as the file header's metadata, under the
     keys facts.header_keys() declares, plus what the writer records of itself (safetensors values are strings)."""
-    meta = {key: HEADER_TEXT.get(key, lambda v, info: v)(info.get(name), info)
+    own = set(own_settings())  # recorded as kohya records a setting: str(value), "True" / "False" for a flag
+    meta = {key: HEADER_TEXT.get(key, _kohya if name in own else _as_is)(info.get(name), info)
             for name, keys in header_keys().items() for key in keys}
     meta.update({"sdlora_version": __version__,
                  # Stability AI's model spec (https://github.com/Stability-AI/ModelSpec), as kohya's sd-scripts write it

@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import models
 from ..data.trainset import TrainSet
 from ..lora import card, inject
-from ..output.facts import RunSummary
+from ..output.facts import RunSummary, own_settings
 from . import sd3run
 from .run import Recipe, Run
 
@@ -31,7 +31,8 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
         base_model=base, base_model_in_front_matter=not (c.push_to_hub and local_base), base_is_local=local_base,
         kind=recipe.kind, rank=rank, alpha=alpha, rslora=c.use_rslora or None, lora_type=c.lora_type,
         init=c.init_lora_weights if c.init_lora_weights != "gaussian" else None,
-        target_modules=sd3run.targets(c) if c.family == "sd3" else list(c.target_modules), train_text_encoder=c.train_text_encoder, steps=run.step,
+        target_modules=sd3run.targets(c) if c.family == "sd3" else list(c.target_modules),
+        train_text_encoder=c.train_text_encoder, steps=run.step,
         epochs=run.num_epochs, train_batch_size=c.train_batch_size,
         gradient_accumulation_steps=c.gradient_accumulation_steps, learning_rate=c.learning_rate,
         lr_scheduler=c.lr_scheduler, resolution=c.resolution, mixed_precision=run.accelerator.mixed_precision,
@@ -49,7 +50,7 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
         quantize_base=c.quantize_base if c.quantize_base != "none" else None,
         best_val_loss=(f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
                        f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
-        license=base_license(c.base_name, c.base, c.family),
+        license=base_license(c.base_name, c.base, c.family), settings={n: getattr(c, n) for n in own_settings()},
     )
 
 
