@@ -214,6 +214,8 @@ def test_sd3_text_to_image_with_text_encoders_loads_in_diffusers(sd3_model, tmp_
     from sdlora import toolkit
 
     assert "architecture:   SD3" in toolkit.inspect_file(str(out), False)
+    card = (out / "README.md").read_text()
+    assert "StableDiffusion3Pipeline.from_pretrained" in card and "kohya" not in card
     pipe = _pipe(sd3_model)
     before = _images(pipe)
     sd = _loads_whole(pipe, out, caplog)

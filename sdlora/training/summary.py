@@ -56,7 +56,8 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
 
 # The licences the Stable Diffusion bases are released under, for a base whose own card can't be read (a Hub id's
 # card is not downloaded with its weights): SD 1.x CreativeML Open RAIL-M, SD 2.x and SDXL Open RAIL++-M.
-FAMILY_LICENSE = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
+FAMILY_LICENSE = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++",
+                  "sd3": "other"}  # SD3 / 3.5: the Stability AI Community License (no Hub licence id of its own)
 BUNDLED_LICENSE = "apache-2.0"  # the bundled models were trained by this project's scripts: its LICENSE
 
 
