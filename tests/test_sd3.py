@@ -310,3 +310,14 @@ def test_sdloras_loader_draws_what_diffusers_draws_with_an_sd3_lora(sd3_model, t
     drawn = _images(ours)
     assert np.abs(drawn - before).max() > 1e-4
     assert np.abs(drawn - _images(theirs)).max() <= 1e-5
+
+    from PIL import Image
+
+    from sdlora.cli import main
+
+    assert main(["generate", "a red square on a blue background", "--lora", str(out), "--base", str(sd3_model),
+                 "--seed", "0", "--steps", "3", "--guidance", "7", "--width", "32", "--height", "32", "--dtype", "fp32",
+                 "--device", "cpu",
+                 "--out", str(tmp_path / "gen")]) == 0
+    png = np.asarray(Image.open(next((tmp_path / "gen").glob("*.png"))), dtype=np.float32) / 255
+    assert np.abs(png - drawn[0]).max() <= 1.5 / 255  # the same image (the pipeline's default guidance 7), in 8 bits

@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..logs import quiet
 from ..lora import formats
 from ..models import TEXT_ENCODERS
+from .images import denoiser
 
 COMPONENTS = ("unet", *TEXT_ENCODERS)
 
@@ -131,11 +132,6 @@ def _peft_dict(lora: formats.Lora, pipe) -> dict:
         if m.magnitude is not None:
             out[f"{key}.{formats.magnitude_key(comp)}"] = formats.peft_magnitude(m).to(dtype)
     return out
-
-
-def denoiser(pipe):
-    """The pipeline's UNet, or SD3's MMDiT (`transformer`)."""
-    return getattr(pipe, "unet", None) or pipe.transformer
 
 
 def _layer(pipe, comp: str, path: str):
