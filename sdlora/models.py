@@ -9,11 +9,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from pathlib import Path
 
 from . import sd3base
 from .errors import UserError
+from .hub import HUB_ID, hub_file
 
 # Precision names as the flags spell them -> torch dtypes: one table for training, saving, class
 # images and inference.
@@ -88,7 +88,6 @@ BUNDLED = {"sdlora-tiny": ASSETS / "tiny-sd", "sdlora-tiny-xl": ASSETS / "tiny-s
 # docs/tiny-model.md), and the usual default for real bases (diffusers' own).
 BUNDLED_GUIDANCE = {"sdlora-tiny": 3.0, "sdlora-tiny-xl": 3.0}
 GUIDANCE = 7.5
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_base(name: str, revision: str | None = None, cache_dir: str | None = None,
@@ -107,25 +106,10 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
             found = marker if vae else "model_index.json or unet/config.json"
             raise UserError(f"{flag} {name}: not a {kind} folder (no {found})")
         return str(p)
-    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+    if name.startswith((".", "/", "~")) or not HUB_ID.match(name):
         raise UserError(f"{flag} {name}: no such folder, and not a valid Hub model id")
     # A Hub id: fetch its tiny model_index.json (config.json) now so an unknown id or no network fails fast.
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        hf_hub_download(name, marker, revision=None if vae else revision, cache_dir=cache_dir, token=token)
-    except LocalEntryNotFoundError:  # before EntryNotFoundError: it may be a subclass of it
-        raise UserError(f"{flag} {name}: not a local folder and the Hub is unreachable (offline?); "
-                        f"download it first or give a local path") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"{flag} {name}: no such model on the Hub (or it is private: log in or pass --hub_token)") from None
-    except RevisionNotFoundError:
-        raise UserError(f"{flag} {name}: revision {revision!r} not found") from None
-    except EntryNotFoundError:
-        raise UserError(f"{flag} {name}: not a {kind} repo (no {marker})") from None
-    except Exception as e:  # network errors of every kind
-        raise UserError(f"{flag} {name}: could not reach the Hub ({type(e).__name__}); give a local path") from None
+    hub_file(name, marker, flag, kind, revision=None if vae else revision, cache_dir=cache_dir, token=token)
     return name
 
 

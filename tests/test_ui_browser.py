@@ -181,3 +181,39 @@ def test_train_and_generate_in_the_browser(page, tmp_path):
     assert (tmp_path / "comfy.safetensors").exists()
     page.get_by_role("button", name="Convert").click()  # again: the file is there now
     expect(result).to_contain_text(f"error: {tmp_path / 'comfy.safetensors'} already exists", timeout=30000)
+
+
+def test_dataset_tab_captions_a_folder_and_the_preview_reads_an_edit(page, tmp_path):
+    """Caption a folder with a tiny random-weight BLIP, edit one caption in the table, save, and preview it."""
+    from playwright.sync_api import expect
+
+    from sdlora.caption import random_models
+
+    model = random_models.blip(tmp_path / "blip")
+    data = make_images(tmp_path / "data", n=3, captions=False)
+    page.get_by_role("tab", name="Dataset").click()
+    fill(page, "ds_dir", data)
+    fill(page, "ds_model", model)
+    fill(page, "ds_prefix", "sks")
+    page.click("#ds_caption")
+    status = page.locator("#ds_status")
+    expect(status).to_contain_text("wrote 3 caption(s)", timeout=180000)
+    assert all((data / f"img{i}.txt").read_text().startswith("sks, ") for i in range(3))
+    expect(page.locator("#ds_gallery img")).to_have_count(3)
+    expect(page.locator("#ds_freq")).to_contain_text("sks")
+
+    page.locator('#ds_table [data-testid="cell-0-1"]').dblclick()  # row 0 (img0.png), the caption column
+    editor = page.locator("#ds_table textarea, #ds_table input:not([type=file])").first
+    editor.fill("sks, a hand-written caption")
+    editor.press("Enter")
+    page.click("#ds_save")
+    expect(status).to_contain_text("saved 1 caption(s)", timeout=30000)
+    assert (data / "img0.txt").read_text() == "sks, a hand-written caption\n"
+    assert (data / "img1.txt").read_text().startswith("sks, ")
+
+    page.get_by_role("tab", name="Train").click()
+    fill(page, "train_data", data)
+    fill(page, "train_resolution", 32)
+    page.click("#train_preview")
+    expect(page.locator("#train_summary")).to_contain_text("3 image(s) at 32 px", timeout=60000)
+    expect(page.locator("#train_images")).to_contain_text("sks, a hand-written caption")
