@@ -152,7 +152,10 @@ def test_settings_are_tagged_for_resume_card_and_header():
     resume = fields_tagged("resume")
     assert {k for k, v in resume.items() if v == OPTIONAL} == \
         {"pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder", "quantize_base",
-         "clip_skip"}
+         "clip_skip",
+         # SD3's flow settings (config/flow.py): recorded only when changed, so earlier checkpoints stay as they were
+         "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs", "max_sequence_length",
+         "drop_t5", "lora_layers", "lora_blocks"}
     assert {"rank", "learning_rate", "resolution", "bucketing"} <= {k for k, v in resume.items() if v == MUST_MATCH}
     assert fields_tagged("header")["rank"] == "ss_network_dim"
     assert fields_tagged("header")["clip_skip"] == "ss_clip_skip" and fields_tagged("card")["clip_skip"] == "clip skip"
