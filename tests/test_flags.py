@@ -213,7 +213,7 @@ def test_card_rows_and_header_keys_come_from_the_declarations():
 
 def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monkeypatch):
     """A setting given card=/header= tags (here gradient_checkpointing, as if declared so) is on the card and in the
-    header as it was set, after the facts, with no line in output/facts.py; None or False leaves it out."""
+    header as it was set, after the facts, with no line in output/facts.py; None, False or its default leaves it out."""
     from sdlora.output import facts, modelcard, weights
     from sdlora.training import config
 
@@ -229,3 +229,6 @@ def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monke
     off = facts.RunSummary(**{**{k: v for k, v in _full_facts().items() if k != "clip_skip"},
                               "settings": {"gradient_checkpointing": False}})
     assert "gradient_checkpointing" not in off.facts()
+    plain = {k: v for k, v in _full_facts().items() if k != "clip_skip"}
+    at_default = facts.RunSummary(**{**plain, "settings": {"lr_warmup_steps": 500, "lr_power": 2.0}})
+    assert "lr_warmup_steps" not in at_default.facts() and at_default.facts()["lr_power"] == 2.0
