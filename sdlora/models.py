@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from . import sd3base
 from .errors import UserError
 from .hub import HUB_ID, hub_file
 
@@ -122,7 +123,7 @@ def default_guidance(base: str) -> float:
 
 
 # The base model families sdlora knows, as `family` names them, and how the log and model card say them.
-FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3"}
 # Each family's cross-attention width: its text encoder's hidden size (CLIP ViT-L, OpenCLIP ViT-H, both of SDXL's).
 WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 # SD 1.x/2.x by that width (SDXL is told by its text_time conditioning instead).
@@ -140,6 +141,8 @@ def family_of(unet_config, pipeline_class: str | None = None) -> str:
     Otherwise the cross-attention width names the family (768: SD 1.x's CLIP ViT-L, 1024: SD 2.x's
     OpenCLIP ViT-H); other widths (tiny test models, odd finetunes) go by the UNet layout, SD 2.x's
     linear proj_in/proj_out meaning sd2, and SD 1.x's layout (the most common) otherwise."""
+    if sd3base.is_sd3(pipeline_class, unet_config):  # an MMDiT (its transformer config stands for the UNet's)
+        return "sd3"
     if (pipeline_class or "").startswith("StableDiffusionXL") or unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"
     dim = unet_config.get("cross_attention_dim")
@@ -153,7 +156,7 @@ def base_configs(base: str, revision=None, cache_dir=None, vae: str | None = Non
     check before loading: config files only, with the model classes' defaults filled in. `vae`: a separate VAE
     (--pretrained_vae_model_name_or_path) whose config replaces the base's. Missing pieces are None / {} (an
     unusual layout: loading reports it)."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
 
     def read(load, where=base, **kw):
         try:
@@ -162,10 +165,12 @@ def base_configs(base: str, revision=None, cache_dir=None, vae: str | None = Non
             return {}
 
     index = read(DiffusionPipeline.load_config, revision=revision)
-    unet = read(UNet2DConditionModel.load_config, subfolder="unet", revision=revision)
+    denoiser, where = (SD3Transformer2DModel, "transformer") if sd3base.is_sd3(index.get("_class_name")) else \
+        (UNet2DConditionModel, "unet")
+    unet = read(denoiser.load_config, subfolder=where, revision=revision)
     vae = read(AutoencoderKL.load_config, vae) if vae else \
         read(AutoencoderKL.load_config, subfolder="vae", revision=revision)
-    return index.get("_class_name"), with_defaults(UNet2DConditionModel, unet), with_defaults(AutoencoderKL, vae)
+    return index.get("_class_name"), with_defaults(denoiser, unet), with_defaults(AutoencoderKL, vae)
 
 
 def with_defaults(cls, config) -> dict:
@@ -211,6 +216,8 @@ def architecture(unet_config, prediction_type: str = "epsilon", family_: str | N
     as kohya's sd-scripts name them: SD 2.x is 768-v with v-prediction, 512 otherwise; SD 1.x (and the
     tiny stand-ins with its layout) is stable-diffusion-v1 whatever the prediction type."""
     family_ = family_ or family_of(unet_config)
+    if family_ == "sd3":
+        return sd3base.architecture(unet_config)
     if family_ == "sdxl":
         return "stable-diffusion-xl-v1-base"
     if family_ == "sd2":
@@ -259,6 +266,8 @@ def vae_factor(vae_config: dict) -> int:
 def size_multiple(unet_config: dict, vae_config: dict) -> int:
     """The pixel multiple an image side should be for a base (its `base_configs`): the VAE's downsampling times
     the UNet's (8 x 8 = 64 for SD 1.x/2.x, 8 x 4 = 32 for SDXL; 16 for sdlora-tiny)."""
+    if "patch_size" in unet_config:  # an MMDiT: the latent is cut into patch_size x patch_size tokens
+        return vae_factor(vae_config) * unet_config["patch_size"]
     return vae_factor(vae_config) * 2 ** (len(unet_config["down_block_types"]) - 1)
 
 
@@ -280,7 +289,7 @@ def no_safetensors(reason: str) -> bool:
     return "no file named" in reason and ".safetensors" in reason
 
 
-def _load(cls, base, subfolder, allow_pickle, **kw):
+def load_model(cls, base, subfolder, allow_pickle, **kw):
     import torch
 
     from .logs import no_progress_bars
@@ -318,8 +327,8 @@ def load_text_encoder(base, revision=None, variant=None, cache_dir=None, dtype=N
     conditions the UNet."""
     import transformers
 
-    return _load(getattr(transformers, TEXT_CLASSES[subfolder]), base, subfolder, allow_pickle, revision=revision,
-                 variant=variant, cache_dir=cache_dir, dtype=dtype)
+    return load_model(getattr(transformers, TEXT_CLASSES[subfolder]), base, subfolder, allow_pickle, revision=revision,
+                      variant=variant, cache_dir=cache_dir, dtype=dtype)
 
 
 def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False, vae=None):
@@ -327,15 +336,15 @@ def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=None, allo
     from diffusers import AutoencoderKL
 
     if vae:
-        return _load(AutoencoderKL, vae, None, allow_pickle, cache_dir=cache_dir, torch_dtype=dtype)
-    return _load(AutoencoderKL, base, "vae", allow_pickle, revision=revision, variant=variant,
+        return load_model(AutoencoderKL, vae, None, allow_pickle, cache_dir=cache_dir, torch_dtype=dtype)
+    return load_model(AutoencoderKL, base, "vae", allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, torch_dtype=dtype)
 
 
 def load_unet(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False):
     from diffusers import UNet2DConditionModel
 
-    return _load(UNet2DConditionModel, base, "unet", allow_pickle, revision=revision, variant=variant,
+    return load_model(UNet2DConditionModel, base, "unet", allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, torch_dtype=dtype)
 
 

@@ -64,7 +64,7 @@ def test_typo_flag_is_one_line_naming_the_flag_meant(capsys):
         "(--help lists all flags)"
     # other usage errors are one line too
     assert "--rank: invalid int value: 'four'" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS + ["--rank", "four"])
-    assert "exactly one of --dataset_name or --train_data_dir" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS[:2])
+    assert "exactly one of --dataset_name, --train_data_dir or --dataset_config" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS[:2])
 
 
 @pytest.mark.parametrize("parse,argv", [(t2i.parse_args, T2I_NEEDS), (db.parse_args, DB_NEEDS)])
@@ -152,7 +152,10 @@ def test_settings_are_tagged_for_resume_card_and_header():
     resume = fields_tagged("resume")
     assert {k for k, v in resume.items() if v == OPTIONAL} == \
         {"pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder", "quantize_base",
-         "clip_skip"}
+         "clip_skip",
+         # SD3's flow settings (config/flow.py): recorded only when changed, so earlier checkpoints stay as they were
+         "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs", "max_sequence_length",
+         "drop_t5", "lora_layers", "lora_blocks"}
     assert {"rank", "learning_rate", "resolution", "bucketing"} <= {k for k, v in resume.items() if v == MUST_MATCH}
     assert fields_tagged("header")["rank"] == "ss_network_dim"
     assert fields_tagged("header")["clip_skip"] == "ss_clip_skip" and fields_tagged("card")["clip_skip"] == "clip skip"
@@ -210,7 +213,7 @@ def test_card_rows_and_header_keys_come_from_the_declarations():
 
 def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monkeypatch):
     """A setting given card=/header= tags (here gradient_checkpointing, as if declared so) is on the card and in the
-    header as it was set, after the facts, with no line in output/facts.py; None or False leaves it out."""
+    header as it was set, after the facts, with no line in output/facts.py; None, False or its default leaves it out."""
     from sdlora.output import facts, modelcard, weights
     from sdlora.training import config
 
@@ -226,3 +229,6 @@ def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monke
     off = facts.RunSummary(**{**{k: v for k, v in _full_facts().items() if k != "clip_skip"},
                               "settings": {"gradient_checkpointing": False}})
     assert "gradient_checkpointing" not in off.facts()
+    plain = {k: v for k, v in _full_facts().items() if k != "clip_skip"}
+    at_default = facts.RunSummary(**{**plain, "settings": {"lr_warmup_steps": 500, "lr_power": 2.0}})
+    assert "lr_warmup_steps" not in at_default.facts() and at_default.facts()["lr_power"] == 2.0

@@ -9,6 +9,7 @@ from dataclasses import MISSING, Field, fields
 from ..data.captions import CaptionOps, checked
 from ..training.checks import check
 from ..training.config import TrainConfig, flag_name, from_flags
+from ..training.config.flow import FlowSettings
 
 _TYPES = {"int": int, "float": float}  # every other setting's flag is a string (paths stay strings until checked)
 DATA_DIRS = ("train_data_dir", "instance_data_dir", "class_data_dir")  # the recipes' image folders
@@ -72,6 +73,10 @@ def add_training_args(p: argparse.ArgumentParser):
                  "train_text_encoder", "save_precision")
     g.add_argument("--output_kohya_format", action="store_true",
                    help="accepted for diffusers' SDXL commands: the kohya-layout file is always written")
+
+    g = p.add_argument_group("Stable Diffusion 3 / 3.5 bases", "diffusers' SD3 script's flag names and defaults; other "
+                             "bases ignore them")
+    add_settings(g, *(f.name for f in fields(FlowSettings)), cls=FlowSettings)
 
     g = p.add_argument_group("checkpoints, logging, validation, hub")
     add_settings(g, "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "logging_dir",

@@ -3,6 +3,7 @@ work and its report: sdlora/toolkit.py)."""
 from __future__ import annotations
 
 from .. import toolkit
+from ..errors import UserError
 from ..lora import formats
 
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -33,18 +34,24 @@ def _extract_cli(args):
 
 def _make_tiny_cli(args):
     from ..tiny import is_xl, make_tiny
+    from ..tiny_sd3 import SD3_ARCHS, make_sd3
 
     if args.single_file:
         import tempfile
 
         from ..bases import ldm
 
+        if args.arch in SD3_ARCHS:
+            raise UserError(f"--arch {args.arch} --single-file: single files are written for SD 1.x/2.x/XL only")
         with tempfile.TemporaryDirectory() as tmp:
             out, family = ldm.write(make_tiny(tmp, arch=args.arch, seed=args.seed), args.dir)
         print(f"wrote a {args.arch}-architecture single-file checkpoint (original layout, random weights) to {out}")
         return
-    out = make_tiny(args.dir, arch=args.arch, seed=args.seed)
-    kind = "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"
+    if args.arch in SD3_ARCHS:
+        out, kind = make_sd3(args.dir, arch=args.arch, seed=args.seed), "StableDiffusion3Pipeline"
+    else:
+        out = make_tiny(args.dir, arch=args.arch, seed=args.seed)
+        kind = "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"
     print(f"wrote a {args.arch}-architecture {kind} (random weights) to {out}")
 
 
@@ -104,13 +111,15 @@ def register(sub):
     common(s)
     s.set_defaults(func=_resize_cli)
 
-    s = sub.add_parser("make-tiny", help="write a pipeline with random weights: tiny SD1.x/2.x/XL layouts for "
-                                         "tests, or SD 1.5's / SDXL's real architecture for benchmarks")
+    s = sub.add_parser("make-tiny", help="write a pipeline with random weights: tiny SD1.x/2.x/XL/SD3 layouts for "
+                                         "tests, or SD 1.5's / SDXL's / SD3.5's real architecture for benchmarks")
     s.add_argument("dir", help="the folder to write the pipeline to")
-    s.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sd2-tiny", "sdxl-tiny", "sdxl"],
+    s.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sd2-tiny", "sdxl-tiny", "sdxl", "sd3",
+                                                             "sd35-medium", "sd35-large"],
                    help="tiny: SD 1.x layout (default); sd15: SD 1.5's configs (~4 GB); sd2-tiny: SD 2.x layout, "
                         "v-prediction; sdxl-tiny: SDXL layout (two text encoders); sdxl: SDXL base 1.0's "
-                        "configs (~13.5 GB in fp32)")
+                        "configs (~13.5 GB in fp32); sd3: SD3.5 Medium's layout at tiny size (MMDiT, three text "
+                        "encoders); sd35-medium / sd35-large: their published configs (~30 / ~65 GB in fp32)")
     s.add_argument("--seed", type=int, default=0, help="the random weights' seed")
     s.add_argument("--single-file", action="store_true", help="write one original-layout .safetensors checkpoint "
                    "(as A1111/ComfyUI/Civitai files are) to DIR (a *.safetensors name) instead of a folder")

@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..logs import quiet
 from ..lora import formats
 from ..models import TEXT_ENCODERS
+from .images import denoiser
 
 COMPONENTS = ("unet", *TEXT_ENCODERS)
 
@@ -121,10 +122,10 @@ def _peft_dict(lora: formats.Lora, pipe) -> dict:
     """Keys diffusers loads as-is (formats.diffusers_keys); alpha/rank is folded into B so the adapter's own
     scale is 1. LoHa/LoKr layers, which diffusers cannot read, go in as the plain LoRA with exactly their change
     (lycoris.Product.as_lora)."""
-    out, dtype = {}, pipe.unet.dtype
+    out, dtype = {}, denoiser(pipe).dtype
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
-        key = f"{comp}.{formats.live_path(comp, path)}"
+        key = f"{comp}.{formats.live_path(comp, path, getattr(pipe, comp))}"
         a, b = formats.diffusers_keys(comp)
         if m.kind != "lora":
             down, up, alpha = m.as_lora(_layer(pipe, comp, path).weight.shape)
@@ -137,12 +138,12 @@ def _peft_dict(lora: formats.Lora, pipe) -> dict:
 
 
 def _layer(pipe, comp: str, path: str):
-    layer = getattr(pipe, comp).get_submodule(formats.live_path(comp, path))
+    layer = getattr(pipe, comp).get_submodule(formats.live_path(comp, path, getattr(pipe, comp)))
     return getattr(layer, "base_layer", layer)
 
 
 def base_family(pipe) -> str:
-    return formats.unet_family(pipe.unet.config, type(pipe).__name__)
+    return formats.unet_family(denoiser(pipe).config, type(pipe).__name__)
 
 
 def check_fits(pipe, lora: formats.Lora):
@@ -159,7 +160,7 @@ def check_fits(pipe, lora: formats.Lora):
         if model is None:
             fail(f"the base has no {comp}")
         try:
-            layer = model.get_submodule(formats.live_path(comp, path))
+            layer = model.get_submodule(formats.live_path(comp, path, model))
         except AttributeError:
             fail(f"no layer '{name}' in the base")
         layer = getattr(layer, "base_layer", layer)

@@ -76,13 +76,18 @@ def clip_skip_embeds(pipe, prompts, negatives, clip_skip: int | None) -> dict | 
                                                          clip_skip=clip_skip)}
 
 
+def denoiser(pipe):
+    """The pipeline's UNet, or SD3's MMDiT (`transformer`)."""
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
 def image_size(pipe, width=None, height=None) -> tuple[int, int]:
     """(width, height) to draw at: each as given, else the base's own size (its UNet's sample_size x the VAE's
     downsampling; diffusers defaults the two only when both are missing), checked against the base's multiple."""
-    own = pipe.unet.config.sample_size
+    own = denoiser(pipe).config.sample_size
     own_h, own_w = (own, own) if isinstance(own, int) else own
     width, height = width or own_w * pipe.vae_scale_factor, height or own_h * pipe.vae_scale_factor
-    check_size(width, height, dict(pipe.unet.config), dict(pipe.vae.config))
+    check_size(width, height, dict(denoiser(pipe).config), dict(pipe.vae.config))
     return width, height
 
 

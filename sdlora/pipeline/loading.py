@@ -14,7 +14,7 @@ from .images import check_size
 
 SCHEDULERS = {"dpm++": {}, "dpm++-karras": {"use_karras_sigmas": True}, "keep": None}
 # The diffusers pipeline class of each base family (models.family_of); the rest load as StableDiffusionPipeline.
-PIPELINES = {"sdxl": "StableDiffusionXLPipeline"}
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
 
 
 def load_adapters(loras=(), base=None, scheduler: str = "dpm++", device=None, dtype=None,
@@ -146,5 +146,5 @@ def set_scheduler(pipe, name: str):
 
     if name not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{name}'; expected one of {', '.join(SCHEDULERS)}")
-    if SCHEDULERS[name] is not None:
+    if SCHEDULERS[name] is not None and "FlowMatch" not in type(pipe.scheduler).__name__:  # SD3: its own FlowMatch
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **SCHEDULERS[name])

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..lora import adalora
-from . import checkpoint, conditioning, losses
+from . import checkpoint, conditioning, losses, sd3run
 from .caches import latent_mask
 from .run import Run
 
@@ -42,6 +42,8 @@ def micro_step(run: Run, batch: dict, micro: int):
 
 def _denoising_loss(run: Run, posterior: torch.Tensor, mask, captions: list[str], geometry, gen) -> torch.Tensor:
     """Per-sample loss of rows of one size: sample a latent, noise it at a random timestep, predict."""
+    if run.config.family == "sd3":  # rectified flow on the MMDiT (sd3run.py, flow.py)
+        return sd3run.loss(run, posterior, mask, captions, gen)
     device = run.accelerator.device
     # One sample of the VAE posterior (mean | logvar), as latent_dist.sample() draws it, from our generator.
     mean, logvar = posterior.chunk(2, dim=1)

@@ -10,6 +10,7 @@ from ..bases import hashes
 from ..data.trainset import TrainSet
 from ..lora import card, inject
 from ..output.facts import RunSummary, own_settings
+from . import sd3run
 from .run import Recipe, Run
 
 log = logging.getLogger("sdlora")
@@ -35,7 +36,8 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
         base_sha256=base_hashes.get("sha256"), base_legacy_hash=base_hashes.get("legacy"),
         kind=recipe.kind, rank=rank, alpha=alpha, rslora=c.use_rslora or None, lora_type=c.lora_type,
         init=c.init_lora_weights if c.init_lora_weights != "gaussian" else None,
-        target_modules=list(c.target_modules), train_text_encoder=c.train_text_encoder, steps=run.step,
+        target_modules=sd3run.targets(c) if c.family == "sd3" else list(c.target_modules),
+        train_text_encoder=c.train_text_encoder, steps=run.step,
         epochs=run.num_epochs, train_batch_size=c.train_batch_size,
         gradient_accumulation_steps=c.gradient_accumulation_steps, learning_rate=c.learning_rate,
         lr_scheduler=c.lr_scheduler, resolution=c.resolution, mixed_precision=run.accelerator.mixed_precision,
@@ -59,7 +61,8 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
 
 # The licences the Stable Diffusion bases are released under, for a base whose own card can't be read (a Hub id's
 # card is not downloaded with its weights): SD 1.x CreativeML Open RAIL-M, SD 2.x and SDXL Open RAIL++-M.
-FAMILY_LICENSE = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
+FAMILY_LICENSE = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++",
+                  "sd3": "other"}  # SD3 / 3.5: the Stability AI Community License (no Hub licence id of its own)
 BUNDLED_LICENSE = "apache-2.0"  # the bundled models were trained by this project's scripts: its LICENSE
 
 

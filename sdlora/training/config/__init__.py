@@ -1,6 +1,6 @@
 """The training configuration: every setting the loop reads, declared once with its default and its help.
 
-Settings are grouped by what they are about, one module each (base, run, data, optim, speed, lora, outputs);
+Settings are grouped by what they are about, one module each (base, run, data, optim, speed, lora, outputs, flow);
 `TrainConfig` is their union. A new group is a new module plus one base class below. A field made with
 `setting(...)` is also a command-line flag of the same name (or metadata "flag"): the CLI generates the flag
 from the field (sdlora/cli/flags.py), so its default and help live there only. Tags in the metadata say what
@@ -17,6 +17,7 @@ from ...errors import UserError
 from .base import BaseSettings
 from .data import DataSettings
 from .declare import LR_SCHEDULERS, MUST_MATCH, OPTIONAL, flag_name, setting
+from .flow import FlowSettings
 from .lora import LoraSettings
 from .optim import OptimSettings
 from .outputs import OutputSettings
@@ -28,9 +29,10 @@ __all__ = ["TrainConfig", "LR_SCHEDULERS", "MUST_MATCH", "OPTIONAL", "setting", 
 
 
 # Dataclasses order inherited fields from the last base to the first, so the groups are listed last-first:
-# the fields (and so --help, the card and the header) read base model, run, data, optim, speed, LoRA, outputs.
+# the fields (and so --help, the card and the header) read base model, run, data, optim, speed, LoRA, outputs,
+# then SD3's flow settings.
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(OutputSettings, LoraSettings, SpeedSettings, OptimSettings, DataSettings, RunSettings,
+class TrainConfig(FlowSettings, OutputSettings, LoraSettings, SpeedSettings, OptimSettings, DataSettings, RunSettings,
                   BaseSettings):
     def tracker_config(self) -> dict:
         """What the experiment trackers record (plain values only; the token is never part of a config)."""
