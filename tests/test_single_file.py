@@ -74,8 +74,7 @@ def runs(files, data, tmp_path_factory):
     return trained
 
 
-@pytest.mark.parametrize("family,script", [("sd1", T2I), ("sdxl", T2I), ("sd1", DREAMBOOTH), ("sd2", DREAMBOOTH),
-                                           ("sdxl", DREAMBOOTH)])
+@pytest.mark.parametrize("family,script", [("sd1", T2I), ("sdxl", T2I), ("sd1", DREAMBOOTH), ("sdxl", DREAMBOOTH)])
 def test_a_single_file_trains_the_same_lora_as_its_folder(files, runs, family, script):
     path, _ = files[family]
     tmp_path = runs(family, script).parent
