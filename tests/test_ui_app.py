@@ -293,6 +293,7 @@ def single_file(tmp_path_factory):
 
 def test_train_form_passes_a_single_file_and_its_base_config_as_the_command_line_does(single_file, tmp_path):
     from sdlora.recipes import RECIPES
+    from sdlora.ui import config_form
     from sdlora.ui.train_tab import MAIN_FLAGS, checked_flags, do_preview
 
     path, configs = single_file
@@ -308,6 +309,9 @@ def test_train_form_passes_a_single_file_and_its_base_config_as_the_command_line
     assert "--base_config" not in blank  # blank: left to the script, as leaving the flag out
     *_, summary = do_preview("text-to-image", *form, *[""] * len(MAIN_FLAGS))
     assert not summary.startswith("error") and not out.exists()
+    # the form restored from a run's flags (Load config, a reload) shows it in its box, not under "more flags"
+    shown = dict(zip(config_form.FIELDS, config_form.form_values("text-to-image", args, MAIN_FLAGS)))
+    assert (shown["base"], shown["base_config"]) == (str(path), configs) and "--base_config" not in shown["extra"]
 
 
 def test_generate_from_a_single_file_draws_the_folders_image(single_file, tmp_path, monkeypatch):

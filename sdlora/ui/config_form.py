@@ -13,7 +13,8 @@ from ..recipes import RECIPES, configfile, presets
 from ..training.runconfig import NAME as RUN_CONFIG
 
 # The form's own fields besides the main flags (train_tab.MAIN_FLAGS) and the labelled advanced ones (ADVANCED).
-FIELDS = ("recipe", "base", "base_config", "data_dir", "instance_prompt", "output_dir", "lora_type", "mixed_precision", "extra")
+FIELDS = ("recipe", "base", "base_config", "data_dir", "instance_prompt", "output_dir", "lora_type", "mixed_precision",
+          "extra")
 # Advanced settings shown as labelled fields: flag -> label. (Clip skip and the optimizer choice are being added as
 # settings on main; when they land, each is one entry here and one in OPTIMIZERS/…: the form reads them generically.)
 ADVANCED = {"lr_scheduler": "LR schedule", "lora_alpha": "LoRA alpha", "text_encoder_lr": "Text-encoder LR"}
