@@ -294,7 +294,7 @@ def single_file(tmp_path_factory):
 def test_train_form_passes_a_single_file_and_its_base_config_as_the_command_line_does(single_file, tmp_path):
     from sdlora.recipes import RECIPES
     from sdlora.ui import config_form
-    from sdlora.ui.train_tab import MAIN_FLAGS, checked_flags, do_preview
+    from sdlora.ui.train_tab import MAIN_FLAGS, checked_flags, do_preview, do_save_config
 
     path, configs = single_file
     data, out = make_images(tmp_path / "data", n=2), tmp_path / "out"
@@ -312,6 +312,12 @@ def test_train_form_passes_a_single_file_and_its_base_config_as_the_command_line
     # the form restored from a run's flags (Load config, a reload) shows it in its box, not under "more flags"
     shown = dict(zip(config_form.FIELDS, config_form.form_values("text-to-image", args, MAIN_FLAGS)))
     assert (shown["base"], shown["base_config"]) == (str(path), configs) and "--base_config" not in shown["extra"]
+    # and Save config, then Load config (the TOML holds every setting, the SD3 ones too)
+    said = do_save_config(str(tmp_path / "run.toml"), "text-to-image", *form, *[""] * len(MAIN_FLAGS))
+    assert said.startswith("saved"), said
+    loaded = dict(zip(config_form.FIELDS, config_form.load(str(tmp_path / "run.toml"), "text-to-image", MAIN_FLAGS)))
+    assert {k: loaded[k] for k in ("base", "base_config", "extra")} == {k: shown[k] for k in ("base", "base_config",
+                                                                                           "extra")}
 
 
 def test_generate_from_a_single_file_draws_the_folders_image(single_file, tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ UNSUPPORTED = {
     "torch_compile": "use --compile", "dynamo_backend": None, "ddp_timeout": None, "wandb_api_key": "use wandb login",
     "conditioning_data_dir": None, "secondary_separator": None, "enable_wildcard": None, "caption_prefix": None,
     "caption_suffix": None, "dataset_class": None, "dataset_repeats": None, "resize_interpolation": None,
-    "cache_info": None, "weighting_scheme": None, "disable_mmap_load_safetensors": None, "blocks_to_swap": None,
+    "cache_info": None, "disable_mmap_load_safetensors": None, "blocks_to_swap": None,
     "log_tracker_config": None, "network_multiplier": None, "skip_until_initial_step": None, "initial_epoch": None,
     "initial_step": None, "validation_seed": None, "validate_every_n_epochs": None, "max_validation_steps": None,
     "debiased_estimation_loss": None, "scale_v_pred_loss_like_noise_pred": None, "v_pred_like_loss": None,
