@@ -12,7 +12,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from . import heldout, samples, validation
+from . import heldout, optimizers, samples, validation
 from .config import TrainConfig
 from .hooks import Hooks
 from .run import Recipe, Run
@@ -47,7 +47,8 @@ def train(config: TrainConfig, recipe: Recipe, hooks: Hooks | None = None) -> Pa
     run.accelerator.wait_for_everyone()
     mark("save")
     phase("saving")
-    path = save_final(run) if run.main else None
+    with evaluating(run):  # the weights to use: schedule-free's averaged ones
+        path = save_final(run) if run.main else None
     mark("done")
     if run.best_val_loss and run.main:  # the last line: where to look for the best checkpoint
         log.info("lowest validation loss %.5f at step %d (of %d)", *run.best_val_loss, run.max_steps)
@@ -119,7 +120,8 @@ def _after_step(run: Run, phase, epoch_before: int):
     if config.validation_prompt and (new_epoch or run.step == run.max_steps):
         phase("sampling")
         if run.main:
-            run.samples = validation.validate(_sampling(run), run.epoch)
+            with evaluating(run):
+                run.samples = validation.validate(_sampling(run), run.epoch)
         run.accelerator.wait_for_everyone()
     if samples.due(config, run.step, epoch_before, run.epoch, last=run.step == run.max_steps):
         phase("sampling")
@@ -163,13 +165,19 @@ def validation_loss(run: Run) -> float | None:
     """The held-out loss (main process; the others wait and get None), tracking the lowest."""
     value = None
     if run.main:
-        value = heldout.loss(run.recipe.heldout, run.heldout_cache, partial(predict_loss, run, bare=True),
-                             run.frozen.noise_scheduler.config.num_train_timesteps, run.frozen.vae_scale,
-                             run.accelerator.device, run.parts)
+        with evaluating(run):
+            value = heldout.loss(run.recipe.heldout, run.heldout_cache, partial(predict_loss, run, bare=True),
+                                 run.frozen.noise_scheduler.config.num_train_timesteps, run.frozen.vae_scale,
+                                 run.accelerator.device, run.parts)
         if run.best_val_loss is None or value < run.best_val_loss[0]:
             run.best_val_loss = [value, run.step]
     run.accelerator.wait_for_everyone()
     return value
+
+
+def evaluating(run: Run):
+    """The weights to sample, validate and save with, for the time of a `with` (optimizers.evaluating)."""
+    return optimizers.evaluating(run.optimizer)
 
 
 def _sampling(run: Run) -> validation.Sampling:
@@ -181,5 +189,6 @@ def _sampling(run: Run) -> validation.Sampling:
 def _sample_round(run: Run):
     """One round of --sample_prompts on the main process; the others wait for it."""
     if run.main:
-        samples.write_round(_sampling(run), run.step)
+        with evaluating(run):
+            samples.write_round(_sampling(run), run.step)
     run.accelerator.wait_for_everyone()

@@ -14,7 +14,7 @@ import torch
 from .. import models, quantize
 from ..data.trainset import StreamSampler, TrainSet, loader
 from ..lora import adalora
-from . import checkpoint, conditioning, diskcache, heldout, interrupt, manifest, resume, trainable
+from . import checkpoint, conditioning, diskcache, heldout, interrupt, manifest, optimizers, resume, trainable
 from .caches import Caches, all_captions
 from .caches import plan as cache_plan
 from .config import TrainConfig
@@ -66,6 +66,7 @@ def setup(config: TrainConfig, recipe: Recipe, hooks: Hooks | None = None) -> Ru
                      workers=0 if frozen.latents_cached else config.dataloader_num_workers)
     for c in trained.parts.values():
         c.module.train()
+    optimizers.stepping(trained.optimizer)
     return Run(config=config, recipe=recipe, accelerator=accelerator, seed=plan.seed, settings=plan.settings,
                weight_dtype=weight_dtype, frozen=frozen, caches=caches, parts=trained.parts,
                optimizer=trained.optimizer, lr_scheduler=trained.lr_scheduler, sampler=plan.sampler,
