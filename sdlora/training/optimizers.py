@@ -112,7 +112,8 @@ def check(config) -> dict:
         log.warning("--optimizer Adafactor (relative_step): its own step size replaces --lr_scheduler %s; "
                     "pass --optimizer_args relative_step=False to use --learning_rate and the schedule",
                     config.lr_scheduler)
-    return {"optimizer": kind_of(config.optimizer).name, "optimizer_args": tuple(str(i) for i in config.optimizer_args or ())}
+    return {"optimizer": kind_of(config.optimizer).name, "optimizer_args": tuple(str(i) for i in config.optimizer_args) or None
+            if config.optimizer_args else None}
 
 
 def _relative_step(kind: Kind, kw: dict) -> bool:
@@ -208,13 +209,21 @@ def stepping(optimizer):
 
 @contextmanager
 def evaluating(optimizer):
-    """The weights to sample, validate and save with: a schedule-free optimizer's averaged ones (its eval mode),
-    back to the ones it steps afterwards; no change for every other optimizer."""
+    """The weights to sample, validate and save with: a schedule-free optimizer's averaged ones (its eval mode), and
+    afterwards the ones it steps, restored bit for bit (eval then train rounds them), so sampling never changes what
+    a run trains; no change for every other optimizer."""
     if not is_schedule_free(optimizer):
         yield
         return
+    import torch
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    kept = [p.detach().clone() for p in params]
     optimizer.eval()
     try:
         yield
     finally:
         optimizer.train()
+        with torch.no_grad():
+            for p, k in zip(params, kept):
+                p.copy_(k)

@@ -36,8 +36,8 @@ class OptimSettings:
                  "PagedAdamW8bit, Lion, Lion8bit, Prodigy, Adafactor, AdamWScheduleFree, RAdamScheduleFree, CAME, "
                  "SGDNesterov) or any module.Class; any but AdamW: pip install \"sdlora[optimizers]\"",
         aliases=("optimizer_type",), resume=OPTIONAL, card="optimizer", header="ss_optimizer")
-    optimizer_args: tuple = setting(
-        (), "the optimizer's keyword arguments as key=value (Python literals, kohya's --optimizer_args), e.g. "
+    optimizer_args: tuple | None = setting(
+        help="the optimizer's keyword arguments as key=value (Python literals, kohya's --optimizer_args), e.g. "
             "weight_decay=0.01 betas=(0.9,0.99); they override the --adam_* and --prodigy_* flags",
         nargs="*", metavar="KEY=VALUE", resume=OPTIONAL, header="ss_optimizer")
     unet_lr: float | None = setting(help="the UNet LoRA's learning rate (kohya's; default: --learning_rate)",
