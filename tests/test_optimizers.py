@@ -45,6 +45,10 @@ def images(tmp_path_factory):
 
 @pytest.mark.parametrize("name,over", OPTIMIZERS, ids=[n for n, _ in OPTIMIZERS])
 def test_optimizer_lowers_the_loss_and_resumes_exactly(images, tmp_path, name, over):
+    lowers_and_resumes(images, tmp_path, name, over)
+
+
+def lowers_and_resumes(images, tmp_path, name: str, over: dict):
     """4 steps lower the held-out loss on the trained images; 4 steps = 2 + a resume from checkpoint-2 + 2, within
     1e-6, with the optimizer's whole state (Prodigy's d, schedule-free's z, Adafactor's factors) in the checkpoint."""
     flags = dict(optimizer=name, checkpointing_steps=2, **over)

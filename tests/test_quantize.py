@@ -148,3 +148,12 @@ def test_streamed_quantized_load_equals_quantizing_the_loaded_unet(tiny_model, m
     monkeypatch.setattr(streamload, "weights_files", lambda *a, **k: None)  # e.g. .bin weights: diffusers loads them
     fallback, count = quantize.load_unet(str(tiny_model), "int8", "cpu", torch.float32)
     assert count == n and quantize.quantized_linears(fallback) == n and fallback.is_loaded_in_8bit
+
+
+@pytest.mark.parametrize("name,lr", [("AdamW8bit", 1e-3), ("PagedAdamW8bit", 1e-3), ("Lion8bit", 3e-4)])
+def test_8bit_optimizers_lower_the_loss_and_resume_exactly(tmp_path, name, lr):
+    """--optimizer's bitsandbytes kinds (here: its CPU backend), as test_optimizers checks the others."""
+    from test_optimizers import lowers_and_resumes
+
+    images = make_images(tmp_path / "train", n=2), make_images(tmp_path / "held", n=2)
+    lowers_and_resumes(images, tmp_path, name, {"learning_rate": lr})
