@@ -68,6 +68,7 @@ def lowers_and_resumes(images, tmp_path, name: str, over: dict):
         step.optimizer_step(resumed)
     full, again = _lora(run), _lora(resumed)
     assert max((full[k] - again[k]).abs().max().item() for k in full) <= 1e-6
+    return run
 
 
 def test_a_resume_with_another_optimizer_is_refused(images, tmp_path, capsys):

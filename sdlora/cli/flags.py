@@ -72,6 +72,12 @@ def add_training_args(p: argparse.ArgumentParser):
                  "prodigy_use_bias_correction", "prodigy_safeguard_warmup", "loraplus_lr_ratio",
                  "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
+    g = p.add_argument_group("noise and loss", "kohya's options, by its names and with its formulas")
+    add_settings(g, "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
+                 "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "loss_type", "huber_schedule",
+                 "huber_c", "huber_scale", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred",
+                 "v_pred_like_loss")
+
     g = p.add_argument_group("aspect-ratio buckets (kohya's flag names), masked loss, held-out loss")
     add_settings(g, "no_bucket", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                  "bucket_no_upscale", "masked_loss", "mask_dir", "validation_split", "validation_data_dir",
