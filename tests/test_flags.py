@@ -156,7 +156,8 @@ def test_settings_are_tagged_for_resume_card_and_header():
     noise = {"multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength",
              "min_timestep", "max_timestep", "loss_type", "huber_schedule", "huber_c", "huber_scale",
              "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss"}
-    assert {k for k, v in resume.items() if v == OPTIONAL} == optimizer | noise | \
+    outcome = {"use_ema", "ema_decay", "ema_warmup", "ema_power", "early_stopping_patience"}
+    assert {k for k, v in resume.items() if v == OPTIONAL} == optimizer | noise | outcome | \
         {"pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder", "quantize_base"}
     assert {"rank", "learning_rate", "resolution", "bucketing"} <= {k for k, v in resume.items() if v == MUST_MATCH}
     assert fields_tagged("header")["rank"] == "ss_network_dim"

@@ -78,6 +78,9 @@ def add_training_args(p: argparse.ArgumentParser):
                  "huber_c", "huber_scale", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred",
                  "v_pred_like_loss")
 
+    g = p.add_argument_group("EMA and early stopping", "which weights the run ends with")
+    add_settings(g, "use_ema", "ema_decay", "ema_warmup", "ema_power", "early_stopping_patience")
+
     g = p.add_argument_group("aspect-ratio buckets (kohya's flag names), masked loss, held-out loss")
     add_settings(g, "no_bucket", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                  "bucket_no_upscale", "masked_loss", "mask_dir", "validation_split", "validation_data_dir",

@@ -15,7 +15,7 @@ from typing import Mapping
 from .. import basecheck, io, models, quantize
 from ..data.buckets import Bucketing
 from ..errors import UserError
-from . import diskcache, noise, optimizers, prompts
+from . import diskcache, earlystop, noise, optimizers, prompts
 from .config import TrainConfig
 
 log = logging.getLogger("sdlora")
@@ -51,6 +51,7 @@ def check(c: TrainConfig, token: str | None = None, *, data: Mapping[str, str | 
     targets = _check_flags(c)
     optim = optimizers.check(c)
     noise.check(c)
+    earlystop.check(c)
     alpha = c.rank if c.lora_alpha is None else c.lora_alpha
     alpha = int(alpha) if float(alpha).is_integer() else alpha  # "8", not "8.0", in metadata viewers
     report_to = _check_report_to(c.report_to, hub_token)

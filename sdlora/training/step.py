@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..lora import adalora
-from . import checkpoint, conditioning, losses
+from . import checkpoint, conditioning, ema, losses
 from . import noise as noise_ops
 from .caches import latent_mask
 from .run import Run
@@ -106,6 +106,8 @@ def optimizer_step(run: Run) -> dict:
     run.optimizer.step()
     if not acc.optimizer_step_was_skipped:  # fp16 overflow: GradScaler skipped the step
         run.lr_scheduler.step()
+        if run.ema is not None:
+            run.ema.step(ema.params(run.parts))
     tuners = [c.tuner for c in run.parts.values() if c.tuner is not None]
     if tuners:  # AdaLoRA scores each rank by |weight * grad|: after the step, before the gradients are cleared
         logs["adalora_ranks"] = sum(adalora.update(t, run.step) for t in tuners)
