@@ -245,3 +245,20 @@ def test_dreambooth_preview_shows_the_captions_the_run_trains_on(tmp_path):
                                            ("img2.png", "a photo of sks square")]
     assert shown[""] == [(f"img{i}.png", "a photo of sks square") for i in range(3)]
     assert not out.exists()
+
+
+def test_optimizer_ema_and_loraplus_fields_become_the_recipes_flags(tmp_path):
+    """The Train form's optimizer row: the optimizer list (any module.Class too), its arguments, LoRA+ and EMA."""
+    from sdlora.ui.train_tab import MAIN_FLAGS, _on_recipe, checked_flags, recipe_defaults
+
+    values = {"optimizer": "Prodigy", "optimizer_args": "d_coef=2 betas='(0.9, 0.99)'", "loraplus_lr_ratio": "16",
+              "use_ema": True, "ema_decay": "0.999"}
+    data, out = make_images(tmp_path / "data"), tmp_path / "out"
+    main = [values.get(n, "") for n in MAIN_FLAGS]
+    flags = checked_flags("text-to-image", False, str(out), *form(data, out)[1:8], *main)  # no prompts, no resume
+    assert flags[-10:] == ["--optimizer", "Prodigy", "--optimizer_args", "d_coef=2", "betas=(0.9, 0.99)",
+                           "--loraplus_lr_ratio", "16", "--use_ema", "--ema_decay", "0.999"]
+    defaults = recipe_defaults("text-to-image")
+    assert defaults["optimizer"] == "AdamW" and defaults["use_ema"] is False
+    shown = dict(zip(MAIN_FLAGS, _on_recipe("text-to-image")[2:]))
+    assert shown["optimizer"] == "AdamW" and shown["use_ema"] is False and shown["optimizer_args"] == ""

@@ -15,7 +15,12 @@ from .preview import preview
 
 # The main flags on the form; each starts at the selected recipe's own default (None: blank, the script decides).
 MAIN_FLAGS = ["resolution", "max_train_steps", "num_train_epochs", "learning_rate", "rank", "train_batch_size",
-              "seed", "checkpointing_steps", "validation_split", "sample_every_n_steps"]
+              "seed", "checkpointing_steps", "validation_split", "sample_every_n_steps",
+              # the optimizer, its main arguments, LoRA+ and EMA (training/optimizers.py, ema.py)
+              "optimizer", "optimizer_args", "loraplus_lr_ratio", "use_ema", "ema_decay"]
+SWITCHES = {"use_ema"}  # checkboxes: on adds the flag
+OPTIMIZER_NAMES = ["AdamW", "Prodigy", "Adafactor", "Lion", "AdamWScheduleFree", "RAdamScheduleFree", "CAME",
+                   "SGDNesterov", "AdamW8bit", "PagedAdamW8bit", "Lion8bit"]
 
 
 def recipe_defaults(name: str) -> dict:
@@ -54,10 +59,12 @@ def train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, 
         flags += ["--instance_prompt", instance_prompt or ""]
     if mixed_precision and mixed_precision != "default":
         flags += ["--mixed_precision", mixed_precision]
-    for name, value in zip(MAIN_FLAGS, main):
-        if str(value if value is not None else "").strip():  # the recipe's argparse checks the value
-            flags += [f"--{name}", str(value).strip()]
     try:
+        for name, value in zip(MAIN_FLAGS, main):
+            if name in SWITCHES:
+                flags += [f"--{name}"] * (value is True)
+            elif str(value if value is not None else "").strip():  # the recipe's argparse checks the value
+                flags += [f"--{name}", *(shlex.split(value) if name == "optimizer_args" else [str(value).strip()])]
         more = shlex.split(extra or "")
     except ValueError as e:
         raise UserError(f"more flags: {e}; check the quotes") from None
@@ -155,7 +162,13 @@ def _shown(default) -> str:
 
 
 def _flag_box(name: str, defaults: dict):
-    """A main flag as text: blank leaves it to the script (as leaving the flag out would)."""
+    """A main flag as text (the optimizer: a list that takes any module.Class too; a switch: a checkbox): blank
+    leaves it to the script (as leaving the flag out would)."""
+    if name in SWITCHES:
+        return gr.Checkbox(bool(defaults[name]), label=f"--{name}", elem_id=f"train_{name}", min_width=100)
+    if name == "optimizer":
+        return gr.Dropdown(OPTIMIZER_NAMES, value=_shown(defaults[name]), label="--optimizer", allow_custom_value=True,
+                           elem_id="train_optimizer", min_width=100)
     return gr.Textbox(_shown(defaults[name]), label=f"--{name}", placeholder="script default", max_lines=1,
                       elem_id=f"train_{name}", min_width=100)
 
@@ -181,7 +194,7 @@ def _form_column() -> dict:
         c["mixed_precision"] = gr.Dropdown(["default", "no", "fp16", "bf16"], value="default",
                                            label="Mixed precision", min_width=100)
         c["main"] = [_flag_box(n, t2i) for n in MAIN_FLAGS[:2]]
-    for row in (MAIN_FLAGS[2:6], MAIN_FLAGS[6:]):
+    for row in (MAIN_FLAGS[2:6], MAIN_FLAGS[6:10], MAIN_FLAGS[10:]):
         with gr.Row():
             c["main"] += [_flag_box(n, t2i) for n in row]
     c["prompts"] = gr.Textbox(label="Sample prompts", lines=2, elem_id="train_prompts",
@@ -217,7 +230,8 @@ def _run_column() -> dict:
 
 def _on_recipe(name):
     d = recipe_defaults(name)
-    return [gr.update(visible=name == "dreambooth"), recipe_help(name)] + [_shown(d[n]) for n in MAIN_FLAGS]
+    return [gr.update(visible=name == "dreambooth"), recipe_help(name)] + \
+        [bool(d[n]) if n in SWITCHES else _shown(d[n]) for n in MAIN_FLAGS]
 
 
 def build_train_tab(demo: gr.Blocks):
