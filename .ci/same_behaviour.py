@@ -219,11 +219,28 @@ def run_all(tree: Path, names: list[str], jobs: int, keep: Path | None) -> dict:
     return done
 
 
+def peft_defaults() -> dict:
+    """LoraConfig's defaults, as a config's JSON holds them."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    return {f.name: json.loads(json.dumps(f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                          else f.default, default=str))
+            for f in dataclasses.fields(LoraConfig) if f.name not in ("peft_type", "r", "lora_alpha")}
+
+
 def intended(name: str, fingerprint: dict) -> dict:
-    """A file's fingerprint with the INTENDED changes masked, on both sides of the comparison."""
+    """A file's fingerprint with the INTENDED changes masked, on both sides of the comparison. Also intended since
+    10b4578: a LoRA file's lora_adapter_metadata leaves out entries at peft's defaults (inject.file_config)."""
     rule = INTENDED.get(Path(name).suffix)
     if rule and isinstance(fingerprint.get("text"), str):
         return {**fingerprint, "text": rule[0].sub(rule[1], fingerprint["text"])}
+    if Path(name).suffix == ".safetensors":
+        defaults, prefix = peft_defaults(), "meta lora_adapter_metadata."
+        return {k: v for k, v in fingerprint.items()
+                if not (k.startswith(prefix) and defaults.get(k.rsplit(".", 1)[-1], ...) in (v, json.loads(
+                    json.dumps(v, default=str))))}
     return fingerprint
 
 

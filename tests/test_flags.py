@@ -162,3 +162,71 @@ def test_settings_are_tagged_for_resume_card_and_header():
     assert {"rank", "learning_rate", "resolution", "bucketing"} <= {k for k, v in resume.items() if v == MUST_MATCH}
     assert fields_tagged("header")["rank"] == "ss_network_dim"
     assert fields_tagged("card")["lr_scheduler"] == "LR scheduler"
+
+
+def _full_facts() -> dict:
+    """Every fact of a RunSummary with a value that shows (a LoRA with every optional row on)."""
+    from dataclasses import fields
+
+    from sdlora.output.facts import RunSummary
+
+    values = dict(base_model="org/base", family="SD 1.x", kind="text-to-image", rank=4, alpha=8.0, lora_type="dora",
+                  rslora=True, init="pissa", target_modules=["to_q", "to_k"], train_text_encoder=True, steps=10,
+                  epochs=2, train_batch_size=2, gradient_accumulation_steps=3, learning_rate=1e-4,
+                  lr_scheduler="cosine", resolution=512, mixed_precision="bf16", save_precision="fp16",
+                  dataset="data", num_images=5, seed=7, buckets="512x512 (5)", masked_loss=True,
+                  caption_ops="shuffled", repeat_folders="5 images in N_name folders", best_val_loss="0.1 at step 5",
+                  vae="org/vae", zero_terminal_snr=True, quantize_base="nf4", dataset_dirs={"d": {"n_repeats": 2}},
+                  architecture="stable-diffusion-v1", prediction_type="epsilon", title="t", trigger_phrase="sks",
+                  extra_tags=["x"], base_model_in_front_matter=True, base_is_local=False, samples=[], repo_id=None,
+                  example_prompt="a cat", kohya_file="t.safetensors", license="openrail", settings={})
+    assert set(values) == {f.name for f in fields(RunSummary)}, "a RunSummary fact without a value here"
+    return RunSummary(**values).facts()
+
+
+def test_card_rows_and_header_keys_come_from_the_declarations():
+    """The card's settings table and the header write exactly what the settings' card=/header= tags and the other
+    facts' declarations (output/facts.py) list, in declaration order: no second, hand-written list."""
+    from dataclasses import fields
+
+    from sdlora.output import facts, modelcard, weights
+    from sdlora.training.config import fields_tagged
+
+    labels, keys = facts.card_labels(), facts.header_keys()
+    settings = {f.metadata.get("setting") for f in fields(facts.RunSummary)} - {None}
+    # every tagged setting is on the card / in the header: as a fact, or as itself (facts.own_settings)
+    assert set(fields_tagged("card")) <= settings | set(labels) and set(fields_tagged("header")) <= settings | set(keys)
+    assert labels["rank"] == fields_tagged("card")["rank"] and keys["resolution"] == fields_tagged("header")["resolution"]
+    info = _full_facts()
+    card = modelcard.render(info)
+    rows = [line.split(" | ")[0][2:] for line in card.split("## Training settings")[1].splitlines()
+            if line.startswith("| ") and not line.startswith("| setting")]
+    assert rows == list(labels.values())
+    header = weights.header(info)
+    declared = {k for ks in keys.values() for k in ks}
+    assert declared | {"sdlora_version", "modelspec.sai_model_spec", "modelspec.implementation",
+                       "modelspec.date"} == set(header)
+    assert header["ss_network_dim"] == "4" and header["ss_resolution"] == "(512, 512)"
+    assert header["ss_network_module"] == "lycoris.kohya" and header["modelspec.tags"] == "x"
+    # a fact left empty leaves its row and key out
+    quiet = modelcard.render({**info, "quantize_base": None}), weights.header({**info, "quantize_base": None})
+    assert "| quantized base |" not in quiet[0] and "sdlora_quantize_base" not in quiet[1]
+
+
+def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monkeypatch):
+    """A setting given card=/header= tags (here gradient_checkpointing, as if declared so) is on the card and in the
+    header as it was set, after the facts, with no line in output/facts.py; None or False leaves it out."""
+    from sdlora.output import facts, modelcard, weights
+    from sdlora.training import config
+
+    real = config.fields_tagged
+    extra = {"card": {"gradient_checkpointing": "gradient checkpointing"},
+             "header": {"gradient_checkpointing": "ss_gradient_checkpointing"}}
+    monkeypatch.setattr(facts, "fields_tagged", lambda tag: real(tag) | extra.get(tag, {}))
+    assert facts.own_settings() == ["gradient_checkpointing"]
+    info = {**_full_facts(), "gradient_checkpointing": True}
+    card = modelcard.render(info)
+    assert card.index("| quantized base |") < card.index("| gradient checkpointing | True |")
+    assert weights.header(info)["ss_gradient_checkpointing"] == "True"  # kohya's str(bool)
+    off = facts.RunSummary(**{**{k: v for k, v in _full_facts().items()}, "settings": {"gradient_checkpointing": False}})
+    assert "gradient_checkpointing" not in off.facts()

@@ -78,6 +78,27 @@ def test_trainer_file_is_read_with_alpha_and_base_from_the_card(tiny_model, tmp_
     assert formats.load_lora(file).base_model == str(tiny_model)
 
 
+def test_file_config_holds_only_what_differs_from_peft_defaults(tiny_model, tmp_path):
+    """diffusers builds LoraConfig(**the file's entries): an entry a user's older peft lacks (peft 0.22's
+    astra_config: null, 0.18's peft_version) would be a TypeError there, so only the core entries and those that
+    differ from peft's defaults are written, and they rebuild the same config."""
+    from dataclasses import fields
+
+    from peft import LoraConfig
+
+    from sdlora.lora.inject import CORE_CONFIG, file_config
+    from sdlora.testing import demo_lora
+
+    meta = json.loads(safe_metadata(demo_lora(tmp_path / "lora", base=tiny_model, rank=4, alpha=8))
+                      ["lora_adapter_metadata"])
+    assert {k.removeprefix("unet.") for k in meta} == set(CORE_CONFIG)
+    trained = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], use_dora=True, lora_dropout=0.1)
+    written = file_config(trained)
+    assert set(written) == set(CORE_CONFIG) | {"use_dora", "lora_dropout"}
+    rebuilt, full = LoraConfig(**written), LoraConfig(**{**trained.to_dict(), "init_lora_weights": True})
+    assert all(getattr(rebuilt, f.name) == getattr(full, f.name) for f in fields(LoraConfig))
+
+
 @pytest.mark.parametrize("fmt", formats.FORMATS)
 def test_round_trip_is_lossless(pipe, tmp_path, fmt):
     lora = rich_lora(pipe)

@@ -259,6 +259,16 @@ def test_optimizer_ema_and_loraplus_fields_become_the_recipes_flags(tmp_path):
     assert flags[-10:] == ["--optimizer", "Prodigy", "--optimizer_args", "d_coef=2", "betas=(0.9, 0.99)",
                            "--loraplus_lr_ratio", "16", "--use_ema", "--ema_decay", "0.999"]
     defaults = recipe_defaults("text-to-image")
-    assert defaults["optimizer"] == "AdamW" and defaults["use_ema"] is False
+    assert defaults["optimizer"] is None and defaults["use_ema"] is False  # AdamW, the script's default
     shown = dict(zip(MAIN_FLAGS, _on_recipe("text-to-image")[2:]))
-    assert shown["optimizer"] == "AdamW" and shown["use_ema"] is False and shown["optimizer_args"] == ""
+    assert shown["optimizer"] == "" and shown["use_ema"] is False and shown["optimizer_args"] == ""
+
+
+def test_generate_guidance_starts_at_the_bases_own():
+    """The Generate tab's Guidance follows the base, as `sdlora generate` without --guidance does: the bundled
+    model's measured guidance, else diffusers' usual 7.5."""
+    from sdlora import models
+    from sdlora.ui.generate_tab import guidance_for
+
+    assert guidance_for("sdlora-tiny") == models.BUNDLED_GUIDANCE["sdlora-tiny"] != models.GUIDANCE
+    assert guidance_for("org/some-model") == guidance_for("") == models.GUIDANCE

@@ -13,6 +13,7 @@ survives loading.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import TYPE_CHECKING
@@ -127,13 +128,29 @@ def product_modules(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
     return modules
 
 
+# The entries every file's config keeps; any other entry is written only where it differs from peft's default.
+CORE_CONFIG = ("peft_type", "r", "lora_alpha", "target_modules", "init_lora_weights")
+
+
 def file_config(cfg, converted: bool = False) -> dict:
     """A LoraConfig as a saved file records it: plain LoRA with the same scale (`file_rank_alpha`), which every
-    loader, and peft without use_rslora or PiSSA, applies alike."""
+    loader, and peft without use_rslora or PiSSA, applies alike. Entries at peft's defaults are left out: diffusers
+    loads the file with LoraConfig(**entries), and a peft older than the writer's refuses a keyword it lacks (peft
+    0.22 added astra_config, 0.18 peft_version), while a missing entry takes the same default in every version."""
     r, alpha = file_rank_alpha(cfg.r, cfg.lora_alpha, cfg.use_rslora, converted)
     if cfg.rank_pattern or cfg.alpha_pattern:
         raise ValueError("rank/alpha patterns are not written by sdlora's training")
-    return cfg.to_dict() | {"r": r, "lora_alpha": alpha, "use_rslora": False, "init_lora_weights": True}
+    plain = cfg.to_dict() | {"r": r, "lora_alpha": alpha, "use_rslora": False, "init_lora_weights": True}
+    plain.pop("peft_version", None)  # the writer's version, which peft fills in itself
+    return {k: v for k, v in plain.items() if k in CORE_CONFIG or not _is_default(k, v, type(cfg))}
+
+
+def _is_default(key: str, value, cls) -> bool:
+    f = cls.__dataclass_fields__.get(key)
+    if f is None:
+        return False
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return value == (sorted(default) if isinstance(default, set) else default)
 
 
 def adapter_metadata(configs: dict[str, dict], packed: dict | None = None) -> str:

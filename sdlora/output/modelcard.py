@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import __version__
 from ..io import write_text
 from ..lora.card import front_matter
+from .facts import card_labels
 
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "lora"]
 XL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers", "lora"]  # diffusers' SDXL scripts'
@@ -23,6 +24,23 @@ def _xl(info: dict) -> bool:
 QUANTIZED = {"int8": "8-bit LLM.int8()", "nf4": "4-bit NF4"}  # --quantize_base, as the card says it
 
 
+def _as_is(value, info: dict):
+    return value
+
+
+# How a fact reads in the settings table where its value alone does not say it (None: no row).
+CARD_TEXT = {
+    "lora_type": lambda v, info: v if v not in (None, "lora") else None,
+    "rslora": lambda v, info: v and f"yes: scale alpha/sqrt(rank), recorded as alpha {info['alpha']:g}",
+    "init": lambda v, info: v and f"{v}: saved as the change from the unmodified base (twice the trained rank)",
+    "target_modules": lambda v, info: ", ".join(v) if v is not None else None,
+    "train_text_encoder": lambda v, info: bool(v),
+    "repeat_folders": lambda v, info: v or None,
+    "quantize_base": lambda v, info: v and f"{v}: trained over the UNet's Linear weights in bitsandbytes' "
+                                           f"{QUANTIZED[v]}; apply it to the full-precision base",
+}
+
+
 def render(info: dict, front_extra: dict | None = None, settings_extra: dict | None = None) -> str:
     """A training run's card: front matter, how to load it, the settings table, the latest samples."""
     front = dict(base_model=info["base_model"] if info.get("base_model_in_front_matter", True) else None,
@@ -31,28 +49,8 @@ def render(info: dict, front_extra: dict | None = None, settings_extra: dict | N
     if info.get("samples"):
         front["widget"] = [{"text": s["prompt"], "output": {"url": s["path"]}} for s in info["samples"]]
     title = info.get("title") or f"LoRA for {info['base_model']}"
-    settings = {
-        "base model": info["base_model"], "base model family": info.get("family"), "kind": info.get("kind"), "rank": info["rank"], "alpha": info["alpha"],
-        "LoRA type": info.get("lora_type") if info.get("lora_type", "lora") != "lora" else None,
-        "rsLoRA": info.get("rslora") and f"yes: scale alpha/sqrt(rank), recorded as alpha {info['alpha']:g}",
-        "LoRA init": info.get("init") and f"{info['init']}: saved as the change from the unmodified base "
-                                          f"(twice the trained rank)",
-        "target modules": ", ".join(info["target_modules"]),
-        "text encoder LoRA": info.get("train_text_encoder", False), "steps": info["steps"],
-        "epochs": info.get("epochs"), "batch size": info.get("train_batch_size"),
-        "gradient accumulation": info.get("gradient_accumulation_steps"), "learning rate": info["learning_rate"],
-        "LR scheduler": info.get("lr_scheduler"), "resolution": info["resolution"],
-        "mixed precision": info.get("mixed_precision"), "saved precision": info.get("save_precision"),
-        "dataset": info.get("dataset"), "training images": info.get("num_images"), "seed": info.get("seed"),
-        "aspect-ratio buckets": info.get("buckets"), "masked loss": info.get("masked_loss"),
-        "caption operations": info.get("caption_ops"), "repeat folders": info.get("repeat_folders") or None,
-        "lowest validation loss": info.get("best_val_loss"),
-        "VAE": info.get("vae"), "zero terminal SNR": info.get("zero_terminal_snr"),
-        "quantized base": info.get("quantize_base") and f"{info['quantize_base']}: trained over the UNet's Linear "
-                                                        f"weights in bitsandbytes' {QUANTIZED[info['quantize_base']]}; "
-                                                        f"apply it to the full-precision base",
-        **(settings_extra or {}),
-    }
+    settings = {label: CARD_TEXT.get(name, _as_is)(info.get(name), info) for name, label in card_labels().items()}
+    settings.update(settings_extra or {})
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items() if v is not None)
     samples = ""
     if info.get("samples"):

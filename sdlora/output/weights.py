@@ -20,49 +20,51 @@ from pathlib import Path
 from .. import __version__
 from ..io import save_safetensors
 from ..lora import adalora, formats, inject
+from .facts import header_keys, own_settings
+
+
+# How a fact reads under each of its header keys where its value alone does not say it (None: no key); kohya's
+# sd-scripts write these keys, so A1111-style viewers and Civitai read them as they read kohya's.
+HEADER_TEXT = {
+    # kohya's names for the base family, which A1111-style viewers filter on
+    "ss_base_model_version": lambda v, info: base_model_version(v, info.get("prediction_type")),
+    "ss_v2": lambda v, info: str("-v2-" in str(v)),  # kohya's str(bool): "True" / "False"
+    # DoRA, LoHa and LoKr files are LyCORIS's (kohya's sd-scripts have none): its module name and arguments
+    "ss_network_module": lambda v, info: "lycoris.kohya" if _network_args(v or "lora") else "networks.lora",
+    "ss_network_args": lambda v, info: _network_args(v or "lora"),
+    "ss_resolution": lambda v, info: f"({v}, {v})",
+    "modelspec.resolution": lambda v, info: f"{v}x{v}",
+    # kohya's layout: {folder: {n_repeats, img_count}}
+    "ss_dataset_dirs": lambda v, info: v or {info.get("dataset") or "": {"n_repeats": info.get("repeats", 1),
+                                                                         "img_count": info.get("num_images")}},
+    "ss_zero_terminal_snr": lambda v, info: "True" if v else None,
+    "sdlora_target_modules": lambda v, info: ",".join(v) if v is not None else None,
+    "sdlora_train_text_encoder": lambda v, info: bool(v),
+    "modelspec.architecture": lambda v, info: f"{v or 'stable-diffusion-v1'}/lora",
+    "modelspec.title": lambda v, info: v or "LoRA",
+    "modelspec.prediction_type": lambda v, info: {"v_prediction": "v"}.get(v, v),
+    "modelspec.tags": lambda v, info: ",".join(v) if v else None,
+}
+
+
+def _as_is(value, info: dict):
+    return value
+
+
+def _kohya(value, info: dict):
+    return None if value is None else str(value)
 
 
 def header(info: dict) -> dict[str, str]:
-    """Training facts for the file header (safetensors metadata values must be strings)."""
-    meta = {
-        "ss_sd_model_name": info["base_model"],
-        # kohya's names for the base family, which A1111-style viewers filter on
-        "ss_base_model_version": base_model_version(info.get("architecture"), info.get("prediction_type")),
-        "ss_v2": str("-v2-" in str(info.get("architecture"))),  # kohya's str(bool): "True" / "False"
-        # DoRA, LoHa and LoKr files are LyCORIS's (kohya's sd-scripts have none): its module name and arguments
-        "ss_network_module": "lycoris.kohya" if _network_args(info.get("lora_type", "lora")) else "networks.lora",
-        "ss_network_args": _network_args(info.get("lora_type", "lora")),
-        "ss_network_dim": info["rank"],
-        "ss_network_alpha": info["alpha"],
-        "ss_steps": info["steps"],
-        "ss_epoch": info.get("epochs"),
-        "ss_resolution": f"({info['resolution']}, {info['resolution']})",
-        "ss_learning_rate": info["learning_rate"],
-        "ss_train_batch_size": info.get("train_batch_size"),
-        "ss_mixed_precision": info.get("mixed_precision"),
-        "ss_seed": info.get("seed"),
-        # kohya's layout: {folder: {n_repeats, img_count}}
-        "ss_dataset_dirs": info.get("dataset_dirs") or
-        {info.get("dataset") or "": {"n_repeats": info.get("repeats", 1), "img_count": info.get("num_images")}},
-        "ss_num_train_images": info.get("num_images"),
-        "ss_training_comment": info.get("kind"),
-        "ss_vae_name": info.get("vae"),  # kohya's: a VAE trained with instead of the base's
-        "ss_zero_terminal_snr": "True" if info.get("zero_terminal_snr") else None,
-        "sdlora_version": __version__,
-        "sdlora_target_modules": ",".join(info["target_modules"]),
-        "sdlora_train_text_encoder": info.get("train_text_encoder", False),
-        "sdlora_quantize_base": info.get("quantize_base"),  # the frozen base's precision while training
-        # Stability AI's model spec (https://github.com/Stability-AI/ModelSpec), as kohya's sd-scripts write it
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{info.get('architecture', 'stable-diffusion-v1')}/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": info.get("title") or "LoRA",
-        "modelspec.resolution": f"{info['resolution']}x{info['resolution']}",
-        "modelspec.date": info.get("date") or build_date(),
-        "modelspec.prediction_type": {"v_prediction": "v"}.get(info.get("prediction_type"), info.get("prediction_type")),
-        "modelspec.trigger_phrase": info.get("trigger_phrase"),
-        "modelspec.tags": ",".join(info["extra_tags"]) if info.get("extra_tags") else None,
-    }
+    """The training facts (`info`: RunSummary.facts(), or any part of it) as the file header's metadata, under the
+    keys facts.header_keys() declares, plus what the writer records of itself (safetensors values are strings)."""
+    own = set(own_settings())  # recorded as kohya records a setting: str(value), "True" / "False" for a flag
+    meta = {key: HEADER_TEXT.get(key, _kohya if name in own else _as_is)(info.get(name), info)
+            for name, keys in header_keys().items() for key in keys}
+    meta.update({"sdlora_version": __version__,
+                 # Stability AI's model spec (https://github.com/Stability-AI/ModelSpec), as kohya's sd-scripts write it
+                 "modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "diffusers",
+                 "modelspec.date": info.get("date") or build_date()})
     return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items() if v is not None}
 
 

@@ -44,8 +44,10 @@ KINDS = {k.name.lower(): k for k in (
 )}
 
 
-def kind_of(name: str, use_8bit_adam: bool = False) -> Kind:
-    """The optimizer --optimizer/--optimizer_type names (case as either script spells it), or module.Class."""
+def kind_of(name: str | None, use_8bit_adam: bool = False) -> Kind:
+    """The optimizer --optimizer/--optimizer_type names (case as either script spells it; None: AdamW), or
+    module.Class."""
+    name = name or "AdamW"
     if use_8bit_adam:
         if name.lower() not in ("adamw", "adamw8bit"):
             raise UserError(f"--use_8bit_adam and --optimizer {name} contradict each other; use --optimizer AdamW8bit")
@@ -112,8 +114,9 @@ def check(config) -> dict:
         log.warning("--optimizer Adafactor (relative_step): its own step size replaces --lr_scheduler %s; "
                     "pass --optimizer_args relative_step=False to use --learning_rate and the schedule",
                     config.lr_scheduler)
-    return {"optimizer": kind_of(config.optimizer).name, "optimizer_args": tuple(str(i) for i in config.optimizer_args) or None
-            if config.optimizer_args else None}
+    name = kind_of(config.optimizer).name
+    items = tuple(str(i) for i in config.optimizer_args or ())
+    return {"optimizer": None if name == "AdamW" else name, "optimizer_args": items or None}
 
 
 def _relative_step(kind: Kind, kw: dict) -> bool:

@@ -1,70 +1,18 @@
-"""What a finished run records about itself: `RunSummary`, the one source of the model card's facts and the
-LoRA files' safetensors header (output/modelcard.py and output/weights.py read `RunSummary.facts()`)."""
+"""What a finished run records about itself: `summarize` fills the `RunSummary` (output/facts.py declares its
+facts and where the model card and the LoRA files' header write each one)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .. import models
 from ..data.trainset import TrainSet
 from ..lora import card, inject
+from ..output.facts import RunSummary, own_settings
 from . import earlystop
 from .run import Recipe, Run
 
 log = logging.getLogger("sdlora")
-
-
-@dataclass
-class RunSummary:
-    """The facts of a finished run, each under the name the card and the header read it by (None: not shown)."""
-    base_model: str  # a Hub id, or a local folder's name when pushing (a card must not carry a local path)
-    base_model_in_front_matter: bool
-    base_is_local: bool
-    kind: str  # "text-to-image" or "dreambooth"
-    rank: int  # as the file records them (inject.file_rank_alpha)
-    alpha: float
-    rslora: bool | None
-    lora_type: str
-    init: str | None  # a non-default --init_lora_weights
-    target_modules: list
-    train_text_encoder: bool
-    steps: int
-    epochs: int
-    train_batch_size: int
-    gradient_accumulation_steps: int
-    learning_rate: float
-    lr_scheduler: str
-    resolution: int
-    mixed_precision: str
-    save_precision: str
-    seed: int
-    dataset: str
-    num_images: int
-    samples: list  # [{"prompt", "path"}] of the latest validation images
-    repo_id: str | None
-    extra_tags: list
-    example_prompt: str | None
-    trigger_phrase: str | None
-    title: str
-    kohya_file: str
-    architecture: str
-    prediction_type: str
-    family: str
-    buckets: str | None
-    masked_loss: bool | None
-    caption_ops: str | None
-    dataset_dirs: dict | None
-    repeat_folders: str | None
-    vae: str | None
-    zero_terminal_snr: bool | None
-    quantize_base: str | None
-    best_val_loss: str | None
-    license: str  # the base model's (a LoRA is a derivative of it): base_license
-
-    def facts(self) -> dict:
-        """The summary as the {name: value} the model card and the header take."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def summarize(run: Run, kohya_file: str) -> RunSummary:
@@ -102,7 +50,7 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
         best_val_loss=(f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
                        f"({len(recipe.heldout.used_rows())} held-out images)"
                        f"{_early_note(run)}") if run.best_val_loss else None,
-        license=base_license(c.base_name, c.base, c.family),
+        license=base_license(c.base_name, c.base, c.family), settings={n: getattr(c, n) for n in own_settings()},
     )
 
 

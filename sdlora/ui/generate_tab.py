@@ -7,7 +7,7 @@ import threading
 
 import gradio as gr
 
-from .. import pipeline
+from .. import models, pipeline
 from ..errors import UserError
 from ..lora import formats
 from .files import served
@@ -61,6 +61,11 @@ def do_generate(base, prompt, negative, seed, steps, guidance, width, height, sc
     return list(zip(copies, captions)), copies, "wrote " + ", ".join(map(str, paths))
 
 
+def guidance_for(base: str) -> float:
+    """The Guidance slider's value for a base typed in: what `sdlora generate` uses when --guidance is not given."""
+    return models.default_guidance(base.strip()) if base and base.strip() else models.GUIDANCE
+
+
 def build_generate_tab():
     with gr.Tab("Generate", id="generate"):
         with gr.Row(equal_height=False):
@@ -81,7 +86,8 @@ def build_generate_tab():
                 with gr.Row():
                     seed = gr.Number(0, label="Seed (-1: random)", precision=0, elem_id="gen_seed", min_width=120)
                     steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="gen_steps")
-                    guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="gen_guidance")
+                    guidance = gr.Slider(0, 20, value=guidance_for(base.value), step=0.5, label="Guidance",
+                                         elem_id="gen_guidance")
                 with gr.Row():
                     width = gr.Number(None, label="Width (blank: the model's)", precision=0, elem_id="gen_width",
                                       min_width=120)
@@ -97,5 +103,6 @@ def build_generate_tab():
                 gallery = gr.Gallery(label="Images", columns=2, height=300, elem_id="gen_gallery")
                 files = gr.File(label="Download (PNG with its parameters)", file_count="multiple",
                                 elem_id="gen_files")
+    base.change(guidance_for, base, guidance)
     go.click(do_generate, [base, prompt, negative, seed, steps, guidance, width, height, scheduler, mode, out, *slots],
              [gallery, files, status])

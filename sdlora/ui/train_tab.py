@@ -167,8 +167,8 @@ def _flag_box(name: str, defaults: dict):
     if name in SWITCHES:
         return gr.Checkbox(bool(defaults[name]), label=f"--{name}", elem_id=f"train_{name}", min_width=100)
     if name == "optimizer":
-        return gr.Dropdown(OPTIMIZER_NAMES, value=_shown(defaults[name]), label="--optimizer", allow_custom_value=True,
-                           elem_id="train_optimizer", min_width=100)
+        return gr.Dropdown(OPTIMIZER_NAMES, value=defaults[name] or "AdamW", label="--optimizer",
+                           allow_custom_value=True, elem_id="train_optimizer", min_width=100)
     return gr.Textbox(_shown(defaults[name]), label=f"--{name}", placeholder="script default", max_lines=1,
                       elem_id=f"train_{name}", min_width=100)
 

@@ -160,8 +160,11 @@ def _unit_alphas(header: dict, comps: set[str]) -> dict:
     for comp in comps:
         if f"{comp}.r" in packed:
             packed[f"{comp}.lora_alpha"] = packed[f"{comp}.r"]
-            packed[f"{comp}.alpha_pattern"] = dict(packed.get(f"{comp}.rank_pattern") or {})
-            packed[f"{comp}.use_rslora"] = False
+            packed.pop(f"{comp}.use_rslora", None)  # off: peft's default (file_config leaves defaults out)
+            if rank_pattern := packed.get(f"{comp}.rank_pattern"):
+                packed[f"{comp}.alpha_pattern"] = dict(rank_pattern)
+            else:
+                packed.pop(f"{comp}.alpha_pattern", None)
     out = dict(header)
     if packed:
         out["lora_adapter_metadata"] = json.dumps(packed, indent=2, sort_keys=True)

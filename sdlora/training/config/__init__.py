@@ -26,7 +26,7 @@ from .run import RunSettings
 from .speed import SpeedSettings
 
 __all__ = ["TrainConfig", "LR_SCHEDULERS", "MUST_MATCH", "OPTIONAL", "setting", "flag_name", "from_flags",
-           "fields_tagged", "default_of", "adalora_schedule"]
+           "fields_tagged", "tags_of", "default_of", "adalora_schedule"]
 
 
 # Dataclasses order inherited fields from the last base to the first, so the groups are listed last-first:
@@ -51,6 +51,11 @@ def from_flags(values: Mapping[str, Any]) -> TrainConfig:
 def fields_tagged(tag: str) -> dict[str, Any]:
     """{field name: tag value} of the fields carrying `tag` ("resume", "card", "header"), in declaration order."""
     return {f.name: f.metadata[tag] for f in fields(TrainConfig) if tag in f.metadata}
+
+
+def tags_of(name: str) -> Mapping[str, Any]:
+    """A field's declaration: its help, argparse extras and tags (e.g. the card's label for it)."""
+    return next(f.metadata for f in fields(TrainConfig) if f.name == name)
 
 
 def default_of(name: str) -> Any:
