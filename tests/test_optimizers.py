@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 from conftest import make_images
-from helpers import fast_flags, recipe_error
+from helpers import fast_flags, read_lora, recipe_error
 
 from sdlora.cli.flags import train_config
 from sdlora.recipes import text_to_image as t2i
@@ -75,9 +75,10 @@ def test_a_resume_with_another_optimizer_is_refused(images, tmp_path, capsys):
     run = _run(*images, tmp_path / "a", optimizer="Lion", learning_rate=3e-4)
     step.optimizer_step(run)
     saving.save_checkpoint(run)
-    argv = fast_flags(MODEL, tmp_path / "a", train_data_dir=images[0], resume_from_checkpoint="latest")
+    argv = fast_flags(MODEL, tmp_path / "a", train_data_dir=images[0], validation_data_dir=images[1],
+                      learning_rate=3e-4, resume_from_checkpoint="latest")
     line = recipe_error(capsys, t2i, argv)
-    assert "optimizer Lion -> (not used now)" in line or "optimizer Lion -> AdamW" in line, line
+    assert "settings differ from the checkpoint's (optimizer Lion -> (default)); resume with the same" in line, line
 
 
 def _trained(run) -> dict:
@@ -160,3 +161,21 @@ def test_loraplus_groups_come_from_peft(images, tmp_path):
     by_lr = {g["lr"]: {names[id(p)].split(".")[-3] for p in g["params"]} for g in groups}
     assert by_lr == {2e-3: {"lora_A"}, 2e-3 * 16: {"lora_B"}}
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(names)
+
+
+def test_the_header_and_card_record_the_optimizer_and_kohyas_options(images, tmp_path):
+    out = tmp_path / "o"
+    assert t2i.main(fast_flags(MODEL, out, train_data_dir=images[0], max_train_steps=1, optimizer="lion",
+                               ip_noise_gamma=0.1, debiased_estimation_loss=True) +
+                    ["--optimizer_args", "weight_decay=0.1"]) == 0
+    meta = read_lora(out / "pytorch_lora_weights.safetensors")[1]
+    assert (meta["ss_optimizer"], meta["ss_ip_noise_gamma"], meta["ss_debiased_estimation"]) == ("Lion", "0.1", "True")
+    card = (out / "README.md").read_text()
+    assert "Lion" in card and "weight_decay=0.1" in card
+    plain = read_lora(_plain_run(images, tmp_path))[1]
+    assert not {"ss_optimizer", "ss_ip_noise_gamma", "ss_debiased_estimation", "ss_loss_type"} & set(plain)
+
+
+def _plain_run(images, tmp_path):
+    assert t2i.main(fast_flags(MODEL, tmp_path / "p", train_data_dir=images[0], max_train_steps=1)) == 0
+    return tmp_path / "p" / "pytorch_lora_weights.safetensors"

@@ -216,6 +216,8 @@ def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
 def _show(key, value) -> str:
     if key == "data" and isinstance(value, str):
         return value[:12]
+    if value is None:
+        return "(default)"
     return json.dumps(value) if not isinstance(value, str) else value
 
 
