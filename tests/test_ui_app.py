@@ -249,7 +249,7 @@ def test_dreambooth_preview_shows_the_captions_the_run_trains_on(tmp_path):
 
 def test_optimizer_ema_and_loraplus_fields_become_the_recipes_flags(tmp_path):
     """The Train form's optimizer row: the optimizer list (any module.Class too), its arguments, LoRA+ and EMA."""
-    from sdlora.ui.train_tab import MAIN_FLAGS, _on_recipe, checked_flags, recipe_defaults
+    from sdlora.ui.train_tab import MAIN_FLAGS, checked_flags, on_recipe, recipe_defaults
 
     values = {"optimizer": "Prodigy", "optimizer_args": "d_coef=2 betas='(0.9, 0.99)'", "loraplus_lr_ratio": "16",
               "use_ema": True, "ema_decay": "0.999"}
@@ -260,7 +260,7 @@ def test_optimizer_ema_and_loraplus_fields_become_the_recipes_flags(tmp_path):
                            "--loraplus_lr_ratio", "16", "--use_ema", "--ema_decay", "0.999"]
     defaults = recipe_defaults("text-to-image")
     assert defaults["optimizer"] is None and defaults["use_ema"] is False  # AdamW, the script's default
-    shown = dict(zip(MAIN_FLAGS, _on_recipe("text-to-image")[2:]))
+    shown = dict(zip(MAIN_FLAGS, on_recipe("text-to-image")[2:]))
     assert shown["optimizer"] == "" and shown["use_ema"] is False and shown["optimizer_args"] == ""
 
 

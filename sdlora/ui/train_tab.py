@@ -228,7 +228,8 @@ def _run_column() -> dict:
     return c
 
 
-def _on_recipe(name):
+def on_recipe(name):
+    """The form's fields for recipe `name`: the DreamBooth prompt shown or not, its flags' help, its defaults."""
     d = recipe_defaults(name)
     return [gr.update(visible=name == "dreambooth"), recipe_help(name)] + \
         [bool(d[n]) if n in SWITCHES else _shown(d[n]) for n in MAIN_FLAGS]
@@ -247,7 +248,7 @@ def build_train_tab(demo: gr.Blocks):
     form = [f[k] for k in ("recipe", "base", "data_dir", "instance_prompt", "output_dir", "lora_type",
                            "mixed_precision", "extra")]
     main, run_buttons = f["main"], [r["start"], r["resume"], r["stop"]]
-    f["recipe"].change(_on_recipe, f["recipe"], [f["instance_prompt"], f["flag_help"], *main])
+    f["recipe"].change(on_recipe, f["recipe"], [f["instance_prompt"], f["flag_help"], *main])
     f["preview_btn"].click(do_preview, [*form, *main], [f["images"], f["buckets"], f["skipped"], f["summary"]])
     r["start"].click(lambda *a: do_start(False, *a), [*form, f["prompts"], *main], [r["notice"], *run_buttons])
     r["resume"].click(lambda *a: do_start(True, *a), [*form, f["prompts"], *main], [r["notice"], *run_buttons])
