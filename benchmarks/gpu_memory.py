@@ -181,7 +181,8 @@ class AdamW8bitStates(torch.optim.Optimizer):
 
 def state_shapes(p, kind: str) -> list[tuple[tuple, torch.dtype]]:
     """(shape, dtype) of each state `kind` keeps for parameter `p` (--optimizer Prodigy, Adafactor, Lion8bit):
-    prodigyopt 1.1 (slice_p 1): s, p0, exp_avg, exp_avg_sq, each like the parameter; transformers' Adafactor
+    prodigyopt 1.1 (slice_p 1): s, p0, exp_avg, exp_avg_sq, each like the parameter (p0 is 0-dim for a parameter
+    that is all zeros at its first step, as LoRA's B matrices are: counted in full, an upper bound); transformers' Adafactor
     (relative step, no first moment): the second moment factored into rows and columns for a parameter of 2 or
     more dimensions, whole otherwise; bitsandbytes' Lion8bit (Optimizer1State): one uint8 state and an fp32 absmax
     per 256-element block from 4096 elements on, one fp32 state below (and one shared 256-entry quantile map)."""

@@ -68,8 +68,9 @@ def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, sca
          states: dict | None = None) -> Path | None:
     """Write checkpoint-`step` (serialised in memory first, so a full disk fails before anything moves). `extra`:
     {component: tensors} of AdaLoRA's rank-allocator state; `states`: {name: state dict} of the run's other
-    stateful parts (OPTIONAL_STATES: the EMA, early stopping), each written as name.pt. Returns None, writing nothing, where a folder of that
-    name is not sdlora's (see outdir.check); prunes only checkpoints sdlora's record lists."""
+    stateful parts (OPTIONAL_STATES: the EMA, early stopping), each written as name.pt. Returns None, writing
+    nothing, where a folder of that name is not sdlora's (see outdir.check); prunes only checkpoints sdlora's record
+    lists."""
     final = output_dir / f"checkpoint-{step}"
     record = Manifest(output_dir)
     if final.exists() and not record.owns(final.name):

@@ -41,7 +41,8 @@ def per_sample_loss(pred, target_, noise_scheduler, timesteps, snr_gamma: float 
     if loss_type == "l2":
         err = F.mse_loss(pred.float(), target_.float(), reduction="none")
     else:
-        err = element_loss(pred.float(), target_.float(), loss_type, huber_threshold(options, noise_scheduler, timesteps))
+        c = huber_threshold(options, noise_scheduler, timesteps)
+        err = element_loss(pred.float(), target_.float(), loss_type, c)
     if mask is not None:
         err = err * mask.to(err)
     loss = err.mean(dim=(1, 2, 3))

@@ -1,7 +1,7 @@
 """The training configuration: every setting the loop reads, declared once with its default and its help.
 
-Settings are grouped by what they are about, one module each (base, run, data, optim, noise, speed, lora, outcome, outputs);
-`TrainConfig` is their union. A new group is a new module plus one base class below. A field made with
+Settings are grouped by what they are about, one module each (base, run, data, optim, noise, speed, lora, outcome,
+outputs); `TrainConfig` is their union. A new group is a new module plus one base class below. A field made with
 `setting(...)` is also a command-line flag of the same name (or metadata "flag"): the CLI generates the flag
 from the field (sdlora/cli/flags.py), so its default and help live there only. Tags in the metadata say what
 else a setting is: "resume" ("must match" / "optional": recorded in checkpoints, see fields_tagged), "card"

@@ -11,7 +11,8 @@ from .declare import OPTIONAL, setting
 class OutcomeSettings:
     use_ema: bool = setting(False, "keep an exponential moving average of the LoRA weights in fp32 (diffusers' "
                                    "EMAModel): it draws the validation and sample images and is saved as the output; "
-                                   "the raw weights are saved beside it as pytorch_lora_weights_without_ema.safetensors",
+                                   "the raw weights are saved beside it as "
+                                   "pytorch_lora_weights_without_ema.safetensors",
                             resume=OPTIONAL, card="EMA")
     ema_decay: float = setting(0.9999, "EMA: the highest decay (EMAModel's decay; it warms up to it as "
                                        "(1 + step) / (10 + step), or with --ema_warmup)", resume=OPTIONAL)
