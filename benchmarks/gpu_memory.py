@@ -258,6 +258,23 @@ ROWS = [
 ]
 
 
+def preset_rows() -> list[Row]:
+    """The shipped presets (`sdlora presets`) as rows: their model, size, batch, rank, checkpointing and optimizer."""
+    from sdlora.recipes import RECIPES, configfile, presets
+
+    rows = []
+    for name in presets.names():
+        info = presets.about(name)
+        recipe = RECIPES[info["recipe"]]
+        v = configfile.read(recipe.parser(), presets.path(name), "--preset", info["recipe"])
+        rows.append(Row(f"preset {name} ({info['label']})", info["arch"], v["resolution"],
+                        checkpointing=v.get("gradient_checkpointing", False),
+                        optimizer="adamw8bit" if v.get("use_8bit_adam") else "adamw", cache=not v.get("no_cache"),
+                        batch=v.get("train_batch_size", 1) * (2 if v.get("with_prior_preservation") else 1),
+                        rank=v.get("rank", 4)))  # prior preservation: an instance and a class image per example
+    return rows
+
+
 def lora_unet(config: dict, dtype, rank: int):
     """The frozen UNet in `dtype` with the trainer's LoRA (fp32 master weights), on the meta device."""
     from diffusers import UNet2DConditionModel
@@ -520,6 +537,7 @@ def main():
                    help="only this row (repeatable): " + "; ".join(repr(r.name) for r in ROWS))
     p.add_argument("--crosscheck", action="store_true",
                    help="also count each row's peak with torch's MemTracker (minutes per row; compare unrounded)")
+    p.add_argument("--presets", action="store_true", help="predict the shipped presets instead of the rows above")
     a = p.parse_args()
     import diffusers
 
@@ -527,7 +545,7 @@ def main():
     if a.measure and not torch.cuda.is_available():
         p.error("--measure needs a CUDA GPU")
     results = []
-    for row in ROWS:
+    for row in preset_rows() if a.presets else ROWS:
         if a.only and row.name not in a.only:
             continue
         t0 = time.perf_counter()

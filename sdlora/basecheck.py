@@ -11,13 +11,13 @@ import json
 import math
 from pathlib import Path
 
-from . import models
+from . import models, sd3base
 from .errors import UserError
 
 # The pipeline classes whose components sdlora loads (model_index.json's _class_name); the img2img ones have the
 # same components as their text-to-image pipeline.
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
-             "StableDiffusionXLImg2ImgPipeline")
+             "StableDiffusionXLImg2ImgPipeline", sd3base.PIPELINE)
 # SDXL's added-time conditioning: original size, crop corner, target size (conditioning.py) as its 6 time ids.
 SDXL_TIME_IDS = 6
 MAX_SIDE = 16384  # a default image side (sample_size x VAE factor) past this is a damaged config, not a model
@@ -41,6 +41,8 @@ def check(base: str, vae: str | None = None, variant: str | None = None) -> None
     if not root.is_dir():
         return
     index = _index(root)
+    if sd3base.is_sd3(index.get("_class_name")):  # SD3's files are not checked one by one yet: loading reports them
+        return
     unet = _config(root / "unet" / "config.json", "unet")
     vae_dir = Path(vae) if vae else root / "vae"
     vae_config = None if vae and not vae_dir.is_dir() else _config(vae_dir / "config.json", "vae")  # None: a Hub id
@@ -67,8 +69,8 @@ def _index(root: Path) -> dict:
     cls = index.get("_class_name")
     if cls not in PIPELINES:
         raise UserError(f"{path}: names {'pipeline ' + repr(cls) if cls else 'no pipeline (_class_name)'}, which "
-                        f"sdlora does not train or sample; it takes Stable Diffusion 1.x/2.x and SDXL bases "
-                        f"(StableDiffusionPipeline, StableDiffusionXLPipeline)")
+                        f"sdlora does not train or sample; it takes Stable Diffusion 1.x/2.x, SDXL and SD3 bases "
+                        f"(StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)")
     return index
 
 

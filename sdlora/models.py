@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from pathlib import Path
 
+from . import sd3base
 from .errors import UserError
+from .hub import HUB_ID, hub_file
 
 # Precision names as the flags spell them -> torch dtypes: one table for training, saving, class
 # images and inference.
@@ -87,7 +88,6 @@ BUNDLED = {"sdlora-tiny": ASSETS / "tiny-sd", "sdlora-tiny-xl": ASSETS / "tiny-s
 # docs/tiny-model.md), and the usual default for real bases (diffusers' own).
 BUNDLED_GUIDANCE = {"sdlora-tiny": 3.0, "sdlora-tiny-xl": 3.0}
 GUIDANCE = 7.5
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_base(name: str, revision: str | None = None, cache_dir: str | None = None,
@@ -106,25 +106,10 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
             found = marker if vae else "model_index.json or unet/config.json"
             raise UserError(f"{flag} {name}: not a {kind} folder (no {found})")
         return str(p)
-    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+    if name.startswith((".", "/", "~")) or not HUB_ID.match(name):
         raise UserError(f"{flag} {name}: no such folder, and not a valid Hub model id")
     # A Hub id: fetch its tiny model_index.json (config.json) now so an unknown id or no network fails fast.
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        hf_hub_download(name, marker, revision=None if vae else revision, cache_dir=cache_dir, token=token)
-    except LocalEntryNotFoundError:  # before EntryNotFoundError: it may be a subclass of it
-        raise UserError(f"{flag} {name}: not a local folder and the Hub is unreachable (offline?); "
-                        f"download it first or give a local path") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"{flag} {name}: no such model on the Hub (or it is private: log in or pass --hub_token)") from None
-    except RevisionNotFoundError:
-        raise UserError(f"{flag} {name}: revision {revision!r} not found") from None
-    except EntryNotFoundError:
-        raise UserError(f"{flag} {name}: not a {kind} repo (no {marker})") from None
-    except Exception as e:  # network errors of every kind
-        raise UserError(f"{flag} {name}: could not reach the Hub ({type(e).__name__}); give a local path") from None
+    hub_file(name, marker, flag, kind, revision=None if vae else revision, cache_dir=cache_dir, token=token)
     return name
 
 
@@ -138,7 +123,7 @@ def default_guidance(base: str) -> float:
 
 
 # The base model families sdlora knows, as `family` names them, and how the log and model card say them.
-FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3"}
 # Each family's cross-attention width: its text encoder's hidden size (CLIP ViT-L, OpenCLIP ViT-H, both of SDXL's).
 WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 # SD 1.x/2.x by that width (SDXL is told by its text_time conditioning instead).
@@ -156,6 +141,8 @@ def family_of(unet_config, pipeline_class: str | None = None) -> str:
     Otherwise the cross-attention width names the family (768: SD 1.x's CLIP ViT-L, 1024: SD 2.x's
     OpenCLIP ViT-H); other widths (tiny test models, odd finetunes) go by the UNet layout, SD 2.x's
     linear proj_in/proj_out meaning sd2, and SD 1.x's layout (the most common) otherwise."""
+    if sd3base.is_sd3(pipeline_class, unet_config):  # an MMDiT (its transformer config stands for the UNet's)
+        return "sd3"
     if (pipeline_class or "").startswith("StableDiffusionXL") or unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"
     dim = unet_config.get("cross_attention_dim")
@@ -169,7 +156,7 @@ def base_configs(base: str, revision=None, cache_dir=None, vae: str | None = Non
     check before loading: config files only, with the model classes' defaults filled in. `vae`: a separate VAE
     (--pretrained_vae_model_name_or_path) whose config replaces the base's. Missing pieces are None / {} (an
     unusual layout: loading reports it)."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
 
     def read(load, where=base, **kw):
         try:
@@ -178,10 +165,12 @@ def base_configs(base: str, revision=None, cache_dir=None, vae: str | None = Non
             return {}
 
     index = read(DiffusionPipeline.load_config, revision=revision)
-    unet = read(UNet2DConditionModel.load_config, subfolder="unet", revision=revision)
+    denoiser, where = (SD3Transformer2DModel, "transformer") if sd3base.is_sd3(index.get("_class_name")) else \
+        (UNet2DConditionModel, "unet")
+    unet = read(denoiser.load_config, subfolder=where, revision=revision)
     vae = read(AutoencoderKL.load_config, vae) if vae else \
         read(AutoencoderKL.load_config, subfolder="vae", revision=revision)
-    return index.get("_class_name"), with_defaults(UNet2DConditionModel, unet), with_defaults(AutoencoderKL, vae)
+    return index.get("_class_name"), with_defaults(denoiser, unet), with_defaults(AutoencoderKL, vae)
 
 
 def with_defaults(cls, config) -> dict:
@@ -227,6 +216,8 @@ def architecture(unet_config, prediction_type: str = "epsilon", family_: str | N
     as kohya's sd-scripts name them: SD 2.x is 768-v with v-prediction, 512 otherwise; SD 1.x (and the
     tiny stand-ins with its layout) is stable-diffusion-v1 whatever the prediction type."""
     family_ = family_ or family_of(unet_config)
+    if family_ == "sd3":
+        return sd3base.architecture(unet_config)
     if family_ == "sdxl":
         return "stable-diffusion-xl-v1-base"
     if family_ == "sd2":
@@ -275,6 +266,8 @@ def vae_factor(vae_config: dict) -> int:
 def size_multiple(unet_config: dict, vae_config: dict) -> int:
     """The pixel multiple an image side should be for a base (its `base_configs`): the VAE's downsampling times
     the UNet's (8 x 8 = 64 for SD 1.x/2.x, 8 x 4 = 32 for SDXL; 16 for sdlora-tiny)."""
+    if "patch_size" in unet_config:  # an MMDiT: the latent is cut into patch_size x patch_size tokens
+        return vae_factor(vae_config) * unet_config["patch_size"]
     return vae_factor(vae_config) * 2 ** (len(unet_config["down_block_types"]) - 1)
 
 
@@ -296,7 +289,7 @@ def no_safetensors(reason: str) -> bool:
     return "no file named" in reason and ".safetensors" in reason
 
 
-def _load(cls, base, subfolder, allow_pickle, **kw):
+def load_model(cls, base, subfolder, allow_pickle, **kw):
     import torch
 
     from .logs import no_progress_bars
@@ -334,8 +327,8 @@ def load_text_encoder(base, revision=None, variant=None, cache_dir=None, dtype=N
     conditions the UNet."""
     import transformers
 
-    return _load(getattr(transformers, TEXT_CLASSES[subfolder]), base, subfolder, allow_pickle, revision=revision, variant=variant,
-                 cache_dir=cache_dir, dtype=dtype)
+    return load_model(getattr(transformers, TEXT_CLASSES[subfolder]), base, subfolder, allow_pickle, revision=revision,
+                      variant=variant, cache_dir=cache_dir, dtype=dtype)
 
 
 def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False, vae=None):
@@ -343,15 +336,15 @@ def load_vae(base, revision=None, variant=None, cache_dir=None, dtype=None, allo
     from diffusers import AutoencoderKL
 
     if vae:
-        return _load(AutoencoderKL, vae, None, allow_pickle, cache_dir=cache_dir, torch_dtype=dtype)
-    return _load(AutoencoderKL, base, "vae", allow_pickle, revision=revision, variant=variant,
+        return load_model(AutoencoderKL, vae, None, allow_pickle, cache_dir=cache_dir, torch_dtype=dtype)
+    return load_model(AutoencoderKL, base, "vae", allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, torch_dtype=dtype)
 
 
 def load_unet(base, revision=None, variant=None, cache_dir=None, dtype=None, allow_pickle=False):
     from diffusers import UNet2DConditionModel
 
-    return _load(UNet2DConditionModel, base, "unet", allow_pickle, revision=revision, variant=variant,
+    return load_model(UNet2DConditionModel, base, "unet", allow_pickle, revision=revision, variant=variant,
                  cache_dir=cache_dir, torch_dtype=dtype)
 
 
@@ -367,11 +360,15 @@ def tokenize(tokenizer, captions: list[str], max_length: int | None = None):
 
 
 def encode_prompts(text_encoder, tokenizer, captions: list[str], max_length: int | None = None,
-                   use_attention_mask: bool = False):
-    """CLIP last hidden states for `captions`, as SD1.x conditions its UNet."""
+                   use_attention_mask: bool = False, clip_skip: int | None = None):
+    """CLIP last hidden states for `captions`, as SD1.x conditions its UNet; with `clip_skip` N > 1 the N-th last
+    layer's, through the final layer norm (kohya/A1111; diffusers' pipelines call it clip_skip N - 1)."""
     tok = tokenize(tokenizer, captions, max_length)
     device = next(text_encoder.parameters()).device
     mask = tok.attention_mask.to(device) if use_attention_mask else None
+    if clip_skip and clip_skip > 1:
+        hidden = text_encoder(tok.input_ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states
+        return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden[-clip_skip])
     return text_encoder(tok.input_ids.to(device), attention_mask=mask, return_dict=False)[0]
 
 

@@ -70,7 +70,7 @@ def has_avx2() -> bool:
 
 
 def load_unet(base: str, mode: str, device, dtype, revision=None, variant=None, cache_dir=None,
-              allow_pickle=False):
+              allow_pickle=False, base_config=None):
     """(the base's UNet with its Linear layers in `mode` on `device` and the rest still on the CPU, how many). Each
     Linear is quantized as soon as its tensors are read (safetensors, one tensor at a time), so the full-precision
     UNet is never in memory whole (SD1.5's: 3.4 GB in fp32, 1.1 GB of it Linear weights). Anything the streamed read
@@ -78,9 +78,9 @@ def load_unet(base: str, mode: str, device, dtype, revision=None, variant=None, 
     import torch
     from diffusers import UNet2DConditionModel
 
-    from . import models, streamload
+    from . import streamload
 
-    files = streamload.weights_files(base, "unet", variant, revision, cache_dir)
+    files = None if base_config else streamload.weights_files(base, "unet", variant, revision, cache_dir)
     if files is not None:
         config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
         with torch.device("meta"):
@@ -116,8 +116,10 @@ def load_unet(base: str, mode: str, device, dtype, revision=None, variant=None, 
             _flag(model, mode)
             model.register_to_config(_name_or_path=str(base))
             return model.eval(), len(linears)
-    model = models.load_unet(base, revision=revision, variant=variant, cache_dir=cache_dir, dtype=dtype,
-                             allow_pickle=allow_pickle)
+    from .bases import load
+
+    model = load.part("unet", base, base_config, revision=revision, variant=variant, cache_dir=cache_dir, dtype=dtype,
+                      allow_pickle=allow_pickle)
     return model, quantize_linears(model, mode, device, dtype)
 
 

@@ -25,9 +25,10 @@ def read_cast(path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return dict(iter_cast(path, dtype))
 
 
-def iter_cast(path, dtype: torch.dtype):
+def iter_cast(path, dtype: torch.dtype, want=None):
     """(name, tensor) for each of a safetensors file's tensors in file order, floating-point ones cast to `dtype`:
-    only the tensor being handed out is in memory (quantize.load_unet quantizes each as it comes)."""
+    only the tensor being handed out is in memory (quantize.load_unet quantizes each as it comes). `want(name)`:
+    which tensors to read (default all); the others are skipped unread."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -36,6 +37,8 @@ def iter_cast(path, dtype: torch.dtype):
         header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # one forward pass
+            if want is not None and not want(name):
+                continue
             begin, end = info["data_offsets"]
             buf = bytearray(end - begin)
             f.seek(8 + n + begin)

@@ -7,7 +7,8 @@ the real one. Used by tests, benchmarks and the README's offline demo.
 Architectures (`ARCHS`): "tiny" (SD1.x layout, the bundled default), "sd15" (SD 1.5's published
 configs), "sd2-tiny" (SD 2.x layout: linear projections, per-block heads, gelu text encoder,
 v-prediction), "sdxl-tiny" (SDXL layout: two text encoders, text_time conditioning) and "sdxl"
-(SDXL base 1.0's published configs: 3.37 G parameters, 13.5 GB in fp32 — benchmarks only).
+(SDXL base 1.0's published configs: 3.37 G parameters, 13.5 GB in fp32 — benchmarks only); SD3 / 3.5 ones
+("sd3", "sd35-medium", "sd35-large") are sdlora/tiny_sd3.py's.
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def is_xl(arch: str) -> bool:
     return "text_2" in ARCHS[arch]
 
 
-def _text_config(**kw):
+def text_config(**kw):
     from transformers import CLIPTextConfig
 
     # The byte-level vocabulary built here, not CLIP's 49408 tokens: the embedding table is the only
@@ -179,9 +180,9 @@ def build(arch: str = "tiny", seed: int = 0) -> dict:
     cfg = ARCHS[arch]
     torch.manual_seed(seed)
     parts = {"unet": UNet2DConditionModel(**cfg["unet"]), "vae": AutoencoderKL(**cfg["vae"]),
-             "text_encoder": CLIPTextModel(_text_config(**cfg["text"]))}
+             "text_encoder": CLIPTextModel(text_config(**cfg["text"]))}
     if "text_2" in cfg:
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(_text_config(**cfg["text_2"]))
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(text_config(**cfg["text_2"]))
     return parts
 
 
@@ -195,7 +196,7 @@ def build_components(arch: str = "tiny", seed: int = 0):
 
 def make_tiny(out_dir: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
     """Write a pipeline folder that `from_pretrained(out_dir)` loads: a StableDiffusionPipeline, or a
-    StableDiffusionXLPipeline for the SDXL architectures."""
+    StableDiffusionXLPipeline for the SDXL architectures (SD3's: tiny_sd3.make_sd3)."""
     from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out = Path(out_dir)

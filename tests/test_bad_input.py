@@ -102,7 +102,7 @@ def test_both_data_sources_is_an_error(capsys):
     # argparse's error, before anything loads: in-process (an interpreter start cost more than the check)
     with pytest.raises(SystemExit) as e:
         t2i.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "a", "--dataset_name", "b"])
-    assert e.value.code == 2 and "exactly one of --dataset_name or --train_data_dir" in capsys.readouterr().err
+    assert e.value.code == 2 and "exactly one of --dataset_name, --train_data_dir or --dataset_config" in capsys.readouterr().err
 
 
 def test_epochs_count_micro_batches(tiny_model, tmp_path):

@@ -120,7 +120,8 @@ def test_two_processes_with_buckets_write_one_lora(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 procs" in r.stderr and r.stderr.count("aspect-ratio buckets") == 1
     assert r.stderr.count("saved " + str(out / WEIGHTS)) == 1
-    assert sorted(p.name for p in out.iterdir() if p.name[0] != ".") == ["README.md", "o.safetensors", WEIGHTS]
+    assert sorted(p.name for p in out.iterdir() if p.name[0] != ".") == ["README.md", "o.safetensors", WEIGHTS,
+                                                                  "sdlora-config.toml"]
 
 
 def test_dreambooth_portrait_photos_with_square_class_images(tiny_model, tmp_path):

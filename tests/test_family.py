@@ -73,7 +73,7 @@ def test_make_tiny_cli_arch_choices(tmp_path, capsys):
     assert "StableDiffusionXLPipeline" in capsys.readouterr().out
     assert models.family(str(tmp_path / "xl")) == "sdxl"
     with pytest.raises(SystemExit):
-        main(["make-tiny", str(tmp_path / "x"), "--arch", "sd3"])
+        main(["make-tiny", str(tmp_path / "x"), "--arch", "sd4"])
     assert "sd2-tiny" in capsys.readouterr().err
 
 

@@ -99,7 +99,7 @@ def test_leftovers_of_killed_runs_are_cleaned_and_latest_skips_incomplete_ones(t
     names = sorted(p.name for p in out.iterdir())
     assert names == [".README.md.x8y9.tmp", ".sdlora-files.json", ".tmpAb3dE9", "README.md", "checkpoint-2",
                      "checkpoint-4", "checkpoint-6", "checkpoint-7", "checkpoint-9", "notes.tmp", "o.safetensors",
-                     WEIGHTS, "samples"], names
+                     WEIGHTS, "samples", "sdlora-config.toml"], names
     assert not [p for p in (out / "samples").iterdir() if p.name.startswith(".")]
     assert all((out / name).read_text() == text for name, text in theirs.items())
 

@@ -64,7 +64,7 @@ def test_typo_flag_is_one_line_naming_the_flag_meant(capsys):
         "(--help lists all flags)"
     # other usage errors are one line too
     assert "--rank: invalid int value: 'four'" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS + ["--rank", "four"])
-    assert "exactly one of --dataset_name or --train_data_dir" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS[:2])
+    assert "exactly one of --dataset_name, --train_data_dir or --dataset_config" in _usage_error(capsys, t2i.parse_args, T2I_NEEDS[:2])
 
 
 @pytest.mark.parametrize("parse,argv", [(t2i.parse_args, T2I_NEEDS), (db.parse_args, DB_NEEDS)])
@@ -158,9 +158,14 @@ def test_settings_are_tagged_for_resume_card_and_header():
              "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss"}
     outcome = {"use_ema", "ema_decay", "ema_warmup", "ema_power", "early_stopping_patience"}
     assert {k for k, v in resume.items() if v == OPTIONAL} == optimizer | noise | outcome | \
-        {"pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder", "quantize_base"}
+        {"pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder", "quantize_base",
+         "clip_skip",
+         # SD3's flow settings (config/flow.py): recorded only when changed, so earlier checkpoints stay as they were
+         "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs", "max_sequence_length",
+         "drop_t5", "lora_layers", "lora_blocks"}
     assert {"rank", "learning_rate", "resolution", "bucketing"} <= {k for k, v in resume.items() if v == MUST_MATCH}
     assert fields_tagged("header")["rank"] == "ss_network_dim"
+    assert fields_tagged("header")["clip_skip"] == "ss_clip_skip" and fields_tagged("card")["clip_skip"] == "clip skip"
     assert fields_tagged("card")["lr_scheduler"] == "LR scheduler"
 
 
@@ -170,7 +175,7 @@ def _full_facts() -> dict:
 
     from sdlora.output.facts import RunSummary, own_settings
 
-    values = dict(base_model="org/base", family="SD 1.x", kind="text-to-image", rank=4, alpha=8.0, lora_type="dora",
+    values = dict(base_model="org/base", base_sha256="ab" * 32, base_legacy_hash="12345678", family="SD 1.x", kind="text-to-image", rank=4, alpha=8.0, lora_type="dora",
                   rslora=True, init="pissa", target_modules=["to_q", "to_k"], train_text_encoder=True, steps=10,
                   epochs=2, train_batch_size=2, gradient_accumulation_steps=3, learning_rate=1e-4,
                   lr_scheduler="cosine", resolution=512, mixed_precision="bf16", save_precision="fp16",
@@ -180,7 +185,7 @@ def _full_facts() -> dict:
                   architecture="stable-diffusion-v1", prediction_type="epsilon", title="t", trigger_phrase="sks",
                   extra_tags=["x"], base_model_in_front_matter=True, base_is_local=False, samples=[], repo_id=None,
                   example_prompt="a cat", kohya_file="t.safetensors", license="openrail",
-                  settings={n: "set" for n in own_settings()})  # the tagged settings no fact names, each set
+                  settings={**{n: "set" for n in own_settings()}, "clip_skip": 2})  # every tagged setting no fact names
     assert set(values) == {f.name for f in fields(RunSummary)}, "a RunSummary fact without a value here"
     return RunSummary(**values).facts()
 
@@ -216,7 +221,7 @@ def test_card_rows_and_header_keys_come_from_the_declarations():
 
 def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monkeypatch):
     """A setting given card=/header= tags (here gradient_checkpointing, as if declared so) is on the card and in the
-    header as it was set, after the facts, with no line in output/facts.py; None or False leaves it out."""
+    header as it was set, after the facts, with no line in output/facts.py; None, False or its default leaves it out."""
     from dataclasses import fields
 
     from sdlora.output import facts, modelcard, weights
@@ -226,7 +231,7 @@ def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monke
     extra = {"card": {"gradient_checkpointing": "gradient checkpointing"},
              "header": {"gradient_checkpointing": "ss_gradient_checkpointing"}}
     monkeypatch.setattr(facts, "fields_tagged", lambda tag: real(tag) | extra.get(tag, {}))
-    assert "gradient_checkpointing" in facts.own_settings()
+    assert facts.own_settings()[0] == "clip_skip" and "gradient_checkpointing" in facts.own_settings()
     info = {**_full_facts(), "gradient_checkpointing": True}
     card = modelcard.render(info)
     assert card.index("| quantized base |") < card.index("| gradient checkpointing | True |")
@@ -235,3 +240,6 @@ def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monke
     off = facts.RunSummary(**{**{k: v for k, v in _full_facts().items() if k in fact_names},
                               "settings": {"gradient_checkpointing": False}})
     assert "gradient_checkpointing" not in off.facts()
+    plain = {k: v for k, v in _full_facts().items() if k in fact_names}
+    at_default = facts.RunSummary(**{**plain, "settings": {"lr_warmup_steps": 500, "lr_power": 2.0}})
+    assert "lr_warmup_steps" not in at_default.facts() and at_default.facts()["lr_power"] == 2.0

@@ -85,7 +85,7 @@ def test_a_signal_at_a_random_step_saves_a_checkpoint_that_resumes_bit_identical
     step = int(m.group(1))
     assert at <= step < STEPS and m.group(2) == str(out / f"checkpoint-{step}")
     # no weights, no temp files (beside sdlora's record of what it wrote)
-    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", f"checkpoint-{step}"]
+    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", f"checkpoint-{step}", "sdlora-config.toml"]
     assert checkpoint.read(out / f"checkpoint-{step}", ["unet"]).step == step
 
     assert t2i.main(fast_flags(tiny_model, out, train_data_dir=data, max_train_steps=STEPS,

@@ -182,7 +182,8 @@ def test_sdxl_two_processes_write_one_lora(sdxl_model, tmp_path):
     assert "x 2 procs" in r.stderr
     assert r.stderr.count("saved " + str(out / "pytorch_lora_weights.safetensors")) == 1
     assert sorted(p.name for p in out.iterdir() if p.name[0] != ".") == ["README.md", "o.safetensors",
-                                                                  "pytorch_lora_weights.safetensors"]
+                                                                  "pytorch_lora_weights.safetensors",
+                                                                  "sdlora-config.toml"]
     sd, _ = read_lora(out / "pytorch_lora_weights.safetensors")
     assert {k.split(".")[0] for k in sd} == {"unet", "text_encoder", "text_encoder_2"}
 

@@ -51,7 +51,7 @@ def test_accelerate_launch_precision_and_two_processes(tiny_model, tmp_path):
     assert "x 2 procs" in r.stderr and "frozen weights in bfloat16" in r.stderr
     assert r.stderr.count("saved " + str(out / "pytorch_lora_weights.safetensors")) == 1
     assert sorted(p.name for p in out.iterdir() if p.name[0] != ".") == [
-        "README.md", "checkpoint-2", "o.safetensors", "pytorch_lora_weights.safetensors"]
+        "README.md", "checkpoint-2", "o.safetensors", "pytorch_lora_weights.safetensors", "sdlora-config.toml"]
 
 
 def test_text_encoder_lora_without_cache(tiny_model, tmp_path):

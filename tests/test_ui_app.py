@@ -247,23 +247,6 @@ def test_dreambooth_preview_shows_the_captions_the_run_trains_on(tmp_path):
     assert not out.exists()
 
 
-def test_optimizer_ema_and_loraplus_fields_become_the_recipes_flags(tmp_path):
-    """The Train form's optimizer row: the optimizer list (any module.Class too), its arguments, LoRA+ and EMA."""
-    from sdlora.ui.train_tab import MAIN_FLAGS, checked_flags, on_recipe, recipe_defaults
-
-    values = {"optimizer": "Prodigy", "optimizer_args": "d_coef=2 betas='(0.9, 0.99)'", "loraplus_lr_ratio": "16",
-              "use_ema": True, "ema_decay": "0.999"}
-    data, out = make_images(tmp_path / "data"), tmp_path / "out"
-    main = [values.get(n, "") for n in MAIN_FLAGS]
-    flags = checked_flags("text-to-image", False, str(out), *form(data, out)[1:8], *main)  # no prompts, no resume
-    assert flags[-10:] == ["--optimizer", "Prodigy", "--optimizer_args", "d_coef=2", "betas=(0.9, 0.99)",
-                           "--loraplus_lr_ratio", "16", "--use_ema", "--ema_decay", "0.999"]
-    defaults = recipe_defaults("text-to-image")
-    assert defaults["optimizer"] is None and defaults["use_ema"] is False  # AdamW, the script's default
-    shown = dict(zip(MAIN_FLAGS, on_recipe("text-to-image")[2:]))
-    assert shown["optimizer"] == "" and shown["use_ema"] is False and shown["optimizer_args"] == ""
-
-
 def test_generate_guidance_starts_at_the_bases_own():
     """The Generate tab's Guidance follows the base, as `sdlora generate` without --guidance does: the bundled
     model's measured guidance, else diffusers' usual 7.5."""
@@ -272,3 +255,27 @@ def test_generate_guidance_starts_at_the_bases_own():
 
     assert guidance_for("sdlora-tiny") == models.BUNDLED_GUIDANCE["sdlora-tiny"] != models.GUIDANCE
     assert guidance_for("org/some-model") == guidance_for("") == models.GUIDANCE
+
+
+def test_dataset_tab_bulk_edits_then_saves_only_changed_captions(tmp_path):
+    from sdlora.ui.dataset_tab import do_bulk, do_load, do_save
+
+    data = make_images(tmp_path / "data", n=3, captions=False)
+    (data / "img0.txt").write_text("sks, red, old_tag\n")
+    (data / "img1.txt").write_text("blue, old_tag\n")
+    (data / "notes.bin").write_bytes(b"\x00")
+    gallery, table, freq, status = do_load(str(data), False)
+    assert len(gallery) == 3 and table[2] == ["img2.png", ""] and ["old_tag", 2] in freq
+    assert status.startswith("3 image(s), 1 file(s) skipped: notes.bin: not an image")
+    _, table, freq, status = do_bulk(str(data), table, "photo", "red", "old_tag -> new tag")
+    assert table == [["img0.png", "sks, new tag, photo"], ["img1.png", "blue, new tag, photo"], ["img2.png", "photo"]]
+    assert (data / "img0.txt").read_text() == "sks, red, old_tag\n"  # not saved yet
+    table[1][1] = "blue, new tag, photo"  # unchanged from the bulk edit, so saved like the others
+    before = (data / "img1.txt").stat().st_mtime_ns
+    _, table, freq, status = do_save(str(data), False, table)
+    assert status == "saved 3 caption(s)" and ["photo", 3] in freq
+    assert (data / "img0.txt").read_text() == "sks, new tag, photo\n" and (data / "img2.txt").read_text() == "photo\n"
+    _, _, _, status = do_save(str(data), False, table)
+    assert status == "saved 0 caption(s)" and (data / "img1.txt").stat().st_mtime_ns > before
+    *_, status = do_save(str(data), False, [["../outside.png", "x"]])
+    assert status.startswith("error: ../outside.png: not an image of") and not (tmp_path / "outside.txt").exists()

@@ -181,3 +181,88 @@ def test_train_and_generate_in_the_browser(page, tmp_path):
     assert (tmp_path / "comfy.safetensors").exists()
     page.get_by_role("button", name="Convert").click()  # again: the file is there now
     expect(result).to_contain_text(f"error: {tmp_path / 'comfy.safetensors'} already exists", timeout=30000)
+
+
+def value(page, elem: str) -> str:
+    return page.locator(f"#{elem}").locator("textarea, input").first.input_value()
+
+
+def test_config_file_form_survives_a_reload_and_resumes_exactly(page, tmp_path):
+    """Issue #33: Load config -> the form shows it -> Start -> reload the page mid-run -> the form still shows the
+    run's settings -> Stop -> Resume finishes at the same weights as the same config run uninterrupted."""
+    import torch
+    from playwright.sync_api import expect
+
+    from helpers import read_lora
+    from sdlora.recipes import text_to_image as t2i
+
+    data, out, ref = make_images(tmp_path / "data", n=4), tmp_path / "run", tmp_path / "ref"
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[model]\npretrained_model_name_or_path = "sdlora-tiny"\n[data]\ntrain_data_dir = "{data}"\n'
+                   f'resolution = 32\n[training]\noutput_dir = "{out}"\nmax_train_steps = 30\nseed = 3\n'
+                   'learning_rate = 1e-3\nlr_scheduler = "cosine"\nlr_warmup_steps = 0\ncheckpointing_steps = 1000\n'
+                   "rank = 4\nlora_alpha = 2\nreport_to = \"none\"\n")
+    status, notice = page.locator("#train_status"), page.locator("#train_notice")
+    fill(page, "train_config_path", cfg)
+    page.click("#train_load")
+    expect(notice).to_contain_text(f"loaded {cfg}", timeout=30000)
+    shown = {"train_data": str(data), "train_output": str(out), "train_max_train_steps": "30", "train_seed": "3",
+             "train_resolution": "32", "train_lora_alpha": "2"}
+    page.get_by_role("button", name="Advanced").click()  # the labelled advanced fields
+    for elem, v in shown.items():
+        assert value(page, elem) == v, elem
+    page.click("#train_start")
+    expect(notice).to_contain_text("started: train_text_to_image_lora.py", timeout=30000)
+    expect(status).to_contain_text("step 3/30", timeout=180000)
+
+    page.reload()
+    page.wait_for_selector("#train_start")
+    expect(page.locator("#train_output textarea, #train_output input").first).to_have_value(str(out), timeout=30000)
+    page.get_by_role("button", name="Advanced").click()
+    for elem, v in shown.items():
+        assert value(page, elem) == v, elem
+    page.click("#train_stop")
+    expect(status).to_contain_text("stopped", timeout=120000)
+    assert not (out / "pytorch_lora_weights.safetensors").exists() and list(out.glob("checkpoint-*"))
+    page.click("#train_resume")
+    expect(status).to_contain_text("finished: step 30/30", timeout=300000)
+
+    assert t2i.main(["--config_file", str(cfg), "--output_dir", str(ref)]) == 0
+    a, b = read_lora(out / "pytorch_lora_weights.safetensors")[0], read_lora(ref / "pytorch_lora_weights.safetensors")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dataset_tab_captions_a_folder_and_the_preview_reads_an_edit(page, tmp_path):
+    """Caption a folder with a tiny random-weight BLIP, edit one caption in the table, save, and preview it."""
+    from playwright.sync_api import expect
+
+    from sdlora.caption import random_models
+
+    model = random_models.blip(tmp_path / "blip")
+    data = make_images(tmp_path / "data", n=3, captions=False)
+    page.get_by_role("tab", name="Dataset").click()
+    fill(page, "ds_dir", data)
+    fill(page, "ds_model", model)
+    fill(page, "ds_prefix", "sks")
+    page.click("#ds_caption")
+    status = page.locator("#ds_status")
+    expect(status).to_contain_text("wrote 3 caption(s)", timeout=180000)
+    assert all((data / f"img{i}.txt").read_text().startswith("sks, ") for i in range(3))
+    expect(page.locator("#ds_gallery img")).to_have_count(3)
+    expect(page.locator("#ds_freq")).to_contain_text("sks")
+
+    page.locator('#ds_table [data-testid="cell-0-1"]').dblclick()  # row 0 (img0.png), the caption column
+    editor = page.locator("#ds_table textarea, #ds_table input:not([type=file])").first
+    editor.fill("sks, a hand-written caption")
+    editor.press("Enter")
+    page.click("#ds_save")
+    expect(status).to_contain_text("saved 1 caption(s)", timeout=30000)
+    assert (data / "img0.txt").read_text() == "sks, a hand-written caption\n"
+    assert (data / "img1.txt").read_text().startswith("sks, ")
+
+    page.get_by_role("tab", name="Train").click()
+    fill(page, "train_data", data)
+    fill(page, "train_resolution", 32)
+    page.click("#train_preview")
+    expect(page.locator("#train_summary")).to_contain_text("3 image(s) at 32 px", timeout=60000)
+    expect(page.locator("#train_images")).to_contain_text("sks, a hand-written caption")

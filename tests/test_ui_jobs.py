@@ -96,7 +96,8 @@ def test_run_survives_the_ui_stops_with_a_checkpoint_and_resumes(tmp_path, tiny_
     jobs.start("text-to-image", run + ["--rank", "8"] + resume, out, sample_prompts=prompts)  # not the run that wrote the checkpoint
     st = wait(out, lambda s: not s.starting and not s.running)
     assert st.error.startswith("error: ") and "rank" in st.error and "\n" not in st.error
-    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", "checkpoint-%d" % stopped_at, "logs", "samples"]
+    assert sorted(p.name for p in out.iterdir()) == [".sdlora-files.json", "checkpoint-%d" % stopped_at, "logs", "samples",
+                                                     "sdlora-config.toml"]
     jobs.start("text-to-image", run[:run.index("--max_train_steps")] + ["--max_train_steps", str(stopped_at + 3),
                "--checkpointing_steps", "1000", "--resume_from_checkpoint", "latest"], out)
     st = wait(out, lambda s: not s.starting and not s.running)

@@ -12,12 +12,12 @@ from ..errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import generate, tools, train, ui
+    from . import caption, generate, presets, tools, train, ui
     from .parser import Parser
 
     p = Parser(prog="sdlora", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)  # one-line errors in each subcommand
-    for module in (train, generate, tools, ui):
+    for module in (train, presets, generate, caption, tools, ui):
         module.register(sub)
     return p
 

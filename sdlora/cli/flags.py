@@ -9,6 +9,7 @@ from dataclasses import MISSING, Field, fields
 from ..data.captions import CaptionOps, checked
 from ..training.checks import check
 from ..training.config import TrainConfig, flag_name, from_flags
+from ..training.config.flow import FlowSettings
 
 _TYPES = {"int": int, "float": float}  # every other setting's flag is a string (paths stay strings until checked)
 DATA_DIRS = ("train_data_dir", "instance_data_dir", "class_data_dir")  # the recipes' image folders
@@ -49,8 +50,11 @@ def _yes_no(word: str) -> bool:
 
 
 def add_model_args(p: argparse.ArgumentParser):
-    add_settings(p.add_argument_group("model"), "base_name", "revision", "variant", "cache_dir", "allow_pickle",
-                 "prediction_type", "pretrained_vae_model_name_or_path", "zero_terminal_snr")
+    g = p.add_argument_group("model")
+    add_settings(g, "base_name", "base_config", "revision", "variant", "cache_dir", "allow_pickle", "prediction_type",
+                 "pretrained_vae_model_name_or_path", "zero_terminal_snr", "clip_skip")
+    g.add_argument("--v_parameterization", dest="prediction_type", action="store_const", const="v_prediction",
+                   help="kohya's name for --prediction_type v_prediction")
 
 
 def add_training_args(p: argparse.ArgumentParser):
@@ -96,6 +100,10 @@ def add_training_args(p: argparse.ArgumentParser):
                  "train_text_encoder", "save_precision")
     g.add_argument("--output_kohya_format", action="store_true",
                    help="accepted for diffusers' SDXL commands: the kohya-layout file is always written")
+
+    g = p.add_argument_group("Stable Diffusion 3 / 3.5 bases", "diffusers' SD3 script's flag names and defaults; other "
+                             "bases ignore them")
+    add_settings(g, *(f.name for f in fields(FlowSettings)), cls=FlowSettings)
 
     g = p.add_argument_group("checkpoints, logging, validation, hub")
     add_settings(g, "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "logging_dir",

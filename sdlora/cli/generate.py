@@ -27,8 +27,13 @@ def register(sub):
     s.add_argument("prompt", help="what to draw")
     s.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="LoRA folder, .safetensors file or Hub id, with an optional weight (repeatable)")
-    s.add_argument("--base", help="base model (default: the first LoRA's base_model)")
+    s.add_argument("--base", help="base model: a diffusers folder, Hub id or single-file checkpoint (default: the "
+                   "first LoRA's base_model)")
+    _flag(s, "base_config", metavar="DIR_OR_ID", help="for a single-file --base: a diffusers folder or Hub id of its "
+          "family, whose configs and tokenizers it loads with")
     _flag(s, "negative_prompt", help="what to steer away from")
+    _flag(s, "clip_skip", type=int, metavar="N", help="use the N-th last text-encoder layer (kohya/A1111's clip skip; "
+          "default: the one the first LoRA recorded, else 1, the last)")
     s.add_argument("--seed", type=int, help="image i uses seed+i (default: random)")
     s.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     bundled = ", ".join(f"{g:g} for {name}" for name, g in BUNDLED_GUIDANCE.items())
@@ -71,14 +76,16 @@ def _generate_cli(args):
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     image_paths(args.out, seed, args.num_images)  # --out a file, or a name taken: said before anything loads
     adapters = load_adapters(args.lora, base=args.base, scheduler=args.scheduler, device=args.device,
-                             dtype=args.dtype, allow_pickle=args.allow_pickle, width=args.width, height=args.height)
+                             dtype=args.dtype, allow_pickle=args.allow_pickle, width=args.width, height=args.height,
+                             base_config=args.base_config)
     pipe = adapters.pipe
     if args.fuse and pipe.get_active_adapters():
         fuse_loras(pipe, unload=True)  # merged weights, no LoRA layers: base-model speed
     guidance = args.guidance if args.guidance is not None else default_guidance(adapters.base)
     pipe.set_progress_bar_config(desc=f"generating {args.num_images} image(s)")
+    clip_skip = args.clip_skip if args.clip_skip is not None else adapters.clip_skip
     images = generate(pipe, args.prompt, args.negative_prompt, seed, args.steps, guidance,
-                      args.width, args.height, args.num_images)
+                      args.width, args.height, args.num_images, clip_skip)
     _, grid_path = image_paths(args.out, seed, len(images))
     paths = write_images(adapters, images, args.out, args.prompt, args.negative_prompt, seed, args.steps, guidance,
                          args.scheduler, args.fuse)

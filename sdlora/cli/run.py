@@ -56,13 +56,14 @@ def setup_logging(token: str | None = None):
 
 
 
-def run(args, make_recipe, on_start=None, **hooks) -> int:
+def run(args, make_recipe, on_start=None, settings: str | None = None, **hooks) -> int:
     """What both recipes do after parsing: check, claim the output folder, read data, train, share.
 
     Every problem the user can fix surfaces before any model is loaded, as one line on stderr, and leaves no
     output folder behind that this run made. `on_start(config, recipe)` is called once the folder is held and the
     data read (`recipe`: what `make_recipe` made), before any model loads; `hooks` go to the training loop
-    (`on_step`, `should_stop`; the UI uses them).
+    (`on_step`, `should_stop`; the UI uses them). `settings`: the run's resolved flags as TOML, written into the
+    folder (training/runconfig.py) once any checkpoint it resumes is checked.
     Ctrl+C / SIGTERM (training/interrupt.py): once training runs, the run stops after its step with a checkpoint,
     before that at once; one line says so, and the exit status is 130 / 143 (128 + the signal's number, as a shell
     reports a process those signals ended).
@@ -83,7 +84,10 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
             recipe = make_recipe(args, config)
             if on_start:
                 on_start(config, recipe)
-            path = train(config, recipe, Hooks(**dict(hooks, should_stop=signals.polled(hooks.get("should_stop")))))
+            hooks = dict(hooks, should_stop=signals.polled(hooks.get("should_stop")))
+            if settings is not None:
+                hooks["on_trainable"] = _writes_settings(config, settings, hooks.get("on_trainable"))
+            path = train(config, recipe, Hooks(**hooks))
             if signals.signum:
                 return _interrupted(signals, config)
             if path is not None and config.push_to_hub:
@@ -103,6 +107,18 @@ def run(args, make_recipe, on_start=None, **hooks) -> int:
     finally:
         signals.restore()
     return 0
+
+
+def _writes_settings(config, settings: str, then=None):
+    """An on_trainable hook that writes the run's settings into its folder (the main process), then calls `then`."""
+    from ..training import runconfig
+
+    def on_trainable(parts):
+        if _is_main():
+            runconfig.write(config.output_dir, settings)
+        if then:
+            then(parts)
+    return on_trainable
 
 
 def _interrupted(signals, config) -> int:
@@ -136,9 +152,10 @@ def _first_missing(folder: Path) -> Path | None:
 def _remove_empty(folder: Path, up_to: Path):
     """Remove `folder` and its parents up to `up_to`, each only while empty (a failed run made them)."""
     from ..training.manifest import remove_if_alone
+    from ..training.runconfig import NAME
 
     folder = folder.expanduser().absolute()
-    remove_if_alone(folder)  # the record of a run that wrote nothing
+    remove_if_alone(folder, also=(NAME,))  # the record (and settings) of a run that wrote nothing else
     for p in [folder, *folder.parents]:
         try:
             p.rmdir()

@@ -3,6 +3,7 @@ work and its report: sdlora/toolkit.py)."""
 from __future__ import annotations
 
 from .. import toolkit
+from ..errors import UserError
 from ..lora import formats
 
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -33,10 +34,34 @@ def _extract_cli(args):
 
 def _make_tiny_cli(args):
     from ..tiny import is_xl, make_tiny
+    from ..tiny_sd3 import SD3_ARCHS, make_sd3
 
-    out = make_tiny(args.dir, arch=args.arch, seed=args.seed)
-    kind = "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"
+    if args.single_file:
+        import tempfile
+
+        from ..bases import ldm
+
+        if args.arch in SD3_ARCHS:
+            raise UserError(f"--arch {args.arch} --single-file: single files are written for SD 1.x/2.x/XL only")
+        with tempfile.TemporaryDirectory() as tmp:
+            out, family = ldm.write(make_tiny(tmp, arch=args.arch, seed=args.seed), args.dir)
+        print(f"wrote a {args.arch}-architecture single-file checkpoint (original layout, random weights) to {out}")
+        return
+    if args.arch in SD3_ARCHS:
+        out, kind = make_sd3(args.dir, arch=args.arch, seed=args.seed), "StableDiffusion3Pipeline"
+    else:
+        out = make_tiny(args.dir, arch=args.arch, seed=args.seed)
+        kind = "StableDiffusionXLPipeline" if is_xl(args.arch) else "StableDiffusionPipeline"
     print(f"wrote a {args.arch}-architecture {kind} (random weights) to {out}")
+
+
+def _convert_base_cli(args):
+    from ..bases import ldm
+    from ..models import FAMILIES, torch_dtype
+
+    out, family = ldm.write(args.base, args.out, torch_dtype(args.dtype) if args.dtype else None, args.overwrite,
+                            ("v_pred",) * args.v_pred + ("ztsnr",) * args.ztsnr)
+    print(f"wrote {args.base} ({FAMILIES[family]}) as a single-file checkpoint to {out}")
 
 
 def register(sub):
@@ -83,12 +108,26 @@ def register(sub):
     common(s)
     s.set_defaults(func=_resize_cli)
 
-    s = sub.add_parser("make-tiny", help="write a pipeline with random weights: tiny SD1.x/2.x/XL layouts for "
-                                         "tests, or SD 1.5's / SDXL's real architecture for benchmarks")
+    s = sub.add_parser("make-tiny", help="write a pipeline with random weights: tiny SD1.x/2.x/XL/SD3 layouts for "
+                                         "tests, or SD 1.5's / SDXL's / SD3.5's real architecture for benchmarks")
     s.add_argument("dir", help="the folder to write the pipeline to")
-    s.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sd2-tiny", "sdxl-tiny", "sdxl"],
+    s.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sd2-tiny", "sdxl-tiny", "sdxl", "sd3",
+                                                             "sd35-medium", "sd35-large"],
                    help="tiny: SD 1.x layout (default); sd15: SD 1.5's configs (~4 GB); sd2-tiny: SD 2.x layout, "
                         "v-prediction; sdxl-tiny: SDXL layout (two text encoders); sdxl: SDXL base 1.0's "
-                        "configs (~13.5 GB in fp32)")
+                        "configs (~13.5 GB in fp32); sd3: SD3.5 Medium's layout at tiny size (MMDiT, three text "
+                        "encoders); sd35-medium / sd35-large: their published configs (~30 / ~65 GB in fp32)")
     s.add_argument("--seed", type=int, default=0, help="the random weights' seed")
+    s.add_argument("--single-file", action="store_true", help="write one original-layout .safetensors checkpoint "
+                   "(as A1111/ComfyUI/Civitai files are) to DIR (a *.safetensors name) instead of a folder")
     s.set_defaults(func=_make_tiny_cli)
+
+    s = sub.add_parser("convert-base", help="write a diffusers base model (folder, bundled name) as one "
+                       "original-layout .safetensors checkpoint, as A1111/ComfyUI/Civitai files are")
+    s.add_argument("base", help="a diffusers SD 1.x/2.x/XL folder or bundled name (sdlora-tiny, sdlora-tiny-xl)")
+    s.add_argument("out", help="the *.safetensors file to write")
+    s.add_argument("--dtype", choices=list(SAVE_PRECISIONS), help="cast the weights on write (default: as stored)")
+    s.add_argument("--v-pred", action="store_true", help="add ComfyUI's v_pred marker key (a v-prediction model)")
+    s.add_argument("--ztsnr", action="store_true", help="add ComfyUI's ztsnr marker key (zero terminal SNR)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    s.set_defaults(func=_convert_base_cli)

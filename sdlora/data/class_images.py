@@ -43,7 +43,7 @@ def missing_names(folder: Path, wanted: int) -> list[str]:
 
 def generate(base: str, folder: Path, prompt: str, wanted: int, resolution: int, batch_size: int, seed: int,
              dtype: torch.dtype, device, steps: int = 25, revision=None, variant=None, cache_dir=None,
-             allow_pickle: bool = False, progress: bool = True, on_image=None) -> int:
+             allow_pickle: bool = False, progress: bool = True, on_image=None, base_config=None) -> int:
     """Fill `folder` up to `wanted` images of `prompt`; returns how many were generated.
 
     Image `class-0000i.png` always comes from seed (seed, i), so an interrupted generation
@@ -58,8 +58,8 @@ def generate(base: str, folder: Path, prompt: str, wanted: int, resolution: int,
     from .. import pipeline
 
     log.info("class images: generating %d of %r into %s", len(names), prompt, folder)
-    pipe = pipeline.load_base(base, dtype, allow_pickle, revision, variant, cache_dir, safety_checker=None,
-                              requires_safety_checker=False)
+    pipe = pipeline.load_base(base, dtype, allow_pickle, revision, variant, cache_dir, base_config,
+                              safety_checker=None, requires_safety_checker=False)
     pipeline.set_scheduler(pipe, "dpm++")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

@@ -147,7 +147,7 @@ def check_caption(cap, where: str) -> None:
             raise UserError(f"{where}: {why}; shorten it")
 
 
-def _read_text(path: Path, root: Path, what: str, limit: int | None = None) -> str:
+def read_text(path: Path, root: Path, what: str, limit: int | None = None) -> str:
     """A caption or metadata file's text (a UTF-8 BOM is fine), or a one-line UserError saying why not.
     With `limit`, a file over `limit` bytes is refused before it is read into memory."""
     why = link_problem(path, root, what)
@@ -188,7 +188,7 @@ def _is_caption(cap) -> bool:
 
 def _read_metadata(path: Path, root: Path, what: str) -> list[tuple[int, dict]]:
     """(line number, row) for each row of metadata.jsonl / metadata.csv."""
-    text, rows = _read_text(path, root, what), []
+    text, rows = read_text(path, root, what), []
     if path.suffix == ".jsonl":
         # Lines end only at \n, \r\n or \r: str.splitlines would also cut captions at U+2028, U+0085...
         for n, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
@@ -277,7 +277,7 @@ def rows_from_folder(folder: Path, caption_column: str = "text", allow_empty_cap
         cap = captions.get(real[p])
         txt = p.with_name(p.stem + ext)
         if cap is None:
-            cap = _read_text(txt, root, what, MAX_CAPTION).strip() if txt.exists() or txt.is_symlink() else None
+            cap = read_text(txt, root, what, MAX_CAPTION).strip() if txt.exists() or txt.is_symlink() else None
         n, folder_caption, repeat_folder = repeats[p]
         if cap is None:
             cap = folder_caption  # kohya's DreamBooth-style folders: the name is the caption

@@ -82,6 +82,17 @@ def pick_caption(caption: str | list[str], rng: np.random.Generator) -> str:
     return caption
 
 
+@dataclass(frozen=True)
+class Part:
+    """A --dataset_config subset: its dataset's sizing (resolution, buckets) and its own flip and caption operations.
+    Rows of different datasets never share a batch (TrainSet.key)."""
+    name: str  # for the log: the dataset and the subset's folder
+    dataset: int
+    bucketing: Bucketing
+    random_flip: bool = False
+    captions: CaptionOps | None = None
+
+
 class TrainSet:
     """What a recipe hands the loop: rows, how they form examples, and how they are sized and cropped.
 
@@ -89,21 +100,25 @@ class TrainSet:
     for DreamBooth with prior preservation. Rows carry a loss group (0 = main, 1 = prior).
     Each row trains at its aspect-ratio bucket (`bucketing`; the square --resolution crop when it is
     off). Every pixel and caption is drawn for a given (seed, epoch, example, slot), so the run's
-    seed is an argument, not state.
+    seed is an argument, not state. With `parts` (a --dataset_config), row i belongs to `parts[row_parts[i]]`,
+    whose sizing, flip and caption operations it takes instead of the set's own.
     """
 
     def __init__(self, rows: list[Row], examples: list[list[int]], groups: list[int], resolution: int,
                  center_crop: bool, random_flip: bool, bucketing: Bucketing | None = None,
-                 captions: CaptionOps | None = None):
+                 captions: CaptionOps | None = None, parts: list[Part] | None = None,
+                 row_parts: list[int] | None = None):
         self.rows, self.groups = rows, groups
         self.caption_ops = captions  # main-group rows only: DreamBooth's class prompts stay as they are
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.bucketing = bucketing or Bucketing(resolution, enabled=False)
-        table = self.bucketing.table()
+        self.parts, self.row_parts = parts, row_parts
+        if parts:
+            self.random_flip = any(p.random_flip for p in parts)
         for r in rows:  # also with --no_bucket: a crop's place and SDXL's size conditioning follow from the size
             if r.size is None:  # a `datasets` row: its size is only known by decoding it
                 r.size = read_image(r.image).size
-        self.buckets = [self.bucketing.assign(r.size, table) if r.size else (resolution, resolution) for r in rows]
+        self.buckets = self._assign()
         too_small = {i for i, b in enumerate(self.buckets) if b is None}
         for i in sorted(too_small):
             log.warning("skipping %s: %dx%d is smaller than one --bucket_reso_steps (%d) and --bucket_no_upscale "
@@ -113,6 +128,32 @@ class TrainSet:
             raise UserError("no image is left to train on: every one is smaller than one --bucket_reso_steps; "
                             "drop --bucket_no_upscale or use larger images")
 
+    def _assign(self) -> list:
+        """Each row's bucket, from its part's table (the set's own without parts)."""
+        sizing = [p.bucketing for p in self.parts] if self.parts else [self.bucketing]
+        tables = [b.table() for b in sizing]
+        out = []
+        for i, r in enumerate(self.rows):
+            k = self.row_parts[i] if self.parts else 0
+            out.append(sizing[k].assign(r.size, tables[k]) if r.size else (sizing[k].resolution,) * 2)
+        return out
+
+    def part(self, row_id: int) -> Part | None:
+        return self.parts[self.row_parts[row_id]] if self.parts else None
+
+    def ops(self, row_id: int) -> CaptionOps | None:
+        """The caption operations of a row (its part's, else the set's)."""
+        return self.part(row_id).captions if self.parts else self.caption_ops
+
+    def captions_vary(self) -> bool:
+        """Whether some caption's text changes between steps (so text embeddings can't be cached)."""
+        return any(o is not None and o.varies for o in ([p.captions for p in self.parts] if self.parts
+                                                        else [self.caption_ops]))
+
+    def captions_drop(self) -> bool:
+        return any(o is not None and o.dropout_rate > 0 for o in ([p.captions for p in self.parts] if self.parts
+                                                                  else [self.caption_ops]))
+
     def __len__(self):
         return len(self.examples)
 
@@ -121,14 +162,16 @@ class TrainSet:
         return sorted({r for e in self.examples for r in e})
 
     def key(self, i: int) -> tuple:
-        """Example i's buckets: examples with the same key can share a micro-batch."""
-        return tuple(self.buckets[r] for r in self.examples[i])
+        """Example i's buckets: examples with the same key can share a micro-batch (of one dataset, with parts)."""
+        sizes = tuple(self.buckets[r] for r in self.examples[i])
+        return (self.part(self.examples[i][0]).dataset, sizes) if self.parts else sizes
 
     def layout(self, row_id: int, seed: int, epoch: int, where: tuple[int, ...] = (), size=None) -> Layout:
         """How a row is cropped; `where` (example, slot) gives each repeat of a row its own crop/flip. `size`: the
         decoded image's, for a `datasets` row whose size is not known before (else its bucket stands in)."""
         size = self.rows[row_id].size or size or self.buckets[row_id]
-        return layout(size, self.buckets[row_id], self.center_crop, self.random_flip, rng_for(seed, 1, epoch, row_id, *where))
+        flip = self.part(row_id).random_flip if self.parts else self.random_flip
+        return layout(size, self.buckets[row_id], self.center_crop, flip, rng_for(seed, 1, epoch, row_id, *where))
 
     def load_row(self, row_id: int, seed: int, epoch: int, where: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pixels (CHW in [-1, 1]) of a row, and its loss mask (1HW in [0, 1]) when it has one."""
@@ -145,9 +188,10 @@ class TrainSet:
     def caption(self, row_id: int, seed: int, epoch: int, where: tuple[int, ...] = ()) -> str:
         rng = rng_for(seed, 2, epoch, row_id, *where)
         text = pick_caption(self.rows[row_id].caption, rng)
-        if self.caption_ops is None or self.groups[row_id] != 0:
+        ops = self.ops(row_id)
+        if ops is None or (self.groups[row_id] != 0 and not self.parts):  # a subset's own ops: is_reg ones too
             return text
-        return self.caption_ops.apply(text, rng)  # same generator: still a pure function of (seed, epoch, slot)
+        return ops.apply(text, rng)  # same generator: still a pure function of (seed, epoch, slot)
 
     def deterministic(self) -> bool:
         """True when no row's pixels change between epochs, so its latents can be cached: no random flip,
@@ -158,10 +202,13 @@ class TrainSet:
             r.size is not None and buckets.cover(r.size, self.buckets[i]) == self.buckets[i]
             for i, r in enumerate(self.rows) if self.buckets[i] is not None)
 
-    def bucket_report(self) -> tuple[dict, float, float]:
-        """(bucket -> images, mean area kept, mean a square centre crop would keep) over the rows used."""
-        used = [i for i in self.used_rows() if self.rows[i].size]
-        return buckets.report([self.rows[i].size for i in used], [self.buckets[i] for i in used], self.resolution)
+    def bucket_report(self, dataset: int | None = None) -> tuple[dict, float, float]:
+        """(bucket -> images, mean area kept, mean a square centre crop would keep) over the rows used (of one
+        `dataset` of the parts)."""
+        used = [i for i in self.used_rows() if self.rows[i].size and (dataset is None or
+                                                                      self.part(i).dataset == dataset)]
+        res = next((p.bucketing.resolution for p in self.parts or () if p.dataset == dataset), self.resolution)
+        return buckets.report([self.rows[i].size for i in used], [self.buckets[i] for i in used], res)
 
     def digest(self) -> str:
         """A fingerprint of what is trained on: each image's file name and size, its caption, and how rows
@@ -172,7 +219,8 @@ class TrainSet:
             rows.append([Path(r.name).name if size is not None else r.name, size, r.caption])
             if r.mask is not None:  # a changed mask changes what is learned
                 rows[-1].append(r.mask if r.mask == "alpha" else [r.mask.name, r.mask.stat().st_size])
-        blob = json.dumps([rows, self.examples, self.groups], sort_keys=True, default=str).encode()
+        parts = [[self.parts, self.row_parts]] if self.parts else []  # every subset's own settings, with parts
+        blob = json.dumps([rows, self.examples, self.groups, *parts], sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

@@ -4,7 +4,8 @@ the model card's settings table and its keys in the LoRA files' safetensors head
 A fact that is a training setting says so (`fact(setting="rank")`) and takes its label and keys from that
 setting's declaration (the card=/header= tags of its field in sdlora/training/config/); the other facts declare
 theirs here. A tagged setting no fact names needs no line here: it is recorded as it was set (`settings`), after
-the facts, and left out while None or False. The card (modelcard.py) and the header (weights.py) iterate these
+the facts, and left out while None, False or at its declared default (so a new tag changes no earlier
+run's card or header). The card (modelcard.py) and the header (weights.py) iterate these
 declarations, in this order, and format a value only where it needs more than `str`; training/summary.py fills a
 RunSummary at the end of a run.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..training.config import fields_tagged, tags_of
+from ..training.config import default_of, fields_tagged, tags_of
 
 
 def fact(card: str | None = None, header: str | tuple = (), setting: str | None = None):
@@ -24,6 +25,9 @@ def fact(card: str | None = None, header: str | tuple = (), setting: str | None 
 class RunSummary:
     """The facts of a finished run, in the card's row order (a None value leaves its row and keys out)."""
     base_model: str = fact(setting="base_name")  # a Hub id, or a local folder's name when pushing (never a path)
+    # a single-file base's hashes as A1111/Civitai match a LoRA to its base (bases.hashes; kohya's keys)
+    base_sha256: str | None = fact(card="base model sha256", header="ss_new_sd_model_hash")
+    base_legacy_hash: str | None = fact(header="ss_sd_model_hash")
     family: str = fact(card="base model family")
     kind: str = fact(card="kind", header="ss_training_comment")  # "text-to-image" or "dreambooth"
     rank: int = fact(setting="rank")  # rank and alpha as the file records them (inject.file_rank_alpha)
@@ -73,7 +77,8 @@ class RunSummary:
     def facts(self) -> dict:
         """The summary as the {name: value} the model card and the header take."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
-        return values | {k: v for k, v in self.settings.items() if v is not None and v is not False}
+        return values | {k: v for k, v in self.settings.items() if v is not None and v is not False
+                         and v != default_of(k)}
 
 
 def own_settings() -> list[str]:

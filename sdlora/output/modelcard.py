@@ -64,9 +64,7 @@ LoRA weights for {_named(info)}, trained with sdlora {__version__}.
 ## Use it
 
 {_snippet(info, prompt)}
-In ComfyUI, A1111/Forge, kohya's tools or on Civitai use `{info.get("kohya_file") or "the kohya file"}`, the same
-LoRA in kohya's layout: copy it into `ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/`.{_trigger(info)}
-{_diffusers_file_elsewhere(info)}
+{_elsewhere(info)}
 
 ## Training settings
 
@@ -74,6 +72,21 @@ LoRA in kohya's layout: copy it into `ComfyUI/models/loras/` or `stable-diffusio
 |---|---|
 {rows}
 {samples}"""
+
+
+def _elsewhere(info: dict) -> str:
+    """Where the files load besides diffusers: SD3's one file as it is in ComfyUI; else the kohya file and what the
+    other loaders make of the diffusers one."""
+    if _sd3(info):
+        return (f"In ComfyUI use `pytorch_lora_weights.safetensors` as it is (it maps diffusers' SD3 `transformer.` keys "
+                f"onto its MMDiT): copy it into `ComfyUI/models/loras/`.{_trigger(info)}\n")
+    return (f"In ComfyUI, A1111/Forge, kohya's tools or on Civitai use `{info.get('kohya_file') or 'the kohya file'}`, the "
+            f"same\nLoRA in kohya's layout: copy it into `ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/`."
+            f"{_trigger(info)}\n{_diffusers_file_elsewhere(info)}")
+
+
+def _sd3(info: dict) -> bool:
+    return str(info.get("family") or "").startswith("SD3")
 
 
 def _diffusers_file_elsewhere(info: dict) -> str:
@@ -110,6 +123,16 @@ from sdlora import load_pipeline, sample
 # this folder (or its Hub repo id); the base model ({info['base_model']}) comes from this card
 pipe = load_pipeline([{json.dumps(info.get('repo_id') or '.')}])
 image = sample(pipe, [{json.dumps(prompt)}], seeds=[0])[0]
+image.save("out.png")
+```
+"""
+    if _sd3(info):  # the base's own FlowMatch scheduler
+        return f"""```python
+from diffusers import StableDiffusion3Pipeline
+
+pipe = StableDiffusion3Pipeline.from_pretrained({json.dumps(info['base_model'])})
+pipe.load_lora_weights({json.dumps(info.get('repo_id') or '.')})  # this folder, or its Hub repo id
+image = pipe({json.dumps(prompt)}, num_inference_steps=28).images[0]
 image.save("out.png")
 ```
 """

@@ -78,6 +78,8 @@ def base_model_version(architecture: str | None, prediction_type: str | None = N
     """kohya's `ss_base_model_version` (sd-scripts' model_util.get_model_version_str_for_sd1_sd2 and
     sdxl_model_util): sd_v1, sd_v2, with `_v` for v-parameterization (sd_v2_v), or sdxl_base_v1-0."""
     arch = str(architecture or "stable-diffusion-v1")
+    if arch.startswith("stable-diffusion-3"):  # sd-scripts writes sd3_m for its SD3 models
+        return "sd3_m"
     if arch.startswith("stable-diffusion-xl"):
         return "sdxl_base_v1-0"
     return ("sd_v2" if "-v2-" in arch else "sd_v1") + ("_v" if prediction_type == "v_prediction" else "")

@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..logs import quiet
 from ..lora import formats
 from ..models import TEXT_ENCODERS
+from .images import denoiser
 
 COMPONENTS = ("unet", *TEXT_ENCODERS)
 
@@ -56,6 +57,7 @@ class Adapters:
         self.pipe = pipe
         self.base = base
         self.loaded: dict[str, dict] = {}
+        self.clip_skip: int | None = None  # the first LoRA's recorded clip skip (ss_clip_skip), to draw with
 
     def add(self, loras) -> list[str]:
         """Stack [(Lora | path, weight)] as named adapters; all are checked before any is applied, and a failure
@@ -75,6 +77,8 @@ class Adapters:
                 with quiet():
                     pipe.load_lora_weights(_peft_dict(lora, pipe), adapter_name=name)
                 self.loaded[name] = {"path": lora.source, "weight": weight, "format": lora.format}
+                if self.clip_skip is None and str(lora.metadata.get("ss_clip_skip", "")).isdigit():
+                    self.clip_skip = int(lora.metadata["ss_clip_skip"])
         except Exception as e:
             for name in added:  # undo this call's adapters, including one that failed half-way
                 self.loaded.pop(name, None)
@@ -118,10 +122,10 @@ def _peft_dict(lora: formats.Lora, pipe) -> dict:
     """Keys diffusers loads as-is (formats.diffusers_keys); alpha/rank is folded into B so the adapter's own
     scale is 1. LoHa/LoKr layers, which diffusers cannot read, go in as the plain LoRA with exactly their change
     (lycoris.Product.as_lora)."""
-    out, dtype = {}, pipe.unet.dtype
+    out, dtype = {}, denoiser(pipe).dtype
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
-        key = f"{comp}.{formats.live_path(comp, path)}"
+        key = f"{comp}.{formats.live_path(comp, path, getattr(pipe, comp))}"
         a, b = formats.diffusers_keys(comp)
         if m.kind != "lora":
             down, up, alpha = m.as_lora(_layer(pipe, comp, path).weight.shape)
@@ -134,12 +138,12 @@ def _peft_dict(lora: formats.Lora, pipe) -> dict:
 
 
 def _layer(pipe, comp: str, path: str):
-    layer = getattr(pipe, comp).get_submodule(formats.live_path(comp, path))
+    layer = getattr(pipe, comp).get_submodule(formats.live_path(comp, path, getattr(pipe, comp)))
     return getattr(layer, "base_layer", layer)
 
 
 def base_family(pipe) -> str:
-    return formats.unet_family(pipe.unet.config, type(pipe).__name__)
+    return formats.unet_family(denoiser(pipe).config, type(pipe).__name__)
 
 
 def check_fits(pipe, lora: formats.Lora):
@@ -156,7 +160,7 @@ def check_fits(pipe, lora: formats.Lora):
         if model is None:
             fail(f"the base has no {comp}")
         try:
-            layer = model.get_submodule(formats.live_path(comp, path))
+            layer = model.get_submodule(formats.live_path(comp, path, model))
         except AttributeError:
             fail(f"no layer '{name}' in the base")
         layer = getattr(layer, "base_layer", layer)

@@ -46,36 +46,61 @@ def check_size(width, height, unet_config: dict, vae_config: dict):
 
 
 def generate(pipe, prompt: str, negative_prompt: str | None = None, seed: int = 0, steps: int = 25,
-             guidance: float = 7.5, width=None, height=None, num_images: int = 1):
-    """Images for `prompt`; image i uses seed+i, so any one can be reproduced alone."""
+             guidance: float = 7.5, width=None, height=None, num_images: int = 1, clip_skip: int | None = None):
+    """Images for `prompt`; image i uses seed+i, so any one can be reproduced alone. `clip_skip`: kohya's/A1111's
+    (the N-th last text-encoder layer; `Adapters.clip_skip` is the one a LoRA recorded)."""
     import torch
 
     width, height = image_size(pipe, width, height)
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
-    out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+    text = clip_skip_embeds(pipe, [prompt], [negative_prompt or ""], clip_skip) or \
+        dict(prompt=prompt, negative_prompt=negative_prompt)
+    out = pipe(**text, num_inference_steps=steps, guidance_scale=guidance,
                width=width, height=height, num_images_per_prompt=num_images, generator=gens)
     return out.images
+
+
+def clip_skip_embeds(pipe, prompts, negatives, clip_skip: int | None) -> dict | None:
+    """Prompt embeddings at kohya's/A1111's clip skip N > 1 (`models.encode_prompts`: the N-th last layer through
+    the final layer norm, what diffusers' SD pipeline computes for its clip_skip=N-1, whose own path fails on
+    transformers' flattened CLIPTextModel); None for 1 or None, and for SDXL (which takes no clip skip here)."""
+    if not clip_skip or clip_skip < 2 or getattr(pipe, "text_encoder_2", None) is not None:
+        return None
+    import torch
+
+    from ..models import encode_prompts
+
+    with torch.no_grad():
+        return {"prompt_embeds": encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, clip_skip=clip_skip),
+                "negative_prompt_embeds": encode_prompts(pipe.text_encoder, pipe.tokenizer, negatives,
+                                                         clip_skip=clip_skip)}
+
+
+def denoiser(pipe):
+    """The pipeline's UNet, or SD3's MMDiT (`transformer`)."""
+    return getattr(pipe, "unet", None) or pipe.transformer
 
 
 def image_size(pipe, width=None, height=None) -> tuple[int, int]:
     """(width, height) to draw at: each as given, else the base's own size (its UNet's sample_size x the VAE's
     downsampling; diffusers defaults the two only when both are missing), checked against the base's multiple."""
-    own = pipe.unet.config.sample_size
+    own = denoiser(pipe).config.sample_size
     own_h, own_w = (own, own) if isinstance(own, int) else own
     width, height = width or own_w * pipe.vae_scale_factor, height or own_h * pipe.vae_scale_factor
-    check_size(width, height, dict(pipe.unet.config), dict(pipe.vae.config))
+    check_size(width, height, dict(denoiser(pipe).config), dict(pipe.vae.config))
     return width, height
 
 
 def sample(pipe, prompts, seeds, steps: int = 25, guidance: float = 7.5, batch: int = 8, encode=None,
-           width=None, height=None, negative_prompts=None, on_batch=None):
+           width=None, height=None, negative_prompts=None, on_batch=None, clip_skip: int | None = None):
     """Image i for prompts[i] from its own generator seeded seeds[i] (so it is the image a single-prompt call
     with that seed draws), `batch` images per pipeline call (about 5x faster than one per call on CPU).
 
     `encode(texts)`, when given, makes the prompt embeddings (e.g. with a training run's tokenizer length
     and attention mask) instead of the pipeline's own encoding: a tensor, or (embeddings, pooled embeddings)
     for SDXL. `negative_prompts` default to "". `on_batch(done, total)`, when given, is called after each
-    pipeline call with the number of images drawn so far and in all (e.g. to show progress)."""
+    pipeline call with the number of images drawn so far and in all (e.g. to show progress). `clip_skip`: kohya's
+    (see `generate`), for the pipeline's own encoding."""
     import torch
 
     images = []
@@ -85,7 +110,8 @@ def sample(pipe, prompts, seeds, steps: int = 25, guidance: float = 7.5, batch: 
             negs = list(negative_prompts[i:i + batch]) if negative_prompts is not None else None
             gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch]]
             if encode is None:
-                text = dict(prompt=chunk) if negs is None else dict(prompt=chunk, negative_prompt=negs)
+                text = clip_skip_embeds(pipe, chunk, negs or [""] * len(chunk), clip_skip) or \
+                    (dict(prompt=chunk) if negs is None else dict(prompt=chunk, negative_prompt=negs))
             else:
                 text = _embeds(encode(chunk), "") | _embeds(encode(negs or [""] * len(chunk)), "negative_")
             images += pipe(**text, num_inference_steps=steps, guidance_scale=guidance, generator=gens,

@@ -14,17 +14,18 @@ from .images import check_size
 
 SCHEDULERS = {"dpm++": {}, "dpm++-karras": {"use_karras_sigmas": True}, "keep": None}
 # The diffusers pipeline class of each base family (models.family_of); the rest load as StableDiffusionPipeline.
-PIPELINES = {"sdxl": "StableDiffusionXLPipeline"}
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
 
 
 def load_adapters(loras=(), base=None, scheduler: str = "dpm++", device=None, dtype=None,
-                  allow_pickle: bool = False, width=None, height=None) -> Adapters:
+                  allow_pickle: bool = False, width=None, height=None, base_config=None) -> Adapters:
     """A StableDiffusion(XL)Pipeline from `base` (or the first LoRA's card/metadata) with `loras` stacked, as the
     `Adapters` that hold it (`.pipe`), its base and what each LoRA is.
 
     loras: paths/Hub ids, 'path:weight' strings or (path, weight) pairs; each becomes a named adapter.
     width/height: the image size that will be asked for, checked against the base's configs (`check_size`)
-    before any weights load.
+    before any weights load. base_config: a single-file base's configs and tokenizers (a diffusers folder or Hub id
+    of its family; see bases.load).
     """
     if isinstance(loras, (str, Path)):
         loras = [loras]
@@ -34,10 +35,10 @@ def load_adapters(loras=(), base=None, scheduler: str = "dpm++", device=None, dt
     read = [(formats.load_lora(p, allow_pickle=allow_pickle), w) for p, w in specs]
     base = base or base_from(read)
     if width is not None or height is not None:
-        check_base_size(base, width, height)
+        check_base_size(base, width, height, base_config, allow_pickle)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(dtype, device)
-    pipe = load_base(base, dtype, allow_pickle=allow_pickle)
+    pipe = load_base(base, dtype, allow_pickle=allow_pickle, base_config=base_config)
     set_scheduler(pipe, scheduler)
     adapters = Adapters(pipe, str(base))
     adapters.add(read)
@@ -46,17 +47,19 @@ def load_adapters(loras=(), base=None, scheduler: str = "dpm++", device=None, dt
 
 
 def load_pipeline(loras=(), base=None, scheduler: str = "dpm++", device=None, dtype=None,
-                  allow_pickle: bool = False, width=None, height=None):
+                  allow_pickle: bool = False, width=None, height=None, base_config=None):
     """`load_adapters`' pipeline alone: a plain diffusers pipeline with the LoRAs active at their weights."""
-    return load_adapters(loras, base, scheduler, device, dtype, allow_pickle, width, height).pipe
+    return load_adapters(loras, base, scheduler, device, dtype, allow_pickle, width, height, base_config).pipe
 
 
-def check_base_size(base, width, height):
+def check_base_size(base, width, height, base_config=None, allow_pickle=False):
     """`check_size` against the base's own configs, read without loading any weights."""
     from .. import basecheck
+    from ..bases import load
     from ..models import base_configs, resolve_base
 
-    local = resolve_base(str(base), flag="base model")
+    single = load.for_pipeline(base, base_config, allow_pickle)
+    local = single[1] if single else resolve_base(str(base), flag="base model")
     basecheck.check(local)  # a damaged config is one line naming it, not a failed size check
     _, unet_config, vae_config = base_configs(local)
     if vae_config:  # unreadable (a Hub base not cached): loading it reports why
@@ -80,9 +83,11 @@ def _dtype(dtype, device):
     return torch_dtype(dtype) if isinstance(dtype, str) else dtype
 
 
-def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, variant=None, cache_dir=None, **kw):
+def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, variant=None, cache_dir=None,
+              base_config=None, **kw):
     """The base pipeline (the family's class, see `PIPELINES`) from safetensors weights; pickle (.bin) weights
-    only with allow_pickle, as in training. `kw` goes to `from_pretrained` (e.g. safety_checker=None)."""
+    only with allow_pickle, as in training. `kw` goes to `from_pretrained` (e.g. safety_checker=None). A single-file
+    base loads with its `base_config` (bases.load)."""
     from ..logs import silence_noise
 
     silence_noise()  # before diffusers' pipelines import transformers' image processors
@@ -90,8 +95,12 @@ def load_base(base, dtype=None, allow_pickle: bool = False, revision=None, varia
     import torch
 
     from .. import basecheck, models
+    from ..bases import load
     from ..models import base_configs, family_of, resolve_base
 
+    single = load.for_pipeline(base, base_config, allow_pickle, revision, cache_dir)
+    if single:
+        return load.pipeline(*single, dtype, allow_pickle, **kw)
     base = resolve_base(str(base), revision, cache_dir, flag="base model")  # short names such as sdlora-tiny
     basecheck.check(base, variant=variant)  # a damaged file is one line naming it, before any weights load
     pipeline_class, unet_config, _ = base_configs(base, revision, cache_dir)
@@ -137,5 +146,5 @@ def set_scheduler(pipe, name: str):
 
     if name not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{name}'; expected one of {', '.join(SCHEDULERS)}")
-    if SCHEDULERS[name] is not None:
+    if SCHEDULERS[name] is not None and "FlowMatch" not in type(pipe.scheduler).__name__:  # SD3: its own FlowMatch
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **SCHEDULERS[name])

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
+from .images import denoiser
 
 
 def write_images(adapters, images, out, prompt: str, negative_prompt, seed: int, steps: int, guidance: float,
@@ -20,7 +21,7 @@ def write_images(adapters, images, out, prompt: str, negative_prompt, seed: int,
     Path(out).mkdir(parents=True, exist_ok=True)
     if loras is None:
         loras = adapters.records()
-    precision = models.precision_name(adapters.pipe.unet.dtype)
+    precision = models.precision_name(denoiser(adapters.pipe).dtype)
     for i, (path, im) in enumerate(zip(paths, images)):
         params = image_params(prompt, negative_prompt, seed + i, steps, guidance, im, scheduler, adapters.base,
                               loras, fused, precision=precision)

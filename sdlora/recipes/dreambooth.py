@@ -22,6 +22,7 @@ from pathlib import Path
 from ..cli import flags
 from ..cli.parser import Parser
 from ..cli.run import run
+from . import configfile
 from ..data import captions, class_images, masks
 from ..data.sources import Row, check_caption, dataset_label, rows_from_folder, rows_from_images, split_heldout
 from ..data.trainset import TrainSet, heldout_set
@@ -74,12 +75,13 @@ def parser() -> argparse.ArgumentParser:
                    help="how often each instance image appears per epoch (times its N_name folder's N)")
     flags.add_settings(g, "text_encoder_lr")
     flags.add_training_args(p)
+    configfile.add_args(p)
     flags.set_defaults(p, DEFAULTS)
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return parser().parse_args(argv)
+    return configfile.parse(parser(), argv, "dreambooth", f"{SCRIPT}.py")
 
 
 def check_flags(args):
@@ -124,7 +126,7 @@ def class_rows(args, config: TrainConfig):
         class_images.generate(config.base, folder, args.class_prompt, args.num_class_images, config.resolution,
                               args.sample_batch_size, args.seed or 0, torch_dtype(precision), state.device,
                               revision=config.revision, variant=config.variant, cache_dir=config.cache_dir,
-                              allow_pickle=config.allow_pickle)
+                              allow_pickle=config.allow_pickle, base_config=config.base_config)
         interrupt.entered("start")
     state.wait_for_everyone()
     rows = rows_from_images(folder, args.class_prompt, "--class_data_dir", kohya_repeats=False)
@@ -201,4 +203,5 @@ def make_recipe(args, config: TrainConfig) -> Recipe:
 def main(argv=None, **hooks) -> int:
     """The script: parse `argv` (default: the command line), check, train; the exit status. `hooks` go to
     `cli.run.run` (`on_start`, `on_step`, `should_stop`, …; the UI uses them)."""
-    return run(parse_args(argv), make_recipe, **hooks)
+    args = parse_args(argv)
+    return run(args, make_recipe, settings=configfile.run_settings(parser(), args, f"{SCRIPT}.py"), **hooks)

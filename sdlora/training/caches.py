@@ -29,7 +29,7 @@ def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
 def plan(config, data: TrainSet) -> tuple[bool, bool, str]:
     """(cache latents?, cache text embeddings?, why not — for the log)."""
     latents = not config.no_cache and data.deterministic()
-    varies = data.caption_ops is not None and data.caption_ops.varies
+    varies = data.captions_vary()
     text = (not config.no_cache or config.pre_compute_text_embeddings) and not config.train_text_encoder and not varies
     unused = ", so --cache_latents_to_disk is not used" * config.cache_latents_to_disk
     why_not = ["--no_cache"] * bool(config.no_cache) + \
@@ -41,12 +41,12 @@ def plan(config, data: TrainSet) -> tuple[bool, bool, str]:
 
 def _why_pixels_change(data: TrainSet) -> str:
     if data.random_flip:
-        return "--random_flip changes the pixels every epoch"
+        return ("flip_aug" if data.parts else "--random_flip") + " changes the pixels every epoch"
     return "a random crop changes the pixels every epoch (--center_crop makes them cacheable)"
 
 
 def all_captions(data: TrainSet) -> list[str]:
-    caps = [""] if data.caption_ops is not None and data.caption_ops.dropout_rate > 0 else []  # a dropped caption
+    caps = [""] if data.captions_drop() else []  # a dropped caption
     for r in data.rows:
         caps += r.caption if isinstance(r.caption, list) else [r.caption]
     return caps

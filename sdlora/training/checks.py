@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .. import basecheck, io, models, quantize
+from ..bases import load
 from ..data.buckets import Bucketing
 from ..errors import UserError
 from . import diskcache, earlystop, noise, optimizers, prompts
@@ -61,14 +62,15 @@ def check(c: TrainConfig, token: str | None = None, *, data: Mapping[str, str | 
     check_writable(output_dir)
     _check_heldout(c, data)
     latents_cache_dir = _check_latents_cache(c, data)
-    base, vae = _resolve_bases(c, token)
-    family, resolution, bucketing, unet_config, vae_config = _base_sizes(c, base, vae, prior_preservation)
+    base, vae, configs = _resolve_bases(c, token)
+    family, resolution, bucketing, unet_config, vae_config = _base_sizes(c, base, vae, prior_preservation, configs)
     sample_prompts = _check_sampling(c, resolution, models.sample_multiple(vae_config))
     models.check_targets(base, unet_config, list(targets),
                          None if c.init_lora_weights == "gaussian" else f"--init_lora_weights {c.init_lora_weights}")
     # What a run reads (or caches into): inside --output_dir these are the user's, not files in the way.
     inputs = [*data.values(), c.validation_data_dir, c.mask_dir, c.sample_prompts_file, c.latents_cache_dir]
-    return replace(c, base=base, family=family, output_dir=output_dir, pretrained_vae_model_name_or_path=vae or None,
+    return replace(c, **load.file_settings(c, token), base=base, base_config=None if configs == base else configs,
+                   family=family, output_dir=output_dir, pretrained_vae_model_name_or_path=vae or None,
                    resolution=resolution, lora_alpha=alpha, target_modules=targets, report_to=report_to,
                    mixed_precision=mixed_precision, precision_chosen=c.mixed_precision is not None,
                    bucketing=bucketing, mask_dir=Path(c.mask_dir) if c.mask_dir else None,
@@ -85,7 +87,7 @@ def _check_flags(c: TrainConfig) -> tuple[str, ...]:
     if not targets:
         raise UserError("--target_modules is empty; e.g. --target_modules to_q,to_k,to_v,to_out.0")
     for name in ("resolution", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank",
-                 "num_validation_images", "validation_epochs"):  # (resolution None: the base's default)
+                 "num_validation_images", "validation_epochs", "clip_skip"):  # (None: the default)
         _positive(name, getattr(c, name))
     _positive("max_train_steps", c.max_train_steps)
     _positive("checkpointing_steps", c.checkpointing_steps)
@@ -128,24 +130,28 @@ def _check_lora_type(c: TrainConfig):
 def sizing(c: TrainConfig, token: str | None = None, prior_preservation: bool = False) -> tuple[str, int, Bucketing]:
     """(family, resolution, bucketing) for these settings, from the base's config files only (the UI's data
     preview shows the bucket table a run would use)."""
-    return _base_sizes(c, *_resolve_bases(c, token), prior_preservation)[:3]
+    base, vae, configs = _resolve_bases(c, token)
+    return _base_sizes(c, base, vae, prior_preservation, configs)[:3]
 
 
-def _resolve_bases(c: TrainConfig, token: str | None) -> tuple[str, str | None]:
-    """The base model's and the --pretrained_vae_model_name_or_path's loadable folder or Hub id."""
-    base = models.resolve_base(c.base_name, c.revision, c.cache_dir, token)
+def _resolve_bases(c: TrainConfig, token: str | None) -> tuple[str, str | None, str]:
+    """The base model's and the --pretrained_vae_model_name_or_path's loadable folder or Hub id, and where the
+    base's configs are: the folder itself, or for a single-file checkpoint its --base_config (bases.load)."""
+    base, configs = load.resolve(c, token) or (models.resolve_base(c.base_name, c.revision, c.cache_dir, token),) * 2
     vae = c.pretrained_vae_model_name_or_path and models.resolve_base(
         c.pretrained_vae_model_name_or_path, None, c.cache_dir, token, "--pretrained_vae_model_name_or_path",
         vae=True)
     if vae:
         _check_vae(c.pretrained_vae_model_name_or_path, vae, c.cache_dir)
-    return base, vae
+    return base, vae, configs
 
 
-def _base_sizes(c: TrainConfig, base: str, vae: str | None,
-                prior_preservation: bool) -> tuple[str, int, Bucketing, dict, dict]:
+def _base_sizes(c: TrainConfig, base: str, vae: str | None, prior_preservation: bool,
+                configs: str | None = None) -> tuple[str, int, Bucketing, dict, dict]:
     """(family, resolution, bucketing, UNet config, VAE config): the base's files checked (basecheck), then the
-    sizes the flags ask for checked against the ones the base's configs give, not SD's."""
+    sizes the flags ask for checked against the ones the base's configs give (`configs`: where they are, if not in
+    `base`), not SD's."""
+    base = configs or base
     basecheck.check(base, vae or None, c.variant)
     pipeline_class, unet_config, vae_config = models.base_configs(base, c.revision, c.cache_dir, vae or None)
     if not unet_config or not vae_config:  # a Hub base whose configs did not download: its sizes are unknown
@@ -165,7 +171,7 @@ def _check_family(c: TrainConfig, pipeline_class: str | None, unet_config: dict)
     family = models.family_of(unet_config, pipeline_class)
     if family == "sdxl":
         # SDXL conditions on two encoders' full 77-token sequences (diffusers' SDXL scripts have neither flag)
-        for flag in ("tokenizer_max_length", "text_encoder_use_attention_mask"):
+        for flag in ("tokenizer_max_length", "text_encoder_use_attention_mask", "clip_skip"):
             if getattr(c, flag):
                 raise UserError(f"--{flag} is not used with an SDXL base ({c.base_name}); "
                                 f"drop it")

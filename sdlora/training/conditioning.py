@@ -14,13 +14,16 @@ import torch
 from .. import models
 
 def text_encoder_names(family: str) -> tuple[str, ...]:
-    """The family's text encoders (models.TEXT_ENCODERS): both for SDXL, the first for SD 1.x/2.x."""
-    return models.TEXT_ENCODERS if family == "sdxl" else models.TEXT_ENCODERS[:1]
+    """The family's text encoders (models.TEXT_ENCODERS): both for SDXL (and SD3's two CLIPs, the ones it trains),
+    the first for SD 1.x/2.x."""
+    return models.TEXT_ENCODERS if family in ("sdxl", "sd3") else models.TEXT_ENCODERS[:1]
 
 
 def layers_used(name: str, family: str, num_layers: int) -> int:
     """How many of a text encoder's layers reach the UNet: all but the last of SDXL's first encoder (its
     penultimate hidden states are the conditioning); all of the second (its pooled output is the last layer's)."""
+    if family == "sd3":  # both CLIPs condition SD3 with their penultimate hidden states (and the last's pooled output)
+        return num_layers
     return num_layers - 1 if family == "sdxl" and name == "text_encoder" else num_layers
 
 
@@ -43,10 +46,11 @@ class Text:
 
 
 def encode(encoders: list, tokenizers: list, captions: list[str], max_length: int | None = None,
-           use_attention_mask: bool = False) -> Text:
-    """The prompt conditioning from one text encoder (SD 1.x/2.x) or two (SDXL)."""
+           use_attention_mask: bool = False, clip_skip: int | None = None) -> Text:
+    """The prompt conditioning from one text encoder (SD 1.x/2.x, at --clip_skip) or two (SDXL)."""
     if len(encoders) == 1:
-        return Text(models.encode_prompts(encoders[0], tokenizers[0], captions, max_length, use_attention_mask))
+        return Text(models.encode_prompts(encoders[0], tokenizers[0], captions, max_length, use_attention_mask,
+                                          clip_skip))
     hidden = []
     for te, tok in zip(encoders, tokenizers):
         ids = models.tokenize(tok, captions, max_length).input_ids.to(next(te.parameters()).device)

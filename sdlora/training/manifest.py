@@ -95,10 +95,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def remove_if_alone(folder: Path):
-    """Delete the record of a folder that holds nothing else (a run that failed before writing anything)."""
+def remove_if_alone(folder: Path, also: tuple[str, ...] = ()):
+    """Delete the record of a folder that holds nothing else (a run that failed before writing anything), and the
+    files `also` beside it that the record says are sdlora's (the run's settings)."""
     try:
-        if [p.name for p in Path(folder).iterdir()] == [NAME]:
-            (Path(folder) / NAME).unlink()
+        names = {p.name for p in Path(folder).iterdir()}
+        if NAME in names and names <= {NAME, *also}:
+            record = Manifest(folder)
+            if all(record.owns(n) for n in names - {NAME}):
+                for n in sorted(names - {NAME}) + [NAME]:
+                    (Path(folder) / n).unlink()
     except OSError:
         pass

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..io import TMP_NAME, remove_dir
 from ..lora.formats import WEIGHTS_NAME
 from ..output.weights import kohya_name
-from . import manifest
+from . import manifest, runconfig
 from .checkpoint import NAME as CHECKPOINT_NAME
 from .checkpoint import find, list_checkpoints
 
@@ -179,7 +179,7 @@ def _resumed_step(out: Path, resume: str | None) -> int:
 
 def _names_written(config) -> list[str]:
     """The names this run writes directly in its folder (checkpoint-N aside)."""
-    names = [WEIGHTS_NAME, kohya_name(config.output_dir), "README.md"]
+    names = [WEIGHTS_NAME, kohya_name(config.output_dir), "README.md", runconfig.NAME]
     logs = Path(config.logging_dir)
     if not logs.is_absolute() and logs.parts and logs.parts[0] != "..":
         names.append(logs.parts[0])  # the UI writes its log there whatever --report_to says

@@ -8,7 +8,7 @@ from .. import models
 from ..lora import adalora, formats, inject, loaders
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
-from . import checkpoint, manifest
+from . import checkpoint, manifest, sd3save
 from .run import Run
 from .summary import summarize
 
@@ -34,6 +34,8 @@ def save_checkpoint(run: Run, announce: bool = True) -> Path | None:
 def save_final(run: Run) -> Path:
     """The LoRA files (diffusers', and kohya's for ComfyUI/A1111), their header and the model card (main process)."""
     c = run.config
+    if c.family == "sd3":  # one file in diffusers' SD3 layout, which ComfyUI reads as it is (sd3save.py)
+        return sd3save.save_final(run)
     kohya_file = c.output_dir / weights.kohya_name(c.output_dir)
     facts = summarize(run, kohya_file.name).facts()
     path = c.output_dir / WEIGHTS_NAME

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import models, quantize
+from ..bases import load as bases
 from ..data.trainset import StreamSampler, TrainSet, loader
 from ..lora import adalora
 from . import (checkpoint, conditioning, diskcache, earlystop, ema, heldout, interrupt, manifest, optimizers, resume,
-               trainable)
+               sd3run, trainable)
 from .caches import Caches, all_captions
 from .caches import plan as cache_plan
 from .config import TrainConfig
@@ -52,11 +53,12 @@ def setup(config: TrainConfig, recipe: Recipe, hooks: Hooks | None = None) -> Ru
     accelerator, weight_dtype = make_accelerator(config)
     plan = plan_run(config, recipe, accelerator)
     mark("load text encoders and VAE")
-    frozen = load_frozen(config, accelerator.device, weight_dtype, accelerator.is_main_process)
+    frozen = (sd3run.load_frozen if config.family == "sd3" else load_frozen)(
+        config, accelerator.device, weight_dtype, accelerator.is_main_process)
     mark("cache")
     caches, held = build_caches(config, recipe, accelerator, frozen, plan.seed)
     mark("load UNet")
-    unet = load_unet(config, accelerator, weight_dtype)
+    unet = (sd3run.load_transformer if config.family == "sd3" else load_unet)(config, accelerator, weight_dtype)
     trained = trainable.build(config, accelerator, unet, frozen.text_encoders, plan.lr, plan.max_steps)
     frozen.text_encoders = {n: None if n in trained.parts else te for n, te in frozen.text_encoders.items()}
     if hooks and hooks.on_trainable:
@@ -146,8 +148,9 @@ def build_caches(config: TrainConfig, recipe: Recipe, accelerator, frozen: Froze
     if cache_text:
         tes, tokenizers = list(frozen.text_encoders.values()), frozen.tokenizers
         caches.build_embeds(all_captions(data) + (heldout.captions(recipe.heldout) if held else []),
+                            sd3run.encoder(frozen, tes) if config.family == "sd3" else
                             lambda texts: conditioning.encode(tes, tokenizers, texts, recipe.max_length,
-                                                              recipe.use_attention_mask))
+                                                              recipe.use_attention_mask, config.clip_skip))
     if main:
         _log_caches(data, caches, cache_latents, cache_text, why_not, store, held)
     if cache_text:
@@ -169,7 +172,17 @@ def _log_caches(data: TrainSet, caches: Caches, cache_latents: bool, cache_text:
 
 
 def _log_buckets(data: TrainSet):
-    """The bucket table and how much of the images it keeps, against a square crop."""
+    """The bucket table and how much of the images it keeps, against a square crop (one table per dataset of a
+    --dataset_config)."""
+    if data.parts:
+        for i in sorted({p.dataset for p in data.parts}):
+            counts, kept, _ = data.bucket_report(i)
+            sizing = next(p.bucketing for p in data.parts if p.dataset == i)
+            names = ", ".join(p.name.split(": ", 1)[1] for p in data.parts if p.dataset == i)
+            log.info("dataset %d (%s) at %d px, %s (w x h: images): %s; %.1f%% of each image's area kept", i + 1,
+                     names, sizing.resolution, "buckets" if sizing.enabled else "square crops",
+                     ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts.items()), 100 * kept)
+        return
     counts, kept, square = data.bucket_report()
     if not counts:  # `datasets` rows with --no_bucket: their sizes are only known as they load
         log.info("square %dx%d crops (--no_bucket)", data.resolution, data.resolution)
@@ -186,9 +199,9 @@ def _log_buckets(data: TrainSet):
 def load_unet(config: TrainConfig, accelerator, weight_dtype: torch.dtype):
     """The frozen UNet on the training device; with --quantize_base its Linear layers in bitsandbytes' int8/NF4."""
     load = dict(revision=config.revision, cache_dir=config.cache_dir, variant=config.variant,
-                allow_pickle=config.allow_pickle, dtype=weight_dtype)
+                allow_pickle=config.allow_pickle, dtype=weight_dtype, base_config=config.base_config)
     if config.quantize_base == "none":
-        unet = models.load_unet(config.base, **load)
+        unet = bases.part("unet", config.base, **load)
     else:  # before LoRA injection: peft wraps the quantized layers in its bnb LoRA layers
         unet, n = quantize.load_unet(config.base, config.quantize_base, accelerator.device, **load)
         if accelerator.is_main_process:

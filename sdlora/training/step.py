@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..lora import adalora
-from . import checkpoint, conditioning, ema, losses
+from . import checkpoint, conditioning, ema, losses, sd3run
 from . import noise as noise_ops
 from .caches import latent_mask
 from .run import Run
@@ -43,6 +43,8 @@ def micro_step(run: Run, batch: dict, micro: int):
 
 def _denoising_loss(run: Run, posterior: torch.Tensor, mask, captions: list[str], geometry, gen) -> torch.Tensor:
     """Per-sample loss of rows of one size: sample a latent, noise it at a random timestep, predict."""
+    if run.config.family == "sd3":  # rectified flow on the MMDiT (sd3run.py, flow.py)
+        return sd3run.loss(run, posterior, mask, captions, gen)
     device = run.accelerator.device
     # One sample of the VAE posterior (mean | logvar), as latent_dist.sample() draws it, from our generator.
     mean, logvar = posterior.chunk(2, dim=1)
@@ -72,7 +74,7 @@ def predict_loss(run: Run, lat, noise, t, captions: list[str], geometry, mask, b
         text = run.caches.embeddings(captions)
     else:
         text = conditioning.encode(run.encoders(bare), run.frozen.tokenizers, captions, run.recipe.max_length,
-                                   run.recipe.use_attention_mask)
+                                   run.recipe.use_attention_mask, run.config.clip_skip)
     unet = run.parts["unet"].bare if bare else run.parts["unet"].module
     with run.accelerator.autocast():
         pred = unet(noisy.to(dtype), t, text.embeds.to(device, dtype), return_dict=False,

@@ -6,10 +6,11 @@ import logging
 from pathlib import Path
 
 from .. import models
+from ..bases import hashes
 from ..data.trainset import TrainSet
 from ..lora import card, inject
 from ..output.facts import RunSummary, own_settings
-from . import earlystop
+from . import earlystop, sd3run
 from .run import Recipe, Run
 
 log = logging.getLogger("sdlora")
@@ -21,7 +22,10 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
     base = c.base_name
     # The Hub validates base_model as a repo id, and a pushed card or header must not carry a local path.
     local_base = Path(base).expanduser().exists() and base not in models.BUNDLED
-    if c.push_to_hub and local_base:
+    base_hashes = hashes.of(c.base) if c.base_config else {}
+    if base_hashes:  # a single-file checkpoint: named by its file name, as kohya's ss_sd_model_name names it
+        base = Path(c.base).name
+    elif c.push_to_hub and local_base:
         log.warning("model card: base_model left out of the front matter (%s is a local path, not a Hub id)", base)
         base = Path(base).expanduser().resolve().name
     prediction = run.frozen.noise_scheduler.config.prediction_type
@@ -29,9 +33,11 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
     rank, alpha = inject.file_rank_alpha(c.rank, c.lora_alpha, c.use_rslora, c.init_lora_weights != "gaussian")
     return RunSummary(
         base_model=base, base_model_in_front_matter=not (c.push_to_hub and local_base), base_is_local=local_base,
+        base_sha256=base_hashes.get("sha256"), base_legacy_hash=base_hashes.get("legacy"),
         kind=recipe.kind, rank=rank, alpha=alpha, rslora=c.use_rslora or None, lora_type=c.lora_type,
         init=c.init_lora_weights if c.init_lora_weights != "gaussian" else None,
-        target_modules=list(c.target_modules), train_text_encoder=c.train_text_encoder, steps=run.step,
+        target_modules=sd3run.targets(c) if c.family == "sd3" else list(c.target_modules),
+        train_text_encoder=c.train_text_encoder, steps=run.step,
         epochs=run.num_epochs, train_batch_size=c.train_batch_size,
         gradient_accumulation_steps=c.gradient_accumulation_steps, learning_rate=c.learning_rate,
         lr_scheduler=c.lr_scheduler, resolution=c.resolution, mixed_precision=run.accelerator.mixed_precision,
@@ -56,7 +62,8 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
 
 # The licences the Stable Diffusion bases are released under, for a base whose own card can't be read (a Hub id's
 # card is not downloaded with its weights): SD 1.x CreativeML Open RAIL-M, SD 2.x and SDXL Open RAIL++-M.
-FAMILY_LICENSE = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
+FAMILY_LICENSE = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++",
+                  "sd3": "other"}  # SD3 / 3.5: the Stability AI Community License (no Hub licence id of its own)
 BUNDLED_LICENSE = "apache-2.0"  # the bundled models were trained by this project's scripts: its LICENSE
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..lora import adalora, inject
-from . import conditioning, optimizers
+from . import conditioning, optimizers, sd3run
 from .config import TrainConfig, adalora_schedule
 from .run import Component
 
@@ -29,7 +29,7 @@ def build(config: TrainConfig, accelerator, unet, text_encoders: dict, lr: float
     """LoRA on the UNet (and text encoders), fp32 LoRA weights, the optimizer and LR schedule, prepared."""
     from diffusers.training_utils import cast_training_params
 
-    trained = {"unet": (unet, config.target_modules)}
+    trained = {"unet": (unet, sd3run.targets(config) if config.family == "sd3" else config.target_modules)}
     for n in trained_names(config)[1:]:
         layers = text_encoders[n].config.num_hidden_layers
         trained[n] = (text_encoders[n], inject.text_encoder_targets(

@@ -54,7 +54,8 @@ def sampling(s: Sampling):
         tes = [s.parts[n].bare if n in s.parts else frozen_tes[n] for n in s.frozen.text_encoders]
         # condition exactly as in training (SD 1.x/2.x only); None: the pipeline's own prompt encoding
         encode = partial(models.encode_prompts, tes[0], tokenizers[0], max_length=s.max_length,
-                         use_attention_mask=s.use_attention_mask) if s.max_length or s.use_attention_mask else None
+                         use_attention_mask=s.use_attention_mask, clip_skip=s.config.clip_skip) \
+            if s.max_length or s.use_attention_mask or (s.config.clip_skip or 1) > 1 else None
         xl = dict(text_encoder_2=tes[1], tokenizer_2=tokenizers[1]) if len(tes) > 1 else {}
         pipe = pipeline.assemble(s.parts["unet"].bare, vae, tes[0], tokenizers[0], s.frozen.noise_scheduler.config,
                                  **xl)

@@ -1,10 +1,11 @@
-"""The Gradio app behind `sdlora ui`: Train, Generate and Tools tabs over the same recipes, loader and tools the
-command line uses. Every action's problem shows as the scripts' one-line `error: …`; files are written only into
+"""The Gradio app behind `sdlora ui`: Train, Dataset, Generate and Tools tabs over the same recipes, loader, captioners
+and tools the command line uses. Every action's problem shows as the scripts' one-line `error: …`; files are written only into
 the output folders named in the form."""
 from __future__ import annotations
 
 import gradio as gr
 
+from .dataset_tab import build_dataset_tab
 from .generate_tab import build_generate_tab
 from .tools_tab import build_tools_tab
 from .train_tab import build_train_tab
@@ -18,6 +19,7 @@ def build() -> gr.Blocks:
     with gr.Blocks(title="sdlora") as demo:
         gr.Markdown("## sdlora: train and use Stable Diffusion LoRAs")
         build_train_tab(demo)
+        build_dataset_tab()
         build_generate_tab()
         build_tools_tab()
     for fn in demo.fns.values():

@@ -78,6 +78,15 @@ def latest() -> Path | None:
     return next(reversed(launched), None)
 
 
+def launched_flags(output_dir) -> tuple[str, list[str]] | None:
+    """(recipe, flags) of the run this UI process started in `output_dir`, else None."""
+    job = launched.get(folder_key(output_dir))
+    if job is None:
+        return None
+    recipe = next(r for r, mod in RECIPES.items() if job.command[0] == f"{mod.SCRIPT}.py")
+    return recipe, list(job.command[1:])
+
+
 def _read_pipe(job: Job):
     for line in job.proc.stdout:
         if line.rstrip() == STARTED:

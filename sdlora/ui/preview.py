@@ -25,6 +25,8 @@ class Preview:
 
 def preview(recipe: str, args, limit: int = 24) -> Preview:
     """The data a run with these parsed recipe flags would train on; raises the run's UserError."""
+    if getattr(args, "dataset_config", None):
+        return subsets_preview(args, limit)
     what = RECIPES[recipe].DATA_FLAG
     folder = Path(getattr(args, what.removeprefix("--")))
     quiet = logging.getLogger("sdlora.data.sources")
@@ -51,4 +53,31 @@ def preview(recipe: str, args, limit: int = 24) -> Preview:
                  f" in {len(counts)} bucket(s): {mean:.0%} of each image kept on average ({square:.0%} with square "
                  "crops)") + (f"; {dropped} too small for any bucket" if dropped else "") +
                  (f"; {len(skipped)} file(s) skipped" if skipped else ""))
+    return p
+
+
+def subsets_preview(args, limit: int = 24) -> Preview:
+    """A --dataset_config's subsets, one line each (folder, images, repeats, regularisation, captions, size), and
+    its first images with the captions they train on."""
+    from ..data import datasetconfig
+
+    config = from_flags(vars(args))
+    _, resolution, b = sizing(config)
+    fallback = {"caption_extension": args.caption_extension, "resolution": resolution, "enable_bucket": b.enabled,
+                "bucket_reso_steps": b.step, "min_bucket_reso": b.min_reso, "max_bucket_reso": b.max_reso,
+                "bucket_no_upscale": b.no_upscale, "flip_aug": args.random_flip, "alpha_mask": args.masked_loss,
+                "keep_tokens": args.keep_tokens, "shuffle_caption": args.shuffle_caption}
+    datasets = datasetconfig.read(args.dataset_config, fallback)
+    got = datasetconfig.layout(datasets, args.caption_column, args.allow_empty_captions)
+    lines, p = [], Preview(count=len(got.rows))
+    for k, (part, (d, s)) in enumerate(zip(got.parts, [(d, s) for d in datasets for s in d.subsets])):
+        ids = [i for i, r in enumerate(got.row_parts) if r == k]
+        uses = sum(1 for e in got.examples if got.row_parts[e[0]] == k)
+        lines.append(f"- {part.name}: {len(ids)} image(s), {uses} per epoch (num_repeats {s.num_repeats})"
+                     f"{', regularisation (is_reg)' if s.is_reg else ''}, captions {s.caption_extension}"
+                     f"{f' or {s.class_tokens!r}' if s.class_tokens else ''}, {d.bucketing.resolution} px")
+    p.images = [(str(r.image), r.caption if isinstance(r.caption, str) else " | ".join(r.caption))
+                for r in got.rows[:limit]]
+    p.summary = f"{len(got.rows)} image(s) in {len(got.parts)} subset(s), {len(got.examples)} per epoch:\n" + \
+        "\n".join(lines)
     return p

@@ -9,18 +9,13 @@ import gradio as gr
 
 from ..errors import UserError
 from ..recipes import RECIPES
-from . import jobs
+from . import config_form, jobs
 from .files import served_sample, thumbnail
 from .preview import preview
 
 # The main flags on the form; each starts at the selected recipe's own default (None: blank, the script decides).
 MAIN_FLAGS = ["resolution", "max_train_steps", "num_train_epochs", "learning_rate", "rank", "train_batch_size",
-              "seed", "checkpointing_steps", "validation_split", "sample_every_n_steps",
-              # the optimizer, its main arguments, LoRA+ and EMA (training/optimizers.py, ema.py)
-              "optimizer", "optimizer_args", "loraplus_lr_ratio", "use_ema", "ema_decay"]
-SWITCHES = {"use_ema"}  # checkboxes: on adds the flag
-OPTIMIZER_NAMES = ["AdamW", "Prodigy", "Adafactor", "Lion", "AdamWScheduleFree", "RAdamScheduleFree", "CAME",
-                   "SGDNesterov", "AdamW8bit", "PagedAdamW8bit", "Lion8bit"]
+              "seed", "checkpointing_steps", "validation_split", "sample_every_n_steps"]
 
 
 def recipe_defaults(name: str) -> dict:
@@ -45,26 +40,30 @@ def parse_flags(recipe: str, flags: list):
     return p.parse_args(flags)
 
 
-def train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, *main) -> list:
-    """The form as the recipe's command-line flags (blank fields are left to the script)."""
+def train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, *values) -> list:
+    """The form as the recipe's command-line flags (blank fields are left to the script). `values`: the main flags'
+    fields, then (optional) the advanced ones, the optimizer and the dataset-config file (config_form.py)."""
+    main, more_fields = values[:len(MAIN_FLAGS)], values[len(MAIN_FLAGS):]
+    dataset_config = str(more_fields[-1] or "").strip() if more_fields else ""
     if not str(base or "").strip():
         raise UserError("--pretrained_model_name_or_path: give a base model (sdlora-tiny, a folder or a Hub id)")
-    if not str(data_dir or "").strip():
+    if not str(data_dir or "").strip() and not dataset_config:
         raise UserError(f"{RECIPES[recipe].DATA_FLAG}: give the folder of training images")
     if not str(output_dir or "").strip():
         raise UserError("--output_dir: give the folder the run writes to")
-    flags = ["--pretrained_model_name_or_path", base.strip(), RECIPES[recipe].DATA_FLAG, data_dir.strip(),
-             "--output_dir", output_dir.strip(), "--lora_type", lora_type]
+    data = ["--dataset_config", dataset_config] if dataset_config else [RECIPES[recipe].DATA_FLAG, data_dir.strip()]
+    flags = ["--pretrained_model_name_or_path", base.strip(), *data, "--output_dir", output_dir.strip(),
+             "--lora_type", lora_type]
     if recipe == "dreambooth":
         flags += ["--instance_prompt", instance_prompt or ""]
     if mixed_precision and mixed_precision != "default":
         flags += ["--mixed_precision", mixed_precision]
+    for name, value in zip(MAIN_FLAGS, main):
+        if str(value if value is not None else "").strip():  # the recipe's argparse checks the value
+            flags += [f"--{name}", str(value).strip()]
+    if more_fields:
+        flags += config_form.advanced_flags(*more_fields[:-1])
     try:
-        for name, value in zip(MAIN_FLAGS, main):
-            if name in SWITCHES:
-                flags += [f"--{name}"] * (value is True)
-            elif str(value if value is not None else "").strip():  # the recipe's argparse checks the value
-                flags += [f"--{name}", *(shlex.split(value) if name == "optimizer_args" else [str(value).strip()])]
         more = shlex.split(extra or "")
     except ValueError as e:
         raise UserError(f"more flags: {e}; check the quotes") from None
@@ -116,6 +115,42 @@ def do_start(resume, recipe, base, data_dir, instance_prompt, output_dir, lora_t
     return "started: " + jobs.shown(job.command), *buttons(True)
 
 
+def do_save_config(path, recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
+                   *values):
+    try:
+        flags = train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
+                            *values)
+        return config_form.save(path, recipe, flags)
+    except UserError as e:
+        return f"error: {e}"
+
+
+def form_outputs(values: list | None, notice: str) -> list:
+    """The form's fields set to `values` (None: left as they are) and the notice."""
+    n = len(config_form.FIELDS) + len(MAIN_FLAGS) + len(config_form.ADVANCED) + 2
+    return [gr.skip()] * n + [notice] if values is None else [*values, notice]
+
+
+def do_load_config(path, recipe):
+    try:
+        return form_outputs(config_form.load(path, recipe, MAIN_FLAGS), f"loaded {str(path).strip()}")
+    except UserError as e:
+        return form_outputs(None, f"error: {e}")
+
+
+def restore_form():
+    """On a (re)load: the run this UI started last, its folder and settings in the form."""
+    folder = jobs.latest()
+    try:
+        values = folder and config_form.restore(jobs.launched_flags(folder), folder, MAIN_FLAGS)
+    except UserError:
+        values = None
+    out = form_outputs(values or None, "")[:-1]
+    if folder and not values:
+        out[config_form.FIELDS.index("output_dir")] = str(folder)
+    return out
+
+
 def buttons(running):
     """Start, Resume and Stop as they fit a run going (True), not going (False) or unchanged (None)."""
     if running is None:
@@ -149,12 +184,6 @@ def poll(output_dir, shown):
     return st.line(), plot, gallery, {"rows": rows, "samples": samples}, *buttons(st.running or st.starting)
 
 
-def last_output_dir():
-    """The folder of the run this UI started last (so a reopened page shows it), else the form's default."""
-    folder = jobs.latest()
-    return str(folder) if folder else gr.skip()
-
-
 # ---------------------------------------------------------------- layout
 
 def _shown(default) -> str:
@@ -162,13 +191,7 @@ def _shown(default) -> str:
 
 
 def _flag_box(name: str, defaults: dict):
-    """A main flag as text (the optimizer: a list that takes any module.Class too; a switch: a checkbox): blank
-    leaves it to the script (as leaving the flag out would)."""
-    if name in SWITCHES:
-        return gr.Checkbox(bool(defaults[name]), label=f"--{name}", elem_id=f"train_{name}", min_width=100)
-    if name == "optimizer":
-        return gr.Dropdown(OPTIMIZER_NAMES, value=defaults[name] or "AdamW", label="--optimizer",
-                           allow_custom_value=True, elem_id="train_optimizer", min_width=100)
+    """A main flag as text: blank leaves it to the script (as leaving the flag out would)."""
     return gr.Textbox(_shown(defaults[name]), label=f"--{name}", placeholder="script default", max_lines=1,
                       elem_id=f"train_{name}", min_width=100)
 
@@ -176,7 +199,7 @@ def _flag_box(name: str, defaults: dict):
 def _form_column() -> dict:
     """The left column: the form, the recipe's flags, the data preview. Its components by name."""
     t2i = recipe_defaults("text-to-image")
-    c = {}
+    c = _config_row()
     with gr.Row():
         c["base"] = gr.Textbox("sdlora-tiny", label="Base model", info="sdlora-tiny (bundled), a local diffusers "
                                "folder or a Hub id", elem_id="train_base")
@@ -194,12 +217,13 @@ def _form_column() -> dict:
         c["mixed_precision"] = gr.Dropdown(["default", "no", "fp16", "bf16"], value="default",
                                            label="Mixed precision", min_width=100)
         c["main"] = [_flag_box(n, t2i) for n in MAIN_FLAGS[:2]]
-    for row in (MAIN_FLAGS[2:6], MAIN_FLAGS[6:10], MAIN_FLAGS[10:]):
+    for row in (MAIN_FLAGS[2:6], MAIN_FLAGS[6:]):
         with gr.Row():
             c["main"] += [_flag_box(n, t2i) for n in row]
     c["prompts"] = gr.Textbox(label="Sample prompts", lines=2, elem_id="train_prompts",
                               info="one per line, with kohya's options (--n negative, --s steps, --l guidance, "
                               "--w/--h size, --d seed); sampled every sample_every_n_steps, and at the end")
+    c.update(_advanced())
     with gr.Accordion("All flags", open=False):
         c["extra"] = gr.Textbox(label="More flags", elem_id="train_extra",
                                 placeholder="--random_flip --lr_scheduler cosine --train_text_encoder")
@@ -228,11 +252,45 @@ def _run_column() -> dict:
     return c
 
 
-def on_recipe(name):
-    """The form's fields for recipe `name`: the DreamBooth prompt shown or not, its flags' help, its defaults."""
+def _on_recipe(name):
     d = recipe_defaults(name)
-    return [gr.update(visible=name == "dreambooth"), recipe_help(name)] + \
-        [bool(d[n]) if n in SWITCHES else _shown(d[n]) for n in MAIN_FLAGS]
+    return [gr.update(visible=name == "dreambooth"), recipe_help(name)] + [_shown(d[n]) for n in MAIN_FLAGS]
+
+
+def _config_row() -> dict:
+    """Save / Load config and the preset picker."""
+    from ..recipes import presets
+
+    c = {}
+    with gr.Row():
+        c["config_path"] = gr.Textbox(label="Config file (TOML)", placeholder="run.toml", max_lines=1,
+                                      elem_id="train_config_path", info="the --config_file the scripts read")
+        c["preset"] = gr.Dropdown([""] + presets.names(), value="", label="Preset", elem_id="train_preset",
+                                  info="fills the form (`sdlora presets`)")
+    with gr.Row():
+        c["load"] = gr.Button("Load config", elem_id="train_load", size="sm")
+        c["save"] = gr.Button("Save config", elem_id="train_save", size="sm")
+    return c
+
+
+def _advanced() -> dict:
+    """Labelled advanced settings, each showing what it is when left blank."""
+    c = {}
+    d = config_form.resolved_defaults("text-to-image")
+    with gr.Accordion("Advanced", open=False):
+        with gr.Row():
+            c["adv"] = [gr.Dropdown(list(RECIPES["text-to-image"].parser()._option_string_actions["--lr_scheduler"]
+                                         .choices), value=d["lr_scheduler"], label="LR schedule",
+                                    elem_id="train_lr_scheduler", min_width=100)]
+            c["adv"] += [gr.Textbox("", label=label, placeholder=str(d[name]), max_lines=1, elem_id=f"train_{name}",
+                                    min_width=100) for name, label in config_form.ADVANCED.items()
+                         if name != "lr_scheduler"]
+            c["optimizer"] = gr.Dropdown(list(config_form.OPTIMIZERS), value="AdamW", label="Optimizer",
+                                         elem_id="train_optimizer", min_width=100)
+        c["dataset_config"] = gr.Textbox(label="Dataset config (kohya TOML)", max_lines=1, elem_id="train_dataset_config",
+                                         info="[[datasets]] / [[datasets.subsets]]: used instead of the Data folder "
+                                              "(text-to-image); Preview data lists its subsets")
+    return c
 
 
 def build_train_tab(demo: gr.Blocks):
@@ -245,14 +303,18 @@ def build_train_tab(demo: gr.Blocks):
                 r = _run_column()
         shown = gr.State({})
         timer = gr.Timer(1.0)
-    form = [f[k] for k in ("recipe", "base", "data_dir", "instance_prompt", "output_dir", "lora_type",
-                           "mixed_precision", "extra")]
-    main, run_buttons = f["main"], [r["start"], r["resume"], r["stop"]]
-    f["recipe"].change(on_recipe, f["recipe"], [f["instance_prompt"], f["flag_help"], *main])
+    form = [f[k] for k in config_form.FIELDS]
+    run_buttons = [r["start"], r["resume"], r["stop"]]
+    main = [*f["main"], *f["adv"], f["optimizer"], f["dataset_config"]]  # every field after `form`, in order
+    f["recipe"].change(_on_recipe, f["recipe"], [f["instance_prompt"], f["flag_help"], *f["main"]])
     f["preview_btn"].click(do_preview, [*form, *main], [f["images"], f["buckets"], f["skipped"], f["summary"]])
     r["start"].click(lambda *a: do_start(False, *a), [*form, f["prompts"], *main], [r["notice"], *run_buttons])
     r["resume"].click(lambda *a: do_start(True, *a), [*form, f["prompts"], *main], [r["notice"], *run_buttons])
     r["stop"].click(do_stop, f["output_dir"], r["notice"])
     timer.tick(poll, [f["output_dir"], shown], [r["status"], r["plot"], r["samples"], shown, *run_buttons],
                show_progress="hidden")
-    demo.load(last_output_dir, None, f["output_dir"])
+    f["load"].click(do_load_config, [f["config_path"], f["recipe"]], [*form, *main, r["notice"]])
+    f["preset"].change(lambda name, recipe: do_load_config(name, recipe) if name else form_outputs(None, ""),
+                       [f["preset"], f["recipe"]], [*form, *main, r["notice"]])
+    f["save"].click(do_save_config, [f["config_path"], *form, *main], r["notice"])
+    demo.load(restore_form, None, [*form, *main])

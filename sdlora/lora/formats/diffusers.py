@@ -38,11 +38,11 @@ from .reading import FACTORS, add, alpha_table, assemble
 
 NAME = "diffusers"
 CONFIG_FILE = None  # the peft configs travel in the header (lora_adapter_metadata)
-_COMPONENT = "(unet|text_encoder|text_encoder_2)"
+_COMPONENT = "(unet|transformer|text_encoder|text_encoder_2)"  # transformer: SD3's MMDiT
 
 
 def detect(keys: list[str]) -> bool:
-    return all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys)
+    return all(k.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.")) for k in keys)
 
 
 def read(tensors: dict, metadata: dict, source, config: dict | None = None):

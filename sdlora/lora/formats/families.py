@@ -26,7 +26,7 @@ def family_name(key: str, dim: int | None) -> str:
     (CLIP ViT-L, OpenCLIP ViT-H, SDXL's two encoders side by side), e.g. tiny test models."""
     from ...models import FAMILIES, WIDTHS
 
-    return FAMILIES[key] if dim in (None, WIDTHS[key]) else f"{FAMILIES[key]} (cross-attention dim {dim})"
+    return FAMILIES[key] if dim in (None, WIDTHS.get(key)) else f"{FAMILIES[key]} (cross-attention dim {dim})"
 
 
 def lora_family(lora: Lora) -> tuple[str | None, int | None]:
@@ -34,6 +34,8 @@ def lora_family(lora: Lora) -> tuple[str | None, int | None]:
     UNet layers, else its text-encoder width, else kohya's ss_base_model_version header."""
     from ...models import FAMILY_BY_WIDTH, family_of
 
+    if any(n.startswith("transformer.") for n in lora.modules):  # an MMDiT: SD3 / 3.5 (diffusers' SD3 layout)
+        return "sd3", None
     config = _unet_config(lora)
     if config:
         return family_of(config), config["cross_attention_dim"]

@@ -97,9 +97,12 @@ def clip_has_text_model(cls_name: str) -> bool:
     return hasattr(getattr(transformers, cls_name)(tiny), "text_model")
 
 
-def live_path(comp: str, path: str) -> str:
+def live_path(comp: str, path: str, model=None) -> str:
     """The module path in the installed library: transformers>=5's CLIPTextModel has no `text_model` level
-    (its CLIPTextModelWithProjection, SDXL's text_encoder_2, keeps it)."""
+    (its CLIPTextModelWithProjection, SDXL's text_encoder_2 and both of SD3's, keeps it). `model`: the live
+    encoder, whose own layout decides (SD3's text_encoder is a CLIPTextModelWithProjection)."""
+    if model is not None and comp in TEXT_CLASSES and path.startswith("text_model."):
+        return path if hasattr(model, "text_model") else path[len("text_model."):]
     if comp in TEXT_CLASSES and path.startswith("text_model.") and not clip_has_text_model(TEXT_CLASSES[comp]):
         return path[len("text_model."):]
     return path
@@ -109,14 +112,14 @@ def diffusers_keys(comp: str) -> tuple[str, str]:
     """The down/up key names diffusers' `load_lora_weights` reads for a component: peft's lora_A/lora_B for the
     UNet, its own lora_linear_layer.down/up for text encoders (its text-encoder path cannot infer the type of
     lora_A/lora_B keys when no attention projection is among them, e.g. mlp-only LoRAs)."""
-    return ("lora_A", "lora_B") if comp == "unet" else ("lora_linear_layer.down", "lora_linear_layer.up")
+    return ("lora_A", "lora_B") if comp in ("unet", "transformer") else ("lora_linear_layer.down", "lora_linear_layer.up")
 
 
 def magnitude_key(comp: str) -> str:
     """The DoRA magnitude's key name diffusers' `load_lora_weights` reads: the UNet's as peft saves it, the text
     encoders' with `.weight` (transformers' adapter loader reports the bare name as unexpected and keeps its
     initial magnitude)."""
-    return "lora_magnitude_vector" if comp == "unet" else "lora_magnitude_vector.weight"
+    return "lora_magnitude_vector" if comp in ("unet", "transformer") else "lora_magnitude_vector.weight"
 
 
 def unet_stem(path: str) -> str:

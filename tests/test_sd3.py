@@ -1,0 +1,323 @@
+"""Stable Diffusion 3 / 3.5 as the fourth family: the tiny SD3 base, its detection, the prompt encoding against
+diffusers' StableDiffusion3Pipeline, and the rectified-flow loss and gradients against diffusers' SD3 script's
+formula (examples/dreambooth/train_dreambooth_lora_sd3.py), computed here on the same tiny model."""
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sdlora import models, sd3base, sd3models
+from sdlora.lora import inject
+from sdlora.training import flow, sd3cond
+from sdlora.training.config import TrainConfig
+
+CAPTIONS = ["a red circle on blue", "a green square"]
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def sd3_model(tmp_path_factory):
+    from sdlora.tiny_sd3 import make_sd3
+
+    return make_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3", arch="sd3")
+
+
+@pytest.fixture(scope="module")
+def pipe(sd3_model):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(sd3_model)
+
+
+def test_tiny_sd3_is_detected_and_sized(sd3_model):
+    pipeline_class, config, vae = models.base_configs(str(sd3_model))
+    assert pipeline_class == "StableDiffusion3Pipeline" and vae["latent_channels"] == 16
+    assert models.family_of(config, pipeline_class) == models.family(str(sd3_model)) == "sd3"
+    assert sd3base.variant(config) == "SD3.5 Medium"  # the tiny one has SD3.5 Medium's dual-attention layout
+    assert models.architecture(config, family_="sd3") == "stable-diffusion-3-5-medium"
+    assert models.size_multiple(config, vae) == 4 * 2  # VAE factor x patch size
+    from sdlora.tiny_sd3 import SD3_ARCHS
+
+    assert sd3base.variant(SD3_ARCHS["sd35-large"]["transformer"]) == "SD3.5 Large"
+    assert sd3base.variant(dict(SD3_ARCHS["sd35-large"]["transformer"], qk_norm=None)) == "SD3"
+
+
+def test_lora_targets_follow_diffusers_sd3_script():
+    assert sd3base.lora_targets(None, None) == list(sd3base.TRANSFORMER_TARGETS)
+    assert sd3base.lora_targets("attn.to_q,attn.to_k", "0,2") == [
+        "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+        "transformer_blocks.2.attn.to_q", "transformer_blocks.2.attn.to_k"]
+
+
+@pytest.mark.parametrize("drop_t5", [False, True])
+def test_prompt_encoding_matches_the_pipeline(sd3_model, pipe, drop_t5):
+    names = sd3base.TEXT_ENCODERS
+    tokenizers = [sd3models.load_tokenizer(str(sd3_model), n.replace("text_encoder", "tokenizer")) for n in names]
+    encoders = [getattr(pipe, n) for n in names[:2]] + [None if drop_t5 else pipe.text_encoder_3]
+    joint = pipe.transformer.config.joint_attention_dim
+    with torch.no_grad():
+        ours = sd3cond.encode(encoders, tokenizers, CAPTIONS, 77, joint)
+        reference = copy.copy(pipe)
+        if drop_t5:
+            reference.text_encoder_3 = None
+        embeds, _, pooled, _ = reference.encode_prompt(CAPTIONS, None, None, do_classifier_free_guidance=False,
+                                                       max_sequence_length=77)
+    assert ours.embeds.shape == (2, 77 + 77, joint)
+    torch.testing.assert_close(ours.embeds, embeds, rtol=0, atol=0)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=0)
+
+
+def _script_loss(transformer, sched, model_input, noise, prompt_embeds, pooled, args, gen):
+    """diffusers' train_dreambooth_lora_sd3.py, its training step written out (get_sigmas by timestep lookup)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    u = compute_density_for_timestep_sampling(weighting_scheme=args.weighting_scheme, batch_size=model_input.shape[0],
+                                              logit_mean=args.logit_mean, logit_std=args.logit_std,
+                                              mode_scale=args.mode_scale, generator=gen)
+    indices = (u * sched.config.num_train_timesteps).long()
+    timesteps = sched.timesteps[indices]
+    step_indices = [(sched.timesteps == t).nonzero().item() for t in timesteps]
+    sigmas = sched.sigmas[step_indices].flatten()[:, None, None, None]
+    noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+    model_pred = transformer(hidden_states=noisy_model_input, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                             pooled_projections=pooled, return_dict=False)[0]
+    if args.precondition_outputs:
+        model_pred = model_pred * (-sigmas) + noisy_model_input
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas)
+    target = model_input if args.precondition_outputs else noise - model_input
+    loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
+    return loss.mean()
+
+
+@pytest.mark.parametrize("scheme,precondition", [("logit_normal", 1), ("cosmap", 0), ("mode", 1)])
+def test_flow_loss_and_gradients_match_diffusers_sd3_script(sd3_model, pipe, scheme, precondition):
+    config = TrainConfig(base_name="x", weighting_scheme=scheme, precondition_outputs=precondition)
+    transformer = sd3models.load_transformer(str(sd3_model))
+    inject.add_lora(transformer, inject.lora_config(4, 4, sd3base.lora_targets(None, None)))
+    for n, p in transformer.named_parameters():  # B != 0, so the LoRA changes the output and has gradients to A
+        if "lora_B" in n:
+            torch.nn.init.normal_(p.data, std=0.02)
+    sched = sd3models.load_scheduler(str(sd3_model))
+    torch.manual_seed(0)
+    sample = torch.randn(2, 16, 8, 8)
+    lat = flow.latents(sample, pipe.vae.config)
+    noise = torch.randn(lat.shape)
+    with torch.no_grad():
+        text = sd3cond.encode([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
+                              [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3], CAPTIONS, 77, 64)
+    lora = [p for n, p in transformer.named_parameters() if "lora_" in n]
+
+    noised = flow.noise(sched, lat, noise, config, torch.Generator().manual_seed(7))
+    pred = transformer(hidden_states=noised.noisy, timestep=noised.timesteps, return_dict=False,
+                       **sd3cond.transformer_kwargs(text, "cpu", torch.float32))[0]
+    ours = flow.per_sample_loss(pred, lat, noise, noised, config).mean()
+    ours_grads = torch.autograd.grad(ours, lora)
+
+    model_input = (sample - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    args = SimpleNamespace(weighting_scheme=scheme, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                           precondition_outputs=precondition)
+    theirs = _script_loss(transformer, sched, model_input, noise, text.embeds, text.pooled, args,
+                          torch.Generator().manual_seed(7))
+    theirs_grads = torch.autograd.grad(theirs, lora)
+    assert ours.item() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert any(g.abs().sum() > 0 for g in ours_grads)
+
+
+def test_sd3_refuses_lora_types_it_does_not_save_yet_in_one_line(sd3_model, tmp_path):
+    from helpers import T2I, fast_flags, run
+
+    r = run(T2I, fast_flags(sd3_model, tmp_path / "o", train_data_dir=ROOT / "examples/data/pokemon",
+                            lora_type="dora"), check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "SD3 bases train plain LoRA" in r.stderr
+
+
+def test_make_tiny_cli_writes_an_sd3_pipeline(tmp_path, capsys):
+    from sdlora.cli import main
+
+    assert main(["make-tiny", str(tmp_path / "sd3"), "--arch", "sd3"]) == 0
+    assert "StableDiffusion3Pipeline" in capsys.readouterr().out
+    assert models.family(str(tmp_path / "sd3")) == "sd3"
+
+
+def test_real_sd3_architectures():
+    """The benchmark architectures are Stability's: SD3.5 Large's MMDiT has its published 8.1 B parameters, and SD3.5
+    Medium's without its dual-attention (MMDiT-X) blocks and qk norm is SD3 Medium's 2 B; built on the meta device."""
+    from diffusers import SD3Transformer2DModel
+
+    from sdlora.tiny_sd3 import SD3_ARCHS
+
+    def count(config):
+        with torch.device("meta"):
+            return sum(p.numel() for p in SD3Transformer2DModel(**config).parameters())
+
+    medium, large = SD3_ARCHS["sd35-medium"]["transformer"], SD3_ARCHS["sd35-large"]["transformer"]
+    assert abs(count(large) / 8.1e9 - 1) < 0.01
+    sd3_medium = dict(medium, dual_attention_layers=(), qk_norm=None)
+    assert abs(count(sd3_medium) / 2.0e9 - 1) < 0.02 and count(medium) > count(sd3_medium)
+    assert [sd3base.variant(c) for c in (medium, large, sd3_medium)] == ["SD3.5 Medium", "SD3.5 Large", "SD3"]
+
+
+# ---------------------------------------------------------------- end to end, loaded by diffusers as it is
+def _pipe(model, **kw):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images(pipe):
+    return pipe("a red square on a blue background", num_inference_steps=3, height=32, width=32,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def _loads_whole(pipe, out, caplog) -> dict:
+    """diffusers' own load_lora_weights, with no missing/unexpected-key complaint, every tensor of the file landing
+    in a LoRA layer of its component; returns the file's tensors."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(out))
+    bad = [r.getMessage() for r in caplog.records  # "No LoRA keys associated to <an untrained encoder>": no complaint
+           if any(w in r.getMessage().lower() for w in ("unexpected", "missing", "not found", "could not"))
+           and not r.getMessage().startswith("No LoRA keys associated")]
+    assert not bad, bad
+    sd = load_file(out / "pytorch_lora_weights.safetensors")
+    for comp in {k.split(".")[0] for k in sd}:
+        loaded = [n for n, _ in getattr(pipe, comp).named_parameters() if ".lora_" in n]
+        assert len(loaded) == sum(k.startswith(comp + ".") for k in sd), comp
+    return sd
+
+
+def test_sd3_text_to_image_with_text_encoders_loads_in_diffusers(sd3_model, tmp_path, caplog):
+    import numpy as np
+    from helpers import T2I, fast_flags, run
+    from safetensors import safe_open
+
+    out = tmp_path / "o"
+    r = run(T2I, fast_flags(sd3_model, out, train_data_dir=ROOT / "examples/data/pokemon", max_train_samples=4,
+                            train_text_encoder=True, max_train_steps=3))
+    assert r.stderr.count("base model: SD3.5 Medium") == 1
+    meta = safe_open(out / "pytorch_lora_weights.safetensors", "pt").metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora" and meta["ss_base_model_version"] == "sd3_m"
+    assert meta["sdlora_target_modules"] == ",".join(sd3base.TRANSFORMER_TARGETS)
+    from sdlora import toolkit
+
+    assert "architecture:   SD3" in toolkit.inspect_file(str(out), False)
+    card = (out / "README.md").read_text()
+    assert "StableDiffusion3Pipeline.from_pretrained" in card and "kohya" not in card
+    pipe = _pipe(sd3_model)
+    before = _images(pipe)
+    sd = _loads_whole(pipe, out, caplog)
+    assert {k.split(".")[0] for k in sd} == {"transformer", "text_encoder", "text_encoder_2"}
+    assert any(".attn.add_q_proj." in k for k in sd) and any(".attn.to_q." in k for k in sd)  # both streams
+    trained = _images(pipe)
+    assert np.abs(trained - before).max() > 1e-4
+    pipe.unload_lora_weights()
+    assert np.array_equal(_images(pipe), before)
+
+
+def test_sd3_dreambooth_prior_preservation_and_text_encoders(sd3_model, tmp_path, caplog):
+    import numpy as np
+    from conftest import make_images
+    from helpers import DREAMBOOTH, fast_flags, run
+    from PIL import Image
+
+    inst, out = make_images(tmp_path / "inst", n=3, size=32, captions=False), tmp_path / "o"
+    r = run(DREAMBOOTH, fast_flags(sd3_model, out, instance_data_dir=inst, instance_prompt="a photo of sks square",
+                                   with_prior_preservation=True, class_prompt="a photo of a square",
+                                   num_class_images=2, sample_batch_size=2, class_data_dir=tmp_path / "class",
+                                   train_text_encoder=True, max_train_steps=3))
+    assert r.stderr.count("base model: SD3.5 Medium") == 1
+    classes = sorted((tmp_path / "class").glob("*.png"))
+    assert len(classes) == 2 and all(Image.open(p).size == (32, 32) for p in classes)
+    pipe = _pipe(sd3_model)
+    before = _images(pipe)
+    sd = _loads_whole(pipe, out, caplog)
+    assert {k.split(".")[0] for k in sd} == {"transformer", "text_encoder", "text_encoder_2"}
+    trained = _images(pipe)
+    assert np.abs(trained - before).max() > 1e-4
+    from sdlora.pipeline import load_pipeline
+
+    assert np.abs(_images(load_pipeline([str(out)], base=str(sd3_model), device="cpu", dtype="fp32")) - trained).max() <= 1e-5
+
+
+def test_sd3_without_t5_trains_and_draws_without_t5(sd3_model, tmp_path, caplog):
+    import numpy as np
+    from helpers import T2I, fast_flags, run
+
+    out = tmp_path / "o"
+    r = run(T2I, fast_flags(sd3_model, out, train_data_dir=ROOT / "examples/data/pokemon", max_train_samples=4,
+                            drop_t5=True, max_sequence_length=16, lora_blocks="1", max_train_steps=2))
+    assert "T5 dropped" in r.stderr
+    pipe = _pipe(sd3_model, text_encoder_3=None, tokenizer_3=None)
+    before = _images(pipe)
+    sd = _loads_whole(pipe, out, caplog)
+    assert sd and all(k.startswith("transformer.transformer_blocks.1.") for k in sd)  # --lora_blocks 1
+    assert np.abs(_images(pipe) - before).max() > 1e-4
+
+
+def test_sd3_resume_is_exact(sd3_model, tmp_path):
+    """Nothing cached (text encoders trained, random flips): 4 steps straight = 2 steps, then resumed for 2."""
+    from helpers import T2I, fast_flags, run
+    from safetensors.torch import load_file
+
+    flags = dict(train_data_dir=ROOT / "examples/data/pokemon", max_train_samples=4, train_text_encoder=True,
+                 random_flip=True, checkpointing_steps=2, weighting_scheme="mode")
+    run(T2I, fast_flags(sd3_model, tmp_path / "a", **flags))
+    run(T2I, fast_flags(sd3_model, tmp_path / "b", **flags, max_train_steps=2))
+    r = run(T2I, fast_flags(sd3_model, tmp_path / "b", **flags, resume_from_checkpoint="latest"))
+    assert "resumed from" in r.stderr
+    a, b = (load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in "ab")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_load_pipeline_keeps_the_sd3_bases_flow_match_scheduler(sd3_model):
+    import numpy as np
+
+    from sdlora.pipeline import load_pipeline
+
+    ours = load_pipeline(base=str(sd3_model), device="cpu", dtype="fp32")
+    assert type(ours).__name__ == "StableDiffusion3Pipeline"
+    assert type(ours.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert np.array_equal(_images(ours), _images(_pipe(sd3_model)))
+
+
+def test_sdloras_loader_draws_what_diffusers_draws_with_an_sd3_lora(sd3_model, tmp_path, caplog):
+    import numpy as np
+    from helpers import T2I, fast_flags, run
+
+    from sdlora.pipeline import load_pipeline
+
+    out = tmp_path / "o"
+    run(T2I, fast_flags(sd3_model, out, train_data_dir=ROOT / "examples/data/pokemon", max_train_samples=4,
+                        train_text_encoder=True, max_train_steps=2, rank=2, lora_alpha=4))
+    theirs = _pipe(sd3_model)
+    before = _images(theirs)
+    _loads_whole(theirs, out, caplog)
+    ours = load_pipeline([str(out)], base=str(sd3_model), device="cpu", dtype="fp32")
+    drawn = _images(ours)
+    assert np.abs(drawn - before).max() > 1e-4
+    assert np.abs(drawn - _images(theirs)).max() <= 1e-5
+
+    from PIL import Image
+
+    from sdlora.cli import main
+
+    assert main(["generate", "a red square on a blue background", "--lora", str(out), "--base", str(sd3_model),
+                 "--seed", "0", "--steps", "3", "--guidance", "7", "--width", "32", "--height", "32", "--dtype", "fp32",
+                 "--device", "cpu",
+                 "--out", str(tmp_path / "gen")]) == 0
+    png = np.asarray(Image.open(next((tmp_path / "gen").glob("*.png"))), dtype=np.float32) / 255
+    assert np.abs(png - drawn[0]).max() <= 1.5 / 255  # the same image (the pipeline's default guidance 7), in 8 bits

@@ -1,0 +1,240 @@
+"""Single-file base checkpoints (the original layout community finetunes ship in): written by sdlora's own
+converter, read back through diffusers' single-file loading, trained on exactly as the diffusers folder they came
+from, drawn from, detected (family, v-prediction marker), named by hash, and refused one line at a time."""
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_images
+from helpers import DREAMBOOTH, T2I, fast_flags, read_lora, recipe_error, run
+
+from sdlora.bases import detect, ldm, load
+from sdlora.recipes import text_to_image as t2i
+
+torch.set_num_threads(1)
+BASES = {"sd1": "sdlora-tiny", "sdxl": "sdlora-tiny-xl"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, sd2_model):
+    """{family: (single file, the folder it was written from)}; SD 2.x's file carries ComfyUI's v_pred marker."""
+    d = tmp_path_factory.mktemp("single")
+    out = {f: (ldm.write(b, d / f"{f}.safetensors")[0], b) for f, b in BASES.items()}
+    out["sd2"] = (ldm.write(sd2_model, d / "sd2.safetensors", markers=("v_pred",))[0], str(sd2_model))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("data") / "d", n=2)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_the_written_file_loads_through_diffusers_as_the_folders_weights(files, family):
+    """Own converter (diffusers -> original names) read back by diffusers' from_single_file: every weight equal."""
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from sdlora import models
+
+    path, folder = files[family]
+    folder = models.resolve_base(folder)
+    ckpt = detect.read(path)
+    assert ckpt.family == family and load.resolve_configs(ckpt, folder) == folder
+    parts = [("unet", UNet2DConditionModel), ("vae", AutoencoderKL)] + \
+        [(n, getattr(transformers, models.TEXT_CLASSES[n])) for n in ldm.TEXT[family]]
+    for part, cls in parts:
+        got = load.component(cls, path, part, folder, torch.float32).state_dict()
+        want = cls.from_pretrained(folder, subfolder=part).state_dict()
+        assert got.keys() == want.keys(), part
+        assert all(torch.equal(got[k], want[k]) for k in got), part
+
+
+def _train(script, base, out, data, *extra, **over):
+    argv = fast_flags(base, out, max_train_steps=2, resolution=64 if "xl" in str(base) else 32, **over) + list(extra)
+    return run(script, argv + (["--train_data_dir", str(data)] if script == T2I else
+                               ["--instance_data_dir", str(data), "--instance_prompt", "a sks square"]))
+
+
+@pytest.fixture(scope="module")
+def runs(files, data, tmp_path_factory):
+    """{(family, script): output folder trained from the single file}, trained once; the folder-trained twin
+    beside it as <name>-folder."""
+    done = {}
+
+    def trained(family, script):
+        if (family, script) not in done:
+            path, folder = files[family]
+            out = tmp_path_factory.mktemp("runs") / "file"
+            _train(script, path, out, data, "--base_config", folder, learning_rate=0.05)
+            _train(script, folder, out.with_name("folder"), data, learning_rate=0.05)
+            done[family, script] = out
+        return done[family, script]
+    return trained
+
+
+@pytest.mark.parametrize("family,script", [("sd1", T2I), ("sdxl", T2I), ("sd1", DREAMBOOTH)])
+def test_a_single_file_trains_the_same_lora_as_its_folder(files, runs, family, script):
+    path, _ = files[family]
+    tmp_path = runs(family, script).parent
+    a, meta = read_lora(tmp_path / "file" / "pytorch_lora_weights.safetensors")
+    b, _ = read_lora(tmp_path / "folder" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    _, kohya = read_lora(tmp_path / "file" / "file.safetensors")
+    # named and hashed as kohya/A1111 name a base: the file's name (never its path) and its hashes
+    assert kohya["ss_sd_model_name"] == path.name and meta["ss_sd_model_name"] == path.name
+    assert kohya["ss_new_sd_model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        assert kohya["ss_sd_model_hash"] == hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    assert str(path.parent) not in (tmp_path / "file" / "README.md").read_text()
+
+
+def test_a_pickle_checkpoint_loads_only_with_the_opt_in_and_quantize_base_takes_a_file(files, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from sdlora import models, quantize
+
+    path, folder = files["sd1"]
+    folder = models.resolve_base(folder)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(str(path))}, str(ckpt))
+    assert detect.read(ckpt, allow_pickle=True).family == "sd1"
+    got = load.component(UNet2DConditionModel, ckpt, "unet", folder, torch.float32, allow_pickle=True).state_dict()
+    want = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    unet, n = quantize.load_unet(str(path), "int8", "cpu", torch.float32, base_config=folder)
+    assert n > 0 and quantize.quantized_linears(unet) == n
+
+
+def test_a_v_pred_marked_file_trains_on_the_velocity_with_no_flag(files, data, tmp_path):
+    """The SD 2.x file is marked with ComfyUI's v_pred key and trained with --base_config configs whose scheduler says
+    epsilon: the marker decides, and the LoRA is the one the v-prediction SD 2.x folder trains."""
+    import json
+    import shutil
+
+    path, folder = files["sd2"]
+    configs = tmp_path / "configs"
+    shutil.copytree(folder, configs, ignore=shutil.ignore_patterns("*.safetensors"))
+    sched = configs / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "epsilon"}))
+    r = _train(T2I, path, tmp_path / "o", data, "--base_config", configs)
+    assert "SD 2.x (v-prediction)" in r.stderr and "its v_pred key" in r.stderr, r.stderr[-2000:]
+    _, meta = read_lora(tmp_path / "o" / "o.safetensors")
+    assert meta["modelspec.prediction_type"] == "v"
+    # and it is the LoRA the SD 2.x folder (a v-prediction scheduler) trains
+    _train(T2I, folder, tmp_path / "folder", data)
+    a, b = (read_lora(tmp_path / d / "pytorch_lora_weights.safetensors")[0] for d in ("o", "folder"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_generate_from_the_file_draws_the_folders_image(files):
+    from sdlora.pipeline import load_pipeline, sample
+
+    path, folder = files["sd1"]
+    a = sample(load_pipeline(base=str(path), base_config=folder, device="cpu", dtype="fp32"), ["a red square"],
+               seeds=[3], steps=4, width=32, height=32)[0]
+    b = sample(load_pipeline(base=folder, device="cpu", dtype="fp32"), ["a red square"], seeds=[3], steps=4,
+               width=32, height=32)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_unmodified_diffusers_pipeline_loads_the_file_and_the_lora(files, runs):
+    """Held-out loader: diffusers' own StableDiffusionPipeline.from_single_file, then the LoRA a file-based run wrote."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora import models
+
+    path, folder = files["sd1"]
+    out = runs("sd1", T2I)
+    pipe = StableDiffusionPipeline.from_single_file(str(path), config=models.resolve_base(folder),
+                                                    local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw():
+        return pipe("a red square", num_inference_steps=2, width=32, height=32,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    before = draw()
+    pipe.load_lora_weights(str(out))
+    assert pipe.get_active_adapters() and not np.allclose(before, draw())
+
+
+def _bad(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_bytes(content)
+    return p
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("not", "not a checkpoint"), ("lora", "this is a LoRA"), ("truncated", "truncated"),
+    ("unknown", "unknown architecture"), ("pickle", "--allow_pickle"), ("offline", "--base_config DIR_OR_ID"),
+    ("wrong_family", "SDXL checkpoint"), ("clip_skip_xl", "--clip_skip is not used with an SDXL base")])
+def test_bad_single_files_are_one_line_before_any_weights_load(files, tmp_path, capsys, no_model_loads, case,
+                                                                expect):
+    from safetensors.torch import save_file
+
+    sd1, folder = files["sd1"]
+    base_config = [] if case == "offline" else ["--base_config", "sdlora-tiny"]
+    if case == "not":
+        base = _bad(tmp_path, "x.safetensors", b"this is a text file, not weights")
+    elif case == "lora":
+        base = tmp_path / "lora.safetensors"
+        save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}, str(base))
+    elif case == "truncated":
+        base = _bad(tmp_path, "cut.safetensors", sd1.read_bytes()[:-1000])
+    elif case == "unknown":
+        base = tmp_path / "flux.safetensors"
+        save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(4)}, str(base))
+    elif case == "pickle":
+        base = tmp_path / "model.ckpt"
+        torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(1)}}, str(base))
+    elif case == "wrong_family":
+        base = files["sdxl"][0]
+    elif case == "clip_skip_xl":
+        base, base_config = files["sdxl"][0], ["--base_config", "sdlora-tiny-xl", "--clip_skip", "2"]
+    else:
+        base = sd1
+    msg = recipe_error(capsys, t2i, fast_flags(base, tmp_path / "o", train_data_dir=tmp_path) + base_config)
+    assert expect in msg, msg
+
+
+# ---------------------------------------------------------------- clip skip (kohya/A1111's meaning)
+
+def test_clip_skip_2_is_diffusers_clip_skip_1_and_changes_the_conditioning():
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora import models
+
+    pipe = StableDiffusionPipeline.from_pretrained(models.resolve_base("sdlora-tiny"), safety_checker=None)
+    prompt = ["a red square on a blue background"]
+    ours = models.encode_prompts(pipe.text_encoder, pipe.tokenizer, prompt, clip_skip=2)
+    # diffusers 0.42's clip_skip path reads text_encoder.text_model.final_layer_norm, which transformers >= 5.6's
+    # flattened CLIPTextModel no longer has: give it that name (outside the module tree) to run its code unchanged
+    object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)
+    with torch.no_grad():
+        theirs = pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=1)[0]
+    last = models.encode_prompts(pipe.text_encoder, pipe.tokenizer, prompt)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert not torch.allclose(ours, last)
+    torch.testing.assert_close(models.encode_prompts(pipe.text_encoder, pipe.tokenizer, prompt, clip_skip=1), last)
+    from sdlora.pipeline import generate
+
+    pipe.set_progress_bar_config(disable=True)
+    at = {n: np.asarray(generate(pipe, prompt[0], steps=2, width=32, height=32, clip_skip=n)[0]) for n in (1, 2)}
+    assert not np.array_equal(at[1], at[2])
+
+
+def test_clip_skip_trains_differently_is_recorded_and_generate_applies_it(files, runs, data, tmp_path):
+    from sdlora.pipeline import load_adapters
+
+    _, folder = files["sd1"]
+    out = tmp_path / "skip"
+    _train(T2I, folder, out, data, "--clip_skip", "2", learning_rate=0.05)
+    a, meta = read_lora(out / "pytorch_lora_weights.safetensors")
+    b, _ = read_lora(runs("sd1", T2I).with_name("folder") / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the same run at clip skip 1
+    assert meta["ss_clip_skip"] == "2" and read_lora(out / "skip.safetensors")[1]["ss_clip_skip"] == "2"
+    assert "| clip skip | 2 |" in (out / "README.md").read_text()
+    assert load_adapters([str(out)], base=folder, device="cpu", dtype="fp32").clip_skip == 2
