@@ -27,7 +27,7 @@ ALWAYS = {"cache_latents": True, "sdpa": True, "save_state": True, "use_safetens
 UNSUPPORTED = {
     "reg_data_dir": "use --dataset_config with an is_reg = true subset, or the DreamBooth recipe's --class_data_dir",
     "in_json": "kohya's fine-tuning metadata; use a metadata.jsonl or same-name caption files",
-    "clip_skip": "not on this sdlora version", "max_token_length": "sdlora encodes one 77-token chunk",
+    "max_token_length": "sdlora encodes one 77-token chunk",
     "network_weights": "start from a saved LoRA: not supported", "network_train_text_encoder_only": None,
     "lr_scheduler_args": None, "lr_scheduler_type": None, "save_every_n_epochs": "use --checkpointing_steps",
     "save_last_n_epochs": None, "save_last_n_steps": "use --checkpoints_total_limit", "save_n_epoch_ratio": None,
@@ -45,7 +45,7 @@ UNSUPPORTED = {
     "torch_compile": "use --compile", "dynamo_backend": None, "ddp_timeout": None, "wandb_api_key": "use wandb login",
     "conditioning_data_dir": None, "secondary_separator": None, "enable_wildcard": None, "caption_prefix": None,
     "caption_suffix": None, "dataset_class": None, "dataset_repeats": None, "resize_interpolation": None,
-    "cache_info": None, "weighting_scheme": None, "disable_mmap_load_safetensors": None, "blocks_to_swap": None,
+    "cache_info": None, "disable_mmap_load_safetensors": None, "blocks_to_swap": None,
     "log_tracker_config": None, "network_multiplier": None, "skip_until_initial_step": None, "initial_epoch": None,
     "initial_step": None, "validation_seed": None, "validate_every_n_epochs": None, "max_validation_steps": None,
     "text_encoder_batch_size": None, "cpu_offload_checkpointing": None, "fp8_base_unet": None,
@@ -54,9 +54,10 @@ LYCORIS_ALGOS = {"loha": "loha", "lokr": "lokr"}  # lycoris.kohya's algo= values
 SAVE_PRECISION = {"float": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
-def translate(values: dict, where: str, recipe: str) -> dict:
+def translate(values: dict, where: str, recipe: str, flags=frozenset()) -> dict:
     """`values` (a flattened --config_file) with kohya's names and values turned into sdlora's flags; every kohya
-    setting sdlora can't honour is listed, one line each, in the UserError."""
+    setting sdlora can't honour is listed, one line each, in the UserError. A key that is one of the recipe's own
+    `flags` is never refused (UNSUPPORTED lists what sdlora lacked when it was written)."""
     out, bad = {}, []
     network = values.get("network_module")
     if network is not None or "network_dim" in values:  # a kohya train_network.py file: its defaults differ
@@ -72,7 +73,7 @@ def translate(values: dict, where: str, recipe: str) -> dict:
         elif key in ALWAYS:
             if ALWAYS[key] is not None and v != ALWAYS[key]:
                 bad.append(f"{key} = {v!r}: sdlora always trains as kohya's {ALWAYS[key]!r}")
-        elif key in UNSUPPORTED:
+        elif key in UNSUPPORTED and key not in flags:
             bad.append(f"{key}: kohya's setting has no sdlora equivalent" + (f" ({UNSUPPORTED[key]})"
                                                                               if UNSUPPORTED[key] else ""))
         else:
