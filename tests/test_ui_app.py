@@ -279,3 +279,22 @@ def test_dataset_tab_bulk_edits_then_saves_only_changed_captions(tmp_path):
     assert status == "saved 0 caption(s)" and (data / "img1.txt").stat().st_mtime_ns > before
     *_, status = do_save(str(data), False, [["../outside.png", "x"]])
     assert status.startswith("error: ../outside.png: not an image of") and not (tmp_path / "outside.txt").exists()
+
+
+def test_advanced_fields_carry_the_optimizer_clip_skip_and_loraplus_both_ways():
+    """The Train tab's advanced fields become the recipe's own flags, and parsed flags fill them back (a reload,
+    Load config): the optimizer by its kohya name, clip skip, LoRA+'s ratio."""
+    from sdlora.recipes import RECIPES
+    from sdlora.ui import config_form
+
+    assert "Prodigy" in config_form.OPTIMIZERS and "AdamW" in config_form.OPTIMIZERS
+    flags = config_form.advanced_flags("cosine", "", "", "2", "16", "Prodigy")
+    assert flags == ["--lr_scheduler", "cosine", "--clip_skip", "2", "--loraplus_lr_ratio", "16",
+                     "--optimizer", "Prodigy"]
+    assert config_form.advanced_flags("", "", "", "", "", "AdamW") == []
+    args = RECIPES["text-to-image"].parser().parse_args(
+        ["--pretrained_model_name_or_path", "sdlora-tiny", "--train_data_dir", "data", *flags])
+    values = config_form.form_values("text-to-image", args, [])
+    n = len(config_form.FIELDS)
+    assert values[n:n + len(config_form.ADVANCED) + 1] == ["cosine", "", "", "2", "16", "Prodigy"]
+    assert "--optimizer" not in values[config_form.FIELDS.index("extra")]  # not repeated under "more flags"
