@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import time
 import weakref
 from dataclasses import asdict, dataclass
@@ -178,10 +179,52 @@ class AdamW8bitStates(torch.optim.Optimizer):
             self.qmaps = [torch.zeros(256, device=next(iter(self.state)).device) for _ in range(2)]
 
 
+def state_shapes(p, kind: str) -> list[tuple[tuple, torch.dtype]]:
+    """(shape, dtype) of each state `kind` keeps for parameter `p` (--optimizer Prodigy, Adafactor, Lion8bit):
+    prodigyopt 1.1 (slice_p 1): s, p0, exp_avg, exp_avg_sq, each like the parameter (p0 is 0-dim for a parameter
+    that is all zeros at its first step, as LoRA's B matrices are: counted in full, an upper bound); transformers' Adafactor
+    (relative step, no first moment): the second moment factored into rows and columns for a parameter of 2 or
+    more dimensions, whole otherwise; bitsandbytes' Lion8bit (Optimizer1State): one uint8 state and an fp32 absmax
+    per 256-element block from 4096 elements on, one fp32 state below (and one shared 256-entry quantile map)."""
+    shape = tuple(p.shape)
+    if kind == "prodigy":
+        return [(shape, p.dtype)] * 4
+    if kind == "adafactor":
+        return [(shape[:-1], p.dtype), (shape[:-2] + shape[-1:], p.dtype)] if len(shape) >= 2 else [(shape, p.dtype)]
+    if kind == "lion8bit":
+        return [(shape, torch.float32)] if p.numel() < 4096 else \
+            [(shape, torch.uint8), ((-(-p.numel() // 256),), torch.float32)]
+    raise ValueError(kind)
+
+
+class StatesOf(torch.optim.Optimizer):
+    """The memory of an optimizer that cannot run on fake tensors (Prodigy and Adafactor read values with
+    .item(); bitsandbytes has no fake kernels): its states (`state_shapes`), allocated at its first step. The
+    updates' temporaries are one LoRA parameter's size at a time (a few hundred KiB) and not made."""
+
+    def __init__(self, params, kind: str):
+        super().__init__(params, {"lr": 1e-4})
+        self.kind, self.shared = kind, []
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p not in self.state:
+                    self.state[p] = {f"s{i}": torch.zeros(shape, dtype=dt, device=p.device)
+                                     for i, (shape, dt) in enumerate(state_shapes(p, self.kind))}
+        if self.kind == "lion8bit" and not self.shared and self.state:
+            self.shared = [torch.zeros(256, device=next(iter(self.state)).device)]
+
+
 def optimizer_state_bytes(params, kind: str, block: int = 1) -> int:
-    """AdamW's (exp_avg, exp_avg_sq: fp32 like the parameter) or AdamW8bit's state bytes, from shapes alone.
-    AdamW's `step` counter is a host tensor on CUDA and left out."""
+    """AdamW's (exp_avg, exp_avg_sq: fp32 like the parameter), AdamW8bit's or `state_shapes`' state bytes, from
+    shapes alone. AdamW's `step` counter is a host tensor on CUDA and left out."""
     r = lambda n: -(-n // block) * block  # noqa: E731
+    if kind in ("prodigy", "adafactor", "lion8bit"):
+        return r(256 * 4) * (kind == "lion8bit") + sum(
+            r(math.prod(shape) * torch.empty((), dtype=dt).element_size()) for p in params
+            for shape, dt in state_shapes(p, kind))
     if kind == "adamw":
         return sum(2 * r(p.numel() * p.element_size()) for p in params)
     total = 2 * r(256 * 4)  # the shared quantile maps
@@ -197,7 +240,7 @@ class Row:
     arch: str
     resolution: int
     checkpointing: bool = False
-    optimizer: str = "adamw"  # or "adamw8bit"
+    optimizer: str = "adamw"  # or "adamw8bit", "prodigy", "adafactor", "lion8bit"
     cache: bool = True  # False: the VAE and text encoder stay on the GPU and encode every step (--no_cache)
     batch: int = 1
     rank: int = 4
@@ -209,6 +252,9 @@ ROWS = [
     Row("SD1.5 512 px + checkpointing + 8-bit Adam", "sd15", 512, checkpointing=True, optimizer="adamw8bit"),
     Row("SD1.5 512 px + checkpointing, --no_cache", "sd15", 512, checkpointing=True, cache=False),
     Row("SDXL 1024 px + checkpointing (cached text embeddings)", "sdxl", 1024, checkpointing=True),
+    *(Row(f"{name} + checkpointing + {label}", arch, res, checkpointing=True, optimizer=kind)
+      for name, arch, res in (("SD1.5 512 px", "sd15", 512), ("SDXL 1024 px", "sdxl", 1024))
+      for kind, label in (("prodigy", "Prodigy"), ("adafactor", "Adafactor"), ("lion8bit", "8-bit Lion"))),
 ]
 
 
@@ -318,6 +364,8 @@ def train_step(unet, params, optimizer, batch, autocast, phase=lambda name: None
 def make_optimizer(params, kind: str, foreach: bool | None = None):
     if kind == "adamw8bit":
         return AdamW8bitStates(params)
+    if kind in ("prodigy", "adafactor", "lion8bit"):
+        return StatesOf(params, kind)
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, foreach=foreach)
 
 
@@ -329,7 +377,7 @@ def account(unet, params, optimizer, batch, autocast, block: int, steps: int = 2
     frozen = [t for m in (unet, *(encoders or ())) for t in [*m.parameters(), *m.buffers()] if not t.requires_grad]
     weights = sum(storage_bytes(t.untyped_storage(), block) for t in frozen)
     lora = sum(storage_bytes(p.untyped_storage(), block) for p in params)
-    kind = "adamw8bit" if isinstance(optimizer, AdamW8bitStates) else "adamw"
+    kind = "adamw8bit" if isinstance(optimizer, AdamW8bitStates) else getattr(optimizer, "kind", "adamw")
     inputs = torch.utils._pytree.tree_leaves(batch)
     live = LiveBytes(block)
     live.add(*frozen, *params, *inputs)
@@ -428,10 +476,8 @@ def measure(row: Row, steps: int = 5, warmup: int = 2) -> dict:
     if row.checkpointing:
         unet.enable_gradient_checkpointing()
     encoders = None if row.cache else tuple(m.to("cuda") for m in frozen_encoders(row.arch, dtype, "cpu"))
-    if row.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(params, lr=1e-4, weight_decay=1e-2)
+    if row.optimizer != "adamw":  # the libraries' own optimizers (the bnb and optimizers extras)
+        optimizer = real_optimizer(row.optimizer, params)
     else:
         optimizer = make_optimizer(params, "adamw")
     batch = make_batch(unet, row, dtype, "cuda")
@@ -449,6 +495,22 @@ def measure(row: Row, steps: int = 5, warmup: int = 2) -> dict:
            "measured_reserved": torch.cuda.max_memory_reserved(), "optimizer_stepped": bool(optimizer.state),
            "context_and_other_processes": total - free - torch.cuda.memory_reserved()}
     return res
+
+
+def real_optimizer(kind: str, params):
+    """--measure: the library's own optimizer for a row's kind, as sdlora's --optimizer builds it."""
+    if kind in ("adamw8bit", "lion8bit"):
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-4, weight_decay=1e-2) if kind == "adamw8bit" else \
+            bnb.optim.Lion8bit(params, lr=1e-4)
+    if kind == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=1.0, weight_decay=1e-2)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=None, relative_step=True)
 
 
 def _gb(n: float) -> str:

@@ -150,7 +150,14 @@ def test_settings_are_tagged_for_resume_card_and_header():
     from sdlora.training.config import MUST_MATCH, OPTIONAL, fields_tagged
 
     resume = fields_tagged("resume")
-    assert {k for k, v in resume.items() if v == OPTIONAL} == \
+    optimizer = {"optimizer", "optimizer_args", "unet_lr", "prodigy_beta3", "prodigy_decouple",
+                 "prodigy_use_bias_correction", "prodigy_safeguard_warmup", "loraplus_lr_ratio",
+                 "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
+    noise = {"multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+             "min_timestep", "max_timestep", "loss_type", "huber_schedule", "huber_c", "huber_scale",
+             "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss"}
+    outcome = {"use_ema", "ema_decay", "ema_warmup", "ema_power", "early_stopping_patience"}
+    assert {k for k, v in resume.items() if v == OPTIONAL} == optimizer | noise | outcome | \
         {"pretrained_vae_model_name_or_path", "zero_terminal_snr", "adam_weight_decay_text_encoder", "quantize_base",
          "clip_skip",
          # SD3's flow settings (config/flow.py): recorded only when changed, so earlier checkpoints stay as they were
@@ -166,7 +173,7 @@ def _full_facts() -> dict:
     """Every fact of a RunSummary with a value that shows (a LoRA with every optional row on)."""
     from dataclasses import fields
 
-    from sdlora.output.facts import RunSummary
+    from sdlora.output.facts import RunSummary, own_settings
 
     values = dict(base_model="org/base", base_sha256="ab" * 32, base_legacy_hash="12345678", family="SD 1.x", kind="text-to-image", rank=4, alpha=8.0, lora_type="dora",
                   rslora=True, init="pissa", target_modules=["to_q", "to_k"], train_text_encoder=True, steps=10,
@@ -177,7 +184,8 @@ def _full_facts() -> dict:
                   vae="org/vae", zero_terminal_snr=True, quantize_base="nf4", dataset_dirs={"d": {"n_repeats": 2}},
                   architecture="stable-diffusion-v1", prediction_type="epsilon", title="t", trigger_phrase="sks",
                   extra_tags=["x"], base_model_in_front_matter=True, base_is_local=False, samples=[], repo_id=None,
-                  example_prompt="a cat", kohya_file="t.safetensors", license="openrail", settings={"clip_skip": 2})
+                  example_prompt="a cat", kohya_file="t.safetensors", license="openrail",
+                  settings={**{n: "set" for n in own_settings()}, "clip_skip": 2})  # every tagged setting no fact names
     assert set(values) == {f.name for f in fields(RunSummary)}, "a RunSummary fact without a value here"
     return RunSummary(**values).facts()
 
@@ -214,6 +222,8 @@ def test_card_rows_and_header_keys_come_from_the_declarations():
 def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monkeypatch):
     """A setting given card=/header= tags (here gradient_checkpointing, as if declared so) is on the card and in the
     header as it was set, after the facts, with no line in output/facts.py; None, False or its default leaves it out."""
+    from dataclasses import fields
+
     from sdlora.output import facts, modelcard, weights
     from sdlora.training import config
 
@@ -221,14 +231,15 @@ def test_a_tagged_setting_needs_no_other_line_to_reach_the_card_and_header(monke
     extra = {"card": {"gradient_checkpointing": "gradient checkpointing"},
              "header": {"gradient_checkpointing": "ss_gradient_checkpointing"}}
     monkeypatch.setattr(facts, "fields_tagged", lambda tag: real(tag) | extra.get(tag, {}))
-    assert facts.own_settings() == ["clip_skip", "gradient_checkpointing"]
+    assert facts.own_settings()[0] == "clip_skip" and "gradient_checkpointing" in facts.own_settings()
     info = {**_full_facts(), "gradient_checkpointing": True}
     card = modelcard.render(info)
     assert card.index("| quantized base |") < card.index("| gradient checkpointing | True |")
     assert weights.header(info)["ss_gradient_checkpointing"] == "True"  # kohya's str(bool)
-    off = facts.RunSummary(**{**{k: v for k, v in _full_facts().items() if k != "clip_skip"},
+    fact_names = {f.name for f in fields(facts.RunSummary)}
+    off = facts.RunSummary(**{**{k: v for k, v in _full_facts().items() if k in fact_names},
                               "settings": {"gradient_checkpointing": False}})
     assert "gradient_checkpointing" not in off.facts()
-    plain = {k: v for k, v in _full_facts().items() if k != "clip_skip"}
+    plain = {k: v for k, v in _full_facts().items() if k in fact_names}
     at_default = facts.RunSummary(**{**plain, "settings": {"lr_warmup_steps": 500, "lr_power": 2.0}})
     assert "lr_warmup_steps" not in at_default.facts() and at_default.facts()["lr_power"] == 2.0

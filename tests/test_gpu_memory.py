@@ -183,3 +183,28 @@ def test_gpu_prediction_runs_and_halves_the_activations():
     assert gpu["weights"] < 0.6 * cpu["weights"] and gpu["saved_activations"] < cpu["saved_activations"]
     assert gpu["predicted"] > gpu["peak"] > gpu["weights"] + gpu["saved_activations"]
     assert row.name in gm.table([{**vars(row), **gpu}])
+
+
+def _stepped_state_bytes(opt, params) -> int:
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    made = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    return sum(t.nbytes for t in made + getattr(opt, "shared", []))
+
+
+@pytest.mark.parametrize("kind", ["prodigy", "adafactor"])
+def test_prodigy_and_adafactor_states_are_the_libraries(kind):
+    """The rows' state bytes (from shapes) are what prodigyopt's and transformers' optimizers really allocate, on
+    LoRA-shaped parameters (linear, conv, a DoRA-like vector, one of 4096+ elements)."""
+    from prodigyopt import Prodigy
+    from transformers.optimization import Adafactor
+
+    shapes = [(4, 320), (320, 4), (4, 320, 3, 3), (1280,), (5000, 4)]
+    # not all zeros: prodigyopt keeps a 0-dim p0 for a parameter that is (as LoRA's B matrices first are), which the
+    # row counts in full (an upper bound)
+    params, fakes = ([torch.nn.Parameter(torch.randn(s)) for s in shapes] for _ in range(2))
+    real = Prodigy(params, lr=1.0) if kind == "prodigy" else Adafactor(params, lr=None)
+    predicted = gm.optimizer_state_bytes(params, kind)
+    assert _stepped_state_bytes(real, params) == predicted > 0
+    assert _stepped_state_bytes(gm.StatesOf(fakes, kind), fakes) == predicted

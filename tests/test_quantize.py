@@ -1,5 +1,7 @@
 """--quantize_base: the UNet's frozen Linear weights in bitsandbytes' int8 / NF4 while the LoRA trains in fp32;
 the saved LoRA is the same file an unquantized run writes, for the full-precision base."""
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_images
@@ -148,3 +150,28 @@ def test_streamed_quantized_load_equals_quantizing_the_loaded_unet(tiny_model, m
     monkeypatch.setattr(streamload, "weights_files", lambda *a, **k: None)  # e.g. .bin weights: diffusers loads them
     fallback, count = quantize.load_unet(str(tiny_model), "int8", "cpu", torch.float32)
     assert count == n and quantize.quantized_linears(fallback) == n and fallback.is_loaded_in_8bit
+
+
+@pytest.mark.parametrize("name,lr", [("AdamW8bit", 1e-3), ("PagedAdamW8bit", 1e-3), ("Lion8bit", 3e-4)])
+def test_8bit_optimizers_lower_the_loss_and_resume_exactly(tmp_path, name, lr):
+    """--optimizer's bitsandbytes kinds (here: its CPU backend), as test_optimizers checks the others."""
+    from test_optimizers import lowers_and_resumes
+
+    images = make_images(tmp_path / "train", n=2), make_images(tmp_path / "held", n=2)
+    lowers_and_resumes(images, tmp_path, name, {"learning_rate": lr})
+
+
+def test_8bit_lion_memory_row_is_bitsandbytes():
+    """benchmarks/gpu_memory.py's 8-bit Lion row allocates what bitsandbytes' Lion8bit does."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_memory as gm
+
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(4, 320), (5000, 4), (4, 1280)]]
+    opt = bnb.optim.Lion8bit(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    real = sum(t.nbytes for s in opt.state.values() for k, t in s.items() if torch.is_tensor(t) and k != "qmap1")
+    assert real + 256 * 4 == gm.optimizer_state_bytes(params, "lion8bit")  # + the one shared quantile map

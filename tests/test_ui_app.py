@@ -354,3 +354,22 @@ def test_tools_extract_takes_a_single_file_base_with_its_configs(single_file, tm
     assert said.splitlines()[-1].startswith("extracted") and formats.load_lora(tmp_path / "x.safetensors").modules
     said = tool_extract(str(path), str(tuned), configs, str(tmp_path / "x.safetensors"), 2, "diffusers")
     assert said.startswith("error:") and "already exists" in said
+
+
+def test_advanced_fields_carry_the_optimizer_clip_skip_and_loraplus_both_ways():
+    """The Train tab's advanced fields become the recipe's own flags, and parsed flags fill them back (a reload,
+    Load config): the optimizer by its kohya name, clip skip, LoRA+'s ratio."""
+    from sdlora.recipes import RECIPES
+    from sdlora.ui import config_form
+
+    assert "Prodigy" in config_form.OPTIMIZERS and "AdamW" in config_form.OPTIMIZERS
+    flags = config_form.advanced_flags("cosine", "", "", "2", "16", "Prodigy")
+    assert flags == ["--lr_scheduler", "cosine", "--clip_skip", "2", "--loraplus_lr_ratio", "16",
+                     "--optimizer", "Prodigy"]
+    assert config_form.advanced_flags("", "", "", "", "", "AdamW") == []
+    args = RECIPES["text-to-image"].parser().parse_args(
+        ["--pretrained_model_name_or_path", "sdlora-tiny", "--train_data_dir", "data", *flags])
+    values = config_form.form_values("text-to-image", args, [])
+    n = len(config_form.FIELDS)
+    assert values[n:n + len(config_form.ADVANCED) + 1] == ["cosine", "", "", "2", "16", "Prodigy"]
+    assert "--optimizer" not in values[config_form.FIELDS.index("extra")]  # not repeated under "more flags"

@@ -25,16 +25,28 @@ def add_settings(group, *names: str, cls=TrainConfig):
 def _add(group, f: Field):
     meta = f.metadata
     names = [f"--{meta.get('flag', f.name)}", *(f"--{a}" for a in meta.get("aliases", ()))]
-    extras = {k: meta[k] for k in ("choices", "metavar", "required") if k in meta}
+    extras = {k: meta[k] for k in ("choices", "metavar", "required", "nargs") if k in meta}
     kind = str(f.type).split("|")[0].strip()
+    if kind == "bool" and f.default is True:  # diffusers' --prodigy_* switches, on by default: a true/false word
+        group.add_argument(*names, type=_yes_no, nargs="?", const=True, default=True, metavar="true|false",
+                           help=meta["help"], **extras)
+        return
     if kind == "bool":
-        assert f.default is False, f"{f.name}: a switch is off by default"
         group.add_argument(*names, action="store_true", help=meta["help"], **extras)
         return
     default = None if f.default is MISSING else f.default
-    if isinstance(default, tuple):
+    if isinstance(default, tuple) and "nargs" not in meta:
         default = ",".join(default)  # a list setting's flag is comma-separated
     group.add_argument(*names, type=_TYPES.get(kind), default=default, help=meta["help"], **extras)
+
+
+def _yes_no(word: str) -> bool:
+    """A switch's value as a word (diffusers' --prodigy_decouple False means off, not on)."""
+    if word.lower() in ("true", "yes", "1", "on"):
+        return True
+    if word.lower() in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{word!r} is not true or false")
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -57,6 +69,21 @@ def add_training_args(p: argparse.ArgumentParser):
                  "enable_xformers_memory_efficient_attention", "compile", "quantize_base", "no_cache",
                  "cache_latents_to_disk", "latents_cache_dir")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
+
+    g = p.add_argument_group("optimizer", "diffusers' and kohya's optimizer flags; any optimizer but AdamW: "
+                             'pip install "sdlora[optimizers]"')
+    add_settings(g, "optimizer", "optimizer_args", "unet_lr", "prodigy_beta3", "prodigy_decouple",
+                 "prodigy_use_bias_correction", "prodigy_safeguard_warmup", "loraplus_lr_ratio",
+                 "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+    g = p.add_argument_group("noise and loss", "kohya's options, by its names and with its formulas")
+    add_settings(g, "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
+                 "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "loss_type", "huber_schedule",
+                 "huber_c", "huber_scale", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred",
+                 "v_pred_like_loss")
+
+    g = p.add_argument_group("EMA and early stopping", "which weights the run ends with")
+    add_settings(g, "use_ema", "ema_decay", "ema_warmup", "ema_power", "early_stopping_patience")
 
     g = p.add_argument_group("aspect-ratio buckets (kohya's flag names), masked loss, held-out loss")
     add_settings(g, "no_bucket", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",

@@ -120,8 +120,9 @@ def read(p: argparse.ArgumentParser, path, what: str, recipe: str) -> dict:
     """A TOML file's settings as {dest: value}, kohya's names mapped, each value checked as its flag checks it;
     `what` names the file's source in messages (the flag)."""
     where = f"{what} {path}"
-    values = kohya.output_name(kohya.translate(flatten(tomlfile.read(path, what), where), where, recipe), where)
     actions = {a.dest: a for a in p._actions if a.option_strings}
+    values = kohya.translate(flatten(tomlfile.read(path, what), where), where, recipe, frozenset(actions))
+    values = kohya.output_name(values, where)
     out = {}
     for key, v in values.items():
         action = actions.get(key)

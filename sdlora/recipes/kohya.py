@@ -27,17 +27,13 @@ ALWAYS = {"cache_latents": True, "sdpa": True, "save_state": True, "use_safetens
 UNSUPPORTED = {
     "reg_data_dir": "use --dataset_config with an is_reg = true subset, or the DreamBooth recipe's --class_data_dir",
     "in_json": "kohya's fine-tuning metadata; use a metadata.jsonl or same-name caption files",
-    "clip_skip": "not on this sdlora version", "max_token_length": "sdlora encodes one 77-token chunk",
+    "max_token_length": "sdlora encodes one 77-token chunk",
     "network_weights": "start from a saved LoRA: not supported", "network_train_text_encoder_only": None,
-    "optimizer_args": "AdamW's settings are flags: --adam_beta1, --adam_weight_decay, …",
     "lr_scheduler_args": None, "lr_scheduler_type": None, "save_every_n_epochs": "use --checkpointing_steps",
     "save_last_n_epochs": None, "save_last_n_steps": "use --checkpoints_total_limit", "save_n_epoch_ratio": None,
     "save_last_n_epochs_state": None, "full_fp16": None, "full_bf16": None, "fp8_base": None, "color_aug": None,
     "face_crop_aug_range": None, "debug_dataset": None, "token_warmup_min": None, "token_warmup_step": None,
-    "caption_dropout_every_n_epochs": None, "multires_noise_iterations": None, "multires_noise_discount": None,
-    "ip_noise_gamma": None, "adaptive_noise_scale": None, "noise_offset_random_strength": None,
-    "ip_noise_gamma_random_strength": None, "min_timestep": None, "max_timestep": None, "loss_type": None,
-    "huber_schedule": None, "huber_c": None, "huber_scale": None, "scale_weight_norms": None, "dim_from_weights": None,
+    "caption_dropout_every_n_epochs": None, "adaptive_noise_scale": None, "noise_offset_random_strength": None, "scale_weight_norms": None, "dim_from_weights": None,
     "base_weights": None, "base_weights_multiplier": None, "mem_eff_attn": "PyTorch's SDPA attention is the default",
     "no_half_vae": None, "cache_text_encoder_outputs": None, "cache_text_encoder_outputs_to_disk": None,
     "huggingface_repo_id": "use --push_to_hub --hub_model_id", "huggingface_token": "use --hub_token or $HF_TOKEN",
@@ -52,16 +48,16 @@ UNSUPPORTED = {
     "cache_info": None, "disable_mmap_load_safetensors": None, "blocks_to_swap": None,
     "log_tracker_config": None, "network_multiplier": None, "skip_until_initial_step": None, "initial_epoch": None,
     "initial_step": None, "validation_seed": None, "validate_every_n_epochs": None, "max_validation_steps": None,
-    "debiased_estimation_loss": None, "scale_v_pred_loss_like_noise_pred": None, "v_pred_like_loss": None,
     "text_encoder_batch_size": None, "cpu_offload_checkpointing": None, "fp8_base_unet": None,
 }
 LYCORIS_ALGOS = {"loha": "loha", "lokr": "lokr"}  # lycoris.kohya's algo= values sdlora trains as peft's LoHa/LoKr
 SAVE_PRECISION = {"float": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
-def translate(values: dict, where: str, recipe: str) -> dict:
+def translate(values: dict, where: str, recipe: str, flags=frozenset()) -> dict:
     """`values` (a flattened --config_file) with kohya's names and values turned into sdlora's flags; every kohya
-    setting sdlora can't honour is listed, one line each, in the UserError."""
+    setting sdlora can't honour is listed, one line each, in the UserError. A key that is one of the recipe's own
+    `flags` is never refused (UNSUPPORTED lists what sdlora lacked when it was written)."""
     out, bad = {}, []
     network = values.get("network_module")
     if network is not None or "network_dim" in values:  # a kohya train_network.py file: its defaults differ
@@ -77,7 +73,7 @@ def translate(values: dict, where: str, recipe: str) -> dict:
         elif key in ALWAYS:
             if ALWAYS[key] is not None and v != ALWAYS[key]:
                 bad.append(f"{key} = {v!r}: sdlora always trains as kohya's {ALWAYS[key]!r}")
-        elif key in UNSUPPORTED:
+        elif key in UNSUPPORTED and key not in flags:
             bad.append(f"{key}: kohya's setting has no sdlora equivalent" + (f" ({UNSUPPORTED[key]})"
                                                                               if UNSUPPORTED[key] else ""))
         else:
@@ -115,9 +111,7 @@ def _special(key: str, v, values: dict, recipe: str):
         return {"save_precision": SAVE_PRECISION[v]}
     if key == "optimizer_type":
         kind = str(v).lower()
-        if kind in ("adamw", "adamw8bit"):
-            return {"use_8bit_adam": True} if kind == "adamw8bit" else {}
-        return f"optimizer_type = {v!r}: sdlora trains with AdamW (AdamW8bit: --use_8bit_adam)"
+        return {"optimizer": v}  # kohya's names, as --optimizer_type takes them (training/optimizers.py)
     if key == "use_8bit_adam":
         return {"use_8bit_adam": v}
     if key == "output_name":  # kohya writes output_dir/output_name.safetensors; sdlora names that file by its folder

@@ -64,10 +64,13 @@ def _is_adalora(model) -> bool:
 
 
 def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, scaler, seed: int, settings: dict,
-         total_limit: int | None, best_val_loss: list | None = None, extra: dict | None = None) -> Path | None:
+         total_limit: int | None, best_val_loss: list | None = None, extra: dict | None = None,
+         states: dict | None = None) -> Path | None:
     """Write checkpoint-`step` (serialised in memory first, so a full disk fails before anything moves). `extra`:
-    {component: tensors} of AdaLoRA's rank-allocator state. Returns None, writing nothing, where a folder of that
-    name is not sdlora's (see outdir.check); prunes only checkpoints sdlora's record lists."""
+    {component: tensors} of AdaLoRA's rank-allocator state; `states`: {name: state dict} of the run's other
+    stateful parts (OPTIONAL_STATES: the EMA, early stopping), each written as name.pt. Returns None, writing
+    nothing, where a folder of that name is not sdlora's (see outdir.check); prunes only checkpoints sdlora's record
+    lists."""
     final = output_dir / f"checkpoint-{step}"
     record = Manifest(output_dir)
     if final.exists() and not record.owns(final.name):
@@ -78,6 +81,8 @@ def save(output_dir: Path, step: int, models: dict, optimizer, lr_scheduler, sca
         files[f"{name}_lora.safetensors"] = safetensors_bytes(lora_weights(model))
     for name, tensors in (extra or {}).items():
         files[f"{name}_adalora.safetensors"] = safetensors_bytes(tensors)
+    for name, state in (states or {}).items():
+        files[f"{name}.pt"] = torch_bytes(state)
     files["optimizer.pt"] = torch_bytes(optimizer.state_dict())
     files["scheduler.pt"] = torch_bytes(lr_scheduler.state_dict())
     if scaler is not None:
@@ -109,7 +114,10 @@ class Checkpoint:
     scaler: dict | None
     best_val_loss: list | None = None
     extra: dict = None  # component -> AdaLoRA rank-allocator state
+    states: dict = None  # name -> state dict of OPTIONAL_STATES the checkpoint has
 
+
+OPTIONAL_STATES = ("ema", "early_stopping")  # saved as NAME.pt where the run has one (`save`'s states)
 
 # Settings that checkpoints written before the full settings record kept at the top level of state.json.
 _OLD_KEYS = ("rank", "target_modules", "train_batch_size", "gradient_accumulation_steps", "num_processes",
@@ -139,7 +147,8 @@ def read(path: Path, components: list[str]) -> Checkpoint:
     best = state.get("best_val_loss")
     best = best if isinstance(best, list) and len(best) == 2 and all(isinstance(v, (int, float)) for v in best) else None
     return Checkpoint(path, state["global_step"], state["seed"], settings, lora,
-                      blobs["optimizer.pt"], blobs["scheduler.pt"], blobs["scaler.pt"], best, extra)
+                      blobs["optimizer.pt"], blobs["scheduler.pt"], blobs["scaler.pt"], best, extra,
+                      {n: blobs[f"{n}.pt"] for n in OPTIONAL_STATES if blobs[f"{n}.pt"] is not None})
 
 
 def _read_state(state_file: Path) -> dict:
@@ -182,9 +191,9 @@ def _read_lora(path: Path, name: str, settings: dict, state_file: Path) -> dict:
 def _read_states(path: Path) -> dict:
     """{"optimizer.pt", "scheduler.pt", "scaler.pt" (None without one): the saved state dict}."""
     blobs = {}
-    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
+    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt", *(f"{n}.pt" for n in OPTIONAL_STATES)):
         f = path / name
-        if name == "scaler.pt" and not f.exists():
+        if name not in ("optimizer.pt", "scheduler.pt") and not f.exists():
             blobs[name] = None
             continue
         try:  # our own files, but still loaded without unpickling arbitrary objects
@@ -208,6 +217,8 @@ def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
 def _show(key, value) -> str:
     if key == "data" and isinstance(value, str):
         return value[:12]
+    if value is None:
+        return "(default)"
     return json.dumps(value) if not isinstance(value, str) else value
 
 

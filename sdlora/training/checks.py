@@ -16,7 +16,7 @@ from .. import basecheck, io, models, quantize
 from ..bases import load
 from ..data.buckets import Bucketing
 from ..errors import UserError
-from . import diskcache, prompts
+from . import diskcache, earlystop, noise, optimizers, prompts
 from .config import TrainConfig
 
 log = logging.getLogger("sdlora")
@@ -50,6 +50,9 @@ def check(c: TrainConfig, token: str | None = None, *, data: Mapping[str, str | 
     model's model_index.json and UNet config when it is a Hub id."""
     data = {k: v for k, v in (data or {}).items() if v}
     targets = _check_flags(c)
+    optim = optimizers.check(c)
+    noise.check(c)
+    earlystop.check(c)
     alpha = c.rank if c.lora_alpha is None else c.lora_alpha
     alpha = int(alpha) if float(alpha).is_integer() else alpha  # "8", not "8.0", in metadata viewers
     report_to = _check_report_to(c.report_to, hub_token)
@@ -74,7 +77,7 @@ def check(c: TrainConfig, token: str | None = None, *, data: Mapping[str, str | 
                    validation_data_dir=Path(c.validation_data_dir) if c.validation_data_dir else None,
                    latents_cache_dir=latents_cache_dir, sample_prompts=sample_prompts,
                    inputs=tuple(Path(v) for v in inputs if v),
-                   hub_model_id=c.hub_model_id or (output_dir.resolve().name if c.push_to_hub else None))
+                   hub_model_id=c.hub_model_id or (output_dir.resolve().name if c.push_to_hub else None), **optim)
 
 
 def _check_flags(c: TrainConfig) -> tuple[str, ...]:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from . import heldout, samples, validation
+from . import earlystop, ema, heldout, optimizers, samples, validation
 from .config import TrainConfig
 from .hooks import Hooks
 from .run import Recipe, Run
-from .saving import save_checkpoint, save_final, save_stopped
+from .saving import save_beside, save_checkpoint, save_final, save_stopped
 from .setup import mark, setup
 from .step import check_finite, optimizer_step, predict_loss
 
@@ -47,7 +48,7 @@ def train(config: TrainConfig, recipe: Recipe, hooks: Hooks | None = None) -> Pa
     run.accelerator.wait_for_everyone()
     mark("save")
     phase("saving")
-    path = save_final(run) if run.main else None
+    path = save_output(run) if run.main else None
     mark("done")
     if run.best_val_loss and run.main:  # the last line: where to look for the best checkpoint
         log.info("lowest validation loss %.5f at step %d (of %d)", *run.best_val_loss, run.max_steps)
@@ -93,10 +94,12 @@ def _steps(run: Run, hooks: Hooks, phase) -> str | None:
             pace.add(time.perf_counter() - t_step, run.max_steps - run.step)
             check_finite(run, logs)
             logs["s_per_step"] = time.perf_counter() - t_step  # the step alone: not the sampling and saving after it
+            early = False
             if _val_loss_due(run.config.validation_loss_steps, run, epoch_before):
                 phase("validating")
                 if (v := validation_loss(run)) is not None:
                     logs["val_loss"] = v
+                early = run.early_stop is not None and run.early_stop.due(run.accelerator)
             run.accelerator.log(logs, step=run.step)
             if hooks.on_step:
                 hooks.on_step(run.step, dict(logs, max_steps=run.max_steps))
@@ -104,6 +107,11 @@ def _steps(run: Run, hooks: Hooks, phase) -> str | None:
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
                             **({"val_loss": f"{logs['val_loss']:.4f}"} if "val_loss" in logs else {}))
             _after_step(run, phase, epoch_before)
+            if early and run.step < run.max_steps:
+                if run.main:
+                    log.info("early stopping at step %d: no lower validation loss in %d evaluations since step %d",
+                             run.step, run.early_stop.patience, run.best_val_loss[1])
+                return None
             if hooks.should_stop and (why := hooks.should_stop()) and run.step < run.max_steps:
                 return why if isinstance(why, str) else "stopped"
     return None
@@ -119,7 +127,8 @@ def _after_step(run: Run, phase, epoch_before: int):
     if config.validation_prompt and (new_epoch or run.step == run.max_steps):
         phase("sampling")
         if run.main:
-            run.samples = validation.validate(_sampling(run), run.epoch)
+            with evaluating(run):
+                run.samples = validation.validate(_sampling(run), run.epoch)
         run.accelerator.wait_for_everyone()
     if samples.due(config, run.step, epoch_before, run.epoch, last=run.step == run.max_steps):
         phase("sampling")
@@ -163,13 +172,39 @@ def validation_loss(run: Run) -> float | None:
     """The held-out loss (main process; the others wait and get None), tracking the lowest."""
     value = None
     if run.main:
-        value = heldout.loss(run.recipe.heldout, run.heldout_cache, partial(predict_loss, run, bare=True),
-                             run.frozen.noise_scheduler.config.num_train_timesteps, run.frozen.vae_scale,
-                             run.accelerator.device, run.parts)
-        if run.best_val_loss is None or value < run.best_val_loss[0]:
+        with evaluating(run):
+            value = heldout.loss(run.recipe.heldout, run.heldout_cache, partial(predict_loss, run, bare=True),
+                                 run.frozen.noise_scheduler.config.num_train_timesteps, run.frozen.vae_scale,
+                                 run.accelerator.device, run.parts)
+            improved = run.best_val_loss is None or value < run.best_val_loss[0]
+            if run.early_stop is not None:  # with the weights just evaluated
+                run.early_stop.record(improved, ema.params(run.parts))
+        if improved:
             run.best_val_loss = [value, run.step]
     run.accelerator.wait_for_everyone()
     return value
+
+
+@contextmanager
+def evaluating(run: Run):
+    """The weights to sample, validate and save with, for the time of a `with`: schedule-free's averaged ones
+    (optimizers.evaluating), the EMA (--use_ema); the trained ones back afterwards."""
+    with optimizers.evaluating(run.optimizer), ema.swapped_in(run.ema, run.parts):
+        yield
+
+
+def save_output(run: Run) -> Path:
+    """The output from the weights to use; beside it the EMA run's raw weights, the early-stopped run's last ones
+    (the output then holds the lowest validation loss's)."""
+    with optimizers.evaluating(run.optimizer):
+        if run.ema is not None:
+            save_beside(run, ema.RAW_NAME, "the trained weights; the output holds their EMA")
+        with ema.swapped_in(run.ema, run.parts):
+            if run.early_stop is not None and run.early_stop.best is not None:
+                save_beside(run, earlystop.LAST_NAME, f"the weights of the last step, {run.step}")
+                run.early_stop.restore_best(ema.params(run.parts))
+                log.info("the output holds the weights of step %d, the lowest validation loss", run.best_val_loss[1])
+            return save_final(run)
 
 
 def _sampling(run: Run) -> validation.Sampling:
@@ -181,5 +216,6 @@ def _sampling(run: Run) -> validation.Sampling:
 def _sample_round(run: Run):
     """One round of --sample_prompts on the main process; the others wait for it."""
     if run.main:
-        samples.write_round(_sampling(run), run.step)
+        with evaluating(run):
+            samples.write_round(_sampling(run), run.step)
     run.accelerator.wait_for_everyone()

@@ -62,6 +62,8 @@ class Run:
     samples: list = field(default_factory=list)  # the latest validation images, for the model card
     heldout_cache: Caches | None = None  # held-out images' latents, for the validation loss
     best_val_loss: list | None = None  # [loss, step] of the lowest validation loss so far
+    ema: object = None  # --use_ema: diffusers' EMAModel of the LoRA (ema.py)
+    early_stop: object = None  # --early_stopping_patience: earlystop.EarlyStop
 
     @property
     def main(self) -> bool:

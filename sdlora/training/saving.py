@@ -23,7 +23,9 @@ def save_checkpoint(run: Run, announce: bool = True) -> Path | None:
         path = checkpoint.save(run.config.output_dir, run.step, {k: c.bare for k, c in run.parts.items()},
                                run.optimizer, run.lr_scheduler, getattr(run.accelerator, "scaler", None), run.seed,
                                run.settings, run.config.checkpoints_total_limit, run.best_val_loss,
-                               {k: adalora.state(c.tuner) for k, c in run.parts.items() if c.tuner is not None})
+                               {k: adalora.state(c.tuner) for k, c in run.parts.items() if c.tuner is not None},
+                               {k: v.state_dict() for k, v in (("ema", run.ema), ("early_stopping", run.early_stop))
+                                if v is not None})
         if path and announce:
             log.info("saved %s", path)
     return path
@@ -51,6 +53,20 @@ def save_final(run: Run) -> Path:
              path.stat().st_size / 1e6, reader, kohya_file.name)
     for f in (path, kohya_file):  # which loader applies which file whole (sdlora inspect's table, in one line each)
         log.info("%s: %s", f.name, loaders.where(loaders.read_file(f, formats.load_lora(f))))
+    return path
+
+
+def save_beside(run: Run, name: str, what: str) -> Path:
+    """The LoRA as it is now, in diffusers' layout with the header, as `name` beside the output (main process): the
+    raw weights of an EMA run, the last step's of an early-stopped one; `what` says which in the log."""
+    c = run.config
+    path, record = c.output_dir / name, manifest.Manifest(c.output_dir)
+    record.will_write(name)  # only sdlora's own files are replaced
+    facts = summarize(run, weights.kohya_name(c.output_dir)).facts()
+    weights.save(path, {k: (p.bare, p.lora_config, p.initial) for k, p in run.parts.items()}, facts,
+                 models.torch_dtype(c.save_precision))
+    record.wrote(name)
+    log.info("saved %s (%s)", path, what)
     return path
 
 

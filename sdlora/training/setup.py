@@ -15,7 +15,8 @@ from .. import models, quantize
 from ..bases import load as bases
 from ..data.trainset import StreamSampler, TrainSet, loader
 from ..lora import adalora
-from . import checkpoint, conditioning, diskcache, heldout, interrupt, manifest, resume, sd3run, trainable
+from . import (checkpoint, conditioning, diskcache, earlystop, ema, heldout, interrupt, manifest, optimizers, resume,
+               sd3run, trainable)
 from .caches import Caches, all_captions
 from .caches import plan as cache_plan
 from .config import TrainConfig
@@ -63,16 +64,18 @@ def setup(config: TrainConfig, recipe: Recipe, hooks: Hooks | None = None) -> Ru
     if hooks and hooks.on_trainable:
         hooks.on_trainable(trained.parts)
     best = resume_state(plan, trained, accelerator)
+    averaged, stopper = outcome_state(config, plan.ckpt, trained.parts)
     start_logging(config, recipe, accelerator, trained, weight_dtype, plan)
     batches = loader(recipe.data, plan.seed, plan.sampler, pixels=not frozen.latents_cached,
                      workers=0 if frozen.latents_cached else config.dataloader_num_workers)
     for c in trained.parts.values():
         c.module.train()
+    optimizers.stepping(trained.optimizer)
     return Run(config=config, recipe=recipe, accelerator=accelerator, seed=plan.seed, settings=plan.settings,
                weight_dtype=weight_dtype, frozen=frozen, caches=caches, parts=trained.parts,
                optimizer=trained.optimizer, lr_scheduler=trained.lr_scheduler, sampler=plan.sampler,
                batches=iter(batches), max_steps=plan.max_steps, num_epochs=plan.num_epochs, step=plan.step,
-               heldout_cache=held, best_val_loss=best)
+               heldout_cache=held, best_val_loss=best, ema=averaged, early_stop=stopper)
 
 
 def make_accelerator(config: TrainConfig):
@@ -221,6 +224,18 @@ def resume_state(plan: Plan, trained: trainable.Trainable, accelerator) -> list 
     if accelerator.is_main_process:
         log.info("resumed from %s at step %d", ckpt.path, plan.step)
     return ckpt.best_val_loss
+
+
+def outcome_state(config: TrainConfig, ckpt, parts: dict):
+    """(the EMA, the early stopping) of the run (None where off), as the checkpoint it resumes from left them."""
+    averaged = ema.create(config, parts)
+    stopper = earlystop.EarlyStop(config.early_stopping_patience) if config.early_stopping_patience else None
+    states = (ckpt.states or {}) if ckpt else None
+    if states is not None and averaged is not None:
+        ema.load(averaged, states.get("ema"), ckpt.path)
+    if states is not None and stopper is not None and "early_stopping" in states:
+        stopper.load_state_dict(states["early_stopping"])
+    return averaged, stopper
 
 
 def start_logging(config: TrainConfig, recipe: Recipe, accelerator, trained: trainable.Trainable, weight_dtype,

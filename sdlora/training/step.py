@@ -13,7 +13,8 @@ import torch
 
 from ..errors import UserError
 from ..lora import adalora
-from . import checkpoint, conditioning, losses, sd3run
+from . import checkpoint, conditioning, ema, losses, sd3run
+from . import noise as noise_ops
 from .caches import latent_mask
 from .run import Run
 
@@ -50,20 +51,25 @@ def _denoising_loss(run: Run, posterior: torch.Tensor, mask, captions: list[str]
     lat = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn(mean.shape, generator=gen)
     lat = (lat * run.frozen.vae_scale).to(device)
     noise = torch.randn(lat.shape, generator=gen)
-    if run.config.noise_offset:
-        noise += run.config.noise_offset * torch.randn((lat.shape[0], lat.shape[1], 1, 1), generator=gen)
-    noise = noise.to(device)
-    sched = run.frozen.noise_scheduler
-    t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=gen).to(device)
-    return predict_loss(run, lat, noise, t, captions, geometry, None if mask is None else mask.to(device))
+    c, sched = run.config, run.frozen.noise_scheduler
+    if c.noise_offset:
+        noise += c.noise_offset * torch.randn((lat.shape[0], lat.shape[1], 1, 1), generator=gen)
+    if c.multires_noise_iterations:
+        noise = noise_ops.multires(noise, c.multires_noise_iterations, c.multires_noise_discount, gen)
+    t = noise_ops.timesteps(lat.shape[0], sched.config.num_train_timesteps, c.min_timestep, c.max_timestep, gen)
+    noised = noise_ops.perturbed(noise, c.ip_noise_gamma, c.ip_noise_gamma_random_strength, gen)
+    return predict_loss(run, lat, noise.to(device), t.to(device), captions, geometry,
+                        None if mask is None else mask.to(device),
+                        noised=None if noised is noise else noised.to(device))
 
 
-def predict_loss(run: Run, lat, noise, t, captions: list[str], geometry, mask, bare: bool = False) -> torch.Tensor:
-    """The UNet's per-sample loss on `lat` noised with `noise` at timesteps `t`; `geometry`: each row's size
-    and crop (SDXL's time ids). `bare`: the models without their DDP wrapper (the held-out loss runs on the
-    main process alone)."""
+def predict_loss(run: Run, lat, noise, t, captions: list[str], geometry, mask, bare: bool = False,
+                 noised=None) -> torch.Tensor:
+    """The UNet's per-sample loss on `lat` noised with `noise` at timesteps `t` (with `noised` instead where given:
+    input perturbation); `geometry`: each row's size and crop (SDXL's time ids). `bare`: the models without their
+    DDP wrapper (the held-out loss runs on the main process alone)."""
     device, sched, dtype = run.accelerator.device, run.frozen.noise_scheduler, run.weight_dtype
-    noisy = sched.add_noise(lat, noise, t)
+    noisy = sched.add_noise(lat, noise if noised is None else noised, t)
     if run.caches.embeds is not None:
         text = run.caches.embeddings(captions)
     else:
@@ -73,7 +79,8 @@ def predict_loss(run: Run, lat, noise, t, captions: list[str], geometry, mask, b
     with run.accelerator.autocast():
         pred = unet(noisy.to(dtype), t, text.embeds.to(device, dtype), return_dict=False,
                     **conditioning.unet_kwargs(text, geometry, device, dtype))[0]
-    return losses.per_sample_loss(pred, losses.target(sched, lat, noise, t), sched, t, run.config.snr_gamma, mask)
+    return losses.per_sample_loss(pred, losses.target(sched, lat, noise, t), sched, t, run.config.snr_gamma, mask,
+                                  run.config)
 
 
 def optimizer_step(run: Run) -> dict:
@@ -101,6 +108,8 @@ def optimizer_step(run: Run) -> dict:
     run.optimizer.step()
     if not acc.optimizer_step_was_skipped:  # fp16 overflow: GradScaler skipped the step
         run.lr_scheduler.step()
+        if run.ema is not None:
+            run.ema.step(ema.params(run.parts))
     tuners = [c.tuner for c in run.parts.values() if c.tuner is not None]
     if tuners:  # AdaLoRA scores each rank by |weight * grad|: after the step, before the gradients are cleared
         logs["adalora_ranks"] = sum(adalora.update(t, run.step) for t in tuners)

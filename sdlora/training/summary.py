@@ -10,7 +10,7 @@ from ..bases import hashes
 from ..data.trainset import TrainSet
 from ..lora import card, inject
 from ..output.facts import RunSummary, own_settings
-from . import sd3run
+from . import earlystop, sd3run
 from .run import Recipe, Run
 
 log = logging.getLogger("sdlora")
@@ -54,7 +54,8 @@ def summarize(run: Run, kohya_file: str) -> RunSummary:
         zero_terminal_snr=c.zero_terminal_snr or None,
         quantize_base=c.quantize_base if c.quantize_base != "none" else None,
         best_val_loss=(f"{run.best_val_loss[0]:.5f} at step {run.best_val_loss[1]} "
-                       f"({len(recipe.heldout.used_rows())} held-out images)") if run.best_val_loss else None,
+                       f"({len(recipe.heldout.used_rows())} held-out images)"
+                       f"{_early_note(run)}") if run.best_val_loss else None,
         license=base_license(c.base_name, c.base, c.family), settings={n: getattr(c, n) for n in own_settings()},
     )
 
@@ -99,3 +100,10 @@ def _dataset_dirs(recipe: Recipe) -> dict | None:
                             {"n_repeats": r.repeats, "img_count": 0})
         d["img_count"] += 1
     return dirs
+
+
+def _early_note(run: Run) -> str:
+    """--early_stopping_patience: which step the saved weights are from."""
+    if run.early_stop is None or run.early_stop.best is None:
+        return ""
+    return f"; the weights are this step's (early stopping; the last step's are in {earlystop.LAST_NAME})"

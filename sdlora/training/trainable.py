@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..lora import adalora, inject
-from . import conditioning, sd3run
+from . import conditioning, optimizers, sd3run
 from .config import TrainConfig, adalora_schedule
 from .run import Component
 
@@ -45,7 +45,7 @@ def build(config: TrainConfig, accelerator, unet, text_encoders: dict, lr: float
                 model.gradient_checkpointing_enable()
     if config.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
-    optimizer, lr_scheduler = _optimizer(config, params, lr, max_steps)
+    optimizer, lr_scheduler = optimizers.build(config, {n: m for n, (m, _) in trained.items()}, params, lr, max_steps)
     prepared = accelerator.prepare(*[m for m, _ in trained.values()], optimizer)
     parts = {name: Component(configs[name], module, accelerator.unwrap_model(module), params[name], initial.get(name),
                              tuners.get(name)) for name, module in zip(trained, prepared[:-1])}
@@ -71,24 +71,3 @@ def _inject(config: TrainConfig, trained: dict, max_steps: int):
         if config.init_lora_weights != "gaussian":  # before a resume loads the checkpoint's weights over them
             initial[name] = inject.initial_weights(model)
     return configs, params, initial, tuners
-
-
-def _optimizer(config: TrainConfig, params: dict, lr: float, max_steps: int):
-    """AdamW (8-bit with --use_8bit_adam) over the UNet's and the text encoders' LoRA, and its LR schedule."""
-    from diffusers.optimization import get_scheduler
-
-    te_decay = config.adam_weight_decay if config.adam_weight_decay_text_encoder is None \
-        else config.adam_weight_decay_text_encoder
-    groups = [{"params": params["unet"], "lr": lr}] + [
-        {"params": params[n], "lr": config.text_encoder_lr or lr, "weight_decay": te_decay} for n in params if n != "unet"]
-    kw = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
-              eps=config.adam_epsilon)
-    if config.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(groups, **kw)
-    else:
-        optimizer = torch.optim.AdamW(groups, **kw)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=max_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)
-    return optimizer, lr_scheduler

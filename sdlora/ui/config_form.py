@@ -10,18 +10,21 @@ from pathlib import Path
 from ..errors import UserError
 from ..io import write_bytes
 from ..recipes import RECIPES, configfile, presets
+from ..training.optimizers import KINDS, kind_of
 from ..training.runconfig import NAME as RUN_CONFIG
 
 # The form's own fields besides the main flags (train_tab.MAIN_FLAGS) and the labelled advanced ones (ADVANCED).
 FIELDS = ("recipe", "base", "base_config", "data_dir", "instance_prompt", "output_dir", "lora_type", "mixed_precision",
           "extra")
-# Advanced settings shown as labelled fields: flag -> label. (Clip skip and the optimizer choice are being added as
-# settings on main; when they land, each is one entry here and one in OPTIMIZERS/…: the form reads them generically.)
-ADVANCED = {"lr_scheduler": "LR schedule", "lora_alpha": "LoRA alpha", "text_encoder_lr": "Text-encoder LR"}
-OPTIMIZERS = {"AdamW": False, "AdamW 8-bit (bitsandbytes)": True}  # the optimizer field -> --use_8bit_adam
+# Advanced settings shown as labelled fields: flag -> label (a setting more is one entry here and one in
+# resolved_defaults; the form reads them generically).
+ADVANCED = {"lr_scheduler": "LR schedule", "lora_alpha": "LoRA alpha", "text_encoder_lr": "Text-encoder LR",
+            "clip_skip": "Clip skip", "loraplus_lr_ratio": "LoRA+ LR ratio"}
+OPTIMIZERS = [k.name for k in KINDS.values()]  # the optimizer field -> --optimizer (AdamW: the default, no flag)
 # Flags the form holds in fields of their own (never repeated under "more flags").
-OWN = {"pretrained_model_name_or_path", "base_config", "train_data_dir", "instance_data_dir", "instance_prompt", "output_dir",
-       "lora_type", "mixed_precision", "use_8bit_adam", "dataset_config", "sample_prompts", *ADVANCED}
+OWN = {"pretrained_model_name_or_path", "base_config", "train_data_dir", "instance_data_dir", "instance_prompt",
+       "output_dir", "lora_type", "mixed_precision", "use_8bit_adam", "optimizer", "dataset_config", "sample_prompts",
+       *ADVANCED}
 
 
 def form_values(recipe: str, args: argparse.Namespace, main_flags: list[str]) -> list:
@@ -45,7 +48,7 @@ def form_values(recipe: str, args: argparse.Namespace, main_flags: list[str]) ->
              args.mixed_precision or "default", shlex.join(extra)]
     shown += [_text(getattr(args, n, None)) for n in main_flags]
     shown += [_text(getattr(args, n, None)) for n in ADVANCED]
-    shown += [next(k for k, v in OPTIMIZERS.items() if v == bool(args.use_8bit_adam)),
+    shown += [kind_of(getattr(args, "optimizer", None), bool(args.use_8bit_adam)).name,
               getattr(args, "dataset_config", None) or ""]
     return shown
 
@@ -58,14 +61,15 @@ def advanced_flags(*values) -> list[str]:
     """The advanced fields (ADVANCED's, then the optimizer) as flags; blank ones are left to the recipe."""
     *named, optimizer = values
     flags = [w for n, v in zip(ADVANCED, named) if str(v or "").strip() for w in (f"--{n}", str(v).strip())]
-    return flags + ["--use_8bit_adam"] * bool(OPTIMIZERS.get(optimizer))
+    return flags + (["--optimizer", optimizer] if optimizer and optimizer != "AdamW" else [])
 
 
 def resolved_defaults(recipe: str) -> dict:
     """What each advanced field means when left blank: the recipe's default, or how it is worked out."""
     p = RECIPES[recipe].parser()
     return {"lr_scheduler": p.get_default("lr_scheduler"), "lora_alpha": "= rank (scale 1)",
-            "text_encoder_lr": "= learning rate"}
+            "text_encoder_lr": "= learning rate", "clip_skip": "1: the last layer (SD 1.x/2.x)",
+            "loraplus_lr_ratio": "off (LoRA+: B's rate = ratio x A's)"}
 
 
 def load(path: str, recipe: str, main_flags: list[str]) -> list:

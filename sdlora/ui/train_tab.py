@@ -294,7 +294,9 @@ def _advanced() -> dict:
             c["adv"] += [gr.Textbox("", label=label, placeholder=str(d[name]), max_lines=1, elem_id=f"train_{name}",
                                     min_width=100) for name, label in config_form.ADVANCED.items()
                          if name != "lr_scheduler"]
-            c["optimizer"] = gr.Dropdown(list(config_form.OPTIMIZERS), value="AdamW", label="Optimizer",
+            c["optimizer"] = gr.Dropdown(config_form.OPTIMIZERS, value="AdamW", label="Optimizer",
+                                         info='all but AdamW: pip install "sdlora[optimizers]"',
+                                         allow_custom_value=True,  # module.Class, as --optimizer takes it
                                          elem_id="train_optimizer", min_width=100)
         c["dataset_config"] = gr.Textbox(label="Dataset config (kohya TOML)", max_lines=1, elem_id="train_dataset_config",
                                          info="[[datasets]] / [[datasets.subsets]]: used instead of the Data folder "

@@ -1,7 +1,7 @@
 """The training configuration: every setting the loop reads, declared once with its default and its help.
 
-Settings are grouped by what they are about, one module each (base, run, data, optim, speed, lora, outputs, flow);
-`TrainConfig` is their union. A new group is a new module plus one base class below. A field made with
+Settings are grouped by what they are about, one module each (base, run, data, optim, noise, speed, lora, outcome,
+outputs, flow); `TrainConfig` is their union. A new group is a new module plus one base class below. A field made with
 `setting(...)` is also a command-line flag of the same name (or metadata "flag"): the CLI generates the flag
 from the field (sdlora/cli/flags.py), so its default and help live there only. Tags in the metadata say what
 else a setting is: "resume" ("must match" / "optional": recorded in checkpoints, see fields_tagged), "card"
@@ -19,7 +19,9 @@ from .data import DataSettings
 from .declare import LR_SCHEDULERS, MUST_MATCH, OPTIONAL, flag_name, setting
 from .flow import FlowSettings
 from .lora import LoraSettings
+from .noise import NoiseSettings
 from .optim import OptimSettings
+from .outcome import OutcomeSettings
 from .outputs import OutputSettings
 from .run import RunSettings
 from .speed import SpeedSettings
@@ -29,11 +31,11 @@ __all__ = ["TrainConfig", "LR_SCHEDULERS", "MUST_MATCH", "OPTIONAL", "setting", 
 
 
 # Dataclasses order inherited fields from the last base to the first, so the groups are listed last-first:
-# the fields (and so --help, the card and the header) read base model, run, data, optim, speed, LoRA, outputs,
-# then SD3's flow settings.
+# the fields (and so --help, the card and the header) read base model, run, data, optim, noise, speed, LoRA, outcome,
+# outputs, then SD3's flow settings.
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(FlowSettings, OutputSettings, LoraSettings, SpeedSettings, OptimSettings, DataSettings, RunSettings,
-                  BaseSettings):
+class TrainConfig(FlowSettings, OutputSettings, OutcomeSettings, LoraSettings, SpeedSettings, NoiseSettings,
+                  OptimSettings, DataSettings, RunSettings, BaseSettings):
     def tracker_config(self) -> dict:
         """What the experiment trackers record (plain values only; the token is never part of a config)."""
         return {k: v if isinstance(v, (int, float, str, bool)) else str(v)

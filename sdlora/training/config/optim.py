@@ -1,4 +1,5 @@
-"""Settings of the optimisation: learning rate and its schedule, the loss's weighting, the optimizer."""
+"""Settings of the optimisation: learning rate and its schedule, the loss's weighting, the optimizer and its
+arguments, LoRA+."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,3 +31,30 @@ class OptimSettings:
         help="weight decay of the text encoders' LoRA (default: --adam_weight_decay)", resume=OPTIONAL)
     adam_epsilon: float = setting(1e-8, "AdamW's epsilon", resume=MUST_MATCH)
     max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", resume=MUST_MATCH)
+    optimizer: str | None = setting(
+        help="the optimizer (default: AdamW), by diffusers' name (adamw, prodigy) or kohya's --optimizer_type (AdamW, "
+             "AdamW8bit, PagedAdamW8bit, Lion, Lion8bit, Prodigy, Adafactor, AdamWScheduleFree, RAdamScheduleFree, "
+             "CAME, SGDNesterov) or any module.Class; any but AdamW: pip install \"sdlora[optimizers]\"",
+        aliases=("optimizer_type",), resume=OPTIONAL, card="optimizer", header="ss_optimizer")
+    optimizer_args: tuple | None = setting(
+        help="the optimizer's keyword arguments as key=value (Python literals, kohya's --optimizer_args), e.g. "
+             "weight_decay=0.01 betas=(0.9,0.99); they override the --adam_* and --prodigy_* flags",
+        nargs="*", metavar="KEY=VALUE", resume=OPTIONAL, card="optimizer arguments")
+    unet_lr: float | None = setting(help="the UNet LoRA's learning rate (kohya's; default: --learning_rate)",
+                                    resume=OPTIONAL, header="ss_unet_lr")
+    prodigy_beta3: float | None = setting(help="Prodigy's beta3 (step size coefficient; default: sqrt(beta2))",
+                                          resume=OPTIONAL)
+    prodigy_decouple: bool = setting(True, "Prodigy: AdamW-style decoupled weight decay (true/false)",
+                                     resume=OPTIONAL)
+    prodigy_use_bias_correction: bool = setting(True, "Prodigy: Adam's bias correction (true/false)",
+                                                resume=OPTIONAL)
+    prodigy_safeguard_warmup: bool = setting(True, "Prodigy: leave the LR out of the D estimate during warm-up "
+                                                   "(true/false)", resume=OPTIONAL)
+    loraplus_lr_ratio: float | None = setting(
+        help="LoRA+: the LoRA B (up) matrices learn this many times faster than A, e.g. 16 (peft's LoRA+ groups)",
+        resume=OPTIONAL, header="ss_loraplus_lr_ratio")
+    loraplus_unet_lr_ratio: float | None = setting(help="LoRA+ ratio of the UNet (default: --loraplus_lr_ratio)",
+                                                   resume=OPTIONAL, header="ss_loraplus_unet_lr_ratio")
+    loraplus_text_encoder_lr_ratio: float | None = setting(
+        help="LoRA+ ratio of the text encoders (default: --loraplus_lr_ratio)", resume=OPTIONAL,
+        header="ss_loraplus_text_encoder_lr_ratio")
