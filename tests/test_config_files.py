@@ -130,13 +130,16 @@ def test_file_values_are_checked_as_flags_and_the_command_line_wins(tmp_path, ca
     assert "rank = 4.5: not a valid int (as --rank)" in error(base + "rank = 4.5\n")
     assert "lr_scheduler = \"cosin\": one of linear, cosine" in error(base + 'lr_scheduler = "cosin"\n')
     assert "center_crop = \"yes\": true or false" in error(base + 'center_crop = "yes"\n')
+    assert "prodigy_decouple = 2" in error(base + "prodigy_decouple = 2\n")  # a true/false word flag takes a bool
+    cfg.write_text(base + "prodigy_decouple = false\n")
+    assert t2i.parse_args(["--config_file", str(cfg)]).prodigy_decouple is False
     assert "rank is set twice" in error(base + "rank = 4\n[network]\nrank = 8\n")
     assert "not valid TOML" in error("rank = \n")
     # kohya settings sdlora has no equivalent for: one line each, naming them
-    said = error(base + 'clip_skip = 2\nsave_every_n_epochs = 1\nnetwork_module = "lycoris.kohya"\n'
+    said = error(base + 'max_token_length = 150\nsave_every_n_epochs = 1\nnetwork_module = "lycoris.kohya"\n'
                         'network_args = ["algo=glora", "conv_dim=4"]\noptimizer_type = "Prodigy"\n').splitlines()
     assert len(said) == 4 and all(str(cfg) in line for line in said), said  # Prodigy: kohya's name, taken
-    assert [k for k in ("clip_skip", "save_every_n_epochs", "algo=glora", "conv_dim=4")
+    assert [k for k in ("max_token_length", "save_every_n_epochs", "algo=glora", "conv_dim=4")
             if not any(k in line for line in said)] == []
     # the file's value under the command line's, lists and kohya's sections
     cfg.write_text(base + "rank = 8\nlearning_rate = 3e-4\n[training_arguments]\nflip_aug = true\n"

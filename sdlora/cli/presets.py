@@ -8,9 +8,10 @@ def _presets_cli(args):
     rows = [(n, presets.about(n)) for n in presets.names()]
     width = max(len(n) for n, _ in rows)
     for name, info in rows:
-        print(f"{name:<{width}}  {info['label']:>6}  {info['recipe']:<13}  {info['about']}")
+        peak = info["predicted"].split(" (")[0] or "?"
+        print(f"{name:<{width}}  {info['label']:>6}  predicted {peak:>9}  {info['recipe']:<13}  {info['about']}")
     print("use: sdlora train RECIPE --preset NAME [flags]; flags and --config_file override the preset "
-          "(GPU memory labels: see docs/config-files.md#presets)")
+          "(predicted: the GPU peak benchmarks/gpu_memory.py --presets predicts; docs/config-files.md#presets)")
 
 
 def register(sub):

@@ -138,6 +138,8 @@ def check_value(action: argparse.Action, key: str, v, where: str):
     """`v` as its flag would take it (a comma-separated list flag also takes a TOML list); a wrong type or a value
     outside the choices is one line."""
     switch = action.nargs == 0
+    if isinstance(v, bool) and not switch and _takes_words(action):  # a true/false-word flag (--prodigy_decouple)
+        v = str(v)
     if switch != isinstance(v, bool):
         raise UserError(f"{where}: {key} = {tomlfile.value(v) if not isinstance(v, dict) else '{…}'}: "
                         + ("true or false" if switch else "a value, not true/false") + f" (as --{key})")
@@ -160,6 +162,14 @@ def check_value(action: argparse.Action, key: str, v, where: str):
         if action.choices is not None and checked not in action.choices:
             raise UserError(f"{where}: {key} = {tomlfile.value(x)}: one of {', '.join(map(str, action.choices))}")
     return items if many else items[0]
+
+
+def _takes_words(action: argparse.Action) -> bool:
+    """Whether a flag that takes a value takes true/false as words (a setting on by default)."""
+    try:
+        return action.type is not None and isinstance(action.type("true"), bool)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        return False
 
 
 def to_argv(p: argparse.ArgumentParser, values: dict) -> list[str]:

@@ -25,8 +25,9 @@ def path(name: str) -> Path:
 
 def about(name: str) -> dict:
     """The preset's opening comment: {"about": its first line, and its `# key: value` lines ("label": the GPU memory it
-    is meant for, e.g. "8 GB"; "recipe": text-to-image or dreambooth; "arch": sd15 or sdxl)}."""
-    info = {"about": "", "label": "", "recipe": "text-to-image", "arch": "sd15"}
+    is meant for, e.g. "8 GB"; "recipe": text-to-image or dreambooth; "arch": sd15 or sdxl; "predicted": the GPU
+    peak benchmarks/gpu_memory.py --presets predicts for it, e.g. "6.55 GiB (…)")}."""
+    info = {"about": "", "label": "", "recipe": "text-to-image", "arch": "sd15", "predicted": ""}
     for line in path(name).read_text(encoding="utf-8").splitlines():
         if not line.startswith("#"):
             break
