@@ -11,9 +11,13 @@ import torch
 from .. import models, sd3base, sd3models
 from ..errors import UserError
 from . import flow, frozen, sd3cond
-from .config import TrainConfig
+from .config import TrainConfig, default_of
 
 log = logging.getLogger("sdlora")
+# The UNet families' noise and loss settings (config/noise.py, and the SNR / offset ones): SD3 refuses them set.
+UNET_LOSS_SETTINGS = ("snr_gamma", "noise_offset", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
+                      "max_timestep", "loss_type", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred",
+                      "v_pred_like_loss", "zero_terminal_snr")
 
 
 @dataclass
@@ -24,16 +28,25 @@ class Sd3Frozen(frozen.Frozen):
     joint_dim: int = 0  # the transformer's joint attention width: T5's tokens are zeros of it with --drop_t5
 
 
-def load_frozen(config: TrainConfig, device, weight_dtype: torch.dtype, main: bool) -> Sd3Frozen:
-    """Tokenizers, the FlowMatch schedule, the text encoders (T5 left out with --drop_t5) and the VAE, frozen."""
-    c = config
+def refuse_unsupported(c: TrainConfig):
+    """What SD3 runs do not do yet, or do otherwise, as one line each (before any model loads)."""
     drawn = [f for f in ("validation_prompt", "sample_prompts") if getattr(c, f, None)]
     if drawn:  # sampling during training goes through the SD 1.x/XL pipelines (validation.py) for now
         raise UserError(f"--{drawn[0]}: images during training are not drawn for SD3 bases yet; drop it and draw "
                         f"them afterwards with `sdlora generate`")
+    unused = [f for f in UNET_LOSS_SETTINGS if getattr(c, f) != default_of(f)]
+    if unused:  # the rectified-flow loss has its own weighting (--weighting_scheme); these are the UNet loss's
+        raise UserError(f"--{unused[0]}: a UNet noise/loss option, not used by SD3's rectified-flow loss; drop it (SD3 "
+                        "weighs timesteps with --weighting_scheme)")
     if c.lora_type != "lora" or c.init_lora_weights != "gaussian":
         raise UserError(f"--lora_type {c.lora_type} / --init_lora_weights {c.init_lora_weights}: SD3 bases train plain "
                         "LoRA (gaussian init) for now; drop the flag")
+
+
+def load_frozen(config: TrainConfig, device, weight_dtype: torch.dtype, main: bool) -> Sd3Frozen:
+    """Tokenizers, the FlowMatch schedule, the text encoders (T5 left out with --drop_t5) and the VAE, frozen."""
+    c = config
+    refuse_unsupported(c)
     load = dict(revision=c.revision, cache_dir=c.cache_dir)
     kw = dict(load, variant=c.variant, allow_pickle=c.allow_pickle, dtype=weight_dtype)
     names = sd3base.TEXT_ENCODERS
