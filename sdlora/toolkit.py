@@ -119,10 +119,11 @@ def merge_files(specs, out, rank=None, to=None, dtype=None, overwrite: bool = Fa
 
 
 def extract_file(base, tuned, rank: int, out, to: str = "diffusers", dtype=None, text_encoder: bool = True,
-                 overwrite: bool = False, allow_pickle: bool = False) -> str:
-    """A LoRA approximating tuned - base at `rank`, written to `out`."""
+                 overwrite: bool = False, allow_pickle: bool = False, base_config=None) -> str:
+    """A LoRA approximating tuned - base at `rank`, written to `out`; a single-file model loads with `base_config`."""
     guard(out, base, tuned)
     formats.check_output(out, to, overwrite)
-    lora, kept = extract(base, tuned, rank, text_encoder=text_encoder, allow_pickle=allow_pickle)
+    lora, kept = extract(base, tuned, rank, text_encoder=text_encoder, allow_pickle=allow_pickle,
+                         base_config=base_config)
     file = formats.save_lora(lora, out, to, dtype)
     return "\n".join(kept_lines(kept, rank) + [f"extracted {len(lora.modules)} layers into {file}"])

@@ -74,7 +74,7 @@ def runs(files, data, tmp_path_factory):
     return trained
 
 
-@pytest.mark.parametrize("family,script", [("sd1", T2I), ("sdxl", T2I), ("sd1", DREAMBOOTH)])
+@pytest.mark.parametrize("family,script", [("sd1", T2I), ("sdxl", T2I), ("sd1", DREAMBOOTH), ("sdxl", DREAMBOOTH)])
 def test_a_single_file_trains_the_same_lora_as_its_folder(files, runs, family, script):
     path, _ = files[family]
     tmp_path = runs(family, script).parent
@@ -159,6 +159,56 @@ def test_an_unmodified_diffusers_pipeline_loads_the_file_and_the_lora(files, run
     before = draw()
     pipe.load_lora_weights(str(out))
     assert pipe.get_active_adapters() and not np.allclose(before, draw())
+
+
+def test_extract_from_single_files_is_the_lora_their_folders_give(files, tmp_path):
+    """`sdlora extract` with a single-file base and tuned model (one --base_config for both) writes the very LoRA
+    the two diffusers folders give."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora import models
+    from sdlora.cli import main
+
+    path, folder = files["sd1"]
+    pipe, tuned = StableDiffusionPipeline.from_pretrained(models.resolve_base(folder)), tmp_path / "tuned"
+    torch.manual_seed(1)
+    for model in (pipe.unet, pipe.text_encoder):  # the same model, its query projections changed
+        for name, p in model.named_parameters():
+            if name.endswith(("to_q.weight", "q_proj.weight")):
+                p.data += 0.05 * torch.randn_like(p)
+    pipe.save_pretrained(str(tuned))
+    tuned_file, _ = ldm.write(tuned, tmp_path / "tuned.safetensors")
+    assert main(["extract", "--base", str(path), "--tuned", str(tuned_file), "--base_config", folder, "--rank", "2",
+                 str(tmp_path / "file.safetensors")]) == 0
+    assert main(["extract", "--base", models.resolve_base(folder), "--tuned", str(tuned), "--rank", "2",
+                 str(tmp_path / "folder.safetensors")]) == 0
+    a, b = (read_lora(tmp_path / f"{n}.safetensors")[0] for n in ("file", "folder"))
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder") for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert main(["extract", "--base", folder, "--tuned", str(tuned), "--base_config", folder, "--rank", "2",
+                 str(tmp_path / "no.safetensors")]) == 2  # --base_config beside two folders: one line
+    assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_fuse_onto_a_single_file_writes_the_folders_fused_pipeline(files, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora import models
+    from sdlora.cli import main
+    from sdlora.testing import demo_lora
+
+    path, folder = files["sd1"]
+    lora = demo_lora(tmp_path / "lora", base=models.resolve_base(folder))
+    assert main(["fuse", "--base", str(path), "--base_config", folder, "--lora", f"{lora}:0.8",
+                 "--out", str(tmp_path / "file")]) == 0
+    assert main(["fuse", "--base", folder, "--lora", f"{lora}:0.8", "--out", str(tmp_path / "folder")]) == 0
+    a, b, base = (StableDiffusionPipeline.from_pretrained(str(d)) for d in (tmp_path / "file", tmp_path / "folder",
+                                                                            models.resolve_base(folder)))
+    for part in ("unet", "text_encoder", "vae"):
+        got, want = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), part
+    plain = base.unet.state_dict()
+    assert any(not torch.equal(v, plain[k]) for k, v in a.unet.state_dict().items())  # the LoRA is in it
 
 
 def _bad(tmp_path, name, content):

@@ -9,6 +9,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_images
 
@@ -157,7 +158,7 @@ def form(data, out, extra=""):
     """do_start's arguments after `resume`: the Train form with the recipe's own defaults (blank main flags)."""
     from sdlora.ui.train_tab import MAIN_FLAGS
 
-    return ["text-to-image", "sdlora-tiny", str(data), "", str(out), "lora", "default", extra, "",
+    return ["text-to-image", "sdlora-tiny", "", str(data), "", str(out), "lora", "default", extra, "",
             *[""] * len(MAIN_FLAGS)]
 
 
@@ -209,7 +210,7 @@ def test_dreambooth_class_images_go_where_the_command_line_puts_them(tmp_path):
     from sdlora.ui.train_tab import MAIN_FLAGS, checked_flags
 
     data, out = make_images(tmp_path / "data", n=2), tmp_path / "out"
-    form = ["sdlora-tiny", str(data), "a photo of sks square", str(out), "lora", "default"]
+    form = ["sdlora-tiny", "", str(data), "a photo of sks square", str(out), "lora", "default"]
     prior = "--with_prior_preservation --class_prompt 'a square'"
     flags = checked_flags("dreambooth", False, str(out), *form, prior, *[""] * len(MAIN_FLAGS))
     assert "--class_data_dir" not in flags
@@ -233,7 +234,7 @@ def test_dreambooth_preview_shows_the_captions_the_run_trains_on(tmp_path):
 
     data, out = make_images(tmp_path / "data", n=3), tmp_path / "out"
     (data / "img2.txt").unlink()
-    form = ["sdlora-tiny", str(data), "a photo of sks square", str(out), "lora", "default"]
+    form = ["sdlora-tiny", "", str(data), "a photo of sks square", str(out), "lora", "default"]
     shown = {}
     for extra in ("--instance_captions", ""):
         flags = checked_flags("dreambooth", False, str(out), *form, extra, *[""] * len(MAIN_FLAGS))
@@ -279,6 +280,80 @@ def test_dataset_tab_bulk_edits_then_saves_only_changed_captions(tmp_path):
     assert status == "saved 0 caption(s)" and (data / "img1.txt").stat().st_mtime_ns > before
     *_, status = do_save(str(data), False, [["../outside.png", "x"]])
     assert status.startswith("error: ../outside.png: not an image of") and not (tmp_path / "outside.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory):
+    """The bundled tiny model as one original-layout .safetensors checkpoint (`sdlora make-tiny --single-file`'s
+    layout), and the folder whose configs it loads with."""
+    from sdlora.bases import ldm
+
+    return ldm.write("sdlora-tiny", tmp_path_factory.mktemp("single") / "tiny.safetensors")[0], "sdlora-tiny"
+
+
+def test_train_form_passes_a_single_file_and_its_base_config_as_the_command_line_does(single_file, tmp_path):
+    from sdlora.recipes import RECIPES
+    from sdlora.ui import config_form
+    from sdlora.ui.train_tab import MAIN_FLAGS, checked_flags, do_preview, do_save_config
+
+    path, configs = single_file
+    data, out = make_images(tmp_path / "data", n=2), tmp_path / "out"
+    form = [str(path), f" {configs} ", str(data), "", str(out), "lora", "default", ""]
+    flags = checked_flags("text-to-image", False, str(out), *form, *[""] * len(MAIN_FLAGS))
+    args = RECIPES["text-to-image"].parse_args(flags)
+    cli = RECIPES["text-to-image"].parse_args(["--pretrained_model_name_or_path", str(path), "--base_config", configs,
+                                               "--train_data_dir", str(data), "--output_dir", str(out)])
+    assert (args.pretrained_model_name_or_path, args.base_config) == (cli.pretrained_model_name_or_path,
+                                                                      cli.base_config) == (str(path), configs)
+    blank = checked_flags("text-to-image", False, str(out), form[0], "", *form[2:], *[""] * len(MAIN_FLAGS))
+    assert "--base_config" not in blank  # blank: left to the script, as leaving the flag out
+    *_, summary = do_preview("text-to-image", *form, *[""] * len(MAIN_FLAGS))
+    assert not summary.startswith("error") and not out.exists()
+    # the form restored from a run's flags (Load config, a reload) shows it in its box, not under "more flags"
+    shown = dict(zip(config_form.FIELDS, config_form.form_values("text-to-image", args, MAIN_FLAGS)))
+    assert (shown["base"], shown["base_config"]) == (str(path), configs) and "--base_config" not in shown["extra"]
+    # and Save config, then Load config (the TOML holds every setting, the SD3 ones too)
+    said = do_save_config(str(tmp_path / "run.toml"), "text-to-image", *form, *[""] * len(MAIN_FLAGS))
+    assert said.startswith("saved"), said
+    loaded = dict(zip(config_form.FIELDS, config_form.load(str(tmp_path / "run.toml"), "text-to-image", MAIN_FLAGS)))
+    assert {k: loaded[k] for k in ("base", "base_config", "extra")} == {k: shown[k] for k in ("base", "base_config",
+                                                                                           "extra")}
+
+
+def test_generate_from_a_single_file_draws_the_folders_image(single_file, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from sdlora.ui import generate_tab
+
+    monkeypatch.setattr(generate_tab, "served", str)
+    path, configs = single_file
+    drawn = {}
+    for name, base, base_config in (("file", str(path), configs), ("folder", configs, "")):
+        _, files, status = generate_tab.do_generate(base, base_config, "a red square", "", 3, 2, 5.0, 32, 32, "dpm++",
+                                                    "off", str(tmp_path / name), *[""] * (2 * generate_tab.LORA_SLOTS))
+        assert status.startswith("wrote"), status
+        drawn[name] = np.asarray(Image.open(files[0]))
+    assert np.array_equal(drawn["file"], drawn["folder"])
+    _, _, status = generate_tab.do_generate(configs, configs, "a red square", "", 3, 2, 5.0, 32, 32, "dpm++", "off",
+                                            str(tmp_path / "x"), *[""] * (2 * generate_tab.LORA_SLOTS))
+    assert status.startswith("error: base_config is for single-file checkpoints"), status
+
+
+def test_tools_extract_takes_a_single_file_base_with_its_configs(single_file, tmp_path):
+    from sdlora import models
+    from sdlora.cli import main
+    from sdlora.lora import formats
+    from sdlora.testing import demo_lora
+    from sdlora.ui.tools_tab import tool_extract
+
+    path, configs = single_file
+    tuned = tmp_path / "tuned"  # the base with a LoRA baked in
+    lora = demo_lora(tmp_path / "lora", base=models.resolve_base(configs))
+    assert main(["fuse", "--base", configs, "--lora", str(lora), "--out", str(tuned)]) == 0
+    said = tool_extract(str(path), str(tuned), configs, str(tmp_path / "x.safetensors"), 2, "diffusers")
+    assert said.splitlines()[-1].startswith("extracted") and formats.load_lora(tmp_path / "x.safetensors").modules
+    said = tool_extract(str(path), str(tuned), configs, str(tmp_path / "x.safetensors"), 2, "diffusers")
+    assert said.startswith("error:") and "already exists" in said
 
 
 def test_advanced_fields_carry_the_optimizer_clip_skip_and_loraplus_both_ways():

@@ -55,7 +55,10 @@ def register(sub):
     s.set_defaults(func=_generate_cli)
 
     s = sub.add_parser("fuse", help="write a full diffusers pipeline with LoRAs merged into its weights")
-    s.add_argument("--base", help="base model (default: the first LoRA's base_model)")
+    s.add_argument("--base", help="base model: a diffusers folder, Hub id or single-file checkpoint (default: the "
+                   "first LoRA's base_model)")
+    _flag(s, "base_config", metavar="DIR_OR_ID", help="for a single-file --base: a diffusers folder or Hub id of its "
+          "family, whose configs and tokenizers it loads with")
     s.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]",
                    help="LoRA folder, .safetensors file or Hub id, with an optional weight (repeatable)")
     s.add_argument("--dtype", choices=list(SAVE_PRECISIONS), help=DTYPE_HELP)
@@ -104,7 +107,7 @@ def _fuse_cli(args):
     if out.exists() and not (out.is_dir() and (args.overwrite or not any(out.iterdir()))):
         raise UserError(f"--out {out}: exists; choose another name" + (" or pass --overwrite" if out.is_dir() else ""))
     adapters = load_adapters(args.lora, base=args.base, scheduler="keep", device="cpu",
-                             dtype=args.dtype or "fp32", allow_pickle=args.allow_pickle)
+                             dtype=args.dtype or "fp32", allow_pickle=args.allow_pickle, base_config=args.base_config)
     fuse_loras(adapters.pipe, unload=True)
     with atomic_dir(args.out) as tmp:
         adapters.pipe.save_pretrained(str(tmp))

@@ -29,7 +29,7 @@ def _merge_cli(args):
 def _extract_cli(args):
     print(toolkit.extract_file(args.base, args.tuned, args.rank, args.out, args.to, args.dtype,
                                text_encoder=not args.unet_only, overwrite=args.overwrite,
-                               allow_pickle=args.allow_pickle))
+                               allow_pickle=args.allow_pickle, base_config=args.base_config))
 
 
 def _make_tiny_cli(args):
@@ -80,8 +80,11 @@ def register(sub):
 
     s = sub.add_parser("extract", help="a LoRA approximating the difference between two models (plain LoRA/LoCon "
                        "layers)")
-    s.add_argument("--base", required=True, help="the original model (diffusers folder, Hub id or bundled name)")
-    s.add_argument("--tuned", required=True, help="the fine-tuned model of the same architecture")
+    s.add_argument("--base", required=True, help="the original model (diffusers folder, Hub id, bundled name or "
+                   "single-file checkpoint)")
+    s.add_argument("--tuned", required=True, help="the fine-tuned model of the same architecture (either kind)")
+    s.add_argument("--base_config", "--base-config", metavar="DIR_OR_ID", help="for a single-file --base or --tuned: "
+                   "a diffusers folder or Hub id of its family, whose configs it loads with")
     s.add_argument("--rank", type=int, required=True, help="the LoRA's rank (higher: closer to the difference)")
     s.add_argument("--unet-only", action="store_true", help="ignore text-encoder differences")
     s.add_argument("out", help="the LoRA file or folder to write")

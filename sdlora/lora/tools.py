@@ -121,19 +121,25 @@ def merge(loras: list[tuple[Lora, float]], rank: int | None = None):
     return resize(merged, rank) if rank else (merged, {n: 1.0 for n in out})
 
 
-def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float = 1e-6, allow_pickle: bool = False):
+def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float = 1e-6, allow_pickle: bool = False,
+            base_config=None):
     """A LoRA approximating tuned - base for every Linear/Conv2d that differs (UNet, and the text encoders both
-    models have unless text_encoder=False); returns (LoRA, kept shares)."""
+    models have unless text_encoder=False); returns (LoRA, kept shares). Either model may be a single-file
+    checkpoint, loaded with `base_config` (bases.load)."""
     import torch
 
     from ..logs import quiet
 
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
+    single = {m: _single(m, base_config, allow_pickle) for m in (base, tuned)}  # checked before any weights load
+    if base_config and not any(single.values()):
+        raise UserError(f"--base_config is for single-file checkpoints; {base} and {tuned} hold their own configs: "
+                        f"drop --base_config")
     modules, kept = {}, {}
     for comp in ("unet", *TEXT_ENCODERS) if text_encoder else ("unet",):
         with quiet():
-            a, b = _component(base, comp, allow_pickle), _component(tuned, comp, allow_pickle)
+            a, b = (_component(m, comp, allow_pickle, single[m]) for m in (base, tuned))
         if a is None or b is None:
             continue
         tuned_layers = dict(b.named_modules())
@@ -158,13 +164,30 @@ def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float
     return Lora(modules, meta, "diffusers", str(tuned), base_model=str(base)), kept
 
 
-def _component(model, comp, allow_pickle: bool = False):
-    """A pipeline folder's UNet or text encoder; None for a text encoder the model does not have (SDXL's
-    second one in an SD 1.x/2.x folder)."""
+def _single(model, base_config, allow_pickle: bool):
+    """(file, configs, family) for a single-file checkpoint, else None; --base_config is for single files only."""
+    from ..bases import detect, load
+
+    if not detect.is_single_file(str(model)):
+        return None
+    return load.for_pipeline(model, base_config, allow_pickle)
+
+
+def _component(model, comp, allow_pickle: bool = False, single=None):
+    """A pipeline folder's (or a single file's: `single`, from `_single`) UNet or text encoder; None for a text
+    encoder the model does not have (SDXL's second one in an SD 1.x/2.x folder)."""
+    import torch
     import transformers
     from diffusers import UNet2DConditionModel
 
     cls = UNet2DConditionModel if comp == "unet" else getattr(transformers, TEXT_CLASSES[comp])
+    if single:
+        from ..bases import ldm, load
+
+        path, configs, family = single
+        if comp not in ("unet", *ldm.TEXT[family]):
+            return None
+        return load.component(cls, path, comp, configs, torch.float32, allow_pickle)
     try:  # safetensors only unless the user opts in: pickle weights can run code
         return cls.from_pretrained(str(model), subfolder=comp, use_safetensors=None if allow_pickle else True)
     except Exception as e:

@@ -14,15 +14,17 @@ from ..training.optimizers import KINDS, kind_of
 from ..training.runconfig import NAME as RUN_CONFIG
 
 # The form's own fields besides the main flags (train_tab.MAIN_FLAGS) and the labelled advanced ones (ADVANCED).
-FIELDS = ("recipe", "base", "data_dir", "instance_prompt", "output_dir", "lora_type", "mixed_precision", "extra")
+FIELDS = ("recipe", "base", "base_config", "data_dir", "instance_prompt", "output_dir", "lora_type", "mixed_precision",
+          "extra")
 # Advanced settings shown as labelled fields: flag -> label (a setting more is one entry here and one in
 # resolved_defaults; the form reads them generically).
 ADVANCED = {"lr_scheduler": "LR schedule", "lora_alpha": "LoRA alpha", "text_encoder_lr": "Text-encoder LR",
             "clip_skip": "Clip skip", "loraplus_lr_ratio": "LoRA+ LR ratio"}
 OPTIMIZERS = [k.name for k in KINDS.values()]  # the optimizer field -> --optimizer (AdamW: the default, no flag)
 # Flags the form holds in fields of their own (never repeated under "more flags").
-OWN = {"pretrained_model_name_or_path", "train_data_dir", "instance_data_dir", "instance_prompt", "output_dir",
-       "lora_type", "mixed_precision", "use_8bit_adam", "optimizer", "dataset_config", "sample_prompts", *ADVANCED}
+OWN = {"pretrained_model_name_or_path", "base_config", "train_data_dir", "instance_data_dir", "instance_prompt",
+       "output_dir", "lora_type", "mixed_precision", "use_8bit_adam", "optimizer", "dataset_config", "sample_prompts",
+       *ADVANCED}
 
 
 def form_values(recipe: str, args: argparse.Namespace, main_flags: list[str]) -> list:
@@ -40,7 +42,8 @@ def form_values(recipe: str, args: argparse.Namespace, main_flags: list[str]) ->
             continue
         flag = a.option_strings[0]
         extra += [flag] if a.nargs == 0 else [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
-    shown = [recipe, args.pretrained_model_name_or_path or "", getattr(args, data_flag, None) or "",
+    shown = [recipe, args.pretrained_model_name_or_path or "", getattr(args, "base_config", None) or "",
+             getattr(args, data_flag, None) or "",
              getattr(args, "instance_prompt", None) or "", args.output_dir or "", args.lora_type,
              args.mixed_precision or "default", shlex.join(extra)]
     shown += [_text(getattr(args, n, None)) for n in main_flags]

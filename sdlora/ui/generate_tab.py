@@ -14,20 +14,22 @@ from .files import served
 
 LORA_SLOTS = 4
 
-_loaded: dict = {}  # base -> pipeline.Adapters: one base in memory at a time, with the last generation's LoRAs
+_loaded: dict = {}  # (base, base configs) -> pipeline.Adapters: one base in memory at a time, with the last generation's LoRAs
 _lock = threading.Lock()  # one generation at a time: the adapters are the pipeline's state
 
 
-def _adapters(base: str) -> pipeline.Adapters:
-    if base not in _loaded:
+def _adapters(base: str, base_config=None) -> pipeline.Adapters:
+    if (base, base_config) not in _loaded:
         _loaded.clear()
-        _loaded[base] = pipeline.load_adapters((), base=base)
-    return _loaded[base]
+        _loaded[base, base_config] = pipeline.load_adapters((), base=base, base_config=base_config)
+    return _loaded[base, base_config]
 
 
-def do_generate(base, prompt, negative, seed, steps, guidance, width, height, scheduler, mode, out, *slots):
+def do_generate(base, base_config, prompt, negative, seed, steps, guidance, width, height, scheduler, mode, out,
+                *slots):
     """Images into `out`, each with its parameters embedded; with LoRAs 'before/after', the base image at the same
-    seed first. Returns (gallery, files, status)."""
+    seed first. `base_config`: a single-file base's configs (blank: diffusers' pick, which needs the Hub). Returns
+    (gallery, files, status)."""
     try:
         if not str(out or "").strip():
             raise UserError("output folder: give the folder the images are written to")
@@ -36,10 +38,11 @@ def do_generate(base, prompt, negative, seed, steps, guidance, width, height, sc
         specs = [(p.strip(), float(w)) for p, w in zip(slots[::2], slots[1::2]) if str(p or "").strip()]
         read = [(formats.load_lora(p), w) for p, w in specs]  # a bad file fails here, before any model loads
         base = str(base or "").strip() or pipeline.base_from(read)
+        base_config = str(base_config or "").strip() or None
         seed = int(seed) if seed is not None and seed >= 0 else secrets.randbelow(2**31)
         w, h = (int(v) if v else None for v in (width, height))  # 0 or blank: the model's own size
         with _lock:
-            adapters = _adapters(base)
+            adapters = _adapters(base, base_config)
             pipe = adapters.pipe
             pipeline.set_scheduler(pipe, scheduler)
             adapters.clear()
@@ -71,8 +74,11 @@ def build_generate_tab():
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 with gr.Row():
-                    base = gr.Textbox("sdlora-tiny", label="Base model", info="blank: the first LoRA's base model",
-                                      elem_id="gen_base")
+                    base = gr.Textbox("sdlora-tiny", label="Base model", info="a folder, Hub id or single-file "
+                                      ".safetensors; blank: the first LoRA's base model", elem_id="gen_base")
+                    base_config = gr.Textbox(label="Base configs (for a single file, offline)",
+                                             placeholder="a diffusers folder or Hub id of its family",
+                                             elem_id="gen_base_config")
                     out = gr.Textbox("outputs", label="Output folder", elem_id="gen_out")
                 prompt = gr.Textbox(label="Prompt", elem_id="gen_prompt")
                 negative = gr.Textbox(label="Negative prompt", elem_id="gen_negative")
@@ -104,5 +110,6 @@ def build_generate_tab():
                 files = gr.File(label="Download (PNG with its parameters)", file_count="multiple",
                                 elem_id="gen_files")
     base.change(guidance_for, base, guidance)
-    go.click(do_generate, [base, prompt, negative, seed, steps, guidance, width, height, scheduler, mode, out, *slots],
+    go.click(do_generate, [base, base_config, prompt, negative, seed, steps, guidance, width, height, scheduler, mode,
+                           out, *slots],
              [gallery, files, status])

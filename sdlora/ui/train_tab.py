@@ -13,6 +13,7 @@ from . import config_form, jobs
 from .files import served_sample, thumbnail
 from .preview import preview
 
+BASE_CONFIG_INFO = "--base_config: blank for a folder or Hub id, or to let diffusers fetch a single file's configs"
 # The main flags on the form; each starts at the selected recipe's own default (None: blank, the script decides).
 MAIN_FLAGS = ["resolution", "max_train_steps", "num_train_epochs", "learning_rate", "rank", "train_batch_size",
               "seed", "checkpointing_steps", "validation_split", "sample_every_n_steps"]
@@ -40,13 +41,15 @@ def parse_flags(recipe: str, flags: list):
     return p.parse_args(flags)
 
 
-def train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, *values) -> list:
+def train_flags(recipe, base, base_config, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
+                *values) -> list:
     """The form as the recipe's command-line flags (blank fields are left to the script). `values`: the main flags'
     fields, then (optional) the advanced ones, the optimizer and the dataset-config file (config_form.py)."""
     main, more_fields = values[:len(MAIN_FLAGS)], values[len(MAIN_FLAGS):]
     dataset_config = str(more_fields[-1] or "").strip() if more_fields else ""
     if not str(base or "").strip():
-        raise UserError("--pretrained_model_name_or_path: give a base model (sdlora-tiny, a folder or a Hub id)")
+        raise UserError("--pretrained_model_name_or_path: give a base model (sdlora-tiny, a folder, a Hub id or a "
+                        "single-file checkpoint)")
     if not str(data_dir or "").strip() and not dataset_config:
         raise UserError(f"{RECIPES[recipe].DATA_FLAG}: give the folder of training images")
     if not str(output_dir or "").strip():
@@ -54,6 +57,8 @@ def train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, 
     data = ["--dataset_config", dataset_config] if dataset_config else [RECIPES[recipe].DATA_FLAG, data_dir.strip()]
     flags = ["--pretrained_model_name_or_path", base.strip(), *data, "--output_dir", output_dir.strip(),
              "--lora_type", lora_type]
+    if str(base_config or "").strip():  # a single file's configs; the recipe refuses it beside a folder base
+        flags += ["--base_config", base_config.strip()]
     if recipe == "dreambooth":
         flags += ["--instance_prompt", instance_prompt or ""]
     if mixed_precision and mixed_precision != "default":
@@ -92,10 +97,11 @@ def checked_flags(recipe, resume, output_dir, *form) -> list:
 
 # ---------------------------------------------------------------- callbacks
 
-def do_preview(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, *main):
+def do_preview(recipe, base, base_config, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
+               *main):
     try:
-        flags = checked_flags(recipe, False, output_dir, base, data_dir, instance_prompt, output_dir, lora_type,
-                              mixed_precision, extra, *main)
+        flags = checked_flags(recipe, False, output_dir, base, base_config, data_dir, instance_prompt, output_dir,
+                              lora_type, mixed_precision, extra, *main)
         p = preview(recipe, parse_flags(recipe, flags))
     except UserError as e:
         return [], [], [], f"error: {e}"
@@ -103,23 +109,23 @@ def do_preview(recipe, base, data_dir, instance_prompt, output_dir, lora_type, m
         p.summary
 
 
-def do_start(resume, recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra, prompts,
-             *main):
+def do_start(resume, recipe, base, base_config, data_dir, instance_prompt, output_dir, lora_type, mixed_precision,
+             extra, prompts, *main):
     """What Start (or Resume) did, and the buttons: Start and Resume off while the run goes, Stop on."""
     try:
-        flags = checked_flags(recipe, resume, output_dir, base, data_dir, instance_prompt, output_dir, lora_type,
-                              mixed_precision, extra, *main)
+        flags = checked_flags(recipe, resume, output_dir, base, base_config, data_dir, instance_prompt, output_dir,
+                              lora_type, mixed_precision, extra, *main)
         job = jobs.start(recipe, flags, output_dir.strip(), prompts)
     except UserError as e:
         return f"error: {e}", *buttons(None)
     return "started: " + jobs.shown(job.command), *buttons(True)
 
 
-def do_save_config(path, recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
-                   *values):
+def do_save_config(path, recipe, base, base_config, data_dir, instance_prompt, output_dir, lora_type, mixed_precision,
+                   extra, *values):
     try:
-        flags = train_flags(recipe, base, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
-                            *values)
+        flags = train_flags(recipe, base, base_config, data_dir, instance_prompt, output_dir, lora_type,
+                            mixed_precision, extra, *values)
         return config_form.save(path, recipe, flags)
     except UserError as e:
         return f"error: {e}"
@@ -202,7 +208,10 @@ def _form_column() -> dict:
     c = _config_row()
     with gr.Row():
         c["base"] = gr.Textbox("sdlora-tiny", label="Base model", info="sdlora-tiny (bundled), a local diffusers "
-                               "folder or a Hub id", elem_id="train_base")
+                               "folder, a Hub id or a single-file .safetensors checkpoint", elem_id="train_base")
+        c["base_config"] = gr.Textbox(label="Base configs (for a single file, offline)", placeholder="a diffusers "
+                                      "folder or Hub id of its family", info=BASE_CONFIG_INFO,
+                                      elem_id="train_base_config")
         c["recipe"] = gr.Radio(list(RECIPES), value="text-to-image", label="Recipe", elem_id="train_recipe")
     with gr.Row():
         c["data_dir"] = gr.Textbox(label="Data folder", info="images with .txt captions or metadata.jsonl "
