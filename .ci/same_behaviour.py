@@ -74,6 +74,8 @@ RUNS = {
 #   issue #29: the model card's `license:` is the base's (the bundled models: apache-2.0), no longer always
 #   creativeml-openrail-m.
 INTENDED = {".md": (re.compile(r"(?m)^license: .*$"), "license: <the base's licence>")}
+# Files a run writes since the golden's commit, on purpose: each run's resolved settings (issue #33).
+NEW_FILES = {"sdlora-config.toml"}
 DROPPED_KEYS = {"modelspec.date", "sdlora_version", "peft_version", "version", "transformers_version",
                 "diffusers_version", "_diffusers_version"}
 
@@ -232,10 +234,15 @@ def peft_defaults() -> dict:
 
 def intended(name: str, fingerprint: dict) -> dict:
     """A file's fingerprint with the INTENDED changes masked, on both sides of the comparison. Also intended since
-    10b4578: a LoRA file's lora_adapter_metadata leaves out entries at peft's defaults (inject.file_config)."""
+    10b4578: a LoRA file's lora_adapter_metadata leaves out entries at peft's defaults (inject.file_config), and
+    the NEW_FILES a run now writes."""
     rule = INTENDED.get(Path(name).suffix)
     if rule and isinstance(fingerprint.get("text"), str):
         return {**fingerprint, "text": rule[0].sub(rule[1], fingerprint["text"])}
+    if Path(name).name == ".sdlora-files.json":  # the record of the run's files: without the intended new one
+        listed = [v for k, v in sorted(fingerprint.items()) if k.startswith("files[") and v not in NEW_FILES]
+        rest = {k: v for k, v in fingerprint.items() if not k.startswith("files[")}
+        return {**rest, **{f"files[{i}]": v for i, v in enumerate(sorted(listed))}}
     if Path(name).suffix == ".safetensors":
         defaults, prefix = peft_defaults(), "meta lora_adapter_metadata."
         return {k: v for k, v in fingerprint.items()
@@ -255,6 +262,8 @@ def compare(golden: dict, now: dict) -> list[str]:
         for f in sorted(set(g["files"]) | set(n["files"])):
             if f not in n["files"]:
                 diffs.append(f"{f}: missing")
+                continue
+            if f not in g["files"] and Path(f).name in NEW_FILES:
                 continue
             if f not in g["files"]:
                 diffs.append(f"{f}: new file")
