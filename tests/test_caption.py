@@ -48,14 +48,14 @@ def test_blip_writes_one_caption_per_image_with_the_prefix_and_the_trainer_reads
     assert not [p for p in data.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
-def test_existing_captions_are_kept_replaced_or_added_to(tagger, tmp_path, capsys):
+def test_existing_captions_are_kept_replaced_or_added_to(tagger, tmp_path, capsys, caplog):
     data = make_images(tmp_path / "data", n=2, captions=False)
     (data / "img0.txt").write_text("my own words, solo")
     run = ["caption", str(data), "--model", str(tagger), "--general_threshold", "0.01"]
     assert main(run) == 0
     assert (data / "img0.txt").read_text() == "my own words, solo"  # never replaced unless asked
     new = (data / "img1.txt").read_text().strip()
-    assert "img0.png: img0.txt exists" not in capsys.readouterr().err  # the summary groups the reasons
+    assert "img0.txt exists" not in capsys.readouterr().err + caplog.text  # the summary groups the reasons
     assert main(run + ["--append"]) == 0
     appended = tags.split_tags((data / "img0.txt").read_text())
     assert appended[:2] == ["my own words", "solo"] and appended.count("solo") == 1 and len(appended) > 2

@@ -92,7 +92,8 @@ def plan(folder, extension: str = ".txt", mode: str = "skip", recursive: bool = 
         else:
             out.items.append(item)
     for p, why in out.skipped:
-        log.warning("skipping %s: %s", p, why)
+        if "exists (" not in why:  # a kept caption is the default, said once in the summary; a problem is said here
+            log.warning("skipping %s: %s", p, why)
     for meta in (folder / "metadata.jsonl", folder / "metadata.csv"):
         if meta.exists():
             log.warning("%s: the trainer reads the captions of the images it lists from it, not from %s files",
