@@ -175,3 +175,15 @@ def test_8bit_lion_memory_row_is_bitsandbytes():
     opt.step()
     real = sum(t.nbytes for s in opt.state.values() for k, t in s.items() if torch.is_tensor(t) and k != "qmap1")
     assert real + 256 * 4 == gm.optimizer_state_bytes(params, "lion8bit")  # + the one shared quantile map
+
+
+def test_quantize_base_takes_a_single_file_checkpoint(tiny_model, tmp_path):
+    """--quantize_base over an original-layout single file (issue #30) with its configs from --base_config: the
+    UNet's Linear layers load quantized, as from the folder."""
+    from sdlora import models
+    from sdlora.bases import ldm
+
+    folder = models.resolve_base(str(tiny_model))
+    path = ldm.write(folder, tmp_path / "tiny.safetensors")[0]
+    unet, n = quantize.load_unet(str(path), "int8", "cpu", torch.float32, base_config=folder)
+    assert n > 0 and quantize.quantized_linears(unet) == n
