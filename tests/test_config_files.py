@@ -168,3 +168,21 @@ def test_no_kohya_key_is_refused_that_sdlora_has_as_a_flag():
         assert not set(kohya.UNSUPPORTED) & flags, name
         assert kohya.translate({"clip_skip": 2, "weighting_scheme": "mode"}, "f", name, frozenset(flags)) == \
             {"clip_skip": 2, "weighting_scheme": "mode"}
+
+
+def test_kohyas_loraplus_network_args_become_the_loraplus_flags():
+    """kohya passes LoRA+ as networks.lora's network_args; they are sdlora's --loraplus_* flags, and a bad value or
+    another networks.lora option is one line."""
+    from sdlora.errors import UserError
+    from sdlora.recipes import kohya
+
+    got = kohya.translate({"network_module": "networks.lora", "network_train_unet_only": True,
+                           "network_args": ["loraplus_lr_ratio=16", "loraplus_text_encoder_lr_ratio=4"]},
+                          "f", "text-to-image")
+    assert got["loraplus_lr_ratio"] == 16.0 and got["loraplus_text_encoder_lr_ratio"] == 4.0
+    with pytest.raises(UserError) as e:
+        kohya.translate({"network_module": "networks.lora", "network_args": ["loraplus_lr_ratio=x", "conv_dim=4"]},
+                        "f", "text-to-image")
+    assert str(e.value).splitlines() == ["f: network_args loraplus_lr_ratio=x: a number, as kohya reads it",
+                                         "f: network_args conv_dim: kohya's networks.lora option has no sdlora "
+                                         "equivalent"]

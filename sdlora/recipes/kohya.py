@@ -50,6 +50,8 @@ UNSUPPORTED = {
     "initial_step": None, "validation_seed": None, "validate_every_n_epochs": None, "max_validation_steps": None,
     "text_encoder_batch_size": None, "cpu_offload_checkpointing": None, "fp8_base_unet": None,
 }
+# kohya's LoRA+ ratios, given in networks.lora's network_args: sdlora's flags of the same names
+LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 LYCORIS_ALGOS = {"loha": "loha", "lokr": "lokr"}  # lycoris.kohya's algo= values sdlora trains as peft's LoHa/LoKr
 SAVE_PRECISION = {"float": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
@@ -89,8 +91,9 @@ def translate(values: dict, where: str, recipe: str, flags=frozenset()) -> dict:
         if "learning_rate" in values and "text_encoder_lr" not in values:
             out["text_encoder_lr"] = values["learning_rate"]
     if network is not None or "network_args" in values:
-        lora_type, problems = _network(network, values.get("network_args", []))
+        lora_type, flags, problems = _network(network, values.get("network_args", []))
         out.setdefault("lora_type", lora_type)
+        out.update({k: v for k, v in flags.items() if k not in values})  # a top-level key wins
         bad += problems
     if bad:
         raise UserError("\n".join(f"{where}: {line}" for line in bad))
@@ -110,7 +113,6 @@ def _special(key: str, v, values: dict, recipe: str):
     if key == "save_precision" and v in SAVE_PRECISION:
         return {"save_precision": SAVE_PRECISION[v]}
     if key == "optimizer_type":
-        kind = str(v).lower()
         return {"optimizer": v}  # kohya's names, as --optimizer_type takes them (training/optimizers.py)
     if key == "use_8bit_adam":
         return {"use_8bit_adam": v}
@@ -123,21 +125,30 @@ def _special(key: str, v, values: dict, recipe: str):
     return None
 
 
-def _network(module, args) -> tuple[str, list[str]]:
-    """kohya's network_module + network_args as sdlora's --lora_type, and the lines for what sdlora can't honour."""
+def _network(module, args) -> tuple[str, dict, list[str]]:
+    """kohya's network_module + network_args as sdlora's --lora_type and flags (LoRA+'s ratios), and the lines for
+    what sdlora can't honour."""
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        return "lora", [f"network_args = {args!r}: a list of \"key=value\" strings, as kohya reads it"]
+        return "lora", {}, [f"network_args = {args!r}: a list of \"key=value\" strings, as kohya reads it"]
     pairs = dict(a.split("=", 1) if "=" in a else (a, "") for a in args)
     pairs = {k.strip(): v.strip() for k, v in pairs.items()}
     if module in (None, "networks.lora"):
-        return "lora", [f"network_args {k}: kohya's networks.lora option has no sdlora equivalent" for k in pairs]
+        flags, bad = {}, []
+        for k, v in pairs.items():
+            try:
+                flags[k] = float(v) if k in LORAPLUS else None
+            except ValueError:
+                bad.append(f"network_args {k}={v}: a number, as kohya reads it")
+            if k not in LORAPLUS:
+                bad.append(f"network_args {k}: kohya's networks.lora option has no sdlora equivalent")
+        return "lora", {k: v for k, v in flags.items() if v is not None}, bad
     if module == "lycoris.kohya":
         algo = pairs.pop("algo", "lora").lower()
         bad = [f"network_args {k}={v}: LyCORIS option has no sdlora equivalent" for k, v in pairs.items()]
         if algo not in LYCORIS_ALGOS:
             bad.insert(0, f"network_args algo={algo}: sdlora trains LyCORIS's loha and lokr (--lora_type)")
-        return LYCORIS_ALGOS.get(algo, "lora"), bad
-    return "lora", [f"network_module = {module!r}: sdlora trains networks.lora and lycoris.kohya (algo=loha/lokr)"]
+        return LYCORIS_ALGOS.get(algo, "lora"), {}, bad
+    return "lora", {}, [f"network_module = {module!r}: sdlora trains networks.lora and lycoris.kohya (algo=loha/lokr)"]
 
 
 def output_name(values: dict, where: str) -> dict:
