@@ -246,8 +246,7 @@ def intended(name: str, fingerprint: dict) -> dict:
     if Path(name).suffix == ".safetensors":
         defaults, prefix = peft_defaults(), "meta lora_adapter_metadata."
         return {k: v for k, v in fingerprint.items()
-                if not (k.startswith(prefix) and defaults.get(k.rsplit(".", 1)[-1], ...) in (v, json.loads(
-                    json.dumps(v, default=str))))}
+                if not (k.startswith(prefix) and defaults.get(k.rsplit(".", 1)[-1], ...) == v)}
     return fingerprint
 
 
