@@ -192,6 +192,12 @@ def test_convert_base_writes_a_single_file_as_a_folder_that_draws_what_generate_
     assert main(["convert-base", str(path), str(out), "--base_config", folder]) == 2
     assert main(["convert-base", folder, str(tmp_path / "x.safetensors"), "--base_config", folder]) == 2
     assert not (tmp_path / "x.safetensors").exists()
+    # and back: the folder written as a file again is the file it came from, tensor for tensor
+    from safetensors.torch import load_file
+
+    assert main(["convert-base", str(out), str(tmp_path / "back.safetensors")]) == 0
+    a, b = load_file(str(tmp_path / "back.safetensors")), load_file(str(path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sd2, _ = files["sd2"]
     assert main(["convert-base", str(sd2), str(tmp_path / "sd2"), "--base_config", str(eps_configs)]) == 0
     sched = json.loads((tmp_path / "sd2" / "scheduler" / "scheduler_config.json").read_text())
