@@ -255,3 +255,48 @@ def test_the_kohya_file_draws_what_the_diffusers_file_draws(sd3_model, trained):
     theirs = load_pipeline([str(trained / "pytorch_lora_weights.safetensors")], base=str(sd3_model), device="cpu",
                            dtype="fp32")
     assert np.abs(draw(ours) - draw(theirs)).max() <= 1e-5
+
+
+# ---------------------------------------------------------------- the web UI's Train, Generate and Tools tabs
+
+def test_ui_tabs_take_an_sd3_base_and_its_files(sd3_model, trained, tmp_path, monkeypatch):
+    pytest.importorskip("gradio")
+    import numpy as np
+    from conftest import make_images
+    from PIL import Image
+
+    from sdlora.recipes import RECIPES
+    from sdlora.ui import generate_tab
+    from sdlora.ui.tools_tab import tool_convert, tool_extract, tool_inspect, tool_merge, tool_resize
+    from sdlora.ui.train_tab import MAIN_FLAGS, checked_flags, do_preview
+
+    # Train: the form's flags are the command line's, and the preview reads the data against the SD3 base
+    data, out = make_images(tmp_path / "data", n=2), tmp_path / "out"
+    form = [str(sd3_model), "", str(data), "", str(out), "lora", "default", "--lora_blocks 1 --drop_t5"]
+    args = RECIPES["text-to-image"].parse_args(checked_flags("text-to-image", False, str(out), *form,
+                                                             *[""] * len(MAIN_FLAGS)))
+    assert (args.pretrained_model_name_or_path, args.lora_blocks, args.drop_t5) == (str(sd3_model), "1", True)
+    *_, summary = do_preview("text-to-image", *form, *[""] * len(MAIN_FLAGS))
+    assert not summary.startswith("error"), summary
+    assert not out.exists()
+    # Generate: the kohya file on the SD3 base draws what sdlora's loader draws with the diffusers file
+    monkeypatch.setattr(generate_tab, "served", str)
+    slots = [str(trained / "sd3-style.safetensors"), 1.0] + [""] * (2 * generate_tab.LORA_SLOTS - 2)
+    _, files, status = generate_tab.do_generate(str(sd3_model), "", "a red square", "", 0, 2, 5.0, 32, 32, "dpm++",
+                                                "on", str(tmp_path / "gen"), *slots)
+    assert status.startswith("wrote"), status
+    from sdlora.pipeline import load_pipeline
+
+    pipe = load_pipeline([str(trained / "pytorch_lora_weights.safetensors")], base=str(sd3_model), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe("a red square", num_inference_steps=2, height=32, width=32, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.abs(np.asarray(Image.open(files[0]), dtype=np.float32) / 255 - want).max() <= 1.5 / 255
+    # Tools
+    assert "architecture:   SD3" in tool_inspect(str(trained / "sd3-style.safetensors"))
+    assert tool_convert(str(trained), str(tmp_path / "k.safetensors"), "kohya").startswith("converted diffusers -> kohya")
+    assert tool_resize(str(tmp_path / "k.safetensors"), str(tmp_path / "r.safetensors"), 1).splitlines()[-1].startswith("wrote")
+    said = tool_merge(f"{trained / 'sd3-style.safetensors'}\n{tmp_path / 'r.safetensors'}:0.5", str(tmp_path / "m"), None)
+    assert said.startswith("merged 2 LoRAs"), said
+    said = tool_extract(str(sd3_model), str(sd3_model), "", str(tmp_path / "x"), 2, "diffusers")
+    assert said.startswith("error:") and "no layer differs" in said, said

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from .. import models
+from ..errors import UserError
 from ..lora import formats, inject, loaders
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, sd3files, weights
@@ -25,12 +26,18 @@ def save_final(run) -> Path:
     record.will_write(*written)
     sd, meta = sd3files.save(path, {k: (p.bare, p.lora_config, p.initial) for k, p in run.parts.items()}, facts,
                              models.torch_dtype(c.save_precision))
-    weights.save_kohya(kohya_file, sd, meta)
+    files = [path, kohya_file]
+    try:
+        weights.save_kohya(kohya_file, sd, meta)
+    except UserError as e:  # q/k/v layers kohya's fused layout cannot hold (LoHa/LoKr/DoRA; SD3 trains plain LoRA)
+        log.warning("%s not written: %s", kohya_file.name, e)
+        files, written = [path], (WEIGHTS_NAME, "README.md")
     modelcard.write(c.output_dir, facts, run.recipe.card_front, run.recipe.card_settings)
     record.wrote(*written)
-    log.info("saved %s (%d tensors, %d parameters, %.2f MB; for diffusers' StableDiffusion3Pipeline and ComfyUI), "
-             "%s (the same LoRA in kohya's SD3 layout, for ComfyUI, Forge and kohya's tools) and README.md", path,
-             len(sd), inject.count_params(sd), path.stat().st_size / 1e6, kohya_file.name)
-    for f in (path, kohya_file):  # which loader applies which file whole (sdlora inspect's table, in one line each)
+    log.info("saved %s (%d tensors, %d parameters, %.2f MB; for diffusers' StableDiffusion3Pipeline and ComfyUI)%s "
+             "and README.md", path, len(sd), inject.count_params(sd), path.stat().st_size / 1e6,
+             f", {kohya_file.name} (the same LoRA in kohya's SD3 layout, for ComfyUI, Forge and kohya's tools)"
+             if len(files) > 1 else "")
+    for f in files:  # which loader applies which file whole (sdlora inspect's table, in one line each)
         log.info("%s: %s", f.name, loaders.where(loaders.read_file(f, formats.load_lora(f))))
     return path

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 
 from ...errors import UserError
+from ..lycoris import NAMES as LYCORIS_NAMES
 from .layers import Module
 
 RANKS_KEY = "sdlora_qkv_ranks"  # header: {SAI path of a fused qkv layer: [rank of q, k, v] (0: no such part)}
@@ -94,13 +95,14 @@ def to_sai(modules: dict, source: str = "<memory>") -> tuple[dict, dict]:
         sai, third = sai_name(path)
         if sai is None:
             raise UserError(f"{source}: SD3 layer transformer.{path} has no name in the MMDiT's original layout "
-                            "(kohya's); keep the diffusers layout (--format diffusers)")
+                            "(kohya's); keep the diffusers layout (--to diffusers)")
         if third is None:
             out[sai] = _swap_halves(m) if _swapped(m, path) else m
             continue
         if m.kind != "lora" or m.magnitude is not None:
-            raise UserError(f"{source}: SD3 layer transformer.{path} is {m.kind if m.kind != 'lora' else 'DoRA'}, "
-                            "which kohya's fused-qkv layout cannot hold; keep the diffusers layout (--format diffusers)")
+            kind = LYCORIS_NAMES.get(m.kind, "DoRA")
+            raise UserError(f"{source}: SD3 layer transformer.{path} is a {kind} layer, which kohya's fused-qkv "
+                            "layout cannot hold; keep the diffusers layout (--to diffusers)")
         fused.setdefault(sai, {})[third] = m
     out.update({sai: _fuse(parts) for sai, parts in fused.items()})
     return out, {sai: [parts[j].rank if j in parts else 0 for j in range(3)] for sai, parts in fused.items()}
