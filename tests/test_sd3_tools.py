@@ -300,3 +300,30 @@ def test_ui_tabs_take_an_sd3_base_and_its_files(sd3_model, trained, tmp_path, mo
     assert said.startswith("merged 2 LoRAs"), said
     said = tool_extract(str(sd3_model), str(sd3_model), "", str(tmp_path / "x"), 2, "diffusers")
     assert said.startswith("error:") and "no layer differs" in said, said
+
+
+def test_sd3_samples_with_its_flow_match_scheduler_or_dpm_solver_on_flow_sigmas(sd3_model, tiny_model):
+    import numpy as np
+
+    from sdlora.errors import UserError
+    from sdlora.pipeline import load_pipeline, set_scheduler
+
+    pipe = load_pipeline(base=str(sd3_model), device="cpu", dtype="fp32")
+
+    def draw(steps):
+        return pipe("a red square", num_inference_steps=steps, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    euler, reference = draw(8), draw(100)
+    set_scheduler(pipe, "dpm++-flow")
+    config = pipe.scheduler.config
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and config.use_flow_sigmas
+    assert (config.prediction_type, config.flow_shift) == ("flow_prediction", 3.0)  # the base's shift
+    dpm = draw(8)
+    assert np.abs(dpm - euler).max() > 1e-4 and np.abs(dpm - reference).mean() < 0.01  # the same flow, solved
+    set_scheduler(pipe, "dpm++")  # back to the base's own
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert np.array_equal(draw(8), euler)
+    sd1 = load_pipeline(base=str(tiny_model), device="cpu", dtype="fp32")
+    with pytest.raises(UserError, match="dpm\\+\\+-flow is for flow-matching bases"):
+        set_scheduler(sd1, "dpm++-flow")
