@@ -166,14 +166,10 @@ def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float
 
 
 def _is_sd3(model) -> bool:
-    """Whether a pipeline folder is an SD3 / 3.5 one (its model_index.json); a Hub id or single file is not read."""
-    from ..sd3base import is_sd3
+    """Whether a pipeline folder or Hub id is an SD3 / 3.5 one (its model_index.json; a single file is not)."""
+    from ..models import family
 
-    index = Path(str(model)) / "model_index.json"
-    try:
-        return index.is_file() and is_sd3(json.loads(index.read_text()).get("_class_name"))
-    except (OSError, ValueError):
-        return False
+    return family(str(model)) == "sd3"
 
 
 def _single(model, base_config, allow_pickle: bool):
