@@ -3,6 +3,9 @@
 
 1. base model: the bundled `sdlora-tiny` (a tiny SD1.x-architecture model trained from
    scratch, see docs/tiny-model.md); if it is missing, `sdlora make-tiny` builds a random one.
+   --base sdlora-tiny-xl / sdlora-tiny-sd3: the bundled SDXL- / SD3-architecture ones (for SD3 the
+   LoRA goes on the transformer's attention, both streams, and SD3's rectified-flow loss replaces
+   min-SNR weighting).
 2. data: examples/data/pokemon — 32 px "creature-style" shapes with captions (imagefolder).
 3. train: train_text_to_image_lora.py, exactly as a user would run it.
 4. compare: the same prompts and seeds with and without the LoRA, loaded onto an unmodified
@@ -10,7 +13,7 @@
    deterministic pixel detectors (examples/shapes.py): the share of images in the new style,
    and prompt following (shape colour / background colour) on held-out colour pairs.
 
-    python examples/quickstart.py [--out demo] [--steps 3000] [--guidance 3]
+    python examples/quickstart.py [--out demo] [--steps 3000] [--guidance 3] [--base sdlora-tiny-sd3]
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from sdlora import grid, sample
 from sdlora.output.weights import kohya_name
 
 ROOT = Path(__file__).resolve().parents[1]
+UNET_TARGETS = "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_out.0,conv1,conv2"
 
 # Colour pairs the base model never saw together, each shape: 24 prompts.
 SPECS = [{"shape": sh, "colour": c, "bg": b} for c, b in shapes.HELD_OUT_PAIRS for sh in shapes.SHAPES]
@@ -56,8 +60,11 @@ def main():
     # A style lives in textures and edges as much as in attention: LoRA on the ResNet convolutions
     # too.  Not on the cross-attention keys/values (attn2.to_k/to_v), the layers that read the
     # prompt: a style is the same for every prompt, and LoRA there cost 6 points of shape colour.
-    p.add_argument("--target_modules", default="attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,"
-                                                "attn2.to_q,attn2.to_out.0,conv1,conv2")
+    p.add_argument("--target_modules", default=None,
+                   help=f"default: {UNET_TARGETS} (UNet bases); an SD3 base: the trainer's own SD3 default "
+                        "(both streams' attention, sdlora.sd3base.TRANSFORMER_TARGETS)")
+    p.add_argument("--base", default="sdlora-tiny", choices=["sdlora-tiny", "sdlora-tiny-xl", "sdlora-tiny-sd3"],
+                   help="the bundled base model to train on")
     # The tiny base model follows held-out prompts best at guidance 3-4 (docs/tiny-model.md); higher
     # guidance also pulls a LoRA's samples back toward the base model's plain shapes.
     p.add_argument("--guidance", type=float, default=3.0)
@@ -69,10 +76,12 @@ def main():
     out = Path(a.out)
     t0 = time.time()
 
-    from sdlora.models import BUNDLED
+    from sdlora.models import BUNDLED, family
 
-    base = "sdlora-tiny"
+    base = a.base
     if not (BUNDLED[base] / "model_index.json").exists():
+        if base != "sdlora-tiny":
+            sys.exit(f"--base {base}: the bundled model is missing from {BUNDLED[base]}; reinstall sdlora")
         base = str(out / "tiny-sd")
         if not Path(base, "model_index.json").exists():
             subprocess.run([sys.executable, "-m", "sdlora.cli", "make-tiny", base], check=True)
@@ -82,10 +91,15 @@ def main():
     cmd = [sys.executable, str(ROOT / "train_text_to_image_lora.py"), "--pretrained_model_name_or_path", base,
            "--train_data_dir", str(ROOT / "examples/data/pokemon"), "--resolution", "32", "--center_crop",
            "--train_batch_size", a.batch_size, "--max_train_steps", str(a.steps), "--learning_rate", a.lr,
-           "--rank", a.rank, "--target_modules", a.target_modules, "--lr_scheduler", "cosine", "--snr_gamma", "5",
-           "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1", "--seed", "0",
-           "--validation_prompt", PROMPTS[0], "--num_validation_images", "2", "--validation_epochs", "1000",
-           "--mixed_precision", a.mixed_precision, "--output_dir", str(lora_dir), "--overwrite_output_dir"]
+           "--rank", a.rank, "--lr_scheduler", "cosine", "--checkpointing_steps", "1000", "--checkpoints_total_limit",
+           "1", "--seed", "0", "--mixed_precision", a.mixed_precision, "--output_dir", str(lora_dir),
+           "--overwrite_output_dir"]
+    if family(str(BUNDLED.get(base, base))) == "sd3":  # SD3 runs draw no images during training and weigh timesteps
+        # with --weighting_scheme (min-SNR is a UNet loss option): the trainer's SD3 LoRA layers unless given
+        cmd += ["--target_modules", a.target_modules] if a.target_modules else []
+    else:
+        cmd += ["--target_modules", a.target_modules or UNET_TARGETS, "--snr_gamma", "5",
+                "--validation_prompt", PROMPTS[0], "--num_validation_images", "2", "--validation_epochs", "1000"]
     print("$", shlex.join(["python", *map(os.path.relpath, cmd[1:2]), *cmd[2:]]))
     # One torch thread: this model's ops are too small to split, and on the 2-core CPU one thread
     # trained faster than two (8.3 vs 7.5 steps/s at batch 8).  OMP_NUM_THREADS, if set, wins.

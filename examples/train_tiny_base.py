@@ -55,11 +55,14 @@ import shapes  # the example data's generator and detectors (beside this script)
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "sdlora" / "assets" / "tiny-sd"
 DEFAULT_OUT_XL = ROOT / "sdlora" / "assets" / "tiny-sdxl"
+DEFAULT_OUT_SD3 = ROOT / "sdlora" / "assets" / "tiny-sd3"
 MAX_LENGTH = 16          # tokenizer model_max_length (captions use <= 11 tokens)
 CROSS_DIM = 64           # text encoder hidden size = UNet cross_attention_dim
 XL_TIME_DIM = 8          # SDXL: addition_time_embed_dim (per time id)
 XL_TIME_IDS = (shapes.RES, shapes.RES, 0, 0, shapes.RES, shapes.RES)  # original h, w; crop top, left; target h, w
 XL_ZERO_P = 0.5          # SDXL: share of dropped (empty) captions whose conditioning is zeroed
+SD3_WIDTH = 128          # SD3: the MMDiT's width (heads x head dim) = T5's width = joint_attention_dim
+SD3_SHIFT = 1.0          # SD3: FlowMatch schedule shift (SD3 uses 3.0 at 1024 px; 8x8 latents need none)
 
 
 # ------------------------------------------------------------------------------- tokenizer
@@ -156,6 +159,35 @@ def build_xl_models(vocab_size: int, seed: int):
     text_encoder = CLIPTextModel(text_config(vocab_size))
     text_encoder_2 = CLIPTextModelWithProjection(text_config(vocab_size, hidden_act="gelu", projection_dim=CROSS_DIM))
     return unet, text_encoder, text_encoder_2
+
+
+def build_sd3_models(vocab_size: int, t5_vocab_size: int, latent_channels: int, seed: int, layers: int = 4):
+    """SD3's layout at tiny size: (transformer, text_encoder, text_encoder_2, text_encoder_3).
+
+    An SD3Transformer2DModel (MMDiT: joint attention over image and text tokens, qk RMS norm) on the VAE's
+    latents (its channels read from its config) in 2x2 patches: 8x8 latents are 16 image tokens. Two
+    CLIPTextModelWithProjection (the classes StableDiffusion3Pipeline takes; quick_gelu as CLIP ViT-L, gelu as
+    OpenCLIP bigG) at tiny-sd's encoder size, whose penultimate hidden states side by side (2 x CROSS_DIM) are
+    zero-padded to T5's width, and whose pooled projections side by side are the pooled text; a T5EncoderModel
+    SD3_WIDTH wide whose tokens follow the CLIPs'."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    latent = shapes.RES // 4
+    transformer = SD3Transformer2DModel(
+        sample_size=latent, patch_size=2, in_channels=latent_channels, out_channels=latent_channels,
+        num_layers=layers, attention_head_dim=32, num_attention_heads=SD3_WIDTH // 32,
+        joint_attention_dim=SD3_WIDTH, caption_projection_dim=SD3_WIDTH, pooled_projection_dim=2 * CROSS_DIM,
+        pos_embed_max_size=4 * latent // 2, qk_norm="rms_norm",
+    )
+    text_encoder = CLIPTextModelWithProjection(text_config(vocab_size, projection_dim=CROSS_DIM))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(vocab_size, hidden_act="gelu", projection_dim=CROSS_DIM))
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=t5_vocab_size, d_model=SD3_WIDTH, d_ff=2 * SD3_WIDTH, d_kv=32, num_heads=SD3_WIDTH // 32,
+        num_layers=2, feed_forward_proj="gated-gelu", relative_attention_num_buckets=16,
+        relative_attention_max_distance=64, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return transformer, text_encoder, text_encoder_2, text_encoder_3
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -330,6 +362,81 @@ def train_unet(vae, unet, encoders, tokenizer, args, t0):
         m.eval()
 
 
+def cached_latents(vae, args, t0, shift: float = 0.0):
+    """(specs, latents) of the captioned training images, shifted and scaled as the base's VAE config says."""
+    rng = random.Random(args.seed + 3)
+    specs = [shapes.random_spec(rng) for _ in range(args.images)]
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(to_tensor([shapes.render(s) for s in specs[i:i + 500]])).latent_dist.mean
+                         for i in range(0, len(specs), 500)])
+    lat = (lat - shift) * vae.config.scaling_factor
+    log(f"cached {len(lat)} latents {tuple(lat.shape[1:])}, shift {shift}, scaling_factor "
+        f"{vae.config.scaling_factor:.4f} (std after: {lat.std():.3f})", t0)
+    return specs, lat
+
+
+def train_flow(vae, transformer, encoders, tokenizers, args, t0):
+    """Stage 4 for --arch sd3: the MMDiT and its three text encoders trained jointly with SD3's rectified-flow
+    objective as sdlora's SD3 training computes it (sdlora.training.flow: logit-normal timesteps on the FlowMatch
+    schedule, x_s = (1 - s) x0 + s n, the flow n - x0 regressed directly) on prompts encoded as
+    StableDiffusion3Pipeline encodes them (sdlora.training.sd3cond). Each step's T5 sequence length is drawn from
+    --t5-lengths, so the model draws the same at the pipeline's default of 256 T5 tokens and at the 77 that
+    sdlora's training uses. Dropped captions are the encoded empty prompt (the pipeline's negative "")."""
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sdlora.training import flow, sd3cond
+
+    specs, lat = cached_latents(vae, args, t0, shift=vae.config.shift_factor or 0.0)
+    texts = [v for s in specs for v in caption_variants(s)]
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SHIFT)
+    objective = SimpleNamespace(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                precondition_outputs=0)
+    lengths = [int(x) for x in args.t5_lengths.split(",")]
+    joint = transformer.config.joint_attention_dim
+    g = torch.Generator().manual_seed(args.seed + 4)
+    params = list(transformer.parameters()) + [p for te in encoders for p in te.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    for m in (transformer, *encoders):
+        m.train()
+    n, warm = len(lat), min(200, args.unet_steps // 10 + 1)
+    running = 0.0
+    for step in range(args.unet_steps):
+        lr = args.lr * min(1.0, (step + 1) / warm) * min(1.0, 1.2 * (1 - step / args.unet_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, n, (args.batch,), generator=g)
+        var = torch.multinomial(CAPTION_P, args.batch, replacement=True, generator=g)
+        length = lengths[int(torch.randint(0, len(lengths), (1,), generator=g))]
+        x0 = lat[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        noised = flow.noise(sched, x0, noise, objective, g)
+        text = sd3cond.encode(encoders, tokenizers, [texts[5 * i + v] for i, v in zip(idx.tolist(), var.tolist())],
+                              length, joint)
+        pred = transformer(noised.noisy, timestep=noised.timesteps, return_dict=False,
+                           **sd3cond.transformer_kwargs(text, x0.device, x0.dtype))[0]
+        loss = flow.per_sample_loss(pred, x0, noise, noised, objective).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if step % 100 == 0 or step == args.unet_steps - 1:
+            log(f"transformer step {step} loss {running:.4f} lr {lr:.2e} t5 tokens {length}", t0)
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    for m in (transformer, *encoders):
+        m.eval()
+    return sched
+
+
 @torch.no_grad()
 def quick_eval(unet, vae, encoders, tokenizer, params, ema, step, t0):
     """Held-out prompt following of the EMA weights (24 prompts, DPM-Solver 20 steps)."""
@@ -438,13 +545,14 @@ def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, info: dict, tex
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1",
-                   help="sd1: tiny-sd (all stages); sdxl: the SDXL-architecture tiny-sdxl on --reuse-from's "
-                        "tokenizer and VAE (the --vae-* and --decoder-* options do not apply)")
+    p.add_argument("--arch", choices=["sd1", "sdxl", "sd3"], default="sd1",
+                   help="sd1: tiny-sd (all stages); sdxl / sd3: the SDXL- / SD3-architecture tiny-sdxl / tiny-sd3 on "
+                        "--reuse-from's tokenizer and VAE (the --vae-* and --decoder-* options do not apply)")
     p.add_argument("--out", type=Path, default=None,
-                   help="default: sdlora/assets/tiny-sd (sd1) or sdlora/assets/tiny-sdxl (sdxl)")
+                   help="default: sdlora/assets/tiny-sd (sd1), tiny-sdxl (sdxl) or tiny-sd3 (sd3)")
     p.add_argument("--reuse-from", type=Path, default=DEFAULT_OUT,
-                   help="sdxl: the trained tiny-sd folder whose tokenizer and VAE are reused (default: the bundled one)")
+                   help="sdxl, sd3: the trained tiny-sd folder whose tokenizer and VAE are reused (default: the "
+                        "bundled one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: all cores; 1 shares the machine but is ~1.4x slower)")
@@ -456,7 +564,12 @@ def main(argv=None):
     p.add_argument("--vae-images", type=int, default=8000)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=None, help="default: 1800 (sd1), 4000 (sdxl)")
+    p.add_argument("--unet-steps", type=int, default=None,
+                   help="UNet (sd3: transformer) steps; default: 1800 (sd1), 4000 (sdxl), 2000 (sd3)")
+    p.add_argument("--sd3-layers", type=int, default=4, help="sd3: joint transformer blocks")
+    p.add_argument("--t5-lengths", default="77,256",
+                   help="sd3: T5 sequence lengths, one drawn per step (77: sdlora's --max_sequence_length default; "
+                        "256: StableDiffusion3Pipeline's)")
     p.add_argument("--images", type=int, default=12000, help="captioned training images")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--ema", type=float, default=0.998)
@@ -474,16 +587,16 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.out is None:
-        args.out = DEFAULT_OUT_XL if args.arch == "sdxl" else DEFAULT_OUT
+        args.out = {"sdxl": DEFAULT_OUT_XL, "sd3": DEFAULT_OUT_SD3}.get(args.arch, DEFAULT_OUT)
     if args.unet_steps is None:
-        args.unet_steps = 4000 if args.arch == "sdxl" else 1800
+        args.unet_steps = {"sdxl": 4000, "sd3": 2000}.get(args.arch, 1800)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    if args.arch == "sdxl":
+    if args.arch in ("sdxl", "sd3"):
         if args.decoder_only:
-            p.error("--decoder-only is for --arch sd1 (sdxl reuses tiny-sd's VAE)")
-        return main_xl(args, argv, t0)
+            p.error(f"--decoder-only is for --arch sd1 ({args.arch} reuses tiny-sd's VAE)")
+        return (main_xl if args.arch == "sdxl" else main_sd3)(args, argv, t0)
     if args.decoder_only:
         return decoder_only(args, t0)
     with tempfile.TemporaryDirectory() as d:
@@ -540,6 +653,72 @@ def main_xl(args, argv, t0):
              "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
     save_pipeline(args.out, unet, vae, text_encoder, tokenizer, info, text_encoder_2=text_encoder_2, reused=src)
     log(f"saved {args.out}", t0)
+
+
+def main_sd3(args, argv, t0):
+    """--arch sd3: stage 4 (rectified flow) on tiny-sd's tokenizer and VAE, saved as a StableDiffusion3Pipeline."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    from sdlora.tiny_sd3 import t5_vocab, write_t5_tokenizer
+
+    src = args.reuse_from
+    if not (src / "model_index.json").is_file():
+        sys.exit(f"--reuse-from {src}: no model_index.json; expected a tiny-sd folder written by this script")
+    tokenizer = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(str(src / "vae")).eval()
+    vae.requires_grad_(False)
+    # StableDiffusion3Pipeline shifts latents by the VAE's shift_factor (SD1's VAE has none: 0, the identity)
+    vae.register_to_config(shift_factor=vae.config.shift_factor or 0.0)
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer_3 = write_t5_tokenizer(Path(d) / "tokenizer_3")
+        models_ = build_sd3_models(len(tokenizer), len(t5_vocab()), vae.config.latent_channels, args.seed,
+                                   args.sd3_layers)
+        transformer, encoders = models_[0], list(models_[1:])
+        log(f"params: transformer {sum(p.numel() for p in transformer.parameters())/1e6:.2f}M, text encoders "
+            + " + ".join(f"{sum(p.numel() for p in te.parameters())/1e6:.2f}M" for te in encoders)
+            + f"; tokenizer and VAE from {src}", t0)
+        sched = train_flow(vae, transformer, encoders, [tokenizer, tokenizer, tokenizer_3], args, t0)
+        try:
+            src_name = str(src.resolve().relative_to(ROOT))
+        except ValueError:
+            src_name = str(src)
+        info = {"arch": "sd3", "tokenizer_and_vae_from": src_name}
+        info |= {k: v for k, v in vars(args).items()
+                 if k in ("seed", "threads", "batch", "unet_steps", "images", "lr", "ema", "sd3_layers", "t5_lengths")}
+        info |= {"objective": "rectified flow, logit-normal(0, 1) timesteps, flow target", "schedule_shift": SD3_SHIFT,
+                 "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+                 "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
+                 "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
+        save_sd3(args.out, transformer, encoders, vae, tokenizer_3, sched, info, src)
+    log(f"saved {args.out}", t0)
+
+
+def save_sd3(out: Path, transformer, encoders, vae, tokenizer_3, sched, info: dict, reused: Path):
+    """StableDiffusion3Pipeline.save_pretrained (safetensors, fp32); tiny-sd's tokenizer (as tokenizer and
+    tokenizer_2) and VAE files copied as they are, the VAE's config with shift_factor 0.0 (the pipeline needs a
+    number; 0 shifts nothing)."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(reused / "tokenizer"))
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=encoders[0],
+                                    tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
+                                    text_encoder_3=encoders[2], tokenizer_3=tokenizer_3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    for name, src in (("tokenizer", "tokenizer"), ("tokenizer_2", "tokenizer"), ("vae", "vae")):
+        shutil.rmtree(tmp / name)
+        shutil.copytree(reused / src, tmp / name)
+    cfg = json.loads((tmp / "vae" / "config.json").read_text())
+    cfg["shift_factor"] = cfg.get("shift_factor") or 0.0
+    (tmp / "vae" / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return pipe
 
 
 def decoder_only(args, t0):
