@@ -1,8 +1,9 @@
-"""Train the tiny Stable Diffusion models shipped in `sdlora/assets/tiny-sd` (and `tiny-sdxl`) from scratch.
+"""Train the tiny Stable Diffusion models shipped in `sdlora/assets/tiny-sd` (and `tiny-sdxl`, `tiny-sd3`) from scratch.
 
     python examples/train_tiny_base.py                      # rebuilds sdlora/assets/tiny-sd
     python examples/train_tiny_base.py --out /tmp/tiny-sd --vae-steps 50 --unet-steps 50  # smoke
     python examples/train_tiny_base.py --arch sdxl --threads 2  # rebuilds sdlora/assets/tiny-sdxl
+    python examples/train_tiny_base.py --arch sd3 --threads 2   # rebuilds sdlora/assets/tiny-sd3
 
 Everything is generated and seeded here — images (examples/shapes.py), the tokenizer's vocabulary,
 the VAE, the text encoder and the UNet — so anyone can rebuild the weights on a CPU, offline.
@@ -33,6 +34,18 @@ with two text encoders (CLIPTextModel, CLIPTextModelWithProjection), conditioned
 pooled projection, time ids (32, 32, 0, 0, 32, 32)). Half the dropped captions are zeroed, as the
 pipeline's force_zeros_for_empty_prompt does for the unconditional half of guidance; the other half
 are the encoded empty prompt (what a negative prompt of "" gives).
+
+--arch sd3 builds the SD3-architecture one (a StableDiffusion3Pipeline, sdlora/assets/tiny-sd3) on the
+same reused tokenizer (as tokenizer and tokenizer_2) and VAE (its config given shift_factor 0.0, which
+the SD3 pipeline reads; the transformer's latent channels are read from the VAE's config). Stage 4
+trains from scratch an SD3Transformer2DModel (MMDiT, 2x2 patches: 8x8 latents are 16 image tokens)
+jointly with two CLIPTextModelWithProjection encoders and a tiny T5EncoderModel (tokenizer: a T5
+tokenizer over byte characters, sdlora.tiny_sd3) with SD3's rectified-flow objective as sdlora's SD3
+training computes it (sdlora.training.flow: logit-normal timesteps on a FlowMatchEulerDiscreteScheduler
+schedule, shift 1.0 for 8x8 latents; the flow noise - latent regressed), prompts encoded as
+StableDiffusion3Pipeline encodes them (sdlora.training.sd3cond). Each step's T5 sequence length is one
+of --t5-lengths (77: sdlora's --max_sequence_length default, 256: the pipeline's), so the model draws
+the same through either. Dropped captions are the encoded empty prompt (the pipeline's negative "").
 """
 from __future__ import annotations
 
