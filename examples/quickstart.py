@@ -3,9 +3,9 @@
 
 1. base model: the bundled `sdlora-tiny` (a tiny SD1.x-architecture model trained from
    scratch, see docs/tiny-model.md); if it is missing, `sdlora make-tiny` builds a random one.
-   --base sdlora-tiny-xl / sdlora-tiny-sd3: the bundled SDXL- / SD3-architecture ones (for SD3 the
-   LoRA goes on the transformer's attention, both streams, and SD3's rectified-flow loss replaces
-   min-SNR weighting).
+   --base NAME: another bundled model (sdlora-tiny-xl); on an SD3 base the LoRA goes on the
+   transformer's attention, both streams (the trainer's SD3 default), and SD3's rectified-flow loss
+   replaces min-SNR weighting.
 2. data: examples/data/pokemon — 32 px "creature-style" shapes with captions (imagefolder).
 3. train: train_text_to_image_lora.py, exactly as a user would run it.
 4. compare: the same prompts and seeds with and without the LoRA, loaded onto an unmodified
@@ -13,7 +13,7 @@
    deterministic pixel detectors (examples/shapes.py): the share of images in the new style,
    and prompt following (shape colour / background colour) on held-out colour pairs.
 
-    python examples/quickstart.py [--out demo] [--steps 3000] [--guidance 3] [--base sdlora-tiny-sd3]
+    python examples/quickstart.py [--out demo] [--steps 3000] [--guidance 3] [--base sdlora-tiny-xl]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import shapes  # the example data's generator and detectors (beside this script)
 from eval_prompt_following import Progress, load_base_pipeline
 from sdlora import grid, sample
+from sdlora.models import BUNDLED
 from sdlora.output.weights import kohya_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +64,7 @@ def main():
     p.add_argument("--target_modules", default=None,
                    help=f"default: {UNET_TARGETS} (UNet bases); an SD3 base: the trainer's own SD3 default "
                         "(both streams' attention, sdlora.sd3base.TRANSFORMER_TARGETS)")
-    p.add_argument("--base", default="sdlora-tiny", choices=["sdlora-tiny", "sdlora-tiny-xl", "sdlora-tiny-sd3"],
-                   help="the bundled base model to train on")
+    p.add_argument("--base", default="sdlora-tiny", choices=list(BUNDLED), help="the bundled base model to train on")
     # The tiny base model follows held-out prompts best at guidance 3-4 (docs/tiny-model.md); higher
     # guidance also pulls a LoRA's samples back toward the base model's plain shapes.
     p.add_argument("--guidance", type=float, default=3.0)
@@ -76,7 +76,7 @@ def main():
     out = Path(a.out)
     t0 = time.time()
 
-    from sdlora.models import BUNDLED, family
+    from sdlora.models import family
 
     base = a.base
     if not (BUNDLED[base] / "model_index.json").exists():
