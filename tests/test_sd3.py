@@ -131,13 +131,15 @@ def test_flow_loss_and_gradients_match_diffusers_sd3_script(sd3_model, pipe, sch
     assert any(g.abs().sum() > 0 for g in ours_grads)
 
 
-def test_sd3_refuses_what_it_does_not_do_in_one_line(sd3_model, tmp_path, capsys):
+@pytest.mark.parametrize("flags,said", [({"snr_gamma": 5}, "--snr_gamma: a UNet noise/loss option"),
+                                        ({"upcast_before_saving": True, "save_precision": "bf16"},
+                                         "--upcast_before_saving saves the LoRA in fp32, --save_precision bf16")])
+def test_sd3_refuses_what_it_does_not_do_in_one_line(sd3_model, tmp_path, capsys, flags, said):
     from helpers import fast_flags, recipe_error
 
     from sdlora.recipes import text_to_image as t2i
 
-    line = recipe_error(capsys, t2i, fast_flags(sd3_model, tmp_path / "o", train_data_dir=POKEMON, snr_gamma=5))
-    assert "--snr_gamma: a UNet noise/loss option" in line
+    assert said in recipe_error(capsys, t2i, fast_flags(sd3_model, tmp_path / "o", train_data_dir=POKEMON, **flags))
 
 
 def test_make_tiny_cli_writes_an_sd3_pipeline(tmp_path, capsys):
@@ -291,12 +293,14 @@ def test_sd3_dreambooth_prior_preservation_and_text_encoders(sd3_model, tmp_path
 def test_sd3_without_t5_trains_and_draws_without_t5(sd3_model, tmp_path, caplog, capsys):
     import numpy as np
 
-    out = train(sd3_model, tmp_path / "o", drop_t5=True, max_sequence_length=16, lora_blocks="1", max_train_steps=2)
+    out = train(sd3_model, tmp_path / "o", drop_t5=True, max_sequence_length=16, lora_blocks="1", max_train_steps=2,
+                upcast_before_saving=True)  # diffusers' flag, accepted: the LoRA is saved in fp32 anyway
     assert "T5 dropped" in capsys.readouterr().err
     pipe = _pipe(sd3_model, text_encoder_3=None, tokenizer_3=None)
     before = _images(pipe)
     sd = _loads_whole(pipe, out, caplog)
     assert sd and all(k.startswith("transformer.transformer_blocks.1.") for k in sd)  # --lora_blocks 1
+    assert {v.dtype for v in sd.values()} == {torch.float32}
     assert np.abs(_images(pipe) - before).max() > 1e-4
 
 
@@ -324,3 +328,42 @@ def test_load_pipeline_keeps_the_sd3_bases_flow_match_scheduler(sd3_model):
     assert type(ours).__name__ == "StableDiffusion3Pipeline"
     assert type(ours.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert np.array_equal(_images(ours), _images(_pipe(sd3_model)))
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_sd3_draws_validation_and_sample_prompts_while_training(sd3_model, tmp_path, caplog, monkeypatch,
+                                                                train_text_encoder):
+    """--validation_prompt and --sample_prompts on an SD3 base: StableDiffusion3Pipeline over the run's models with the
+    base's FlowMatch schedule. The last round draws, with the weights the run saves, what diffusers draws loading the
+    saved file into an unmodified pipeline at the same seed and guidance. Frozen encoders: the prompts were encoded up
+    front (no text encoder loads again to sample); trained CLIPs: encoded with their LoRA when drawn."""
+    import numpy as np
+    from PIL import Image
+
+    from sdlora import sd3models as loads
+    from sdlora.training import sd3sample
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --n blurry --s 3 --l 4 --d 5 --w 32 --h 32\n")
+    loaded = []
+    real = loads.load_text_encoder
+    monkeypatch.setattr(loads, "load_text_encoder", lambda *a, **k: loaded.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(models, "fast_precision", lambda device: "fp32")  # the run samples in fp32, as diffusers here
+    out = train(sd3_model, tmp_path / "o", validation_prompt="a green square", num_validation_images=1,
+                sample_prompts=prompts, max_train_steps=2, train_text_encoder=train_text_encoder, learning_rate=0.05)
+    assert loaded == list(sd3base.TEXT_ENCODERS)  # each once, before training: none again to sample
+    val, step = Image.open(out / "samples/latest_0.png"), Image.open(out / "samples/step000002_00.png")
+    recorded = json.loads(step.text["sdlora"])
+    assert (recorded["scheduler"], recorded["guidance"], recorded["seed"]) == (sd3sample.SCHEDULER, 4.0, 5)
+    pipe = _pipe(sd3_model)
+
+    def theirs(prompt, negative, seed, steps, guidance):
+        return pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, height=32,
+                    width=32, max_sequence_length=77, generator=torch.Generator().manual_seed(seed),
+                    output_type="np").images[0]
+    base = theirs("a red square", "blurry", 5, 3, 4.0)
+    _loads_whole(pipe, out, caplog)
+    for png, want in ((step, theirs("a red square", "blurry", 5, 3, 4.0)),
+                      (val, theirs("a green square", "", 0, 25, 7.0))):  # the run's seed, the pipeline's guidance
+        assert np.abs(np.asarray(png, dtype=np.float32) / 255 - want).max() <= 1 / 255  # 8-bit rounding
+    assert np.abs(np.asarray(step, dtype=np.float32) / 255 - base).max() > 8 / 255  # drawn with the LoRA

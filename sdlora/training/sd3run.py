@@ -10,7 +10,7 @@ import torch
 
 from .. import models, sd3base, sd3models
 from ..errors import UserError
-from . import flow, frozen, sd3cond
+from . import flow, frozen, sd3cond, sd3sample
 from .config import TrainConfig, default_of
 
 log = logging.getLogger("sdlora")
@@ -26,14 +26,14 @@ class Sd3Frozen(frozen.Frozen):
     vae_shift: float = 0.0
     max_sequence_length: int = 77
     joint_dim: int = 0  # the transformer's joint attention width: T5's tokens are zeros of it with --drop_t5
+    sample_texts: dict | None = None  # the prompts sampling draws, encoded before the encoders leave (sd3sample)
 
 
 def refuse_unsupported(c: TrainConfig):
     """What SD3 runs do not do yet, or do otherwise, as one line each (before any model loads)."""
-    drawn = [f for f in ("validation_prompt", "sample_prompts") if getattr(c, f, None)]
-    if drawn:  # sampling during training goes through the SD 1.x/XL pipelines (validation.py) for now
-        raise UserError(f"--{drawn[0]}: images during training are not drawn for SD3 bases yet; drop it and draw "
-                        f"them afterwards with `sdlora generate`")
+    if c.upcast_before_saving and c.save_precision != "fp32":  # diffusers' flag: save in fp32 (sdlora's default)
+        raise UserError(f"--upcast_before_saving saves the LoRA in fp32, --save_precision {c.save_precision} in "
+                        f"{c.save_precision}; drop one")
     unused = [f for f in UNET_LOSS_SETTINGS if getattr(c, f) != default_of(f)]
     if unused:  # the rectified-flow loss has its own weighting (--weighting_scheme); these are the UNet loss's
         raise UserError(f"--{unused[0]}: a UNet noise/loss option, not used by SD3's rectified-flow loss; drop it (SD3 "
@@ -60,9 +60,11 @@ def load_frozen(config: TrainConfig, device, weight_dtype: torch.dtype, main: bo
     if main:
         log.info("base model: %s (rectified flow, %s timesteps%s)", sd3base.variant(transformer),
                  c.weighting_scheme, "; T5 dropped: --drop_t5" if c.drop_t5 else "")
-    return Sd3Frozen(tokenizers, sched, encoders, vae, vae.dtype, vae.config.scaling_factor,
-                     vae_shift=vae.config.shift_factor or 0.0, max_sequence_length=c.max_sequence_length,
-                     joint_dim=transformer["joint_attention_dim"])
+    frozen_ = Sd3Frozen(tokenizers, sched, encoders, vae, vae.dtype, vae.config.scaling_factor,
+                        vae_shift=vae.config.shift_factor or 0.0, max_sequence_length=c.max_sequence_length,
+                        joint_dim=transformer["joint_attention_dim"])
+    frozen_.sample_texts = sd3sample.encode_up_front(c, encoder(frozen_, list(encoders.values())))
+    return frozen_
 
 
 def load_transformer(config: TrainConfig, accelerator, weight_dtype: torch.dtype):

@@ -37,3 +37,7 @@ class FlowSettings:
              "attention, attn.to_q/k/v/out.0 and attn.add_q/k/v_proj/to_add_out)", resume=OPTIONAL)
     lora_blocks: str | None = setting(
         help="SD3 bases: comma-separated transformer block numbers to adapt (default: all)", resume=OPTIONAL)
+    upcast_before_saving: bool = setting(
+        False, "SD3 bases: diffusers' SD3 script's flag, accepted as it is: sdlora saves the LoRA in fp32 whatever "
+               "the training precision (--save_precision fp32, the default), so it changes nothing; refused with "
+               "--save_precision fp16/bf16", resume=OPTIONAL)
