@@ -133,7 +133,8 @@ def test_flow_loss_and_gradients_match_diffusers_sd3_script(sd3_model, pipe, sch
 
 @pytest.mark.parametrize("flags,said", [({"snr_gamma": 5}, "--snr_gamma: a UNet noise/loss option"),
                                         ({"upcast_before_saving": True, "save_precision": "bf16"},
-                                         "--upcast_before_saving saves the LoRA in fp32, --save_precision bf16")])
+                                         "--upcast_before_saving saves the LoRA in fp32, --save_precision bf16"),
+                                        ({"lora_type": "adalora"}, "--lora_type adalora: not on SD3 bases yet")])
 def test_sd3_refuses_what_it_does_not_do_in_one_line(sd3_model, tmp_path, capsys, flags, said):
     from helpers import fast_flags, recipe_error
 
@@ -367,3 +368,35 @@ def test_sd3_draws_validation_and_sample_prompts_while_training(sd3_model, tmp_p
                       (val, theirs("a green square", "", 0, 25, 7.0))):  # the run's seed, the pipeline's guidance
         assert np.abs(np.asarray(png, dtype=np.float32) / 255 - want).max() <= 1 / 255  # 8-bit rounding
     assert np.abs(np.asarray(step, dtype=np.float32) / 255 - base).max() > 8 / 255  # drawn with the LoRA
+
+
+@pytest.mark.parametrize("flags", [{"lora_type": "dora", "train_text_encoder": True},
+                                   {"init_lora_weights": "olora", "use_rslora": True},
+                                   {"lora_type": "loha", "train_text_encoder": True}, {"lora_type": "lokr"}])
+def test_sd3_lora_variants_load_as_trained(sd3_model, tmp_path, caplog, monkeypatch, flags):
+    """DoRA, OLoRA init (PiSSA's path) and LoHa/LoKr on SD3 through peft, as on SD 1.x/XL. The file, loaded into the
+    unmodified base, draws what the run drew with its own trained models at its end (a sample prompt; OLoRA changed
+    the run's frozen weights, the file holds the change from the base): by sdlora's loader, and by an unmodified
+    StableDiffusion3Pipeline where diffusers reads the type (not LoHa/LoKr, as on SD 1.x/XL)."""
+    import numpy as np
+    from PIL import Image
+
+    from sdlora.pipeline import load_pipeline
+
+    monkeypatch.setattr(models, "fast_precision", lambda device: "fp32")
+    (tmp_path / "p.txt").write_text("a green square --s 3 --l 4 --d 0 --w 32 --h 32\n")
+    out = train(sd3_model, tmp_path / "o", sample_prompts=tmp_path / "p.txt", max_train_steps=2, learning_rate=0.05,
+                rank=2, **flags)
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, height=32, width=32, max_sequence_length=77, output_type="np")
+
+    def draw(pipe):
+        return pipe("a green square", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    run = np.asarray(Image.open(out / "samples/step000002_00.png"), dtype=np.float32) / 255
+    ours = draw(load_pipeline([str(out)], base=str(sd3_model), device="cpu", dtype="fp32"))
+    assert np.abs(run - ours).max() <= 1 / 255 < np.abs(ours - draw(_pipe(sd3_model))).max()
+    if flags.get("lora_type") in ("loha", "lokr"):
+        return
+    pipe = _pipe(sd3_model)
+    sd = _loads_whole(pipe, out, caplog)
+    assert any(".lora_magnitude_vector" in k for k in sd) == (flags.get("lora_type") == "dora")
+    assert np.abs(draw(pipe) - ours).max() <= 1e-5
