@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import models, sd3base, sd3models
+from .. import models, quantize, sd3base, sd3models
 from ..errors import UserError
 from . import flow, frozen, sd3cond, sd3sample
 from .config import TrainConfig, default_of
@@ -67,12 +67,18 @@ def load_frozen(config: TrainConfig, device, weight_dtype: torch.dtype, main: bo
 
 
 def load_transformer(config: TrainConfig, accelerator, weight_dtype: torch.dtype):
-    """The frozen MMDiT on the training device (--quantize_base is UNet-only for now)."""
-    if config.quantize_base != "none":
-        raise UserError(f"--quantize_base {config.quantize_base}: not supported with an SD3 base yet; drop it")
-    return sd3models.load_transformer(config.base, revision=config.revision, variant=config.variant,
-                                      cache_dir=config.cache_dir, dtype=weight_dtype,
-                                      allow_pickle=config.allow_pickle).to(accelerator.device)
+    """The frozen MMDiT on the training device; with --quantize_base its Linear layers in bitsandbytes' int8/NF4, each
+    quantized as it is read (quantize.load_unet), as the UNet's."""
+    load = dict(revision=config.revision, variant=config.variant, cache_dir=config.cache_dir,
+                allow_pickle=config.allow_pickle)
+    if config.quantize_base == "none":
+        return sd3models.load_transformer(config.base, dtype=weight_dtype, **load).to(accelerator.device)
+    transformer, n = quantize.load_unet(config.base, config.quantize_base, accelerator.device, weight_dtype,
+                                        subfolder="transformer", **load)
+    if accelerator.is_main_process:
+        log.info("quantized base: %d Linear layers of the transformer in %s (bitsandbytes); the rest in %s", n,
+                 config.quantize_base, str(weight_dtype).replace("torch.", ""))
+    return transformer.to(accelerator.device)
 
 
 def encoder(frozen_: Sd3Frozen, encoders: list):
