@@ -75,7 +75,8 @@ def load_unet(base: str, mode: str, device, dtype, revision=None, variant=None, 
     """(the base's UNet with its Linear layers in `mode` on `device` and the rest still on the CPU, how many). Each
     Linear is quantized as soon as its tensors are read (safetensors, one tensor at a time), so the full-precision
     UNet is never in memory whole (SD1.5's: 3.4 GB in fp32, 1.1 GB of it Linear weights). Anything the streamed read
-    can't place takes diffusers' own loading, then `quantize_linears`. `subfolder` "transformer": an SD3 base's MMDiT."""
+    can't place takes diffusers' own loading, then `quantize_linears`. `subfolder` "transformer": an SD3 base's
+    MMDiT."""
     import torch
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
