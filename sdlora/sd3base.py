@@ -56,10 +56,11 @@ def lora_targets(lora_layers: str | None, lora_blocks: str | None, target_module
 
 
 def own_guidance(pipe) -> float | None:
-    """The guidance an SD3 pipeline draws at when given none (StableDiffusion3Pipeline's own default, read from its
-    signature); None for other pipelines, which keep sdlora's `models.GUIDANCE`."""
-    if not is_sd3(type(pipe).__name__):
+    """The guidance an SD3 pipeline (or pipeline class) draws at when given none (StableDiffusion3Pipeline's own
+    default, read from its signature); None for other pipelines, which keep sdlora's `models.GUIDANCE`."""
+    cls = pipe if isinstance(pipe, type) else type(pipe)
+    if not is_sd3(cls.__name__):
         return None
     import inspect
 
-    return inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    return inspect.signature(cls.__call__).parameters["guidance_scale"].default
