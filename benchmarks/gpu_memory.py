@@ -358,7 +358,9 @@ def sd3_caching(row: Row, captions: int = 32) -> dict:
     from sdlora.tiny_sd3 import SD3_ARCHS
     from sdlora.training.config import default_of
 
-    dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[row.dtype])
+    import gc
+
+    dtype = row_dtype(row)
     parts, tokens = sd3_encoders(row.arch, dtype, row.t5), default_of("max_sequence_length")
     with FakeTensorMode(allow_non_fake_inputs=True):
         for m in parts.values():
@@ -373,6 +375,7 @@ def sd3_caching(row: Row, captions: int = 32) -> dict:
             pixels = torch.randn(row.batch, 3, row.resolution, row.resolution, dtype=dtype)
             posterior = parts.pop("vae").encode(pixels).latent_dist.parameters.float()
             del pixels, posterior, weights["vae"]
+        gc.collect()  # the VAE's storages die here
         vae_peak, live.peak = live.peak, 0
         live.now = text_weights  # the VAE went to the host (models.release)
         with live, torch.no_grad(), CudaAutocast():
