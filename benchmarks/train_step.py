@@ -10,7 +10,7 @@ GPU) is its own. Times are the median of --steps after --warmup. Prints JSON.
 
     python benchmarks/train_step.py --arch sd15 --resolution 256 --batch 1
     python benchmarks/train_step.py --arch sdxl --resolution 256 --precision bf16   # ~8 GB RAM, 15 GB disk
-    python benchmarks/train_step.py --arch sd35-medium --precision bf16 --steps 2 --warmup 1   # ~12 GB RAM, 17 GB disk
+    python benchmarks/train_step.py --arch sd35-medium --precision bf16 --steps 2 --warmup 1   # ~12 GB RAM, 16 GB disk
 
 The SD3.5 architectures (tiny_sd3.SD3_ARCHS) are written here in bf16 one component at a time (`make_sd3_bf16`),
 so the build never holds more than the largest part (T5-XXL: 9.5 GB) in memory.
