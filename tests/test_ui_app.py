@@ -356,20 +356,44 @@ def test_tools_extract_takes_a_single_file_base_with_its_configs(single_file, tm
     assert said.startswith("error:") and "already exists" in said
 
 
-def test_advanced_fields_carry_the_optimizer_clip_skip_and_loraplus_both_ways():
-    """The Train tab's advanced fields become the recipe's own flags, and parsed flags fill them back (a reload,
-    Load config): the optimizer by its kohya name, clip skip, LoRA+'s ratio."""
+def test_advanced_fields_carry_the_optimizer_its_arguments_ema_clip_skip_and_loraplus_both_ways(tmp_path):
+    """The Train tab's advanced fields become the recipe's own flags, which reach the run's settings and the
+    optimizer's keyword arguments; parsed flags fill them back (a reload, Load config): the optimizer by its kohya
+    name, its --optimizer_args items, EMA and its decay, clip skip, LoRA+'s ratio."""
+    import shlex
+
+    from sdlora.cli.flags import train_config
     from sdlora.recipes import RECIPES
+    from sdlora.training import optimizers
     from sdlora.ui import config_form
+    from sdlora.ui.train_tab import MAIN_FLAGS, do_preview
 
     assert "Prodigy" in config_form.OPTIMIZERS and "AdamW" in config_form.OPTIMIZERS
-    flags = config_form.advanced_flags("cosine", "", "", "2", "16", "Prodigy")
-    assert flags == ["--lr_scheduler", "cosine", "--clip_skip", "2", "--loraplus_lr_ratio", "16",
-                     "--optimizer", "Prodigy"]
-    assert config_form.advanced_flags("", "", "", "", "", "AdamW") == []
+    fields = {"lr_scheduler": "cosine", "lora_alpha": "", "text_encoder_lr": "", "clip_skip": "2",
+              "loraplus_lr_ratio": "16", "optimizer_args": "d_coef=2 decouple=False 'betas=(0.9, 0.99)'",
+              "ema_decay": "0.999"}
+    assert list(fields) == list(config_form.ADVANCED)
+    flags = config_form.advanced_flags(*fields.values(), "Prodigy", True)
+    assert flags == ["--lr_scheduler", "cosine", "--clip_skip", "2", "--loraplus_lr_ratio", "16", "--optimizer_args",
+                     "d_coef=2", "decouple=False", "betas=(0.9, 0.99)", "--ema_decay", "0.999", "--optimizer",
+                     "Prodigy", "--use_ema"]
+    assert config_form.advanced_flags(*[""] * len(fields), "AdamW", False) == []
     args = RECIPES["text-to-image"].parser().parse_args(
         ["--pretrained_model_name_or_path", "sdlora-tiny", "--train_data_dir", "data", *flags])
+    config = train_config(args)
+    assert (config.use_ema, config.ema_decay, config.loraplus_lr_ratio, config.clip_skip) == (True, 0.999, 16, 2)
+    kw = optimizers.keywords(config, optimizers.kind_of(config.optimizer))
+    assert (kw["d_coef"], kw["decouple"], kw["betas"]) == (2, False, (0.9, 0.99))  # over --prodigy_decouple's True
     values = config_form.form_values("text-to-image", args, [])
     n = len(config_form.FIELDS)
-    assert values[n:n + len(config_form.ADVANCED) + 1] == ["cosine", "", "", "2", "16", "Prodigy"]
-    assert "--optimizer" not in values[config_form.FIELDS.index("extra")]  # not repeated under "more flags"
+    shown = dict(zip(config_form.ADVANCED, values[n:n + len(fields)]))
+    assert shlex.split(shown.pop("optimizer_args")) == shlex.split(fields.pop("optimizer_args"))
+    assert shown == fields and values[n + len(config_form.ADVANCED):][:2] == ["Prodigy", True]
+    extra = values[config_form.FIELDS.index("extra")]
+    assert not {"--optimizer", "--optimizer_args", "--use_ema", "--ema_decay"} & set(shlex.split(extra))
+    # a field the shell cannot split is one line, before anything runs
+    data = make_images(tmp_path / "data", n=1)
+    form = ["sdlora-tiny", "", str(data), "", str(tmp_path / "out"), "lora", "default", ""]
+    advanced = [*[""] * 5, "d_coef='2", "", "Prodigy", False, ""]
+    *_, summary = do_preview("text-to-image", *form, *[""] * len(MAIN_FLAGS), *advanced)
+    assert summary.startswith("error: Optimizer arguments (--optimizer_args): No closing quotation"), summary

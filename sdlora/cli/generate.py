@@ -45,7 +45,9 @@ def register(sub):
     _flag(s, "num_images", type=int, default=1, help="images to draw, seeds --seed, --seed+1, … (default: 1)")
     s.add_argument("--fuse", action="store_true", help="bake the LoRAs into the weights (faster sampling)")
     s.add_argument("--scheduler", default="dpm++", choices=[k for k in SCHEDULERS if k != "keep"],
-                   help="dpm++: DPMSolverMultistepScheduler (default); dpm++-karras: with Karras sigmas")
+                   help="dpm++: DPMSolverMultistepScheduler (default); dpm++-karras: with Karras sigmas; an SD3 "
+                   "base samples with its own FlowMatch scheduler under both, or dpm++-flow: DPM-Solver++ on its "
+                   "flow sigmas")
     s.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: a CUDA GPU if there is one)")
     s.add_argument("--dtype", choices=list(SAVE_PRECISIONS), help=DTYPE_HELP)
     _flag(s, "allow_pickle", action="store_true",

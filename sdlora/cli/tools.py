@@ -56,10 +56,21 @@ def _make_tiny_cli(args):
 
 
 def _convert_base_cli(args):
-    from ..bases import ldm
+    """Folder (or bundled name) -> one original-layout file; a single-file checkpoint -> a diffusers folder."""
+    from ..bases import detect, ldm, unpack
     from ..models import FAMILIES, torch_dtype
 
-    out, family = ldm.write(args.base, args.out, torch_dtype(args.dtype) if args.dtype else None, args.overwrite,
+    dtype = torch_dtype(args.dtype) if args.dtype else None
+    if detect.is_single_file(args.base):
+        out, family, why = unpack.write(args.base, args.out, args.base_config, dtype, args.overwrite,
+                                        args.allow_pickle, args.v_pred, args.ztsnr)
+        print(f"wrote {args.base} ({FAMILIES[family]}; prediction type and noise schedule from {why}) as a diffusers "
+              f"folder to {out}")
+        return
+    if args.base_config:
+        raise UserError(f"--base_config is for a single-file input; {args.base} is a folder or bundled name, which "
+                        f"holds its own configs: drop --base_config")
+    out, family = ldm.write(args.base, args.out, dtype, args.overwrite,
                             ("v_pred",) * args.v_pred + ("ztsnr",) * args.ztsnr)
     print(f"wrote {args.base} ({FAMILIES[family]}) as a single-file checkpoint to {out}")
 
@@ -125,12 +136,21 @@ def register(sub):
                    "(as A1111/ComfyUI/Civitai files are) to DIR (a *.safetensors name) instead of a folder")
     s.set_defaults(func=_make_tiny_cli)
 
-    s = sub.add_parser("convert-base", help="write a diffusers base model (folder, bundled name) as one "
-                       "original-layout .safetensors checkpoint, as A1111/ComfyUI/Civitai files are")
-    s.add_argument("base", help="a diffusers SD 1.x/2.x/XL folder or bundled name (sdlora-tiny, sdlora-tiny-xl)")
-    s.add_argument("out", help="the *.safetensors file to write")
+    s = sub.add_parser("convert-base", help="convert a base model between the two layouts: a diffusers folder (or "
+                       "bundled name) to one original-layout .safetensors checkpoint, as A1111/ComfyUI/Civitai files "
+                       "are, or such a single-file checkpoint to a diffusers folder")
+    s.add_argument("base", help="a diffusers SD 1.x/2.x/XL folder or bundled name (sdlora-tiny, sdlora-tiny-xl), or a "
+                   "single-file checkpoint (a local .safetensors or a Hub file path owner/repo/file.safetensors)")
+    s.add_argument("out", help="the *.safetensors file to write (from a folder), or the folder to write (from a "
+                   "single file)")
+    s.add_argument("--base_config", "--base-config", metavar="DIR_OR_ID", help="for a single-file input: a diffusers "
+                   "folder or Hub id of its family, whose configs and tokenizers the folder gets (default: the repo "
+                   "diffusers picks for the file, downloaded)")
     s.add_argument("--dtype", choices=list(SAVE_PRECISIONS), help="cast the weights on write (default: as stored)")
-    s.add_argument("--v-pred", action="store_true", help="add ComfyUI's v_pred marker key (a v-prediction model)")
-    s.add_argument("--ztsnr", action="store_true", help="add ComfyUI's ztsnr marker key (zero terminal SNR)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    s.add_argument("--v-pred", action="store_true", help="a v-prediction model: add ComfyUI's v_pred marker key "
+                   "(writing a file), or set the scheduler's prediction_type (writing a folder)")
+    s.add_argument("--ztsnr", action="store_true", help="a zero-terminal-SNR model: add ComfyUI's ztsnr marker key "
+                   "(writing a file), or set the scheduler's rescale_betas_zero_snr (writing a folder)")
+    s.add_argument("--allow-pickle", action="store_true", help="allow a .ckpt/.pt single-file input (it can run code)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file or folder")
     s.set_defaults(func=_convert_base_cli)

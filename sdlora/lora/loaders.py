@@ -23,6 +23,9 @@ name; it scales the change by alpha / rank when it finds `<name>.alpha`, else by
   ResnetBlock2D, Downsample2D, Upsample2D and CLIP attention/MLP, named ``lora_unet_<path>`` by diffusers paths
   for SD 1.x/2.x and by original (LDM) paths for SDXL, ``lora_te_`` (``lora_te1_`` / ``lora_te2_`` on SDXL);
   ``lora_up/down.weight`` only (LoHa, LoKr and DoRA need LyCORIS's network module); alpha absent = rank.
+* SD3 (comfy/lora.py's SD3 branch and its generic ``lora_unet_<original path>``; kohya's networks/lora_sd3.py):
+  ComfyUI/Forge know an MMDiT layer as ``transformer.<diffusers path>``, ``lora_transformer_…``, ``lycoris_…``
+  and ``lora_unet_<original path>`` (q/k/v fused: formats.mmdit), kohya only the last; its CLIPs as on SDXL.
 * diffusers 0.42 (`load_lora_weights`: lora_pipeline.lora_state_dict, lora_conversion_utils
   `_convert_non_diffusers_lora_to_diffusers`, state_dict_utils, peft_utils.get_peft_kwargs): see `_diffusers`.
 """
@@ -122,9 +125,16 @@ def _names(loader: str, comp: str, path: str, fam: str) -> list[str]:
         if not _KOHYA_UNET.fullmatch(path):
             return []
         return ([f"lora_unet_{ldm}"] if ldm else []) if fam == "sdxl" else [f"lora_unet_{under}"]
+    if comp == "transformer":  # SD3's MMDiT (formats.mmdit): diffusers' names, and the original ones kohya writes
+        sai = formats.sai_name(path)[0]
+        kohya = [f"lora_unet_{sai.replace('.', '_')}"] if sai else []
+        if loader in ("comfyui", "forge"):  # comfy/lora.py: mmdit_to_diffusers' layers, and every original weight
+            named = [f"transformer.{path}", f"base_model.model.{path}", f"lora_transformer_{under}", f"lycoris_{under}"]
+            return (named if sai else []) + kohya
+        return kohya if loader == "kohya" else []  # A1111's Lora extension maps no MMDiT layer
     if comp == "text_encoder_2" and path == "text_projection":
         return ["lora_te2_text_projection"] if loader == "comfyui" and fam == "sdxl" else []
-    if not _CLIP.fullmatch(path) or (comp == "text_encoder_2" and fam != "sdxl"):
+    if not _CLIP.fullmatch(path) or (comp == "text_encoder_2" and fam not in ("sdxl", "sd3")):
         return []
     te = comp == "text_encoder_2"
     if loader in ("comfyui", "forge"):
@@ -133,7 +143,7 @@ def _names(loader: str, comp: str, path: str, fam: str) -> list[str]:
     if loader == "a1111":
         kohya = ["lora_te2_"] if te else {"sd1": ["lora_te_", "lora_te1_"], "sd2": ["lora_te_"]}.get(fam, ["lora_te1_"])
     else:
-        kohya = ["lora_te2_"] if te else ["lora_te1_"] if fam == "sdxl" else ["lora_te_"]
+        kohya = ["lora_te2_"] if te else ["lora_te1_"] if fam in ("sdxl", "sd3") else ["lora_te_"]
     return [p + under for p in kohya]
 
 
@@ -214,8 +224,8 @@ def _diffusers(tensors: dict, header: dict, lora, fam: str) -> Reading:
     older names unless the first one is peft's (lora_A); alpha comes from the lora_adapter_metadata header."""
     r = Reading("diffusers", len(lora.modules))
     keys = [k for k in tensors if "dora_scale" not in k]
-    if keys and all(k.startswith(_KOHYA_KEY) for k in tensors):
-        return _diffusers_kohya(r, tensors, header, lora, fam)
+    if keys and all(k.startswith(_KOHYA_KEY) for k in tensors):  # its SD3 loader converts no kohya key: none load
+        return r if fam == "sd3" else _diffusers_kohya(r, tensors, header, lora, fam)
     if not all("lora" in k for k in keys):
         r.error = "Invalid LoRA checkpoint (a key without 'lora', e.g. LoHa/LoKr factors or .alpha tensors)"
         return r
@@ -223,16 +233,16 @@ def _diffusers(tensors: dict, header: dict, lora, fam: str) -> Reading:
     peft_first = bool(unet) and "lora_A" in unet[0]
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
-        if comp == "text_encoder_2" and fam != "sdxl":
+        if comp == "text_encoder_2" and fam not in ("sdxl", "sd3"):
             continue
-        if comp == "unet":
-            forms = [(f"unet.{path}", ".lora_A.weight")]
-            if not peft_first:
+        if comp in ("unet", "transformer"):
+            forms = [(f"{comp}.{path}", ".lora_A.weight")]
+            if not peft_first and comp == "unet":
                 stem = formats.unet_stem(path)
                 forms += [(f"unet.{path}", ".lora.down.weight"), (f"unet.{stem}", "_lora.down.weight")]
                 if not path.endswith("to_out.0"):  # ".processor." goes, but to_out keeps no ".0"
                     forms.append((f"unet.{stem}", ".lora.down.weight"))
-            mag = f"unet.{path}.lora_magnitude_vector"
+            mag = f"{comp}.{path}.lora_magnitude_vector"
         else:
             mine = [k for k in keys if k.startswith(comp + ".")]
             peft_ok = any(re.search(r"(q|k|v|out)_proj\.lora_A\.weight$|lora_linear_layer", k) for k in mine)

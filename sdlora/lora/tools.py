@@ -137,7 +137,8 @@ def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float
         raise UserError(f"--base_config is for single-file checkpoints; {base} and {tuned} hold their own configs: "
                         f"drop --base_config")
     modules, kept = {}, {}
-    for comp in ("unet", *TEXT_ENCODERS) if text_encoder else ("unet",):
+    denoiser = "transformer" if _is_sd3(base) else "unet"  # SD3: the MMDiT, and its two CLIPs (T5 takes no LoRA)
+    for comp in (denoiser, *TEXT_ENCODERS) if text_encoder else (denoiser,):
         with quiet():
             a, b = (_component(m, comp, allow_pickle, single[m]) for m in (base, tuned))
         if a is None or b is None:
@@ -164,6 +165,13 @@ def extract(base, tuned, rank: int, text_encoder: bool = True, min_change: float
     return Lora(modules, meta, "diffusers", str(tuned), base_model=str(base)), kept
 
 
+def _is_sd3(model) -> bool:
+    """Whether a pipeline folder or Hub id is an SD3 / 3.5 one (its model_index.json; a single file is not)."""
+    from ..models import family
+
+    return family(str(model)) == "sd3"
+
+
 def _single(model, base_config, allow_pickle: bool):
     """(file, configs, family) for a single-file checkpoint, else None; --base_config is for single files only."""
     from ..bases import detect, load
@@ -178,9 +186,13 @@ def _component(model, comp, allow_pickle: bool = False, single=None):
     encoder the model does not have (SDXL's second one in an SD 1.x/2.x folder)."""
     import torch
     import transformers
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
-    cls = UNet2DConditionModel if comp == "unet" else getattr(transformers, TEXT_CLASSES[comp])
+    from .. import sd3base
+
+    classes = sd3base.TEXT_CLASSES if _is_sd3(model) else TEXT_CLASSES
+    cls = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}.get(comp) or \
+        getattr(transformers, classes[comp])
     if single:
         from ..bases import ldm, load
 
@@ -191,7 +203,7 @@ def _component(model, comp, allow_pickle: bool = False, single=None):
     try:  # safetensors only unless the user opts in: pickle weights can run code
         return cls.from_pretrained(str(model), subfolder=comp, use_safetensors=None if allow_pickle else True)
     except Exception as e:
-        if comp != "unet" and not (Path(str(model)) / comp).exists() and Path(str(model)).exists():
+        if comp.startswith("text_encoder") and not (Path(str(model)) / comp).exists() and Path(str(model)).exists():
             return None
         reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
         hint = formats.PICKLE_BASE_HINT if no_safetensors(reason) and not allow_pickle else \

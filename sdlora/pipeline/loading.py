@@ -12,7 +12,12 @@ from ..models import torch_dtype
 from .adapters import Adapters, parse_spec
 from .images import check_size
 
-SCHEDULERS = {"dpm++": {}, "dpm++-karras": {"use_karras_sigmas": True}, "keep": None}
+# DPMSolverMultistepScheduler's settings per name (None: the pipeline's own). A flow-matching base (SD3) samples with
+# its own FlowMatchEulerDiscreteScheduler under dpm++ / dpm++-karras; dpm++-flow is DPM-Solver++ on its flow sigmas
+# (diffusers' use_flow_sigmas, flow_prediction, the base's shift), which only such a base takes.
+SCHEDULERS = {"dpm++": {}, "dpm++-karras": {"use_karras_sigmas": True},
+              "dpm++-flow": {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, "keep": None}
+FLOW_ONLY = "dpm++-flow"
 # The diffusers pipeline class of each base family (models.family_of); the rest load as StableDiffusionPipeline.
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
 
@@ -146,5 +151,21 @@ def set_scheduler(pipe, name: str):
 
     if name not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{name}'; expected one of {', '.join(SCHEDULERS)}")
-    if SCHEDULERS[name] is not None and "FlowMatch" not in type(pipe.scheduler).__name__:  # SD3: its own FlowMatch
+    flow = flow_scheduler(pipe)
+    if flow is not None:  # SD3: its own FlowMatch, or DPM-Solver++ on the same flow sigmas
+        pipe.scheduler = DPMSolverMultistepScheduler(
+            num_train_timesteps=flow.config.num_train_timesteps, flow_shift=flow.config.shift,
+            **SCHEDULERS[name]) if name == FLOW_ONLY else flow
+    elif name == FLOW_ONLY:
+        raise UserError(f"scheduler {FLOW_ONLY} is for flow-matching bases (SD3); this base predicts noise: use dpm++ "
+                        "or dpm++-karras")
+    elif SCHEDULERS[name] is not None:
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **SCHEDULERS[name])
+
+
+def flow_scheduler(pipe):
+    """A flow-matching base's own FlowMatchEulerDiscreteScheduler (kept on the pipeline while another samples), or
+    None for a base that predicts noise."""
+    if "FlowMatch" in type(pipe.scheduler).__name__:
+        pipe.flow_match_scheduler = pipe.scheduler
+    return getattr(pipe, "flow_match_scheduler", None)

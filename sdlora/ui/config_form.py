@@ -19,17 +19,21 @@ FIELDS = ("recipe", "base", "base_config", "data_dir", "instance_prompt", "outpu
 # Advanced settings shown as labelled fields: flag -> label (a setting more is one entry here and one in
 # resolved_defaults; the form reads them generically).
 ADVANCED = {"lr_scheduler": "LR schedule", "lora_alpha": "LoRA alpha", "text_encoder_lr": "Text-encoder LR",
-            "clip_skip": "Clip skip", "loraplus_lr_ratio": "LoRA+ LR ratio"}
+            "clip_skip": "Clip skip", "loraplus_lr_ratio": "LoRA+ LR ratio",
+            "optimizer_args": "Optimizer arguments", "ema_decay": "EMA decay"}
+# ADVANCED fields that hold several values (nargs="*"), written as shell words: "d_coef=2 decouple=False".
+LISTS = {"optimizer_args"}
 OPTIMIZERS = [k.name for k in KINDS.values()]  # the optimizer field -> --optimizer (AdamW: the default, no flag)
+# After the optimizer: the EMA checkbox (--use_ema), then the dataset-config file.
 # Flags the form holds in fields of their own (never repeated under "more flags").
 OWN = {"pretrained_model_name_or_path", "base_config", "train_data_dir", "instance_data_dir", "instance_prompt",
-       "output_dir", "lora_type", "mixed_precision", "use_8bit_adam", "optimizer", "dataset_config", "sample_prompts",
-       *ADVANCED}
+       "output_dir", "lora_type", "mixed_precision", "use_8bit_adam", "optimizer", "use_ema", "dataset_config",
+       "sample_prompts", *ADVANCED}
 
 
 def form_values(recipe: str, args: argparse.Namespace, main_flags: list[str]) -> list:
-    """The form's values for parsed recipe flags, in the order FIELDS, main flags, ADVANCED, optimizer, dataset
-    config. Every flag the fields don't hold and whose value differs from the recipe's default goes to "more
+    """The form's values for parsed recipe flags, in the order FIELDS, main flags, ADVANCED, optimizer, EMA,
+    dataset config. Every flag the fields don't hold and whose value differs from the recipe's default goes to "more
     flags"."""
     p = RECIPES[recipe].parser()
     data_flag = RECIPES[recipe].DATA_FLAG.removeprefix("--")
@@ -49,19 +53,34 @@ def form_values(recipe: str, args: argparse.Namespace, main_flags: list[str]) ->
     shown += [_text(getattr(args, n, None)) for n in main_flags]
     shown += [_text(getattr(args, n, None)) for n in ADVANCED]
     shown += [kind_of(getattr(args, "optimizer", None), bool(args.use_8bit_adam)).name,
-              getattr(args, "dataset_config", None) or ""]
+              bool(getattr(args, "use_ema", False)), getattr(args, "dataset_config", None) or ""]
     return shown
 
 
 def _text(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return shlex.join(map(str, v))
     return "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def advanced_flags(*values) -> list[str]:
-    """The advanced fields (ADVANCED's, then the optimizer) as flags; blank ones are left to the recipe."""
-    *named, optimizer = values
-    flags = [w for n, v in zip(ADVANCED, named) if str(v or "").strip() for w in (f"--{n}", str(v).strip())]
-    return flags + (["--optimizer", optimizer] if optimizer and optimizer != "AdamW" else [])
+    """The advanced fields (ADVANCED's, then the optimizer and the EMA checkbox) as flags; blank ones are left to
+    the recipe. A LISTS field's text is split as the shell splits it, one value a word."""
+    *named, optimizer, use_ema = values
+    flags = []
+    for name, v in zip(ADVANCED, named):
+        text = str(v or "").strip()
+        if text:
+            flags += [f"--{name}", *(_words(name, text) if name in LISTS else [text])]
+    flags += ["--optimizer", optimizer] if optimizer and optimizer != "AdamW" else []
+    return flags + (["--use_ema"] if use_ema else [])
+
+
+def _words(name: str, text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise UserError(f"{ADVANCED[name]} (--{name}): {e}; check the quotes") from None
 
 
 def resolved_defaults(recipe: str) -> dict:
@@ -69,7 +88,9 @@ def resolved_defaults(recipe: str) -> dict:
     p = RECIPES[recipe].parser()
     return {"lr_scheduler": p.get_default("lr_scheduler"), "lora_alpha": "= rank (scale 1)",
             "text_encoder_lr": "= learning rate", "clip_skip": "1: the last layer (SD 1.x/2.x)",
-            "loraplus_lr_ratio": "off (LoRA+: B's rate = ratio x A's)"}
+            "loraplus_lr_ratio": "off (LoRA+: B's rate = ratio x A's)",
+            "optimizer_args": "key=value ..., e.g. Prodigy's d_coef=2 decouple=False",
+            "ema_decay": f"{p.get_default('ema_decay'):g} (with EMA on)"}
 
 
 def load(path: str, recipe: str, main_flags: list[str]) -> list:

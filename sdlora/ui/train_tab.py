@@ -44,7 +44,8 @@ def parse_flags(recipe: str, flags: list):
 def train_flags(recipe, base, base_config, data_dir, instance_prompt, output_dir, lora_type, mixed_precision, extra,
                 *values) -> list:
     """The form as the recipe's command-line flags (blank fields are left to the script). `values`: the main flags'
-    fields, then (optional) the advanced ones, the optimizer and the dataset-config file (config_form.py)."""
+    fields, then (optional) the advanced ones, the optimizer, the EMA checkbox and the dataset-config file
+    (config_form.py)."""
     main, more_fields = values[:len(MAIN_FLAGS)], values[len(MAIN_FLAGS):]
     dataset_config = str(more_fields[-1] or "").strip() if more_fields else ""
     if not str(base or "").strip():
@@ -133,7 +134,7 @@ def do_save_config(path, recipe, base, base_config, data_dir, instance_prompt, o
 
 def form_outputs(values: list | None, notice: str) -> list:
     """The form's fields set to `values` (None: left as they are) and the notice."""
-    n = len(config_form.FIELDS) + len(MAIN_FLAGS) + len(config_form.ADVANCED) + 2
+    n = len(config_form.FIELDS) + len(MAIN_FLAGS) + len(config_form.ADVANCED) + 3
     return [gr.skip()] * n + [notice] if values is None else [*values, notice]
 
 
@@ -282,25 +283,41 @@ def _config_row() -> dict:
     return c
 
 
+# The Advanced fields beside the optimizer (its arguments, LoRA+, EMA); the other ADVANCED ones go in the row above.
+OPTIMIZER_ROW = ("optimizer_args", "loraplus_lr_ratio", "ema_decay")
+
+
 def _advanced() -> dict:
-    """Labelled advanced settings, each showing what it is when left blank."""
-    c = {}
+    """Labelled advanced settings, each showing what it is when left blank: the schedule and LoRA settings, then the
+    optimizer with its arguments, LoRA+ and EMA."""
+    c, boxes = {}, {}
     d = config_form.resolved_defaults("text-to-image")
+
+    def box(name):
+        boxes[name] = gr.Textbox("", label=config_form.ADVANCED[name], placeholder=str(d[name]), max_lines=1,
+                                 elem_id=f"train_{name}", min_width=100)
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
-            c["adv"] = [gr.Dropdown(list(RECIPES["text-to-image"].parser()._option_string_actions["--lr_scheduler"]
-                                         .choices), value=d["lr_scheduler"], label="LR schedule",
-                                    elem_id="train_lr_scheduler", min_width=100)]
-            c["adv"] += [gr.Textbox("", label=label, placeholder=str(d[name]), max_lines=1, elem_id=f"train_{name}",
-                                    min_width=100) for name, label in config_form.ADVANCED.items()
-                         if name != "lr_scheduler"]
+            boxes["lr_scheduler"] = gr.Dropdown(list(RECIPES["text-to-image"].parser()._option_string_actions[
+                "--lr_scheduler"].choices), value=d["lr_scheduler"], label="LR schedule", elem_id="train_lr_scheduler",
+                min_width=100)
+            for name in config_form.ADVANCED:
+                if name not in boxes and name not in OPTIMIZER_ROW:
+                    box(name)
+        with gr.Row():
             c["optimizer"] = gr.Dropdown(config_form.OPTIMIZERS, value="AdamW", label="Optimizer",
                                          info='all but AdamW: pip install "sdlora[optimizers]"',
                                          allow_custom_value=True,  # module.Class, as --optimizer takes it
                                          elem_id="train_optimizer", min_width=100)
+            box("optimizer_args")
+            box("loraplus_lr_ratio")
+            c["use_ema"] = gr.Checkbox(False, label="EMA", info="--use_ema: an average of the LoRA weights "
+                                       "draws the samples and is saved", elem_id="train_use_ema", min_width=100)
+            box("ema_decay")
         c["dataset_config"] = gr.Textbox(label="Dataset config (kohya TOML)", max_lines=1, elem_id="train_dataset_config",
                                          info="[[datasets]] / [[datasets.subsets]]: used instead of the Data folder "
                                               "(text-to-image); Preview data lists its subsets")
+    c["adv"] = [boxes[name] for name in config_form.ADVANCED]  # in ADVANCED's order, as the callbacks take them
     return c
 
 
@@ -316,7 +333,7 @@ def build_train_tab(demo: gr.Blocks):
         timer = gr.Timer(1.0)
     form = [f[k] for k in config_form.FIELDS]
     run_buttons = [r["start"], r["resume"], r["stop"]]
-    main = [*f["main"], *f["adv"], f["optimizer"], f["dataset_config"]]  # every field after `form`, in order
+    main = [*f["main"], *f["adv"], f["optimizer"], f["use_ema"], f["dataset_config"]]  # every field after `form`
     f["recipe"].change(_on_recipe, f["recipe"], [f["instance_prompt"], f["flag_help"], *f["main"]])
     f["preview_btn"].click(do_preview, [*form, *main], [f["images"], f["buckets"], f["skipped"], f["summary"]])
     r["start"].click(lambda *a: do_start(False, *a), [*form, f["prompts"], *main], [r["notice"], *run_buttons])

@@ -11,7 +11,7 @@ module also has a magnitude per output channel: the layer's weight becomes ``m *
 
 One module per file layout (`diffusers`, `peft`, `kohya`: detect / read / write, listed in `registry`), and what
 they share: `layers` (the types), `names` (name maps), `checks` (what readers refuse), `reading` (keys to
-checked layers), `peftconfig` (alphas and ranks from peft configs), `files` (finding and reading files),
+checked layers), `peftconfig` (alphas and ranks from peft configs), `mmdit` (SD3's original layer names), `files` (finding and reading files),
 `families`. This package only re-exports their public names; its modules import each other directly.
 """
 from ..lycoris import NAMES as LYCORIS_NAMES
@@ -22,6 +22,7 @@ from .files import (PICKLE_BASE_HINT, PICKLE_SUFFIXES, WEIGHT_NAMES, WEIGHTS_NAM
                     resolve_file)
 from .kohya import network_header
 from .layers import Lora, Module, peft_magnitude, with_modules
+from .mmdit import sai_name
 from .names import (canonical, clip_has_text_model, diffusers_keys, live_path, magnitude_key, sgm_pairs, swap_prefix,
                     unet_stem, unmangle)
 from .peftconfig import lycoris_config_dict, peft_config_dict
@@ -32,6 +33,6 @@ __all__ = [
     "WEIGHTS_NAME", "WEIGHT_NAMES", "canonical", "check_output", "clip_has_text_model", "detect_format",
     "diffusers_keys", "diffusers_tensors", "family", "live_path", "load_lora", "looks_like_hub_id", "lora_family",
     "lycoris_config_dict", "magnitude_key", "network_header", "output_files", "parse", "peft_config_dict",
-    "peft_magnitude", "read_tensors", "resolve_file", "save_lora", "sgm_pairs", "swap_prefix", "to_shared",
+    "peft_magnitude", "read_tensors", "resolve_file", "sai_name", "save_lora", "sgm_pairs", "swap_prefix", "to_shared",
     "unet_family", "unet_stem", "unmangle", "with_modules",
 ]

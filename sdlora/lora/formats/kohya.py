@@ -1,7 +1,9 @@
 """kohya's layout (A1111, ComfyUI, Forge, kohya's sd-scripts, LyCORIS): ``lora_unet_<path, "_" for ".">`` /
 ``lora_te_…`` keys with ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` tensors, LyCORIS's LoHa/LoKr
 factors (``.hada_*`` / ``.lokr_*``) and DoRA's ``.dora_scale``. SDXL's UNet layers go by the original-UNet names
-kohya's sd-scripts use (names.sgm_pairs), its first text encoder by ``lora_te1_``."""
+kohya's sd-scripts use (names.sgm_pairs), its first text encoder by ``lora_te1_``; SD3's MMDiT layers by the original
+model's names with q/k/v fused, as kohya's sd3_train_network writes them (mmdit), its CLIPs by ``lora_te1_`` /
+``lora_te2_``."""
 from __future__ import annotations
 
 import collections
@@ -10,10 +12,12 @@ import re
 from pathlib import Path
 
 from ...errors import UserError
-from .checks import show
+from . import mmdit
+from .checks import json_value, show
 from .families import lora_family
 from .files import write_weights
 from .names import KOHYA_KEY, KOHYA_PREFIX, PADDING_KEY, XL_KOHYA_PREFIX, kohya_name, sgm_pairs, swap_prefix
+from .layers import with_modules
 from .peftconfig import Alphas
 from .reading import FACTORS, add, alpha_table, assemble
 
@@ -27,7 +31,7 @@ def detect(keys: list[str]) -> bool:
 
 def read(tensors: dict, metadata: dict, source, config: dict | None = None):
     """kohya's loaders read alpha from the tensors and r from their shapes: there is no config to check."""
-    slots = {}
+    slots, name_of = {}, _name_reader(tensors)
     for k, t in tensors.items():
         m = re.fullmatch(rf"{KOHYA_KEY}(.+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|{FACTORS})", k)
         if not m:
@@ -35,9 +39,31 @@ def read(tensors: dict, metadata: dict, source, config: dict | None = None):
                             ".alpha, DoRA's .dora_scale, or LyCORIS's LoHa (.hada_*) / LoKr (.lokr_*) factors")
         if m.group(3) != "alpha":
             which = {"lora_down.weight": "down", "lora_up.weight": "up", "dora_scale": "magnitude"}.get(m.group(3), m.group(3))
-            add(slots, kohya_name(m.group(1), m.group(2)), which, t, k, source)
-    alphas = Alphas(alpha_table(tensors, rf"{KOHYA_KEY}(.+)\.alpha", kohya_name, source))
-    return assemble(NAME, slots, alphas, metadata, source, old_lycoris_dora=True)
+            add(slots, name_of(m.group(1), m.group(2)), which, t, k, source)
+    alphas = Alphas(alpha_table(tensors, rf"{KOHYA_KEY}(.+)\.alpha", name_of, source))
+    lora = assemble(NAME, slots, alphas, metadata, source, old_lycoris_dora=True)
+    sai = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(SAI)}
+    if sai:  # SD3: the MMDiT's original names as diffusers' transformer paths, q/k/v split
+        ranks = json_value(lora.metadata.pop(mmdit.RANKS_KEY, "{}"), f"{mmdit.RANKS_KEY} header", source)
+        if not isinstance(ranks, dict):
+            raise UserError(f"{source}: its {mmdit.RANKS_KEY} header is not a table of layers; the file is damaged "
+                            "(re-export it)")
+        lora.modules = {**{n: m for n, m in lora.modules.items() if not n.startswith(SAI)},
+                        **{"transformer." + p: m for p, m in mmdit.from_sai(sai, ranks, source).items()}}
+    return lora
+
+
+SAI = "sai."  # while reading: the name prefix of an SD3 layer still under its original (SAI) name
+
+
+def _name_reader(tensors: dict):
+    """kohya_name, or for a file of SD3's MMDiT (kohya's lora_unet_joint_blocks_… keys) the layer's SAI path."""
+    sd3 = any(re.match(r"lora_unet_(joint_blocks|x_embedder|context_embedder|final_layer)_", k) for k in tensors)
+
+    def name_of(prefix: str, body: str) -> str:
+        path = mmdit.sai_path(body) if sd3 and prefix == "lora_unet" else None
+        return SAI + path if path else kohya_name(prefix, body)
+    return name_of
 
 
 def paths(folder: Path) -> list[Path]:
@@ -58,10 +84,16 @@ def kohya_tensors(lora) -> tuple[dict, dict]:
 
     # One alpha for the whole file (the most common): diffusers' kohya loader ignores per-layer alphas of
     # attention layers, so other layers' scale is folded into `up` instead. The product is unchanged.
+    family, extra = lora_family(lora)[0], {}
+    if family == "sd3":  # the MMDiT's layers under the original model's names, q/k/v fused (mmdit)
+        sai, ranks = mmdit.to_sai(lora.component("transformer"), lora.source)
+        lora = with_modules(lora, {**{n: m for n, m in lora.modules.items() if not n.startswith("transformer.")},
+                                   **{"unet." + p: m for p, m in sai.items()}})
+        extra = {mmdit.RANKS_KEY: json.dumps(ranks)} if ranks else {}
     common = _common_alpha(lora)
-    xl = lora_family(lora)[0] == "sdxl"  # kohya names SDXL's first text encoder lora_te1_, with or without the second
+    xl = family in ("sdxl", "sd3")  # kohya names their first text encoder lora_te1_, with or without the second
     prefix = {c: p + "_" for c, p in (XL_KOHYA_PREFIX if xl else KOHYA_PREFIX).items()}
-    unet = _unet_paths(lora, xl)
+    unet = _unet_paths(lora, family == "sdxl")
     out = {}
     for name, m in lora.modules.items():
         comp, path = name.split(".", 1)
@@ -77,8 +109,8 @@ def kohya_tensors(lora) -> tuple[dict, dict]:
         out[key + ".alpha"] = torch.tensor(float(common))
         if m.magnitude is not None:  # LyCORIS >= 3.2's output-axis layout, which ComfyUI/Forge tell from its shape
             out[key + ".dora_scale"] = m.magnitude.reshape(-1, *[1] * (m.down.dim() - 1))
-    padded = _pad_text_encoder(lora, out, prefix, common)
-    extra = network_header(lora)
+    padded = _pad_text_encoder(lora, out, prefix, common) if family != "sd3" else []  # diffusers reads no SD3 kohya file
+    extra |= network_header(lora)
     kinds = {m.kind for m in lora.modules.values()} - {"lora"}
     if kinds:  # what LyCORIS's and kohya's tools read to rebuild the network
         extra |= {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": kinds.pop()})}
