@@ -36,7 +36,7 @@ Checks: tests/test_gpu_memory.py runs this accounting on a tiny UNet and compare
 allocator really does (the profiler's allocation events) in the same step on real tensors; --crosscheck
 counts a row's peak again with torch's own fake-tensor memory tool (MemTracker).
 
-    python benchmarks/gpu_memory.py              # the tables (markdown) and JSON; ~1.5 min on 2 cores + ~2 min per SD3.5 row
+    python benchmarks/gpu_memory.py              # the tables and JSON: ~1.5 min on 2 cores, +2 min per SD3.5 row
     python benchmarks/gpu_memory.py --measure    # on a CUDA machine: also run each row and measure it
 """
 from __future__ import annotations

@@ -238,7 +238,8 @@ def measure_trainer(a) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sdxl-tiny", "sdxl", "sd3", "sd35-medium", "sd35-large"],
+    p.add_argument("--arch", default="tiny",
+                   choices=["tiny", "sd15", "sdxl-tiny", "sdxl", "sd3", "sd35-medium", "sd35-large"],
                    help="sd3: the tiny SD3; sd35-*: the real SD3.5 architectures, written in bf16 (make_sd3_bf16)")
     p.add_argument("--model", default=None, help="an existing pipeline folder instead of building --arch")
     p.add_argument("--resolution", type=int, default=None, help="default: 32 for tiny, 64 for sdxl-tiny, 256 else")
