@@ -111,7 +111,8 @@ def run_quality(label: str, seed: int, out: Path, steps: int, every: int, guidan
 def quality(a) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(label, seed) for label in SETTINGS if not a.only or label in a.only for seed in a.seeds]
+    # seed-major: a run cut short still has every setting on its first seeds
+    jobs = [(label, seed) for seed in a.seeds for label in SETTINGS if not a.only or label in a.only]
     with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
         futures = {pool.submit(run_quality, label, seed, out, a.steps, a.every, a.guidance): (label, seed)
                    for label, seed in jobs}
