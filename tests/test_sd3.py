@@ -400,3 +400,24 @@ def test_sd3_lora_variants_load_as_trained(sd3_model, tmp_path, caplog, monkeypa
     sd = _loads_whole(pipe, out, caplog)
     assert any(".lora_magnitude_vector" in k for k in sd) == (flags.get("lora_type") == "dora")
     assert np.abs(draw(pipe) - ours).max() <= 1e-5
+
+
+def test_sd3_two_processes_in_bf16(sd3_model, tmp_path):
+    """`accelerate launch --mixed_precision bf16 --num_processes 2` on an SD3 base: DDP over gloo, frozen weights in
+    bf16, one set of outputs, and the file loads whole in an unmodified StableDiffusion3Pipeline."""
+    import subprocess
+
+    from diffusers import StableDiffusion3Pipeline
+    from helpers import T2I, accelerate_launch, env, fast_flags
+
+    out = tmp_path / "o"
+    cmd = accelerate_launch(T2I, fast_flags(sd3_model, out, train_data_dir=POKEMON, max_train_samples=4,
+                                            max_train_steps=2), mixed_precision="bf16")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 procs" in r.stderr and "frozen weights in bfloat16" in r.stderr
+    assert r.stderr.count("saved " + str(out / "pytorch_lora_weights.safetensors")) == 1
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_model)
+    pipe.load_lora_weights(str(out))
+    lora = {n: p for n, p in pipe.transformer.named_parameters() if "lora_B" in n}
+    assert lora and any(p.abs().sum() > 0 for p in lora.values())  # trained: B starts at zero
