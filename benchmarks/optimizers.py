@@ -3,7 +3,7 @@
 step's cost on the SD1.5 architecture.
 
 quality  examples/quickstart.py's run (the bundled tiny model, its pokemon-style data, batch 8, rank 16, cosine
-         schedule, Min-SNR 5, 3000 steps) once per setting and seed, with the held-out prompts sampled every
+         schedule, Min-SNR 5, 1500 steps) once per setting and seed, with the held-out prompts sampled every
          --every steps by the trainer itself (--sample_prompts: so EMA and schedule-free are sampled with the
          weights they save), one image per prompt, styled share from examples/shapes.py's detector; then the
          quick start's own measurement of the final LoRA (its 24 held-out prompts x 4 seeds: style, shape colour,
@@ -220,7 +220,7 @@ def main():
     q = sub.add_parser("quality")
     q.add_argument("--out", default="bench-optim")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    q.add_argument("--steps", type=int, default=3000, help="the quick start's")
+    q.add_argument("--steps", type=int, default=1500, help="the quick start's")
     q.add_argument("--every", type=int, default=250, help="sample the held-out prompts every N steps")
     q.add_argument("--guidance", type=float, default=3.0, help="the quick start's")
     q.add_argument("--jobs", type=int, default=2)
