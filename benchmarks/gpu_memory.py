@@ -36,7 +36,7 @@ Checks: tests/test_gpu_memory.py runs this accounting on a tiny UNet and compare
 allocator really does (the profiler's allocation events) in the same step on real tensors; --crosscheck
 counts a row's peak again with torch's own fake-tensor memory tool (MemTracker).
 
-    python benchmarks/gpu_memory.py              # the table (markdown) and JSON, ~1.5 minutes on a 2-core CPU
+    python benchmarks/gpu_memory.py              # the tables and JSON: ~1.5 min on 2 cores, +2 min per SD3.5 row
     python benchmarks/gpu_memory.py --measure    # on a CUDA machine: also run each row and measure it
 """
 from __future__ import annotations
@@ -145,6 +145,9 @@ def checkpoint_under(mode_cls):
 
 
 def _flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if attn_mask is not None and not enable_gqa and not torch.is_grad_enabled():  # T5's position bias, encoding:
+        return torch.ops.aten._scaled_dot_product_efficient_attention(  # CUDA's memory-efficient kernel takes it
+            q, k, v, attn_mask.to(q.dtype), False, dropout_p, is_causal, scale=scale)[0]
     if attn_mask is not None or enable_gqa:
         raise NotImplementedError("an attention mask or GQA would not use the flash kernel")
     if torch.is_autocast_enabled("cpu"):  # SDPA is on autocast's fp16 list
@@ -244,6 +247,14 @@ class Row:
     cache: bool = True  # False: the VAE and text encoder stay on the GPU and encode every step (--no_cache)
     batch: int = 1
     rank: int = 4
+    dtype: str = "fp16"  # the frozen weights and autocast: fp16, or bf16 (SD3 rows: --mixed_precision bf16)
+    t5: bool = True  # SD3 rows: T5-XXL loaded for the caching phase (False: --drop_t5)
+
+
+def is_sd3(arch: str) -> bool:
+    from sdlora.tiny_sd3 import SD3_ARCHS
+
+    return arch in SD3_ARCHS
 
 
 ROWS = [
@@ -255,6 +266,9 @@ ROWS = [
     *(Row(f"{name} + checkpointing + {label}", arch, res, checkpointing=True, optimizer=kind)
       for name, arch, res in (("SD1.5 512 px", "sd15", 512), ("SDXL 1024 px", "sdxl", 1024))
       for kind, label in (("prodigy", "Prodigy"), ("adafactor", "Adafactor"), ("lion8bit", "8-bit Lion"))),
+    *(Row(f"{name} 1024 px + checkpointing, bf16{label}", arch, 1024, checkpointing=True, dtype="bf16", t5=t5)
+      for name, arch in (("SD3.5 Medium", "sd35-medium"), ("SD3.5 Large", "sd35-large"))
+      for t5, label in ((True, ""), (False, ", --drop_t5"))),
 ]
 
 
@@ -289,6 +303,100 @@ def lora_unet(config: dict, dtype, rank: int):
     return unet.train()
 
 
+def lora_transformer(config: dict, dtype, rank: int):
+    """SD3's frozen MMDiT in `dtype` with the trainer's LoRA (sdlora's SD3 default layers: both streams'
+    attention, sd3base.TRANSFORMER_TARGETS; fp32 master weights), on the meta device."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.training_utils import cast_training_params
+
+    from sdlora.lora import inject
+    from sdlora.sd3base import TRANSFORMER_TARGETS
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config).to(dtype)
+    inject.add_lora(model, inject.lora_config(rank, None, list(TRANSFORMER_TARGETS)))
+    cast_training_params(model, dtype=torch.float32)
+    return model.train()
+
+
+def lora_model(row: Row, dtype):
+    """The row's frozen UNet or (SD3) MMDiT with LoRA, on the meta device."""
+    from sdlora.tiny import ARCHS
+    from sdlora.tiny_sd3 import SD3_ARCHS
+
+    if is_sd3(row.arch):
+        return lora_transformer(SD3_ARCHS[row.arch]["transformer"], dtype, row.rank)
+    return lora_unet(ARCHS[row.arch]["unet"], dtype, row.rank)
+
+
+def sd3_encoders(arch: str, dtype, t5: bool = True) -> dict:
+    """SD3's VAE and text encoders (CLIP-L, CLIP-G, T5-XXL with their real vocabularies: 49408 and 32128 tokens)
+    in `dtype` on the meta device, as sd3run.load_frozen puts them on the training device; T5 left out if not `t5`."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from sdlora.tiny_sd3 import SD3_ARCHS
+
+    cfg = SD3_ARCHS[arch]
+    with torch.device("meta"):
+        parts = {"vae": AutoencoderKL(**cfg["vae"]),
+                 **{n: CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **cfg[k]))
+                    for n, k in (("text_encoder", "text"), ("text_encoder_2", "text_2"))}}
+        if t5:
+            parts["text_encoder_3"] = T5EncoderModel(T5Config(vocab_size=32128, **cfg["t5"]))
+    return {n: m.to(dtype).requires_grad_(False).eval() for n, m in parts.items()}
+
+
+def sd3_caching(row: Row, captions: int = 32) -> dict:
+    """The caching phase of an SD3 run on the GPU (setup.build_caches): the VAE and text encoders all on the device
+    in the row's dtype; the latents encoded (batch: the row's), then the VAE leaves; the prompts encoded, in
+    batches of `captions` (Caches.build_embeds' 32: an upper bound for fewer captions): both CLIPs' hidden states
+    and T5's `max_sequence_length` tokens (sd3cond). No autocast (the encoders run in their dtype); attention on
+    CUDA's fused kernels (`CudaAutocast`). Peak live bytes and the predicted allocated peak (+ MARGIN)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sdlora.tiny_sd3 import SD3_ARCHS
+    from sdlora.training.config import default_of
+
+    import gc
+
+    dtype = row_dtype(row)
+    parts, tokens = sd3_encoders(row.arch, dtype, row.t5), default_of("max_sequence_length")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for m in parts.values():
+            materialise(m, "cpu", init=False)
+        live = LiveBytes(CUDA_BLOCK)
+        weights = {n: [t for t in [*m.parameters(), *m.buffers()]] for n, m in parts.items()}
+        for ts in weights.values():
+            live.add(*ts)
+        text_weights = live.now - sum(storage_bytes(t.untyped_storage(), CUDA_BLOCK) for t in weights["vae"])
+        with live, torch.no_grad(), CudaAutocast():
+            live.phase = "cache latents"
+            pixels = torch.randn(row.batch, 3, row.resolution, row.resolution, dtype=dtype)
+            posterior = parts.pop("vae").encode(pixels).latent_dist.parameters.float()
+            del pixels, posterior, weights["vae"]
+        gc.collect()  # the VAE's storages die here
+        vae_peak, live.peak = live.peak, 0
+        live.now = text_weights  # the VAE went to the host (models.release)
+        with live, torch.no_grad(), CudaAutocast():
+            live.phase = "cache text"
+            ids = torch.zeros(captions, 77, dtype=torch.long)
+            clips = [parts[n](ids, output_hidden_states=True) for n in ("text_encoder", "text_encoder_2")]
+            hidden = torch.cat([c.hidden_states[-2] for c in clips], dim=-1)
+            pooled = torch.cat([c[0] for c in clips], dim=-1)
+            del clips
+            if "text_encoder_3" in parts:
+                t5 = parts["text_encoder_3"](torch.zeros(captions, tokens, dtype=torch.long))[0]
+            else:
+                t5 = hidden.new_zeros(captions, tokens, SD3_ARCHS[row.arch]["transformer"]["joint_attention_dim"])
+            embeds = torch.cat([F.pad(hidden, (0, t5.shape[-1] - hidden.shape[-1])), t5], dim=-2)
+            embeds.cpu(), pooled.cpu()
+    peak = max(vae_peak, live.peak)
+    return {"caching_weights": text_weights, "caching_peak": peak,
+            "caching_predicted": int(peak * (1 + MARGIN[0]) + MARGIN[1]),
+            "caching_peak_in": "cache latents" if vae_peak >= live.peak else "cache text"}
+
+
 def frozen_encoders(arch: str, dtype, device="meta"):
     """SD1.x's VAE and CLIP text encoder (its real 49408-token vocabulary) in `dtype`, on the meta device, or
     built for real on `device` (CLIP's position ids are a buffer that materialise would leave empty)."""
@@ -317,6 +425,8 @@ def make_batch(unet, row: Row, dtype, device) -> dict:
     """What the trainer puts on the device for one micro-step: latents and noise (fp32), timesteps, the noisy
     latents and text conditioning in `dtype` (SDXL: pooled text and time ids too)."""
     c, b, lat = unet.config, row.batch, row.resolution // 8
+    if "joint_attention_dim" in c:
+        return make_sd3_batch(c, row, dtype, device)
     latents = torch.randn(b, 4, lat, lat, device=device)
     noise = torch.randn_like(latents)
     batch = {"latents": latents, "noise": noise, "t": torch.randint(0, 1000, (b,), device=device),
@@ -326,6 +436,41 @@ def make_batch(unet, row: Row, dtype, device) -> dict:
         batch["extra"] = {"added_cond_kwargs": {"text_embeds": torch.randn(b, pooled, device=device, dtype=dtype),
                                                 "time_ids": torch.randn(b, 6, device=device, dtype=dtype)}}
     return batch
+
+
+def make_sd3_batch(c, row: Row, dtype, device) -> dict:
+    """SD3's micro-step batch (sd3run.loss): latents and noise (fp32, the VAE's 16 channels), timesteps and their
+    sigmas, the joint prompt embeddings [B, 77 CLIP + max_sequence_length T5 tokens, joint_attention_dim] (the
+    same length with --drop_t5: T5's tokens are zeros) and the pooled projections, in `dtype`."""
+    from sdlora.training.config import default_of
+
+    b, lat, tokens = row.batch, row.resolution // 8, 77 + default_of("max_sequence_length")
+    latents = torch.randn(b, c.in_channels, lat, lat, device=device)
+    return {"latents": latents, "noise": torch.randn_like(latents), "t": torch.rand(b, device=device) * 1000,
+            "sigmas": torch.rand(b, 1, 1, 1, device=device),
+            "text": torch.randn(b, tokens, c.joint_attention_dim, device=device, dtype=dtype),
+            "extra": {"pooled_projections": torch.randn(b, c.pooled_projection_dim, device=device, dtype=dtype)}}
+
+
+def forward_loss(model, batch, autocast, saved=None):
+    """The forward under autocast and the fp32 loss: the UNet's MSE on the noise, or (SD3, a "sigmas" batch)
+    flow.per_sample_loss with sdlora's defaults (logit_normal weighting: 1, preconditioned outputs)."""
+    from types import SimpleNamespace
+
+    from sdlora.training import flow
+
+    noisy = (batch["latents"] * 0.7 + batch["noise"] * 0.7).to(batch["text"].dtype)  # add_noise, then .to(dtype)
+    with saved or contextlib.nullcontext(), autocast:
+        if "sigmas" in batch:
+            pred = model(hidden_states=noisy, timestep=batch["t"], encoder_hidden_states=batch["text"],
+                         return_dict=False, **batch["extra"])[0]
+        else:
+            pred = model(noisy, batch["t"], batch["text"], return_dict=False, **batch["extra"])[0]
+    if "sigmas" in batch:
+        noised = flow.Noised(noisy, batch["t"], batch["sigmas"])
+        config = SimpleNamespace(precondition_outputs=1, weighting_scheme="logit_normal")
+        return flow.per_sample_loss(pred, batch["latents"], batch["noise"], noised, config).mean()
+    return F.mse_loss(pred.float(), batch["noise"], reduction="none").mean(dim=(1, 2, 3)).mean()
 
 
 def train_step(unet, params, optimizer, batch, autocast, phase=lambda name: None, saved=None, encoders=None,
@@ -342,10 +487,7 @@ def train_step(unet, params, optimizer, batch, autocast, phase=lambda name: None
             vae.encode(pixels).latent_dist.parameters.float()
             batch = dict(batch, text=te(torch.zeros(pixels.shape[0], 77, dtype=torch.long, device=pixels.device))[0])
     phase("forward")
-    noisy = (batch["latents"] * 0.7 + batch["noise"] * 0.7).to(batch["text"].dtype)  # add_noise, then .to(dtype)
-    with saved or contextlib.nullcontext(), autocast:
-        pred = unet(noisy, batch["t"], batch["text"], return_dict=False, **batch["extra"])[0]
-    loss = F.mse_loss(pred.float(), batch["noise"], reduction="none").mean(dim=(1, 2, 3)).mean()
+    loss = forward_loss(unet, batch, autocast, saved)
     phase("backward")
     (scaler.scale(loss) if scaler else loss).backward()
     phase("optimizer")
@@ -405,10 +547,8 @@ def fake_step(row: Row, gpu: bool = True):
     `gpu=False`: the step as it runs on a CPU in fp32 (what tests/test_gpu_memory.py checks against reality)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from sdlora.tiny import ARCHS
-
-    dtype, mode = (torch.float16, CudaAutocast) if gpu else (torch.float32, contextlib.nullcontext)
-    unet = lora_unet(ARCHS[row.arch]["unet"], dtype, row.rank)
+    dtype, mode = (row_dtype(row), CudaAutocast) if gpu else (torch.float32, contextlib.nullcontext)
+    unet = lora_model(row, dtype)
     if row.checkpointing:
         unet.enable_gradient_checkpointing(checkpoint_under(mode))
     encoders = None if row.cache else frozen_encoders(row.arch, dtype)
@@ -423,6 +563,10 @@ def fake_step(row: Row, gpu: bool = True):
             yield unet, params, optimizer, batch, encoders, autocast
 
 
+def row_dtype(row: Row):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[row.dtype]
+
+
 def predict(row: Row, steps: int = 2, gpu: bool = True, block: int | None = None) -> dict:
     """`account` for a row on fake tensors (see fake_step), in 512-byte blocks for `gpu`, plus the margin: the
     predicted torch.cuda.max_memory_allocated."""
@@ -430,6 +574,9 @@ def predict(row: Row, steps: int = 2, gpu: bool = True, block: int | None = None
         block = block or (CUDA_BLOCK if gpu else 1)
         res = account(unet, params, optimizer, batch, autocast, block, steps, encoders, foreach=True)
     res["predicted"] = int(res["peak"] * (1 + MARGIN[0]) + MARGIN[1])
+    if gpu and is_sd3(row.arch) and row.cache:  # the run's other peak: its encoders, before the transformer loads
+        res.update(sd3_caching(row))
+        res["run_predicted"] = max(res["predicted"], res["caching_predicted"])
     return res
 
 
@@ -465,13 +612,11 @@ def measure(row: Row, steps: int = 5, warmup: int = 2) -> dict:
     import gc
     import statistics
 
-    from sdlora.tiny import ARCHS
-
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    dtype = torch.float16
-    unet = materialise(lora_unet(ARCHS[row.arch]["unet"], dtype, row.rank), "cuda")
+    dtype = row_dtype(row)
+    unet = materialise(lora_model(row, dtype), "cuda")
     params = [p for p in unet.parameters() if p.requires_grad]
     if row.checkpointing:
         unet.enable_gradient_checkpointing()
@@ -481,7 +626,7 @@ def measure(row: Row, steps: int = 5, warmup: int = 2) -> dict:
     else:
         optimizer = make_optimizer(params, "adamw")
     batch = make_batch(unet, row, dtype, "cuda")
-    scaler = torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # bf16: no loss scaling
     times = []
     for _ in range(warmup + steps):
         torch.cuda.synchronize()
@@ -530,6 +675,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sd3_table(results: list[dict]) -> str:
+    """SD3 rows: the training step's and the caching phase's predicted peaks, and the run's (their maximum), GiB."""
+    lines = ["| SD3 configuration | step: predicted peak allocated | caching: encoders' weights | caching: predicted "
+             "peak allocated | **run's predicted peak** | + CUDA context |", "|" + "---|" * 6]
+    for r in results:
+        if "run_predicted" in r:
+            lines.append(f"| {r['name']} | {_gb(r['predicted'])} | {_gb(r['caching_weights'])} "
+                         f"| {_gb(r['caching_predicted'])} ({r['caching_peak_in']}) | **{_gb(r['run_predicted'])}** "
+                         f"| {_gb(r['run_predicted'] + CUDA_CONTEXT)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--measure", action="store_true", help="also run each row on the CUDA GPU")
@@ -559,6 +716,7 @@ def main():
                 res["measure_error"] = repr(e)
         results.append(res)
     print(table(results))
+    print(sd3_table(results))
     print(json.dumps({"torch": torch.__version__, "units": "bytes", "margin": MARGIN, "cuda_context": CUDA_CONTEXT,
                       "device": torch.cuda.get_device_name() if a.measure else None, "rows": results}, indent=1))
 

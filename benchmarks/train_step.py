@@ -10,6 +10,10 @@ GPU) is its own. Times are the median of --steps after --warmup. Prints JSON.
 
     python benchmarks/train_step.py --arch sd15 --resolution 256 --batch 1
     python benchmarks/train_step.py --arch sdxl --resolution 256 --precision bf16   # ~8 GB RAM, 15 GB disk
+    python benchmarks/train_step.py --arch sd35-medium --precision bf16 --steps 2 --warmup 1   # ~12 GB RAM, 16 GB disk
+
+The SD3.5 architectures (tiny_sd3.SD3_ARCHS) are written here in bf16 one component at a time (`make_sd3_bf16`),
+so the build never holds more than the largest part (T5-XXL: 9.5 GB) in memory.
 """
 from __future__ import annotations
 
@@ -30,6 +34,41 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_sd3_bf16(out: Path, arch: str) -> Path:
+    """`sdlora make-tiny --arch ARCH` for a real SD3.5 architecture, in bf16 and one part at a time: the tiny SD3
+    folder (model_index, tokenizers, schedule), then each part rebuilt at `arch`'s size and saved over it."""
+    import gc
+    import shutil
+
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from sdlora.tiny import text_config
+    from sdlora.tiny_sd3 import SD3_ARCHS, make_sd3, t5_vocab
+
+    make_sd3(out, arch="sd3")
+    cfg = SD3_ARCHS[arch]
+    parts = {"transformer": lambda: SD3Transformer2DModel(**cfg["transformer"]),
+             "vae": lambda: AutoencoderKL(**cfg["vae"]),
+             "text_encoder": lambda: CLIPTextModelWithProjection(text_config(**cfg["text"])),
+             "text_encoder_2": lambda: CLIPTextModelWithProjection(text_config(**cfg["text_2"])),
+             "text_encoder_3": lambda: T5EncoderModel(T5Config(vocab_size=len(t5_vocab()), pad_token_id=0,
+                                                               eos_token_id=1, decoder_start_token_id=0, **cfg["t5"]))}
+    default = torch.get_default_dtype()
+    torch.manual_seed(0)
+    for name, make in parts.items():
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            part = make()
+        finally:
+            torch.set_default_dtype(default)
+        shutil.rmtree(out / name)
+        part.save_pretrained(str(out / name), max_shard_size="2GB")
+        del part
+        gc.collect()
+    return out
 
 
 def _peak_mb(device) -> float:
@@ -58,28 +97,58 @@ def _unet_inputs(unet, a, device):
     return latents, t, emb, extra
 
 
+def _sd3_inputs(model, a, device):
+    """SD3: latents (the VAE's channels), timesteps, the joint prompt embeddings (77 CLIP + max_sequence_length T5
+    tokens, sd3cond) and the pooled projections, as keyword arguments of the MMDiT after the latents."""
+    from diffusers import AutoencoderKL
+
+    from sdlora import models
+    from sdlora.training.config import default_of
+
+    c = model.config
+    lat = a.resolution // models.vae_factor(AutoencoderKL.load_config(a.model, subfolder="vae"))
+    latents = torch.randn(a.batch, c.in_channels, lat, lat, device=device)
+    t = torch.rand(a.batch, device=device) * 1000
+    emb = torch.randn(a.batch, 77 + default_of("max_sequence_length"), c.joint_attention_dim, device=device)
+    return latents, t, emb, {"pooled_projections": torch.randn(a.batch, c.pooled_projection_dim, device=device)}
+
+
+def _reference_model(a, device, dtype):
+    """(model, targets, call(model, latents, t, emb, extra) -> prediction) of the UNet or (SD3) the MMDiT."""
+    from sdlora import models, sd3base, sd3models
+    from sdlora.lora import inject as lora
+
+    if models.family(a.model) == "sd3":
+        model = sd3models.load_transformer(a.model, dtype=dtype).to(device)
+        return model, list(sd3base.TRANSFORMER_TARGETS), _sd3_inputs(model, a, device), \
+            lambda m, x, t, emb, extra: m(hidden_states=x, timestep=t, encoder_hidden_states=emb, **extra).sample
+    model = models.load_unet(a.model, dtype=dtype).to(device)
+    return model, lora.UNET_TARGETS, _unet_inputs(model, a, device), \
+        lambda m, x, t, emb, extra: m(x, t, emb, **extra).sample
+
+
 def measure_reference(a, kind: str) -> dict:
     from sdlora import models
     from sdlora.lora import inject as lora
 
     device = torch.device(a.device)
     dtype = models.torch_dtype(a.precision)
-    unet = models.load_unet(a.model, dtype=dtype).to(device)
+    unet, targets, (latents, t, emb, extra), run = _reference_model(a, device, dtype)
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    latents, t, emb, extra = _unet_inputs(unet, a, device)
-    call = torch.compile(unet) if a.compile else unet
-    if extra:
-        extra["added_cond_kwargs"] = {k: v.to(dtype) for k, v in extra["added_cond_kwargs"].items()}
+    model = torch.compile(unet) if a.compile else unet
+    extra = torch.utils._pytree.tree_map_only(torch.Tensor, lambda v: v.to(dtype) if v.is_floating_point() else v,
+                                              extra)
+    call = lambda x, t, emb, **extra: run(model, x, t, emb, extra)  # noqa: E731
     autocast = torch.autocast(device.type, dtype=dtype, enabled=a.precision != "no")
     if kind == "forward":
         unet.requires_grad_(False)
 
         def step():
             with torch.no_grad(), autocast:
-                call(latents.to(dtype), t, emb.to(dtype), **extra).sample
+                call(latents.to(dtype), t, emb.to(dtype), **extra)
     else:
-        params = lora.add_lora(unet, lora.lora_config(a.rank, None, lora.UNET_TARGETS))
+        params = lora.add_lora(unet, lora.lora_config(a.rank, None, targets))
         for p in params:
             p.data = p.data.float()
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -87,7 +156,7 @@ def measure_reference(a, kind: str) -> dict:
 
         def step():
             with autocast:
-                pred = call(latents.to(dtype), t, emb.to(dtype), **extra).sample
+                pred = call(latents.to(dtype), t, emb.to(dtype), **extra)
             loss = torch.nn.functional.mse_loss(pred.float(), target)
             loss.backward()
             opt.step()
@@ -169,7 +238,9 @@ def measure_trainer(a) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sdxl-tiny", "sdxl"])
+    p.add_argument("--arch", default="tiny",
+                   choices=["tiny", "sd15", "sdxl-tiny", "sdxl", "sd3", "sd35-medium", "sd35-large"],
+                   help="sd3: the tiny SD3; sd35-*: the real SD3.5 architectures, written in bf16 (make_sd3_bf16)")
     p.add_argument("--model", default=None, help="an existing pipeline folder instead of building --arch")
     p.add_argument("--resolution", type=int, default=None, help="default: 32 for tiny, 64 for sdxl-tiny, 256 else")
     p.add_argument("--batch", type=int, default=1)
@@ -185,7 +256,7 @@ def main():
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    a.resolution = a.resolution or {"tiny": 32, "sdxl-tiny": 64}.get(a.arch, 256)
+    a.resolution = a.resolution or {"tiny": 32, "sdxl-tiny": 64, "sd3": 64}.get(a.arch, 256)
     a.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     if a.only:  # child process: one measurement
@@ -195,8 +266,11 @@ def main():
 
     if a.model is None:
         from sdlora.tiny import make_tiny
+        from sdlora.tiny_sd3 import make_sd3
 
-        a.model = str(make_tiny(Path(tempfile.mkdtemp(prefix=f"bench-{a.arch}-")) / "model", arch=a.arch))
+        out = Path(tempfile.mkdtemp(prefix=f"bench-{a.arch}-")) / "model"
+        a.model = str(make_sd3_bf16(out, a.arch) if a.arch.startswith("sd35") else make_sd3(out) if a.arch == "sd3"
+                      else make_tiny(out, arch=a.arch))
     results = {}
     for kind in ("forward", "bare", "trainer"):
         cmd = [sys.executable, __file__, "--only", kind, "--model", a.model] + [

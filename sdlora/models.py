@@ -113,13 +113,14 @@ def resolve_base(name: str, revision: str | None = None, cache_dir: str | None =
     return name
 
 
-def default_guidance(base: str) -> float:
+def default_guidance(base: str, own: float | None = None) -> float:
     """The guidance to sample `base` at when none is given: a bundled model's measured one (by its short name or
-    its folder), else GUIDANCE."""
+    its folder), else `own` (the base pipeline's own default where sdlora keeps it: SD3, `sd3base.own_guidance`),
+    else GUIDANCE."""
     for name, path in BUNDLED.items():
         if str(base) == name or Path(base).expanduser().resolve() == path.resolve():
             return BUNDLED_GUIDANCE[name]
-    return GUIDANCE
+    return GUIDANCE if own is None else own
 
 
 # The base model families sdlora knows, as `family` names them, and how the log and model card say them.

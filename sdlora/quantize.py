@@ -16,6 +16,7 @@ lazily so the `sdlora` command starts fast.
 """
 from __future__ import annotations
 
+from . import sd3models
 from .errors import UserError
 
 MODES = ("none", "int8", "nf4")  # --quantize_base's choices
@@ -70,21 +71,23 @@ def has_avx2() -> bool:
 
 
 def load_unet(base: str, mode: str, device, dtype, revision=None, variant=None, cache_dir=None,
-              allow_pickle=False, base_config=None):
+              allow_pickle=False, base_config=None, subfolder: str = "unet"):
     """(the base's UNet with its Linear layers in `mode` on `device` and the rest still on the CPU, how many). Each
     Linear is quantized as soon as its tensors are read (safetensors, one tensor at a time), so the full-precision
     UNet is never in memory whole (SD1.5's: 3.4 GB in fp32, 1.1 GB of it Linear weights). Anything the streamed read
-    can't place takes diffusers' own loading, then `quantize_linears`."""
+    can't place takes diffusers' own loading, then `quantize_linears`. `subfolder` "transformer": an SD3 base's
+    MMDiT."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
     from . import streamload
 
-    files = None if base_config else streamload.weights_files(base, "unet", variant, revision, cache_dir)
+    cls = SD3Transformer2DModel if subfolder == "transformer" else UNet2DConditionModel
+    files = None if base_config else streamload.weights_files(base, subfolder, variant, revision, cache_dir)
     if files is not None:
-        config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision, cache_dir=cache_dir)
+        config = cls.load_config(base, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
         with torch.device("meta"):
-            model = UNet2DConditionModel.from_config(config)
+            model = cls.from_config(config)
         linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
         pending: dict[str, dict] = {}
         try:
@@ -118,8 +121,9 @@ def load_unet(base: str, mode: str, device, dtype, revision=None, variant=None, 
             return model.eval(), len(linears)
     from .bases import load
 
-    model = load.part("unet", base, base_config, revision=revision, variant=variant, cache_dir=cache_dir, dtype=dtype,
-                      allow_pickle=allow_pickle)
+    model = load.part(subfolder, base, base_config, revision=revision, variant=variant, cache_dir=cache_dir,
+                      dtype=dtype, allow_pickle=allow_pickle) if subfolder == "unet" else \
+        sd3models.load_transformer(base, revision, variant, cache_dir, dtype, allow_pickle)
     return model, quantize_linears(model, mode, device, dtype)
 
 

@@ -53,3 +53,14 @@ def lora_targets(lora_layers: str | None, lora_blocks: str | None, target_module
     except ValueError:
         raise UserError(f"--lora_blocks {lora_blocks}: give comma-separated block numbers, e.g. 0,1,2") from None
     return [f"transformer_blocks.{b}.{layer}" for b in blocks for layer in layers]
+
+
+def own_guidance(pipe) -> float | None:
+    """The guidance an SD3 pipeline (or pipeline class) draws at when given none (StableDiffusion3Pipeline's own
+    default, read from its signature); None for other pipelines, which keep sdlora's `models.GUIDANCE`."""
+    cls = pipe if isinstance(pipe, type) else type(pipe)
+    if not is_sd3(cls.__name__):
+        return None
+    import inspect
+
+    return inspect.signature(cls.__call__).parameters["guidance_scale"].default

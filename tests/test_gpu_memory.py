@@ -208,3 +208,22 @@ def test_prodigy_and_adafactor_states_are_the_libraries(kind):
     predicted = gm.optimizer_state_bytes(params, kind)
     assert _stepped_state_bytes(real, params) == predicted > 0
     assert _stepped_state_bytes(gm.StatesOf(fakes, kind), fakes) == predicted
+
+
+def test_cuda_autocast_emulation_covers_the_mmdit():
+    """SD3's MMDiT (joint attention over both streams, adaLN's layer norms, qk RMS norm) in bf16, as the SD3 rows
+    run it: the ops CUDA's autocast runs in fp32 get fp32 only, its lower-precision ops bf16 only, and the joint
+    attention reaches CUDA's flash kernel."""
+    row = gm.Row("tiny sd3", "sd3", 64, dtype="bf16")
+    model = gm.lora_model(row, torch.bfloat16)
+    recorder = _OpDtypes()
+    with _fake():
+        gm.materialise(model, "cpu", init=False)
+        batch = gm.make_batch(model, row, torch.bfloat16, "cpu")
+        with gm.CudaAutocast(), recorder:
+            gm.forward_loss(model, batch, torch.autocast("cpu", dtype=torch.bfloat16))
+    fp32 = {op: d for op, d in recorder.seen.items() if op in CUDA_FP32}
+    low = {op: d for op, d in recorder.seen.items() if op in CUDA_FP16}
+    assert {"native_layer_norm", "rsqrt"} <= set(fp32) and {"_scaled_dot_product_flash_attention", "addmm"} <= set(low)
+    assert all(d == {torch.float32} for d in fp32.values()), fp32
+    assert all(d == {torch.bfloat16} for d in low.values()), low

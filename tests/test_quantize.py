@@ -187,3 +187,37 @@ def test_quantize_base_takes_a_single_file_checkpoint(tiny_model, tmp_path):
     path = ldm.write(folder, tmp_path / "tiny.safetensors")[0]
     unet, n = quantize.load_unet(str(path), "int8", "cpu", torch.float32, base_config=folder)
     assert n > 0 and quantize.quantized_linears(unet) == n
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_sd3_transformer_trains_and_saves_the_unquantized_runs_file(tmp_path, monkeypatch, mode):
+    """--quantize_base on an SD3 base: the MMDiT's frozen Linear layers in bitsandbytes' layers, each quantized as it
+    is read, the LoRA in fp32 over them; the file has the unquantized run's layout and loads in diffusers' SD3
+    pipeline."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.tuners.lora import bnb as peft_bnb
+
+    from sdlora.tiny_sd3 import make_sd3
+
+    model = make_sd3(tmp_path / "sd3")
+    data = make_images(tmp_path / "d", n=2)
+    plain_path, _, plain_losses = _train(model, tmp_path / "none", data, monkeypatch, max_train_steps=2)
+    from sdlora import sd3models
+
+    with monkeypatch.context() as m:  # streamed: the full-precision transformer is never loaded whole
+        m.setattr(sd3models, "load_transformer", lambda *a, **k: pytest.fail("took diffusers' loading"))
+        path, transformer, losses = _train(model, tmp_path / mode, data, monkeypatch, max_train_steps=2,
+                                           quantize_base=mode)
+    layer = peft_bnb.Linear4bit if mode == "nf4" else peft_bnb.Linear8bitLt
+    assert quantize.quantized_linears(transformer) > 0
+    assert not any(type(m) is torch.nn.Linear and m.weight.dtype != torch.float32 for m in transformer.modules())
+    assert all(isinstance(m, layer) for m in transformer.modules() if hasattr(m, "lora_A"))
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[0] == pytest.approx(plain_losses[0], rel=0.1)
+    sd, meta = read_lora(path)
+    plain, _ = read_lora(plain_path)
+    assert {k: (v.shape, v.dtype) for k, v in sd.items()} == {k: (v.shape, v.dtype) for k, v in plain.items()}
+    assert meta["sdlora_quantize_base"] == mode
+    pipe = StableDiffusion3Pipeline.from_pretrained(model)
+    pipe.load_lora_weights(str(path.parent))
+    loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert len(loaded) == len({k.rsplit(".lora_", 1)[0] for k in sd}) > 0

@@ -2,6 +2,7 @@
 diffusers' StableDiffusion3Pipeline, and the rectified-flow loss and gradients against diffusers' SD3 script's
 formula (examples/dreambooth/train_dreambooth_lora_sd3.py), computed here on the same tiny model."""
 import copy
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from sdlora.training.config import TrainConfig
 
 CAPTIONS = ["a red circle on blue", "a green square"]
 ROOT = Path(__file__).resolve().parents[1]
+POKEMON = ROOT / "examples/data/pokemon"
 torch.set_num_threads(1)
 
 
@@ -129,16 +131,16 @@ def test_flow_loss_and_gradients_match_diffusers_sd3_script(sd3_model, pipe, sch
     assert any(g.abs().sum() > 0 for g in ours_grads)
 
 
-@pytest.mark.parametrize("flag,said", [("lora_type=dora", "SD3 bases train plain LoRA"),
-                                       ("snr_gamma=5", "--snr_gamma: a UNet noise/loss option")])
-def test_sd3_refuses_what_it_does_not_do_in_one_line(sd3_model, tmp_path, flag, said):
-    from helpers import T2I, fast_flags, run
+@pytest.mark.parametrize("flags,said", [({"snr_gamma": 5}, "--snr_gamma: a UNet noise/loss option"),
+                                        ({"upcast_before_saving": True, "save_precision": "bf16"},
+                                         "--upcast_before_saving saves the LoRA in fp32, --save_precision bf16"),
+                                        ({"lora_type": "adalora"}, "--lora_type adalora: not on SD3 bases yet")])
+def test_sd3_refuses_what_it_does_not_do_in_one_line(sd3_model, tmp_path, capsys, flags, said):
+    from helpers import fast_flags, recipe_error
 
-    key, value = flag.split("=")
-    r = run(T2I, fast_flags(sd3_model, tmp_path / "o", train_data_dir=ROOT / "examples/data/pokemon",
-                            **{key: value}), check=False)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert said in r.stderr and len(r.stderr.strip().splitlines()[-1]) > 0
+    from sdlora.recipes import text_to_image as t2i
+
+    assert said in recipe_error(capsys, t2i, fast_flags(sd3_model, tmp_path / "o", train_data_dir=POKEMON, **flags))
 
 
 def test_make_tiny_cli_writes_an_sd3_pipeline(tmp_path, capsys):
@@ -202,20 +204,51 @@ def _loads_whole(pipe, out, caplog) -> dict:
     return sd
 
 
-def test_sd3_text_to_image_with_text_encoders_loads_in_diffusers(sd3_model, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def t2i_out(sd3_model, tmp_path_factory):
+    """The text-to-image script as a user runs it on a machine with several devices (`accelerate launch
+    --num_processes 2 --mixed_precision bf16`: DDP over gloo; a subprocess, its one real run here), the CLIPs
+    trained too, alpha != rank so a loader that ignores alpha draws something else: (output folder, stderr)."""
+    import subprocess
+
+    from helpers import T2I, accelerate_launch, env, fast_flags
+
+    out = tmp_path_factory.mktemp("t2i") / "o"
+    cmd = accelerate_launch(T2I, fast_flags(sd3_model, out, train_data_dir=POKEMON, max_train_samples=4,
+                                            train_text_encoder=True, max_train_steps=2, rank=2, lora_alpha=4),
+                            mixed_precision="bf16")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r.stderr
+
+
+def train(model, out, **flags) -> Path:
+    """A text-to-image run in-process (the script's own main; a subprocess adds an interpreter start of seconds)."""
+    from helpers import fast_flags
+
+    from sdlora.recipes import text_to_image as t2i
+
+    assert t2i.main(fast_flags(model, out, **{"train_data_dir": POKEMON, "max_train_samples": 4, **flags})) == 0
+    return out
+
+
+def test_sd3_text_to_image_with_text_encoders_loads_in_diffusers(sd3_model, t2i_out, tmp_path, caplog):
+    """diffusers draws with the script's file what sdlora's loader and `sdlora generate` draw, and not the base's."""
     import numpy as np
-    from helpers import T2I, fast_flags, run
+    from PIL import Image
     from safetensors import safe_open
 
-    out = tmp_path / "o"
-    r = run(T2I, fast_flags(sd3_model, out, train_data_dir=ROOT / "examples/data/pokemon", max_train_samples=4,
-                            train_text_encoder=True, max_train_steps=3))
-    assert r.stderr.count("base model: SD3.5 Medium") == 1
+    from sdlora import toolkit
+    from sdlora.cli import main
+    from sdlora.pipeline import load_pipeline
+
+    out, stderr = t2i_out
+    assert stderr.count("base model: SD3.5 Medium") == 1
+    assert "x 2 procs" in stderr and "frozen weights in bfloat16" in stderr  # DDP, bf16: one set of outputs
+    assert stderr.count("saved " + str(out / "pytorch_lora_weights.safetensors")) == 1
     meta = safe_open(out / "pytorch_lora_weights.safetensors", "pt").metadata()
     assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora" and meta["ss_base_model_version"] == "sd3_m"
     assert meta["sdlora_target_modules"] == ",".join(sd3base.TRANSFORMER_TARGETS)
-    from sdlora import toolkit
-
     assert "architecture:   SD3" in toolkit.inspect_file(str(out), False)
     card = (out / "README.md").read_text()
     assert "StableDiffusion3Pipeline.from_pretrained" in card and "kohya" not in card
@@ -226,11 +259,22 @@ def test_sd3_text_to_image_with_text_encoders_loads_in_diffusers(sd3_model, tmp_
     assert any(".attn.add_q_proj." in k for k in sd) and any(".attn.to_q." in k for k in sd)  # both streams
     trained = _images(pipe)
     assert np.abs(trained - before).max() > 1e-4
+    ours = _images(load_pipeline([str(out)], base=str(sd3_model), device="cpu", dtype="fp32"))
+    assert np.abs(ours - trained).max() <= 1e-5
     pipe.unload_lora_weights()
     assert np.array_equal(_images(pipe), before)
 
+    assert main(["generate", "a red square on a blue background", "--lora", str(out), "--base", str(sd3_model),
+                 "--seed", "0", "--steps", "3", "--width", "32", "--height", "32", "--dtype", "fp32",
+                 "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
+    png = next((tmp_path / "gen").glob("*.png"))
+    assert json.loads(Image.open(png).text["sdlora"])["guidance"] == 7.0  # StableDiffusion3Pipeline's own default
+    png = np.asarray(Image.open(png), dtype=np.float32) / 255
+    assert np.abs(png - ours[0]).max() <= 1.5 / 255  # the same image (the pipeline's default guidance), in 8 bits
+
 
 def test_sd3_dreambooth_prior_preservation_and_text_encoders(sd3_model, tmp_path, caplog):
+    """The DreamBooth script as a user runs it (its one real run here)."""
     import numpy as np
     from conftest import make_images
     from helpers import DREAMBOOTH, fast_flags, run
@@ -240,7 +284,7 @@ def test_sd3_dreambooth_prior_preservation_and_text_encoders(sd3_model, tmp_path
     r = run(DREAMBOOTH, fast_flags(sd3_model, out, instance_data_dir=inst, instance_prompt="a photo of sks square",
                                    with_prior_preservation=True, class_prompt="a photo of a square",
                                    num_class_images=2, sample_batch_size=2, class_data_dir=tmp_path / "class",
-                                   train_text_encoder=True, max_train_steps=3))
+                                   train_text_encoder=True, max_train_steps=2))
     assert r.stderr.count("base model: SD3.5 Medium") == 1
     classes = sorted((tmp_path / "class").glob("*.png"))
     assert len(classes) == 2 and all(Image.open(p).size == (32, 32) for p in classes)
@@ -255,32 +299,30 @@ def test_sd3_dreambooth_prior_preservation_and_text_encoders(sd3_model, tmp_path
     assert np.abs(_images(load_pipeline([str(out)], base=str(sd3_model), device="cpu", dtype="fp32")) - trained).max() <= 1e-5
 
 
-def test_sd3_without_t5_trains_and_draws_without_t5(sd3_model, tmp_path, caplog):
+def test_sd3_without_t5_trains_and_draws_without_t5(sd3_model, tmp_path, caplog, capsys):
     import numpy as np
-    from helpers import T2I, fast_flags, run
 
-    out = tmp_path / "o"
-    r = run(T2I, fast_flags(sd3_model, out, train_data_dir=ROOT / "examples/data/pokemon", max_train_samples=4,
-                            drop_t5=True, max_sequence_length=16, lora_blocks="1", max_train_steps=2))
-    assert "T5 dropped" in r.stderr
+    out = train(sd3_model, tmp_path / "o", drop_t5=True, max_sequence_length=16, lora_blocks="1", max_train_steps=2,
+                upcast_before_saving=True)  # diffusers' flag, accepted: the LoRA is saved in fp32 anyway
+    assert "T5 dropped" in capsys.readouterr().err
     pipe = _pipe(sd3_model, text_encoder_3=None, tokenizer_3=None)
     before = _images(pipe)
     sd = _loads_whole(pipe, out, caplog)
     assert sd and all(k.startswith("transformer.transformer_blocks.1.") for k in sd)  # --lora_blocks 1
+    assert {v.dtype for v in sd.values()} == {torch.float32}
     assert np.abs(_images(pipe) - before).max() > 1e-4
 
 
-def test_sd3_resume_is_exact(sd3_model, tmp_path):
+def test_sd3_resume_is_exact(sd3_model, tmp_path, capsys):
     """Nothing cached (text encoders trained, random flips): 4 steps straight = 2 steps, then resumed for 2."""
-    from helpers import T2I, fast_flags, run
     from safetensors.torch import load_file
 
-    flags = dict(train_data_dir=ROOT / "examples/data/pokemon", max_train_samples=4, train_text_encoder=True,
-                 random_flip=True, checkpointing_steps=2, weighting_scheme="mode")
-    run(T2I, fast_flags(sd3_model, tmp_path / "a", **flags))
-    run(T2I, fast_flags(sd3_model, tmp_path / "b", **flags, max_train_steps=2))
-    r = run(T2I, fast_flags(sd3_model, tmp_path / "b", **flags, resume_from_checkpoint="latest"))
-    assert "resumed from" in r.stderr
+    flags = dict(train_text_encoder=True, random_flip=True, checkpointing_steps=2, weighting_scheme="mode")
+    train(sd3_model, tmp_path / "a", **flags)
+    train(sd3_model, tmp_path / "b", **flags, max_train_steps=2)
+    capsys.readouterr()
+    train(sd3_model, tmp_path / "b", **flags, resume_from_checkpoint="latest")
+    assert "resumed from" in capsys.readouterr().err
     a, b = (load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in "ab")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
@@ -297,30 +339,73 @@ def test_load_pipeline_keeps_the_sd3_bases_flow_match_scheduler(sd3_model):
     assert np.array_equal(_images(ours), _images(_pipe(sd3_model)))
 
 
-def test_sdloras_loader_draws_what_diffusers_draws_with_an_sd3_lora(sd3_model, tmp_path, caplog):
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_sd3_draws_validation_and_sample_prompts_while_training(sd3_model, tmp_path, caplog, monkeypatch,
+                                                                train_text_encoder):
+    """--validation_prompt and --sample_prompts on an SD3 base: StableDiffusion3Pipeline over the run's models with the
+    base's FlowMatch schedule. The last round draws, with the weights the run saves, what diffusers draws loading the
+    saved file into an unmodified pipeline at the same seed and guidance. Frozen encoders: the prompts were encoded up
+    front (no text encoder loads again to sample); trained CLIPs: encoded with their LoRA when drawn."""
     import numpy as np
-    from helpers import T2I, fast_flags, run
+    from PIL import Image
+
+    from sdlora import sd3models as loads
+    from sdlora.training import sd3sample
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --n blurry --s 3 --l 4 --d 5 --w 32 --h 32\n")
+    loaded = []
+    real = loads.load_text_encoder
+    monkeypatch.setattr(loads, "load_text_encoder", lambda *a, **k: loaded.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(models, "fast_precision", lambda device: "fp32")  # the run samples in fp32, as diffusers here
+    out = train(sd3_model, tmp_path / "o", validation_prompt="a green square", num_validation_images=1,
+                sample_prompts=prompts, max_train_steps=2, train_text_encoder=train_text_encoder, learning_rate=0.05)
+    assert loaded == list(sd3base.TEXT_ENCODERS)  # each once, before training: none again to sample
+    val, step = Image.open(out / "samples/latest_0.png"), Image.open(out / "samples/step000002_00.png")
+    recorded = json.loads(step.text["sdlora"])
+    assert (recorded["scheduler"], recorded["guidance"], recorded["seed"]) == (sd3sample.SCHEDULER, 4.0, 5)
+    pipe = _pipe(sd3_model)
+
+    def theirs(prompt, negative, seed, steps, guidance):
+        return pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, height=32,
+                    width=32, max_sequence_length=77, generator=torch.Generator().manual_seed(seed),
+                    output_type="np").images[0]
+    base = theirs("a red square", "blurry", 5, 3, 4.0)
+    _loads_whole(pipe, out, caplog)
+    for png, want in ((step, theirs("a red square", "blurry", 5, 3, 4.0)),
+                      (val, theirs("a green square", "", 0, 25, 7.0))):  # the run's seed, the pipeline's guidance
+        assert np.abs(np.asarray(png, dtype=np.float32) / 255 - want).max() <= 1 / 255  # 8-bit rounding
+    assert np.abs(np.asarray(step, dtype=np.float32) / 255 - base).max() > 8 / 255  # drawn with the LoRA
+
+
+@pytest.mark.parametrize("flags", [{"lora_type": "dora", "train_text_encoder": True},
+                                   {"init_lora_weights": "olora", "use_rslora": True},
+                                   {"lora_type": "loha", "train_text_encoder": True}, {"lora_type": "lokr"}])
+def test_sd3_lora_variants_load_as_trained(sd3_model, tmp_path, caplog, monkeypatch, flags):
+    """DoRA, OLoRA init (PiSSA's path) and LoHa/LoKr on SD3 through peft, as on SD 1.x/XL. The file, loaded into the
+    unmodified base, draws what the run drew with its own trained models at its end (a sample prompt; OLoRA changed
+    the run's frozen weights, the file holds the change from the base): by sdlora's loader, and by an unmodified
+    StableDiffusion3Pipeline where diffusers reads the type (not LoHa/LoKr, as on SD 1.x/XL)."""
+    import numpy as np
+    from PIL import Image
 
     from sdlora.pipeline import load_pipeline
 
-    out = tmp_path / "o"
-    run(T2I, fast_flags(sd3_model, out, train_data_dir=ROOT / "examples/data/pokemon", max_train_samples=4,
-                        train_text_encoder=True, max_train_steps=2, rank=2, lora_alpha=4))
-    theirs = _pipe(sd3_model)
-    before = _images(theirs)
-    _loads_whole(theirs, out, caplog)
-    ours = load_pipeline([str(out)], base=str(sd3_model), device="cpu", dtype="fp32")
-    drawn = _images(ours)
-    assert np.abs(drawn - before).max() > 1e-4
-    assert np.abs(drawn - _images(theirs)).max() <= 1e-5
+    monkeypatch.setattr(models, "fast_precision", lambda device: "fp32")
+    (tmp_path / "p.txt").write_text("a green square --s 3 --l 4 --d 0 --w 32 --h 32\n")
+    out = train(sd3_model, tmp_path / "o", sample_prompts=tmp_path / "p.txt", max_train_steps=2, learning_rate=0.05,
+                rank=2, **flags)
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, height=32, width=32, max_sequence_length=77, output_type="np")
 
-    from PIL import Image
+    def draw(pipe):
+        return pipe("a green square", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    run = np.asarray(Image.open(out / "samples/step000002_00.png"), dtype=np.float32) / 255
+    ours = draw(load_pipeline([str(out)], base=str(sd3_model), device="cpu", dtype="fp32"))
+    assert np.abs(run - ours).max() <= 1 / 255 < np.abs(ours - draw(_pipe(sd3_model))).max()
+    if flags.get("lora_type") in ("loha", "lokr"):
+        return
+    pipe = _pipe(sd3_model)
+    sd = _loads_whole(pipe, out, caplog)
+    assert any(".lora_magnitude_vector" in k for k in sd) == (flags.get("lora_type") == "dora")
+    assert np.abs(draw(pipe) - ours).max() <= 1e-5
 
-    from sdlora.cli import main
-
-    assert main(["generate", "a red square on a blue background", "--lora", str(out), "--base", str(sd3_model),
-                 "--seed", "0", "--steps", "3", "--guidance", "7", "--width", "32", "--height", "32", "--dtype", "fp32",
-                 "--device", "cpu",
-                 "--out", str(tmp_path / "gen")]) == 0
-    png = np.asarray(Image.open(next((tmp_path / "gen").glob("*.png"))), dtype=np.float32) / 255
-    assert np.abs(png - drawn[0]).max() <= 1.5 / 255  # the same image (the pipeline's default guidance 7), in 8 bits

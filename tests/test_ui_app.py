@@ -258,6 +258,21 @@ def test_generate_guidance_starts_at_the_bases_own():
     assert guidance_for("org/some-model") == guidance_for("") == models.GUIDANCE
 
 
+def test_generate_guidance_on_an_sd3_folder_is_its_pipelines_own(tmp_path):
+    """An SD3 base folder starts the slider at StableDiffusion3Pipeline's own default, as `sdlora generate` does."""
+    import inspect
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from sdlora import models
+    from sdlora.ui.generate_tab import guidance_for
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    own = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["guidance_scale"].default
+    assert guidance_for(str(tmp_path)) == own != models.GUIDANCE
+
+
 def test_dataset_tab_bulk_edits_then_saves_only_changed_captions(tmp_path):
     from sdlora.ui.dataset_tab import do_bulk, do_load, do_save
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import sd3base
 from ..errors import UserError
 from ..models import BUNDLED_GUIDANCE, GUIDANCE, default_guidance
 from ..pipeline import SCHEDULERS, fuse_loras, generate, grid, image_paths, load_adapters, write_images
@@ -38,7 +39,8 @@ def register(sub):
     s.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     bundled = ", ".join(f"{g:g} for {name}" for name, g in BUNDLED_GUIDANCE.items())
     s.add_argument("--guidance", type=float, help=f"classifier-free guidance; default: {bundled} (the guidance "
-                   f"these bundled models were measured at), {GUIDANCE:g} for other bases")
+                   f"these bundled models were measured at), StableDiffusion3Pipeline's own "
+                   f"default for SD3 bases, {GUIDANCE:g} for other bases")
     s.add_argument("--width", type=int, help="default: the base model's own size (e.g. 512 for SD 1.5, 1024 for "
                    "SDXL); a multiple of 8, at most 8x that size")
     s.add_argument("--height", type=int, help="default: the base model's own size")
@@ -86,7 +88,8 @@ def _generate_cli(args):
     pipe = adapters.pipe
     if args.fuse and pipe.get_active_adapters():
         fuse_loras(pipe, unload=True)  # merged weights, no LoRA layers: base-model speed
-    guidance = args.guidance if args.guidance is not None else default_guidance(adapters.base)
+    own = sd3base.own_guidance(pipe)  # SD3: the pipeline's default
+    guidance = args.guidance if args.guidance is not None else default_guidance(adapters.base, own)
     pipe.set_progress_bar_config(desc=f"generating {args.num_images} image(s)")
     clip_skip = args.clip_skip if args.clip_skip is not None else adapters.clip_skip
     images = generate(pipe, args.prompt, args.negative_prompt, seed, args.steps, guidance,

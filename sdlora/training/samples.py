@@ -14,6 +14,7 @@ from .. import pipeline
 from ..io import png_bytes, write_bytes
 from ..output import weights
 from .config import TrainConfig
+from . import sd3sample
 from .manifest import Manifest
 from .validation import Sampling, sampling
 
@@ -49,10 +50,11 @@ def write_round(s: Sampling, step: int) -> list[Path]:
     # The LoRA under the name A1111/ComfyUI give its kohya file; no path, so the PNGs don't depend on where the run is.
     lora = [{"name": Path(weights.kohya_name(c.output_dir)).stem, "weight": 1.0}]
     digits = max(2, len(str(len(images) - 1)))
+    scheduler = sd3sample.SCHEDULER if c.family == "sd3" else SCHEDULER
     Manifest(c.output_dir).will_make(out)
     paths = []
     for i, (p, seed, img) in enumerate(zip(c.sample_prompts, seeds, images)):
-        params = pipeline.image_params(p.prompt, p.negative or None, seed, p.steps, p.guidance, img, SCHEDULER,
+        params = pipeline.image_params(p.prompt, p.negative or None, seed, p.steps, p.guidance, img, scheduler,
                                        c.base_name, lora, step=step)
         paths.append(out / f"step{step:06d}_{i:0{digits}d}.png")
         write_bytes(paths[-1], png_bytes(img, pipeline.png_info(params)))

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import models, sd3base, sd3models
+from .. import models, quantize, sd3base, sd3models
 from ..errors import UserError
-from . import flow, frozen, sd3cond
+from . import flow, frozen, sd3cond, sd3sample
 from .config import TrainConfig, default_of
 
 log = logging.getLogger("sdlora")
@@ -26,21 +26,20 @@ class Sd3Frozen(frozen.Frozen):
     vae_shift: float = 0.0
     max_sequence_length: int = 77
     joint_dim: int = 0  # the transformer's joint attention width: T5's tokens are zeros of it with --drop_t5
+    sample_texts: dict | None = None  # the prompts sampling draws, encoded before the encoders leave (sd3sample)
 
 
 def refuse_unsupported(c: TrainConfig):
     """What SD3 runs do not do yet, or do otherwise, as one line each (before any model loads)."""
-    drawn = [f for f in ("validation_prompt", "sample_prompts") if getattr(c, f, None)]
-    if drawn:  # sampling during training goes through the SD 1.x/XL pipelines (validation.py) for now
-        raise UserError(f"--{drawn[0]}: images during training are not drawn for SD3 bases yet; drop it and draw "
-                        f"them afterwards with `sdlora generate`")
+    if c.upcast_before_saving and c.save_precision != "fp32":  # diffusers' flag: save in fp32 (sdlora's default)
+        raise UserError(f"--upcast_before_saving saves the LoRA in fp32, --save_precision {c.save_precision} in "
+                        f"{c.save_precision}; drop one")
     unused = [f for f in UNET_LOSS_SETTINGS if getattr(c, f) != default_of(f)]
     if unused:  # the rectified-flow loss has its own weighting (--weighting_scheme); these are the UNet loss's
         raise UserError(f"--{unused[0]}: a UNet noise/loss option, not used by SD3's rectified-flow loss; drop it (SD3 "
                         "weighs timesteps with --weighting_scheme)")
-    if c.lora_type != "lora" or c.init_lora_weights != "gaussian":
-        raise UserError(f"--lora_type {c.lora_type} / --init_lora_weights {c.init_lora_weights}: SD3 bases train plain "
-                        "LoRA (gaussian init) for now; drop the flag")
+    if c.lora_type == "adalora":  # its rank allocator and pruned file are not checked on the MMDiT yet
+        raise UserError("--lora_type adalora: not on SD3 bases yet; use --lora_type lora, dora, loha or lokr")
 
 
 def load_frozen(config: TrainConfig, device, weight_dtype: torch.dtype, main: bool) -> Sd3Frozen:
@@ -60,18 +59,26 @@ def load_frozen(config: TrainConfig, device, weight_dtype: torch.dtype, main: bo
     if main:
         log.info("base model: %s (rectified flow, %s timesteps%s)", sd3base.variant(transformer),
                  c.weighting_scheme, "; T5 dropped: --drop_t5" if c.drop_t5 else "")
-    return Sd3Frozen(tokenizers, sched, encoders, vae, vae.dtype, vae.config.scaling_factor,
-                     vae_shift=vae.config.shift_factor or 0.0, max_sequence_length=c.max_sequence_length,
-                     joint_dim=transformer["joint_attention_dim"])
+    frozen_ = Sd3Frozen(tokenizers, sched, encoders, vae, vae.dtype, vae.config.scaling_factor,
+                        vae_shift=vae.config.shift_factor or 0.0, max_sequence_length=c.max_sequence_length,
+                        joint_dim=transformer["joint_attention_dim"])
+    frozen_.sample_texts = sd3sample.encode_up_front(c, encoder(frozen_, list(encoders.values())))
+    return frozen_
 
 
 def load_transformer(config: TrainConfig, accelerator, weight_dtype: torch.dtype):
-    """The frozen MMDiT on the training device (--quantize_base is UNet-only for now)."""
-    if config.quantize_base != "none":
-        raise UserError(f"--quantize_base {config.quantize_base}: not supported with an SD3 base yet; drop it")
-    return sd3models.load_transformer(config.base, revision=config.revision, variant=config.variant,
-                                      cache_dir=config.cache_dir, dtype=weight_dtype,
-                                      allow_pickle=config.allow_pickle).to(accelerator.device)
+    """The frozen MMDiT on the training device; with --quantize_base its Linear layers in bitsandbytes' int8/NF4, each
+    quantized as it is read (quantize.load_unet), as the UNet's."""
+    load = dict(revision=config.revision, variant=config.variant, cache_dir=config.cache_dir,
+                allow_pickle=config.allow_pickle)
+    if config.quantize_base == "none":
+        return sd3models.load_transformer(config.base, dtype=weight_dtype, **load).to(accelerator.device)
+    transformer, n = quantize.load_unet(config.base, config.quantize_base, accelerator.device, weight_dtype,
+                                        subfolder="transformer", **load)
+    if accelerator.is_main_process:
+        log.info("quantized base: %d Linear layers of the transformer in %s (bitsandbytes); the rest in %s", n,
+                 config.quantize_base, str(weight_dtype).replace("torch.", ""))
+    return transformer.to(accelerator.device)
 
 
 def encoder(frozen_: Sd3Frozen, encoders: list):

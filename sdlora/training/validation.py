@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .. import models, pipeline
+from .. import models, pipeline, sd3base
 from ..io import png_bytes, write_bytes
 from .config import TrainConfig
 from .frozen import Frozen
+from . import sd3sample
 from .manifest import Manifest
 
 log = logging.getLogger("sdlora")
@@ -50,6 +51,12 @@ def sampling(s: Sampling):
     prompt encoder to pass to `pipeline.sample` (None: the pipeline's own). The VAE / text encoder caching released
     come back for it and go back afterwards; the LoRA layers sample without dropout. Main process only."""
     tokenizers = s.frozen.tokenizers
+    if s.config.family == "sd3":  # StableDiffusion3Pipeline, on prompts encoded as in training (sd3sample.py)
+        with s.frozen.borrowed(s.config, s.device, s.weight_dtype, skip=tuple(s.frozen.text_encoders)) as (vae, _):
+            pipe = sd3sample.pipeline(s.config, s.parts["unet"].bare, vae, tokenizers)
+            with eval_mode(s.parts), _autocast(s), decode_in_vae_dtype(vae, s.device):
+                yield pipe, sd3sample.encoder(s.frozen, s.parts, s.device)
+        return
     with s.frozen.borrowed(s.config, s.device, s.weight_dtype, skip=s.parts) as (vae, frozen_tes):
         tes = [s.parts[n].bare if n in s.parts else frozen_tes[n] for n in s.frozen.text_encoders]
         # condition exactly as in training (SD 1.x/2.x only); None: the pipeline's own prompt encoding
@@ -97,8 +104,10 @@ def validate(s: Sampling, epoch: int) -> list[dict]:
     n = c.num_validation_images
     log.info("validation at epoch %d: %d image(s) of %r", epoch, n, c.validation_prompt)
     with sampling(s) as (pipe, encode):
+        own = sd3base.own_guidance(pipe)  # SD3: StableDiffusion3Pipeline's default guidance
         images = pipeline.sample(pipe, [c.validation_prompt] * n, [s.seed + i for i in range(n)], batch=1,
-                                 encode=encode, width=c.resolution, height=c.resolution)
+                                 encode=encode, width=c.resolution, height=c.resolution,
+                                 **({} if own is None else {"guidance": own}))
     out = Path(c.output_dir) / "samples"
     Manifest(c.output_dir).will_make(out)
     for i, img in enumerate(images):

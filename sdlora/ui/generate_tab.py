@@ -3,11 +3,12 @@ and PNG records as `sdlora generate`; 'before/after' draws the base image at the
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 import threading
 
 import gradio as gr
 
-from .. import models, pipeline
+from .. import models, pipeline, sd3base
 from ..errors import UserError
 from ..lora import formats
 from .files import served
@@ -65,8 +66,21 @@ def do_generate(base, base_config, prompt, negative, seed, steps, guidance, widt
 
 
 def guidance_for(base: str) -> float:
-    """The Guidance slider's value for a base typed in: what `sdlora generate` uses when --guidance is not given."""
-    return models.default_guidance(base.strip()) if base and base.strip() else models.GUIDANCE
+    """The Guidance slider's value for a base typed in: what `sdlora generate` uses when --guidance is not given
+    (an SD3 folder's is its pipeline's own; a Hub id is not looked up while the user types)."""
+    base = (base or "").strip()
+    if not base:
+        return models.GUIDANCE
+    own = None
+    if (Path(base).expanduser() / "model_index.json").is_file():
+        try:
+            import diffusers
+
+            pipeline_class = models.base_configs(base)[0]
+            own = sd3base.own_guidance(getattr(diffusers, pipeline_class)) if pipeline_class else None
+        except (UserError, OSError, ValueError):
+            own = None  # an unreadable folder: the generate run says why
+    return models.default_guidance(base, own)
 
 
 def build_generate_tab():

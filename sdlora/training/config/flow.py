@@ -1,7 +1,8 @@
 """Settings of the rectified-flow objective and the three text encoders of Stable Diffusion 3 / 3.5 bases, named and
 defaulted as diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py names them. Other families ignore them.
 Tagged resume="optional" only (recorded when not at the default) and without card/header tags, so the checkpoints,
-cards and headers of the earlier families stay as they were."""
+cards and headers of the earlier families stay as they were (--upcast_before_saving, which saves nothing different,
+not even that)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,3 +38,7 @@ class FlowSettings:
              "attention, attn.to_q/k/v/out.0 and attn.add_q/k/v_proj/to_add_out)", resume=OPTIONAL)
     lora_blocks: str | None = setting(
         help="SD3 bases: comma-separated transformer block numbers to adapt (default: all)", resume=OPTIONAL)
+    upcast_before_saving: bool = setting(
+        False, "SD3 bases: diffusers' SD3 script's flag, accepted as it is: sdlora saves the LoRA in fp32 whatever "
+               "the training precision (--save_precision fp32, the default), so it changes nothing; refused with "
+               "--save_precision fp16/bf16")  # saves nothing different: not recorded for a resume
