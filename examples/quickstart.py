@@ -95,13 +95,13 @@ def main():
            "--train_batch_size", a.batch_size, "--max_train_steps", str(a.steps), "--learning_rate", a.lr,
            "--rank", a.rank, "--lr_scheduler", "cosine", "--checkpointing_steps", "1000", "--checkpoints_total_limit",
            "1", "--seed", "0", "--mixed_precision", a.mixed_precision, "--output_dir", str(lora_dir),
-           "--overwrite_output_dir"]
-    if family(str(BUNDLED.get(base, base))) == "sd3":  # SD3 runs draw no images during training and weigh timesteps
-        # with --weighting_scheme (min-SNR is a UNet loss option): the trainer's SD3 LoRA layers unless given
+           "--overwrite_output_dir", "--validation_prompt", PROMPTS[0], "--num_validation_images", "2",
+           "--validation_epochs", "1000"]
+    if family(str(BUNDLED.get(base, base))) == "sd3":  # SD3 weighs timesteps with --weighting_scheme (min-SNR is a
+        # UNet loss option it refuses); LoRA on the trainer's SD3 default layers unless --target_modules is given
         cmd += ["--target_modules", a.target_modules] if a.target_modules else []
     else:
-        cmd += ["--target_modules", a.target_modules or UNET_TARGETS, "--snr_gamma", "5",
-                "--validation_prompt", PROMPTS[0], "--num_validation_images", "2", "--validation_epochs", "1000"]
+        cmd += ["--target_modules", a.target_modules or UNET_TARGETS, "--snr_gamma", "5"]
     print("$", shlex.join(["python", *map(os.path.relpath, cmd[1:2]), *cmd[2:]]))
     # One torch thread: this model's ops are too small to split, and on the 2-core CPU one thread
     # trained faster than two (8.3 vs 7.5 steps/s at batch 8).  OMP_NUM_THREADS, if set, wins.
