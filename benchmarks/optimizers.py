@@ -185,8 +185,8 @@ def speed_rows(files: list[str]) -> dict[str, dict]:
         text = Path(f).read_text()
         for row in json.loads(text[text.index("{\n"):])["rows"]:  # the indented summary after the per-row lines
             key = "cpu_s_per_step" if row.get("cpu_s_per_step") else "s_per_step"
-        row["s_per_step"] = row[key]
-        if row["label"] not in best or row[key] < best[row["label"]]["s_per_step"]:
+            row["s_per_step"] = row[key]
+            if row["label"] not in best or row[key] < best[row["label"]]["s_per_step"]:
                 best[row["label"]] = row
     return best
 
