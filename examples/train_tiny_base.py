@@ -335,17 +335,9 @@ def train_unet(vae, unet, encoders, tokenizer, args, t0):
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=5.0) / snr            # min-SNR-5 for epsilon prediction
 
-    params = list(unet.parameters()) + [p for te in encoders for p in te.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    ema = [p.detach().clone() for p in params]
-    for m in (unet, *encoders):
-        m.train()
-    n, warm = len(lat), min(200, args.unet_steps // 10 + 1)
-    running = 0.0
-    for step in range(args.unet_steps):
-        lr = args.lr * min(1.0, (step + 1) / warm) * min(1.0, 1.2 * (1 - step / args.unet_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+    n = len(lat)
+
+    def step_loss(step):
         idx = torch.randint(0, n, (args.batch,), generator=g)
         var = torch.multinomial(CAPTION_P, args.batch, replacement=True, generator=g)
         x0 = lat[idx]
@@ -354,7 +346,31 @@ def train_unet(vae, unet, encoders, tokenizer, args, t0):
         xt = sched.add_noise(x0, noise, t)
         emb, added = condition(idx, var)
         pred = unet(xt, t, encoder_hidden_states=emb, **added).sample
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3)).mul(weight[t]).mean()
+        return ((pred - noise) ** 2).mean(dim=(1, 2, 3)).mul(weight[t]).mean(), ""
+
+    def after_step(step, params, ema):
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            quick_eval(unet, vae, encoders, tokenizer, params, ema, step + 1, t0)
+
+    train_jointly((unet, *encoders), step_loss, args, t0, "unet", log_every=200, after_step=after_step)
+
+
+def train_jointly(models, step_loss, args, t0, name: str, log_every: int, after_step=None):
+    """Stage 4's loop for every architecture: all of `models`' weights trained together with AdamW (warm-up, then
+    linear decay to a floor), gradient clipping and an EMA of every weight, which replaces them at the end.
+    `step_loss(step) -> (loss, log note)` draws the step's batch and computes its loss."""
+    params = [p for m in models for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    for m in models:
+        m.train()
+    warm = min(200, args.unet_steps // 10 + 1)
+    running = 0.0
+    for step in range(args.unet_steps):
+        lr = args.lr * min(1.0, (step + 1) / warm) * min(1.0, 1.2 * (1 - step / args.unet_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, note = step_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -364,14 +380,14 @@ def train_unet(vae, unet, encoders, tokenizer, args, t0):
             for e, p in zip(ema, params):
                 e.lerp_(p.detach(), 1 - decay)
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        if step % 200 == 0 or step == args.unet_steps - 1:
-            log(f"unet step {step} loss {running:.4f} lr {lr:.2e}", t0)
-        if args.eval_every and (step + 1) % args.eval_every == 0:
-            quick_eval(unet, vae, encoders, tokenizer, params, ema, step + 1, t0)
+        if step % log_every == 0 or step == args.unet_steps - 1:
+            log(f"{name} step {step} loss {running:.4f} lr {lr:.2e}{note}", t0)
+        if after_step:
+            after_step(step, params, ema)
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    for m in (unet, *encoders):
+    for m in models:
         m.eval()
 
 
@@ -409,17 +425,9 @@ def train_flow(vae, transformer, encoders, tokenizers, args, t0):
     lengths = [int(x) for x in args.t5_lengths.split(",")]
     joint = transformer.config.joint_attention_dim
     g = torch.Generator().manual_seed(args.seed + 4)
-    params = list(transformer.parameters()) + [p for te in encoders for p in te.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    ema = [p.detach().clone() for p in params]
-    for m in (transformer, *encoders):
-        m.train()
-    n, warm = len(lat), min(200, args.unet_steps // 10 + 1)
-    running = 0.0
-    for step in range(args.unet_steps):
-        lr = args.lr * min(1.0, (step + 1) / warm) * min(1.0, 1.2 * (1 - step / args.unet_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+    n = len(lat)
+
+    def step_loss(step):
         idx = torch.randint(0, n, (args.batch,), generator=g)
         var = torch.multinomial(CAPTION_P, args.batch, replacement=True, generator=g)
         length = lengths[int(torch.randint(0, len(lengths), (1,), generator=g))]
@@ -430,23 +438,9 @@ def train_flow(vae, transformer, encoders, tokenizers, args, t0):
                               length, joint)
         pred = transformer(noised.noisy, timestep=noised.timesteps, return_dict=False,
                            **sd3cond.transformer_kwargs(text, x0.device, x0.dtype))[0]
-        loss = flow.per_sample_loss(pred, x0, noise, noised, objective).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
-        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        if step % 100 == 0 or step == args.unet_steps - 1:
-            log(f"transformer step {step} loss {running:.4f} lr {lr:.2e} t5 tokens {length}", t0)
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
-    for m in (transformer, *encoders):
-        m.eval()
+        return flow.per_sample_loss(pred, x0, noise, noised, objective).mean(), f" t5 tokens {length}"
+
+    train_jointly((transformer, *encoders), step_loss, args, t0, "transformer", log_every=100)
     return sched
 
 
