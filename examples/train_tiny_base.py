@@ -702,9 +702,13 @@ def main_sd3(args, argv, t0):
 
 
 def save_sd3(out: Path, transformer, encoders, vae, tokenizer_3, sched, info: dict, reused: Path):
-    """StableDiffusion3Pipeline.save_pretrained (safetensors, fp32); tiny-sd's tokenizer (as tokenizer and
-    tokenizer_2) and VAE files copied as they are, the VAE's config with shift_factor 0.0 (the pipeline needs a
-    number; 0 shifts nothing)."""
+    """StableDiffusion3Pipeline.save_pretrained (safetensors); tiny-sd's tokenizer files (as tokenizer and
+    tokenizer_2) copied as they are. The transformer and the VAE (tiny-sd's, its config given shift_factor 0.0: the
+    pipeline needs a number; 0 shifts nothing) are stored in fp16 so the three bundled models stay under 30 MiB;
+    diffusers loads them back as fp32 unless asked otherwise. The text encoders stay fp32: transformers 5 loads a
+    checkpoint in its stored dtype."""
+    import copy
+
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTokenizer
 
@@ -715,12 +719,12 @@ def save_sd3(out: Path, transformer, encoders, vae, tokenizer_3, sched, info: di
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     pipe.save_pretrained(str(tmp), safe_serialization=True)
-    for name, src in (("tokenizer", "tokenizer"), ("tokenizer_2", "tokenizer"), ("vae", "vae")):
+    for name in ("tokenizer", "tokenizer_2"):
         shutil.rmtree(tmp / name)
-        shutil.copytree(reused / src, tmp / name)
-    cfg = json.loads((tmp / "vae" / "config.json").read_text())
-    cfg["shift_factor"] = cfg.get("shift_factor") or 0.0
-    (tmp / "vae" / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        shutil.copytree(reused / "tokenizer", tmp / name)
+    for name, model in (("transformer", transformer), ("vae", vae)):
+        shutil.rmtree(tmp / name)
+        copy.deepcopy(model).to(torch.float16).save_pretrained(str(tmp / name), safe_serialization=True)
     (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

@@ -76,8 +76,15 @@ def test_train_tiny_base_sd3_writes_a_pipeline_an_unmodified_sd3_pipeline_loads_
         assert {f.name: f.read_bytes() for f in (out / name).iterdir()} == \
             {f.name: f.read_bytes() for f in (MODEL / "tokenizer").iterdir()}
     vae_cfg = json.loads((out / "vae" / "config.json").read_text())
-    assert vae_cfg["shift_factor"] == 0.0 and (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
-        (MODEL / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert vae_cfg["shift_factor"] == 0.0
+    # the transformer and the VAE (tiny-sd's weights) are stored fp16, the text encoders fp32
+    from safetensors.torch import load_file
+    vae16, vae32 = (load_file(d / "vae" / "diffusion_pytorch_model.safetensors") for d in (out, MODEL))
+    assert vae16.keys() == vae32.keys() and all(vae16[k].dtype == torch.float16 for k in vae16)
+    assert all(torch.equal(vae16[k], vae32[k].half()) for k in vae16)
+    assert {t.dtype for t in load_file(out / "transformer" / "diffusion_pytorch_model.safetensors").values()} == \
+        {torch.float16}
+    assert {t.dtype for t in load_file(out / "text_encoder_3" / "model.safetensors").values()} == {torch.float32}
     assert json.loads((out / "training_info.json").read_text())["unet_steps"] == 2
     p = StableDiffusion3Pipeline.from_pretrained(out)
     assert isinstance(p.transformer, SD3Transformer2DModel) and isinstance(p.text_encoder_3, T5EncoderModel)
