@@ -125,6 +125,12 @@ def default_guidance(base: str, own: float | None = None) -> float:
 
 # The base model families sdlora knows, as `family` names them, and how the log and model card say them.
 FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3"}
+
+
+def denoiser(family_: str) -> str:
+    """The pipeline component LoRA's denoiser is, as a folder and as diffusers' LoRA files prefix it: SD3's MMDiT is
+    the "transformer", every other family's the "unet"."""
+    return "transformer" if family_ == "sd3" else "unet"
 # Each family's cross-attention width: its text encoder's hidden size (CLIP ViT-L, OpenCLIP ViT-H, both of SDXL's).
 WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 # SD 1.x/2.x by that width (SDXL is told by its text_time conditioning instead).

@@ -133,8 +133,7 @@ def test_flow_loss_and_gradients_match_diffusers_sd3_script(sd3_model, pipe, sch
 
 @pytest.mark.parametrize("flags,said", [({"snr_gamma": 5}, "--snr_gamma: a UNet noise/loss option"),
                                         ({"upcast_before_saving": True, "save_precision": "bf16"},
-                                         "--upcast_before_saving saves the LoRA in fp32, --save_precision bf16"),
-                                        ({"lora_type": "adalora"}, "--lora_type adalora: not on SD3 bases yet")])
+                                         "--upcast_before_saving saves the LoRA in fp32, --save_precision bf16")])
 def test_sd3_refuses_what_it_does_not_do_in_one_line(sd3_model, tmp_path, capsys, flags, said):
     from helpers import fast_flags, recipe_error
 
@@ -268,7 +267,11 @@ def test_sd3_text_to_image_with_text_encoders_loads_in_diffusers(sd3_model, t2i_
                  "--seed", "0", "--steps", "3", "--width", "32", "--height", "32", "--dtype", "fp32",
                  "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
     png = next((tmp_path / "gen").glob("*.png"))
-    assert json.loads(Image.open(png).text["sdlora"])["guidance"] == 7.0  # StableDiffusion3Pipeline's own default
+    params = json.loads(Image.open(png).text["sdlora"])
+    assert params["guidance"] == 7.0  # StableDiffusion3Pipeline's own default
+    # what drew it: the base's own FlowMatch Euler (--scheduler dpm++, the default, keeps it on SD3), as A1111 names it
+    assert params["scheduler"] == "flow-match-euler"
+    assert "Sampler: Euler, CFG scale: 7" in Image.open(png).text["parameters"]
     png = np.asarray(Image.open(png), dtype=np.float32) / 255
     assert np.abs(png - ours[0]).max() <= 1.5 / 255  # the same image (the pipeline's default guidance), in 8 bits
 
@@ -380,9 +383,12 @@ def test_sd3_draws_validation_and_sample_prompts_while_training(sd3_model, tmp_p
 
 @pytest.mark.parametrize("flags", [{"lora_type": "dora", "train_text_encoder": True},
                                    {"init_lora_weights": "olora", "use_rslora": True},
-                                   {"lora_type": "loha", "train_text_encoder": True}, {"lora_type": "lokr"}])
+                                   {"lora_type": "loha", "train_text_encoder": True}, {"lora_type": "lokr"},
+                                   {"lora_type": "adalora", "train_text_encoder": True, "adalora_init_r": 4,
+                                    "adalora_tinit": 0, "adalora_tfinal": 1, "learning_rate": 0.3}, {"lora_alpha": 8}])
 def test_sd3_lora_variants_load_as_trained(sd3_model, tmp_path, caplog, monkeypatch, flags):
-    """DoRA, OLoRA init (PiSSA's path) and LoHa/LoKr on SD3 through peft, as on SD 1.x/XL. The file, loaded into the
+    """DoRA, OLoRA init (PiSSA's path), LoHa/LoKr, AdaLoRA (saved pruned, as plain LoRA at each layer's final rank)
+    and an alpha other than the rank on SD3 through peft, as on SD 1.x/XL. The file, loaded into the
     unmodified base, draws what the run drew with its own trained models at its end (a sample prompt; OLoRA changed
     the run's frozen weights, the file holds the change from the base): by sdlora's loader, and by an unmodified
     StableDiffusion3Pipeline where diffusers reads the type (not LoHa/LoKr, as on SD 1.x/XL)."""
@@ -393,8 +399,8 @@ def test_sd3_lora_variants_load_as_trained(sd3_model, tmp_path, caplog, monkeypa
 
     monkeypatch.setattr(models, "fast_precision", lambda device: "fp32")
     (tmp_path / "p.txt").write_text("a green square --s 3 --l 4 --d 0 --w 32 --h 32\n")
-    out = train(sd3_model, tmp_path / "o", sample_prompts=tmp_path / "p.txt", max_train_steps=2, learning_rate=0.05,
-                rank=2, **flags)
+    out = train(sd3_model, tmp_path / "o", sample_prompts=tmp_path / "p.txt", max_train_steps=2,
+                **{"learning_rate": 0.05, "rank": 2, **flags})  # AdaLoRA's singular values start at 0: a larger lr
     kw = dict(num_inference_steps=3, guidance_scale=4.0, height=32, width=32, max_sequence_length=77, output_type="np")
 
     def draw(pipe):
@@ -408,4 +414,12 @@ def test_sd3_lora_variants_load_as_trained(sd3_model, tmp_path, caplog, monkeypa
     sd = _loads_whole(pipe, out, caplog)
     assert any(".lora_magnitude_vector" in k for k in sd) == (flags.get("lora_type") == "dora")
     assert np.abs(draw(pipe) - ours).max() <= 1e-5
+    # ComfyUI reads the diffusers SD3 file as it is, with no alpha (scale 1): alpha / rank lives in the up weights,
+    # and the header's peft config says alpha = rank, so diffusers (just checked) applies the same scale
+    from safetensors import safe_open
+    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as f:
+        packed = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert not any(k.endswith(".alpha") for k in sd)
+    assert packed["transformer.lora_alpha"] == packed["transformer.r"]
+    assert packed.get("transformer.alpha_pattern", {}) == packed.get("transformer.rank_pattern", {})
 

@@ -104,7 +104,7 @@ def lora_state_dict(model: torch.nn.Module, prefix: str, dtype: torch.dtype | No
         # Targets beyond attention (ff, proj_in, conv) convert only partly, and diffusers then skips
         # the mixed-style layers silently; peft's lora_A/lora_B keys load whole.
         sd = peft_sd
-    if prefix != "unet":  # DoRA: the spelling diffusers' text-encoder loader reads (formats.magnitude_key)
+    if prefix not in ("unet", "transformer"):  # DoRA: the spelling diffusers' text-encoder loader reads (magnitude_key)
         sd = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in sd.items()}
     return {canonical(prefix, k): (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
 

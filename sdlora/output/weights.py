@@ -113,12 +113,14 @@ def kohya_name(output_dir) -> str:
     return f"{name}_kohya.safetensors" if f"{name}.safetensors" == formats.WEIGHTS_NAME else f"{name}.safetensors"
 
 
-def save(path, parts: dict, info: dict, dtype=None) -> tuple[dict, dict]:
+def save(path, parts: dict, info: dict, dtype=None, denoiser: str = "unet") -> tuple[dict, dict]:
     """Write the LoRA of `parts` ({"unet": (model, LoraConfig, initial weights or None), "text_encoder": …}) to
     `path`; returns its state dict and header in diffusers' own layout (what `save_kohya` takes), which the file holds
-    respelled by `formats.to_shared`. `info` holds the training facts `header` records."""
+    respelled by `formats.to_shared`. `info` holds the training facts `header` records. `denoiser`: the prefix
+    diffusers' loader reads for the "unet" part (SD3's is "transformer")."""
     sd, configs, packed, products = {}, {}, {}, {}
-    for component, (model, config, initial) in parts.items():
+    for part, (model, config, initial) in parts.items():
+        component = denoiser if part == "unet" else part
         kind = str(config.peft_type.value)
         if kind in ("LOHA", "LOKR", "ADALORA"):  # written from sdlora's own form of the layers (formats)
             mods = adalora.modules(model, component, dtype) if kind == "ADALORA" else \

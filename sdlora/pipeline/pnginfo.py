@@ -8,6 +8,17 @@ from pathlib import Path
 from ..errors import UserError
 from .images import denoiser
 
+# A1111's names for the samplers sdlora draws with (the PNG 'parameters' text, which A1111, Forge and Civitai parse);
+# the JSON records sdlora's own name (a --scheduler value, or flow-match-euler: an SD3 base's own FlowMatch Euler).
+A1111_SAMPLERS = {"dpm++": "DPM++ 2M", "dpm++-karras": "DPM++ 2M Karras", "dpm++-flow": "DPM++ 2M",
+                  "flow-match-euler": "Euler"}
+
+
+def scheduler_name(pipe, asked: str) -> str:
+    """What `pipe` samples with, by sdlora's name: `asked` (the --scheduler given), except where an SD3 base keeps its
+    own FlowMatch Euler scheduler under dpm++ / dpm++-karras (pipeline.set_scheduler)."""
+    return "flow-match-euler" if "FlowMatch" in type(pipe.scheduler).__name__ else asked
+
 
 def write_images(adapters, images, out, prompt: str, negative_prompt, seed: int, steps: int, guidance: float,
                  scheduler: str, fused: bool = False, loras: list | None = None) -> list[Path]:
@@ -22,6 +33,7 @@ def write_images(adapters, images, out, prompt: str, negative_prompt, seed: int,
     if loras is None:
         loras = adapters.records()
     precision = models.precision_name(denoiser(adapters.pipe).dtype)
+    scheduler = scheduler_name(adapters.pipe, scheduler)
     for i, (path, im) in enumerate(zip(paths, images)):
         params = image_params(prompt, negative_prompt, seed + i, steps, guidance, im, scheduler, adapters.base,
                               loras, fused, precision=precision)
@@ -74,6 +86,7 @@ def a1111_text(p: dict) -> str:
     lines = [p["prompt"] + loras]
     if p["negative_prompt"]:
         lines.append(f"Negative prompt: {p['negative_prompt']}")
-    lines.append(f"Steps: {p['steps']}, Sampler: DPM++ 2M, CFG scale: {p['guidance']:g}, Seed: {p['seed']}, "
+    sampler = A1111_SAMPLERS.get(p["scheduler"], p["scheduler"])
+    lines.append(f"Steps: {p['steps']}, Sampler: {sampler}, CFG scale: {p['guidance']:g}, Seed: {p['seed']}, "
                  f"Size: {p['width']}x{p['height']}, Model: {p['base']}")
     return "\n".join(lines)

@@ -5,10 +5,11 @@ import logging
 from pathlib import Path
 
 from .. import models
+from ..errors import UserError
 from ..lora import adalora, formats, inject, loaders
 from ..lora.formats import WEIGHTS_NAME
 from ..output import modelcard, weights
-from . import checkpoint, manifest, sd3save
+from . import checkpoint, manifest
 from .run import Run
 from .summary import summarize
 
@@ -32,26 +33,37 @@ def save_checkpoint(run: Run, announce: bool = True) -> Path | None:
 
 
 def save_final(run: Run) -> Path:
-    """The LoRA files (diffusers', and kohya's for ComfyUI/A1111), their header and the model card (main process)."""
+    """The LoRA files (diffusers', and kohya's for ComfyUI/A1111), their header and the model card (main process).
+    On SD3 the first file is diffusers' SD3 layout (`transformer.…`) and the second kohya's SD3 one (the MMDiT's
+    original names, q/k/v fused: lora.formats.mmdit)."""
     c = run.config
-    if c.family == "sd3":  # one file in diffusers' SD3 layout, which ComfyUI reads as it is (sd3save.py)
-        return sd3save.save_final(run)
     kohya_file = c.output_dir / weights.kohya_name(c.output_dir)
     facts = summarize(run, kohya_file.name).facts()
     path = c.output_dir / WEIGHTS_NAME
-    record, written = manifest.Manifest(c.output_dir), (WEIGHTS_NAME, kohya_file.name, "README.md")
+    record, written = manifest.Manifest(c.output_dir), [WEIGHTS_NAME, kohya_file.name, "README.md"]
     record.will_write(*written)  # only sdlora's own files are replaced
     sd, meta = weights.save(path, {k: (p.bare, p.lora_config, p.initial) for k, p in run.parts.items()}, facts,
-                            models.torch_dtype(c.save_precision))
-    weights.save_kohya(kohya_file, sd, meta)
+                            models.torch_dtype(c.save_precision), denoiser=models.denoiser(c.family))
+    files = [path, kohya_file]
+    try:
+        weights.save_kohya(kohya_file, sd, meta)
+    except UserError as e:
+        if c.family != "sd3":
+            raise
+        # q/k/v layers kohya's fused SD3 layout cannot hold (LoHa/LoKr, DoRA)
+        log.warning("%s not written: %s", kohya_file.name, e)
+        files, written = [path], [WEIGHTS_NAME, "README.md"]
     _log_lora_type(run, sd, path, kohya_file)
     modelcard.write(c.output_dir, facts, run.recipe.card_front, run.recipe.card_settings)
     record.wrote(*written)
-    reader = "for sdlora's loader: diffusers cannot read LoHa/LoKr" if c.lora_type in ("loha", "lokr") else "for diffusers"
-    log.info("saved %s (%d tensors, %d parameters, %.2f MB; %s), %s (the same LoRA for ComfyUI, "
-             "A1111/Forge and kohya's tools) and README.md", path, len(sd), inject.count_params(sd),
-             path.stat().st_size / 1e6, reader, kohya_file.name)
-    for f in (path, kohya_file):  # which loader applies which file whole (sdlora inspect's table, in one line each)
+    reader = "for sdlora's loader: diffusers cannot read LoHa/LoKr" if c.lora_type in ("loha", "lokr") else \
+        "for diffusers' StableDiffusion3Pipeline and ComfyUI" if c.family == "sd3" else "for diffusers"
+    sd3_layout = "in kohya's SD3 layout, "
+    log.info("saved %s (%d tensors, %d parameters, %.2f MB; %s)%s and README.md", path, len(sd),
+             inject.count_params(sd), path.stat().st_size / 1e6, reader,
+             f", {kohya_file.name} (the same LoRA {sd3_layout if c.family == 'sd3' else ''}for ComfyUI, A1111/Forge "
+             "and kohya's tools)" if len(files) > 1 else "")
+    for f in files:  # which loader applies which file whole (sdlora inspect's table, in one line each)
         log.info("%s: %s", f.name, loaders.where(loaders.read_file(f, formats.load_lora(f))))
     return path
 
@@ -64,7 +76,7 @@ def save_beside(run: Run, name: str, what: str) -> Path:
     record.will_write(name)  # only sdlora's own files are replaced
     facts = summarize(run, weights.kohya_name(c.output_dir)).facts()
     weights.save(path, {k: (p.bare, p.lora_config, p.initial) for k, p in run.parts.items()}, facts,
-                 models.torch_dtype(c.save_precision))
+                 models.torch_dtype(c.save_precision), denoiser=models.denoiser(c.family))
     record.wrote(name)
     log.info("saved %s (%s)", path, what)
     return path

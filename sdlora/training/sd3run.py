@@ -38,8 +38,6 @@ def refuse_unsupported(c: TrainConfig):
     if unused:  # the rectified-flow loss has its own weighting (--weighting_scheme); these are the UNet loss's
         raise UserError(f"--{unused[0]}: a UNet noise/loss option, not used by SD3's rectified-flow loss; drop it (SD3 "
                         "weighs timesteps with --weighting_scheme)")
-    if c.lora_type == "adalora":  # its rank allocator and pruned file are not checked on the MMDiT yet
-        raise UserError("--lora_type adalora: not on SD3 bases yet; use --lora_type lora, dora, loha or lokr")
 
 
 def load_frozen(config: TrainConfig, device, weight_dtype: torch.dtype, main: bool) -> Sd3Frozen:
