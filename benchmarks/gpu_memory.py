@@ -349,10 +349,10 @@ def sd3_encoders(arch: str, dtype, t5: bool = True) -> dict:
 
 def sd3_caching(row: Row, captions: int = 32) -> dict:
     """The caching phase of an SD3 run on the GPU (setup.build_caches): the VAE and text encoders all on the device
-    in the row's dtype; the latents encoded (batch: the row's), then the VAE leaves; the prompts encoded, in
-    batches of `captions` (Caches.build_embeds' 32: an upper bound for fewer captions): both CLIPs' hidden states
-    and T5's `max_sequence_length` tokens (sd3cond). No autocast (the encoders run in their dtype); attention on
-    CUDA's fused kernels (`CudaAutocast`). Peak live bytes and the predicted allocated peak (+ MARGIN)."""
+    in the row's dtype; the prompts encoded first, in batches of `captions` (Caches.build_embeds' 32: an upper bound
+    for fewer captions): both CLIPs' hidden states and T5's `max_sequence_length` tokens (sd3cond); then the text
+    encoders leave and the latents are encoded (batch: the row's). No autocast (the encoders run in their dtype);
+    attention on CUDA's fused kernels (`CudaAutocast`). Peak live bytes and the predicted allocated peak (+ MARGIN)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from sdlora.tiny_sd3 import SD3_ARCHS
@@ -369,15 +369,8 @@ def sd3_caching(row: Row, captions: int = 32) -> dict:
         weights = {n: [t for t in [*m.parameters(), *m.buffers()]] for n, m in parts.items()}
         for ts in weights.values():
             live.add(*ts)
-        text_weights = live.now - sum(storage_bytes(t.untyped_storage(), CUDA_BLOCK) for t in weights["vae"])
-        with live, torch.no_grad(), CudaAutocast():
-            live.phase = "cache latents"
-            pixels = torch.randn(row.batch, 3, row.resolution, row.resolution, dtype=dtype)
-            posterior = parts.pop("vae").encode(pixels).latent_dist.parameters.float()
-            del pixels, posterior, weights["vae"]
-        gc.collect()  # the VAE's storages die here
-        vae_peak, live.peak = live.peak, 0
-        live.now = text_weights  # the VAE went to the host (models.release)
+        vae_weights = sum(storage_bytes(t.untyped_storage(), CUDA_BLOCK) for t in weights["vae"])
+        text_weights = live.now - vae_weights
         with live, torch.no_grad(), CudaAutocast():
             live.phase = "cache text"
             ids = torch.zeros(captions, 77, dtype=torch.long)
@@ -391,10 +384,21 @@ def sd3_caching(row: Row, captions: int = 32) -> dict:
                 t5 = hidden.new_zeros(captions, tokens, SD3_ARCHS[row.arch]["transformer"]["joint_attention_dim"])
             embeds = torch.cat([F.pad(hidden, (0, t5.shape[-1] - hidden.shape[-1])), t5], dim=-2)
             embeds.cpu(), pooled.cpu()
-    peak = max(vae_peak, live.peak)
+            del hidden, pooled, t5, embeds
+        for n in [n for n in parts if n != "vae"]:
+            del parts[n], weights[n]
+        gc.collect()  # the text encoders' storages die here
+        text_peak, live.peak = live.peak, 0
+        live.now = vae_weights  # the text encoders went to the host (models.release)
+        with live, torch.no_grad(), CudaAutocast():
+            live.phase = "cache latents"
+            pixels = torch.randn(row.batch, 3, row.resolution, row.resolution, dtype=dtype)
+            posterior = parts["vae"].encode(pixels).latent_dist.parameters.float()
+            del pixels, posterior
+    peak = max(text_peak, live.peak)
     return {"caching_weights": text_weights, "caching_peak": peak,
             "caching_predicted": int(peak * (1 + MARGIN[0]) + MARGIN[1]),
-            "caching_peak_in": "cache latents" if vae_peak >= live.peak else "cache text"}
+            "caching_peak_in": "cache text" if text_peak >= live.peak else "cache latents"}
 
 
 def frozen_encoders(arch: str, dtype, device="meta"):

@@ -252,6 +252,8 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--kinds", default="forward,bare,trainer",
+                   help="which measurements, comma-separated (trainer alone: the SD3.5 Large rows, ~3x faster)")
     p.add_argument("--only", choices=["forward", "bare", "trainer"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads:
@@ -272,16 +274,18 @@ def main():
         a.model = str(make_sd3_bf16(out, a.arch) if a.arch.startswith("sd35") else make_sd3(out) if a.arch == "sd3"
                       else make_tiny(out, arch=a.arch))
     results = {}
-    for kind in ("forward", "bare", "trainer"):
+    kinds = a.kinds.split(",")
+    for kind in kinds:
         cmd = [sys.executable, __file__, "--only", kind, "--model", a.model] + [
-            x for k, v in vars(a).items() if k not in ("only", "model", "device", "arch") and v is not None
+            x for k, v in vars(a).items() if k not in ("only", "model", "device", "arch", "kinds") and v is not None
             for x in ([f"--{k}"] if v is True else [] if v is False else [f"--{k}", str(v)])]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                              env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)))
         if out.returncode:
             sys.exit(f"{kind} failed:\n{out.stderr[-3000:]}")
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-    fwd, bare, tr = results["forward"], results["bare"], results["trainer"]
+    nan = {"s_per_step": float("nan"), "peak_mb": float("nan"), "first_step_s": float("nan")}
+    fwd, bare, tr = (results.get(k, nan) for k in ("forward", "bare", "trainer"))
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
                    + (f", {torch.cuda.get_device_name()}" if a.device == "cuda" else ", CPU only"),

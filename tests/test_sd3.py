@@ -302,6 +302,20 @@ def test_sd3_dreambooth_prior_preservation_and_text_encoders(sd3_model, tmp_path
     assert np.abs(_images(load_pipeline([str(out)], base=str(sd3_model), device="cpu", dtype="fp32")) - trained).max() <= 1e-5
 
 
+def test_sd3_text_encoders_leave_before_the_vae_encodes_the_images(sd3_model, tmp_path, monkeypatch):
+    """Caching encodes the prompts first and releases the three text encoders (T5-XXL alone is 9 GiB) before the VAE
+    encodes the images: the caching phase's peak is the larger of the two, not their sum (docs/sd3.md)."""
+    from diffusers import AutoencoderKL
+
+    events, release, encode = [], models.release, AutoencoderKL.encode
+    monkeypatch.setattr(models, "release", lambda m, device: events.append(type(m).__name__) or release(m, device))
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, *a, **k: events.append("encode") or encode(self, *a, **k))
+    train(sd3_model, tmp_path / "o", max_train_steps=1)
+    first = events.index("encode")
+    assert sorted(events[:first]) == ["CLIPTextModelWithProjection"] * 2 + ["T5EncoderModel"], events
+    assert events[first:].count("AutoencoderKL") == 1  # and the VAE leaves once the latents are cached
+
+
 def test_sd3_without_t5_trains_and_draws_without_t5(sd3_model, tmp_path, caplog, capsys):
     import numpy as np
 

@@ -355,7 +355,9 @@ def _bad(tmp_path, name, content):
 
 @pytest.mark.parametrize("case,expect", [
     ("not", "not a checkpoint"), ("lora", "this is a LoRA"), ("truncated", "truncated"),
-    ("unknown", "unknown architecture"), ("pickle", "--allow_pickle"), ("offline", "--base_config DIR_OR_ID"),
+    ("unknown", "unknown architecture"), ("sd3", "an SD3 / 3.5 single-file checkpoint; sdlora reads SD3 bases as "
+                                                "diffusers folders"),
+    ("pickle", "--allow_pickle"), ("offline", "--base_config DIR_OR_ID"),
     ("wrong_family", "SDXL checkpoint"), ("clip_skip_xl", "--clip_skip is not used with an SDXL base")])
 def test_bad_single_files_are_one_line_before_any_weights_load(files, tmp_path, capsys, no_model_loads, case,
                                                                 expect):
@@ -373,6 +375,10 @@ def test_bad_single_files_are_one_line_before_any_weights_load(files, tmp_path, 
     elif case == "unknown":
         base = tmp_path / "flux.safetensors"
         save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(4)}, str(base))
+    elif case == "sd3":  # SAI's SD3 file layout: the MMDiT under model.diffusion_model.joint_blocks…
+        base = tmp_path / "sd3.5_medium.safetensors"
+        save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(6, 2),
+                   "model.diffusion_model.x_embedder.proj.weight": torch.zeros(2, 16, 2, 2)}, str(base))
     elif case == "pickle":
         base = tmp_path / "model.ckpt"
         torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(1)}}, str(base))

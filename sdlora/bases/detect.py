@@ -16,7 +16,7 @@ SUFFIXES = SAFE + PICKLE
 # A Hub file path: owner/repo/[sub/folders/]name.safetensors (or an https://huggingface.co/…/resolve|blob/… link).
 _HUB_FILE = re.compile(r"^(?:https://huggingface\.co/)?([\w.-]+/[\w.-]+)/(?:(?:resolve|blob)/([\w.-]+)/)?(.+)$")
 _LORA = ("lora_unet_", "lora_te", ".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", "hada_w1", "lokr_w1")
-_FOREIGN = {"joint_blocks.": "SD3", "double_blocks.": "Flux", "transformer_blocks.0.ff.net": "a DiT"}
+_FOREIGN = {"double_blocks.": "Flux", "transformer_blocks.0.ff.net": "a DiT"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,10 @@ def family_of(shapes: dict, path, flag: str) -> str:
     if any(m in k for k in names[:2000] for m in _LORA):
         raise UserError(f"{flag} {path}: this is a LoRA, not a base model; give the base it was trained on here and "
                         f"the LoRA as a LoRA (generate's LORA argument, --resume_from_lora)")
+    if any(k.startswith(("joint_blocks.", ldm.UNET + "joint_blocks.")) for k in names):  # SAI's MMDiT names
+        raise UserError(f"{flag} {path}: an SD3 / 3.5 single-file checkpoint; sdlora reads SD3 bases as diffusers "
+                        "folders or Hub ids (stabilityai/stable-diffusion-3.5-medium, or the folder that diffusers' "
+                        "StableDiffusion3Pipeline.from_single_file(FILE).save_pretrained(DIR) writes): give that")
     unet = [k for k in names if k.startswith(ldm.UNET)]
     if not unet:
         found = next((n for m, n in _FOREIGN.items() if any(m in k for k in names)), None)

@@ -138,6 +138,15 @@ def build_caches(config: TrainConfig, recipe: Recipe, accelerator, frozen: Froze
     vae, vae_dtype = frozen.vae, frozen.vae_dtype
     store = diskcache.LatentStore(config.latents_cache_dir, diskcache.vae_id(vae)) \
         if cache_latents and config.cache_latents_to_disk else None
+    if cache_text:  # first: the text encoders (SD3's T5-XXL alone is 9 GiB) leave before the VAE encodes images
+        tes, tokenizers = list(frozen.text_encoders.values()), frozen.tokenizers
+        caches.build_embeds(all_captions(data) + (heldout.captions(recipe.heldout) if recipe.heldout else []),
+                            sd3run.encoder(frozen, tes) if config.family == "sd3" else
+                            lambda texts: conditioning.encode(tes, tokenizers, texts, recipe.max_length,
+                                                              recipe.use_attention_mask, config.clip_skip))
+        del tes
+        frozen.text_encoders = {n: models.release(te, device) for n, te in frozen.text_encoders.items()}
+        frozen.text_cached = True
     # On disk, the main process encodes first and the others find its entries.
     with accelerator.main_process_first() if store else contextlib.nullcontext():
         if cache_latents:
@@ -145,17 +154,8 @@ def build_caches(config: TrainConfig, recipe: Recipe, accelerator, frozen: Froze
     held = recipe.heldout and heldout.encode(recipe.heldout, vae, device, vae_dtype, config.train_batch_size)
     if cache_latents:
         frozen.vae, frozen.latents_cached = models.release(vae, device), True
-    if cache_text:
-        tes, tokenizers = list(frozen.text_encoders.values()), frozen.tokenizers
-        caches.build_embeds(all_captions(data) + (heldout.captions(recipe.heldout) if held else []),
-                            sd3run.encoder(frozen, tes) if config.family == "sd3" else
-                            lambda texts: conditioning.encode(tes, tokenizers, texts, recipe.max_length,
-                                                              recipe.use_attention_mask, config.clip_skip))
     if main:
         _log_caches(data, caches, cache_latents, cache_text, why_not, store, held)
-    if cache_text:
-        frozen.text_encoders = {n: models.release(te, device) for n, te in frozen.text_encoders.items()}
-        frozen.text_cached = True
     return caches, held
 
 
