@@ -563,7 +563,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: all cores; 1 shares the machine but is ~1.4x slower)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="UNet / transformer batch; default: 64 (sd1, sdxl), 32 (sd3)")
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-steps", type=int, default=1600)
     p.add_argument("--vae-base-frac", type=float, default=0.5,
@@ -572,7 +572,7 @@ def main(argv=None):
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--unet-steps", type=int, default=None,
-                   help="UNet (sd3: transformer) steps; default: 1800 (sd1), 4000 (sdxl), 2000 (sd3)")
+                   help="UNet (sd3: transformer) steps; default: 1800 (sd1), 4000 (sdxl), 2500 (sd3)")
     p.add_argument("--sd3-layers", type=int, default=4, help="sd3: joint transformer blocks")
     p.add_argument("--t5-lengths", default="77,256",
                    help="sd3: T5 sequence lengths, one drawn per step (77: sdlora's --max_sequence_length default; "
@@ -596,7 +596,9 @@ def main(argv=None):
     if args.out is None:
         args.out = {"sdxl": DEFAULT_OUT_XL, "sd3": DEFAULT_OUT_SD3}.get(args.arch, DEFAULT_OUT)
     if args.unet_steps is None:
-        args.unet_steps = {"sdxl": 4000, "sd3": 2000}.get(args.arch, 1800)
+        args.unet_steps = {"sdxl": 4000, "sd3": 2500}.get(args.arch, 1800)
+    if args.batch is None:
+        args.batch = 32 if args.arch == "sd3" else 64
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()

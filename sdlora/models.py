@@ -83,10 +83,11 @@ def precision_note(mixed_precision: str | None, device, chosen: bool = False) ->
 
 ASSETS = Path(__file__).parent / "assets"
 # Short names for models shipped inside the package.
-BUNDLED = {"sdlora-tiny": ASSETS / "tiny-sd", "sdlora-tiny-xl": ASSETS / "tiny-sdxl"}
+BUNDLED = {"sdlora-tiny": ASSETS / "tiny-sd", "sdlora-tiny-xl": ASSETS / "tiny-sdxl",
+           "sdlora-tiny-sd3": ASSETS / "tiny-sd3"}
 # The guidance each bundled model was measured at (it follows held-out prompts best there, and a style LoRA shows;
 # docs/tiny-model.md), and the usual default for real bases (diffusers' own).
-BUNDLED_GUIDANCE = {"sdlora-tiny": 3.0, "sdlora-tiny-xl": 3.0}
+BUNDLED_GUIDANCE = {"sdlora-tiny": 3.0, "sdlora-tiny-xl": 3.0, "sdlora-tiny-sd3": 3.0}
 GUIDANCE = 7.5
 
 

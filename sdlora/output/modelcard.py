@@ -75,13 +75,13 @@ LoRA weights for {_named(info)}, trained with sdlora {__version__}.
 
 
 def _elsewhere(info: dict) -> str:
-    """Where the files load besides diffusers: SD3's one file as it is in ComfyUI; else the kohya file and what the
-    other loaders make of the diffusers one."""
+    """Where the files load besides diffusers: the kohya file (on SD3 its SD3 layout) and what the other loaders make
+    of the diffusers one."""
     if _sd3(info):  # the second file: the MMDiT's original layer names with alpha in the file (lora.formats.mmdit)
         return (f"In ComfyUI and Forge use `{info.get('kohya_file') or 'the second file'}`, the same LoRA under the "
                 f"MMDiT's original layer names (as sd-scripts' SD3 trainer writes them, alpha in the file): copy it "
-                f"into `ComfyUI/models/loras/`.{_trigger(info)}\nThey read `pytorch_lora_weights.safetensors` too, but "
-                "at scale 1 where alpha is not the rank (its alpha is in the header, which they do not read).\n")
+                f"into `ComfyUI/models/loras/`.{_trigger(info)}\nThey read `pytorch_lora_weights.safetensors` as it is "
+                "too (its alpha is folded into the weights).\n")
     return (f"In ComfyUI, A1111/Forge, kohya's tools or on Civitai use `{info.get('kohya_file') or 'the kohya file'}`, the "
             f"same\nLoRA in kohya's layout: copy it into `ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/`."
             f"{_trigger(info)}\n{_diffusers_file_elsewhere(info)}")
