@@ -82,7 +82,7 @@ def evaluate(pipe, split="heldout", per_prompt=4, steps=20, guidance=6.0, seed=0
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="sdlora-tiny", help="'sdlora-tiny', 'sdlora-tiny-xl' or a pipeline folder")
+    p.add_argument("--model", default="sdlora-tiny", help="'sdlora-tiny', 'sdlora-tiny-xl', 'sdlora-tiny-sd3' or a pipeline folder")
     p.add_argument("--lora", default=None, help="LoRA weights to load into the pipeline first")
     p.add_argument("--split", default="heldout", choices=["heldout", "train", "both"])
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (24 prompts)")

@@ -30,6 +30,22 @@ def test_quickstart_trains_and_writes_before_after(tmp_path):
         assert noise not in r.stderr, r.stderr[-3000:]
 
 
+def test_quickstart_on_the_bundled_sd3(tmp_path):
+    """--base sdlora-tiny-sd3: the same recipe on the SD3 base, LoRA on the image stream (quickstart.SD3_TARGETS), no
+    min-SNR (a UNet loss option SD3 refuses)."""
+    r = subprocess.run([sys.executable, "examples/quickstart.py", "--out", str(tmp_path), "--steps", "3",
+                        "--per_prompt", "1", "--base", "sdlora-tiny-sd3"],
+                       capture_output=True, text=True, cwd=ROOT, env=env(), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    command = r.stdout.splitlines()[0]
+    assert "--target_modules attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,ff.net.0.proj,ff.net.2,norm1.linear" in \
+        command and "--snr_gamma" not in command, command
+    assert "| base model family | SD3 |" in (tmp_path / "lora" / "README.md").read_text()
+    assert_printed_kohya_file_exists(r.stdout)
+    assert Image.open(tmp_path / "before_after.png").size == (8 * 32 * 4, 2 * 32 * 4)
+    assert "right shape colour:" in r.stdout, r.stdout
+
+
 def test_dreambooth_quickstart_trains_and_writes_its_grid(tmp_path):
     r = subprocess.run([sys.executable, "examples/dreambooth_quickstart.py", "--out", str(tmp_path), "--steps", "2",
                         "--num_class_images", "2", "--per_prompt", "2"],
