@@ -30,21 +30,26 @@ SIZES = {
             "layers_per_block", "norm_num_groups"),
     "text_encoder": ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                      "max_position_embeddings", "projection_dim"),
+    "transformer": ("sample_size", "patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
+                    "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
+                    "pos_embed_max_size"),
+    "t5": ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"),
 }
 _FIX = "re-download the model or fix the file"
 
 
-def check(base: str, vae: str | None = None, variant: str | None = None) -> None:
+def check(base: str, vae: str | None = None, variant: str | None = None, t5: bool = True) -> None:
     """Raise a one-line UserError naming the first bad file of a local base folder (a Hub id passes unchecked).
-    `vae`: a separate VAE folder used instead of the base's (its config.json and weights at its top)."""
+    `vae`: a separate VAE folder used instead of the base's (its config.json and weights at its top). `t5`: an SD3
+    base's T5 encoder is used (False: --drop_t5; its files are then not needed)."""
     root = Path(base)
     if not root.is_dir():
         return
     index = _index(root)
-    if sd3base.is_sd3(index.get("_class_name")):  # SD3's files are not checked one by one yet: loading reports them
-        return
-    unet = _config(root / "unet" / "config.json", "unet")
     vae_dir = Path(vae) if vae else root / "vae"
+    if sd3base.is_sd3(index.get("_class_name")):
+        return _check_sd3(root, index, vae, vae_dir, variant, t5)
+    unet = _config(root / "unet" / "config.json", "unet")
     vae_config = None if vae and not vae_dir.is_dir() else _config(vae_dir / "config.json", "vae")  # None: a Hub id
     xl = models.family_of(unet, index.get("_class_name")) == "sdxl"
     encoders = models.TEXT_ENCODERS if xl else models.TEXT_ENCODERS[:1]
@@ -55,6 +60,43 @@ def check(base: str, vae: str | None = None, variant: str | None = None) -> None
     _fits(root, unet, vae_config, texts, xl)
     parts = [("unet", unet, root / "unet", variant), *[(n, c, root / n, variant) for n, c in texts.items()]]
     if vae_config is not None:  # a separate VAE loads without the base's variant
+        parts.append(("vae", vae_config, vae_dir, None if vae else variant))
+    for name, config, folder, v in parts:
+        _weights_fit(name, config, folder, v)
+
+
+def _check_sd3(root: Path, index: dict, vae: str | None, vae_dir: Path, variant: str | None, t5: bool) -> None:
+    """`check` for an SD3 / 3.5 folder: the transformer, VAE, both CLIPs and (unless dropped, or absent from
+    model_index.json) T5, each config, tokenizer and weights file, and that they fit one another."""
+    tr = _config(root / "transformer" / "config.json", "transformer")
+    vae_config = None if vae and not vae_dir.is_dir() else _config(vae_dir / "config.json", "vae")
+    clips = {n: _config(root / n / "config.json", "text_encoder") for n in sd3base.TRAINABLE_TEXT}
+    for n, te in clips.items():
+        _tokenizer(root / n.replace("text_encoder", "tokenizer"), root / n / "config.json", te)
+    t5_config = None
+    if t5 and (index.get("text_encoder_3") or [None])[0] is not None:
+        t5_config = _config(root / "text_encoder_3" / "config.json", "t5")
+        _tokenizer_files(root / "tokenizer_3")
+    _config(root / "scheduler" / "scheduler_config.json", None)
+    where = root / "transformer" / "config.json"
+    for key in ("in_channels", "out_channels") if vae_config else ():
+        if tr[key] != vae_config["latent_channels"]:
+            raise UserError(f"{where}: {key} is {tr[key]}, but the VAE's latents have {vae_config['latent_channels']} "
+                            f"channels (latent_channels); the transformer and VAE come from different models")
+    pooled, width = (sum(te[k] for te in clips.values()) for k in ("projection_dim", "hidden_size"))
+    if tr["pooled_projection_dim"] != pooled:
+        raise UserError(f"{where}: pooled_projection_dim is {tr['pooled_projection_dim']}, but the two CLIPs' pooled "
+                        f"projections give {pooled} (projection_dim); the transformer and text encoders come from "
+                        f"different models")
+    joint = tr["joint_attention_dim"]
+    if width > joint or (t5_config and t5_config["d_model"] != joint):
+        what = f"T5 gives {t5_config['d_model']} (d_model)" if width <= joint else \
+            f"the two CLIPs' hidden states side by side are {width} wide"
+        raise UserError(f"{where}: joint_attention_dim is {joint}, but {what}; the transformer and text encoders come "
+                        f"from different models")
+    parts = [("transformer", tr, root / "transformer", variant), *[(n, c, root / n, variant) for n, c in clips.items()]]
+    parts += [("text_encoder_3", t5_config, root / "text_encoder_3", variant)] * (t5_config is not None)
+    if vae_config is not None:
         parts.append(("vae", vae_config, vae_dir, None if vae else variant))
     for name, config, folder, v in parts:
         _weights_fit(name, config, folder, v)
@@ -94,14 +136,15 @@ def _config(path: Path, kind: str | None) -> dict:
         raise UserError(f"{path.parent}: missing, and the base needs its {path.parent.name}; re-download the model "
                         f"or copy the whole folder")
     config = _json(path)
-    if kind == "text_encoder":
-        from transformers import CLIPTextConfig
+    if kind in ("text_encoder", "t5"):
+        from transformers import CLIPTextConfig, T5Config
 
-        config = {**CLIPTextConfig().to_dict(), **config}
+        config = {**(CLIPTextConfig if kind == "text_encoder" else T5Config)().to_dict(), **config}
     elif kind:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
-        config = models.with_defaults(UNet2DConditionModel if kind == "unet" else AutoencoderKL, config)
+        cls = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}.get(kind, AutoencoderKL)
+        config = models.with_defaults(cls, config)
     for key in SIZES.get(kind, ()):
         value = config.get(key)
         flat = list(_flatten(value))
@@ -121,21 +164,26 @@ def _flatten(value):
 def _tokenizer(folder: Path, te_path: Path, te: dict) -> None:
     """Its files parse, and its length fits the text encoder's position embeddings (the token length the base
     was trained with: a tokenizer without one pads to 10^30 tokens)."""
-    if not folder.is_dir():
-        raise UserError(f"{folder}: missing, and the base needs its tokenizer; re-download the model or copy the "
-                        f"whole folder")
-    if not (folder / "tokenizer.json").exists() and not all((folder / f).exists()
-                                                            for f in ("vocab.json", "merges.txt")):
-        raise UserError(f"{folder}: no tokenizer.json (or vocab.json and merges.txt); re-download the model")
-    for name in ("tokenizer.json", "vocab.json", "special_tokens_map.json"):
-        if (folder / name).exists():
-            _json(folder / name)
-    config = _json(folder / "tokenizer_config.json")
+    config = _tokenizer_files(folder, ("vocab.json", "merges.txt"))
     length, positions = config.get("model_max_length"), te["max_position_embeddings"]
     if type(length) is not int or not 0 < length <= positions:
         raise UserError(f"{folder / 'tokenizer_config.json'}: model_max_length is {json.dumps(length)}, but the text "
                         f"encoder takes up to {positions} tokens ({te_path} max_position_embeddings); set it to "
                         f"{positions}")
+
+
+def _tokenizer_files(folder: Path, slow: tuple = ("spiece.model",)) -> dict:
+    """A tokenizer folder's files are there and parse (tokenizer.json, or the `slow` tokenizer's files); returns its
+    tokenizer_config.json."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: missing, and the base needs its tokenizer; re-download the model or copy the "
+                        f"whole folder")
+    if not (folder / "tokenizer.json").exists() and not all((folder / f).exists() for f in slow):
+        raise UserError(f"{folder}: no tokenizer.json (or {' and '.join(slow)}); re-download the model")
+    for name in ("tokenizer.json", "vocab.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            _json(folder / name)
+    return _json(folder / "tokenizer_config.json")
 
 
 def _fits(root: Path, unet: dict, vae: dict | None, texts: dict, xl: bool) -> None:
@@ -239,17 +287,24 @@ def _parameters(name: str, config: dict, folder: Path) -> int:
 
     try:
         with torch.device("meta"):
+            own = {k: v for k, v in config.items() if not k.startswith("_")}
             if name == "unet":
                 model = models.meta_unet(config)
-            elif name == "vae":
-                from diffusers import AutoencoderKL
+            elif name in ("vae", "transformer"):
+                from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-                model = AutoencoderKL.from_config(config)
+                model = (AutoencoderKL if name == "vae" else SD3Transformer2DModel).from_config(config)
+            elif name == "text_encoder_3":
+                import transformers
+
+                model = transformers.T5EncoderModel(transformers.T5Config(**own))
             else:
                 import transformers
 
-                cls = getattr(transformers, models.TEXT_CLASSES[name])
-                model = cls(transformers.CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
+                # SD3's first CLIP has a projection, SD 1.x/XL's not (the folder's config names the class)
+                arch = (config.get("architectures") or [models.TEXT_CLASSES[name]])[0]
+                cls = getattr(transformers, arch if arch.startswith("CLIPTextModel") else models.TEXT_CLASSES[name])
+                model = cls(transformers.CLIPTextConfig(**own))
     except Exception as e:  # what the loader would raise, as a traceback, after the other models loaded
         why = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{folder / 'config.json'}: no {name} can be built from it ({why}); {_FIX}") from None

@@ -3,6 +3,7 @@ one line naming the file before any weights load (train and generate), and the p
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import make_images
@@ -97,6 +98,53 @@ def test_sdxl_time_ids_are_checked_against_the_unet(sdxl_model, tmp_path, capsys
     line = recipe_error(capsys, t2i, fast_flags(base, tmp_path / "o", train_data_dir=data, resolution=64))
     assert line.startswith(f"error: {base / 'unet' / 'config.json'}: projection_class_embeddings_input_dim is 80, "
                            f"but SDXL's 6 time ids x addition_time_embed_dim 4 + the pooled text (32) make 56"), line
+
+
+SD3_BASE = Path(__file__).resolve().parents[1] / "sdlora" / "assets" / "tiny-sd3"
+SD3_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+# An SD3 folder's faults, as BAD_BASES: (damage, the file the one line names, words in it)
+BAD_SD3 = {
+    "truncated transformer weights": (lambda d: _cut(d / SD3_WEIGHTS, lambda n: n - 100), SD3_WEIGHTS, "truncated"),
+    "transformer layers its weights lack": (lambda d: _edit(d / "transformer" / "config.json", num_layers=40),
+                                            SD3_WEIGHTS, "describes a transformer of"),
+    "negative patch size": (lambda d: _edit(d / "transformer" / "config.json", patch_size=-2),
+                            "transformer/config.json", "patch_size is -2, not a positive whole number"),
+    "a VAE of other latents": (lambda d: _edit(d / "vae" / "config.json", latent_channels=16),
+                               "transformer/config.json", "in_channels is 4, but the VAE's latents have 16"),
+    "CLIPs of another model": (lambda d: _edit(d / "text_encoder_2" / "config.json", projection_dim=32),
+                               "transformer/config.json", "pooled_projection_dim is 128, but the two CLIPs' pooled "
+                                                          "projections give 96"),
+    "a T5 of another width": (lambda d: _edit(d / "text_encoder_3" / "config.json", d_model=256),
+                              "transformer/config.json", "joint_attention_dim is 128, but T5 gives 256"),
+    "no T5 tokenizer": (lambda d: shutil.rmtree(d / "tokenizer_3"), "tokenizer_3", "missing"),
+    "garbage T5 weights": (lambda d: (d / "text_encoder_3" / "model.safetensors").write_bytes(b"x" * 64),
+                           "text_encoder_3/model.safetensors", "damaged safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SD3))
+def test_a_bad_sd3_base_is_one_line_naming_the_file_before_any_weights_load(tmp_path, capsys, no_model_loads, case):
+    base = tmp_path / "sd3"
+    shutil.copytree(SD3_BASE, base)
+    damage, file, words = BAD_SD3[case]
+    damage(base)
+    data = make_images(tmp_path / "d", n=1)
+    line = recipe_error(capsys, t2i, fast_flags(base, tmp_path / "o", train_data_dir=data))
+    assert line.startswith(f"error: {base / file}") and words in line, line
+
+
+def test_an_sd3_base_with_damaged_t5_weights_passes_the_check_with_drop_t5(tmp_path, capsys, no_model_loads):
+    """--drop_t5: T5 is not loaded, so damaged (or absent) T5 weights pass the check (the same
+    damage is one line without the flag)."""
+    base = tmp_path / "sd3"
+    shutil.copytree(SD3_BASE, base)
+    (base / "text_encoder_3" / "model.safetensors").write_bytes(b"x" * 64)
+    data = make_images(tmp_path / "d", n=1)
+    flags = fast_flags(base, tmp_path / "o", train_data_dir=data)
+    assert "text_encoder_3/model.safetensors" in recipe_error(capsys, t2i, flags)
+    from sdlora.basecheck import check
+
+    check(str(base), t5=False)  # no error
 
 
 # ---------------------------------------------------------------- the base's own sizes

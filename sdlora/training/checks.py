@@ -152,7 +152,7 @@ def _base_sizes(c: TrainConfig, base: str, vae: str | None, prior_preservation: 
     sizes the flags ask for checked against the ones the base's configs give (`configs`: where they are, if not in
     `base`), not SD's."""
     base = configs or base
-    basecheck.check(base, vae or None, c.variant)
+    basecheck.check(base, vae or None, c.variant, t5=not c.drop_t5)
     pipeline_class, unet_config, vae_config = models.base_configs(base, c.revision, c.cache_dir, vae or None)
     if not unet_config or not vae_config:  # a Hub base whose configs did not download: its sizes are unknown
         raise UserError(f"--pretrained_model_name_or_path {c.base_name}: its "
