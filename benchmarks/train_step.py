@@ -72,9 +72,15 @@ def make_sd3_bf16(out: Path, arch: str) -> Path:
 
 
 def _peak_mb(device) -> float:
+    """This process's peak: CUDA's allocated peak, or on the CPU the kernel's high-water mark of this process's own
+    memory (VmHWM). Not ru_maxrss: Linux carries the parent's peak into a child across fork + exec, so every child
+    of a parent that built a 16 GB model would report 16 GB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; macOS: bytes (a rough figure)
 
 
 def _unet_inputs(unet, a, device):
@@ -229,10 +235,12 @@ def measure_trainer(a) -> dict:
                                          ["--no_cache"] * a.no_cache + ["--compile"] * a.compile)
     times = []
     train(config, recipe, Hooks(on_step=lambda step, logs: times.append(logs["s_per_step"])))
+    on_cpu = torch.device(a.device).type == "cpu"
+    # on the CPU VmHWM restarts at each phase (Phases), so the run's peak is the largest phase's
+    peak = max([_peak_mb(torch.device(a.device))] + [v["peak_rss_mb"] for v in phases.result.values()] * on_cpu)
     phases.result.pop("start", None)
     phases.result.pop("done", None)
-    on_cpu = torch.device(a.device).type == "cpu"
-    return {"s_per_step": statistics.median(times[a.warmup:]), "peak_mb": _peak_mb(torch.device(a.device)),
+    return {"s_per_step": statistics.median(times[a.warmup:]), "peak_mb": peak,
             "first_step_s": times[0], **({"phases": phases.result} if on_cpu else {})}
 
 

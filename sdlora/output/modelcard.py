@@ -77,6 +77,11 @@ LoRA weights for {_named(info)}, trained with sdlora {__version__}.
 def _elsewhere(info: dict) -> str:
     """Where the files load besides diffusers: the kohya file (on SD3 its SD3 layout) and what the other loaders make
     of the diffusers one."""
+    if _sd3(info) and not info.get("kohya_file"):  # a type kohya's fused q/k/v layers cannot hold (saving.py)
+        return (f"No kohya-layout copy was written: kohya's SD3 layout fuses q/k/v, which a "
+                f"{info.get('lora_type') or 'LoRA'} layer cannot be. ComfyUI and Forge read "
+                f"`pytorch_lora_weights.safetensors` as it is (`sdlora inspect` says how each loader reads it)."
+                f"{_trigger(info)}\n")
     if _sd3(info):  # the second file: the MMDiT's original layer names with alpha in the file (lora.formats.mmdit)
         return (f"In ComfyUI and Forge use `{info.get('kohya_file') or 'the second file'}`, the same LoRA under the "
                 f"MMDiT's original layer names (as sd-scripts' SD3 trainer writes them, alpha in the file): copy it "

@@ -52,7 +52,7 @@ def save_final(run: Run) -> Path:
             raise
         # q/k/v layers kohya's fused SD3 layout cannot hold (LoHa/LoKr, DoRA)
         log.warning("%s not written: %s", kohya_file.name, e)
-        files, written = [path], [WEIGHTS_NAME, "README.md"]
+        files, written, facts = [path], [WEIGHTS_NAME, "README.md"], {**facts, "kohya_file": None}
     _log_lora_type(run, sd, path, kohya_file)
     modelcard.write(c.output_dir, facts, run.recipe.card_front, run.recipe.card_settings)
     record.wrote(*written)
