@@ -147,8 +147,8 @@ def test_inspect_names_sd3_and_which_loaders_read_each_file(trained):
     theirs = json.loads(toolkit.inspect_file(str(trained / "pytorch_lora_weights.safetensors"), as_json=True))
     read = {r["loader"]: r for r in theirs["loaders"]}
     assert read["diffusers"]["applied"] == theirs["target_modules"] and read["diffusers"]["rescaled"] == 0
-    assert read["ComfyUI"]["applied"] == theirs["target_modules"]  # every layer, at scale 1: alpha 4 / rank 2 is not
-    assert read["ComfyUI"]["rescaled"] == theirs["target_modules"]
+    # ComfyUI too, every layer at the trained scale: alpha 4 / rank 2 is folded into the up weights (no alpha to read)
+    assert read["ComfyUI"]["applied"] == theirs["target_modules"] and read["ComfyUI"]["rescaled"] == 0
 
 
 # ---------------------------------------------------------------- convert / resize / merge / extract
