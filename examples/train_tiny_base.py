@@ -627,56 +627,62 @@ def main(argv=None):
             finetune_decoder(vae, args, t0)
         info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("out", "vae_from", "save_vae", "eval_every", "decoder_only", "arch", "reuse_from")}
-        info |= {"train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
-                 "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
-                 "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
+        info |= run_facts(t0, argv)
         save_pipeline(args.out, unet, vae, text_encoder, tokenizer, info)
     log(f"saved {args.out}", t0)
 
 
-def main_xl(args, argv, t0):
-    """--arch sdxl: stage 4 on tiny-sd's tokenizer and VAE, saved as a StableDiffusionXLPipeline."""
+def load_reused(src: Path):
+    """--arch sdxl / sd3: tiny-sd's tokenizer and (frozen) VAE from the folder `src`, which this script wrote."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
-    src = args.reuse_from
     if not (src / "model_index.json").is_file():
         sys.exit(f"--reuse-from {src}: no model_index.json; expected a tiny-sd folder written by this script")
-    tokenizer = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
     vae = AutoencoderKL.from_pretrained(str(src / "vae")).eval()
     vae.requires_grad_(False)
+    return CLIPTokenizer.from_pretrained(str(src / "tokenizer")), vae
+
+
+def reused_info(arch: str, src: Path, args, extra_args: tuple = ()) -> dict:
+    """training_info.json's head for --arch sdxl / sd3: the arch, where the tokenizer and VAE came from (relative to
+    the repo when inside it), and the arguments that shaped the model."""
+    try:
+        src_name = str(src.resolve().relative_to(ROOT))
+    except ValueError:
+        src_name = str(src)
+    keys = ("seed", "threads", "batch", "unet_steps", "images", "lr", "ema") + extra_args
+    return {"arch": arch, "tokenizer_and_vae_from": src_name} | {k: v for k, v in vars(args).items() if k in keys}
+
+
+def run_facts(t0: float, argv) -> dict:
+    """training_info.json's tail: seconds, torch version, the held-out pairs and the command that made the model."""
+    return {"train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+            "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
+            "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
+
+
+def main_xl(args, argv, t0):
+    """--arch sdxl: stage 4 on tiny-sd's tokenizer and VAE, saved as a StableDiffusionXLPipeline."""
+    src = args.reuse_from
+    tokenizer, vae = load_reused(src)
     unet, text_encoder, text_encoder_2 = build_xl_models(len(tokenizer), args.seed)
     log(f"params: unet {sum(p.numel() for p in unet.parameters())/1e6:.2f}M, text encoders "
         f"{sum(p.numel() for p in text_encoder.parameters())/1e6:.2f}M + "
         f"{sum(p.numel() for p in text_encoder_2.parameters())/1e6:.2f}M; tokenizer and VAE from {src}", t0)
     train_unet(vae, unet, [text_encoder, text_encoder_2], tokenizer, args, t0)
-    try:
-        src_name = str(src.resolve().relative_to(ROOT))
-    except ValueError:
-        src_name = str(src)
-    info = {"arch": "sdxl", "tokenizer_and_vae_from": src_name}
-    info |= {k: v for k, v in vars(args).items() if k in ("seed", "threads", "batch", "unet_steps", "images", "lr", "ema")}
-    info |= {"time_ids": list(XL_TIME_IDS), "zeroed_empty_caption_share": XL_ZERO_P,
-             "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
-             "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
-             "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
+    info = reused_info("sdxl", src, args) | {"time_ids": list(XL_TIME_IDS), "zeroed_empty_caption_share": XL_ZERO_P}
+    info |= run_facts(t0, argv)
     save_pipeline(args.out, unet, vae, text_encoder, tokenizer, info, text_encoder_2=text_encoder_2, reused=src)
     log(f"saved {args.out}", t0)
 
 
 def main_sd3(args, argv, t0):
     """--arch sd3: stage 4 (rectified flow) on tiny-sd's tokenizer and VAE, saved as a StableDiffusion3Pipeline."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTokenizer
-
     from sdlora.tiny_sd3 import t5_vocab, write_t5_tokenizer
 
     src = args.reuse_from
-    if not (src / "model_index.json").is_file():
-        sys.exit(f"--reuse-from {src}: no model_index.json; expected a tiny-sd folder written by this script")
-    tokenizer = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
-    vae = AutoencoderKL.from_pretrained(str(src / "vae")).eval()
-    vae.requires_grad_(False)
+    tokenizer, vae = load_reused(src)
     # StableDiffusion3Pipeline shifts latents by the VAE's shift_factor (SD1's VAE has none: 0, the identity)
     vae.register_to_config(shift_factor=vae.config.shift_factor or 0.0)
     with tempfile.TemporaryDirectory() as d:
@@ -688,17 +694,9 @@ def main_sd3(args, argv, t0):
             + " + ".join(f"{sum(p.numel() for p in te.parameters())/1e6:.2f}M" for te in encoders)
             + f"; tokenizer and VAE from {src}", t0)
         sched = train_flow(vae, transformer, encoders, [tokenizer, tokenizer, tokenizer_3], args, t0)
-        try:
-            src_name = str(src.resolve().relative_to(ROOT))
-        except ValueError:
-            src_name = str(src)
-        info = {"arch": "sd3", "tokenizer_and_vae_from": src_name}
-        info |= {k: v for k, v in vars(args).items()
-                 if k in ("seed", "threads", "batch", "unet_steps", "images", "lr", "ema", "sd3_layers", "t5_lengths")}
-        info |= {"objective": "rectified flow, logit-normal(0, 1) timesteps, flow target", "schedule_shift": SD3_SHIFT,
-                 "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
-                 "held_out_pairs": [list(x) for x in shapes.HELD_OUT_PAIRS],
-                 "command": "python examples/train_tiny_base.py " + " ".join(argv or sys.argv[1:])}
+        info = reused_info("sd3", src, args, ("sd3_layers", "t5_lengths"))
+        info |= {"objective": "rectified flow, logit-normal(0, 1) timesteps, flow target", "schedule_shift": SD3_SHIFT}
+        info |= run_facts(t0, argv)
         save_sd3(args.out, transformer, encoders, vae, tokenizer_3, sched, info, src)
     log(f"saved {args.out}", t0)
 

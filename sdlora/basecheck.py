@@ -50,7 +50,7 @@ def check(base: str, vae: str | None = None, variant: str | None = None, t5: boo
     if sd3base.is_sd3(index.get("_class_name")):
         return _check_sd3(root, index, vae, vae_dir, variant, t5)
     unet = _config(root / "unet" / "config.json", "unet")
-    vae_config = None if vae and not vae_dir.is_dir() else _config(vae_dir / "config.json", "vae")  # None: a Hub id
+    vae_config = _vae_config(vae, vae_dir)
     xl = models.family_of(unet, index.get("_class_name")) == "sdxl"
     encoders = models.TEXT_ENCODERS if xl else models.TEXT_ENCODERS[:1]
     texts = {n: _config(root / n / "config.json", "text_encoder") for n in encoders}
@@ -58,18 +58,14 @@ def check(base: str, vae: str | None = None, variant: str | None = None, t5: boo
         _tokenizer(root / n.replace("text_encoder", "tokenizer"), root / n / "config.json", te)
     _config(root / "scheduler" / "scheduler_config.json", None)
     _fits(root, unet, vae_config, texts, xl)
-    parts = [("unet", unet, root / "unet", variant), *[(n, c, root / n, variant) for n, c in texts.items()]]
-    if vae_config is not None:  # a separate VAE loads without the base's variant
-        parts.append(("vae", vae_config, vae_dir, None if vae else variant))
-    for name, config, folder, v in parts:
-        _weights_fit(name, config, folder, v)
+    _all_weights_fit(root, {"unet": unet, **texts}, vae, vae_config, vae_dir, variant)
 
 
 def _check_sd3(root: Path, index: dict, vae: str | None, vae_dir: Path, variant: str | None, t5: bool) -> None:
     """`check` for an SD3 / 3.5 folder: the transformer, VAE, both CLIPs and (unless dropped, or absent from
     model_index.json) T5, each config, tokenizer and weights file, and that they fit one another."""
     tr = _config(root / "transformer" / "config.json", "transformer")
-    vae_config = None if vae and not vae_dir.is_dir() else _config(vae_dir / "config.json", "vae")
+    vae_config = _vae_config(vae, vae_dir)
     clips = {n: _config(root / n / "config.json", "text_encoder") for n in sd3base.TRAINABLE_TEXT}
     for n, te in clips.items():
         _tokenizer(root / n.replace("text_encoder", "tokenizer"), root / n / "config.json", te)
@@ -94,12 +90,23 @@ def _check_sd3(root: Path, index: dict, vae: str | None, vae_dir: Path, variant:
             f"the two CLIPs' hidden states side by side are {width} wide"
         raise UserError(f"{where}: joint_attention_dim is {joint}, but {what}; the transformer and text encoders come "
                         f"from different models")
-    parts = [("transformer", tr, root / "transformer", variant), *[(n, c, root / n, variant) for n, c in clips.items()]]
-    parts += [("text_encoder_3", t5_config, root / "text_encoder_3", variant)] * (t5_config is not None)
+    t5_part = {"text_encoder_3": t5_config} if t5_config is not None else {}
+    _all_weights_fit(root, {"transformer": tr, **clips, **t5_part}, vae, vae_config, vae_dir, variant)
+
+
+def _vae_config(vae: str | None, vae_dir: Path) -> dict | None:
+    """The VAE's config, checked; None for a separate VAE given as a Hub id (loading checks it)."""
+    return None if vae and not vae_dir.is_dir() else _config(vae_dir / "config.json", "vae")
+
+
+def _all_weights_fit(root: Path, configs: dict, vae: str | None, vae_config: dict | None, vae_dir: Path,
+                     variant: str | None) -> None:
+    """`_weights_fit` for each component folder of `root` ({name: config}) in the base's variant, then the VAE's
+    (a separate VAE, `vae`, loads without the base's variant)."""
+    for name, config in configs.items():
+        _weights_fit(name, config, root / name, variant)
     if vae_config is not None:
-        parts.append(("vae", vae_config, vae_dir, None if vae else variant))
-    for name, config, folder, v in parts:
-        _weights_fit(name, config, folder, v)
+        _weights_fit("vae", vae_config, vae_dir, None if vae else variant)
 
 
 def _index(root: Path) -> dict:
