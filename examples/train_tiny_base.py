@@ -725,6 +725,9 @@ def save_sd3(out: Path, transformer, encoders, vae, tokenizer_3, sched, info: di
     for name, model in (("transformer", transformer), ("vae", vae)):
         shutil.rmtree(tmp / name)
         copy.deepcopy(model).to(torch.float16).save_pretrained(str(tmp / name), safe_serialization=True)
+        cfg = json.loads((tmp / name / "config.json").read_text())
+        if cfg.pop("_name_or_path", None) is not None:  # the folder it was loaded from on the building machine
+            (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
