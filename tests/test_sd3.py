@@ -142,6 +142,18 @@ def test_sd3_refuses_what_it_does_not_do_in_one_line(sd3_model, tmp_path, capsys
     assert said in recipe_error(capsys, t2i, fast_flags(sd3_model, tmp_path / "o", train_data_dir=POKEMON, **flags))
 
 
+@pytest.mark.parametrize("flags,flag", [({"drop_t5": True}, "drop_t5"), ({"weighting_scheme": "mode"}, "weighting_scheme"),
+                                        ({"max_sequence_length": 256}, "max_sequence_length")])
+def test_sd3_settings_on_another_family_are_one_line(tiny_model, tmp_path, capsys, no_model_loads, flags, flag):
+    """An SD3-only setting given with an SD 1.x base is refused before any model loads, not silently ignored."""
+    from helpers import fast_flags, recipe_error
+
+    from sdlora.recipes import text_to_image as t2i
+
+    line = recipe_error(capsys, t2i, fast_flags(tiny_model, tmp_path / "o", train_data_dir=POKEMON, **flags))
+    assert line.startswith(f"error: --{flag} is an SD3 / 3.5 setting, not used with an SD 1.x base"), line
+
+
 def test_make_tiny_cli_writes_an_sd3_pipeline(tmp_path, capsys):
     from sdlora.cli import main
 

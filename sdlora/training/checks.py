@@ -17,7 +17,8 @@ from ..bases import load
 from ..data.buckets import Bucketing
 from ..errors import UserError
 from . import diskcache, earlystop, noise, optimizers, prompts
-from .config import TrainConfig
+from .config import TrainConfig, default_of
+from .config.flow import SD3_ONLY
 
 log = logging.getLogger("sdlora")
 
@@ -169,12 +170,12 @@ def _base_sizes(c: TrainConfig, base: str, vae: str | None, prior_preservation: 
 def _check_family(c: TrainConfig, pipeline_class: str | None, unet_config: dict) -> str:
     """The base's family from its config files, and the flags that family cannot use."""
     family = models.family_of(unet_config, pipeline_class)
-    if family == "sdxl":
-        # SDXL conditions on two encoders' full 77-token sequences (diffusers' SDXL scripts have neither flag)
-        for flag in ("tokenizer_max_length", "text_encoder_use_attention_mask", "clip_skip"):
-            if getattr(c, flag):
-                raise UserError(f"--{flag} is not used with an SDXL base ({c.base_name}); "
-                                f"drop it")
+    xl_unused = ("tokenizer_max_length", "text_encoder_use_attention_mask", "clip_skip") if family == "sdxl" else ()
+    if given := [f for f in xl_unused if getattr(c, f)]:  # SDXL conditions on both encoders' full 77 tokens
+        raise UserError(f"--{given[0]} is not used with an SDXL base ({c.base_name}); drop it")
+    if given := [f for f in SD3_ONLY if family != "sd3" and getattr(c, f) != default_of(f)]:  # else ignored
+        raise UserError(f"--{given[0]} is an SD3 / 3.5 setting, not used with an {models.FAMILIES[family]} base "
+                        f"({c.base_name}); drop it")
     return family
 
 

@@ -1,5 +1,6 @@
 """Settings of the rectified-flow objective and the three text encoders of Stable Diffusion 3 / 3.5 bases, named and
-defaulted as diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py names them. Other families ignore them.
+defaulted as diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py names them. Other families refuse them set
+(SD3_ONLY, training/checks.py).
 Tagged resume="optional" only (recorded when not at the default) and without card/header tags, so the checkpoints,
 cards and headers of the earlier families stay as they were (--upcast_before_saving, which saves nothing different,
 not even that)."""
@@ -42,3 +43,7 @@ class FlowSettings:
         False, "SD3 bases: diffusers' SD3 script's flag, accepted as it is: sdlora saves the LoRA in fp32 whatever "
                "the training precision (--save_precision fp32, the default), so it changes nothing; refused with "
                "--save_precision fp16/bf16")  # saves nothing different: not recorded for a resume
+
+
+# What another family refuses when set (--upcast_before_saving, which changes nothing anywhere, is accepted)
+SD3_ONLY = tuple(f for f in FlowSettings.__dataclass_fields__ if f != "upcast_before_saving")
